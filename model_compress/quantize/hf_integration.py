@@ -1,0 +1,145 @@
+"""Registers RPQ with transformers, so ``AutoModel*.from_pretrained(folder)`` loads our checkpoints.
+
+transformers lets a library add a quantization method (``register_quantization_config`` /
+``register_quantizer``). Ours is a loader only: before the weights are read, it swaps every layer
+named in the config for an empty RPQ module of the recorded shape, so that the ``codebooks`` and
+``indices`` tensors in model.safetensors land in them; afterwards it checks that every code arrived.
+
+Ties: the saved config says ``tie_word_embeddings: false`` because the dense weights it speaks of no
+longer exist; the RPQ tie (a head reading its embedding's codes) is recorded per layer here and
+rebuilt by the swap, so transformers' own tying never touches RPQ modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .layers import KIND_TIED_HEAD, build_rpq_module
+
+QUANT_METHOD = "rpq"
+
+
+class RPQConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` section of an RPQ checkpoint.
+
+    ``layers`` maps a module name to {kind, num_codebooks, codebook_size[, tied_to]}; ``dense`` maps the
+    supported layers left dense to the reason; the rest records the user's settings and the tool.
+    """
+
+    def __init__(
+        self,
+        layers: dict[str, dict[str, Any]] | None = None,
+        num_codebooks: int = 32,
+        codebook_size: int = 256,
+        skip: list[str] | None = None,
+        dense: dict[str, str] | None = None,
+        fit: dict[str, Any] | None = None,
+        tool: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.quant_method = QUANT_METHOD
+        self.layers = layers or {}
+        self.num_codebooks = num_codebooks
+        self.codebook_size = codebook_size
+        self.skip = skip or []
+        self.dense = dense or {}
+        self.fit = fit or {}
+        self.tool = tool or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": QUANT_METHOD,
+            "num_codebooks": self.num_codebooks,
+            "codebook_size": self.codebook_size,
+            "skip": list(self.skip),
+            "fit": dict(self.fit),
+            "tool": dict(self.tool),
+            "dense": dict(self.dense),
+            "layers": {name: dict(spec) for name, spec in self.layers.items()},
+        }
+
+
+class RPQHfQuantizer(HfQuantizer):
+    """Loads pre-quantized RPQ checkpoints (fitting happens in ``compress rpq``, not in from_pretrained)."""
+
+    requires_calibration = True
+    quantization_config: RPQConfig
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        swap_in_rpq_modules(model, self.quantization_config.layers)
+        _skip_dense_initialisation(model, self.quantization_config.layers)
+        # The dense tie keys name weights that no longer exist; the RPQ tie is rebuilt by the swap.
+        if hasattr(model, "all_tied_weights_keys"):
+            model.all_tied_weights_keys = {}
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        for name in self.quantization_config.layers:
+            module = model.get_submodule(name)
+            for tensor_name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+                if tensor.device.type == "meta":
+                    raise ValueError(f"checkpoint has no {name}.{tensor_name}: the file is incomplete")
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def swap_in_rpq_modules(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
+    """Replace each named layer by an empty RPQ module of the recorded kind, M and K (embeddings first)."""
+    ordered = sorted(layers.items(), key=lambda item: item[1]["kind"] == KIND_TIED_HEAD)
+    for name, spec in ordered:
+        original = model.get_submodule(name)
+        tied = model.get_submodule(spec["tied_to"]) if spec["kind"] == KIND_TIED_HEAD else None
+        module = build_rpq_module(original, spec["kind"], spec["num_codebooks"], spec["codebook_size"], tied)
+        model.set_submodule(name, module)
+
+
+def _skip_dense_initialisation(model: nn.Module, names: Any) -> None:
+    """Keep transformers' weight initialisation away from RPQ modules.
+
+    After loading, transformers runs ``_init_weights`` on every module not flagged initialised, and
+    that code reads ``module.weight`` of anything that is an nn.Embedding (RPQEmbedding is one), or,
+    for GPT-2, ``mlp.c_proj.weight`` from the parent. RPQ modules have no dense weight: their
+    tensors all come from the checkpoint, which ``_process_model_after_weight_loading`` verifies. Their
+    parents are flagged too where they hold no tensors of their own, so nothing else is skipped.
+    """
+    for name in names:
+        model.get_submodule(name)._is_hf_initialized = True
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        own_tensors = list(parent.parameters(recurse=False)) + list(parent.buffers(recurse=False))
+        if not own_tensors:
+            parent._is_hf_initialized = True
+
+
+def attach_quantizer(model: nn.Module, config: RPQConfig) -> None:
+    """Mark an in-memory converted model as RPQ-quantized, as if it had been loaded, so save_pretrained works."""
+    model.config.quantization_config = config
+    model.hf_quantizer = RPQHfQuantizer(config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    if hasattr(model, "all_tied_weights_keys"):
+        model.all_tied_weights_keys = {}
+    for sub_config in (model.config, model.config.get_text_config()):
+        if getattr(sub_config, "tie_word_embeddings", False):
+            sub_config.tie_word_embeddings = False
+
+
+def register() -> None:
+    """Add RPQ to transformers' quantization registry (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(RPQConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(RPQHfQuantizer)

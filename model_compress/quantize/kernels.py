@@ -1,0 +1,93 @@
+"""Forward paths of the RPQ modules, in plain torch: the reference, the CPU path, and the fallback.
+
+The reference decodes the weight and calls ``F.linear``. The faster forms never build the weight:
+
+* Linear, few tokens: piece h of the output is ``codebooks[h]^T @ hist_h``, where ``hist_h[k]`` sums
+  the inputs whose code in codebook h is k. One scatter-add builds all M histograms, one batched
+  matrix product applies the codebooks. No Python loop over codebooks.
+* Embedding: gather only the rows the batch asks for.
+* Tied head (logits against an RPQ embedding table): ``x_h @ codebooks[h]^T`` scores every code of
+  codebook h once; each vocabulary row then sums the scores of its M codes.
+
+Which form a layer takes is chosen by shape (``choose_*`` below); the GPU kernels of a later issue
+plug in here with their own measured dispatch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .layout import EMBEDDING, LINEAR, decode, lookup
+
+# The histogram form costs about tokens * M * in scatter-adds, decoding the weight about out * in
+# gathers at twice the price each; so it wins while tokens < 2 * out / M = 2 * D. Measured on the
+# CPU by benchmarks/forward_dispatch.py (benchmarks/RESULTS.md, "torch forward dispatch").
+HISTOGRAM_TOKENS_PER_PIECE = 2
+# The tied head's per-code gather holds an (M, tokens, vocab) temporary: keep it under this size.
+TIED_HEAD_GATHER_BYTES = 64 * 1024 * 1024
+
+
+def linear_reference(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None) -> Tensor:
+    """Decode the full weight, then ``F.linear``: the definition every faster path is checked against."""
+    return F.linear(x, decode(codebooks, indices, LINEAR).to(x.dtype), bias)
+
+
+def linear_histogram(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None) -> Tensor:
+    """y = W x without W: an M x K histogram of x per token, then one (K x D) product per codebook."""
+    num_codebooks, codebook_size, piece = codebooks.shape
+    in_features = indices.shape[1]
+    rows = x.reshape(-1, in_features)
+    tokens = rows.shape[0]
+    # Accumulate in float32: a bin sums in / K inputs on average, which fp16 would round badly.
+    hist = torch.zeros(tokens, num_codebooks, codebook_size, device=x.device, dtype=torch.float32)
+    hist.scatter_add_(
+        2,
+        indices.long().unsqueeze(0).expand(tokens, -1, -1),
+        rows.float().unsqueeze(1).expand(-1, num_codebooks, -1),
+    )
+    out = torch.bmm(hist.transpose(0, 1).to(codebooks.dtype), codebooks)  # (M, tokens, D)
+    out = out.transpose(0, 1).reshape(*x.shape[:-1], num_codebooks * piece).to(x.dtype)
+    return out if bias is None else out + bias
+
+
+def linear_forward(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None) -> Tensor:
+    """RPQ Linear forward, choosing the histogram form for few tokens and decode + GEMM otherwise."""
+    tokens = x.numel() // indices.shape[1]
+    if tokens <= HISTOGRAM_TOKENS_PER_PIECE * codebooks.shape[2]:
+        return linear_histogram(x, codebooks, indices, bias)
+    return linear_reference(x, codebooks, indices, bias)
+
+
+def embedding_forward(ids: Tensor, codebooks: Tensor, indices: Tensor) -> Tensor:
+    """Rows ``ids`` of the table, decoding only those rows."""
+    num_codebooks, _, piece = codebooks.shape
+    pieces = lookup(codebooks, indices[:, ids.reshape(-1)])  # (M, tokens, D)
+    return pieces.transpose(0, 1).reshape(*ids.shape, num_codebooks * piece)
+
+
+def tied_head_reference(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None) -> Tensor:
+    """Logits against the decoded embedding table (the reference)."""
+    return F.linear(x, decode(codebooks, indices, EMBEDDING).to(x.dtype), bias)
+
+
+def tied_head_scores(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None) -> Tensor:
+    """Logits without the table: score each code once, then sum each row's M code scores."""
+    num_codebooks, _, piece = codebooks.shape
+    vocab = indices.shape[1]
+    rows = x.reshape(-1, num_codebooks, piece).transpose(0, 1)  # (M, tokens, D)
+    scores = torch.bmm(rows.to(codebooks.dtype), codebooks.transpose(1, 2))  # (M, tokens, K)
+    tokens = scores.shape[1]
+    picked = scores.gather(2, indices.long().unsqueeze(1).expand(-1, tokens, -1))  # (M, tokens, vocab)
+    out = picked.sum(0).reshape(*x.shape[:-1], vocab).to(x.dtype)
+    return out if bias is None else out + bias
+
+
+def tied_head_forward(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None) -> Tensor:
+    """Tied LM head: per-code scores while their temporary is small, decode + GEMM otherwise."""
+    num_codebooks = codebooks.shape[0]
+    tokens = x.numel() // (num_codebooks * codebooks.shape[2])
+    if num_codebooks * tokens * indices.shape[1] * 4 <= TIED_HEAD_GATHER_BYTES:
+        return tied_head_scores(x, codebooks, indices, bias)
+    return tied_head_reference(x, codebooks, indices, bias)

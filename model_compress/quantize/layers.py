@@ -1,0 +1,230 @@
+"""RPQ modules: drop-in replacements for nn.Linear / Conv1D, nn.Embedding and a tied LM head.
+
+Parameters follow rpq-pytorch's names: ``codebooks`` (M, K, D) in the model dtype, a trainable
+Parameter, and ``indices`` (M, n), a uint8 (uint16 for K > 256) buffer. The modules hold no dense
+weight; ``dequantize()`` builds one on request (for export, inspection or the reference forward).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import kernels
+from .layout import EMBEDDING, LINEAR, decode, index_dtype
+
+
+def _codebooks(num_codebooks: int, codebook_size: int, piece: int, device, dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(num_codebooks, codebook_size, piece, device=device, dtype=dtype))
+
+
+def _indices(num_codebooks: int, columns: int, codebook_size: int, device) -> Tensor:
+    return torch.zeros(num_codebooks, columns, dtype=index_dtype(codebook_size), device=device)
+
+
+def _check_divides(dim: int, num_codebooks: int, what: str) -> int:
+    if num_codebooks < 1 or dim % num_codebooks:
+        raise ValueError(f"num_codebooks={num_codebooks} must divide {what}={dim}")
+    return dim // num_codebooks
+
+
+class RPQLinear(nn.Module):
+    """y = x W^T + b with W stored as codebooks + codes along the input dimension."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_codebooks: int,
+        codebook_size: int = 256,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.num_codebooks = num_codebooks
+        self.codebook_size = codebook_size
+        piece = _check_divides(out_features, num_codebooks, "out_features")
+        self.codebooks = _codebooks(num_codebooks, codebook_size, piece, device, dtype)
+        self.register_buffer("indices", _indices(num_codebooks, in_features, codebook_size, device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    def dequantize(self) -> Tensor:
+        """The dense (out, in) weight these codes stand for."""
+        return decode(self.codebooks, self.indices, LINEAR)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.linear_forward(x, self.codebooks, self.indices, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, bias={self.bias is not None}"
+        )
+
+
+class RPQEmbedding(nn.Embedding):
+    """An embedding table stored as codebooks + codes along the rows; a lookup decodes only the rows asked for.
+
+    It subclasses nn.Embedding (without a ``weight``) so that model-specific embedding subclasses,
+    whose forward ends in ``super().forward(ids)`` (OPT's learned positions), can be rebuilt on top
+    of it by :func:`rpq_embedding_class`.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        num_codebooks: int,
+        codebook_size: int = 256,
+        padding_idx: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        nn.Module.__init__(self)  # nn.Embedding.__init__ would allocate the dense table
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = padding_idx
+        self.max_norm = None
+        self.norm_type = 2.0
+        self.scale_grad_by_freq = False
+        self.sparse = False
+        self.num_codebooks = num_codebooks
+        self.codebook_size = codebook_size
+        piece = _check_divides(embedding_dim, num_codebooks, "embedding_dim")
+        self.codebooks = _codebooks(num_codebooks, codebook_size, piece, device, dtype)
+        self.register_buffer("indices", _indices(num_codebooks, num_embeddings, codebook_size, device))
+
+    def dequantize(self) -> Tensor:
+        """The dense (num_embeddings, embedding_dim) table these codes stand for."""
+        return decode(self.codebooks, self.indices, EMBEDDING)
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Embedding's argument name
+        return kernels.embedding_forward(input, self.codebooks, self.indices)
+
+    def reset_parameters(self) -> None:
+        """Nothing to reset: the codes come from a fitted checkpoint (nn.Embedding would touch ``weight``)."""
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, num_codebooks={self.num_codebooks}, "
+            f"codebook_size={self.codebook_size}"
+        )
+
+
+class RPQTiedHead(nn.Module):
+    """An output projection tied to an RPQ embedding: logits = x E^T + b, one set of codes for both.
+
+    The embedding is referenced, not registered, so the codes are saved once (under the embedding's
+    name) and a ``.to()`` on the model moves them once.
+    """
+
+    def __init__(self, embedding: RPQEmbedding, bias: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)
+        self.in_features = embedding.embedding_dim
+        self.out_features = embedding.num_embeddings
+        self.bias = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype)) if bias else None
+
+    @property
+    def embedding(self) -> RPQEmbedding:
+        return self._embedding
+
+    def tie_to(self, embedding: RPQEmbedding) -> None:
+        """Point at another embedding module (after loading, the model's own)."""
+        object.__setattr__(self, "_embedding", embedding)
+
+    def dequantize(self) -> Tensor:
+        return self._embedding.dequantize()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.tied_head_forward(x, self._embedding.codebooks, self._embedding.indices, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tied to an RPQEmbedding"
+
+
+_EMBEDDING_CLASSES: dict[type, type] = {nn.Embedding: RPQEmbedding}
+
+
+def rpq_embedding_class(original: type) -> type:
+    """The RPQ version of an nn.Embedding subclass: the subclass's forward over RPQEmbedding's lookup.
+
+    ``class RPQ<Name>(<Name>, RPQEmbedding)`` puts RPQEmbedding between the subclass and
+    nn.Embedding in the method order, so the subclass's ``super().forward`` reaches the codes.
+    """
+    if original not in _EMBEDDING_CLASSES:
+        _EMBEDDING_CLASSES[original] = type(f"RPQ{original.__name__}", (original, RPQEmbedding), {})
+    return _EMBEDDING_CLASSES[original]
+
+
+def build_rpq_embedding(original: nn.Embedding, num_codebooks: int, codebook_size: int, device=None, dtype=None) -> RPQEmbedding:
+    """An empty RPQ module of the same class family as ``original``, keeping its extra state.
+
+    Extra attributes (OPT's position ``offset``) and buffers (a scale) of a subclass are carried
+    over; its ``weight`` is not.
+    """
+    cls = rpq_embedding_class(type(original))
+    module = cls.__new__(cls)
+    RPQEmbedding.__init__(
+        module,
+        original.num_embeddings,
+        original.embedding_dim,
+        num_codebooks,
+        codebook_size,
+        padding_idx=original.padding_idx,
+        device=device,
+        dtype=dtype,
+    )
+    for name, value in vars(original).items():
+        if not name.startswith("_") and name not in vars(module):
+            setattr(module, name, value)
+    for name, buffer in original._buffers.items():
+        module.register_buffer(name, buffer, persistent=name not in original._non_persistent_buffers_set)
+    module.train(original.training)
+    return module
+
+
+# Kinds of layer, as recorded per layer in the checkpoint config.
+KIND_LINEAR = "linear"
+KIND_CONV1D = "conv1d"
+KIND_EMBEDDING = "embedding"
+KIND_TIED_HEAD = "tied_head"
+
+
+def build_rpq_module(
+    original: nn.Module,
+    kind: str,
+    num_codebooks: int,
+    codebook_size: int,
+    tied_embedding: RPQEmbedding | None = None,
+) -> nn.Module:
+    """An RPQ module shaped like ``original`` (same device and dtype), codes not yet filled in.
+
+    Used both when converting (the fit fills the codes) and when loading a checkpoint (the loader
+    fills them, on the meta device first). A bias is copied when ``original`` holds real values.
+    """
+    if kind == KIND_TIED_HEAD:
+        if tied_embedding is None:
+            raise ValueError("a tied head needs the RPQEmbedding it is tied to")
+        bias = getattr(original, "bias", None)
+        module = RPQTiedHead(
+            tied_embedding, bias=bias is not None, device=tied_embedding.codebooks.device, dtype=tied_embedding.codebooks.dtype
+        )
+    elif kind == KIND_EMBEDDING:
+        weight = original.weight
+        return build_rpq_embedding(original, num_codebooks, codebook_size, device=weight.device, dtype=weight.dtype)
+    elif kind in (KIND_LINEAR, KIND_CONV1D):
+        weight, bias = original.weight, original.bias
+        in_features, out_features = (original.nx, original.nf) if kind == KIND_CONV1D else (original.in_features, original.out_features)
+        module = RPQLinear(
+            in_features, out_features, num_codebooks, codebook_size, bias=bias is not None, device=weight.device, dtype=weight.dtype
+        )
+    else:
+        raise ValueError(f"unknown RPQ layer kind {kind!r}")
+    if bias is not None and bias.device.type != "meta" and module.bias.device.type != "meta":
+        with torch.no_grad():
+            module.bias.copy_(bias)
+    return module

@@ -1,0 +1,68 @@
+"""The RPQ tensor layout (compatible with rpq-pytorch 0.0.2), in one place.
+
+Linear, weight W (out, in), M codebooks, D = out / M:
+    codebooks (M, K, D), indices (M, in),  W[h*D + d, c] = codebooks[h, indices[h, c], d]
+Embedding, table E (n, dim), D = dim / M:
+    codebooks (M, K, D), indices (M, n),   E[c, h*D + d] = codebooks[h, indices[h, c], d]
+
+Both cut a "column" (a Linear input column, an embedding row) into M pieces of length D, and piece
+h of column c is code indices[h, c] of codebook h. The functions below turn a dense weight into
+the (M, n, D) pieces that k-means clusters, and codebooks + indices back into the dense weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+LINEAR = "linear"
+EMBEDDING = "embedding"
+
+
+def index_dtype(codebook_size: int) -> torch.dtype:
+    """uint8 codes up to K = 256, uint16 up to 65536."""
+    if codebook_size <= 256:
+        return torch.uint8
+    if codebook_size <= 65536:
+        return torch.uint16
+    raise ValueError(f"codebook size {codebook_size} is above 65536, the largest uint16 codes can address")
+
+
+def to_pieces(weight: Tensor, num_codebooks: int, layout: str) -> Tensor:
+    """Dense weight -> (M, n, D) pieces: n columns, each cut into M pieces of length D."""
+    if layout == LINEAR:
+        out_features, in_features = weight.shape
+        return weight.reshape(num_codebooks, out_features // num_codebooks, in_features).transpose(1, 2)
+    if layout == EMBEDDING:
+        rows, dim = weight.shape
+        return weight.reshape(rows, num_codebooks, dim // num_codebooks).transpose(0, 1)
+    raise ValueError(f"unknown RPQ layout {layout!r}")
+
+
+def lookup(codebooks: Tensor, indices: Tensor) -> Tensor:
+    """(M, K, D) codebooks and (M, n) codes -> (M, n, D) decoded pieces, one gather for all codebooks."""
+    num_codebooks, codebook_size, piece = codebooks.shape
+    offsets = torch.arange(num_codebooks, device=indices.device)[:, None] * codebook_size
+    flat = codebooks.reshape(num_codebooks * codebook_size, piece)
+    return flat[indices.long() + offsets]
+
+
+def decode(codebooks: Tensor, indices: Tensor, layout: str) -> Tensor:
+    """Codebooks + indices -> the dense weight: (out, in) for LINEAR, (n, dim) for EMBEDDING."""
+    pieces = lookup(codebooks, indices)  # (M, n, D)
+    num_codebooks, columns, piece = pieces.shape
+    if layout == LINEAR:
+        return pieces.transpose(1, 2).reshape(num_codebooks * piece, columns)
+    if layout == EMBEDDING:
+        return pieces.transpose(0, 1).reshape(columns, num_codebooks * piece)
+    raise ValueError(f"unknown RPQ layout {layout!r}")
+
+
+def split_dim(shape: tuple[int, int], layout: str) -> int:
+    """The dimension that M must divide: out_features of a Linear, the embedding dim of a table."""
+    return shape[0] if layout == LINEAR else shape[1]
+
+
+def column_count(shape: tuple[int, int], layout: str) -> int:
+    """How many columns (k-means points per codebook) a weight of this shape has."""
+    return shape[1] if layout == LINEAR else shape[0]
