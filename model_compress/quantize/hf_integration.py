@@ -33,7 +33,8 @@ class RPQConfig(QuantizationConfigMixin):
     """The ``quantization_config`` section of an RPQ checkpoint.
 
     ``layers`` maps a module name to {kind, num_codebooks, codebook_size[, tied_to]}; ``dense`` maps the
-    supported layers left dense to the reason; the rest records the user's settings and the tool.
+    supported layers left dense to the reason; ``base_model`` says where the original came from (for
+    ``compress eval``); the rest records the user's settings and the tool.
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class RPQConfig(QuantizationConfigMixin):
         dense: dict[str, str] | None = None,
         fit: dict[str, Any] | None = None,
         tool: dict[str, str] | None = None,
+        base_model: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
@@ -55,6 +57,7 @@ class RPQConfig(QuantizationConfigMixin):
         self.dense = dense or {}
         self.fit = fit or {}
         self.tool = tool or {}
+        self.base_model = base_model or {}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +67,7 @@ class RPQConfig(QuantizationConfigMixin):
             "skip": list(self.skip),
             "fit": dict(self.fit),
             "tool": dict(self.tool),
+            "base_model": dict(self.base_model),
             "dense": dict(self.dense),
             "layers": {name: dict(spec) for name, spec in self.layers.items()},
         }

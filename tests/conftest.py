@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny random models of the four architectures we claim, and the real default model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub unless a test says so
+os.environ.setdefault("TQDM_DISABLE", "1")
+transformers.utils.logging.set_verbosity_error()
+
+VOCAB = 320  # more rows than K=256, so embeddings compress at the default codebook size too
+HIDDEN = 64
+
+
+def tiny_config(arch: str) -> transformers.PretrainedConfig:
+    """A two-layer config of ``arch`` whose matrices are big enough for K=16 codebooks to save bytes."""
+    if arch == "llama":
+        return transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+    if arch == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2,
+        )
+    if arch == "opt":
+        return transformers.OPTConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, word_embed_proj_dim=HIDDEN, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+    if arch == "bert":
+        return transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=128,
+        )
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A random model of ``arch`` in eval mode (BERT with its tied MLM head)."""
+    torch.manual_seed(seed)
+    config = tiny_config(arch)
+    if arch == "bert":
+        model = transformers.BertForMaskedLM(config)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+ARCHS = ["llama", "gpt2", "opt", "bert"]
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """Save a tiny model of an architecture as a local HF folder; returns a function arch -> path."""
+
+    def save(arch: str):
+        folder = tmp_path / f"tiny-{arch}"
+        tiny_model(arch).save_pretrained(folder)
+        return folder
+
+    return save

@@ -1,0 +1,133 @@
+"""The CLI through Typer's test runner: a working run, and every bad input as one line with exit 1."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from model_compress.cli import app
+
+runner = CliRunner()
+
+
+def run_cli(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_rpq_on_a_local_folder_writes_a_checkpoint_and_a_table(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("rpq", str(tiny_folder("opt")), "-o", str(out), "--codebooks", "8", "--codebook-size", "16", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "RPQ conversion" in result.stdout and "bpw = codes + codebooks" in result.stdout
+    assert "fc1" in result.stdout and "bits per weight" in result.stdout
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["num_codebooks"] == 8
+
+    inspected = run_cli("inspect", str(out))
+    assert inspected.exit_code == 0, inspected.output
+    assert "RPQ M=8 K=16" in inspected.stdout and "fc1" in inspected.stdout
+
+
+def test_rpq_reports_the_divisor_it_chose(tiny_folder, tmp_path):
+    result = run_cli("rpq", str(tiny_folder("llama")), "-o", str(tmp_path / "o"), "-m", "13", "-k", "16", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.stdout.splitlines() if "q_proj" in line)
+    assert "│ 16 │" in row  # 13 does not divide 64; the nearest divisor, 16, is what was used
+
+
+def test_unknown_path(tmp_path):
+    assert_one_line_error(run_cli("rpq", str(tmp_path / "nope"), "-o", str(tmp_path / "o")), "does not exist")
+
+
+def test_hub_id_offline(tmp_path, monkeypatch):
+    from model_compress import models
+
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    result = run_cli("rpq", "someone/some-model", "-o", str(tmp_path / "o"))
+    assert_one_line_error(result, "someone/some-model", "cannot be reached")
+    assert not (tmp_path / "o").exists()
+
+
+def test_folder_that_is_no_model(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("hi")
+    assert_one_line_error(run_cli("rpq", str(tmp_path / "notes"), "-o", str(tmp_path / "o")), "holds no model")
+
+
+def test_a_file_that_is_no_model(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"xx")
+    assert_one_line_error(run_cli("rpq", str(tmp_path / "weights.bin"), "-o", str(tmp_path / "o")), "not a .gguf")
+
+
+@pytest.mark.parametrize("value,fragment", [("0", "positive"), ("-3", "positive"), ("100000", "larger than the dimension")])
+def test_bad_codebooks(tiny_folder, tmp_path, value, fragment):
+    result = run_cli("rpq", str(tiny_folder("gpt2")), "-o", str(tmp_path / "o"), "--codebooks", value, "--device", "cpu")
+    assert_one_line_error(result, "--codebooks", fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cuda_without_cuda(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = run_cli("rpq", str(tiny_folder("gpt2")), "-o", str(tmp_path / "o"), "--device", "cuda")
+    assert_one_line_error(result, "CUDA is not available")
+
+
+def test_bad_dtype_and_device_names(tmp_path):
+    assert_one_line_error(run_cli("rpq", "-o", str(tmp_path / "o"), "--dtype", "float8"), "--dtype")
+    assert_one_line_error(run_cli("rpq", "-o", str(tmp_path / "o"), "--device", "tpu"), "--device")
+
+
+def test_output_exists(tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "mine").write_text("x")
+    assert_one_line_error(run_cli("rpq", "-o", str(tmp_path / "o")), "already exists", "--force")
+    assert (tmp_path / "o" / "mine").read_text() == "x"
+
+
+def test_model_with_no_supported_layers(tmp_path, monkeypatch):
+    from model_compress.models import ModelSource
+    from model_compress.quantize import pipeline
+
+    monkeypatch.setattr(pipeline, "resolve_source", lambda model: ModelSource("folder", "norm-only"))
+    monkeypatch.setattr(pipeline, "load_model", lambda *a: (nn.Sequential(nn.LayerNorm(8), nn.GELU()), None))
+    result = run_cli("rpq", "norm-only", "-o", str(tmp_path / "o"))
+    assert_one_line_error(result, "no supported layers")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_during_conversion_leaves_no_folder(tiny_folder, tmp_path, monkeypatch):
+    from model_compress.quantize import pipeline
+
+    def explode(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    source = tiny_folder("llama")
+    monkeypatch.setattr(pipeline, "render_model_card", explode)  # fails while the folder is being written
+    result = run_cli("rpq", str(source), "-o", str(tmp_path / "o"), "-m", "8", "-k", "16", "--device", "cpu")
+    assert result.exit_code == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == [source.name]
+
+
+def test_corrupt_checkpoint_on_load(tiny_folder, tmp_path):
+    out = tmp_path / "o"
+    assert run_cli("rpq", str(tiny_folder("bert")), "-o", str(out), "-m", "8", "-k", "16", "--device", "cpu").exit_code == 0
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])
+    assert_one_line_error(run_cli("inspect", str(out)), "corrupt or truncated")
+
+
+def test_inspect_on_something_else(tiny_folder):
+    assert_one_line_error(run_cli("inspect", str(tiny_folder("opt"))), "not a model-compress RPQ checkpoint")

@@ -1,0 +1,182 @@
+"""Conversion of tiny OPT / GPT-2 / Llama / BERT models: plans, round trip, ties, settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import model_compress
+from model_compress.errors import UserError
+from model_compress.quantize.convert import RPQSettings, convert_model, find_layers, nearest_divisor, plan_layers
+from model_compress.quantize.layers import RPQEmbedding, RPQLinear, RPQTiedHead
+from model_compress.quantize.pipeline import compress_rpq
+
+from .conftest import tiny_config, tiny_model
+
+SMALL = dict(num_codebooks=8, codebook_size=16)
+
+
+def rpq_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (RPQLinear, RPQEmbedding, RPQTiedHead))}
+
+
+def test_round_trip_is_bit_identical_and_ties_survive(arch, tiny_folder, tmp_path):
+    folder = tiny_folder(arch)
+    run = compress_rpq(str(folder), tmp_path / "out", RPQSettings(**SMALL))
+    loaded = model_compress.load(tmp_path / "out")
+
+    converted, reloaded = rpq_modules(run.model), rpq_modules(loaded)
+    assert converted.keys() == reloaded.keys() and converted
+    for name, module in converted.items():
+        assert torch.equal(module.dequantize(), reloaded[name].dequantize()), name
+        if not isinstance(module, RPQTiedHead):
+            assert reloaded[name].indices.dtype == torch.uint8
+
+    # Every supported layer became RPQ, except those the config lists as too small to gain
+    # (BERT's 2-row token-type table): no other dense Linear / Conv1D / Embedding is left.
+    leftovers = {n for n, m in loaded.named_modules() if type(m) in (nn.Linear, nn.Embedding, Conv1D)}
+    dense = run.config.dense
+    assert leftovers == set(dense) and all(reason == "would not get smaller" for reason in dense.values())
+    assert len(leftovers) == (1 if arch == "bert" else 0)
+
+    # The tie survives as one set of codes: the head reads the model's own embedding, and the file
+    # holds the embedding's codes only.
+    head, embedding = loaded.get_output_embeddings(), loaded.get_input_embeddings()
+    assert isinstance(head, RPQTiedHead) and head.embedding is embedding
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as handle:
+        head_name = next(n for n, m in loaded.named_modules() if m is head)
+        assert not [k for k in handle.keys() if k.startswith(head_name + ".codebooks")]
+
+    ids = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(run.model(ids).logits, loaded(ids).logits)
+        # and through transformers' own entry point, with nothing but `import model_compress`
+        auto = transformers.AutoModelForMaskedLM if arch == "bert" else transformers.AutoModelForCausalLM
+        assert torch.equal(auto.from_pretrained(tmp_path / "out")(ids).logits, loaded(ids).logits)
+
+
+def test_reported_error_is_the_decoded_weights_error():
+    model = tiny_model("llama")
+    dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    outcomes = convert_model(model, RPQSettings(**SMALL))
+    checked = 0
+    for outcome in outcomes:
+        name = outcome.plan.layer.name
+        if name in dense and outcome.plan.layer.kind == "linear":
+            rebuilt = model.get_submodule(name).dequantize()
+            expected = ((dense[name] - rebuilt).norm() / dense[name].norm()).item()
+            assert outcome.rel_error == pytest.approx(expected, rel=1e-5)
+            checked += 1
+    assert checked == 14  # 7 linears in each of 2 layers
+
+
+def test_same_seed_gives_the_same_codes():
+    first, second = tiny_model("opt"), tiny_model("opt")
+    convert_model(first, RPQSettings(**SMALL, seed=3))
+    convert_model(second, RPQSettings(**SMALL, seed=3))
+    for (name, a), b in zip(rpq_modules(first).items(), rpq_modules(second).values()):
+        if not isinstance(a, RPQTiedHead):
+            assert torch.equal(a.indices, b.indices), name
+
+
+def test_gpt2_conv1d_becomes_rpq_linear_of_the_transposed_weight():
+    model = tiny_model("gpt2")
+    conv = model.transformer.h[0].attn.c_attn  # Conv1D stores (in=64, out=192): x @ weight + bias
+    weight_t, bias = conv.weight.detach().t().clone(), conv.bias.detach().clone()
+    outcomes = convert_model(model, RPQSettings(**SMALL))
+    rpq = model.transformer.h[0].attn.c_attn
+    assert isinstance(rpq, RPQLinear) and (rpq.in_features, rpq.out_features) == (64, 192)
+    assert torch.equal(rpq.bias, bias)
+    reported = next(o.rel_error for o in outcomes if o.plan.layer.name == "transformer.h.0.attn.c_attn")
+    assert ((rpq.dequantize() - weight_t).norm() / weight_t.norm()).item() == pytest.approx(reported, rel=1e-5)
+    assert reported < 0.9
+
+
+def test_nearest_divisor_rule():
+    assert nearest_divisor(576, 32) == 32
+    assert nearest_divisor(576, 100) == 96
+    assert nearest_divisor(20, 6) == 5  # 5 and 10 are the divisors around 6; 5 is nearer
+    assert nearest_divisor(12, 5) == 4  # 4 and 6 are equally near: the smaller wins
+    assert nearest_divisor(7, 1000) == 7
+
+
+def test_plan_reports_the_divisor_it_chose_and_why_layers_stay_dense():
+    model = tiny_model("llama")
+    plans = {p.layer.name: p for p in plan_layers(find_layers(model), RPQSettings(num_codebooks=13, codebook_size=16))}
+    q_proj = plans["model.layers.0.self_attn.q_proj"]  # out 64: 13 does not divide it; 16 is nearest
+    assert q_proj.num_codebooks == 16 and q_proj.converted
+    k_proj = plans["model.layers.0.self_attn.k_proj"]  # out 32
+    assert k_proj.num_codebooks == 16
+    big_k = plan_layers(find_layers(model), RPQSettings(num_codebooks=8, codebook_size=256))
+    reasons = {p.layer.name: p.dense_reason for p in big_k}
+    # q_proj has 64 input columns: 256 codes of length 8 cost more than the weight itself.
+    assert reasons["model.layers.0.self_attn.q_proj"] == "would not get smaller"
+    assert reasons["model.embed_tokens"] is None  # 320 rows: the table does shrink
+
+
+def test_skip_patterns_and_ties():
+    model = tiny_model("llama")
+    plans = plan_layers(find_layers(model), RPQSettings(**SMALL, skip=["model.layers.1.*", "down_proj"]))
+    dense = {p.layer.name for p in plans if not p.converted}
+    assert "model.layers.1.self_attn.q_proj" in dense and "model.layers.0.mlp.down_proj" in dense
+    assert "model.layers.0.self_attn.q_proj" not in dense
+    # Skipping the tied head keeps its embedding dense too: one set of weights serves both.
+    plans = {p.layer.name: p for p in plan_layers(find_layers(model), RPQSettings(**SMALL, skip=["lm_head"]))}
+    assert not plans["lm_head"].converted and not plans["model.embed_tokens"].converted
+    assert "lm_head" in plans["model.embed_tokens"].dense_reason
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (RPQSettings(num_codebooks=0), "positive"),
+        (RPQSettings(num_codebooks=-4), "positive"),
+        (RPQSettings(num_codebooks=100_000), "larger than the dimension"),
+        (RPQSettings(codebook_size=1), "--codebook-size"),
+        (RPQSettings(skip=["no_such_layer"]), "matches no supported layer"),
+    ],
+)
+def test_impossible_settings_are_user_errors(settings, message):
+    with pytest.raises(UserError, match=message):
+        convert_model(tiny_model("opt"), settings)
+
+
+def test_model_without_supported_layers_is_a_user_error():
+    with pytest.raises(UserError, match="no supported layers"):
+        convert_model(nn.Sequential(nn.ReLU(), nn.LayerNorm(4)), RPQSettings())
+
+
+def test_nothing_to_convert_is_a_user_error():
+    with pytest.raises(UserError, match="nothing to convert"):
+        convert_model(tiny_model("opt"), RPQSettings(**SMALL, skip=["*"]))
+
+
+def test_uint16_codes_above_256_round_trip(tmp_path):
+    config = tiny_config("llama")
+    config.intermediate_size = 1024  # down_proj gets 1024 input columns: enough for K = 512 to pay
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "wide")
+    run = compress_rpq(str(tmp_path / "wide"), tmp_path / "out", RPQSettings(num_codebooks=8, codebook_size=512))
+    down = run.model.model.layers[0].mlp.down_proj
+    assert isinstance(down, RPQLinear) and down.indices.dtype == torch.uint16 and int(down.indices.long().max()) > 255
+    loaded = model_compress.load(tmp_path / "out")
+    assert torch.equal(loaded.model.layers[0].mlp.down_proj.dequantize(), down.dequantize())
+    assert run.config.dense["model.layers.0.self_attn.q_proj"] == "would not get smaller"
+
+
+def test_importance_hook_weights_the_fit():
+    """The data-aware hook: heavily weighted columns come out with less error than unweighted ones."""
+    model, reference = tiny_model("llama"), tiny_model("llama")
+    name = "model.layers.0.mlp.down_proj"
+    important = torch.ones(128)
+    important[:16] = 1000.0
+    convert_model(model, RPQSettings(**SMALL), importance=lambda layer: important if layer == name else None)
+    convert_model(reference, RPQSettings(**SMALL))
+    dense = tiny_model("llama").get_submodule(name).weight
+    weighted_error = (model.get_submodule(name).dequantize() - dense)[:, :16].norm()
+    plain_error = (reference.get_submodule(name).dequantize() - dense)[:, :16].norm()
+    assert weighted_error < 0.5 * plain_error

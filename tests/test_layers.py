@@ -1,0 +1,106 @@
+"""Every forward path of the RPQ modules equals the plain PyTorch reference on random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_compress.quantize import kernels
+from model_compress.quantize.layers import RPQEmbedding, RPQLinear, RPQTiedHead, build_rpq_embedding
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def filled(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Random codebooks and codes (and bias) so the module computes something non-trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        module.codebooks.copy_(torch.randn(module.codebooks.shape, generator=gen))
+        high = module.codebook_size
+        module.indices.copy_(torch.randint(0, high, module.indices.shape, generator=gen).to(module.indices.dtype))
+        if getattr(module, "bias", None) is not None:
+            module.bias.copy_(torch.randn(module.bias.shape, generator=gen))
+    return module
+
+
+@pytest.mark.parametrize("in_features,out_features,num_codebooks,codebook_size", [(96, 64, 8, 256), (37, 30, 5, 16), (128, 48, 48, 300)])
+@pytest.mark.parametrize("tokens", [1, 3, 16, 40, 200])
+def test_linear_forward_matches_f_linear(in_features, out_features, num_codebooks, codebook_size, tokens):
+    layer = filled(RPQLinear(in_features, out_features, num_codebooks, codebook_size, bias=True))
+    x = torch.randn(2, tokens, in_features)
+    ref = F.linear(x, layer.dequantize(), layer.bias)
+    assert rel_error(layer(x), ref) < 1e-5
+
+
+@pytest.mark.parametrize("path", [kernels.linear_histogram, kernels.linear_reference])
+def test_each_linear_path_matches_reference(path):
+    """Both branches of the dispatch, forced, on the same inputs (the dispatch only picks by shape)."""
+    layer = filled(RPQLinear(80, 96, 12, 64, bias=False))
+    for tokens in (1, 7, 300):
+        x = torch.randn(tokens, 80)
+        assert rel_error(path(x, layer.codebooks, layer.indices, None), x @ layer.dequantize().T) < 1e-5
+
+
+def test_linear_dispatch_uses_histogram_for_few_tokens(monkeypatch):
+    layer = filled(RPQLinear(64, 64, 8, 16))
+    calls = []
+    monkeypatch.setattr(kernels, "linear_histogram", lambda *a: calls.append("hist") or torch.zeros(1))
+    monkeypatch.setattr(kernels, "linear_reference", lambda *a: calls.append("ref") or torch.zeros(1))
+    layer(torch.randn(1, 64))  # 1 token <= 2 * D = 16
+    layer(torch.randn(100, 64))
+    assert calls == ["hist", "ref"]
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
+def test_linear_half_precision_within_dtype_bounds(dtype, bound):
+    layer = filled(RPQLinear(256, 128, 16, 256)).to(dtype)
+    ref_weight = layer.dequantize().double()
+    for tokens in (1, 64):
+        x = torch.randn(tokens, 256, dtype=dtype)
+        out = layer(x)
+        assert out.dtype == dtype
+        assert rel_error(out, x.double() @ ref_weight.T + layer.bias.double()) < bound
+
+
+def test_embedding_forward_matches_f_embedding():
+    table = filled(RPQEmbedding(300, 48, 6, 256, padding_idx=0))
+    ids = torch.randint(0, 300, (3, 17))
+    assert torch.equal(table(ids), F.embedding(ids, table.dequantize()))
+    assert isinstance(table, nn.Embedding)
+
+
+def test_tied_head_matches_f_linear_with_decoded_table():
+    table = filled(RPQEmbedding(500, 32, 8, 64))
+    head = RPQTiedHead(table, bias=True)
+    with torch.no_grad():
+        head.bias.normal_()
+    for tokens in (1, 5, 2000):  # the last one takes the decode + GEMM branch
+        x = torch.randn(tokens, 32)
+        ref = F.linear(x, table.dequantize(), head.bias)
+        assert rel_error(head(x), ref) < 1e-5
+    assert "embedding" not in dict(head.named_children())  # referenced, not registered twice
+    assert [n for n, _ in head.named_parameters()] == ["bias"]
+
+
+def test_embedding_subclass_keeps_its_own_forward():
+    """OPT's learned positions add an offset in forward, then call super().forward: that must reach the codes."""
+    from transformers.models.opt.modeling_opt import OPTLearnedPositionalEmbedding
+
+    original = OPTLearnedPositionalEmbedding(30, 16)
+    rpq = filled(build_rpq_embedding(original, num_codebooks=4, codebook_size=16))
+    assert isinstance(rpq, OPTLearnedPositionalEmbedding) and isinstance(rpq, RPQEmbedding)
+    assert rpq.offset == 2 and "weight" not in dict(rpq.named_parameters())
+    mask = torch.ones(1, 5, dtype=torch.long)
+    expected = F.embedding(torch.arange(5)[None] + 2, rpq.dequantize())
+    assert torch.equal(rpq(mask), expected)
+
+
+def test_indices_are_uint8_and_uint16_above_256():
+    assert RPQLinear(8, 8, 2, 256).indices.dtype == torch.uint8
+    assert RPQLinear(8, 8, 2, 1024).indices.dtype == torch.uint16
+    with pytest.raises(ValueError):
+        RPQLinear(8, 9, 2)  # M must divide out_features
