@@ -15,14 +15,13 @@ import argparse
 import json
 import platform
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
+from timed_cli import run_timed_cli
 
 PARAGRAPH = (
     "The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest structure in "
@@ -31,23 +30,10 @@ PARAGRAPH = (
     "41 years until the Chrysler Building in New York City was finished in 1930."
 )
 
-CHILD = """
-import json, resource, sys, time
-from model_compress.cli import app
-start = time.perf_counter()
-try:
-    app(sys.argv[1:], standalone_mode=False)
-finally:
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("BENCH " + json.dumps({"wall_s": time.perf_counter() - start, "peak_rss_mb": peak_mb}))
-"""
-
-
 def convert(codebooks: int, out: Path, device: str, iters: int) -> dict:
-    args = ["rpq", "-o", str(out), "--codebooks", str(codebooks), "--device", device, "--iters", str(iters), "--force"]
-    done = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, check=True)
-    line = next(l for l in done.stdout.splitlines() if l.startswith("BENCH "))
-    return json.loads(line[len("BENCH "):])
+    return run_timed_cli(
+        "rpq", "-o", str(out), "--codebooks", str(codebooks), "--device", device, "--iters", str(iters), "--force"
+    )
 
 
 def relative(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -18,6 +18,10 @@ from rich.table import Table
 
 from .errors import UserError
 
+# Above this mean per-layer error, measured models lose most of their quality (benchmarks/RESULTS.md:
+# SmolLM2 at 0.26 and 0.47 is unusable, at 0.09 it is usable).
+HIGH_ERROR = 0.2
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -145,6 +149,14 @@ def rpq(
     console.print(conversion_table(run.summary))
     for line in totals_lines(run.summary):
         console.print(line, highlight=False, soft_wrap=True)
+    if run.summary.error_mean > HIGH_ERROR:
+        console.print(
+            f"warning: mean relative error {run.summary.error_mean:.2f} per layer: expect a large loss of quality; "
+            "more codebooks (-m) cut each column into shorter pieces and lower it",
+            style="yellow",
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(
         f"source {run.source.label}, M={codebooks}, K={codebook_size}, k-means on {settings.device}, "
         f"{run.summary.seconds:.1f} s; saved to {run.output}",

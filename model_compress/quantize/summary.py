@@ -68,6 +68,12 @@ class ConversionSummary:
         return self.code_bits + self.codebook_bits
 
     @property
+    def error_mean(self) -> float:
+        """Mean relative reconstruction error over the converted layers (tied heads included)."""
+        errors = [layer["rel_error"] for layer in self.layers]
+        return sum(errors) / len(errors) if errors else 0.0
+
+    @property
     def ratio(self) -> float:
         return self.original_bytes / self.compressed_bytes
 

@@ -1,0 +1,105 @@
+"""`compress rpq --codebooks 32` end to end on the facebook/opt-1.3b architecture (random fp16 weights).
+
+    python benchmarks/rpq_opt13b.py --workdir /tmp/opt13b [--device cuda] [--codebooks 32]
+
+The model is built from opt-1.3b's config numbers (hidden 2048, FF 8192, 24 layers, 32 heads,
+vocab 50272, 2048 positions) with random weights, saved as a local folder (not timed), then
+`compress rpq FOLDER -o OUT --codebooks 32 --device cuda --dtype float16` runs in a fresh
+process and is timed whole: interpreter start, loading, fitting every layer, writing the folder.
+Targets (issue 2): <= 60 s and <= 6 GB peak GPU memory on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import transformers
+from timed_cli import run_timed_cli
+
+OPT_1_3B = dict(
+    hidden_size=2048,
+    ffn_dim=8192,
+    num_hidden_layers=24,
+    num_attention_heads=32,
+    vocab_size=50272,
+    max_position_embeddings=2048,
+    word_embed_proj_dim=2048,
+    do_layer_norm_before=True,
+)
+
+
+# --smoke: the same script on a tiny model, to check it on a CPU before spending GPU time.
+SMOKE = dict(OPT_1_3B, hidden_size=64, ffn_dim=512, num_hidden_layers=2, num_attention_heads=4, vocab_size=600,
+             max_position_embeddings=300, word_embed_proj_dim=64)
+
+
+def build(folder: Path, device: str, shape: dict) -> float:
+    """Save a random fp16 model of ``shape`` to ``folder``; returns seconds taken."""
+    start = time.perf_counter()
+    config = transformers.OPTConfig(**shape, dtype="float16")
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device(device):
+            model = transformers.OPTForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.save_pretrained(folder)
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--codebooks", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help="tiny dimensions, to test the script itself")
+    args = parser.parse_args()
+    shape = SMOKE if args.smoke else OPT_1_3B
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    source = args.workdir / ("smoke-random-fp16" if args.smoke else "opt-1.3b-random-fp16")
+    if not (source / "config.json").exists():
+        print(f"built and saved the random model in {build(source, args.device, shape):.1f} s (not timed below)")
+    runs = []
+    for repeat in range(args.repeats):
+        out = args.workdir / f"rpq-m{args.codebooks}"
+        figures = run_timed_cli(
+            "rpq", str(source), "-o", str(out), "--codebooks", str(args.codebooks),
+            "--device", args.device, "--dtype", "float16", "--force",
+        )
+        report = json.loads((out / "compression_report.json").read_text())["summary"]
+        figures.update(
+            fit_s=report["seconds"],
+            size_mb=report["compressed_bytes"] / 1e6,
+            dense_mb=report["original_bytes"] / 1e6,
+            bpw=report["bits_per_weight"],
+            layers=report["converted_layers"],
+        )
+        runs.append(figures)
+        print(json.dumps(figures))
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"# opt-1.3b architecture, random fp16 weights, --codebooks {args.codebooks}; {device_name}; {date.today()}; "
+          f"torch {torch.__version__}, transformers {transformers.__version__}")
+    print("| run | end to end s | of which k-means fit s | peak GPU allocated MB | peak GPU reserved MB | peak RSS MB "
+          "| size MB (dense) | bpw | layers |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for index, r in enumerate(runs):
+        print(
+            f"| {index + 1} | {r['wall_s']:.1f} | {r['fit_s']:.1f} | {r.get('cuda_peak_allocated_mb', 0):.0f} | "
+            f"{r.get('cuda_peak_reserved_mb', 0):.0f} | {r['peak_rss_mb']:.0f} | {r['size_mb']:.0f} ({r['dense_mb']:.0f}) | "
+            f"{r['bpw']:.3f} | {r['layers']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

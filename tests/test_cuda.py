@@ -1,0 +1,62 @@
+"""The same checks on a CUDA device (k-means fitting there, RPQ forwards in fp16 / bf16).
+
+CI has no GPU, so these skip there; benchmarks/gpu_run.sh runs them on the lent H100 / H200.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_compress.quantize.convert import RPQSettings, convert_model
+from model_compress.quantize.kmeans import kmeans
+from model_compress.quantize.layers import RPQEmbedding, RPQLinear, RPQTiedHead
+
+from .conftest import tiny_model
+from .test_layers import filled, rel_error
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+
+
+def test_kmeans_on_cuda_is_reproducible_and_as_good_as_on_cpu():
+    points = torch.randn(16, 4096, 8)
+    on_gpu = kmeans(points.to(CUDA), 256, seed=0)
+    again = kmeans(points.to(CUDA), 256, seed=0)
+    assert torch.equal(on_gpu.codes, again.codes)
+    on_cpu = kmeans(points, 256, seed=0)
+    assert on_gpu.inertia.sum().item() == pytest.approx(on_cpu.inertia.sum().item(), rel=0.05)
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float16, 5e-3), (torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("tokens", [1, 16, 512])
+def test_linear_forward_on_cuda(dtype, bound, tokens):
+    layer = filled(RPQLinear(2048, 512, 32, 256)).to(CUDA, dtype)
+    x = torch.randn(tokens, 2048, device=CUDA, dtype=dtype)
+    ref = x.double() @ layer.dequantize().double().T + layer.bias.double()
+    out = layer(x)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_error(out, ref) < bound
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float16, 5e-3), (torch.bfloat16, 2e-2)])
+def test_embedding_and_tied_head_on_cuda(dtype, bound):
+    table = filled(RPQEmbedding(5000, 256, 32, 256)).to(CUDA, dtype)
+    head = RPQTiedHead(table)
+    ids = torch.randint(0, 5000, (4, 33), device=CUDA)
+    assert torch.equal(table(ids), torch.nn.functional.embedding(ids, table.dequantize()))
+    for tokens in (1, 300):
+        x = torch.randn(tokens, 256, device=CUDA, dtype=dtype)
+        assert rel_error(head(x), x.double() @ table.dequantize().double().T) < bound
+
+
+def test_converting_on_cuda_matches_converting_on_cpu_in_quality(arch):
+    on_gpu, on_cpu = tiny_model(arch), tiny_model(arch)
+    settings = dict(num_codebooks=8, codebook_size=16)
+    gpu_outcomes = convert_model(on_gpu, RPQSettings(**settings, device=CUDA))
+    cpu_outcomes = convert_model(on_cpu, RPQSettings(**settings))
+    gpu_error = sum(o.rel_error for o in gpu_outcomes if hasattr(o, "rel_error"))
+    cpu_error = sum(o.rel_error for o in cpu_outcomes if hasattr(o, "rel_error"))
+    assert gpu_error == pytest.approx(cpu_error, rel=0.05)
+    # The converted model stays where the original was (the CPU); only the fitting used the GPU.
+    assert all(p.device.type == "cpu" for p in on_gpu.parameters())
