@@ -21,16 +21,16 @@ SHAPES = [(576, 576), (576, 1536), (1536, 576), (2048, 2048), (2048, 8192)]
 TOKENS = [1, 4, 16, 64, 256]
 
 
-def median_ms(fn, device: torch.device, repeats: int) -> float:
-    """Median wall time in ms (synchronising on CUDA), after two warm-up calls."""
+def median_ms(fn, args: tuple, device: torch.device, repeats: int) -> float:
+    """Median wall time of ``fn(*args)`` in ms (synchronising on CUDA), after two warm-up calls."""
     for _ in range(2):
-        fn()
+        fn(*args)
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        fn()
+        fn(*args)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
@@ -53,9 +53,9 @@ def main() -> None:
         indices = torch.randint(0, 256, (args.codebooks, in_features), device=device, dtype=torch.uint8)
         for tokens in TOKENS:
             x = torch.randn(tokens, in_features, device=device, dtype=dtype)
-            dense = median_ms(lambda: F.linear(x, weight), device, args.repeats)
-            ref = median_ms(lambda: kernels.linear_reference(x, codebooks, indices, None), device, args.repeats)
-            hist = median_ms(lambda: kernels.linear_histogram(x, codebooks, indices, None), device, args.repeats)
+            dense = median_ms(F.linear, (x, weight), device, args.repeats)
+            ref = median_ms(kernels.linear_reference, (x, codebooks, indices, None), device, args.repeats)
+            hist = median_ms(kernels.linear_histogram, (x, codebooks, indices, None), device, args.repeats)
             print(
                 f"{in_features:>5}->{out_features:<6} {tokens:>6} {dense:>9.3f} {ref:>8.3f} {hist:>8.3f}"
                 f" {ref / dense:>9.2f} {hist / dense:>10.2f}"

@@ -16,7 +16,6 @@ import json
 import platform
 import resource
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 

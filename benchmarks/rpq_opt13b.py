@@ -71,7 +71,7 @@ def main() -> None:
     if not (source / "config.json").exists():
         print(f"built and saved the random model in {build(source, args.device, shape):.1f} s (not timed below)")
     runs = []
-    for repeat in range(args.repeats):
+    for _ in range(args.repeats):
         out = args.workdir / f"rpq-m{args.codebooks}"
         figures = run_timed_cli(
             "rpq", str(source), "-o", str(out), "--codebooks", str(args.codebooks),

@@ -35,8 +35,11 @@ def check_output_folder(out: Path, force: bool) -> None:
         raise UserError(f"output '{out}' is a file; choose a folder path")
     if out.exists() and not force:
         raise UserError(f"output folder '{out}' already exists; pass --force to replace it")
-    if not out.parent.exists():
-        raise UserError(f"cannot write '{out}': its parent folder '{out.parent}' does not exist")
+    ancestor = out.parent
+    while not ancestor.exists():  # missing parents are created when the folder is written
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot write '{out}': '{ancestor}' is a file")
 
 
 def write_folder_atomically(out: Path, force: bool, write: Callable[[Path], None]) -> None:
@@ -46,6 +49,7 @@ def write_folder_atomically(out: Path, force: bool, write: Callable[[Path], None
     ``out`` is swapped out only after the new folder is complete, and deleted only then.
     """
     check_output_folder(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

@@ -78,6 +78,14 @@ def test_existing_folder_needs_force_and_survives_a_failed_replace(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_missing_parents_are_created_and_a_file_in_the_way_is_refused(tmp_path):
+    write_folder_atomically(tmp_path / "a" / "b" / "out", False, lambda folder: (folder / "x").write_text("1"))
+    assert (tmp_path / "a" / "b" / "out" / "x").read_text() == "1"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="is a file"):
+        write_folder_atomically(tmp_path / "file" / "out", False, lambda folder: None)
+
+
 def test_existing_output_is_refused_before_loading(tmp_path, monkeypatch):
     from model_compress.quantize import pipeline
 

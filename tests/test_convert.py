@@ -78,7 +78,7 @@ def test_same_seed_gives_the_same_codes():
     first, second = tiny_model("opt"), tiny_model("opt")
     convert_model(first, RPQSettings(**SMALL, seed=3))
     convert_model(second, RPQSettings(**SMALL, seed=3))
-    for (name, a), b in zip(rpq_modules(first).items(), rpq_modules(second).values()):
+    for (name, a), b in zip(rpq_modules(first).items(), rpq_modules(second).values(), strict=True):
         if not isinstance(a, RPQTiedHead):
             assert torch.equal(a.indices, b.indices), name
 
@@ -130,6 +130,19 @@ def test_skip_patterns_and_ties():
     assert "lm_head" in plans["model.embed_tokens"].dense_reason
 
 
+def test_a_tie_left_dense_survives_the_round_trip(tmp_path, tiny_folder):
+    """--skip lm_head keeps both ends dense: transformers must still save one copy and tie it on load."""
+    run = compress_rpq(str(tiny_folder("llama")), tmp_path / "out", RPQSettings(**SMALL, skip=["lm_head"]))
+    assert run.config.dense["model.embed_tokens"].startswith("--skip on its tied head")
+    assert run.model.config.tie_word_embeddings is True
+    loaded = model_compress.load(tmp_path / "out")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, run.model.lm_head.weight)
+    ids = torch.randint(0, 300, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, run.model(ids).logits)
+
+
 @pytest.mark.parametrize(
     "settings,message",
     [
@@ -143,6 +156,14 @@ def test_skip_patterns_and_ties():
 def test_impossible_settings_are_user_errors(settings, message):
     with pytest.raises(UserError, match=message):
         convert_model(tiny_model("opt"), settings)
+
+
+def test_multihead_attention_projection_is_left_alone():
+    """nn.MultiheadAttention reads out_proj.weight itself, so its out_proj must stay a real nn.Linear."""
+    model = nn.Sequential(nn.Embedding(600, 64), nn.Linear(512, 64))
+    model.attention = nn.MultiheadAttention(512, 8)
+    names = [layer.name for layer in find_layers(model)]
+    assert names == ["0", "1"]
 
 
 def test_model_without_supported_layers_is_a_user_error():

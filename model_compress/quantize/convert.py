@@ -116,14 +116,26 @@ ColumnImportance = Callable[[str], Tensor | None]
 
 
 def find_layers(model: nn.Module) -> list[LayerInfo]:
-    """Every layer RPQ can replace, embeddings first so that the heads tied to them come after."""
+    """Every layer RPQ can replace, embeddings first so that the heads tied to them come after.
+
+    Linear layers owned by nn.MultiheadAttention are left out: its forward reads ``out_proj.weight``
+    directly instead of calling the module.
+    """
     embeddings: dict[int, str] = {}
     found: list[LayerInfo] = []
+    inside_attention = {
+        f"{name}.{child}" if name else child
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+        for child, _ in module.named_children()
+    }
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) and not isinstance(module, RPQEmbedding):
             embeddings[id(module.weight)] = name
             found.append(LayerInfo(name, KIND_EMBEDDING, tuple(module.weight.shape), module.weight.dtype))
     for name, module in model.named_modules():
+        if name in inside_attention:
+            continue
         if isinstance(module, nn.Linear):
             tied = embeddings.get(id(module.weight))
             kind = KIND_TIED_HEAD if tied else KIND_LINEAR

@@ -5,9 +5,10 @@ transformers lets a library add a quantization method (``register_quantization_c
 named in the config for an empty RPQ module of the recorded shape, so that the ``codebooks`` and
 ``indices`` tensors in model.safetensors land in them; afterwards it checks that every code arrived.
 
-Ties: the saved config says ``tie_word_embeddings: false`` because the dense weights it speaks of no
-longer exist; the RPQ tie (a head reading its embedding's codes) is recorded per layer here and
-rebuilt by the swap, so transformers' own tying never touches RPQ modules.
+Ties: where a tied head was converted, the saved config says ``tie_word_embeddings: false`` because
+the dense weights it speaks of no longer exist; the RPQ tie (a head reading its embedding's codes)
+is recorded per layer here and rebuilt by the swap, so transformers' own tying never touches RPQ
+modules. A tie left dense (both ends skipped) stays transformers' to save and restore.
 """
 
 from __future__ import annotations
@@ -82,9 +83,7 @@ class RPQHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         swap_in_rpq_modules(model, self.quantization_config.layers)
         _skip_dense_initialisation(model, self.quantization_config.layers)
-        # The dense tie keys name weights that no longer exist; the RPQ tie is rebuilt by the swap.
-        if hasattr(model, "all_tied_weights_keys"):
-            model.all_tied_weights_keys = {}
+        drop_converted_ties(model, self.quantization_config.layers)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         for name in self.quantization_config.layers:
@@ -128,17 +127,39 @@ def _skip_dense_initialisation(model: nn.Module, names: Any) -> None:
             parent._is_hf_initialized = True
 
 
+def drop_converted_ties(model: nn.Module, layers: Any) -> bool:
+    """Forget transformers' dense tie entries that name an RPQ layer (its weight no longer exists).
+
+    Ties between layers that stayed dense (``--skip lm_head``) are kept, so transformers still
+    saves one copy and ties it again on load. Returns True when every tie the model had is now an
+    RPQ tie (held by RPQTiedHead), in which case the config's tie flag should say so.
+    """
+    converted = set(layers)
+    ties = getattr(model, "all_tied_weights_keys", None) or {}
+
+    def names_rpq(key: str) -> bool:
+        return key.rsplit(".", 1)[0] in converted
+
+    kept = {target: source for target, source in ties.items() if not (names_rpq(target) or names_rpq(source))}
+    if hasattr(model, "all_tied_weights_keys"):
+        model.all_tied_weights_keys = kept
+    return bool(ties) and not kept
+
+
 def attach_quantizer(model: nn.Module, config: RPQConfig) -> None:
-    """Mark an in-memory converted model as RPQ-quantized, as if it had been loaded, so save_pretrained works."""
+    """Mark an in-memory converted model as RPQ-quantized, as if it had been loaded, so save_pretrained works.
+
+    Where every tie became an RPQ tie, ``tie_word_embeddings`` is set to false: otherwise code that
+    re-derives ties from the config (``model.tie_weights()``, the Trainer) would look for dense weights.
+    """
     model.config.quantization_config = config
     model.hf_quantizer = RPQHfQuantizer(config, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
-    if hasattr(model, "all_tied_weights_keys"):
-        model.all_tied_weights_keys = {}
-    for sub_config in (model.config, model.config.get_text_config()):
-        if getattr(sub_config, "tie_word_embeddings", False):
-            sub_config.tie_word_embeddings = False
+    if drop_converted_ties(model, config.layers):
+        for sub_config in (model.config, model.config.get_text_config()):
+            if getattr(sub_config, "tie_word_embeddings", False):
+                sub_config.tie_word_embeddings = False
 
 
 def register() -> None:

@@ -14,18 +14,18 @@ from . import kernels
 from .layout import EMBEDDING, LINEAR, decode, index_dtype
 
 
-def _codebooks(num_codebooks: int, codebook_size: int, piece: int, device, dtype) -> nn.Parameter:
-    return nn.Parameter(torch.empty(num_codebooks, codebook_size, piece, device=device, dtype=dtype))
-
-
-def _indices(num_codebooks: int, columns: int, codebook_size: int, device) -> Tensor:
-    return torch.zeros(num_codebooks, columns, dtype=index_dtype(codebook_size), device=device)
-
-
-def _check_divides(dim: int, num_codebooks: int, what: str) -> int:
-    if num_codebooks < 1 or dim % num_codebooks:
-        raise ValueError(f"num_codebooks={num_codebooks} must divide {what}={dim}")
-    return dim // num_codebooks
+def _register_codes(
+    module: nn.Module, split: int, columns: int, num_codebooks: int, codebook_size: int, device, dtype, what: str
+) -> None:
+    """Give ``module`` its code storage: ``codebooks`` (M, K, split / M) and ``indices`` (M, columns)."""
+    if num_codebooks < 1 or split % num_codebooks:
+        raise ValueError(f"num_codebooks={num_codebooks} must divide {what}={split}")
+    module.num_codebooks = num_codebooks
+    module.codebook_size = codebook_size
+    shape = (num_codebooks, codebook_size, split // num_codebooks)
+    module.codebooks = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+    indices = torch.zeros(num_codebooks, columns, dtype=index_dtype(codebook_size), device=device)
+    module.register_buffer("indices", indices)
 
 
 class RPQLinear(nn.Module):
@@ -44,11 +44,7 @@ class RPQLinear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.num_codebooks = num_codebooks
-        self.codebook_size = codebook_size
-        piece = _check_divides(out_features, num_codebooks, "out_features")
-        self.codebooks = _codebooks(num_codebooks, codebook_size, piece, device, dtype)
-        self.register_buffer("indices", _indices(num_codebooks, in_features, codebook_size, device))
+        _register_codes(self, out_features, in_features, num_codebooks, codebook_size, device, dtype, "out_features")
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     def dequantize(self) -> Tensor:
@@ -91,11 +87,7 @@ class RPQEmbedding(nn.Embedding):
         self.norm_type = 2.0
         self.scale_grad_by_freq = False
         self.sparse = False
-        self.num_codebooks = num_codebooks
-        self.codebook_size = codebook_size
-        piece = _check_divides(embedding_dim, num_codebooks, "embedding_dim")
-        self.codebooks = _codebooks(num_codebooks, codebook_size, piece, device, dtype)
-        self.register_buffer("indices", _indices(num_codebooks, num_embeddings, codebook_size, device))
+        _register_codes(self, embedding_dim, num_embeddings, num_codebooks, codebook_size, device, dtype, "embedding_dim")
 
     def dequantize(self) -> Tensor:
         """The dense (num_embeddings, embedding_dim) table these codes stand for."""

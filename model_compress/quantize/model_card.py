@@ -14,7 +14,7 @@ def render_model_card(config: RPQConfig, summary: ConversionSummary) -> str:
     fit = config.fit
     settings = [
         f"- base model: `{config.base_model.get('label', 'unknown')}`",
-        f"- method: reverse product quantization (RPQ), layout of rpq-pytorch 0.0.2",
+        "- method: reverse product quantization (RPQ), layout of rpq-pytorch 0.0.2",
         f"- `--codebooks` (M): {config.num_codebooks}; `--codebook-size` (K): {config.codebook_size}",
         f"- `--skip`: {', '.join(f'`{p}`' for p in config.skip) or 'none'}",
         f"- k-means: seed {fit.get('seed')}, at most {fit.get('max_iter')} iterations, tolerance {fit.get('tol')}, "
