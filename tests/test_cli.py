@@ -47,6 +47,19 @@ def test_rpq_reports_the_divisor_it_chose(tiny_folder, tmp_path):
     assert "│ 16 │" in row  # 13 does not divide 64; the nearest divisor, 16, is what was used
 
 
+def test_dtype_option_sets_the_stored_dtype(tiny_folder, tmp_path):
+    import model_compress
+
+    out = tmp_path / "bf16"
+    result = run_cli("rpq", str(tiny_folder("llama")), "-o", str(out), "-m", "8", "-k", "16", "--dtype", "bfloat16", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    model = model_compress.load(out)
+    down = model.model.layers[0].mlp.down_proj
+    assert down.codebooks.dtype == torch.bfloat16 and down.indices.dtype == torch.uint8
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 300, (1, 5))).logits.float()).all()
+
+
 def test_unknown_path(tmp_path):
     assert_one_line_error(run_cli("rpq", str(tmp_path / "nope"), "-o", str(tmp_path / "o")), "does not exist")
 
