@@ -229,11 +229,10 @@ def fit_weight(
     *,
     settings: RPQSettings,
     sample_weight: Tensor | None = None,
-    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, float, int]:
-    """k-means fit of one dense weight: (codebooks in ``dtype``, indices, relative error, iterations).
+    """k-means fit of one dense weight: (codebooks in the weight's dtype, indices, relative error, iterations).
 
-    The error is measured on the codebooks as stored (after the cast to ``dtype``).
+    The error is measured on the codebooks as stored (after the cast to the weight's dtype).
     """
     dense = weight.detach().to(settings.device, torch.float32)
     pieces = to_pieces(dense, num_codebooks, layout)
@@ -245,7 +244,7 @@ def fit_weight(
         tol=settings.tol,
         seed=settings.seed,
     )
-    codebooks = fit.centroids.to(dtype or weight.dtype)
+    codebooks = fit.centroids.to(weight.dtype)
     indices = fit.codes.to(index_dtype(codebook_size))
     rebuilt = decode(codebooks.float(), indices, layout)
     rel_error = (torch.linalg.vector_norm(dense - rebuilt) / torch.linalg.vector_norm(dense).clamp_min(1e-30)).item()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def compress_rpq(
     force: bool = False,
     observer: ConversionObserver | None = None,
     importance: ColumnImportance | None = None,
-    on_loaded=None,
+    on_loaded: Callable[[ModelSource], None] | None = None,
 ) -> RPQRun:
     """Load ``model`` (None: the embedded default), convert it, and save it to ``output`` (if given).
 
