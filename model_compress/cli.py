@@ -199,12 +199,19 @@ def inspect(
 
 
 def _quiet_transformers() -> None:
-    """transformers' own progress bars (GGUF loading uses plain tqdm) and advisory warnings would drown ours."""
-    import os
+    """transformers' own progress bars and advisory warnings would drown ours (CLI only).
+
+    The GGUF loader draws a plain tqdm bar, which transformers' switch does not reach, and tqdm
+    reads TQDM_DISABLE only when it is first imported (already done by then): so the default is
+    changed the way tqdm itself applies that variable.
+    """
+    from tqdm import std
 
     import transformers
 
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    if not getattr(std.tqdm.__init__, "_quieted_by_compress", False):
+        std.tqdm.__init__ = functools.partialmethod(std.tqdm.__init__, disable=True)
+        std.tqdm.__init__._quieted_by_compress = True
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
