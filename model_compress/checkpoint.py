@@ -149,16 +149,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     Equivalent to ``AutoModel*.from_pretrained(path)`` after ``import model_compress``, with the
     folder checked first so that a broken checkpoint gives one clear error.
     """
-    import transformers
-
-    from .models import first_line, model_class
+    from .models import from_pretrained
 
     path = Path(path)
     validate_checkpoint(path)
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-        model = model_class(config).from_pretrained(path, dtype=dtype or "auto")
-    except Exception as error:  # noqa: BLE001 - one line for the user, whatever transformers raised
-        raise UserError(f"cannot load '{path}': {first_line(error)}") from None
-    model.eval()
+    model = from_pretrained(path, str(path), dtype)
     return model.to(device) if device is not None else model

@@ -143,19 +143,25 @@ def model_class(config: transformers.PretrainedConfig) -> type:
     return transformers.AutoModel
 
 
+def from_pretrained(path: str | Path, label: str, dtype: torch.dtype | None = None, **kwargs) -> nn.Module:
+    """The checkpoint's own model class, loaded in ``dtype`` (or its own), in eval mode.
+
+    Whatever transformers raises becomes one UserError line naming ``label``.
+    """
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, **kwargs)
+        model = model_class(config).from_pretrained(path, dtype=dtype or "auto", **kwargs)
+    except Exception as error:  # noqa: BLE001 - transformers raises many types; the user needs one line
+        raise UserError(f"cannot load '{label}': {first_line(error)}") from None
+    return model.eval()
+
+
 def load_model(source: ModelSource, dtype: torch.dtype | None = None) -> tuple[nn.Module, object | None]:
     """Load model (on the CPU, in ``dtype`` or the checkpoint's) and its tokenizer (None if it has none)."""
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     with hub_access(source):
-        try:
-            config = transformers.AutoConfig.from_pretrained(source.path, **kwargs)
-            model = model_class(config).from_pretrained(source.path, dtype=dtype or "auto", **kwargs)
-        except UserError:
-            raise
-        except Exception as error:  # noqa: BLE001 - transformers raises many types; the user needs one line
-            raise UserError(f"cannot load '{source.label}': {first_line(error)}") from None
+        model = from_pretrained(source.path, source.label, dtype, **kwargs)
         tokenizer = load_tokenizer(source.path, **kwargs)
-    model.eval()
     return model, tokenizer
 
 
