@@ -113,10 +113,6 @@ def rpq(
     from .quantize.pipeline import compress_rpq
     from .quantize.summary import totals_lines
 
-    if codebooks < 1:
-        raise UserError(f"--codebooks must be a positive integer, got {codebooks}")
-    if iters < 1:
-        raise UserError(f"--iters must be a positive integer, got {iters}")
     settings = RPQSettings(
         num_codebooks=codebooks,
         codebook_size=codebook_size,

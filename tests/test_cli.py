@@ -92,6 +92,15 @@ def test_bad_codebooks(tiny_folder, tmp_path, value, fragment):
     assert not (tmp_path / "o").exists()
 
 
+def test_bad_settings_fail_before_the_model_loads(tmp_path, monkeypatch):
+    from model_compress.quantize import pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded before checking the settings"))
+    assert_one_line_error(run_cli("rpq", "-o", str(tmp_path / "o"), "--codebooks", "0"), "--codebooks", "positive")
+    assert_one_line_error(run_cli("rpq", "-o", str(tmp_path / "o"), "--iters", "0"), "--iters", "positive")
+    assert_one_line_error(run_cli("rpq", "-o", str(tmp_path / "o"), "-k", "1"), "--codebook-size")
+
+
 def test_cuda_without_cuda(tiny_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     result = run_cli("rpq", str(tiny_folder("gpt2")), "-o", str(tmp_path / "o"), "--device", "cuda")

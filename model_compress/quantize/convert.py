@@ -284,11 +284,18 @@ def _tie_head(model: nn.Module, plan: LayerPlan, embedding_error: float) -> Laye
     return LayerResult(plan, embedding_error, 0, time.perf_counter() - start)
 
 
-def _check_settings(layers: list[LayerInfo], settings: RPQSettings) -> None:
+def validate_settings(settings: RPQSettings) -> None:
+    """The checks that need no model, so a caller can fail before the (slow) load."""
     if settings.num_codebooks < 1:
         raise UserError(f"--codebooks must be a positive integer, got {settings.num_codebooks}")
     if not 2 <= settings.codebook_size <= 65536:
         raise UserError(f"--codebook-size must be between 2 and 65536, got {settings.codebook_size}")
+    if settings.max_iter < 1:
+        raise UserError(f"--iters must be a positive integer, got {settings.max_iter}")
+
+
+def _check_settings(layers: list[LayerInfo], settings: RPQSettings) -> None:
+    validate_settings(settings)
     largest = max(split_dim(layer.shape, layer.layout) for layer in layers)
     if settings.num_codebooks > largest:
         raise UserError(

@@ -14,7 +14,7 @@ from torch import nn
 from .. import __version__
 from ..checkpoint import CARD_FILE, MAX_SHARD_SIZE, REPORT_FILE, check_output_folder, write_folder_atomically
 from ..models import ModelSource, load_model, resolve_source
-from .convert import ColumnImportance, ConversionObserver, LayerResult, RPQSettings, convert_model
+from .convert import ColumnImportance, ConversionObserver, LayerResult, RPQSettings, convert_model, validate_settings
 from .hf_integration import RPQConfig, attach_quantizer
 from .model_card import render_model_card
 from .summary import ConversionSummary, model_bytes, model_params, summarize
@@ -50,6 +50,7 @@ def compress_rpq(
     out = Path(output) if output is not None else None
     if out is not None:
         check_output_folder(out, force)
+    validate_settings(settings)
     source = resolve_source(model)
     network, tokenizer = load_model(source, dtype)
     if on_loaded is not None:
