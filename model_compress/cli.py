@@ -74,6 +74,15 @@ class RichConversionProgress:
         self.progress.advance(self.task)
 
 
+def print_summary(summary) -> None:
+    """The per-type table, then the totals lines under it."""
+    from .quantize.summary import totals_lines
+
+    console.print(conversion_table(summary))
+    for line in totals_lines(summary):
+        console.print(line, highlight=False, soft_wrap=True)
+
+
 def conversion_table(summary) -> Table:
     """The end-of-run table: per layer type, then the totals underneath."""
     from .quantize.summary import table_rows
@@ -111,7 +120,6 @@ def rpq(
     from .models import parse_device, parse_dtype
     from .quantize.convert import RPQSettings
     from .quantize.pipeline import compress_rpq
-    from .quantize.summary import totals_lines
 
     settings = RPQSettings(
         num_codebooks=codebooks,
@@ -142,9 +150,7 @@ def rpq(
             observer=RichConversionProgress(progress),
             on_loaded=lambda source: progress.remove_task(loading),
         )
-    console.print(conversion_table(run.summary))
-    for line in totals_lines(run.summary):
-        console.print(line, highlight=False, soft_wrap=True)
+    print_summary(run.summary)
     if run.summary.error_mean > HIGH_ERROR:
         console.print(
             f"warning: mean relative error {run.summary.error_mean:.2f} per layer: expect a large loss of quality; "
@@ -170,7 +176,7 @@ def inspect(
     """Check a compressed checkpoint (files, tensors, loading) and show what its conversion did."""
     from .checkpoint import REPORT_FILE, load
     from .models import parse_device
-    from .quantize.summary import ConversionSummary, model_bytes, totals_lines
+    from .quantize.summary import ConversionSummary, model_bytes
 
     target = parse_device(device)
     _quiet_transformers()
@@ -188,10 +194,7 @@ def inspect(
     console.print(f"base model: {section.get('base_model', {}).get('label', 'unknown')}", highlight=False, soft_wrap=True)
     report = folder / REPORT_FILE
     if report.is_file():
-        summary = ConversionSummary.from_json(json.loads(report.read_text())["summary"])
-        console.print(conversion_table(summary))
-        for line in totals_lines(summary):
-            console.print(line, highlight=False, soft_wrap=True)
+        print_summary(ConversionSummary.from_json(json.loads(report.read_text())["summary"]))
 
 
 def _quiet_transformers() -> None:

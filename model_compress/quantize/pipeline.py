@@ -66,16 +66,17 @@ def compress_rpq(
         compressed_bytes=model_bytes(network),
         seconds=time.perf_counter() - start,
     )
-    config = _config_section(outcomes, settings, source, network)
+    config = _config_section(outcomes, summary, settings, source, network)
     attach_quantizer(network, config)
     if out is not None:
         write_folder_atomically(out, force, lambda tmp: _write(tmp, network, tokenizer, config, summary))
     return RPQRun(network, config, summary, source, out)
 
 
-def _config_section(outcomes, settings: RPQSettings, source: ModelSource, network: nn.Module) -> RPQConfig:
+def _config_section(
+    outcomes, summary: ConversionSummary, settings: RPQSettings, source: ModelSource, network: nn.Module
+) -> RPQConfig:
     layers = {}
-    dense = {}
     for outcome in outcomes:
         if isinstance(outcome, LayerResult):
             plan = outcome.plan
@@ -83,14 +84,12 @@ def _config_section(outcomes, settings: RPQSettings, source: ModelSource, networ
             if plan.layer.tied_to:
                 spec["tied_to"] = plan.layer.tied_to
             layers[plan.layer.name] = spec
-        else:
-            dense[outcome.layer.name] = outcome.dense_reason
     return RPQConfig(
         layers=layers,
         num_codebooks=settings.num_codebooks,
         codebook_size=settings.codebook_size,
         skip=list(settings.skip),
-        dense=dense,
+        dense=dict(summary.dense_layers),
         fit={
             "algorithm": "k-means (greedy k-means++ seeding, Lloyd)",
             "seed": settings.seed,
