@@ -131,15 +131,7 @@ def rpq(
     )
     torch_dtype = parse_dtype(dtype)
     _quiet_transformers()
-    columns = (
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=status_console, transient=True) as progress:
+    with Progress(*_progress_columns(), console=status_console, transient=True) as progress:
         loading = progress.add_task(f"loading {model or 'the embedded default (SmolLM2-135M)'}", total=None)
         run = compress_rpq(
             model,
@@ -195,6 +187,125 @@ def inspect(
     report = folder / REPORT_FILE
     if report.is_file():
         print_summary(ConversionSummary.from_json(json.loads(report.read_text())["summary"]))
+
+
+class RichEvalProgress:
+    """One Rich progress line per evaluation stage (implements EvalObserver)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task = None
+
+    def stage(self, description: str, total: int | None) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(description, total=total)
+
+    def advance(self, amount: int = 1) -> None:
+        self.progress.advance(self.task, amount)
+
+
+def eval_table(result) -> Table:
+    """original | compressed | ratio, one row per figure."""
+    from .eval.report import rows
+
+    table = Table(title=f"compress eval: {result.checkpoint}", title_justify="left")
+    for column in ("figure", "original", "compressed", "ratio", "better"):
+        table.add_column(column, justify="left" if column == "figure" else "right")
+    for row in rows(result):
+        name = f"{row.name} ({row.unit})" if row.unit else row.name
+        ratio = "" if row.ratio is None else f"{row.ratio:.3f}"
+        table.add_row(name, _number(row.original), _number(row.compressed), ratio, row.better)
+    return table
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def _progress_columns() -> tuple:
+    return (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+
+
+@app.command("eval")
+@reports_user_errors
+def evaluate(
+    folder: Annotated[Path, typer.Argument(help="A folder written by `compress rpq`.")],
+    baseline: Annotated[
+        Optional[str], typer.Option(help="The original to compare with (hub id, folder, .gguf); default: the one the checkpoint records.")
+    ] = None,
+    no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Measure the compressed model alone.")] = False,
+    text: Annotated[Optional[Path], typer.Option("--text", help="A local UTF-8 .txt file to evaluate on (default: the packaged Wikipedia sample).")] = None,
+    dataset: Annotated[
+        Optional[str], typer.Option(help="A hub data set instead (needs network and `datasets`): wikitext2, wikitext103, or a repository id.")
+    ] = None,
+    dataset_config: Annotated[Optional[str], typer.Option(help="The hub data set's config name.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="The hub data set's split (default test).")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Window length in tokens (default: min(2048, the model's context)).")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Use only the text's first N tokens (faster; reported).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass in the quality pass.")] = 1,
+    metric: Annotated[str, typer.Option(help="auto, perplexity (causal LMs), mlm (masked-LM heads), embedding (vs the original).")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (float16 / the checkpoint's bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16.")] = "auto",
+    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Time prefill and decode.")] = True,
+    prompt_len: Annotated[int, typer.Option(help="Prefill prompt length in tokens.")] = 512,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per decode measurement.")] = 128,
+    decode_batch: Annotated[Optional[list[int]], typer.Option(help="Decode batch sizes; repeatable (default 1 and 16).")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed repeats per figure (the median is reported), after 2 warm-up runs.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the masked-LM masking.")] = 0,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Where to write the JSON report (default: FOLDER/eval_report.json).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Where to write the PNG plot (default: beside the JSON, .png).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing report files.")] = False,
+) -> None:
+    """Perplexity (or MLM loss / embedding similarity), latency, memory and size, side by side with the original."""
+    from .data import resolve_text
+    from .eval.compare import EvalSettings
+    from .eval.compare import evaluate as run_evaluation
+    from .eval.latency import LatencySettings
+    from .eval.report import write_json, write_plot
+    from .models import parse_device, parse_dtype
+
+    json_path = json_path or folder / "eval_report.json"
+    plot = plot or json_path.with_suffix(".png")
+    for path in (json_path, plot):
+        if path.exists() and not force:
+            raise UserError(f"'{path}' already exists; pass --force to replace it (or choose --json / --plot)")
+    if baseline is not None and no_baseline:
+        raise UserError("give either --baseline or --no-baseline, not both")
+    if repeats < 1 or prompt_len < 1 or new_tokens < 2 or any(b < 1 for b in decode_batch or []):
+        raise UserError("--repeats and --prompt-len must be at least 1, --new-tokens at least 2, --decode-batch sizes positive")
+    timing = LatencySettings(prompt_len, new_tokens, tuple(decode_batch or (1, 16)), repeats=repeats) if latency else None
+    settings = EvalSettings(
+        device=parse_device(device), dtype=parse_dtype(dtype), seq_len=seq_len, max_tokens=max_tokens,
+        batch_size=batch_size, metric=metric, seed=seed, latency=timing,
+    )
+    corpus = resolve_text(text, dataset, dataset_config, split)
+    _quiet_transformers()
+    with Progress(*_progress_columns(), console=status_console, transient=True) as progress:
+        result = run_evaluation(folder, corpus, settings, baseline, not no_baseline, RichEvalProgress(progress))
+    console.print(eval_table(result))
+    used = result.text
+    window = f"{used['windows']} windows of {used['seq_len']}" if "windows" in used else f"{used['sentences']} sentences"
+    cap = f", capped by --max-tokens {used['max_tokens']}" if used["max_tokens"] else ""
+    console.print(
+        f"{result.metric} on {used['name']}: {used['tokens_used']:,} of {used['tokens_in_text']:,} tokens ({window}{cap}); "
+        f"device {result.device}, {str(result.dtype).removeprefix('torch.')}; "
+        f"original: {result.original.label if result.original else 'not measured'}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for warning in result.warnings:
+        console.print(f"warning: {warning}", style="yellow", highlight=False, soft_wrap=True)
+    write_json(result, json_path)
+    try:
+        write_plot(result, plot)
+        console.print(f"saved {json_path} and {plot}", highlight=False, soft_wrap=True)
+    except ImportError:
+        console.print(f"saved {json_path}; no plot: pip install matplotlib", style="yellow", highlight=False, soft_wrap=True)
 
 
 def _quiet_transformers() -> None:

@@ -41,6 +41,38 @@ def tiny_config(arch: str) -> transformers.PretrainedConfig:
     raise ValueError(arch)
 
 
+ENGLISH = """The river rose for three days after the storms in the hills, and by the fourth morning the lower
+fields were under water. Farmers moved their cattle to the ridge and carried grain into the lofts of the
+old mill. The council met in the church hall to decide whether the bridge could still carry carts.
+Engineers from the county measured the current and found that the central pier had shifted by a hand's
+width since the spring. They closed the bridge to wagons but let people cross on foot, one at a time.
+In the evening the rain stopped, the clouds broke over the valley, and the water began to fall slowly.
+""" * 3
+
+
+def tiny_tokenizer(arch: str) -> transformers.PreTrainedTokenizerFast:
+    """A tokenizer trained here on ENGLISH with ids below VOCAB: byte-level BPE, or WordPiece for BERT."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    if arch == "bert":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.train_from_iterator([ENGLISH], trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=specials))
+        tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        tokenizer.decoder = decoders.WordPiece()
+        return transformers.PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+        )
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([ENGLISH], trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
 def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     """A random model of ``arch`` in eval mode (BERT with its tied MLM head)."""
     torch.manual_seed(seed)
@@ -81,6 +113,7 @@ def tiny_folder(tmp_path):
     def save(arch: str):
         folder = tmp_path / f"tiny-{arch}"
         tiny_model(arch).save_pretrained(folder)
+        tiny_tokenizer(arch).save_pretrained(folder)
         return folder
 
     return save

@@ -60,3 +60,31 @@ def test_converting_on_cuda_matches_converting_on_cpu_in_quality(arch):
     assert gpu_error == pytest.approx(cpu_error, rel=0.05)
     # The converted model stays where the original was (the CPU); only the fitting used the GPU.
     assert all(p.device.type == "cpu" for p in on_gpu.parameters())
+
+
+def test_eval_on_cuda_times_with_events_and_reports_peak_memory(tiny_folder, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from model_compress.cli import app
+
+    from .conftest import ENGLISH
+
+    text = tmp_path / "text.txt"
+    text.write_text(ENGLISH)
+    out = tmp_path / "rpq"
+    runner = CliRunner()
+    made = runner.invoke(app, ["rpq", str(tiny_folder("llama")), "-o", str(out), "-m", "8", "-k", "16", "--device", "cuda"])
+    assert made.exit_code == 0, made.output
+    args = ["eval", str(out), "--device", "cuda", "--text", str(text), "--seq-len", "32", "--prompt-len", "32", "--new-tokens", "8", "--repeats", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "eval_report.json").read_text())
+    assert report["dtype"] == "float16" and report["device"]["type"] == "cuda"
+    for side in ("original", "compressed"):
+        latency = report[side]["latency"]
+        assert latency["timer"] == "cuda-events"
+        assert all(peak > 0 for peak in latency["peak_memory_bytes"].values())
+        assert report[side]["quality"]["peak_memory_bytes"] > 0
+    assert "peak memory, decode batch 16" in result.stdout

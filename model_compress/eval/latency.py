@@ -1,0 +1,164 @@
+"""Prefill latency, decode throughput and peak device memory, timed the same way for both models.
+
+CUDA: CUDA events around each call, after warm-up runs, median of ``repeats``; the peak allocator
+memory of each measurement (reset before it, so it includes the resident weights). CPU: wall
+clocks, the same medians, no memory peak (the CPU allocator keeps no resettable peak), and the
+figures are indicative only.
+
+Decode: ``generate`` (greedy, KV cache on, exactly ``new_tokens`` tokens: no early stop) from a
+short prompt; the time of a 1-token generate (prefill + first token) is subtracted, so tokens/s
+counts only the ``new_tokens - 1`` cached decode steps, for every sequence of the batch.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+DECODE_PROMPT = 32
+
+
+@dataclass
+class LatencySettings:
+    prompt_len: int = 512
+    new_tokens: int = 128
+    decode_batches: tuple[int, ...] = (1, 16)
+    warmup: int = 2
+    repeats: int = 5
+
+
+@dataclass
+class LatencyResult:
+    """Medians in ms / tokens per second, with the shapes actually used and the peaks."""
+
+    timer: str
+    prefill_tokens: int
+    prefill_ms: float
+    new_tokens: int | None = None
+    decode_tokens_per_s: dict[int, float] = field(default_factory=dict)
+    peak_memory: dict[str, int | None] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "timer": self.timer,
+            "prefill_tokens": self.prefill_tokens,
+            "prefill_ms": self.prefill_ms,
+            "decode_new_tokens": self.new_tokens,
+            "decode_tokens_per_s": {str(batch): value for batch, value in self.decode_tokens_per_s.items()},
+            "peak_memory_bytes": self.peak_memory,
+        }
+
+
+class PeakMemory:
+    """Peak allocated device memory over a block (None on a CPU)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak: int | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+
+
+def median_ms(call: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``call`` after ``warmup`` untimed runs (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            began = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - began) * 1e3)
+    return statistics.median(times)
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model takes, from whichever field its config uses."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def measure(
+    model: nn.Module,
+    ids: torch.Tensor,
+    settings: LatencySettings,
+    generates: bool,
+    on_step: Callable[[str], None] | None = None,
+) -> LatencyResult:
+    """Prefill at batch 1, then (for generating models) decode at each batch size, on real text ``ids`` (1-D)."""
+    device = next(model.parameters()).device
+    on_step = on_step or (lambda name: None)
+    context = context_length(model.config)
+    prefill_len = min(settings.prompt_len, ids.numel(), context or settings.prompt_len)
+    prefill_input = ids[None, :prefill_len].to(device)
+    kwargs = {"use_cache": False} if generates else {}
+    timer = "cuda-events" if device.type == "cuda" else "wall-clock"
+
+    with torch.inference_mode(), PeakMemory(device) as peak:
+        prefill_ms = median_ms(lambda: model(input_ids=prefill_input, **kwargs), device, settings.warmup, settings.repeats)
+    result = LatencyResult(timer, prefill_len, prefill_ms, peak_memory={"prefill": peak.peak})
+    on_step("prefill")
+    if not generates:
+        return result
+
+    new_tokens = settings.new_tokens
+    if context is not None:
+        new_tokens = max(2, min(new_tokens, context - DECODE_PROMPT))
+    result.new_tokens = new_tokens
+    rows = ids[: (ids.numel() // DECODE_PROMPT) * DECODE_PROMPT].view(-1, DECODE_PROMPT)
+    for batch in settings.decode_batches:
+        prompt = rows[torch.arange(batch) % rows.shape[0]].to(device)  # distinct text per row while it lasts
+        with torch.inference_mode(), PeakMemory(device) as peak:
+            full = median_ms(lambda: _generate(model, prompt, new_tokens), device, settings.warmup, settings.repeats)
+            first = median_ms(lambda: _generate(model, prompt, 1), device, settings.warmup, settings.repeats)
+        result.decode_tokens_per_s[batch] = batch * (new_tokens - 1) / max(full - first, 1e-6) * 1e3
+        result.peak_memory[f"decode_batch_{batch}"] = peak.peak
+        on_step(f"decode batch {batch}")
+    return result
+
+
+def _generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=_pad_id(model.config),
+    )
+    return model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+
+
+def _pad_id(config) -> int:
+    """generate wants a pad id even when nothing is padded; models without one use their end-of-text id."""
+    for candidate in (config.pad_token_id, config.eos_token_id, 0):
+        if isinstance(candidate, (list, tuple)):
+            candidate = candidate[0] if candidate else None
+        if candidate is not None:
+            return candidate
+    return 0

@@ -1,0 +1,162 @@
+"""The side-by-side report of an evaluation: table rows, the JSON document, and the PNG plot.
+
+Ratios are compressed / original for every figure, whichever direction is better for it; each row
+says which direction that is, so a reader need not guess.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+from .. import __version__
+from .compare import EvalResult, Measurement
+
+MB = 1e6
+
+
+@dataclass
+class Row:
+    """One figure for both models: name, unit, which direction is better, and how to fetch it."""
+
+    name: str
+    unit: str
+    better: str  # "lower" | "higher"
+    original: float | None
+    compressed: float | None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.original in (None, 0) or self.compressed is None:
+            return None
+        return self.compressed / self.original
+
+
+def rows(result: EvalResult) -> list[Row]:
+    """Every figure measured, in table order; a row whose figure neither model has is left out."""
+    pairs = [
+        (name, unit, better, _figure(result.original, key), _figure(result.compressed, key))
+        for name, unit, better, key in _ROW_SPECS
+    ]
+    return [Row(*pair) for pair in pairs if pair[3] is not None or pair[4] is not None]
+
+
+_ROW_SPECS = [
+    ("perplexity", "", "lower", ("quality", "perplexity")),
+    ("masked-LM perplexity", "", "lower", ("quality", "mlm_perplexity")),
+    ("mean token NLL", "nats", "lower", ("quality", "nll_mean")),
+    ("embedding cosine to original, mean", "", "higher", ("quality", "cosine_mean")),
+    ("embedding cosine to original, min", "", "higher", ("quality", "cosine_min")),
+    ("final hidden state rel. error", "", "lower", ("quality", "hidden_rel_error")),
+    ("prefill / forward, batch 1", "ms", "lower", ("latency", "prefill_ms")),
+    ("decode, batch 1", "tok/s", "higher", ("latency", "decode", 1)),
+    ("decode, batch 16", "tok/s", "higher", ("latency", "decode", 16)),
+    ("peak memory, quality pass", "MB", "lower", ("quality", "peak_memory_bytes")),
+    ("peak memory, prefill", "MB", "lower", ("latency", "peak", "prefill")),
+    ("peak memory, decode batch 1", "MB", "lower", ("latency", "peak", "decode_batch_1")),
+    ("peak memory, decode batch 16", "MB", "lower", ("latency", "peak", "decode_batch_16")),
+    ("weights in memory", "MB", "lower", ("weight_bytes",)),
+    ("bits per weight (in memory)", "", "lower", ("bits_per_weight",)),
+    ("weights on disk", "MB", "lower", ("disk_bytes",)),
+]
+
+
+def _figure(measurement: Measurement | None, key: tuple) -> float | None:
+    if measurement is None:
+        return None
+    if key[0] == "quality":
+        value = measurement.quality.get(key[1])
+        return value / MB if value is not None and key[1] == "peak_memory_bytes" else value
+    if key[0] == "latency":
+        latency = measurement.latency
+        if latency is None:
+            return None
+        if key[1] == "prefill_ms":
+            return latency.prefill_ms
+        if key[1] == "decode":
+            return latency.decode_tokens_per_s.get(key[2])
+        value = latency.peak_memory.get(key[2])
+        return value / MB if value is not None else None
+    if key[0] == "bits_per_weight":
+        return measurement.bits_per_weight
+    value = getattr(measurement, key[0])
+    return value / MB if value is not None else None
+
+
+def to_json(result: EvalResult) -> dict:
+    """Every figure and the settings it was measured under."""
+    device = result.device
+    return {
+        "tool": {"name": "model-compress", "version": __version__},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": str(result.checkpoint),
+        "metric": result.metric,
+        "device": {
+            "type": device.type,
+            "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+        },
+        "dtype": str(result.dtype).removeprefix("torch."),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+        "text": result.text,
+        "compression": {
+            key: result.compression.get(key) for key in ("quant_method", "num_codebooks", "codebook_size", "skip", "base_model")
+        },
+        "original": result.original.to_json() if result.original else None,
+        "original_error": result.original_error,
+        "compressed": result.compressed.to_json(),
+        "rows": [
+            {"name": row.name, "unit": row.unit, "better": row.better, "original": row.original, "compressed": row.compressed, "ratio": row.ratio}
+            for row in rows(result)
+        ],
+        "warnings": result.warnings,
+    }
+
+
+def write_json(result: EvalResult, path: Path) -> dict:
+    document = to_json(result)
+    _write_atomically(path, json.dumps(document, indent=2).encode())
+    return document
+
+
+def write_plot(result: EvalResult, path: Path) -> None:
+    """One small bar chart per figure (original vs compressed), saved as PNG. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figures = [row for row in rows(result) if row.compressed is not None]
+    columns = 4
+    lines = (len(figures) + columns - 1) // columns
+    fig, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 2.6 * lines), squeeze=False)
+    for axis, row in zip(axes.flat, figures):
+        labels, values, colours = [], [], []
+        if row.original is not None:
+            labels.append("original"), values.append(row.original), colours.append("#7f7f7f")
+        labels.append("compressed"), values.append(row.compressed), colours.append("#1f77b4")
+        axis.bar(labels, values, color=colours)
+        title = f"{row.name}" + (f" ({row.unit})" if row.unit else "")
+        axis.set_title(title + (f"\nratio {row.ratio:.3g}, {row.better} is better" if row.ratio is not None else ""), fontsize=8)
+        axis.tick_params(labelsize=7)
+    for axis in list(axes.flat)[len(figures):]:
+        axis.axis("off")
+    fig.suptitle(f"{result.checkpoint.name}: {result.metric} on {result.text['name']}, {result.device.type}, {str(result.dtype).removeprefix('torch.')}", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.partial")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_bytes(data)
+    tmp.replace(path)
