@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("eval-curve"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline-every-time", action="store_true")
+    parser.add_argument("--rpq-args", default="", help="extra `compress rpq` arguments, e.g. '--dtype float16'")
     parser.add_argument("--eval-args", default="", help="extra `compress eval` arguments, e.g. '--max-tokens 4096'")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,7 @@ def main() -> None:
     for index, codebooks in enumerate(args.codebooks):
         checkpoint = args.workdir / f"rpq-m{codebooks}"
         rpq = [*COMPRESS, "rpq", *([args.model] if args.model else []), "-m", str(codebooks), "-o", str(checkpoint)]
-        convert_seconds[codebooks] = run([*rpq, "--device", args.device, "--force"])
+        convert_seconds[codebooks] = run([*rpq, "--device", args.device, *args.rpq_args.split(), "--force"])
         report = args.out / f"eval-m{codebooks}.json"
         baseline = [] if index == 0 or args.baseline_every_time else ["--no-baseline"]
         evaluate = [*COMPRESS, "eval", str(checkpoint), "--device", args.device, "--repeats", str(args.repeats)]

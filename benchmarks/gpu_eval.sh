@@ -29,8 +29,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
 
 echo "== tests (CUDA and eval)"
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_eval.py 2>&1 | tee "$OUT/tests.log" | tail -5
+[ -n "${SKIP_TESTS:-}" ] || python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_eval.py 2>&1 | tee "$OUT/tests.log" | tail -5
 
 echo "== SmolLM2-135M: original vs rpq at several --codebooks, full default text"
 python3 benchmarks/eval_curve.py "$GGUF" --codebooks ${CODEBOOKS:-32 96 288} --device cuda --workdir /tmp/curve --out "$OUT" \
-  --repeats 3 2>&1 | tee "$OUT/curve.log" | tail -25
+  --repeats 3 --rpq-args "${RPQ_ARGS:---dtype float16}" 2>&1 | tee "$OUT/curve.log" | tail -25
