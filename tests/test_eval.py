@@ -173,7 +173,8 @@ def test_report_json_plot_and_table_have_every_figure(trained_llama, tmp_path, t
         assert figure in result.stdout
     assert "CPU timings are wall-clock and indicative only" in result.stdout
     report = json.loads(json_path.read_text())
-    assert {"tool", "date", "device", "dtype", "versions", "text", "compression", "original", "compressed", "rows", "warnings"} <= report.keys()
+    assert {"tool", "date", "device", "dtype", "versions", "text", "settings", "compression", "original", "compressed", "rows", "warnings"} <= report.keys()
+    assert report["settings"]["latency"] == {"prompt_len": 32, "new_tokens": 8, "decode_batches": [1, 16], "warmup": 2, "repeats": 1}
     assert {"torch", "transformers"} <= report["versions"].keys() and report["device"]["type"] == "cpu"
     assert report["text"]["seq_len"] == 32 and report["text"]["windows"] * 32 == report["text"]["tokens_used"]
     assert report["compression"]["num_codebooks"] == 8

@@ -101,6 +101,7 @@ class EvalResult:
     original_error: str | None
     compression: dict
     warnings: list[str]
+    settings: EvalSettings | None = None
 
 
 def evaluate(
@@ -155,7 +156,7 @@ def evaluate(
         warnings.append("CPU timings are wall-clock and indicative only; measure speed with --device cuda")
     return EvalResult(
         checkpoint, metric, dtype, settings.device, inputs.describe(), compressed, original, original_error,
-        section, warnings,
+        section, warnings, settings,
     )
 
 

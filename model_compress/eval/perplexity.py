@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import UserError
 
 MASK_PROBABILITY = 0.15
+IGNORED = -100  # the label of positions that are not scored (transformers' convention)
 
 
 @dataclass
@@ -68,24 +69,14 @@ def causal_nll(
     on_batch: Callable[[int], None] | None = None,
 ) -> NllResult:
     """Summed NLL of every token after the first in each window, predicted from its left context."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, windows.shape[0], batch_size):
-            batch = windows[start : start + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits
-            total += F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
-            ).item()
-            count += batch[:, 1:].numel()
-            if on_batch is not None:
-                on_batch(batch.shape[0])
-    return NllResult(total, count)
+    labels = torch.full_like(windows, IGNORED)
+    labels[:, :-1] = windows[:, 1:]  # position t predicts token t + 1; the last position predicts nothing
+    return _summed_nll(model, windows, labels, batch_size, on_batch, use_cache=False)
 
 
 @dataclass
 class MaskedBatches:
-    """Inputs with masks applied and labels (-100 where not masked), made once for both models."""
+    """Inputs with masks applied and labels (IGNORED where not masked), made once for both models."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
@@ -115,16 +106,27 @@ def masked_nll(
     on_batch: Callable[[int], None] | None = None,
 ) -> NllResult:
     """Summed NLL of the masked tokens' true ids."""
+    return _summed_nll(model, batches.input_ids, batches.labels, batch_size, on_batch)
+
+
+def _summed_nll(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None,
+    **forward,
+) -> NllResult:
+    """NLL of ``labels`` (IGNORED where nothing is predicted) under the model's logits, batch by batch, in float32."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.inference_mode():
-        for start in range(0, batches.input_ids.shape[0], batch_size):
-            inputs = batches.input_ids[start : start + batch_size].to(device)
-            labels = batches.labels[start : start + batch_size].to(device)
-            logits = model(input_ids=inputs).logits
-            picked = labels != -100
-            total += F.cross_entropy(logits[picked].float(), labels[picked], reduction="sum").item()
-            count += int(picked.sum())
+        for start in range(0, inputs.shape[0], batch_size):
+            batch = inputs[start : start + batch_size].to(device)
+            targets = labels[start : start + batch_size].to(device)
+            logits = model(input_ids=batch, **forward).logits
+            total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORED, reduction="sum").item()
+            count += int((targets != IGNORED).sum())
             if on_batch is not None:
-                on_batch(inputs.shape[0])
+                on_batch(batch.shape[0])
     return NllResult(total, count)

@@ -105,6 +105,7 @@ def to_json(result: EvalResult) -> dict:
         "dtype": str(result.dtype).removeprefix("torch."),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
         "text": result.text,
+        "settings": _settings_json(result),
         "compression": {
             key: result.compression.get(key) for key in ("quant_method", "num_codebooks", "codebook_size", "skip", "base_model")
         },
@@ -116,6 +117,28 @@ def to_json(result: EvalResult) -> dict:
             for row in rows(result)
         ],
         "warnings": result.warnings,
+    }
+
+
+def _settings_json(result: EvalResult) -> dict | None:
+    """What the run was asked to do (the text's actual windows and tokens are under "text")."""
+    settings = result.settings
+    if settings is None:
+        return None
+    latency = settings.latency
+    return {
+        "metric_requested": settings.metric,
+        "seq_len_requested": settings.seq_len,
+        "max_tokens": settings.max_tokens,
+        "batch_size": settings.batch_size,
+        "seed": settings.seed,
+        "latency": None if latency is None else {
+            "prompt_len": latency.prompt_len,
+            "new_tokens": latency.new_tokens,
+            "decode_batches": list(latency.decode_batches),
+            "warmup": latency.warmup,
+            "repeats": latency.repeats,
+        },
     }
 
 
