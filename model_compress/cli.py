@@ -276,8 +276,6 @@ def evaluate(
             raise UserError(f"'{path}' already exists; pass --force to replace it (or choose --json / --plot)")
     if baseline is not None and no_baseline:
         raise UserError("give either --baseline or --no-baseline, not both")
-    if repeats < 1 or prompt_len < 1 or new_tokens < 2 or any(b < 1 for b in decode_batch or []):
-        raise UserError("--repeats and --prompt-len must be at least 1, --new-tokens at least 2, --decode-batch sizes positive")
     timing = LatencySettings(prompt_len, new_tokens, tuple(decode_batch or (1, 16)), repeats=repeats) if latency else None
     settings = EvalSettings(
         device=parse_device(device), dtype=parse_dtype(dtype), seq_len=seq_len, max_tokens=max_tokens,

@@ -288,6 +288,7 @@ def test_bad_input_gives_one_clean_line(trained_llama, tmp_path, text_file):
     assert_one_line_error(run_cli("eval", out, "--text", text_file, "--dataset", "wikitext2"), "either --text or --dataset")
     assert_one_line_error(run_cli("eval", out, "--baseline", trained_llama, "--no-baseline", *fast), "not both")
     assert_one_line_error(run_cli("eval", out, "--metric", "bleu", *fast), "unknown --metric")
+    assert_one_line_error(run_cli("eval", out, "--text", text_file, "--seq-len", "32", "--new-tokens", "1"), "--new-tokens at least 2")
     if not torch.cuda.is_available():
         assert_one_line_error(run_cli("eval", out, "--device", "cuda", *fast), "CUDA is not available")
     (out / "eval_report.json").write_text("{}")

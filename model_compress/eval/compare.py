@@ -10,6 +10,7 @@ original is missing.
 from __future__ import annotations
 
 import gc
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from ..errors import UserError
 from ..models import ModelSource, default_source, load_model, load_tokenizer, resolve_source
 from ..quantize.summary import model_bytes, model_params
 from . import perplexity, similarity
-from .latency import LatencyResult, LatencySettings, context_length, measure
+from .latency import LatencyResult, LatencySettings, PeakMemory, context_length, measure
 
 METRICS = ("auto", "perplexity", "mlm", "embedding")
 DEFAULT_SEQ_LEN = 2048
@@ -121,6 +122,9 @@ def evaluate(
         raise UserError(f"--batch-size must be at least 1 (got {settings.batch_size})")
     if settings.max_tokens is not None and settings.max_tokens < 1:
         raise UserError(f"--max-tokens must be positive (got {settings.max_tokens})")
+    timing = settings.latency
+    if timing is not None and (timing.repeats < 1 or timing.prompt_len < 1 or timing.new_tokens < 2 or min(timing.decode_batches, default=0) < 1):
+        raise UserError("--repeats and --prompt-len must be at least 1, --new-tokens at least 2, --decode-batch sizes positive")
     section = validate_checkpoint(checkpoint)
     tokenizer = load_tokenizer(str(checkpoint))
     if tokenizer is None:
@@ -291,8 +295,6 @@ def original_source(section: dict, override: str | None) -> ModelSource:
 
 def _measure_into(target: Measurement, model: nn.Module, inputs: _Inputs, settings: EvalSettings, observer) -> None:
     """Quality, then latency and memory, of ``model`` (already on the device)."""
-    from .latency import PeakMemory
-
     role = target.role
     observer.stage(f"{role}: {_metric_label(inputs.metric)}", inputs.count)
     with PeakMemory(settings.device) as peak:
@@ -320,8 +322,6 @@ def _metric_label(metric: str) -> str:
 
 def _original_params(checkpoint: Path, section: dict) -> int:
     """The original's parameter count, as `compress rpq` recorded it (the compressed model has fewer tensors)."""
-    import json
-
     report = checkpoint / REPORT_FILE
     if report.is_file():
         return json.loads(report.read_text())["summary"]["model_params"]

@@ -16,9 +16,8 @@ import torch
 import transformers
 
 from .. import __version__
+from ..quantize.summary import MB
 from .compare import EvalResult, Measurement
-
-MB = 1e6
 
 
 @dataclass
