@@ -311,9 +311,9 @@ def _measure_into(target: Measurement, model: nn.Module, inputs: _Inputs, settin
         target.quality[key] = result.perplexity
     target.quality["peak_memory_bytes"] = peak.peak
     if settings.latency is not None:
-        steps = 1 + (len(settings.latency.decode_batches) if _can_generate(model) else 0)
-        observer.stage(f"{role}: latency", steps)
-        target.latency = measure(model, inputs.ids, settings.latency, _can_generate(model), lambda name: observer.advance())
+        generates = _can_generate(model)
+        observer.stage(f"{role}: latency", 1 + (len(settings.latency.decode_batches) if generates else 0))
+        target.latency = measure(model, inputs.ids, settings.latency, generates, lambda name: observer.advance())
 
 
 def _metric_label(metric: str) -> str:

@@ -126,10 +126,11 @@ def measure(
         return result
 
     new_tokens = settings.new_tokens
+    prompt_len = min(DECODE_PROMPT, ids.numel())  # a text shorter than the decode prompt is used whole
     if context is not None:
-        new_tokens = max(2, min(new_tokens, context - DECODE_PROMPT))
+        new_tokens = max(2, min(new_tokens, context - prompt_len))
     result.new_tokens = new_tokens
-    rows = ids[: (ids.numel() // DECODE_PROMPT) * DECODE_PROMPT].view(-1, DECODE_PROMPT)
+    rows = ids[: (ids.numel() // prompt_len) * prompt_len].view(-1, prompt_len)
     for batch in settings.decode_batches:
         prompt = rows[torch.arange(batch) % rows.shape[0]].to(device)  # distinct text per row while it lasts
         with torch.inference_mode(), PeakMemory(device) as peak:
