@@ -27,6 +27,7 @@ CARD_FILE = "README.md"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 MAX_SHARD_SIZE = "4GB"
+METHODS = ("rpq", "fff")  # compress rpq, compress fff-distill
 
 
 def check_output_folder(out: Path, force: bool) -> None:
@@ -67,7 +68,7 @@ def write_folder_atomically(out: Path, force: bool, write: Callable[[Path], None
 
 
 def read_compression_config(path: Path) -> dict:
-    """The ``quantization_config`` of an RPQ checkpoint folder, or a UserError saying what is wrong."""
+    """The ``quantization_config`` of an RPQ or FFF checkpoint folder, or a UserError saying what is wrong."""
     if not path.exists():
         raise UserError(f"'{path}' does not exist")
     if not path.is_dir():
@@ -80,8 +81,10 @@ def read_compression_config(path: Path) -> dict:
     except (OSError, ValueError) as error:
         raise UserError(f"'{config_path}' is not valid JSON: {error}") from None
     section = config.get("quantization_config") or {}
-    if section.get("quant_method") != "rpq":
-        raise UserError(f"'{path}' is not a model-compress RPQ checkpoint (its config has no rpq quantization_config)")
+    if section.get("quant_method") not in METHODS:
+        raise UserError(
+            f"'{path}' is not a model-compress checkpoint (its config has no rpq or fff quantization_config)"
+        )
     return section
 
 
@@ -100,7 +103,7 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def validate_checkpoint(path: Path) -> dict:
-    """Check a folder before loading it: config, every weight file readable, every RPQ tensor present.
+    """Check a folder before loading it: config, every weight file readable, every RPQ / FFF tensor present.
 
     A truncated or corrupt safetensors file, a missing shard, or codes whose shape or dtype disagree
     with the config each give one UserError line instead of a traceback deep inside transformers.
@@ -116,6 +119,8 @@ def validate_checkpoint(path: Path) -> dict:
         if spec.get("kind") == "tied_head":
             continue
         _check_codes(layer, spec, headers)
+    for name, spec in section.get("blocks", {}).items():
+        _check_tree(name, spec, headers)
     return section
 
 
@@ -141,6 +146,19 @@ def _check_codes(layer: str, spec: dict, headers: dict[str, tuple[list[int], str
         raise UserError(f"'{layer}': tensor shapes disagree with the config (M={num_codebooks}, K={codebook_size})")
     if indices_dtype != expected_dtype:
         raise UserError(f"'{layer}.indices' is {indices_dtype}, expected {expected_dtype} for K={codebook_size}")
+
+
+def _check_tree(name: str, spec: dict, headers: dict[str, tuple[list[int], str]]) -> None:
+    leaves, hidden, width = 2 ** spec["depth"], spec["hidden"], spec["leaf_width"]
+    expected = {"router_weight": [leaves - 1, hidden], "leaf_in": [leaves, width, hidden], "leaf_out": [leaves, width, hidden]}
+    if spec.get("gated"):
+        expected["leaf_gate"] = [leaves, width, hidden]
+    for tensor, shape in expected.items():
+        key = f"{name}.{tensor}"
+        if key not in headers:
+            raise UserError(f"the checkpoint has no tensor '{key}': the weights file is incomplete")
+        if headers[key][0] != shape:
+            raise UserError(f"'{key}' has shape {headers[key][0]}, the config says {shape}")
 
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:

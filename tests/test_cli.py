@@ -152,4 +152,4 @@ def test_corrupt_checkpoint_on_load(tiny_folder, tmp_path):
 
 
 def test_inspect_on_something_else(tiny_folder):
-    assert_one_line_error(run_cli("inspect", str(tiny_folder("opt"))), "not a model-compress RPQ checkpoint")
+    assert_one_line_error(run_cli("inspect", str(tiny_folder("opt"))), "not a model-compress checkpoint")

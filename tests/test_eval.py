@@ -279,7 +279,7 @@ def test_bad_input_gives_one_clean_line(trained_llama, tmp_path, text_file):
     rpq(trained_llama, out)
     fast = ["--text", text_file, "--seq-len", "32", "--no-latency"]
     assert_one_line_error(run_cli("eval", tmp_path / "nothing", *fast), "does not exist")
-    assert_one_line_error(run_cli("eval", trained_llama, *fast), "not a model-compress RPQ checkpoint")
+    assert_one_line_error(run_cli("eval", trained_llama, *fast), "not a model-compress checkpoint")
     assert_one_line_error(run_cli("eval", out, "--text", text_file, "--seq-len", "4096"), "longer than the model's context")
     short = tmp_path / "short.txt"
     short.write_text("Too short.")

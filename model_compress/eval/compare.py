@@ -282,7 +282,7 @@ def original_source(section: dict, override: str | None) -> ModelSource:
     base = section.get("base_model") or {}
     kind = base.get("kind")
     if kind == "default":
-        return default_source()
+        return default_source(base.get("embedded"))
     if kind == "hub":
         return ModelSource("hub", base["path"])
     if kind in ("folder", "gguf"):

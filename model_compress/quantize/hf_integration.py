@@ -82,15 +82,11 @@ class RPQHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         swap_in_rpq_modules(model, self.quantization_config.layers)
-        _skip_dense_initialisation(model, self.quantization_config.layers)
+        skip_dense_initialisation(model, self.quantization_config.layers)
         drop_converted_ties(model, self.quantization_config.layers)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
-        for name in self.quantization_config.layers:
-            module = model.get_submodule(name)
-            for tensor_name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-                if tensor.device.type == "meta":
-                    raise ValueError(f"checkpoint has no {name}.{tensor_name}: the file is incomplete")
+        check_all_loaded(model, self.quantization_config.layers)
 
     def is_serializable(self) -> bool:
         return True
@@ -98,6 +94,15 @@ class RPQHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
+
+
+def check_all_loaded(model: nn.Module, names: Any) -> None:
+    """Every tensor of the swapped-in modules came from the checkpoint (none left on the meta device)."""
+    for name in names:
+        module = model.get_submodule(name)
+        for tensor_name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+            if tensor.device.type == "meta":
+                raise ValueError(f"checkpoint has no {name}.{tensor_name}: the file is incomplete")
 
 
 def swap_in_rpq_modules(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
@@ -110,7 +115,7 @@ def swap_in_rpq_modules(model: nn.Module, layers: dict[str, dict[str, Any]]) -> 
         model.set_submodule(name, module)
 
 
-def _skip_dense_initialisation(model: nn.Module, names: Any) -> None:
+def skip_dense_initialisation(model: nn.Module, names: Any) -> None:
     """Keep transformers' weight initialisation away from RPQ modules.
 
     After loading, transformers runs ``_init_weights`` on every module not flagged initialised, and
@@ -152,14 +157,19 @@ def attach_quantizer(model: nn.Module, config: RPQConfig) -> None:
     Where every tie became an RPQ tie, ``tie_word_embeddings`` is set to false: otherwise code that
     re-derives ties from the config (``model.tie_weights()``, the Trainer) would look for dense weights.
     """
-    model.config.quantization_config = config
-    model.hf_quantizer = RPQHfQuantizer(config, pre_quantized=True)
-    model.is_quantized = True
-    model.quantization_method = QUANT_METHOD
+    mark_quantized(model, config, RPQHfQuantizer(config, pre_quantized=True), QUANT_METHOD)
     if drop_converted_ties(model, config.layers):
         for sub_config in (model.config, model.config.get_text_config()):
             if getattr(sub_config, "tie_word_embeddings", False):
                 sub_config.tie_word_embeddings = False
+
+
+def mark_quantized(model: nn.Module, config: QuantizationConfigMixin, quantizer: HfQuantizer, method: str) -> None:
+    """What transformers sets on a model it loaded through ``quantizer``; save_pretrained then writes ``config``."""
+    model.config.quantization_config = config
+    model.hf_quantizer = quantizer
+    model.is_quantized = True
+    model.quantization_method = method
 
 
 def register() -> None:

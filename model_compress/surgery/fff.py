@@ -1,0 +1,173 @@
+"""The Fast FeedForward tree (Belcak & Wattenhofer 2023): a binary router tree over small FF leaves.
+
+Nodes are numbered as a heap: node n has children 2n+1 (left) and 2n+2 (right); the 2**depth leaves
+follow the 2**depth - 1 routers in that order, so leaf l is heap node (2**depth - 1) + l. Each router
+is one neuron; a positive pre-activation sends the token right.
+
+Three forwards, one set of weights:
+- soft (training): every leaf runs, weighted by the probability of the token's path to it, with the
+  router logits divided by a temperature that training lowers towards hard routing;
+- hard (inference): one leaf per token. Tokens are grouped by leaf so that all leaves run as one
+  batched matmul over a padded (leaves, tokens-per-leaf, hidden) tensor; when there are fewer tokens
+  than leaves (decoding) each token's leaf weights are gathered instead;
+- all leaves at weight 1: exactly the dense block the tree was cut from (the initialisation check).
+
+Leaf weights are stored neuron-major, (leaves, width, hidden) for both projections, so that the soft
+forward is one dense FF over all leaves' neurons with the path probabilities as a per-neuron scale.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FastFeedForward(nn.Module):
+    """A drop-in replacement for a transformer FF block: hidden -> hidden through one leaf per token.
+
+    ``gated`` leaves compute ``act(gate x) * (in x)`` (Llama's SwiGLU); plain leaves ``act(in x + b)``.
+    ``self.training`` selects the soft forward at ``self.temperature``; eval mode descends hard.
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        depth: int,
+        leaf_width: int,
+        activation: nn.Module,
+        *,
+        gated: bool = False,
+        in_bias: bool = True,
+        out_bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1 (got {depth})")
+        if leaf_width < 1:
+            raise ValueError(f"leaf width must be positive (got {leaf_width})")
+        self.hidden, self.depth, self.leaf_width, self.gated = hidden, depth, leaf_width, gated
+        self.activation = activation
+        self.temperature = 1.0
+        leaves, nodes = 2**depth, 2**depth - 1
+        options = {"dtype": dtype, "device": device}
+        self.router_weight = nn.Parameter(torch.zeros(nodes, hidden, **options))
+        self.router_bias = nn.Parameter(torch.zeros(nodes, **options))
+        self.leaf_in = nn.Parameter(torch.zeros(leaves, leaf_width, hidden, **options))
+        self.leaf_in_bias = nn.Parameter(torch.zeros(leaves, leaf_width, **options)) if in_bias else None
+        self.leaf_gate = nn.Parameter(torch.zeros(leaves, leaf_width, hidden, **options)) if gated else None
+        self.leaf_out = nn.Parameter(torch.zeros(leaves, leaf_width, hidden, **options))
+        self.out_bias = nn.Parameter(torch.zeros(hidden, **options)) if out_bias else None
+
+    @property
+    def num_leaves(self) -> int:
+        return 2**self.depth
+
+    def extra_repr(self) -> str:
+        return f"hidden={self.hidden}, depth={self.depth}, leaves={self.num_leaves}, leaf_width={self.leaf_width}, gated={self.gated}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return self.soft_forward(x, self.temperature)
+        return self.hard_forward(x)
+
+    # --- routing -----------------------------------------------------------------------------
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(tokens, nodes): every router's pre-activation; one small matmul."""
+        return F.linear(x, self.router_weight, self.router_bias)
+
+    def leaf_probabilities(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
+        """(tokens, leaves): the product of sigmoid(logit / temperature) choices along each leaf's path."""
+        right = torch.sigmoid(self.router_logits(x).float() / temperature)
+        probabilities = right.new_ones(right.shape[0], 1)
+        for level in range(self.depth):
+            first = 2**level - 1
+            p_right = right[:, first : first + 2**level]
+            probabilities = torch.stack((probabilities * (1 - p_right), probabilities * p_right), dim=-1).flatten(1)
+        return probabilities
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """(tokens,) leaf index of each token, descending one router per level (ties go left)."""
+        logits = self.router_logits(x)
+        node = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        for _ in range(self.depth):
+            go_right = logits.gather(1, node[:, None]).squeeze(1) > 0
+            node = 2 * node + 1 + go_right.long()
+        return node - (self.num_leaves - 1)
+
+    # --- forwards ----------------------------------------------------------------------------
+
+    def soft_forward(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Every leaf, weighted by its path probability (differentiable in routers and leaves)."""
+        flat = x.reshape(-1, self.hidden)
+        weights = self.leaf_probabilities(flat, temperature).to(flat.dtype)
+        return self._all_leaves(flat, weights.repeat_interleave(self.leaf_width, dim=1)).reshape(x.shape)
+
+    def all_leaves_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every leaf at weight 1: the dense FF the tree was initialised from (its neurons, partitioned)."""
+        flat = x.reshape(-1, self.hidden)
+        return self._all_leaves(flat, None).reshape(x.shape)
+
+    def hard_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One leaf per token: gathered weights for fewer tokens than leaves, else grouped by leaf."""
+        flat = x.reshape(-1, self.hidden)
+        leaf = self.route(flat)
+        if flat.shape[0] < self.num_leaves:
+            out = self._gathered_leaves(flat, leaf)
+        else:
+            out = self._grouped_leaves(flat, leaf)
+        if self.out_bias is not None:
+            out = out + self.out_bias
+        return out.reshape(x.shape)
+
+    def _all_leaves(self, flat: torch.Tensor, neuron_scale: torch.Tensor | None) -> torch.Tensor:
+        neurons = self.num_leaves * self.leaf_width
+        bias = self.leaf_in_bias.reshape(neurons) if self.leaf_in_bias is not None else None
+        hidden = F.linear(flat, self.leaf_in.reshape(neurons, self.hidden), bias)
+        hidden = self._activate(hidden, lambda: F.linear(flat, self.leaf_gate.reshape(neurons, self.hidden)))
+        if neuron_scale is not None:
+            hidden = hidden * neuron_scale
+        out = hidden @ self.leaf_out.reshape(neurons, self.hidden)
+        return out + self.out_bias if self.out_bias is not None else out
+
+    def _activate(self, pre: torch.Tensor, gate) -> torch.Tensor:
+        """act(pre) for plain leaves; act(gate) * pre for gated ones (``gate`` computed lazily)."""
+        return self.activation(gate()) * pre if self.gated else self.activation(pre)
+
+    def _gathered_leaves(self, flat: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+        """Each token multiplies its own leaf's weights: reads only the leaves in use (decode)."""
+        rows = flat[:, :, None]  # (tokens, hidden, 1)
+        hidden = torch.bmm(self.leaf_in[leaf], rows).squeeze(-1)  # (tokens, width)
+        if self.leaf_in_bias is not None:
+            hidden = hidden + self.leaf_in_bias[leaf]
+        hidden = self._activate(hidden, lambda: torch.bmm(self.leaf_gate[leaf], rows).squeeze(-1))
+        return torch.bmm(hidden[:, None, :], self.leaf_out[leaf]).squeeze(1)
+
+    def _grouped_leaves(self, flat: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+        """Sort tokens by leaf into a zero-padded (leaves, capacity, hidden) block; two bmm's run all leaves."""
+        leaves, tokens = self.num_leaves, flat.shape[0]
+        order = torch.argsort(leaf, stable=True)
+        counts = torch.bincount(leaf, minlength=leaves)
+        capacity = int(counts.max())  # the one host sync: the padded block's size
+        starts = torch.cumsum(counts, 0) - counts
+        sorted_leaf = leaf[order]
+        slot = sorted_leaf * capacity + (torch.arange(tokens, device=flat.device) - starts[sorted_leaf])
+        padded = flat.new_zeros(leaves * capacity, self.hidden)
+        padded[slot] = flat[order]
+        padded = padded.view(leaves, capacity, self.hidden)
+        hidden = torch.bmm(padded, self.leaf_in.transpose(1, 2))  # (leaves, capacity, width)
+        if self.leaf_in_bias is not None:
+            hidden = hidden + self.leaf_in_bias[:, None, :]
+        hidden = self._activate(hidden, lambda: torch.bmm(padded, self.leaf_gate.transpose(1, 2)))
+        grouped = torch.bmm(hidden, self.leaf_out).view(leaves * capacity, self.hidden)
+        out = torch.empty_like(flat)
+        out[order] = grouped[slot]
+        return out
+
+
+def neurons_per_token(depth: int, leaf_width: int, dense_width: int) -> float:
+    """The fraction of the dense block's neurons a token evaluates: its path's routers plus one leaf."""
+    return (depth + leaf_width) / dense_width
