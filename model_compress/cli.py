@@ -162,13 +162,14 @@ def rpq(
 @app.command()
 @reports_user_errors
 def inspect(
-    folder: Annotated[Path, typer.Argument(help="A folder written by `compress rpq`.")],
+    folder: Annotated[Path, typer.Argument(help="A folder written by `compress rpq` or `compress fff-distill`.")],
     device: Annotated[str, typer.Option(help="Where to load it to check it: auto, cpu, cuda, cuda:N.")] = "cpu",
 ) -> None:
     """Check a compressed checkpoint (files, tensors, loading) and show what its conversion did."""
     from .checkpoint import REPORT_FILE, load
     from .models import parse_device
     from .quantize.summary import ConversionSummary, model_bytes
+    from .surgery.summary import DistillSummary
 
     target = parse_device(device)
     _quiet_transformers()
@@ -176,21 +177,30 @@ def inspect(
         model = load(folder, device=target)
     section = model.config.quantization_config
     section = section.to_dict() if hasattr(section, "to_dict") else section
+    if section["quant_method"] == "fff":
+        what = f"FFF, {len(section['blocks'])} FF blocks as trees (depth {section['settings']['depth']})"
+    else:
+        what = (
+            f"RPQ M={section['num_codebooks']} K={section['codebook_size']}, "
+            f"{len(section['layers'])} RPQ layers, {len(section['dense'])} dense"
+        )
     console.print(
-        f"{folder}: {type(model).__name__}, RPQ M={section['num_codebooks']} K={section['codebook_size']}, "
-        f"{len(section['layers'])} RPQ layers, {len(section['dense'])} dense, "
-        f"{model_bytes(model) / 1e6:.1f} MB of weights, loaded on {target}",
+        f"{folder}: {type(model).__name__}, {what}, {model_bytes(model) / 1e6:.1f} MB of weights, loaded on {target}",
         highlight=False,
         soft_wrap=True,
     )
     console.print(f"base model: {section.get('base_model', {}).get('label', 'unknown')}", highlight=False, soft_wrap=True)
     report = folder / REPORT_FILE
     if report.is_file():
-        print_summary(ConversionSummary.from_json(json.loads(report.read_text())["summary"]))
+        summary = json.loads(report.read_text())["summary"]
+        if section["quant_method"] == "fff":
+            print_distill_summary(DistillSummary.from_json(summary))
+        else:
+            print_summary(ConversionSummary.from_json(summary))
 
 
-class RichEvalProgress:
-    """One Rich progress line per evaluation stage (implements EvalObserver)."""
+class RichStageProgress:
+    """One Rich progress line per stage (implements EvalObserver and DistillObserver)."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
@@ -203,6 +213,12 @@ class RichEvalProgress:
 
     def advance(self, amount: int = 1) -> None:
         self.progress.advance(self.task, amount)
+
+    def block_finished(self, result) -> None:
+        self.progress.console.print(
+            f"{result.name}: relative error {result.init_error:.3f} -> {result.final_error:.3f} ({result.seconds:.1f} s)",
+            highlight=False,
+        )
 
 
 def eval_table(result) -> Table:
@@ -234,7 +250,7 @@ def _progress_columns() -> tuple:
 @app.command("eval")
 @reports_user_errors
 def evaluate(
-    folder: Annotated[Path, typer.Argument(help="A folder written by `compress rpq`.")],
+    folder: Annotated[Path, typer.Argument(help="A folder written by `compress rpq` or `compress fff-distill`.")],
     baseline: Annotated[
         Optional[str], typer.Option(help="The original to compare with (hub id, folder, .gguf); default: the one the checkpoint records.")
     ] = None,
@@ -284,7 +300,7 @@ def evaluate(
     corpus = resolve_text(text, dataset, dataset_config, split)
     _quiet_transformers()
     with Progress(*_progress_columns(), console=status_console, transient=True) as progress:
-        result = run_evaluation(folder, corpus, settings, baseline, not no_baseline, RichEvalProgress(progress))
+        result = run_evaluation(folder, corpus, settings, baseline, not no_baseline, RichStageProgress(progress))
     console.print(eval_table(result))
     used = result.text
     window = f"{used['windows']} windows of {used['seq_len']}" if "windows" in used else f"{used['sentences']} sentences"
@@ -304,6 +320,70 @@ def evaluate(
         console.print(f"saved {json_path} and {plot}", highlight=False, soft_wrap=True)
     except ImportError:
         console.print(f"saved {json_path}; no plot: pip install matplotlib", style="yellow", highlight=False, soft_wrap=True)
+
+
+def print_distill_summary(summary) -> None:
+    """The per-block table, then the totals lines under it."""
+    from .surgery.summary import table_rows, totals_lines
+
+    header, rows = table_rows(summary)
+    table = Table(title="FFF distillation", title_justify="left")
+    for index, column in enumerate(header):
+        table.add_column(column, justify="left" if index == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    for line in totals_lines(summary):
+        console.print(line, highlight=False, soft_wrap=True)
+
+
+@app.command("fff-distill")
+@reports_user_errors
+def fff_distill(
+    model: Annotated[
+        Optional[str],
+        typer.Argument(help="Hub id, local model folder or .gguf file. Omit it for the embedded default (all-MiniLM-L6-v2)."),
+    ] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the distilled checkpoint to.")] = ...,
+    depth: Annotated[int, typer.Option(help="Tree depth: 2**depth leaves, depth routers per token.")] = 3,
+    leaf_width: Annotated[Optional[int], typer.Option(help="Neurons per leaf (default: the block's width / 2**depth, keeping every neuron).")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="FF blocks to convert, by layer index: 0-11, 0-3,6 (default: all).")] = None,
+    calib: Annotated[Optional[Path], typer.Option(help="A UTF-8 .txt file to calibrate on (default: the packaged C4 sample; never the eval text).")] = None,
+    calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to record (10% are held out to measure the error).")] = 32768,
+    seq_len: Annotated[int, typer.Option(help="Calibration window length in tokens.")] = 512,
+    steps: Annotated[int, typer.Option(help="Training steps per block.")] = 400,
+    batch_tokens: Annotated[int, typer.Option(help="Tokens per training step.")] = 1024,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate of the per-block training.")] = 1e-3,
+    e2e_steps: Annotated[int, typer.Option(help="Steps of end-to-end distillation on the original's outputs afterwards (0: none).")] = 0,
+    e2e_lr: Annotated[float, typer.Option(help="Learning rate of the end-to-end distillation.")] = 1e-5,
+    device: Annotated[str, typer.Option(help="Where recording and training run: auto, cpu, cuda, cuda:N.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the initialisation and the training batches.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")] = False,
+) -> None:
+    """Replace feed-forward blocks by Fast FeedForward trees distilled from them (one leaf per token at inference)."""
+    from .data import calibration_text
+    from .models import parse_device
+    from .surgery.distill import FFFSettings
+    from .surgery.pipeline import distill_fff
+
+    settings = FFFSettings(
+        depth=depth, leaf_width=leaf_width, layers=layers, steps=steps, batch_tokens=batch_tokens, lr=lr,
+        calib_tokens=calib_tokens, seq_len=seq_len, e2e_steps=e2e_steps, e2e_lr=e2e_lr, seed=seed, device=parse_device(device),
+    )
+    text = calibration_text(calib)
+    _quiet_transformers()
+    with Progress(*_progress_columns(), console=status_console, transient=True) as progress:
+        loading = progress.add_task(f"loading {model or 'the embedded default (all-MiniLM-L6-v2)'}", total=None)
+        run = distill_fff(
+            model, output, settings, text, force=force, observer=RichStageProgress(progress),
+            on_loaded=lambda source: progress.remove_task(loading),
+        )
+    print_distill_summary(run.summary)
+    console.print(
+        f"source {run.source.label}, depth {depth}, on {settings.device}, {run.summary.seconds:.1f} s; saved to {run.output}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _quiet_transformers() -> None:

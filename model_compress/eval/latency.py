@@ -5,6 +5,9 @@ memory of each measurement (reset before it, so it includes the resident weights
 clocks, the same medians, no memory peak (the CPU allocator keeps no resettable peak), and the
 figures are indicative only.
 
+FF blocks: one more set of prefill runs with hooks stamping (CUDA events / clocks) the entry and
+exit of every feed-forward block (dense, RPQ or FFF tree), for their share of the forward time.
+
 Decode: ``generate`` (greedy, KV cache on, exactly ``new_tokens`` tokens: no early stop) from a
 short prompt; the time of a 1-token generate (prefill + first token) is subtracted, so tokens/s
 counts only the ``new_tokens - 1`` cached decode steps, for every sequence of the batch.
@@ -19,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from ..surgery.blocks import timing_spans
 
 DECODE_PROMPT = 32
 
@@ -42,12 +47,18 @@ class LatencyResult:
     new_tokens: int | None = None
     decode_tokens_per_s: dict[int, float] = field(default_factory=dict)
     peak_memory: dict[str, int | None] = field(default_factory=dict)
+    ff_blocks: int = 0
+    ff_ms: float | None = None  # time inside the FF blocks during a prefill (hooked run)
+    ff_share: float | None = None  # ... over that run's whole forward time
 
     def to_json(self) -> dict:
         return {
             "timer": self.timer,
             "prefill_tokens": self.prefill_tokens,
             "prefill_ms": self.prefill_ms,
+            "ff_blocks": self.ff_blocks,
+            "ff_prefill_ms": self.ff_ms,
+            "ff_prefill_share": self.ff_share,
             "decode_new_tokens": self.new_tokens,
             "decode_tokens_per_s": {str(batch): value for batch, value in self.decode_tokens_per_s.items()},
             "peak_memory_bytes": self.peak_memory,
@@ -121,6 +132,11 @@ def measure(
     with torch.inference_mode(), PeakMemory(device) as peak:
         prefill_ms = median_ms(lambda: model(input_ids=prefill_input, **kwargs), device, settings.warmup, settings.repeats)
     result = LatencyResult(timer, prefill_len, prefill_ms, peak_memory={"prefill": peak.peak})
+    spans = timing_spans(model)
+    if spans:
+        with torch.inference_mode():
+            result.ff_ms, result.ff_share = block_time(lambda: model(input_ids=prefill_input, **kwargs), spans, device, settings)
+        result.ff_blocks = len(spans)
     on_step("prefill")
     if not generates:
         return result
@@ -140,6 +156,48 @@ def measure(
         result.peak_memory[f"decode_batch_{batch}"] = peak.peak
         on_step(f"decode batch {batch}")
     return result
+
+
+def block_time(
+    call: Callable[[], object], spans: list[tuple[nn.Module, nn.Module]], device: torch.device, settings: LatencySettings
+) -> tuple[float, float]:
+    """Medians of (ms inside the spans, their share of the whole call), from hooks that stamp each span's ends."""
+    stamps: list = []
+
+    def stamp(*_) -> None:
+        if device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            stamps.append(event)
+        else:
+            stamps.append(time.perf_counter())
+
+    handles = []
+    for first, last in spans:
+        handles.append(first.register_forward_pre_hook(stamp))
+        handles.append(last.register_forward_hook(stamp))
+    inside, shares = [], []
+    try:
+        for run in range(settings.warmup + settings.repeats):
+            stamps.clear()
+            stamp()
+            call()
+            stamp()
+            if run < settings.warmup:
+                continue
+            if device.type == "cuda":
+                stamps[-1].synchronize()
+                elapsed = [a.elapsed_time(b) for a, b in zip(stamps[1:-1:2], stamps[2:-1:2])]
+                total = stamps[0].elapsed_time(stamps[-1])
+            else:
+                elapsed = [(b - a) * 1e3 for a, b in zip(stamps[1:-1:2], stamps[2:-1:2])]
+                total = (stamps[-1] - stamps[0]) * 1e3
+            inside.append(sum(elapsed))
+            shares.append(sum(elapsed) / total)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return statistics.median(inside), statistics.median(shares)
 
 
 def _generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:

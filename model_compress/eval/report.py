@@ -54,6 +54,8 @@ _ROW_SPECS = [
     ("embedding cosine to original, min", "", "higher", ("quality", "cosine_min")),
     ("final hidden state rel. error", "", "lower", ("quality", "hidden_rel_error")),
     ("prefill / forward, batch 1", "ms", "lower", ("latency", "prefill_ms")),
+    ("FF blocks within prefill (hooked)", "ms", "lower", ("latency", "ff_ms")),
+    ("FF blocks' share of prefill", "%", "lower", ("latency", "ff_share")),
     ("decode, batch 1", "tok/s", "higher", ("latency", "decode", 1)),
     ("decode, batch 16", "tok/s", "higher", ("latency", "decode", 16)),
     ("peak memory, quality pass", "MB", "lower", ("quality", "peak_memory_bytes")),
@@ -78,6 +80,10 @@ def _figure(measurement: Measurement | None, key: tuple) -> float | None:
             return None
         if key[1] == "prefill_ms":
             return latency.prefill_ms
+        if key[1] == "ff_ms":
+            return latency.ff_ms
+        if key[1] == "ff_share":
+            return None if latency.ff_share is None else 100 * latency.ff_share
         if key[1] == "decode":
             return latency.decode_tokens_per_s.get(key[2])
         value = latency.peak_memory.get(key[2])

@@ -207,3 +207,25 @@ def intermediate_size(model: nn.Module, block: Block) -> int:
     """The block's neuron count (the dense intermediate width)."""
     projection = _get(model.get_submodule(block.owner), block.layout.input)
     return projection.weight.shape[1] if block.layout.transposed else projection.weight.shape[0]
+
+
+def timing_spans(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(first module, last module) of every FF block or tree, for timing the blocks inside a forward.
+
+    A tree is its own span; a dense block runs from where a tree would go to its output projection
+    (a Llama ``mlp`` is both: its gate runs before its up projection).
+    """
+    from .fff import FastFeedForward
+
+    trees = [module for module in model.modules() if isinstance(module, FastFeedForward)]
+    if trees:
+        return [(tree, tree) for tree in trees]
+    try:
+        blocks = find_blocks(model)
+    except UserError:
+        return []
+    spans = []
+    for block in blocks:
+        start = model.get_submodule(block.replaced_name)
+        spans.append((start, start if block.layout.replaced == "" else model.get_submodule(block.output_name)))
+    return spans

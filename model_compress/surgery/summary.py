@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .distill import BlockResult
 
@@ -32,6 +32,17 @@ class DistillSummary:
     @property
     def neurons_per_token(self) -> float:
         return sum(b.neurons_per_token for b in self.blocks) / len(self.blocks)
+
+    @classmethod
+    def from_json(cls, data: dict) -> DistillSummary:
+        """Back from compression_report.json (for `compress inspect`)."""
+        names = {f.name for f in fields(BlockResult)}
+        blocks = [BlockResult(**{k: v for k, v in b.items() if k in names}) for b in data["blocks"]]
+        e2e = data.get("e2e") or {}
+        return cls(
+            blocks, data["model_params"], data["distilled_params"], data["original_bytes"], data["distilled_bytes"],
+            data["calibration"], data["seconds"], e2e.get("before"), e2e.get("after"), e2e.get("loss"), data.get("warnings", []),
+        )
 
     def to_json(self) -> dict:
         return {
