@@ -14,11 +14,11 @@ from model_compress.errors import UserError
 from model_compress.surgery.blocks import DenseWeights, PassThrough, dense_weights, find_blocks, select_blocks
 from model_compress.surgery.capture import calibration_windows, record_blocks
 from model_compress.surgery.distill import FFFSettings, fit_block, relative_error
-from model_compress.surgery.fff import FastFeedForward
+from model_compress.surgery.fff import FastFeedForward, per_token_reference
 from model_compress.surgery.pipeline import distill_fff
 from model_compress.surgery.tree_init import initialise_tree
 
-from .conftest import ENGLISH, tiny_model, tiny_tokenizer
+from .conftest import ENGLISH, real_model_folder, tiny_model, tiny_tokenizer
 
 HIDDEN, WIDTH = 32, 64
 
@@ -46,24 +46,6 @@ def random_tree(depth: int, gated: bool, leaf_width: int = 8, dtype=torch.float3
         for parameter in tree.parameters():
             parameter.normal_(0, 0.3)
     return tree.eval()
-
-
-def per_token_reference(tree: FastFeedForward, x: torch.Tensor) -> torch.Tensor:
-    """Plain PyTorch, one token at a time: walk the tree node by node, run that one leaf."""
-    rows = []
-    for token in x.float():
-        node = 0
-        for _ in range(tree.depth):
-            logit = token @ tree.router_weight[node].float() + tree.router_bias[node].float()
-            node = 2 * node + (2 if logit > 0 else 1)
-        leaf = node - (tree.num_leaves - 1)
-        pre = tree.leaf_in[leaf].float() @ token
-        if tree.leaf_in_bias is not None:
-            pre = pre + tree.leaf_in_bias[leaf].float()
-        hidden = tree.activation(tree.leaf_gate[leaf].float() @ token) * pre if tree.gated else tree.activation(pre)
-        out = hidden @ tree.leaf_out[leaf].float()
-        rows.append(out + tree.out_bias.float() if tree.out_bias is not None else out)
-    return torch.stack(rows)
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -244,6 +226,7 @@ def test_short_calibration_text_is_refused(tiny_folder, tmp_path):
 def test_packaged_calibration_text_is_not_the_eval_text():
     from model_compress.data import default_text
 
+    real_model_folder("exllamav2", "exllamav2==0.3.2")
     calibration = calibration_text()
     evaluation = default_text().joined
     assert len(calibration.documents) > 100 and len(calibration.joined.split()) > 50_000

@@ -90,13 +90,31 @@ class FastFeedForward(nn.Module):
         return probabilities
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
-        """(tokens,) leaf index of each token, descending one router per level (ties go left)."""
+        """(tokens,) leaf index of each token: the leaf whose path agrees with every router's sign (ties go left).
+
+        Instead of descending level by level (a few kernels per level), all routers' signs (+1 right,
+        -1 left) are scored against every leaf's path (+1 / -1 on its nodes, 0 elsewhere) in one
+        matmul; only the token's own leaf scores ``depth``. Four kernels at any depth.
+        """
         logits = self.router_logits(x)
-        node = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        for _ in range(self.depth):
-            go_right = logits.gather(1, node[:, None]).squeeze(1) > 0
-            node = 2 * node + 1 + go_right.long()
-        return node - (self.num_leaves - 1)
+        signs = torch.where(logits > 0, 1.0, -1.0).to(logits.dtype)
+        return (signs @ self._paths(logits.device, logits.dtype)).argmax(1)
+
+    def _paths(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(nodes, leaves): +1 where a leaf's path turns right at a node, -1 left, 0 off the path (cached)."""
+        key = (device, dtype)
+        cached = getattr(self, "_path_cache", {})
+        if key not in cached:
+            paths = torch.zeros(self.num_leaves - 1, self.num_leaves)
+            for leaf in range(self.num_leaves):
+                node = leaf + self.num_leaves - 1
+                while node > 0:
+                    parent = (node - 1) // 2
+                    paths[parent, leaf] = 1.0 if node == 2 * parent + 2 else -1.0
+                    node = parent
+            cached[key] = paths.to(device, dtype)
+            self._path_cache = cached
+        return cached[key]
 
     # --- forwards ----------------------------------------------------------------------------
 
@@ -171,3 +189,22 @@ class FastFeedForward(nn.Module):
 def neurons_per_token(depth: int, leaf_width: int, dense_width: int) -> float:
     """The fraction of the dense block's neurons a token evaluates: its path's routers plus one leaf."""
     return (depth + leaf_width) / dense_width
+
+
+def per_token_reference(tree: FastFeedForward, x: torch.Tensor) -> torch.Tensor:
+    """The plain reference for the fast paths: walk the tree node by node and run the one leaf, token by
+    token, in float32 (slow; tests and benchmarks check ``hard_forward`` against it)."""
+    rows = []
+    for token in x.reshape(-1, tree.hidden).float():
+        node = 0
+        for _ in range(tree.depth):
+            logit = token @ tree.router_weight[node].float() + tree.router_bias[node].float()
+            node = 2 * node + (2 if logit > 0 else 1)
+        leaf = node - (tree.num_leaves - 1)
+        pre = tree.leaf_in[leaf].float() @ token
+        if tree.leaf_in_bias is not None:
+            pre = pre + tree.leaf_in_bias[leaf].float()
+        hidden = tree.activation(tree.leaf_gate[leaf].float() @ token) * pre if tree.gated else tree.activation(pre)
+        out = hidden @ tree.leaf_out[leaf].float()
+        rows.append(out + tree.out_bias.float() if tree.out_bias is not None else out)
+    return torch.stack(rows)
