@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from torch import nn
 
 from .. import __version__
@@ -83,7 +84,8 @@ def distill_fff(
         check_depth(settings, intermediate_size(network, block), block.owner)
     saved_dtype = next(network.parameters()).dtype
     params, original_bytes = model_params(network), model_bytes(network)
-    network = network.float().to(settings.device)
+    # nn.Module.to, not the model's own: transformers refuses .float() on a GGUF-loaded (dequantized) model
+    network = nn.Module.to(network, settings.device, torch.float32)
 
     began = time.perf_counter()
     seq_len = min(settings.seq_len, context_length(network.config) or settings.seq_len)
@@ -115,7 +117,7 @@ def distill_fff(
         summary.e2e_before, summary.e2e_after = distill_end_to_end(network, teacher, trees, windows, settings, observer.advance)
         summary.e2e_loss = "KL(original || distilled) per token" if _has_logits(network) else "hidden-state MSE / variance"
         del teacher
-    network = network.to("cpu", saved_dtype).eval()
+    network = nn.Module.to(network, "cpu", saved_dtype).eval()
     for parameter in network.parameters():
         parameter.requires_grad_(False)
     summary.distilled_bytes = model_bytes(network)
