@@ -13,13 +13,11 @@ printed); distilled trees on real text route less evenly (fff_curve.py reports t
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_compress.eval.latency import median_ms
 from model_compress.surgery.fff import FastFeedForward, per_token_reference
 
 SHAPES = {"bert-base 768->3072": (768, 3072, False), "llama-ish 2048->8192 (gated)": (2048, 8192, True)}
@@ -63,25 +61,6 @@ def check(device: torch.device) -> None:
             print(f"check {str(dtype)[6:]} tokens={tokens}: relative error {error:.2e} (limit {limit})")
             if error > limit:
                 raise SystemExit("the hard forward disagrees with the per-token reference")
-
-
-def median_ms(call, device: torch.device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -87,8 +87,12 @@ def conversion_table(summary) -> Table:
     """The end-of-run table: per layer type, then the totals underneath."""
     from .quantize.summary import table_rows
 
-    header, rows = table_rows(summary)
-    table = Table(title="RPQ conversion", title_justify="left")
+    return rows_table("RPQ conversion", *table_rows(summary))
+
+
+def rows_table(title: str, header, rows) -> Table:
+    """A Rich table: the first column left-aligned (names), the figures right-aligned."""
+    table = Table(title=title, title_justify="left")
     for index, column in enumerate(header):
         table.add_column(column, justify="left" if index == 0 else "right")
     for row in rows:
@@ -326,12 +330,7 @@ def print_distill_summary(summary) -> None:
     """The per-block table, then the totals lines under it."""
     from .surgery.summary import table_rows, totals_lines
 
-    header, rows = table_rows(summary)
-    table = Table(title="FFF distillation", title_justify="left")
-    for index, column in enumerate(header):
-        table.add_column(column, justify="left" if index == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
+    table = rows_table("FFF distillation", *table_rows(summary))
     console.print(table)
     for line in totals_lines(summary):
         console.print(line, highlight=False, soft_wrap=True)
