@@ -74,19 +74,17 @@ class RPQConfig(QuantizationConfigMixin):
         }
 
 
-class RPQHfQuantizer(HfQuantizer):
-    """Loads pre-quantized RPQ checkpoints (fitting happens in ``compress rpq``, not in from_pretrained)."""
+class LoaderOnlyQuantizer(HfQuantizer):
+    """A quantizer that only loads: its modules are swapped in before the weights are read (by the
+    subclass), and afterwards every tensor of the modules named by ``loaded_names`` must have arrived."""
 
     requires_calibration = True
-    quantization_config: RPQConfig
 
-    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
-        swap_in_rpq_modules(model, self.quantization_config.layers)
-        skip_dense_initialisation(model, self.quantization_config.layers)
-        drop_converted_ties(model, self.quantization_config.layers)
+    def loaded_names(self) -> Any:
+        raise NotImplementedError
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
-        check_all_loaded(model, self.quantization_config.layers)
+        check_all_loaded(model, self.loaded_names())
 
     def is_serializable(self) -> bool:
         return True
@@ -94,6 +92,20 @@ class RPQHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
+
+
+class RPQHfQuantizer(LoaderOnlyQuantizer):
+    """Loads pre-quantized RPQ checkpoints (fitting happens in ``compress rpq``, not in from_pretrained)."""
+
+    quantization_config: RPQConfig
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        swap_in_rpq_modules(model, self.quantization_config.layers)
+        skip_dense_initialisation(model, self.quantization_config.layers)
+        drop_converted_ties(model, self.quantization_config.layers)
+
+    def loaded_names(self) -> Any:
+        return self.quantization_config.layers
 
 
 def check_all_loaded(model: nn.Module, names: Any) -> None:
@@ -172,9 +184,14 @@ def mark_quantized(model: nn.Module, config: QuantizationConfigMixin, quantizer:
     model.quantization_method = method
 
 
+def register_method(method: str, config_class: type, quantizer_class: type) -> None:
+    """Add a quantization method to transformers' registry (idempotent)."""
+    if method not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(method)(config_class)
+    if method not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(method)(quantizer_class)
+
+
 def register() -> None:
     """Add RPQ to transformers' quantization registry (idempotent)."""
-    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(QUANT_METHOD)(RPQConfig)
-    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-        register_quantizer(QUANT_METHOD)(RPQHfQuantizer)
+    register_method(QUANT_METHOD, RPQConfig, RPQHfQuantizer)

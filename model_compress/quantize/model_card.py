@@ -6,11 +6,14 @@ from .hf_integration import RPQConfig
 from .summary import ConversionSummary, table_rows, totals_lines
 
 
+def markdown_table(header, rows) -> list[str]:
+    """A Markdown table's lines: header, separator, one line per row."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(row) + " |" for row in rows]
+
+
 def render_model_card(config: RPQConfig, summary: ConversionSummary) -> str:
     """Markdown: base model, settings, how to load, the per-type table and totals."""
-    header, rows = table_rows(summary)
-    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    table += ["| " + " | ".join(row) + " |" for row in rows]
+    table = markdown_table(*table_rows(summary))
     fit = config.fit
     settings = [
         f"- base model: `{config.base_model.get('label', 'unknown')}`",

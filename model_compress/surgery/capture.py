@@ -16,7 +16,7 @@ from torch import nn
 
 from ..data import Text
 from ..errors import UserError
-from .blocks import Block, _get, hidden_size
+from .blocks import Block, hidden_size
 
 RECORD_LIMIT = 2 * 1024**3
 MIN_WINDOW = 16  # shorter pieces (a document's tail) teach little; they are skipped
@@ -108,10 +108,10 @@ def record_blocks(
         return hook
 
     for block in blocks:
-        owner = model.get_submodule(block.owner)
         take_input, take_output = keep(block.index, "inputs"), keep(block.index, "outputs")
-        handles.append(_get(owner, block.layout.input).register_forward_pre_hook(lambda m, args, f=take_input: f(args[0])))
-        handles.append(_get(owner, block.layout.output).register_forward_hook(lambda m, args, out, f=take_output: f(out)))
+        first, last = model.get_submodule(block.input_name), model.get_submodule(block.output_name)
+        handles.append(first.register_forward_pre_hook(lambda m, args, f=take_input: f(args[0])))
+        handles.append(last.register_forward_hook(lambda m, args, out, f=take_output: f(out)))
     body = getattr(model, "base_model", model)
     try:
         with torch.inference_mode():

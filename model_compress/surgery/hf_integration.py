@@ -12,16 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from transformers.quantizers import HfQuantizer
-from transformers.quantizers.auto import (
-    AUTO_QUANTIZATION_CONFIG_MAPPING,
-    AUTO_QUANTIZER_MAPPING,
-    register_quantization_config,
-    register_quantizer,
-)
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..quantize.hf_integration import check_all_loaded, mark_quantized, skip_dense_initialisation
+from ..quantize.hf_integration import LoaderOnlyQuantizer, mark_quantized, register_method, skip_dense_initialisation
 from .blocks import LAYOUTS, Block, block_activation, install_tree
 from .fff import FastFeedForward
 
@@ -90,24 +83,16 @@ def swap_in_trees(model: nn.Module, blocks: dict[str, dict[str, Any]]) -> None:
         skip_dense_initialisation(model, [block.replaced_name, *(block.path(part) for part in block.layout.passthrough)])
 
 
-class FFFHfQuantizer(HfQuantizer):
+class FFFHfQuantizer(LoaderOnlyQuantizer):
     """Loads fff-distill checkpoints (the distillation happens in `compress fff-distill`)."""
 
-    requires_calibration = True
     quantization_config: FFFConfig
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         swap_in_trees(model, self.quantization_config.blocks)
 
-    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
-        check_all_loaded(model, self.quantization_config.blocks)
-
-    def is_serializable(self) -> bool:
-        return True
-
-    @property
-    def is_trainable(self) -> bool:
-        return True
+    def loaded_names(self) -> Any:
+        return self.quantization_config.blocks
 
 
 def attach_fff(model: nn.Module, config: FFFConfig) -> None:
@@ -117,12 +102,4 @@ def attach_fff(model: nn.Module, config: FFFConfig) -> None:
 
 def register() -> None:
     """Add FFF to transformers' quantization registry (idempotent)."""
-    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(QUANT_METHOD)(FFFConfig)
-    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-        register_quantizer(QUANT_METHOD)(FFFHfQuantizer)
-
-
-def trees_in(model: nn.Module) -> list[FastFeedForward]:
-    return [module for module in model.modules() if isinstance(module, FastFeedForward)]
-
+    register_method(QUANT_METHOD, FFFConfig, FFFHfQuantizer)

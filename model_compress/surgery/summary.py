@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from ..quantize.model_card import markdown_table
 from .distill import BlockResult
 
 
@@ -98,8 +99,7 @@ def totals_lines(summary: DistillSummary) -> list[str]:
 
 def render_model_card(label: str, settings: dict, summary: DistillSummary) -> str:
     """The checkpoint's README.md: base model, settings, how to load, the per-block table."""
-    header, rows = table_rows(summary)
-    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    table = markdown_table(*table_rows(summary))
     knobs = ", ".join(f"`{key}` {value}" for key, value in settings.items())
     return "\n".join(
         [
