@@ -104,3 +104,36 @@ def test_indices_are_uint8_and_uint16_above_256():
     assert RPQLinear(8, 8, 2, 1024).indices.dtype == torch.uint16
     with pytest.raises(ValueError):
         RPQLinear(8, 9, 2)  # M must divide out_features
+
+
+def test_gpu_dispatch_routes_by_token_count_and_stays_off_on_cpu():
+    from model_compress.quantize import kernels, triton_dispatch
+
+    assert kernels.gpu_kernels(torch.zeros(1)) is None  # CPU tensors always take the torch forms
+    bounds = [chosen.max_tokens for chosen in triton_dispatch.ROUTES]
+    assert bounds == sorted(bounds)
+    for tokens in (1, 2, 5, 17, 100, 10_000):
+        chosen = triton_dispatch.route(tokens)
+        assert tokens <= chosen.max_tokens
+        assert chosen.path in (triton_dispatch.FUSED, triton_dispatch.DECODE)
+        assert chosen.path == triton_dispatch.DECODE or chosen.tile is not None
+
+
+def test_tuned_routes_round_trip_through_a_file(tmp_path, monkeypatch):
+    from model_compress.quantize import triton_dispatch
+
+    tuned = (
+        triton_dispatch.Route(1, triton_dispatch.FUSED, triton_dispatch.TileConfig(1, 8, 512, 2, 4)),
+        triton_dispatch.Route(1 << 62, triton_dispatch.DECODE),
+    )
+    triton_dispatch.save_routes(tuned, tmp_path / "routes.json")
+    monkeypatch.setenv(triton_dispatch.ROUTES_ENV, str(tmp_path / "routes.json"))
+    triton_dispatch.active_routes.cache_clear()
+    try:
+        assert triton_dispatch.active_routes() == tuned
+        assert triton_dispatch.route(1).tile.block_k == 512
+        assert triton_dispatch.route(2).path == triton_dispatch.DECODE
+    finally:
+        monkeypatch.delenv(triton_dispatch.ROUTES_ENV)
+        triton_dispatch.active_routes.cache_clear()
+    assert triton_dispatch.active_routes() == triton_dispatch.ROUTES

@@ -10,7 +10,9 @@ exit of every feed-forward block (dense, RPQ or FFF tree), for their share of th
 
 Decode: ``generate`` (greedy, KV cache on, exactly ``new_tokens`` tokens: no early stop) from a
 short prompt; the time of a 1-token generate (prefill + first token) is subtracted, so tokens/s
-counts only the ``new_tokens - 1`` cached decode steps, for every sequence of the batch.
+counts only the ``new_tokens - 1`` cached decode steps, for every sequence of the batch. On CUDA
+also with one decode step captured in a CUDA graph and replayed (``graph_decode``): the device's
+time per token without the host's, which is what a serving stack gets.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from ..surgery.blocks import timing_spans
+from .graph_decode import graphed_decode
 
 DECODE_PROMPT = 32
 
@@ -50,6 +53,8 @@ class LatencyResult:
     ff_blocks: int = 0
     ff_ms: float | None = None  # time inside the FF blocks during a prefill (hooked run)
     ff_share: float | None = None  # ... over that run's whole forward time
+    graph_decode_tokens_per_s: dict[int, float | None] = field(default_factory=dict)
+    graph_decode_errors: dict[int, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -61,6 +66,8 @@ class LatencyResult:
             "ff_prefill_share": self.ff_share,
             "decode_new_tokens": self.new_tokens,
             "decode_tokens_per_s": {str(batch): value for batch, value in self.decode_tokens_per_s.items()},
+            "graph_decode_tokens_per_s": {str(batch): value for batch, value in self.graph_decode_tokens_per_s.items()},
+            "graph_decode_errors": {str(batch): value for batch, value in self.graph_decode_errors.items()},
             "peak_memory_bytes": self.peak_memory,
         }
 
@@ -154,6 +161,12 @@ def measure(
             first = median_ms(lambda: _generate(model, prompt, 1), device, settings.warmup, settings.repeats)
         result.decode_tokens_per_s[batch] = batch * (new_tokens - 1) / max(full - first, 1e-6) * 1e3
         result.peak_memory[f"decode_batch_{batch}"] = peak.peak
+        if device.type == "cuda":
+            graphed = graphed_decode(model, prompt, new_tokens, settings.repeats)
+            result.graph_decode_tokens_per_s[batch] = graphed.tokens_per_s
+            result.peak_memory[f"graph_decode_batch_{batch}"] = graphed.peak_memory
+            if graphed.error:
+                result.graph_decode_errors[batch] = graphed.error
         on_step(f"decode batch {batch}")
     return result
 

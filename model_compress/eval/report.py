@@ -58,10 +58,13 @@ _ROW_SPECS = [
     ("FF blocks' share of prefill", "%", "lower", ("latency", "ff_share")),
     ("decode, batch 1", "tok/s", "higher", ("latency", "decode", 1)),
     ("decode, batch 16", "tok/s", "higher", ("latency", "decode", 16)),
+    ("decode, batch 1, CUDA graph", "tok/s", "higher", ("latency", "graph_decode", 1)),
+    ("decode, batch 16, CUDA graph", "tok/s", "higher", ("latency", "graph_decode", 16)),
     ("peak memory, quality pass", "MB", "lower", ("quality", "peak_memory_bytes")),
     ("peak memory, prefill", "MB", "lower", ("latency", "peak", "prefill")),
     ("peak memory, decode batch 1", "MB", "lower", ("latency", "peak", "decode_batch_1")),
     ("peak memory, decode batch 16", "MB", "lower", ("latency", "peak", "decode_batch_16")),
+    ("peak memory, graphed decode batch 1", "MB", "lower", ("latency", "peak", "graph_decode_batch_1")),
     ("weights in memory", "MB", "lower", ("weight_bytes",)),
     ("bits per weight (in memory)", "", "lower", ("bits_per_weight",)),
     ("weights on disk", "MB", "lower", ("disk_bytes",)),
@@ -86,6 +89,8 @@ def _figure(measurement: Measurement | None, key: tuple) -> float | None:
             return None if latency.ff_share is None else 100 * latency.ff_share
         if key[1] == "decode":
             return latency.decode_tokens_per_s.get(key[2])
+        if key[1] == "graph_decode":
+            return latency.graph_decode_tokens_per_s.get(key[2])
         value = latency.peak_memory.get(key[2])
         return value / MB if value is not None else None
     if key[0] == "bits_per_weight":

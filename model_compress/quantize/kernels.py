@@ -9,16 +9,22 @@ The reference decodes the weight and calls ``F.linear``. The faster forms never 
 * Tied head (logits against an RPQ embedding table): ``x_h @ codebooks[h]^T`` scores every code of
   codebook h once; each vocabulary row then sums the scores of its M codes.
 
-Which form a layer takes is chosen by shape (``choose_*`` below); the GPU kernels of a later issue
-plug in here with their own measured dispatch.
+On CUDA with Triton installed, the same three entry points run the Triton kernels of
+``triton_kernels`` instead, routed by token count through the table in ``triton_dispatch`` that
+was measured on the device. Everything else (CPU, no Triton, ``MODEL_COMPRESS_TRITON=0``) takes the
+torch forms here, which are also what the kernels are tested against.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import triton_dispatch
 from .layout import EMBEDDING, LINEAR, decode, lookup
 
 # The histogram form costs about tokens * M * in scatter-adds, decoding the weight about out * in
@@ -27,6 +33,25 @@ from .layout import EMBEDDING, LINEAR, decode, lookup
 HISTOGRAM_TOKENS_PER_PIECE = 2
 # The tied head's per-code gather holds an (M, tokens, vocab) temporary: keep it under this size.
 TIED_HEAD_GATHER_BYTES = 64 * 1024 * 1024
+
+
+@functools.cache
+def _triton_kernels():
+    """The Triton module, or None where Triton is missing or switched off (``MODEL_COMPRESS_TRITON=0``)."""
+    if os.environ.get("MODEL_COMPRESS_TRITON", "1") == "0":
+        return None
+    try:
+        from . import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+def gpu_kernels(tensor: Tensor):
+    """The Triton kernels module when ``tensor`` is on CUDA and Triton can run, else None."""
+    if tensor.device.type != "cuda":
+        return None
+    return _triton_kernels()
 
 
 def linear_reference(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None) -> Tensor:
@@ -53,8 +78,14 @@ def linear_histogram(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor
 
 
 def linear_forward(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None) -> Tensor:
-    """RPQ Linear forward, choosing the histogram form for few tokens and decode + GEMM otherwise."""
+    """RPQ Linear forward: the routed Triton path on CUDA; else the histogram form for few tokens, decode + GEMM otherwise."""
     tokens = x.numel() // indices.shape[1]
+    triton_kernels = gpu_kernels(x)
+    if triton_kernels is not None:
+        chosen = triton_dispatch.route(tokens)
+        if chosen.path == triton_dispatch.FUSED:
+            return triton_kernels.linear_fused(x, codebooks, indices, bias, chosen.tile)
+        return triton_kernels.linear_decode(x, codebooks, indices, bias)
     if tokens <= HISTOGRAM_TOKENS_PER_PIECE * codebooks.shape[2]:
         return linear_histogram(x, codebooks, indices, bias)
     return linear_reference(x, codebooks, indices, bias)
@@ -62,6 +93,9 @@ def linear_forward(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor |
 
 def embedding_forward(ids: Tensor, codebooks: Tensor, indices: Tensor) -> Tensor:
     """Rows ``ids`` of the table, decoding only those rows."""
+    triton_kernels = gpu_kernels(codebooks)
+    if triton_kernels is not None:
+        return triton_kernels.embedding(ids, codebooks, indices)
     num_codebooks, _, piece = codebooks.shape
     pieces = lookup(codebooks, indices[:, ids.reshape(-1)])  # (M, tokens, D)
     return pieces.transpose(0, 1).reshape(*ids.shape, num_codebooks * piece)
@@ -88,6 +122,11 @@ def tied_head_forward(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tenso
     """Tied LM head: per-code scores while their temporary is small, decode + GEMM otherwise."""
     num_codebooks = codebooks.shape[0]
     tokens = x.numel() // (num_codebooks * codebooks.shape[2])
+    triton_kernels = gpu_kernels(x)
+    if triton_kernels is not None:
+        if tokens <= triton_dispatch.TIED_HEAD_SCORE_TOKENS:
+            return triton_kernels.tied_head_scores(x, codebooks, indices, bias)
+        return triton_kernels.tied_head_decode(x, codebooks, indices, bias, triton_dispatch.DECODE_CHUNK_BYTES)
     if num_codebooks * tokens * indices.shape[1] * 4 <= TIED_HEAD_GATHER_BYTES:
         return tied_head_scores(x, codebooks, indices, bias)
     return tied_head_reference(x, codebooks, indices, bias)

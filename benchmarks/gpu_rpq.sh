@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue 5 on the lent GPU, in three calls made back to back (the machine keeps /tmp while it stays warm):
+#   run(command="STAGE=kernels bash benchmarks/gpu_rpq.sh", carry=[".device/evalA"])  # Triton tests, kernel tuning (+ stores GGUF part a)
+#   run(command="STAGE=opt bash benchmarks/gpu_rpq.sh")                                # opt-1.3b architecture: rpq, eval, profile
+#   run(command="STAGE=smol bash benchmarks/gpu_rpq.sh", carry=[".device/evalB"])     # SmolLM2-135M (GGUF part b + wheels): rpq, eval, profile
+# The tuned routes of the first call (/tmp/rpq_routes.json) are what the later calls use.
+# benchmarks/README.md says how the GGUF parts and wheels are made. Logs and JSON go to $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-rpq}
+mkdir -p "$OUT" /tmp/smol
+export PYTHONPATH="$PWD:$PWD/benchmarks:/tmp/site" PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1
+ROUTES=/tmp/rpq_routes.json
+GGUF=/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
+[ -f "$ROUTES" ] && export MODEL_COMPRESS_RPQ_ROUTES=$ROUTES
+
+case "${STAGE:?set STAGE to kernels, opt or smol}" in
+kernels)
+  [ -f .device/evalA/smol.part-a ] && cp .device/evalA/smol.part-a /tmp/smol/
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/device.txt"
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
+  echo "== Triton kernel tests (code routes), graph-decode and CUDA tests"
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_graph_decode.py tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15
+  echo "== tuning"
+  timeout 360 python3 benchmarks/rpq_kernels.py --tune --save-routes "$ROUTES" --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
+  cp "$ROUTES" "$OUT/" 2>/dev/null
+  ;;
+opt)
+  [ -f "$ROUTES" ] && MODEL_COMPRESS_RPQ_ROUTES=$ROUTES timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+    -k "fused or routed or capturable or whole_model" 2>&1 | tee "$OUT/tests_tuned.log" | tail -4
+  python3 benchmarks/rpq_decode.py opt-1.3b --name opt-1.3b --workdir /tmp/w --out "$OUT" --repeats 2 --profile 2>&1 | tee "$OUT/opt.log" | tail -60
+  ;;
+smol)
+  [ -f /tmp/smol/smol.part-a ] || { echo "error: /tmp/smol/smol.part-a is missing (machine given back); start again" >&2; exit 2; }
+  cat /tmp/smol/smol.part-a .device/evalB/smol.part-b > "$GGUF"
+  echo "$(cat .device/evalB/smol.sha256)  $GGUF" | sha256sum -c || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/evalB/*.whl || exit 1
+  python3 benchmarks/rpq_decode.py "$GGUF" --name smollm2-135m --workdir /tmp/w --out "$OUT" --repeats 2 --profile 2>&1 | tee "$OUT/smol.log" | tail -60
+  ;;
+esac

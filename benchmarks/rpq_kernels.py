@@ -1,0 +1,205 @@
+"""One RPQ Linear against the dense layer on the GPU, per token count: tunes the dispatch and reports ratios.
+
+    python benchmarks/rpq_kernels.py [--tune] [--json FILE] [--codebooks 32] [--dtype float16]
+
+Shapes are opt-1.3b's (2048->2048, 2048->8192, 8192->2048). Every figure is the device time of one
+call inside a CUDA graph that calls many copies of the layer, each with its own weights, so that
+neither launch gaps of the host nor the 50 MB L2 (which would hold one dense weight) flatter
+anyone: the copies together are several times the L2. Dense = ``F.linear`` on an fp16 weight
+(cuBLAS), the original layer.
+
+``--tune`` times every candidate tile of the fused kernel (and the decode + cuBLAS path) per token
+bucket, picks the route with the lowest mean ratio to dense over the three shapes, prints it in
+the form of ``triton_dispatch.ROUTES``, and uses it for the report that follows. Without it the
+routes in the code are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+
+from model_compress.quantize import kernels, triton_dispatch, triton_kernels
+from model_compress.quantize.triton_dispatch import DECODE, FUSED, Route, TileConfig
+
+SHAPES = [(2048, 2048), (2048, 8192), (8192, 2048)]
+TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+ROTATION_BYTES = 256 * 1024 * 1024  # all copies of a layer together: five times the H100's L2
+TARGETS = {1: 0.5, 16: 1.0, 512: 1.3}
+
+# Buckets (upper token bound, token counts timed for it, candidate tiles; DECODE where it is a candidate).
+def _tiles(block_ms, block_ns, block_ks, warps, stages) -> list[TileConfig]:
+    return [
+        TileConfig(m, n, k, w, s) for m in block_ms for n in block_ns for k in block_ks for w in warps for s in stages
+    ]
+
+
+BUCKETS = [
+    (1, [1], _tiles([1], [8, 16, 32], [128, 256, 512], [2, 4], [2, 4])),
+    (4, [2, 4], _tiles([4], [8, 16, 32], [64, 128, 256], [2, 4], [3])),
+    (16, [8, 16], _tiles([16], [16, 32, 64], [64, 128, 256], [4], [2, 3, 4])),
+    (64, [32, 64], _tiles([32, 64], [32, 64, 128], [64, 128], [4], [3])),
+    (1 << 62, [128, 512], _tiles([64, 128], [64, 128], [32, 64], [4, 8], [3, 4]) + [DECODE]),
+]
+
+
+def graph_us(calls: list, replays: int = 10) -> float:
+    """Device microseconds per call: all ``calls`` captured in one CUDA graph, replayed, median of 5."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (replays * len(calls)))
+    del graph
+    return statistics.median(times)
+
+
+class Layers:
+    """Enough copies of one shape, dense and RPQ, to overflow the L2 many times over."""
+
+    def __init__(self, in_features: int, out_features: int, num_codebooks: int, dtype: torch.dtype) -> None:
+        piece = out_features // num_codebooks
+        dense_bytes = in_features * out_features * 2
+        self.rpq_bytes = num_codebooks * 256 * piece * 2 + num_codebooks * in_features
+        self.dense_bytes = dense_bytes
+        self.dense = [
+            torch.randn(out_features, in_features, device="cuda", dtype=dtype) * 0.02
+            for _ in range(max(4, ROTATION_BYTES // dense_bytes))
+        ]
+        self.rpq = [
+            (
+                torch.randn(num_codebooks, 256, piece, device="cuda", dtype=dtype) * 0.02,
+                torch.randint(0, 256, (num_codebooks, in_features), device="cuda", dtype=torch.uint8),
+            )
+            for _ in range(max(4, ROTATION_BYTES // self.rpq_bytes))
+        ]
+        self.in_features = in_features
+        self.dtype = dtype
+
+    def input(self, tokens: int) -> torch.Tensor:
+        return torch.randn(tokens, self.in_features, device="cuda", dtype=self.dtype)
+
+    def dense_us(self, tokens: int) -> float:
+        x = self.input(tokens)
+        return graph_us([lambda w=w: F.linear(x, w) for w in self.dense])
+
+    def rpq_us(self, tokens: int, how) -> float:
+        """``how``: a TileConfig (fused kernel), DECODE, or None (the routed forward)."""
+        x = self.input(tokens)
+        if how is None:
+            forward = lambda cb, idx: kernels.linear_forward(x, cb, idx, None)  # noqa: E731
+        elif how == DECODE:
+            forward = lambda cb, idx: triton_kernels.linear_decode(x, cb, idx, None)  # noqa: E731
+        else:
+            forward = lambda cb, idx: triton_kernels.linear_fused(x, cb, idx, None, how)  # noqa: E731
+        return graph_us([lambda cb=cb, idx=idx: forward(cb, idx) for cb, idx in self.rpq])
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 1 GiB: bytes read plus bytes written per second."""
+    source = torch.empty(1 << 29, device="cuda", dtype=torch.float16)
+    target = torch.empty_like(source)
+    us = graph_us([lambda: target.copy_(source)], replays=5)
+    return 2 * source.numel() * 2 / (us * 1e-6)
+
+
+def tune(layers: dict, dense: dict) -> tuple[Route, ...]:
+    """The best candidate per bucket: lowest mean ratio to dense over the shapes and the bucket's token counts."""
+    routes = []
+    for bound, token_counts, candidates in BUCKETS:
+        scored = []
+        for candidate in candidates:
+            try:
+                ratios = [
+                    layers[shape].rpq_us(tokens, candidate) / dense[shape, tokens] for shape in SHAPES for tokens in token_counts
+                ]
+            except Exception as error:  # a tile that does not compile (too many registers / shared memory)
+                print(f"  skip {candidate}: {str(error).splitlines()[0][:100]}")
+                continue
+            scored.append((math.exp(statistics.fmean(math.log(r) for r in ratios)), candidate))
+        scored.sort(key=lambda pair: pair[0])
+        best_ratio, best = scored[0]
+        label = best if best == DECODE else best.describe()
+        print(f"bucket <= {bound} tokens: best {label}, mean ratio {best_ratio:.3f}; next "
+              + ", ".join(f"{(c if c == DECODE else c.describe())} {r:.3f}" for r, c in scored[1:4]))
+        routes.append(Route(bound, DECODE) if best == DECODE else Route(bound, FUSED, best))
+    return tuple(routes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tune", action="store_true")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--save-routes", default=None, help="with --tune: write the tuned routes here (MODEL_COMPRESS_RPQ_ROUTES reads them)")
+    parser.add_argument("--codebooks", type=int, default=32)
+    parser.add_argument("--dtype", default="float16")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    print(f"device {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MB, torch {torch.__version__}")
+    bandwidth = copy_bandwidth()
+    print(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s (read + write)")
+
+    layers = {shape: Layers(*shape, args.codebooks, dtype) for shape in SHAPES}
+    dense = {(shape, tokens): layers[shape].dense_us(tokens) for shape in SHAPES for tokens in TOKENS}
+    if args.tune:
+        routes = tune(layers, dense)
+        print("ROUTES = (")
+        for chosen in routes:
+            tile = "" if chosen.tile is None else f", TileConfig({chosen.tile.block_m}, {chosen.tile.block_n}, {chosen.tile.block_k}, num_warps={chosen.tile.num_warps}, num_stages={chosen.tile.num_stages})"
+            print(f"    Route({chosen.max_tokens if chosen.max_tokens < 1 << 62 else '1 << 62'}, {chosen.path.upper()}{tile}),")
+        print(")")
+        if args.save_routes:
+            triton_dispatch.save_routes(routes, args.save_routes)
+        triton_dispatch.active_routes.cache_clear()
+        triton_dispatch.ROUTES = routes  # the report below uses the tuned routes
+
+    rows = []
+    print(f"\n{'in->out':>11} {'tokens':>6} {'route':>22} {'dense us':>9} {'rpq us':>8} {'rpq/dense':>9} {'target':>6}")
+    for shape in SHAPES:
+        for tokens in TOKENS:
+            rpq = layers[shape].rpq_us(tokens, None)
+            chosen = triton_dispatch.route(tokens)
+            route_name = "decode+cuBLAS" if chosen.path == DECODE else chosen.tile.describe()
+            ratio = rpq / dense[shape, tokens]
+            target = TARGETS.get(tokens)
+            row = {"in": shape[0], "out": shape[1], "tokens": tokens, "route": route_name, "dense_us": dense[shape, tokens],
+                   "rpq_us": rpq, "ratio": ratio, "target": target}
+            if tokens == 1:
+                row["rpq_bandwidth_fraction"] = layers[shape].rpq_bytes / (rpq * 1e-6) / bandwidth
+                row["dense_bandwidth_fraction"] = layers[shape].dense_bytes / (dense[shape, tokens] * 1e-6) / bandwidth
+            rows.append(row)
+            mark = "" if target is None else (f"<={target}" + (" ok" if ratio <= target else " MISS"))
+            print(f"{shape[0]:>5}->{shape[1]:<5} {tokens:>6} {route_name:>22} {dense[shape, tokens]:9.2f} {rpq:8.2f} {ratio:9.3f} {mark:>6}")
+    for row in rows:
+        if row["tokens"] == 1:
+            print(f"batch 1 {row['in']}->{row['out']}: RPQ reads {layers[(row['in'], row['out'])].rpq_bytes / 1e6:.2f} MB at "
+                  f"{row['rpq_bandwidth_fraction']:.1%} of copy bandwidth; dense reads "
+                  f"{layers[(row['in'], row['out'])].dense_bytes / 1e6:.1f} MB at {row['dense_bandwidth_fraction']:.1%}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": props.name, "torch": torch.__version__, "copy_bandwidth": bandwidth, "codebooks": args.codebooks,
+                       "dtype": args.dtype, "routes": [asdict(r) for r in triton_dispatch.active_routes()], "rows": rows}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Which GPU path and tile sizes an RPQ call takes, by token count: a table measured on the device.
+
+The numbers come from ``benchmarks/rpq_kernels.py --tune`` on an H100 (benchmarks/RESULTS.md,
+"RPQ GPU kernels"): for each token bucket it timed every candidate tile on the opt-1.3b shapes
+(2048->2048, 2048->8192, 8192->2048, fp16, M=32, K=256) and the decode + cuBLAS path, and kept
+the one with the lowest mean ratio to the dense layer. Plain data, so that it imports without Triton.
+
+Another GPU may want other tiles: ``rpq_kernels.py --tune --save-routes FILE`` measures them there,
+and ``MODEL_COMPRESS_RPQ_ROUTES=FILE`` makes every RPQ layer use them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+FUSED = "fused"
+DECODE = "decode"
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One launch shape of the fused kernel."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @property
+    def use_dot(self) -> bool:
+        """Tensor cores need 16 rows; fewer tokens take the broadcast multiply-sum."""
+        return self.block_m >= 16
+
+    def describe(self) -> str:
+        return f"m{self.block_m} n{self.block_n} k{self.block_k} w{self.num_warps} s{self.num_stages}"
+
+
+@dataclass(frozen=True)
+class Route:
+    """The path for calls of up to ``max_tokens`` tokens."""
+
+    max_tokens: int
+    path: str
+    tile: TileConfig | None = None
+
+
+# Upper token bounds with their route; the last bound catches everything larger.
+ROUTES: tuple[Route, ...] = (
+    Route(1, FUSED, TileConfig(1, 16, 256, num_warps=4, num_stages=3)),
+    Route(4, FUSED, TileConfig(4, 16, 128, num_warps=4, num_stages=3)),
+    Route(16, FUSED, TileConfig(16, 32, 128, num_warps=4, num_stages=3)),
+    Route(64, FUSED, TileConfig(64, 64, 64, num_warps=4, num_stages=3)),
+    Route(1 << 62, DECODE),
+)
+
+# Tied LM head: the per-code score kernel up to this many tokens, then decode the table in chunks + cuBLAS.
+TIED_HEAD_SCORE_TOKENS = 16
+# Rows of the table decoded per chunk on the decode path keep the workspace under this size.
+DECODE_CHUNK_BYTES = 32 * 1024 * 1024
+
+
+ROUTES_ENV = "MODEL_COMPRESS_RPQ_ROUTES"
+
+
+def save_routes(routes: tuple[Route, ...], path: str | Path) -> None:
+    """Write routes as JSON (what ``--save-routes`` produces and ``MODEL_COMPRESS_RPQ_ROUTES`` reads)."""
+    Path(path).write_text(json.dumps([asdict(chosen) for chosen in routes], indent=1))
+
+
+def load_routes(path: str | Path) -> tuple[Route, ...]:
+    """Routes from a JSON file written by :func:`save_routes`."""
+    entries = json.loads(Path(path).read_text())
+    return tuple(
+        Route(entry["max_tokens"], entry["path"], TileConfig(**entry["tile"]) if entry.get("tile") else None) for entry in entries
+    )
+
+
+@functools.cache
+def active_routes() -> tuple[Route, ...]:
+    """The measured table, or the file that ``MODEL_COMPRESS_RPQ_ROUTES`` names."""
+    path = os.environ.get(ROUTES_ENV)
+    return load_routes(path) if path else ROUTES
+
+
+def route(tokens: int, routes: tuple[Route, ...] | None = None) -> Route:
+    """The route for a call with ``tokens`` rows."""
+    routes = routes or active_routes()
+    for candidate in routes:
+        if tokens <= candidate.max_tokens:
+            return candidate
+    return routes[-1]

@@ -1,0 +1,333 @@
+"""Triton kernels for the RPQ forward on CUDA: the weight is decoded tile by tile in registers, never whole.
+
+Linear (``W[h*D + d, c] = codebooks[h, indices[h, c], d]``): one kernel for every batch size. A
+program owns a (tokens x outputs) tile of ``y``; for each slice of inputs it reads the slice's codes,
+gathers the matching codebook rows (a few KB per codebook, so they come from L1/L2, not memory),
+and multiplies them with ``x``: with tensor cores (``tl.dot``) from 16 tokens on, as a broadcast
+multiply-sum below. Memory traffic is the codes plus each codebook once, about an eighth of the
+dense weight at the default M=32, K=256. ``linear_decode`` is the other large-batch path: decode
+``W^T`` into a reused workspace with one kernel, then cuBLAS.
+
+Embedding: one gather kernel for the rows asked for. Tied LM head: ``x_h @ codebooks[h]^T`` scores
+the K codes of every codebook (one bmm), then a kernel sums, for each vocabulary row, the scores of
+its M codes: the table is never decoded.
+
+Everything here is launch-only: no host syncs, no host-visible allocation besides the outputs (and
+the workspace, made once per device and dtype), so a model using these kernels can be captured in
+a CUDA graph. Which path and which tile sizes a call takes is decided in ``triton_dispatch``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_dispatch import TileConfig
+
+
+@triton.jit
+def _rpq_linear_kernel(
+    x_ptr,
+    codes_ptr,
+    codebooks_ptr,
+    bias_ptr,
+    out_ptr,
+    tokens,
+    in_features,
+    out_features,
+    stride_x,
+    stride_out,
+    CODEBOOK_SIZE: tl.constexpr,
+    PIECE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ONE_CODEBOOK: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < tokens
+    mask_n = offs_n < out_features
+    if ONE_CODEBOOK:
+        # The tile lies inside one codebook h: one code per input column, contiguous codebook rows.
+        first = pid_n * BLOCK_N
+        head = first // PIECE
+        code_row = codes_ptr + head * in_features
+        row_base = codebooks_ptr + head * CODEBOOK_SIZE * PIECE + (first - head * PIECE) + tl.arange(0, BLOCK_N)
+    else:
+        # Outputs of several codebooks (short pieces): one code per (input, output) pair.
+        heads = offs_n // PIECE
+        pieces = offs_n - heads * PIECE
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, in_features, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < in_features
+        x_ptrs = x_ptr + offs_m[:, None] * stride_x + offs_k[None, :]
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+        else:
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if ONE_CODEBOOK:
+            if EVEN_K:
+                codes = tl.load(code_row + offs_k).to(tl.int32)
+                w = tl.load(row_base[None, :] + codes[:, None] * PIECE)
+            else:
+                codes = tl.load(code_row + offs_k, mask=mask_k, other=0).to(tl.int32)
+                w = tl.load(row_base[None, :] + codes[:, None] * PIECE, mask=mask_k[:, None], other=0.0)
+        else:
+            mask_kn = mask_k[:, None] & mask_n[None, :]
+            codes = tl.load(codes_ptr + heads[None, :] * in_features + offs_k[:, None], mask=mask_kn, other=0).to(tl.int32)
+            w = tl.load(
+                codebooks_ptr + (heads[None, :] * CODEBOOK_SIZE + codes) * PIECE + pieces[None, :], mask=mask_kn, other=0.0
+            )
+        if USE_DOT and DOT_IEEE:
+            acc = tl.dot(x, w, acc, input_precision="ieee")
+        elif USE_DOT:
+            acc = tl.dot(x, w, acc)
+        else:
+            acc += tl.sum(x[:, :, None].to(tl.float32) * w[None, :, :].to(tl.float32), axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_out + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _rpq_decode_transposed_kernel(
+    codes_ptr,
+    codebooks_ptr,
+    out_ptr,
+    in_features,
+    out_features,
+    CODEBOOK_SIZE: tl.constexpr,
+    PIECE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """W^T (in, out): row c, column h*D + d is codebooks[h, indices[h, c], d]."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_c < in_features)[:, None] & (offs_n < out_features)[None, :]
+    heads = offs_n // PIECE
+    pieces = offs_n - heads * PIECE
+    codes = tl.load(codes_ptr + heads[None, :] * in_features + offs_c[:, None], mask=mask, other=0).to(tl.int32)
+    w = tl.load(codebooks_ptr + (heads[None, :] * CODEBOOK_SIZE + codes) * PIECE + pieces[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + offs_c[:, None] * out_features + offs_n[None, :], w, mask=mask)
+
+
+@triton.jit
+def _rpq_embedding_kernel(
+    ids_ptr,
+    codes_ptr,
+    codebooks_ptr,
+    out_ptr,
+    rows,
+    num_embeddings,
+    dim,
+    CODEBOOK_SIZE: tl.constexpr,
+    PIECE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out[t, h*D + d] = codebooks[h, indices[h, ids[t]], d]: only the rows asked for are decoded."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_t < rows)[:, None] & (offs_n < dim)[None, :]
+    ids = tl.load(ids_ptr + offs_t, mask=offs_t < rows, other=0).to(tl.int64)
+    heads = offs_n // PIECE
+    pieces = offs_n - heads * PIECE
+    codes = tl.load(codes_ptr + heads[None, :].to(tl.int64) * num_embeddings + ids[:, None], mask=mask, other=0).to(tl.int32)
+    w = tl.load(codebooks_ptr + (heads[None, :] * CODEBOOK_SIZE + codes) * PIECE + pieces[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + offs_t[:, None] * dim + offs_n[None, :], w, mask=mask)
+
+
+@triton.jit
+def _rpq_tied_head_kernel(
+    scores_ptr,
+    codes_ptr,
+    bias_ptr,
+    out_ptr,
+    tokens,
+    vocab,
+    NUM_CODEBOOKS: tl.constexpr,
+    CODEBOOK_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """logits[t, v] = sum_h scores[h, t, indices[h, v]]: the M codes of row v, scored once per token."""
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_t = offs_t < tokens
+    mask_v = offs_v < vocab
+    acc = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
+    for head in range(NUM_CODEBOOKS):
+        codes = tl.load(codes_ptr + head * vocab + offs_v, mask=mask_v, other=0).to(tl.int32)
+        row = scores_ptr + (head * tokens + offs_t[:, None]) * CODEBOOK_SIZE
+        acc += tl.load(row + codes[None, :], mask=mask_t[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_t[:, None] * vocab + offs_v[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_v[None, :])
+
+
+def _rows(x: Tensor, width: int) -> Tensor:
+    """x as a (tokens, width) matrix with unit stride along the row (a copy only if it has to be)."""
+    rows = x.reshape(-1, width)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def linear_fused(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None, config: TileConfig) -> Tensor:
+    """y = x W^T + b, decoding W tile by tile inside the matmul."""
+    num_codebooks, codebook_size, piece = codebooks.shape
+    in_features = indices.shape[1]
+    out_features = num_codebooks * piece
+    rows = _rows(x.to(codebooks.dtype), in_features)
+    tokens = rows.shape[0]
+    out = torch.empty(tokens, out_features, device=x.device, dtype=x.dtype)
+    if tokens:
+        grid = (triton.cdiv(out_features, config.block_n), triton.cdiv(tokens, config.block_m))
+        _rpq_linear_kernel[grid](
+            rows,
+            indices,
+            codebooks,
+            bias if bias is not None else codebooks,
+            out,
+            tokens,
+            in_features,
+            out_features,
+            rows.stride(0),
+            out.stride(0),
+            CODEBOOK_SIZE=codebook_size,
+            PIECE=piece,
+            HAS_BIAS=bias is not None,
+            ONE_CODEBOOK=piece % config.block_n == 0,
+            USE_DOT=config.use_dot,
+            EVEN_K=in_features % config.block_k == 0,
+            DOT_IEEE=codebooks.dtype == torch.float32,  # float32 stays float32 (no TF32), as in the reference
+            BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+_WORKSPACES: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def workspace(numel: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A flat buffer of at least ``numel`` elements, shared by every layer on this device and dtype.
+
+    Layers run one after another on one stream, so one buffer serves them all; it grows to the
+    largest layer on the first (warm-up) pass and is then reused, so nothing is allocated per call.
+    """
+    key = (device, dtype)
+    buffer = _WORKSPACES.get(key)
+    if buffer is None or buffer.numel() < numel:
+        _WORKSPACES[key] = buffer = torch.empty(numel, device=device, dtype=dtype)
+    return buffer[:numel]
+
+
+def decode_transposed(codebooks: Tensor, indices: Tensor, out: Tensor) -> Tensor:
+    """Write W^T (in, out) into ``out`` with one kernel."""
+    num_codebooks, codebook_size, piece = codebooks.shape
+    in_features = indices.shape[1]
+    out_features = num_codebooks * piece
+    block_c, block_n = 32, 64
+    grid = (triton.cdiv(in_features, block_c), triton.cdiv(out_features, block_n))
+    _rpq_decode_transposed_kernel[grid](
+        indices, codebooks, out, in_features, out_features, CODEBOOK_SIZE=codebook_size, PIECE=piece, BLOCK_C=block_c, BLOCK_N=block_n
+    )
+    return out
+
+
+def linear_decode(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None) -> Tensor:
+    """Decode W^T into the shared workspace, then one cuBLAS matmul (the large-batch alternative)."""
+    num_codebooks, _, piece = codebooks.shape
+    in_features = indices.shape[1]
+    out_features = num_codebooks * piece
+    weight_t = decode_transposed(
+        codebooks, indices, workspace(in_features * out_features, x.device, codebooks.dtype).view(in_features, out_features)
+    )
+    rows = x.reshape(-1, in_features).to(codebooks.dtype)
+    out = torch.addmm(bias.to(rows.dtype), rows, weight_t) if bias is not None else rows @ weight_t
+    return out.reshape(*x.shape[:-1], out_features).to(x.dtype)
+
+
+def _embedding_into(flat_ids: Tensor, codebooks: Tensor, indices: Tensor, out: Tensor) -> Tensor:
+    """Decode rows ``flat_ids`` (1-D) of the table into ``out`` (rows, dim), one kernel."""
+    num_codebooks, codebook_size, piece = codebooks.shape
+    dim = num_codebooks * piece
+    rows = flat_ids.numel()
+    if rows:
+        block_t, block_n = 16, 128
+        grid = (triton.cdiv(rows, block_t), triton.cdiv(dim, block_n))
+        _rpq_embedding_kernel[grid](
+            flat_ids, indices, codebooks, out, rows, indices.shape[1], dim, CODEBOOK_SIZE=codebook_size, PIECE=piece, BLOCK_T=block_t, BLOCK_N=block_n
+        )
+    return out
+
+
+def embedding(ids: Tensor, codebooks: Tensor, indices: Tensor) -> Tensor:
+    """Rows ``ids`` of the RPQ table (E[c, h*D + d] = codebooks[h, indices[h, c], d]); the rest is never decoded."""
+    dim = codebooks.shape[0] * codebooks.shape[2]
+    flat_ids = ids.reshape(-1)
+    out = torch.empty(flat_ids.numel(), dim, device=codebooks.device, dtype=codebooks.dtype)
+    return _embedding_into(flat_ids, codebooks, indices, out).reshape(*ids.shape, dim)
+
+
+def tied_head_scores(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None) -> Tensor:
+    """Logits against an RPQ embedding table: one bmm scores every code, one kernel sums each row's M scores."""
+    num_codebooks, codebook_size, piece = codebooks.shape
+    vocab = indices.shape[1]
+    rows = x.reshape(-1, num_codebooks, piece).transpose(0, 1)  # (M, tokens, D)
+    scores = torch.bmm(rows.to(codebooks.dtype), codebooks.transpose(1, 2))  # (M, tokens, K)
+    tokens = scores.shape[1]
+    out = torch.empty(tokens, vocab, device=x.device, dtype=x.dtype)
+    if tokens:
+        block_t, block_v = (1, 512) if tokens == 1 else (16, 128)
+        grid = (triton.cdiv(vocab, block_v), triton.cdiv(tokens, block_t))
+        _rpq_tied_head_kernel[grid](
+            scores,
+            indices,
+            bias if bias is not None else scores,
+            out,
+            tokens,
+            vocab,
+            NUM_CODEBOOKS=num_codebooks,
+            CODEBOOK_SIZE=codebook_size,
+            HAS_BIAS=bias is not None,
+            BLOCK_T=block_t,
+            BLOCK_V=block_v,
+        )
+    return out.reshape(*x.shape[:-1], vocab)
+
+
+def tied_head_decode(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None, chunk_bytes: int) -> Tensor:
+    """Logits for many tokens: decode the table a chunk of rows at a time into the workspace, cuBLAS each chunk."""
+    num_codebooks, _, piece = codebooks.shape
+    dim = num_codebooks * piece
+    vocab = indices.shape[1]
+    rows = x.reshape(-1, dim).to(codebooks.dtype)
+    out = torch.empty(rows.shape[0], vocab, device=x.device, dtype=x.dtype)
+    chunk = max(1, min(vocab, chunk_bytes // (dim * codebooks.element_size())))
+    table = workspace(chunk * dim, x.device, codebooks.dtype).view(chunk, dim)
+    all_ids = torch.arange(vocab, device=x.device)
+    for start in range(0, vocab, chunk):
+        ids = all_ids[start : start + chunk]
+        part = table[: ids.numel()]
+        _embedding_into(ids, codebooks, indices, part)
+        logits = rows @ part.T
+        if bias is not None:
+            logits += bias[start : start + ids.numel()]
+        out[:, start : start + ids.numel()] = logits
+    return out.reshape(*x.shape[:-1], vocab)

@@ -1,0 +1,48 @@
+"""The capturable decode step: same tokens as generate, and no host sync inside it (checked on the CPU)."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from model_compress.eval.graph_decode import DecodeStep
+from tests.conftest import tiny_model
+
+HOST_SYNCS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+
+
+class FailOnHostSync(TorchDispatchMode):
+    """Raise where an op would make a CUDA stream wait for the host (``.item()``, ``bool(t)``, ``nonzero``)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in HOST_SYNCS:
+            raise AssertionError(f"host sync inside the decode step: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_decode_step_matches_generate_without_host_syncs(arch: str) -> None:
+    model = tiny_model(arch).eval()
+    torch.manual_seed(1)
+    prompt = torch.randint(3, model.config.vocab_size, (2, 6))
+    steps = 5
+    with torch.inference_mode():
+        expected = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0
+        )[:, prompt.shape[1] :]
+        step = DecodeStep(model, prompt, steps)
+        step.prefill()
+        produced = [step.token.clone()]
+        # transformers takes its capture-safe branches while a CUDA stream is capturing: pretend one is.
+        with mock.patch("torch.cuda.is_current_stream_capturing", return_value=True), FailOnHostSync():
+            for _ in range(steps - 1):
+                produced.append(step().clone())
+    assert torch.equal(torch.cat(produced, dim=1), expected)
+
+
+def test_host_sync_check_catches_a_sync() -> None:
+    with pytest.raises(AssertionError, match="host sync"), FailOnHostSync():
+        torch.ones(3).sum().item()

@@ -1,0 +1,164 @@
+"""Every Triton path against the torch reference, on random inputs of many shapes, fp16 and bf16.
+
+CUDA only: CI has no GPU, so these skip there; benchmarks/gpu_rpq.sh runs them on the lent GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_compress.quantize import kernels, triton_dispatch
+from model_compress.quantize.layers import RPQEmbedding, RPQLinear
+from model_compress.quantize.layout import index_dtype
+
+from .conftest import tiny_model
+from .test_layers import filled, rel_error
+
+triton_kernels = pytest.importorskip("model_compress.quantize.triton_kernels", reason="needs Triton")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+# Relative (Frobenius) error bounds against a float64 reference: output rounding plus fp32 accumulation.
+BOUNDS = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
+# (in, out, M, K): the opt-1.3b shapes, SmolLM2's (D=18, 48), odd sizes, D=2 (M=288), K=16 and K=1024 (uint16 codes).
+LINEAR_SHAPES = [
+    (2048, 2048, 32, 256),
+    (2048, 8192, 32, 256),
+    (8192, 2048, 32, 256),
+    (576, 576, 32, 256),
+    (576, 1536, 32, 256),
+    (1536, 576, 288, 256),
+    (100, 72, 8, 256),
+    (37, 13, 13, 16),
+    (200, 96, 4, 1024),
+]
+TOKENS = [1, 2, 3, 5, 16, 17, 64, 100, 513]
+
+
+def random_codes(num_codebooks: int, codebook_size: int, piece: int, columns: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    codebooks = torch.randn(num_codebooks, codebook_size, piece, generator=gen).to(CUDA, dtype)
+    indices = torch.randint(0, codebook_size, (num_codebooks, columns), generator=gen).to(CUDA, index_dtype(codebook_size))
+    return codebooks, indices
+
+
+def reference(x: torch.Tensor, codebooks: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = kernels.linear_reference(x.double(), codebooks.double(), indices, None)
+    return out if bias is None else out + bias.double()
+
+
+def fused_tiles() -> list[triton_dispatch.TileConfig]:
+    return [chosen.tile for chosen in triton_dispatch.active_routes() if chosen.path == triton_dispatch.FUSED]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fused_linear_every_tile_matches_reference(shape, dtype):
+    in_features, out_features, num_codebooks, codebook_size = shape
+    codebooks, indices = random_codes(num_codebooks, codebook_size, out_features // num_codebooks, in_features, dtype)
+    bias = torch.randn(out_features, device=CUDA, dtype=dtype)
+    for tokens in TOKENS:
+        x = torch.randn(tokens, in_features, device=CUDA, dtype=dtype)
+        ref = reference(x, codebooks, indices, bias)
+        for tile in fused_tiles():
+            out = triton_kernels.linear_fused(x, codebooks, indices, bias, tile)
+            assert out.dtype == dtype and out.shape == ref.shape
+            assert rel_error(out, ref) < BOUNDS[dtype], (tokens, tile.describe())
+        assert rel_error(triton_kernels.linear_decode(x, codebooks, indices, bias), ref) < BOUNDS[dtype], tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 7, 64, 300])
+def test_routed_module_forward_matches_reference_in_3d_without_bias(dtype, tokens):
+    layer = filled(RPQLinear(320, 192, 16, 256, bias=False)).to(CUDA, dtype)
+    x = torch.randn(2, tokens, 320, device=CUDA, dtype=dtype)[:, :, :]
+    ref = reference(x, layer.codebooks, layer.indices, None)
+    out = layer(x)
+    assert out.shape == (2, tokens, 192)
+    assert rel_error(out, ref) < BOUNDS[dtype]
+
+
+def test_non_contiguous_input():
+    codebooks, indices = random_codes(8, 256, 16, 96, torch.float16)
+    x = torch.randn(96, 10, device=CUDA, dtype=torch.float16).T  # rows with stride 1 along the wrong axis
+    assert rel_error(kernels.linear_forward(x, codebooks, indices, None), reference(x, codebooks, indices, None)) < BOUNDS[torch.float16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(50272, 2048, 32), (49152, 576, 32), (1000, 72, 36), (77, 10, 5)])
+def test_embedding_gathers_exact_rows(shape, dtype):
+    rows, dim, num_codebooks = shape
+    layer = filled(RPQEmbedding(rows, dim, num_codebooks)).to(CUDA, dtype)
+    ids = torch.randint(0, rows, (3, 11), device=CUDA)
+    out = layer(ids)
+    assert out.shape == (3, 11, dim)
+    assert torch.equal(out, layer.dequantize()[ids])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(49152, 576, 32), (1000, 72, 36), (77, 10, 5)])
+@pytest.mark.parametrize("tokens", [1, 3, 16, 40])
+def test_tied_head_paths_match_reference(shape, tokens, dtype):
+    vocab, dim, num_codebooks = shape
+    gen = torch.Generator().manual_seed(0)
+    codebooks = torch.randn(num_codebooks, 256, dim // num_codebooks, generator=gen).to(CUDA, dtype)
+    indices = torch.randint(0, 256, (num_codebooks, vocab), generator=gen).to(CUDA, torch.uint8)
+    bias = torch.randn(vocab, device=CUDA, dtype=dtype)
+    x = torch.randn(tokens, dim, device=CUDA, dtype=dtype)
+    ref = kernels.tied_head_reference(x.double(), codebooks.double(), indices, bias.double())
+    scored = triton_kernels.tied_head_scores(x, codebooks, indices, bias)
+    decoded = triton_kernels.tied_head_decode(x, codebooks, indices, bias, chunk_bytes=dim * 2 * 333)  # several chunks
+    routed = kernels.tied_head_forward(x, codebooks, indices, bias)
+    for out in (scored, decoded, routed):
+        assert out.shape == (tokens, vocab)
+        assert rel_error(out, ref) < BOUNDS[dtype]
+
+
+@pytest.mark.parametrize("tokens", [1, 512])
+def test_capturable_in_a_cuda_graph_without_host_syncs(tokens):
+    """Warm up, capture the RPQ layers, replay on new inputs: same answers as eager, no sync while running."""
+    linear = filled(RPQLinear(2048, 2048, 32)).to(CUDA, torch.float16)
+    embedding = filled(RPQEmbedding(5000, 2048, 32)).to(CUDA, torch.float16)
+    x = torch.randn(tokens, 2048, device=CUDA, dtype=torch.float16)
+    ids = torch.randint(0, 5000, (tokens,), device=CUDA)
+
+    def forward():
+        return linear(x) + embedding(ids)
+
+    with torch.inference_mode():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            forward()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = forward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        x.copy_(torch.randn_like(x))
+        ids.copy_(torch.randint(0, 5000, (tokens,), device=CUDA))
+        graph.replay()
+        assert rel_error(out, forward()) < 1e-6
+
+
+def test_whole_model_on_cuda_uses_the_kernels_and_matches_the_reference():
+    from model_compress.quantize.convert import RPQSettings, convert_model
+
+    model = tiny_model("llama").to(CUDA, torch.float16).eval()
+    convert_model(model, RPQSettings(num_codebooks=4, device=CUDA))
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), device=CUDA)
+    with torch.inference_mode():
+        fast = model(ids).logits
+        kernels._triton_kernels.cache_clear()
+        import os
+
+        os.environ["MODEL_COMPRESS_TRITON"] = "0"
+        try:
+            slow = model(ids).logits
+        finally:
+            del os.environ["MODEL_COMPRESS_TRITON"]
+            kernels._triton_kernels.cache_clear()
+    assert rel_error(fast, slow) < BOUNDS[torch.float16]
