@@ -19,13 +19,13 @@ kernels)
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/device.txt"
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
   echo "== Triton kernel tests (code routes), graph-decode and CUDA tests"
-  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_graph_decode.py tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15
+  timeout 200 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_kernels.py tests/test_graph_decode.py tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15
   echo "== tuning"
-  timeout 360 python3 benchmarks/rpq_kernels.py --tune --save-routes "$ROUTES" --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
+  timeout 420 python3 benchmarks/rpq_kernels.py --tune --save-routes "$ROUTES" --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
   cp "$ROUTES" "$OUT/" 2>/dev/null
   ;;
 opt)
-  [ -f "$ROUTES" ] && MODEL_COMPRESS_RPQ_ROUTES=$ROUTES timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+  [ -f "$ROUTES" ] && MODEL_COMPRESS_RPQ_ROUTES=$ROUTES timeout 150 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_kernels.py \
     -k "fused or routed or capturable or whole_model" 2>&1 | tee "$OUT/tests_tuned.log" | tail -4
   python3 benchmarks/rpq_decode.py opt-1.3b --name opt-1.3b --workdir /tmp/w --out "$OUT" --repeats 2 --profile 2>&1 | tee "$OUT/opt.log" | tail -60
   ;;

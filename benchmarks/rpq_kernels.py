@@ -33,24 +33,26 @@ TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 ROTATION_BYTES = 256 * 1024 * 1024  # all copies of a layer together: five times the H100's L2
 TARGETS = {1: 0.5, 16: 1.0, 512: 1.3}
 
-# Buckets (upper token bound, token counts timed for it, candidate tiles; DECODE where it is a candidate).
-def _tiles(block_ms, block_ns, block_ks, warps, stages) -> list[TileConfig]:
+# Buckets: (upper token bound, token counts timed for it, candidates: tiles of the fused kernel, or DECODE).
+def _tiles(block_ms, block_ns, block_ks, splits, warps=(4,), stages=(3,)) -> list[TileConfig]:
     return [
-        TileConfig(m, n, k, w, s) for m in block_ms for n in block_ns for k in block_ks for w in warps for s in stages
+        TileConfig(m, n, k, w, s, split)
+        for m in block_ms for n in block_ns for k in block_ks for split in splits for w in warps for s in stages
     ]
 
 
 BUCKETS = [
-    (1, [1], _tiles([1], [8, 16, 32], [128, 256, 512], [2, 4], [2, 4])),
-    (4, [2, 4], _tiles([4], [8, 16, 32], [64, 128, 256], [2, 4], [3])),
-    (16, [8, 16], _tiles([16], [16, 32, 64], [64, 128, 256], [4], [2, 3, 4])),
-    (64, [32, 64], _tiles([32, 64], [32, 64, 128], [64, 128], [4], [3])),
-    (1 << 62, [128, 512], _tiles([64, 128], [64, 128], [32, 64], [4, 8], [3, 4]) + [DECODE]),
+    (1, [1], _tiles([1], [16, 32, 64], [64, 128, 256], [1, 4, 8, 16]) + _tiles([16], [16, 32], [64, 128], [4, 8])),
+    (4, [4], _tiles([16], [16, 32, 64], [64, 128], [1, 4, 8]) + _tiles([4], [16], [128], [4, 8])),
+    (16, [16], _tiles([16], [16, 32, 64], [64, 128], [1, 2, 4, 8])),
+    (64, [64], _tiles([32, 64], [32, 64], [64, 128], [1, 2, 4])),
+    (256, [128, 256], _tiles([64, 128], [64, 128], [64], [1], warps=(4, 8)) + [DECODE]),
+    (1 << 62, [512], _tiles([64, 128], [64, 128], [64], [1], warps=(4, 8)) + [DECODE]),
 ]
 
 
-def graph_us(calls: list, replays: int = 10) -> float:
-    """Device microseconds per call: all ``calls`` captured in one CUDA graph, replayed, median of 5."""
+def graph_us(calls: list, replays: int = 5) -> float:
+    """Device microseconds per call: all ``calls`` captured in one CUDA graph, replayed, median of 3."""
     for call in calls:
         call()
     torch.cuda.synchronize()
@@ -60,7 +62,7 @@ def graph_us(calls: list, replays: int = 10) -> float:
             call()
     graph.replay()
     times = []
-    for _ in range(5):
+    for _ in range(3):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(replays):
@@ -165,7 +167,10 @@ def main() -> None:
         routes = tune(layers, dense)
         print("ROUTES = (")
         for chosen in routes:
-            tile = "" if chosen.tile is None else f", TileConfig({chosen.tile.block_m}, {chosen.tile.block_n}, {chosen.tile.block_k}, num_warps={chosen.tile.num_warps}, num_stages={chosen.tile.num_stages})"
+            tile = "" if chosen.tile is None else (
+                f", TileConfig({chosen.tile.block_m}, {chosen.tile.block_n}, {chosen.tile.block_k}, num_warps={chosen.tile.num_warps}, "
+                f"num_stages={chosen.tile.num_stages}, split_k={chosen.tile.split_k})"
+            )
             print(f"    Route({chosen.max_tokens if chosen.max_tokens < 1 << 62 else '1 << 62'}, {chosen.path.upper()}{tile}),")
         print(")")
         if args.save_routes:

@@ -40,6 +40,12 @@ def test_decode_step_matches_generate_without_host_syncs(arch: str) -> None:
         with mock.patch("torch.cuda.is_current_stream_capturing", return_value=True), FailOnHostSync():
             for _ in range(steps - 1):
                 produced.append(step().clone())
+            # Timing replays the steps many times from the prompt's end: a rewind must give the same tokens.
+            for _ in range(2):
+                step.rewind()
+                step.token.copy_(produced[0])
+                again = [step.token.clone()] + [step().clone() for _ in range(steps - 1)]
+                assert torch.equal(torch.cat(again, dim=1), expected)
     assert torch.equal(torch.cat(produced, dim=1), expected)
 
 

@@ -67,10 +67,20 @@ class DecodeStep:
         self.rewind()
 
     def rewind(self) -> None:
-        """Back to the first generated position (device ops only; the cache past it is masked out)."""
+        """Back to the first generated position (device ops only; the cache past it is masked out).
+
+        Static cache layers keep their own write position (``cumulative_length``, a device tensor
+        the captured graph advances): it goes back too.
+        """
         self.position.fill_(self.prompt_len)
         self.mask.zero_()
         self.mask[:, : self.prompt_len] = 1
+        for layer in getattr(self.cache, "layers", ()):
+            written = getattr(layer, "cumulative_length", None)
+            if isinstance(written, torch.Tensor):
+                written.fill_(self.prompt_len)
+            elif isinstance(written, int):
+                layer.cumulative_length = self.prompt_len
 
     def __call__(self) -> torch.Tensor:
         self.mask.index_fill_(1, self.position, 1)

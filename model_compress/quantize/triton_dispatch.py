@@ -30,6 +30,7 @@ class TileConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 2
+    split_k: int = 1  # programs sharing one output tile, each over a slice of the inputs (more parallelism for few tokens)
 
     @property
     def use_dot(self) -> bool:
@@ -37,7 +38,7 @@ class TileConfig:
         return self.block_m >= 16
 
     def describe(self) -> str:
-        return f"m{self.block_m} n{self.block_n} k{self.block_k} w{self.num_warps} s{self.num_stages}"
+        return f"m{self.block_m} n{self.block_n} k{self.block_k} w{self.num_warps} s{self.num_stages} split{self.split_k}"
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,11 @@ class Route:
 
 # Upper token bounds with their route; the last bound catches everything larger.
 ROUTES: tuple[Route, ...] = (
-    Route(1, FUSED, TileConfig(1, 16, 256, num_warps=4, num_stages=3)),
-    Route(4, FUSED, TileConfig(4, 16, 128, num_warps=4, num_stages=3)),
-    Route(16, FUSED, TileConfig(16, 32, 128, num_warps=4, num_stages=3)),
-    Route(64, FUSED, TileConfig(64, 64, 64, num_warps=4, num_stages=3)),
+    Route(1, FUSED, TileConfig(1, 16, 128, num_warps=4, num_stages=3, split_k=8)),
+    Route(4, FUSED, TileConfig(16, 32, 64, num_warps=4, num_stages=3, split_k=4)),
+    Route(16, FUSED, TileConfig(16, 32, 128, num_warps=4, num_stages=3, split_k=4)),
+    Route(64, FUSED, TileConfig(64, 32, 128, num_warps=4, num_stages=3, split_k=2)),
+    Route(256, FUSED, TileConfig(64, 64, 64, num_warps=4, num_stages=3)),
     Route(1 << 62, DECODE),
 )
 

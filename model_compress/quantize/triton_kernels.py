@@ -34,11 +34,15 @@ def _rpq_linear_kernel(
     codebooks_ptr,
     bias_ptr,
     out_ptr,
+    partial_ptr,
+    counter_ptr,
     tokens,
     in_features,
     out_features,
     stride_x,
     stride_out,
+    split_k,
+    chunk_k,
     CODEBOOK_SIZE: tl.constexpr,
     PIECE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -49,9 +53,11 @@ def _rpq_linear_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < tokens
@@ -67,7 +73,9 @@ def _rpq_linear_kernel(
         heads = offs_n // PIECE
         pieces = offs_n - heads * PIECE
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for start in range(0, in_features, BLOCK_K):
+    k_begin = pid_k * chunk_k
+    k_end = tl.minimum(k_begin + chunk_k, in_features)
+    for start in range(k_begin, k_end, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
         mask_k = offs_k < in_features
         x_ptrs = x_ptr + offs_m[:, None] * stride_x + offs_k[None, :]
@@ -94,10 +102,31 @@ def _rpq_linear_kernel(
             acc = tl.dot(x, w, acc)
         else:
             acc += tl.sum(x[:, :, None].to(tl.float32) * w[None, :, :].to(tl.float32), axis=1)
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    if SPLIT:
+        # Split-K: every program leaves its partial sum; the last of a tile's programs (counted with an
+        # atomic that also orders the writes) adds them up and puts the counter back to 0 for the next call.
+        tile_offs = offs_m[:, None] * out_features + offs_n[None, :]
+        tl.store(partial_ptr + pid_k * tokens * out_features + tile_offs, acc, mask=mask_mn)
+        tile = pid_m * tl.num_programs(0) + pid_n
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+        if arrived == split_k - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for part in range(0, split_k):
+                acc += tl.load(partial_ptr + part * tokens * out_features + tile_offs, mask=mask_mn, other=0.0, cache_modifier=".cg")
+            tl.store(counter_ptr + tile, 0)
+            _finish_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_n, mask_mn, stride_out, HAS_BIAS)
+    else:
+        _finish_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_n, mask_mn, stride_out, HAS_BIAS)
+
+
+@triton.jit
+def _finish_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_n, mask_mn, stride_out, HAS_BIAS: tl.constexpr):
+    """Add the bias and store the tile in the output dtype."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_out + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(out_ptr + offs_m[:, None] * stride_out + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_mn)
 
 
 @triton.jit
@@ -193,18 +222,31 @@ def linear_fused(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | N
     tokens = rows.shape[0]
     out = torch.empty(tokens, out_features, device=x.device, dtype=x.dtype)
     if tokens:
-        grid = (triton.cdiv(out_features, config.block_n), triton.cdiv(tokens, config.block_m))
-        _rpq_linear_kernel[grid](
+        tiles_n, tiles_m = triton.cdiv(out_features, config.block_n), triton.cdiv(tokens, config.block_m)
+        # Split the inputs only as far as each part keeps at least one BLOCK_K slice.
+        split = max(1, min(config.split_k, triton.cdiv(in_features, config.block_k)))
+        chunk = triton.cdiv(triton.cdiv(in_features, split), config.block_k) * config.block_k
+        split = triton.cdiv(in_features, chunk)
+        if split > 1:
+            partial = workspace(split * tokens * out_features, x.device, torch.float32, "partials")
+            counter = tile_counters(tiles_n * tiles_m, x.device)
+        else:
+            partial = counter = out
+        _rpq_linear_kernel[(tiles_n, tiles_m, split)](
             rows,
             indices,
             codebooks,
             bias if bias is not None else codebooks,
             out,
+            partial,
+            counter,
             tokens,
             in_features,
             out_features,
             rows.stride(0),
             out.stride(0),
+            split,
+            chunk,
             CODEBOOK_SIZE=codebook_size,
             PIECE=piece,
             HAS_BIAS=bias is not None,
@@ -215,26 +257,36 @@ def linear_fused(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | N
             BLOCK_M=config.block_m,
             BLOCK_N=config.block_n,
             BLOCK_K=config.block_k,
+            SPLIT=split > 1,
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )
     return out.reshape(*x.shape[:-1], out_features)
 
 
-_WORKSPACES: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+_WORKSPACES: dict[tuple[torch.device, torch.dtype, str], Tensor] = {}
 
 
-def workspace(numel: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+def workspace(numel: int, device: torch.device, dtype: torch.dtype, purpose: str = "weights") -> Tensor:
     """A flat buffer of at least ``numel`` elements, shared by every layer on this device and dtype.
 
     Layers run one after another on one stream, so one buffer serves them all; it grows to the
     largest layer on the first (warm-up) pass and is then reused, so nothing is allocated per call.
     """
-    key = (device, dtype)
+    key = (torch.device(device), dtype, purpose)
     buffer = _WORKSPACES.get(key)
     if buffer is None or buffer.numel() < numel:
         _WORKSPACES[key] = buffer = torch.empty(numel, device=device, dtype=dtype)
     return buffer[:numel]
+
+
+def tile_counters(count: int, device: torch.device) -> Tensor:
+    """Split-K arrival counters, zero at rest: the kernel puts each back to 0 when its tile is done."""
+    key = (torch.device(device), torch.int32, "counters")
+    buffer = _WORKSPACES.get(key)
+    if buffer is None or buffer.numel() < count:
+        _WORKSPACES[key] = buffer = torch.zeros(max(count, 4096), device=device, dtype=torch.int32)
+    return buffer
 
 
 def decode_transposed(codebooks: Tensor, indices: Tensor, out: Tensor) -> Tensor:
