@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from model_compress.quantize import kernels, triton_dispatch, triton_kernels
-from model_compress.quantize.triton_dispatch import DECODE, FUSED, Route, TileConfig
+from model_compress.quantize.triton_dispatch import DECODE, FUSED, GATHER, HISTOGRAM, Route, TileConfig
 
 SHAPES = [(2048, 2048), (2048, 8192), (8192, 2048)]
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
@@ -34,18 +34,19 @@ ROTATION_BYTES = 256 * 1024 * 1024  # all copies of a layer together: five times
 TARGETS = {1: 0.5, 16: 1.0, 512: 1.3}
 
 # Buckets: (upper token bound, token counts timed for it, candidates: tiles of the fused kernel, or DECODE).
-def _tiles(block_ms, block_ns, block_ks, splits, warps=(4,), stages=(3,)) -> list[TileConfig]:
+def _tiles(block_ms, block_ns, block_ks, splits, warps=(4,), stages=(3,), kind=GATHER) -> list[TileConfig]:
     return [
-        TileConfig(m, n, k, w, s, split)
+        TileConfig(m, n, k, w, s, split, kind)
         for m in block_ms for n in block_ns for k in block_ks for split in splits for w in warps for s in stages
     ]
 
 
+HIST_FEW = _tiles([16], [16, 32, 64], [32, 64], [2, 4, 8, 16], warps=(8,), kind=HISTOGRAM)
 BUCKETS = [
-    (1, [1], _tiles([1], [16, 32, 64], [64, 128, 256], [1, 4, 8, 16]) + _tiles([16], [16, 32], [64, 128], [4, 8])),
-    (4, [4], _tiles([16], [16, 32, 64], [64, 128], [1, 4, 8]) + _tiles([4], [16], [128], [4, 8])),
-    (16, [16], _tiles([16], [16, 32, 64], [64, 128], [1, 2, 4, 8])),
-    (64, [64], _tiles([32, 64], [32, 64], [64, 128], [1, 2, 4])),
+    (1, [1], _tiles([1], [32, 64], [128, 256], [4, 8, 16]) + HIST_FEW),
+    (4, [4], _tiles([16], [32, 64], [64, 128], [4, 8]) + HIST_FEW),
+    (16, [16], _tiles([16], [32, 64], [64, 128], [4, 8]) + HIST_FEW),
+    (64, [64], _tiles([64], [32, 64], [128], [2, 4]) + _tiles([64], [32, 64], [32, 64], [1, 2, 4], warps=(8,), kind=HISTOGRAM)),
     (256, [128, 256], _tiles([64, 128], [64, 128], [64], [1], warps=(4, 8)) + [DECODE]),
     (1 << 62, [512], _tiles([64, 128], [64, 128], [64], [1], warps=(4, 8)) + [DECODE]),
 ]

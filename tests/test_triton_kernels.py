@@ -48,7 +48,13 @@ def reference(x: torch.Tensor, codebooks: torch.Tensor, indices: torch.Tensor, b
 
 
 # Split-K tiles beside the routed ones: their counters must come back to 0 (each tile is run twice).
-SPLIT_TILES = [triton_dispatch.TileConfig(1, 16, 128, split_k=8), triton_dispatch.TileConfig(16, 32, 64, split_k=3)]
+SPLIT_TILES = [
+    triton_dispatch.TileConfig(1, 16, 128, split_k=8),
+    triton_dispatch.TileConfig(16, 32, 64, split_k=3),
+    # The histogram kernel (where the tile lies in one codebook and K <= 256; else these run the gather kernel).
+    triton_dispatch.TileConfig(16, 16, 64, num_warps=8, split_k=4, kind=triton_dispatch.HISTOGRAM),
+    triton_dispatch.TileConfig(64, 32, 32, num_warps=8, kind=triton_dispatch.HISTOGRAM),
+]
 
 
 def fused_tiles() -> list[triton_dispatch.TileConfig]:

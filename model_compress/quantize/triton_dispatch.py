@@ -19,6 +19,8 @@ from pathlib import Path
 
 FUSED = "fused"
 DECODE = "decode"
+GATHER = "gather"  # fused kernel: codebook rows gathered into each tile
+HISTOGRAM = "histogram"  # fused kernel: x @ one-hot(codes), then @ codebook slice (tensor cores, no gather)
 
 
 @dataclass(frozen=True)
@@ -31,14 +33,16 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 2
     split_k: int = 1  # programs sharing one output tile, each over a slice of the inputs (more parallelism for few tokens)
+    kind: str = GATHER
 
     @property
     def use_dot(self) -> bool:
         """Tensor cores need 16 rows; fewer tokens take the broadcast multiply-sum."""
-        return self.block_m >= 16
+        return self.block_m >= 16 or self.kind == HISTOGRAM
 
     def describe(self) -> str:
-        return f"m{self.block_m} n{self.block_n} k{self.block_k} w{self.num_warps} s{self.num_stages} split{self.split_k}"
+        prefix = "hist " if self.kind == HISTOGRAM else ""
+        return f"{prefix}m{self.block_m} n{self.block_n} k{self.block_k} w{self.num_warps} s{self.num_stages} split{self.split_k}"
 
 
 @dataclass(frozen=True)
@@ -52,11 +56,10 @@ class Route:
 
 # Upper token bounds with their route; the last bound catches everything larger.
 ROUTES: tuple[Route, ...] = (
-    Route(1, FUSED, TileConfig(1, 16, 128, num_warps=4, num_stages=3, split_k=8)),
-    Route(4, FUSED, TileConfig(16, 32, 64, num_warps=4, num_stages=3, split_k=4)),
-    Route(16, FUSED, TileConfig(16, 32, 128, num_warps=4, num_stages=3, split_k=4)),
-    Route(64, FUSED, TileConfig(64, 32, 128, num_warps=4, num_stages=3, split_k=2)),
-    Route(256, FUSED, TileConfig(64, 64, 64, num_warps=4, num_stages=3)),
+    Route(1, FUSED, TileConfig(1, 64, 256, num_warps=4, num_stages=3, split_k=8)),
+    Route(4, FUSED, TileConfig(16, 64, 64, num_warps=4, num_stages=3, split_k=8)),
+    Route(16, FUSED, TileConfig(16, 32, 128, num_warps=4, num_stages=3, split_k=8)),
+    Route(64, FUSED, TileConfig(64, 64, 128, num_warps=4, num_stages=3, split_k=4)),
     Route(1 << 62, DECODE),
 )
 

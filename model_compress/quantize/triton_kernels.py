@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_dispatch import TileConfig
+from .triton_dispatch import HISTOGRAM, TileConfig
 
 
 @triton.jit
@@ -102,13 +102,85 @@ def _rpq_linear_kernel(
             acc = tl.dot(x, w, acc)
         else:
             acc += tl.sum(x[:, :, None].to(tl.float32) * w[None, :, :].to(tl.float32), axis=1)
+    _store_tile(acc, partial_ptr, counter_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, tokens, out_features,
+                stride_out, split_k, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _rpq_histogram_kernel(
+    x_ptr,
+    codes_ptr,
+    codebooks_ptr,
+    bias_ptr,
+    out_ptr,
+    partial_ptr,
+    counter_ptr,
+    tokens,
+    in_features,
+    out_features,
+    stride_x,
+    stride_out,
+    split_k,
+    chunk_k,
+    CODEBOOK_SIZE: tl.constexpr,
+    PIECE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """y_h = hist_h @ codebooks[h] with hist_h = x @ one-hot(codes): two tensor-core products, no gather.
+
+    The codebook slice is read with a plain coalesced load that does not wait for the codes, so the
+    program's memory reads all go out at once (the gather form waits for the codes, then the rows).
+    The tile must lie inside one codebook (PIECE % BLOCK_N == 0).
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < tokens
+    first = pid_n * BLOCK_N
+    head = first // PIECE
+    code_values = tl.arange(0, CODEBOOK_SIZE)
+    slice_ptrs = codebooks_ptr + head * CODEBOOK_SIZE * PIECE + code_values[:, None] * PIECE + (first - head * PIECE) + tl.arange(0, BLOCK_N)[None, :]
+    codebook = tl.load(slice_ptrs)  # (K, BLOCK_N)
+    hist = tl.zeros((BLOCK_M, CODEBOOK_SIZE), dtype=tl.float32)
+    k_begin = pid_k * chunk_k
+    k_end = tl.minimum(k_begin + chunk_k, in_features)
+    for start in range(k_begin, k_end, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < in_features
+        x_ptrs = x_ptr + offs_m[:, None] * stride_x + offs_k[None, :]
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            codes = tl.load(codes_ptr + head * in_features + offs_k).to(tl.int32)
+        else:
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            codes = tl.load(codes_ptr + head * in_features + offs_k, mask=mask_k, other=-1).to(tl.int32)
+        one_hot = (codes[:, None] == code_values[None, :]).to(x.dtype)  # (BLOCK_K, K)
+        hist = tl.dot(x, one_hot, hist)
+    acc = tl.dot(hist.to(codebook.dtype), codebook)
+    _store_tile(acc, partial_ptr, counter_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m, offs_n < out_features, tokens,
+                out_features, stride_out, split_k, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _store_tile(acc, partial_ptr, counter_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, tokens, out_features,
+                stride_out, split_k, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store a finished tile, or (split-K) leave a partial sum and let the tile's last program add them up.
+
+    The last program is found with an atomic counter that also orders the partial writes; it puts
+    the counter back to 0, so the counters need no reset between calls (or graph replays).
+    """
     mask_mn = mask_m[:, None] & mask_n[None, :]
     if SPLIT:
-        # Split-K: every program leaves its partial sum; the last of a tile's programs (counted with an
-        # atomic that also orders the writes) adds them up and puts the counter back to 0 for the next call.
         tile_offs = offs_m[:, None] * out_features + offs_n[None, :]
-        tl.store(partial_ptr + pid_k * tokens * out_features + tile_offs, acc, mask=mask_mn)
-        tile = pid_m * tl.num_programs(0) + pid_n
+        tl.store(partial_ptr + tl.program_id(2) * tokens * out_features + tile_offs, acc, mask=mask_mn)
+        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
         tl.debug_barrier()  # every thread's partial is written before the release below
         arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
         if arrived == split_k - 1:
@@ -213,8 +285,20 @@ def _rows(x: Tensor, width: int) -> Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def histogram_fits(config: TileConfig, codebooks: Tensor) -> bool:
+    """The histogram kernel takes a tile asking for it when the tile lies in one codebook, K <= 256, and not float32."""
+    _, codebook_size, piece = codebooks.shape
+    return (
+        config.kind == HISTOGRAM
+        and codebook_size <= 256
+        and codebook_size & (codebook_size - 1) == 0
+        and piece % config.block_n == 0
+        and codebooks.dtype != torch.float32
+    )
+
+
 def linear_fused(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None, config: TileConfig) -> Tensor:
-    """y = x W^T + b, decoding W tile by tile inside the matmul."""
+    """y = x W^T + b without W: codebook rows gathered into each tile of the matmul (or the histogram form)."""
     num_codebooks, codebook_size, piece = codebooks.shape
     in_features = indices.shape[1]
     out_features = num_codebooks * piece
@@ -232,28 +316,13 @@ def linear_fused(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | N
             counter = tile_counters(tiles_n * tiles_m, x.device)
         else:
             partial = counter = out
-        _rpq_linear_kernel[(tiles_n, tiles_m, split)](
-            rows,
-            indices,
-            codebooks,
-            bias if bias is not None else codebooks,
-            out,
-            partial,
-            counter,
-            tokens,
-            in_features,
-            out_features,
-            rows.stride(0),
-            out.stride(0),
-            split,
-            chunk,
+        common = (rows, indices, codebooks, bias if bias is not None else codebooks, out, partial, counter,
+                  tokens, in_features, out_features, rows.stride(0), out.stride(0), split, chunk)
+        sizes = dict(
             CODEBOOK_SIZE=codebook_size,
             PIECE=piece,
             HAS_BIAS=bias is not None,
-            ONE_CODEBOOK=piece % config.block_n == 0,
-            USE_DOT=config.use_dot,
             EVEN_K=in_features % config.block_k == 0,
-            DOT_IEEE=codebooks.dtype == torch.float32,  # float32 stays float32 (no TF32), as in the reference
             BLOCK_M=config.block_m,
             BLOCK_N=config.block_n,
             BLOCK_K=config.block_k,
@@ -261,6 +330,16 @@ def linear_fused(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | N
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )
+        if histogram_fits(config, codebooks):
+            _rpq_histogram_kernel[(tiles_n, tiles_m, split)](*common, **sizes)
+        else:
+            _rpq_linear_kernel[(tiles_n, tiles_m, split)](
+                *common,
+                ONE_CODEBOOK=piece % config.block_n == 0,
+                USE_DOT=config.use_dot,
+                DOT_IEEE=codebooks.dtype == torch.float32,  # float32 stays float32 (no TF32), as in the reference
+                **sizes,
+            )
     return out.reshape(*x.shape[:-1], out_features)
 
 
