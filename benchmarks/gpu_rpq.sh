@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 5 on the lent GPU, in three calls made back to back (the machine keeps /tmp while it stays warm):
 #   run(command="STAGE=kernels bash benchmarks/gpu_rpq.sh", carry=[".device/evalA"])  # Triton tests, kernel tuning (+ stores GGUF part a)
-#   run(command="STAGE=opt bash benchmarks/gpu_rpq.sh")                                # opt-1.3b architecture: rpq, eval, profile
 #   run(command="STAGE=smol bash benchmarks/gpu_rpq.sh", carry=[".device/evalB"])     # SmolLM2-135M (GGUF part b + wheels): rpq, eval, profile
+#   run(command="STAGE=opt bash benchmarks/gpu_rpq.sh")                                # opt-1.3b architecture (SmolLM2's tokenizer): rpq, eval, profile
 # The tuned routes of the first call (/tmp/rpq_routes.json) are what the later calls use.
 # benchmarks/README.md says how the GGUF parts and wheels are made. Logs and JSON go to $OUT.
 set -uo pipefail
@@ -27,7 +27,8 @@ kernels)
 opt)
   [ -f "$ROUTES" ] && MODEL_COMPRESS_RPQ_ROUTES=$ROUTES timeout 150 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_kernels.py \
     -k "fused or routed or capturable or whole_model" 2>&1 | tee "$OUT/tests_tuned.log" | tail -4
-  python3 benchmarks/rpq_decode.py opt-1.3b --name opt-1.3b --workdir /tmp/w --out "$OUT" --repeats 2 --profile 2>&1 | tee "$OUT/opt.log" | tail -60
+  python3 benchmarks/rpq_decode.py opt-1.3b --name opt-1.3b --workdir /tmp/w --out "$OUT" --repeats 2 --profile \
+    --tokenizer /tmp/w/smollm2-135m-rpq32 2>&1 | tee "$OUT/opt.log" | tail -60
   ;;
 smol)
   [ -f /tmp/smol/smol.part-a ] || { echo "error: /tmp/smol/smol.part-a is missing (machine given back); start again" >&2; exit 2; }

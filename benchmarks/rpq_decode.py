@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -40,13 +41,18 @@ def save_tokenizer(folder: Path, vocab: int) -> None:
     transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>").save_pretrained(folder)
 
 
-def source_for(model: str, workdir: Path) -> str:
+def source_for(model: str, workdir: Path, tokenizer: Path | None) -> str:
+    """The model to compress; for opt-1.3b a random fp16 folder, with ``tokenizer``'s files when given."""
     if model != "opt-1.3b":
         return model
     folder = workdir / "opt-1.3b-random"
     if not (folder / "config.json").exists():
         build(folder, "cuda", OPT_1_3B)
-        save_tokenizer(folder, 8192)
+        if tokenizer is not None:
+            for file in tokenizer.glob("tokenizer*"):
+                shutil.copy(file, folder / file.name)
+        else:
+            save_tokenizer(folder, 8192)
     return str(folder)
 
 
@@ -131,11 +137,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="opt-1.3b: copy tokenizer files from this folder (vocab <= 50272)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     name = args.name or Path(args.model).stem
-    source = source_for(args.model, args.workdir)
+    source = source_for(args.model, args.workdir, args.tokenizer)
     folder = args.workdir / f"{name}-rpq{args.codebooks}"
     convert = run_timed_cli(
         "rpq", source, "-o", str(folder), "--codebooks", str(args.codebooks), "--device", "cuda", "--dtype", "float16", "--force"
@@ -146,6 +153,8 @@ def main() -> None:
         "eval", str(folder), "--device", "cuda", "--dtype", "float16", "--max-tokens", str(args.max_tokens),
         "--repeats", str(args.repeats), "--json", str(report_path), "--plot", str(args.out / f"eval_{name}.png"), "--force",
     )
+    if not report_path.exists():
+        raise SystemExit(f"compress eval wrote no report ({report_path}); run it by hand to see its error line")
     report = json.loads(report_path.read_text())
     summary = summarize(report)
     print(json.dumps(summary, indent=1))
