@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import triton_dispatch
-from .layout import EMBEDDING, LINEAR, decode, lookup
+from .layout import EMBEDDING, LINEAR, code_scores, decode, lookup
 
 # The histogram form costs about tokens * M * in scatter-adds, decoding the weight about out * in
 # gathers at twice the price each; so it wins while tokens < 2 * out / M = 2 * D. Measured on the
@@ -108,10 +108,8 @@ def tied_head_reference(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Ten
 
 def tied_head_scores(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None) -> Tensor:
     """Logits without the table: score each code once, then sum each row's M code scores."""
-    num_codebooks, _, piece = codebooks.shape
     vocab = indices.shape[1]
-    rows = x.reshape(-1, num_codebooks, piece).transpose(0, 1)  # (M, tokens, D)
-    scores = torch.bmm(rows.to(codebooks.dtype), codebooks.transpose(1, 2))  # (M, tokens, K)
+    scores = code_scores(x, codebooks)  # (M, tokens, K)
     tokens = scores.shape[1]
     picked = scores.gather(2, indices.long().unsqueeze(1).expand(-1, tokens, -1))  # (M, tokens, vocab)
     out = picked.sum(0).reshape(*x.shape[:-1], vocab).to(x.dtype)

@@ -66,3 +66,10 @@ def split_dim(shape: tuple[int, int], layout: str) -> int:
 def column_count(shape: tuple[int, int], layout: str) -> int:
     """How many columns (k-means points per codebook) a weight of this shape has."""
     return shape[1] if layout == LINEAR else shape[0]
+
+
+def code_scores(x: Tensor, codebooks: Tensor) -> Tensor:
+    """(..., M*D) inputs -> (M, tokens, K): piece h of each token against every code of codebook h, one bmm."""
+    num_codebooks, _, piece = codebooks.shape
+    rows = x.reshape(-1, num_codebooks, piece).transpose(0, 1)  # (M, tokens, D)
+    return torch.bmm(rows.to(codebooks.dtype), codebooks.transpose(1, 2))

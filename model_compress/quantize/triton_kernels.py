@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .layout import code_scores
 from .triton_dispatch import HISTOGRAM, TileConfig
 
 
@@ -418,10 +419,9 @@ def embedding(ids: Tensor, codebooks: Tensor, indices: Tensor) -> Tensor:
 
 def tied_head_scores(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None) -> Tensor:
     """Logits against an RPQ embedding table: one bmm scores every code, one kernel sums each row's M scores."""
-    num_codebooks, codebook_size, piece = codebooks.shape
+    num_codebooks, codebook_size, _ = codebooks.shape
     vocab = indices.shape[1]
-    rows = x.reshape(-1, num_codebooks, piece).transpose(0, 1)  # (M, tokens, D)
-    scores = torch.bmm(rows.to(codebooks.dtype), codebooks.transpose(1, 2))  # (M, tokens, K)
+    scores = code_scores(x, codebooks)  # (M, tokens, K)
     tokens = scores.shape[1]
     out = torch.empty(tokens, vocab, device=x.device, dtype=x.dtype)
     if tokens:
