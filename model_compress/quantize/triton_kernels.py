@@ -203,50 +203,36 @@ def _finish_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_n, mask_mn, stride
 
 
 @triton.jit
-def _rpq_decode_transposed_kernel(
-    codes_ptr,
-    codebooks_ptr,
-    out_ptr,
-    in_features,
-    out_features,
-    CODEBOOK_SIZE: tl.constexpr,
-    PIECE: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """W^T (in, out): row c, column h*D + d is codebooks[h, indices[h, c], d]."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_c < in_features)[:, None] & (offs_n < out_features)[None, :]
-    heads = offs_n // PIECE
-    pieces = offs_n - heads * PIECE
-    codes = tl.load(codes_ptr + heads[None, :] * in_features + offs_c[:, None], mask=mask, other=0).to(tl.int32)
-    w = tl.load(codebooks_ptr + (heads[None, :] * CODEBOOK_SIZE + codes) * PIECE + pieces[None, :], mask=mask, other=0.0)
-    tl.store(out_ptr + offs_c[:, None] * out_features + offs_n[None, :], w, mask=mask)
-
-
-@triton.jit
-def _rpq_embedding_kernel(
+def _rpq_rows_kernel(
     ids_ptr,
     codes_ptr,
     codebooks_ptr,
     out_ptr,
+    first_row,
     rows,
-    num_embeddings,
+    columns,
     dim,
     CODEBOOK_SIZE: tl.constexpr,
     PIECE: tl.constexpr,
+    HAS_IDS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """out[t, h*D + d] = codebooks[h, indices[h, ids[t]], d]: only the rows asked for are decoded."""
+    """out[t, h*D + d] = codebooks[h, indices[h, r], d] for row r = ids[t] (or first_row + t without ids).
+
+    Rows of an embedding table, and equally rows of a Linear's W^T (in, out): both keep their codes
+    in an (M, columns) array, piece h of row r being code indices[h, r] of codebook h.
+    """
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_t < rows)[:, None] & (offs_n < dim)[None, :]
-    ids = tl.load(ids_ptr + offs_t, mask=offs_t < rows, other=0).to(tl.int64)
+    if HAS_IDS:
+        picked = tl.load(ids_ptr + offs_t, mask=offs_t < rows, other=0).to(tl.int64)
+    else:
+        picked = (first_row + offs_t).to(tl.int64)
     heads = offs_n // PIECE
     pieces = offs_n - heads * PIECE
-    codes = tl.load(codes_ptr + heads[None, :].to(tl.int64) * num_embeddings + ids[:, None], mask=mask, other=0).to(tl.int32)
+    codes = tl.load(codes_ptr + heads[None, :].to(tl.int64) * columns + picked[:, None], mask=mask, other=0).to(tl.int32)
     w = tl.load(codebooks_ptr + (heads[None, :] * CODEBOOK_SIZE + codes) * PIECE + pieces[None, :], mask=mask, other=0.0)
     tl.store(out_ptr + offs_t[:, None] * dim + offs_n[None, :], w, mask=mask)
 
@@ -353,32 +339,46 @@ def workspace(numel: int, device: torch.device, dtype: torch.dtype, purpose: str
     Layers run one after another on one stream, so one buffer serves them all; it grows to the
     largest layer on the first (warm-up) pass and is then reused, so nothing is allocated per call.
     """
-    key = (torch.device(device), dtype, purpose)
-    buffer = _WORKSPACES.get(key)
-    if buffer is None or buffer.numel() < numel:
-        _WORKSPACES[key] = buffer = torch.empty(numel, device=device, dtype=dtype)
-    return buffer[:numel]
+    return _cached_buffer(numel, device, dtype, purpose, torch.empty)[:numel]
 
 
 def tile_counters(count: int, device: torch.device) -> Tensor:
     """Split-K arrival counters, zero at rest: the kernel puts each back to 0 when its tile is done."""
-    key = (torch.device(device), torch.int32, "counters")
+    return _cached_buffer(max(count, 4096), device, torch.int32, "counters", torch.zeros)
+
+
+def _cached_buffer(numel: int, device: torch.device, dtype: torch.dtype, purpose: str, make) -> Tensor:
+    """The buffer kept for (device, dtype, purpose), made again with ``make`` only when it is too small."""
+    key = (torch.device(device), dtype, purpose)
     buffer = _WORKSPACES.get(key)
-    if buffer is None or buffer.numel() < count:
-        _WORKSPACES[key] = buffer = torch.zeros(max(count, 4096), device=device, dtype=torch.int32)
+    if buffer is None or buffer.numel() < numel:
+        _WORKSPACES[key] = buffer = make(numel, device=device, dtype=dtype)
     return buffer
 
 
-def decode_transposed(codebooks: Tensor, indices: Tensor, out: Tensor) -> Tensor:
-    """Write W^T (in, out) into ``out`` with one kernel."""
+def decode_rows(codebooks: Tensor, indices: Tensor, out: Tensor, ids: Tensor | None = None, first_row: int = 0) -> Tensor:
+    """Decode rows ``ids`` (else ``first_row`` onwards, as many as ``out`` holds) into ``out`` (rows, M*D), one kernel."""
     num_codebooks, codebook_size, piece = codebooks.shape
-    in_features = indices.shape[1]
-    out_features = num_codebooks * piece
-    block_c, block_n = 32, 64
-    grid = (triton.cdiv(in_features, block_c), triton.cdiv(out_features, block_n))
-    _rpq_decode_transposed_kernel[grid](
-        indices, codebooks, out, in_features, out_features, CODEBOOK_SIZE=codebook_size, PIECE=piece, BLOCK_C=block_c, BLOCK_N=block_n
-    )
+    dim = num_codebooks * piece
+    rows = out.shape[0]
+    if rows:
+        block_t, block_n = 16, 128
+        grid = (triton.cdiv(rows, block_t), triton.cdiv(dim, block_n))
+        _rpq_rows_kernel[grid](
+            ids if ids is not None else indices,
+            indices,
+            codebooks,
+            out,
+            first_row,
+            rows,
+            indices.shape[1],
+            dim,
+            CODEBOOK_SIZE=codebook_size,
+            PIECE=piece,
+            HAS_IDS=ids is not None,
+            BLOCK_T=block_t,
+            BLOCK_N=block_n,
+        )
     return out
 
 
@@ -387,26 +387,10 @@ def linear_decode(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | 
     num_codebooks, _, piece = codebooks.shape
     in_features = indices.shape[1]
     out_features = num_codebooks * piece
-    weight_t = decode_transposed(
-        codebooks, indices, workspace(in_features * out_features, x.device, codebooks.dtype).view(in_features, out_features)
-    )
+    weight_t = decode_rows(codebooks, indices, workspace(in_features * out_features, x.device, codebooks.dtype).view(in_features, out_features))
     rows = x.reshape(-1, in_features).to(codebooks.dtype)
     out = torch.addmm(bias.to(rows.dtype), rows, weight_t) if bias is not None else rows @ weight_t
     return out.reshape(*x.shape[:-1], out_features).to(x.dtype)
-
-
-def _embedding_into(flat_ids: Tensor, codebooks: Tensor, indices: Tensor, out: Tensor) -> Tensor:
-    """Decode rows ``flat_ids`` (1-D) of the table into ``out`` (rows, dim), one kernel."""
-    num_codebooks, codebook_size, piece = codebooks.shape
-    dim = num_codebooks * piece
-    rows = flat_ids.numel()
-    if rows:
-        block_t, block_n = 16, 128
-        grid = (triton.cdiv(rows, block_t), triton.cdiv(dim, block_n))
-        _rpq_embedding_kernel[grid](
-            flat_ids, indices, codebooks, out, rows, indices.shape[1], dim, CODEBOOK_SIZE=codebook_size, PIECE=piece, BLOCK_T=block_t, BLOCK_N=block_n
-        )
-    return out
 
 
 def embedding(ids: Tensor, codebooks: Tensor, indices: Tensor) -> Tensor:
@@ -414,7 +398,7 @@ def embedding(ids: Tensor, codebooks: Tensor, indices: Tensor) -> Tensor:
     dim = codebooks.shape[0] * codebooks.shape[2]
     flat_ids = ids.reshape(-1)
     out = torch.empty(flat_ids.numel(), dim, device=codebooks.device, dtype=codebooks.dtype)
-    return _embedding_into(flat_ids, codebooks, indices, out).reshape(*ids.shape, dim)
+    return decode_rows(codebooks, indices, out, ids=flat_ids).reshape(*ids.shape, dim)
 
 
 def tied_head_scores(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None) -> Tensor:
@@ -452,13 +436,10 @@ def tied_head_decode(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor
     out = torch.empty(rows.shape[0], vocab, device=x.device, dtype=x.dtype)
     chunk = max(1, min(vocab, chunk_bytes // (dim * codebooks.element_size())))
     table = workspace(chunk * dim, x.device, codebooks.dtype).view(chunk, dim)
-    all_ids = torch.arange(vocab, device=x.device)
     for start in range(0, vocab, chunk):
-        ids = all_ids[start : start + chunk]
-        part = table[: ids.numel()]
-        _embedding_into(ids, codebooks, indices, part)
+        part = decode_rows(codebooks, indices, table[: min(chunk, vocab - start)], first_row=start)
         logits = rows @ part.T
         if bias is not None:
-            logits += bias[start : start + ids.numel()]
-        out[:, start : start + ids.numel()] = logits
+            logits += bias[start : start + part.shape[0]]
+        out[:, start : start + part.shape[0]] = logits
     return out.reshape(*x.shape[:-1], vocab)
