@@ -24,9 +24,12 @@ from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from model_compress.quantize import kernels, triton_dispatch, triton_kernels
-from model_compress.quantize.triton_dispatch import DECODE, FUSED, GATHER, HISTOGRAM, Route, TileConfig
+from model_compress.quantize.layout import code_bins
+from model_compress.quantize.triton_dispatch import BINNED, DECODE, FUSED, GATHER, Route, TileConfig
 
 SHAPES = [(2048, 2048), (2048, 8192), (8192, 2048)]
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
@@ -34,21 +37,25 @@ ROTATION_BYTES = 256 * 1024 * 1024  # all copies of a layer together: five times
 TARGETS = {1: 0.5, 16: 1.0, 512: 1.3}
 
 # Buckets: (upper token bound, token counts timed for it, candidates: tiles of the fused kernel, or DECODE).
-def _tiles(block_ms, block_ns, block_ks, splits, warps=(4,), stages=(3,), kind=GATHER) -> list[TileConfig]:
+def _tiles(block_ms, block_ns, block_ks, splits, warps=(4,), stages=(3,), kind=GATHER, early=((False, False),)) -> list[TileConfig]:
+    """Every combination; ``early``: (prefetch, pdl) pairs."""
     return [
-        TileConfig(m, n, k, w, s, split, kind)
+        TileConfig(m, n, k, w, s, split, kind, prefetch, pdl)
         for m in block_ms for n in block_ns for k in block_ks for split in splits for w in warps for s in stages
+        for prefetch, pdl in early
     ]
 
 
-HIST_FEW = _tiles([16], [16, 32, 64], [32, 64], [2, 4, 8, 16], warps=(8,), kind=HISTOGRAM)
+EARLY = ((False, False), (True, True))
+# Binned kernel: block_k is the code rows per step; split_k does not apply (a program owns its outputs).
+BINNED_ONE = _tiles([1], [16, 32], [128, 256, 512], [1], warps=(4, 8), kind=BINNED, early=EARLY)
 BUCKETS = [
-    (1, [1], _tiles([1], [32, 64], [128, 256], [4, 8, 16]) + HIST_FEW),
-    (4, [4], _tiles([16], [32, 64], [64, 128], [4, 8]) + HIST_FEW),
-    (16, [16], _tiles([16], [32, 64], [64, 128], [4, 8]) + HIST_FEW),
-    (64, [64], _tiles([64], [32, 64], [128], [2, 4]) + _tiles([64], [32, 64], [32, 64], [1, 2, 4], warps=(8,), kind=HISTOGRAM)),
-    (256, [128, 256], _tiles([64, 128], [64, 128], [64], [1], warps=(4, 8)) + [DECODE]),
-    (1 << 62, [512], _tiles([64, 128], [64, 128], [64], [1], warps=(4, 8)) + [DECODE]),
+    (1, [1], _tiles([1], [64], [128, 256], [8, 16], early=EARLY) + BINNED_ONE),
+    (4, [4], _tiles([16], [64], [64, 128], [4, 8], early=EARLY) + _tiles([4], [16, 32], [128, 256], [1], warps=(4, 8), kind=BINNED, early=EARLY[1:])),
+    (16, [16], _tiles([16], [32, 64], [128], [4, 8], early=EARLY) + _tiles([16], [16, 32], [128], [1], warps=(4, 8), kind=BINNED, early=EARLY[1:])),
+    (64, [64], _tiles([64], [64], [128], [2, 4], early=EARLY)),
+    (256, [128, 256], _tiles([64, 128], [64], [64], [1], warps=(4, 8)) + [DECODE]),
+    (1 << 62, [512], _tiles([128], [64, 128], [64], [1], warps=(4, 8)) + [DECODE]),
 ]
 
 
@@ -94,6 +101,7 @@ class Layers:
             )
             for _ in range(max(4, ROTATION_BYTES // self.rpq_bytes))
         ]
+        self.bins = {id(indices): code_bins(indices, 256) for _, indices in self.rpq}  # what an RPQLinear keeps
         self.in_features = in_features
         self.dtype = dtype
 
@@ -108,12 +116,25 @@ class Layers:
         """``how``: a TileConfig (fused kernel), DECODE, or None (the routed forward)."""
         x = self.input(tokens)
         if how is None:
-            forward = lambda cb, idx: kernels.linear_forward(x, cb, idx, None)  # noqa: E731
+            forward = lambda cb, idx: kernels.linear_forward(x, cb, idx, None, lambda: self.bins[id(idx)])  # noqa: E731
         elif how == DECODE:
             forward = lambda cb, idx: triton_kernels.linear_decode(x, cb, idx, None)  # noqa: E731
+        elif how.kind == BINNED:
+            forward = lambda cb, idx: triton_kernels.linear_binned(x, cb, self.bins[id(idx)], None, how)  # noqa: E731
         else:
             forward = lambda cb, idx: triton_kernels.linear_fused(x, cb, idx, None, how)  # noqa: E731
         return graph_us([lambda cb=cb, idx=idx: forward(cb, idx) for cb, idx in self.rpq])
+
+
+@triton.jit
+def _touch_kernel(out_ptr):
+    tl.store(out_ptr + tl.program_id(0), 1.0)
+
+
+def launch_floor_us(programs: int = 256) -> float:
+    """Device time per call of a kernel that only writes one value per program: the floor any layer pays."""
+    out = torch.empty(programs, device="cuda")
+    return graph_us([lambda: _touch_kernel[(programs,)](out) for _ in range(200)])
 
 
 def copy_bandwidth() -> float:
@@ -143,6 +164,10 @@ def tune(layers: dict, dense: dict) -> tuple[Route, ...]:
         label = best if best == DECODE else best.describe()
         print(f"bucket <= {bound} tokens: best {label}, mean ratio {best_ratio:.3f}; next "
               + ", ".join(f"{(c if c == DECODE else c.describe())} {r:.3f}" for r, c in scored[1:4]))
+        kinds = {c.kind for _, c in scored if c != DECODE}
+        for kind in sorted(kinds):  # the best of each kernel, so a losing kernel's distance shows
+            ratio, tile = next((r, c) for r, c in scored if c != DECODE and c.kind == kind)
+            print(f"    best {kind}: {tile.describe()} {ratio:.3f}")
         routes.append(Route(bound, DECODE) if best == DECODE else Route(bound, FUSED, best))
     return tuple(routes)
 
@@ -161,6 +186,8 @@ def main() -> None:
     print(f"device {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MB, torch {torch.__version__}")
     bandwidth = copy_bandwidth()
     print(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s (read + write)")
+    floor = launch_floor_us()
+    print(f"launch floor: {floor:.2f} us per call of a kernel that writes one value per program (256 programs, in a graph)")
 
     layers = {shape: Layers(*shape, args.codebooks, dtype) for shape in SHAPES}
     dense = {(shape, tokens): layers[shape].dense_us(tokens) for shape in SHAPES for tokens in TOKENS}
@@ -168,10 +195,7 @@ def main() -> None:
         routes = tune(layers, dense)
         print("ROUTES = (")
         for chosen in routes:
-            tile = "" if chosen.tile is None else (
-                f", TileConfig({chosen.tile.block_m}, {chosen.tile.block_n}, {chosen.tile.block_k}, num_warps={chosen.tile.num_warps}, "
-                f"num_stages={chosen.tile.num_stages}, split_k={chosen.tile.split_k})"
-            )
+            tile = "" if chosen.tile is None else f", {chosen.tile!r}"
             print(f"    Route({chosen.max_tokens if chosen.max_tokens < 1 << 62 else '1 << 62'}, {chosen.path.upper()}{tile}),")
         print(")")
         if args.save_routes:
@@ -203,7 +227,7 @@ def main() -> None:
                   f"{layers[(row['in'], row['out'])].dense_bytes / 1e6:.1f} MB at {row['dense_bandwidth_fraction']:.1%}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"device": props.name, "torch": torch.__version__, "copy_bandwidth": bandwidth, "codebooks": args.codebooks,
+            json.dump({"device": props.name, "torch": torch.__version__, "copy_bandwidth": bandwidth, "launch_floor_us": floor, "codebooks": args.codebooks,
                        "dtype": args.dtype, "routes": [asdict(r) for r in triton_dispatch.active_routes()], "rows": rows}, handle, indent=1)
 
 

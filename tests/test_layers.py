@@ -137,3 +137,37 @@ def test_tuned_routes_round_trip_through_a_file(tmp_path, monkeypatch):
         monkeypatch.delenv(triton_dispatch.ROUTES_ENV)
         triton_dispatch.active_routes.cache_clear()
     assert triton_dispatch.active_routes() == triton_dispatch.ROUTES
+
+
+@pytest.mark.parametrize("columns, codebook_size", [(37, 16), (300, 256), (2048, 256), (40000, 256)])
+def test_code_bins_group_each_codebooks_columns_by_code(columns, codebook_size):
+    from model_compress.quantize.layout import code_bins
+
+    gen = torch.Generator().manual_seed(columns)
+    # Skewed codes, as k-means gives: a few codes take many columns.
+    weights = torch.rand(codebook_size, generator=gen) ** 4
+    indices = torch.multinomial(weights, 3 * columns, replacement=True, generator=gen).view(3, columns).to(torch.uint8)
+    slots, row_codes = code_bins(indices, codebook_size)
+    rows, width = slots.shape[1:]
+    assert slots.dtype == (torch.int16 if columns <= 32767 else torch.int32)
+    assert rows & (rows - 1) == 0 and rows <= 2 * (columns // width + codebook_size)
+    x = torch.randn(columns, dtype=torch.float64, generator=gen)
+    used = slots >= 0
+    for head in range(3):
+        assert torch.equal(torch.sort(slots[head][used[head]].long()).values, torch.arange(columns))  # each column once
+        codes_of_slots = indices[head].long()[slots[head].long().clamp(min=0)]
+        assert torch.all((codes_of_slots == row_codes[head, :, None].long()) | ~used[head])  # a row holds one code
+        row_sums = torch.where(used[head], x[slots[head].long().clamp(min=0)], 0.0).sum(1)
+        hist = torch.zeros(codebook_size, dtype=torch.float64).index_add_(0, row_codes[head].long(), row_sums)
+        expected = torch.zeros(codebook_size, dtype=torch.float64).scatter_add_(0, indices[head].long(), x)
+        torch.testing.assert_close(hist, expected)
+
+
+def test_linear_keeps_its_code_bins_until_the_codes_change():
+    layer = filled(RPQLinear(64, 32, 4, 16))
+    first = layer.code_bins()
+    assert layer.code_bins() is first
+    layer.indices[0, 0] = (int(layer.indices[0, 0]) + 1) % 16
+    second = layer.code_bins()
+    assert second is not first
+    assert "_code_bins" not in layer.state_dict()

@@ -10,7 +10,7 @@ import torch
 
 from model_compress.quantize import kernels, triton_dispatch
 from model_compress.quantize.layers import RPQEmbedding, RPQLinear
-from model_compress.quantize.layout import index_dtype
+from model_compress.quantize.layout import code_bins, index_dtype
 
 from .conftest import tiny_model
 from .test_layers import filled, rel_error
@@ -54,6 +54,10 @@ SPLIT_TILES = [
     # The histogram kernel (where the tile lies in one codebook and K <= 256; else these run the gather kernel).
     triton_dispatch.TileConfig(16, 16, 64, num_warps=8, split_k=4, kind=triton_dispatch.HISTOGRAM),
     triton_dispatch.TileConfig(64, 32, 32, num_warps=8, kind=triton_dispatch.HISTOGRAM),
+    # L2 prefetch of the weights, and programmatic dependent launch (a no-op flag before Hopper).
+    triton_dispatch.TileConfig(1, 64, 256, split_k=8, prefetch=True, pdl=True),
+    triton_dispatch.TileConfig(16, 32, 64, split_k=3, prefetch=True),
+    triton_dispatch.TileConfig(1, 32, 128, prefetch=True, pdl=True),
 ]
 
 
@@ -77,6 +81,31 @@ def test_fused_linear_every_tile_matches_reference(shape, dtype):
                 assert out.dtype == dtype and out.shape == ref.shape
                 assert rel_error(out, ref) < BOUNDS[dtype], (tokens, tile.describe())
         assert rel_error(triton_kernels.linear_decode(x, codebooks, indices, bias), ref) < BOUNDS[dtype], tokens
+
+
+BINNED_TILES = [
+    triton_dispatch.TileConfig(1, 16, 256, kind=triton_dispatch.BINNED),
+    triton_dispatch.TileConfig(1, 64, 128, num_warps=8, kind=triton_dispatch.BINNED, prefetch=True, pdl=True),
+    triton_dispatch.TileConfig(4, 32, 128, kind=triton_dispatch.BINNED, prefetch=True),
+    triton_dispatch.TileConfig(16, 16, 256, num_warps=8, kind=triton_dispatch.BINNED),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_binned_linear_every_tile_matches_reference(shape, dtype):
+    in_features, out_features, num_codebooks, codebook_size = shape
+    codebooks, indices = random_codes(num_codebooks, codebook_size, out_features // num_codebooks, in_features, dtype)
+    bins = code_bins(indices, codebook_size)
+    bias = torch.randn(out_features, device=CUDA, dtype=dtype)
+    for tokens in [1, 2, 3, 16, 17, 40]:
+        x = torch.randn(tokens, in_features, device=CUDA, dtype=dtype) * 4
+        ref = reference(x, codebooks, indices, bias)
+        for tile in BINNED_TILES:
+            assert triton_kernels.binned_fits(tile, codebooks)
+            out = triton_kernels.linear_binned(x, codebooks, bins, bias, tile)
+            assert out.dtype == dtype and out.shape == ref.shape
+            assert rel_error(out, ref) < BOUNDS[dtype], (tokens, tile.describe())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -174,3 +203,38 @@ def test_whole_model_on_cuda_uses_the_kernels_and_matches_the_reference():
             del os.environ["MODEL_COMPRESS_TRITON"]
             kernels._triton_kernels.cache_clear()
     assert rel_error(fast, slow) < BOUNDS[torch.float16]
+
+
+@pytest.mark.parametrize("tile", [SPLIT_TILES[-3], SPLIT_TILES[-1], BINNED_TILES[1]], ids=lambda tile: tile.describe())
+def test_dependent_launch_chain_reads_each_input_after_it_is_written(tile):
+    """Eight layers, each fed the previous one's output: with PDL a program starts before its input is
+    written, so a read of x before ``gdc_wait`` would show here (eagerly and in a replayed CUDA graph)."""
+    width, depth = 2048, 8
+    layers = [random_codes(32, 256, width // 32, width, torch.float32, seed=seed) for seed in range(depth)]
+    layers = [(codebooks / width**0.5, indices) for codebooks, indices in layers]  # keeps the activations near unit size
+    bins = {id(indices): code_bins(indices, 256) for _, indices in layers}
+
+    def chain(x, forward):
+        for codebooks, indices in layers:
+            x = forward(x, codebooks, indices)
+        return x
+
+    def fused(x, codebooks, indices):
+        if tile.kind == triton_dispatch.BINNED:
+            return triton_kernels.linear_binned(x, codebooks, bins[id(indices)], None, tile)
+        return triton_kernels.linear_fused(x, codebooks, indices, None, tile)
+
+    def exact(x, codebooks, indices):
+        return kernels.linear_reference(x.double(), codebooks.double(), indices, None).float()
+
+    x = torch.randn(1, width, device=CUDA)
+    assert rel_error(chain(x, fused), chain(x, exact)) < 1e-4
+    with torch.inference_mode():
+        out = chain(x, fused)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(x, fused)
+        for _ in range(3):
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+            assert rel_error(out, chain(x, exact)) < 1e-4

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,13 +78,21 @@ def linear_histogram(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor
     return out if bias is None else out + bias
 
 
-def linear_forward(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None) -> Tensor:
-    """RPQ Linear forward: the routed Triton path on CUDA; else the histogram form for few tokens, decode + GEMM otherwise."""
+def linear_forward(
+    x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None, bins: Callable[[], tuple[Tensor, Tensor]] | None = None
+) -> Tensor:
+    """RPQ Linear forward: the routed Triton path on CUDA; else the histogram form for few tokens, decode + GEMM otherwise.
+
+    ``bins`` gives ``layout.code_bins`` of ``indices`` (kept by the module, made on first use) for
+    the binned kernel; without it that route falls back to the gather kernel.
+    """
     tokens = x.numel() // indices.shape[1]
     triton_kernels = gpu_kernels(x)
     if triton_kernels is not None:
         chosen = triton_dispatch.route(tokens)
         if chosen.path == triton_dispatch.FUSED:
+            if bins is not None and triton_kernels.binned_fits(chosen.tile, codebooks):
+                return triton_kernels.linear_binned(x, codebooks, bins(), bias, chosen.tile)
             return triton_kernels.linear_fused(x, codebooks, indices, bias, chosen.tile)
         return triton_kernels.linear_decode(x, codebooks, indices, bias)
     if tokens <= HISTOGRAM_TOKENS_PER_PIECE * codebooks.shape[2]:

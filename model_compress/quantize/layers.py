@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .layout import EMBEDDING, LINEAR, decode, index_dtype
+from .layout import EMBEDDING, LINEAR, code_bins, decode, index_dtype
 
 
 def _register_codes(
@@ -51,8 +51,20 @@ class RPQLinear(nn.Module):
         """The dense (out, in) weight these codes stand for."""
         return decode(self.codebooks, self.indices, LINEAR)
 
+    def code_bins(self) -> tuple[Tensor, Tensor]:
+        """``layout.code_bins`` of the codes, for the GPU's binned kernel: made on first use, again if the codes change.
+
+        Not a buffer: derived data, never saved; it costs 2 bytes per code (4 above 32767 inputs).
+        """
+        key = (self.indices.data_ptr(), self.indices.device, self.indices._version)
+        cached = self.__dict__.get("_code_bins")
+        if cached is None or cached[0] != key:
+            cached = (key, code_bins(self.indices, self.codebook_size))
+            self.__dict__["_code_bins"] = cached
+        return cached[1]
+
     def forward(self, x: Tensor) -> Tensor:
-        return kernels.linear_forward(x, self.codebooks, self.indices, self.bias)
+        return kernels.linear_forward(x, self.codebooks, self.indices, self.bias, self.code_bins)
 
     def extra_repr(self) -> str:
         return (

@@ -12,6 +12,8 @@ the (M, n, D) pieces that k-means clusters, and codebooks + indices back into th
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -73,3 +75,34 @@ def code_scores(x: Tensor, codebooks: Tensor) -> Tensor:
     num_codebooks, _, piece = codebooks.shape
     rows = x.reshape(-1, num_codebooks, piece).transpose(0, 1)  # (M, tokens, D)
     return torch.bmm(rows.to(codebooks.dtype), codebooks.transpose(1, 2))
+
+
+def code_bins(indices: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
+    """Per codebook, the columns grouped by code into rows of ``width`` slots: the one-hot matrix in ELL form.
+
+    Row r of codebook h holds up to ``width`` columns that all have code ``row_codes[h, r]`` (a code
+    with more columns takes several rows; empty slots are -1). Then ``sum_r (sum of x over row r's
+    slots) * codebooks[h, row_codes[h, r]]`` is output piece h: one gather of x per column and one
+    codebook row per row, no scatter (the binned GPU kernel). ``width`` is the mean column count per
+    code rounded up to a power of two (at most 16), so there are at most ``columns / width + K`` rows;
+    the row count is padded to a power of two. Slots are int16 (int32 above 32767 columns).
+    Returns ``slots`` (M, rows, width) and ``row_codes`` (M, rows) int32.
+    """
+    num_codebooks, columns = indices.shape
+    width = 1 << max(0, min(4, math.ceil(math.log2(max(1.0, columns / codebook_size)))))
+    codes, order = torch.sort(indices.long(), dim=1, stable=True)
+    counts = torch.zeros(num_codebooks, codebook_size, dtype=torch.long, device=indices.device).scatter_add_(
+        1, codes, torch.ones_like(codes)
+    )
+    rows_per_code = (counts + width - 1) // width
+    first_row = torch.cumsum(rows_per_code, 1) - rows_per_code
+    run_start = torch.cumsum(counts, 1) - counts
+    position = torch.arange(columns, device=indices.device) - run_start.gather(1, codes)  # place inside its code's run
+    row = first_row.gather(1, codes) + position // width
+    rows = 1 << math.ceil(math.log2(max(1, int(rows_per_code.sum(1).max()))))
+    slot_dtype = torch.int16 if columns <= torch.iinfo(torch.int16).max else torch.int32
+    slots = torch.full((num_codebooks, rows * width), -1, dtype=slot_dtype, device=indices.device)
+    slots.scatter_(1, row * width + position % width, order.to(slot_dtype))
+    row_codes = torch.zeros(num_codebooks, rows, dtype=torch.int32, device=indices.device)
+    row_codes.scatter_(1, row, codes.to(torch.int32))
+    return slots.view(num_codebooks, rows, width), row_codes

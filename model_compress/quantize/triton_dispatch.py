@@ -21,6 +21,7 @@ FUSED = "fused"
 DECODE = "decode"
 GATHER = "gather"  # fused kernel: codebook rows gathered into each tile
 HISTOGRAM = "histogram"  # fused kernel: x @ one-hot(codes), then @ codebook slice (tensor cores, no gather)
+BINNED = "binned"  # fused kernel: histogram from the inputs sorted by code (prefix sums), then @ codebook slice
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class TileConfig:
     num_stages: int = 2
     split_k: int = 1  # programs sharing one output tile, each over a slice of the inputs (more parallelism for few tokens)
     kind: str = GATHER
+    prefetch: bool = False  # gather kernel: L2 prefetch of the program's codes and codebook slice before anything waits
+    pdl: bool = False  # programmatic dependent launch (Hopper on): weights prefetched while the previous kernel ends
 
     @property
     def use_dot(self) -> bool:
@@ -41,8 +44,9 @@ class TileConfig:
         return self.block_m >= 16 or self.kind == HISTOGRAM
 
     def describe(self) -> str:
-        prefix = "hist " if self.kind == HISTOGRAM else ""
-        return f"{prefix}m{self.block_m} n{self.block_n} k{self.block_k} w{self.num_warps} s{self.num_stages} split{self.split_k}"
+        prefix = {HISTOGRAM: "hist ", BINNED: "binned "}.get(self.kind, "")
+        suffix = (" pf" if self.prefetch else "") + (" pdl" if self.pdl else "")
+        return f"{prefix}m{self.block_m} n{self.block_n} k{self.block_k} w{self.num_warps} s{self.num_stages} split{self.split_k}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -56,10 +60,10 @@ class Route:
 
 # Upper token bounds with their route; the last bound catches everything larger.
 ROUTES: tuple[Route, ...] = (
-    Route(1, FUSED, TileConfig(1, 64, 256, num_warps=4, num_stages=3, split_k=8)),
+    Route(1, FUSED, TileConfig(1, 16, 512, num_warps=4, num_stages=3, kind=BINNED)),
     Route(4, FUSED, TileConfig(16, 64, 64, num_warps=4, num_stages=3, split_k=8)),
     Route(16, FUSED, TileConfig(16, 32, 128, num_warps=4, num_stages=3, split_k=8)),
-    Route(64, FUSED, TileConfig(64, 64, 128, num_warps=4, num_stages=3, split_k=4)),
+    Route(64, FUSED, TileConfig(64, 64, 128, num_warps=4, num_stages=3, split_k=4, prefetch=True, pdl=True)),
     Route(1 << 62, DECODE),
 )
 

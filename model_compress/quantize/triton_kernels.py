@@ -19,13 +19,17 @@ a CUDA graph. Which path and which tile sizes a call takes is decided in ``trito
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .layout import code_scores
-from .triton_dispatch import HISTOGRAM, TileConfig
+from .triton_dispatch import BINNED, HISTOGRAM, TileConfig
 
 
 @triton.jit
@@ -55,6 +59,10 @@ def _rpq_linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    LINE: tl.constexpr,
+    CODE_LINES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -68,7 +76,8 @@ def _rpq_linear_kernel(
         first = pid_n * BLOCK_N
         head = first // PIECE
         code_row = codes_ptr + head * in_features
-        row_base = codebooks_ptr + head * CODEBOOK_SIZE * PIECE + (first - head * PIECE) + tl.arange(0, BLOCK_N)
+        slice_base = codebooks_ptr + head * CODEBOOK_SIZE * PIECE + (first - head * PIECE)
+        row_base = slice_base + tl.arange(0, BLOCK_N)
     else:
         # Outputs of several codebooks (short pieces): one code per (input, output) pair.
         heads = offs_n // PIECE
@@ -76,6 +85,17 @@ def _rpq_linear_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_begin = pid_k * chunk_k
     k_end = tl.minimum(k_begin + chunk_k, in_features)
+    if PDL:
+        gdc_launch_dependents()  # the next layer's programs may start their own weight prefetch
+    if PREFETCH and ONE_CODEBOOK:
+        # Weights do not depend on the previous kernel: ask L2 for this program's codes and whole codebook
+        # slice now, so the gathers below (which wait for the codes) find their rows on chip.
+        code_lines = k_begin + tl.arange(0, CODE_LINES) * 128
+        _prefetch_l2(code_row + code_lines, code_lines < k_end)
+        lines = tl.arange(0, CODEBOOK_SIZE)[:, None] * PIECE + tl.arange(0, (BLOCK_N + LINE - 1) // LINE)[None, :] * LINE
+        _prefetch_l2(slice_base + lines, lines >= 0)
+    if PDL:
+        gdc_wait()  # x is the previous kernel's output: wait for it only now
     for start in range(k_begin, k_end, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
         mask_k = offs_k < in_features
@@ -105,6 +125,94 @@ def _rpq_linear_kernel(
             acc += tl.sum(x[:, :, None].to(tl.float32) * w[None, :, :].to(tl.float32), axis=1)
     _store_tile(acc, partial_ptr, counter_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, tokens, out_features,
                 stride_out, split_k, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _rpq_binned_kernel(
+    x_ptr,
+    slots_ptr,
+    row_codes_ptr,
+    codebooks_ptr,
+    bias_ptr,
+    out_ptr,
+    tokens,
+    rows,
+    stride_x,
+    stride_out,
+    CODEBOOK_SIZE: tl.constexpr,
+    PIECE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WIDTH: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROW_BLOCK: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    SLOT_LINES: tl.constexpr,
+    LINE: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Few tokens: piece h of y is sum over rows r of (x summed over row r's inputs) * codebooks[h, code of r].
+
+    ``layout.code_bins`` groups each codebook's inputs by code into rows of WIDTH slots, so the
+    kernel gathers x once per input and one codebook row per row: D times less work than gathering
+    a codebook row per input, every codebook row read once, and nothing to wait for between the
+    weights' loads (no codes -> rows chain). A program owns its outputs: no split-K hand-over.
+    Programs of one codebook (one per BLOCK_N outputs) each redo the row sums, which are cheap.
+    """
+    tiles: tl.constexpr = (PIECE + BLOCK_N - 1) // BLOCK_N
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    head = pid_n // tiles
+    offs_d = (pid_n - head * tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_d = offs_d < PIECE
+    slot_base = slots_ptr + head * rows * WIDTH
+    code_base = row_codes_ptr + head * rows
+    slice_base = codebooks_ptr + head * CODEBOOK_SIZE * PIECE + (pid_n - head * tiles) * BLOCK_N
+    if PDL:
+        gdc_launch_dependents()
+    if PREFETCH:
+        # Weights only: ask L2 for this program's slots, row codes and codebook slice while x may not exist yet.
+        slot_lines = tl.arange(0, SLOT_LINES) * 64  # 128-byte lines of int16 slots
+        _prefetch_l2(slot_base + slot_lines, slot_lines < rows * WIDTH)
+        code_lines = tl.arange(0, SLOT_LINES) * 32
+        _prefetch_l2(code_base + code_lines, code_lines < rows)
+        lines = tl.arange(0, CODEBOOK_SIZE)[:, None] * PIECE + tl.arange(0, (BLOCK_N + LINE - 1) // LINE)[None, :] * LINE
+        _prefetch_l2(slice_base + lines, lines >= 0)
+    if PDL:
+        gdc_wait()  # x is the previous kernel's output
+    token_rows = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for first in range(0, rows, ROW_BLOCK):
+        offs_r = first + tl.arange(0, ROW_BLOCK)
+        codes = tl.load(code_base + offs_r)
+        slots = tl.load(slot_base + offs_r[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]).to(tl.int32)
+        used = slots >= 0
+        codebook_rows = tl.load(slice_base + codes[:, None] * PIECE + tl.arange(0, BLOCK_N)[None, :], mask=mask_d[None, :], other=0.0)
+        for row in tl.static_range(BLOCK_M):
+            token = pid_m * BLOCK_M + row
+            picked = tl.load(x_ptr + token * stride_x + slots, mask=used & (token < tokens), other=0.0)
+            sums = tl.sum(picked.to(tl.float32), axis=1)  # (ROW_BLOCK,)
+            part = tl.sum(sums[:, None] * codebook_rows.to(tl.float32), axis=0)  # (BLOCK_N,)
+            acc += tl.where(token_rows[:, None] == row, part[None, :], 0.0)
+    offs_m = pid_m * BLOCK_M + token_rows
+    offs_n = head * PIECE + offs_d
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    mask = (offs_m < tokens)[:, None] & mask_d[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_out + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _prefetch_l2(pointers, mask):
+    """``prefetch.global.L2`` of the cache lines at ``pointers`` (where ``mask``): no registers, no wait."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+        "=r,l,r",
+        [pointers, mask.to(tl.int32)],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
 
 
 @triton.jit
@@ -272,6 +380,15 @@ def _rows(x: Tensor, width: int) -> Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # the CPU interpreter runs no inline PTX
+
+
+@functools.cache
+def _hopper_or_later(device: torch.device) -> bool:
+    """Programmatic dependent launch (``griddepcontrol``) needs compute capability 9.0."""
+    return not INTERPRETED and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def histogram_fits(config: TileConfig, codebooks: Tensor) -> bool:
     """The histogram kernel takes a tile asking for it when the tile lies in one codebook, K <= 256, and not float32."""
     _, codebook_size, piece = codebooks.shape
@@ -320,13 +437,70 @@ def linear_fused(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | N
         if histogram_fits(config, codebooks):
             _rpq_histogram_kernel[(tiles_n, tiles_m, split)](*common, **sizes)
         else:
+            pdl = config.pdl and _hopper_or_later(x.device)
             _rpq_linear_kernel[(tiles_n, tiles_m, split)](
                 *common,
                 ONE_CODEBOOK=piece % config.block_n == 0,
                 USE_DOT=config.use_dot,
                 DOT_IEEE=codebooks.dtype == torch.float32,  # float32 stays float32 (no TF32), as in the reference
+                PREFETCH=config.prefetch and not INTERPRETED,
+                LINE=128 // codebooks.element_size(),
+                CODE_LINES=triton.next_power_of_2(triton.cdiv(chunk, 128)),
+                PDL=pdl,
+                launch_pdl=pdl,
                 **sizes,
             )
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def binned_fits(config: TileConfig, codebooks: Tensor) -> bool:
+    """The binned kernel takes few-token tiles (its token loop is unrolled) and K up to 1024 (its prefetch list)."""
+    return config.kind == BINNED and config.block_m <= 16 and codebooks.shape[1] <= 1024
+
+
+def linear_binned(x: Tensor, codebooks: Tensor, bins: tuple[Tensor, Tensor], bias: Tensor | None, config: TileConfig) -> Tensor:
+    """y = x W^T + b for few tokens from the codes grouped by value (``bins`` = ``layout.code_bins(indices, K)``).
+
+    ``block_k`` is the rows per step; ``split_k`` does not apply (a program owns its outputs).
+    """
+    slots, row_codes = bins
+    num_codebooks, codebook_size, piece = codebooks.shape
+    _, rows, width = slots.shape
+    out_features = num_codebooks * piece
+    in_features = x.shape[-1]
+    rows_in = _rows(x.to(codebooks.dtype), in_features)
+    tokens = rows_in.shape[0]
+    out = torch.empty(tokens, out_features, device=x.device, dtype=x.dtype)
+    if tokens:
+        block_n = min(config.block_n, triton.next_power_of_2(piece))
+        grid = (num_codebooks * triton.cdiv(piece, block_n), triton.cdiv(tokens, config.block_m))
+        pdl = config.pdl and _hopper_or_later(x.device)
+        _rpq_binned_kernel[grid](
+            rows_in,
+            slots,
+            row_codes,
+            codebooks,
+            bias if bias is not None else codebooks,
+            out,
+            tokens,
+            rows,
+            rows_in.stride(0),
+            out.stride(0),
+            CODEBOOK_SIZE=codebook_size,
+            PIECE=piece,
+            HAS_BIAS=bias is not None,
+            WIDTH=width,
+            BLOCK_M=config.block_m,
+            BLOCK_N=block_n,
+            ROW_BLOCK=min(config.block_k, rows),
+            PREFETCH=config.prefetch and not INTERPRETED and slots.dtype == torch.int16,
+            SLOT_LINES=triton.next_power_of_2(triton.cdiv(rows * max(2 * width, 4), 128)),  # covers slots and row codes
+            LINE=128 // codebooks.element_size(),
+            PDL=pdl,
+            launch_pdl=pdl,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
     return out.reshape(*x.shape[:-1], out_features)
 
 
