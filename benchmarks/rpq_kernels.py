@@ -102,6 +102,9 @@ class Layers:
             for _ in range(max(4, ROTATION_BYTES // self.rpq_bytes))
         ]
         self.bins = {id(indices): code_bins(indices, 256) for _, indices in self.rpq}  # what an RPQLinear keeps
+        slots, row_codes = next(iter(self.bins.values()))
+        # What the batch-1 (binned) kernel reads: codebooks and code rows (it does not read the codes).
+        self.rpq_bytes = num_codebooks * 256 * piece * 2 + slots.numel() * slots.element_size() + row_codes.numel() * 4
         self.in_features = in_features
         self.dtype = dtype
 

@@ -1,11 +1,12 @@
 """Triton kernels for the RPQ forward on CUDA: the weight is decoded tile by tile in registers, never whole.
 
-Linear (``W[h*D + d, c] = codebooks[h, indices[h, c], d]``): one kernel for every batch size. A
-program owns a (tokens x outputs) tile of ``y``; for each slice of inputs it reads the slice's codes,
-gathers the matching codebook rows (a few KB per codebook, so they come from L1/L2, not memory),
-and multiplies them with ``x``: with tensor cores (``tl.dot``) from 16 tokens on, as a broadcast
-multiply-sum below. Memory traffic is the codes plus each codebook once, about an eighth of the
-dense weight at the default M=32, K=256. ``linear_decode`` is the other large-batch path: decode
+Linear (``W[h*D + d, c] = codebooks[h, indices[h, c], d]``). One token (decoding): the binned kernel,
+from the codes grouped by value (``layout.code_bins``): x summed over each group, times the group's
+codebook row. A few tokens: the gather kernel, where a program owns a (tokens x outputs) tile of
+``y``; for each slice of inputs it reads the slice's codes, gathers the matching codebook rows (a
+few KB per codebook, so they come from L1/L2, not memory), and multiplies them with ``x``: with
+tensor cores (``tl.dot``) from 16 tokens on, as a broadcast multiply-sum below. Memory traffic is
+the codes plus each codebook once, about an eighth of the dense weight at the default M=32, K=256. ``linear_decode`` is the other large-batch path: decode
 ``W^T`` into a reused workspace with one kernel, then cuBLAS.
 
 Embedding: one gather kernel for the rows asked for. Tied LM head: ``x_h @ codebooks[h]^T`` scores
