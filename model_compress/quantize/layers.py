@@ -54,7 +54,9 @@ class RPQLinear(nn.Module):
     def code_bins(self) -> tuple[Tensor, Tensor]:
         """``layout.code_bins`` of the codes, for the GPU's binned kernel: made on first use, again if the codes change.
 
-        Not a buffer: derived data, never saved; it costs 2 bytes per code (4 above 32767 inputs).
+        Not a buffer: derived data, never saved; about 2-4 bytes per code on the device. Building it
+        reads one size back to the host, so run a forward before capturing a CUDA graph (as any
+        capture needs a warm-up).
         """
         key = (self.indices.data_ptr(), self.indices.device, self.indices._version)
         cached = self.__dict__.get("_code_bins")
