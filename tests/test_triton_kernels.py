@@ -51,9 +51,6 @@ def reference(x: torch.Tensor, codebooks: torch.Tensor, indices: torch.Tensor, b
 SPLIT_TILES = [
     triton_dispatch.TileConfig(1, 16, 128, split_k=8),
     triton_dispatch.TileConfig(16, 32, 64, split_k=3),
-    # The histogram kernel (where the tile lies in one codebook and K <= 256; else these run the gather kernel).
-    triton_dispatch.TileConfig(16, 16, 64, num_warps=8, split_k=4, kind=triton_dispatch.HISTOGRAM),
-    triton_dispatch.TileConfig(64, 32, 32, num_warps=8, kind=triton_dispatch.HISTOGRAM),
     # L2 prefetch of the weights, and programmatic dependent launch (a no-op flag before Hopper).
     triton_dispatch.TileConfig(1, 64, 256, split_k=8, prefetch=True, pdl=True),
     triton_dispatch.TileConfig(16, 32, 64, split_k=3, prefetch=True),

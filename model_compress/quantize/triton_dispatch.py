@@ -20,8 +20,7 @@ from pathlib import Path
 FUSED = "fused"
 DECODE = "decode"
 GATHER = "gather"  # fused kernel: codebook rows gathered into each tile
-HISTOGRAM = "histogram"  # fused kernel: x @ one-hot(codes), then @ codebook slice (tensor cores, no gather)
-BINNED = "binned"  # fused kernel: histogram from the inputs sorted by code (prefix sums), then @ codebook slice
+BINNED = "binned"  # one-token kernel: x summed over the inputs of each code (layout.code_bins), times that codebook row
 
 
 @dataclass(frozen=True)
@@ -41,10 +40,10 @@ class TileConfig:
     @property
     def use_dot(self) -> bool:
         """Tensor cores need 16 rows; fewer tokens take the broadcast multiply-sum."""
-        return self.block_m >= 16 or self.kind == HISTOGRAM
+        return self.block_m >= 16
 
     def describe(self) -> str:
-        prefix = {HISTOGRAM: "hist ", BINNED: "binned "}.get(self.kind, "")
+        prefix = "binned " if self.kind == BINNED else ""
         suffix = (" pf" if self.prefetch else "") + (" pdl" if self.pdl else "")
         return f"{prefix}m{self.block_m} n{self.block_n} k{self.block_k} w{self.num_warps} s{self.num_stages} split{self.split_k}{suffix}"
 

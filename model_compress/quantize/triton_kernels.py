@@ -30,7 +30,7 @@ from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .layout import code_scores
-from .triton_dispatch import BINNED, HISTOGRAM, TileConfig
+from .triton_dispatch import BINNED, TileConfig
 
 
 @triton.jit
@@ -217,68 +217,6 @@ def _prefetch_l2(pointers, mask):
 
 
 @triton.jit
-def _rpq_histogram_kernel(
-    x_ptr,
-    codes_ptr,
-    codebooks_ptr,
-    bias_ptr,
-    out_ptr,
-    partial_ptr,
-    counter_ptr,
-    tokens,
-    in_features,
-    out_features,
-    stride_x,
-    stride_out,
-    split_k,
-    chunk_k,
-    CODEBOOK_SIZE: tl.constexpr,
-    PIECE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SPLIT: tl.constexpr,
-):
-    """y_h = hist_h @ codebooks[h] with hist_h = x @ one-hot(codes): two tensor-core products, no gather.
-
-    The codebook slice is read with a plain coalesced load that does not wait for the codes, so the
-    program's memory reads all go out at once (the gather form waits for the codes, then the rows).
-    The tile must lie inside one codebook (PIECE % BLOCK_N == 0).
-    """
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < tokens
-    first = pid_n * BLOCK_N
-    head = first // PIECE
-    code_values = tl.arange(0, CODEBOOK_SIZE)
-    slice_ptrs = codebooks_ptr + head * CODEBOOK_SIZE * PIECE + code_values[:, None] * PIECE + (first - head * PIECE) + tl.arange(0, BLOCK_N)[None, :]
-    codebook = tl.load(slice_ptrs)  # (K, BLOCK_N)
-    hist = tl.zeros((BLOCK_M, CODEBOOK_SIZE), dtype=tl.float32)
-    k_begin = pid_k * chunk_k
-    k_end = tl.minimum(k_begin + chunk_k, in_features)
-    for start in range(k_begin, k_end, BLOCK_K):
-        offs_k = start + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < in_features
-        x_ptrs = x_ptr + offs_m[:, None] * stride_x + offs_k[None, :]
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-            codes = tl.load(codes_ptr + head * in_features + offs_k).to(tl.int32)
-        else:
-            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            codes = tl.load(codes_ptr + head * in_features + offs_k, mask=mask_k, other=-1).to(tl.int32)
-        one_hot = (codes[:, None] == code_values[None, :]).to(x.dtype)  # (BLOCK_K, K)
-        hist = tl.dot(x, one_hot, hist)
-    acc = tl.dot(hist.to(codebook.dtype), codebook)
-    _store_tile(acc, partial_ptr, counter_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m, offs_n < out_features, tokens,
-                out_features, stride_out, split_k, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
 def _store_tile(acc, partial_ptr, counter_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, tokens, out_features,
                 stride_out, split_k, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Store a finished tile, or (split-K) leave a partial sum and let the tile's last program add them up.
@@ -390,20 +328,8 @@ def _hopper_or_later(device: torch.device) -> bool:
     return not INTERPRETED and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def histogram_fits(config: TileConfig, codebooks: Tensor) -> bool:
-    """The histogram kernel takes a tile asking for it when the tile lies in one codebook, K <= 256, and not float32."""
-    _, codebook_size, piece = codebooks.shape
-    return (
-        config.kind == HISTOGRAM
-        and codebook_size <= 256
-        and codebook_size & (codebook_size - 1) == 0
-        and piece % config.block_n == 0
-        and codebooks.dtype != torch.float32
-    )
-
-
 def linear_fused(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None, config: TileConfig) -> Tensor:
-    """y = x W^T + b without W: codebook rows gathered into each tile of the matmul (or the histogram form)."""
+    """y = x W^T + b without W: codebook rows gathered into each tile of the matmul."""
     num_codebooks, codebook_size, piece = codebooks.shape
     in_features = indices.shape[1]
     out_features = num_codebooks * piece
@@ -435,22 +361,19 @@ def linear_fused(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | N
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )
-        if histogram_fits(config, codebooks):
-            _rpq_histogram_kernel[(tiles_n, tiles_m, split)](*common, **sizes)
-        else:
-            pdl = config.pdl and _hopper_or_later(x.device)
-            _rpq_linear_kernel[(tiles_n, tiles_m, split)](
-                *common,
-                ONE_CODEBOOK=piece % config.block_n == 0,
-                USE_DOT=config.use_dot,
-                DOT_IEEE=codebooks.dtype == torch.float32,  # float32 stays float32 (no TF32), as in the reference
-                PREFETCH=config.prefetch and not INTERPRETED,
-                LINE=128 // codebooks.element_size(),
-                CODE_LINES=triton.next_power_of_2(triton.cdiv(chunk, 128)),
-                PDL=pdl,
-                launch_pdl=pdl,
-                **sizes,
-            )
+        pdl = config.pdl and _hopper_or_later(x.device)
+        _rpq_linear_kernel[(tiles_n, tiles_m, split)](
+            *common,
+            ONE_CODEBOOK=piece % config.block_n == 0,
+            USE_DOT=config.use_dot,
+            DOT_IEEE=codebooks.dtype == torch.float32,  # float32 stays float32 (no TF32), as in the reference
+            PREFETCH=config.prefetch and not INTERPRETED,
+            LINE=128 // codebooks.element_size(),
+            CODE_LINES=triton.next_power_of_2(triton.cdiv(chunk, 128)),
+            PDL=pdl,
+            launch_pdl=pdl,
+            **sizes,
+        )
     return out.reshape(*x.shape[:-1], out_features)
 
 
