@@ -93,8 +93,7 @@ def _rpq_linear_kernel(
         # slice now, so the gathers below (which wait for the codes) find their rows on chip.
         code_lines = k_begin + tl.arange(0, CODE_LINES) * 128
         _prefetch_l2(code_row + code_lines, code_lines < k_end)
-        lines = tl.arange(0, CODEBOOK_SIZE)[:, None] * PIECE + tl.arange(0, (BLOCK_N + LINE - 1) // LINE)[None, :] * LINE
-        _prefetch_l2(slice_base + lines, lines >= 0)
+        _prefetch_codebook_slice(slice_base, CODEBOOK_SIZE, PIECE, BLOCK_N, LINE)
     if PDL:
         gdc_wait()  # x is the previous kernel's output: wait for it only now
     for start in range(k_begin, k_end, BLOCK_K):
@@ -177,8 +176,7 @@ def _rpq_binned_kernel(
         _prefetch_l2(slot_base + slot_lines, slot_lines < rows * WIDTH)
         code_lines = tl.arange(0, SLOT_LINES) * 32
         _prefetch_l2(code_base + code_lines, code_lines < rows)
-        lines = tl.arange(0, CODEBOOK_SIZE)[:, None] * PIECE + tl.arange(0, (BLOCK_N + LINE - 1) // LINE)[None, :] * LINE
-        _prefetch_l2(slice_base + lines, lines >= 0)
+        _prefetch_codebook_slice(slice_base, CODEBOOK_SIZE, PIECE, BLOCK_N, LINE)
     if PDL:
         gdc_wait()  # x is the previous kernel's output
     token_rows = tl.arange(0, BLOCK_M)
@@ -201,6 +199,13 @@ def _rpq_binned_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=mask_d, other=0.0).to(tl.float32)[None, :]
     mask = (offs_m < tokens)[:, None] & mask_d[None, :]
     tl.store(out_ptr + offs_m[:, None] * stride_out + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _prefetch_codebook_slice(slice_base, CODEBOOK_SIZE: tl.constexpr, PIECE: tl.constexpr, BLOCK_N: tl.constexpr, LINE: tl.constexpr):
+    """L2 prefetch of BLOCK_N columns of every row of one codebook (LINE elements per 128-byte line)."""
+    lines = tl.arange(0, CODEBOOK_SIZE)[:, None] * PIECE + tl.arange(0, (BLOCK_N + LINE - 1) // LINE)[None, :] * LINE
+    _prefetch_l2(slice_base + lines, lines >= 0)
 
 
 @triton.jit
