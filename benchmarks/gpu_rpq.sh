@@ -34,6 +34,8 @@ opt)
     -k "fused or routed or capturable or whole_model" 2>&1 | tee "$OUT/tests_tuned.log" | tail -4
   python3 benchmarks/rpq_decode.py opt-1.3b --name opt-1.3b --workdir /tmp/w --out "$OUT" --repeats 2 --profile \
     --tokenizer /tmp/w/smollm2-135m-rpq32 2>&1 | tee "$OUT/opt.log" | tail -60
+  echo "== memory split"
+  python3 benchmarks/rpq_memory.py /tmp/w/opt-1.3b-random /tmp/w/opt-1.3b-rpq32 --json "$OUT/memory_opt.json" 2>&1 | tee "$OUT/memory_opt.log" | tail -5
   ;;
 smol)
   [ -f /tmp/smol/smol.part-a ] || { echo "error: /tmp/smol/smol.part-a is missing (machine given back); start again" >&2; exit 2; }
@@ -41,5 +43,7 @@ smol)
   echo "$(cat .device/evalB/smol.sha256)  $GGUF" | sha256sum -c || exit 1
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/evalB/*.whl || exit 1
   python3 benchmarks/rpq_decode.py "$GGUF" --name smollm2-135m --workdir /tmp/w --out "$OUT" --repeats 2 --profile 2>&1 | tee "$OUT/smol.log" | tail -60
+  echo "== memory split"
+  python3 benchmarks/rpq_memory.py "$GGUF" /tmp/w/smollm2-135m-rpq32 --json "$OUT/memory_smol.json" 2>&1 | tee "$OUT/memory_smol.log" | tail -5
   ;;
 esac

@@ -47,12 +47,14 @@ def _tiles(block_ms, block_ns, block_ks, splits, warps=(4,), stages=(3,), kind=G
 
 
 EARLY = ((False, False), (True, True))
-# Binned kernel: block_k is the code rows per step; split_k does not apply (a program owns its outputs).
-BINNED_ONE = _tiles([1], [16, 32], [128, 256, 512], [1], warps=(4, 8), kind=BINNED, early=EARLY)
+# Binned kernel: block_k is the code rows per step (with PDL and all rows in one step, the weights are
+# loaded before the wait for x); split_k does not apply (a program owns its outputs). It lost every
+# bucket above one token in the second round (1.7x at 4 tokens, 7.8x at 16), so it is tried for one.
+BINNED_ONE = _tiles([1], [8, 16], [512, 1024], [1], warps=(2, 4, 8), kind=BINNED, early=EARLY + ((False, True),))
 BUCKETS = [
-    (1, [1], _tiles([1], [64], [128, 256], [8, 16], early=EARLY) + BINNED_ONE),
-    (4, [4], _tiles([16], [64], [64, 128], [4, 8], early=EARLY) + _tiles([4], [16, 32], [128, 256], [1], warps=(4, 8), kind=BINNED, early=EARLY[1:])),
-    (16, [16], _tiles([16], [32, 64], [128], [4, 8], early=EARLY) + _tiles([16], [16, 32], [128], [1], warps=(4, 8), kind=BINNED, early=EARLY[1:])),
+    (1, [1], _tiles([1], [64], [256], [8], early=EARLY[1:]) + BINNED_ONE),
+    (4, [4], _tiles([16], [64], [64, 128], [4, 8], early=EARLY)),
+    (16, [16], _tiles([16], [32, 64], [128], [4, 8, 16], early=EARLY)),
     (64, [64], _tiles([64], [64], [128], [2, 4], early=EARLY)),
     (256, [128, 256], _tiles([64, 128], [64], [64], [1], warps=(4, 8)) + [DECODE]),
     (1 << 62, [512], _tiles([128], [64, 128], [64], [1], warps=(4, 8)) + [DECODE]),
@@ -104,7 +106,7 @@ class Layers:
         self.bins = {id(indices): code_bins(indices, 256) for _, indices in self.rpq}  # what an RPQLinear keeps
         slots, row_codes = next(iter(self.bins.values()))
         # What the batch-1 (binned) kernel reads: codebooks and code rows (it does not read the codes).
-        self.rpq_bytes = num_codebooks * 256 * piece * 2 + slots.numel() * slots.element_size() + row_codes.numel() * 4
+        self.rpq_bytes = num_codebooks * 256 * piece * 2 + slots.numel() * slots.element_size() + row_codes.numel() * row_codes.element_size()
         self.in_features = in_features
         self.dtype = dtype
 
@@ -127,6 +129,20 @@ class Layers:
         else:
             forward = lambda cb, idx: triton_kernels.linear_fused(x, cb, idx, None, how)  # noqa: E731
         return graph_us([lambda cb=cb, idx=idx: forward(cb, idx) for cb, idx in self.rpq])
+
+
+def trio_us(layers: Layers, tile: TileConfig) -> dict:
+    """q/k/v: three layers of one shape on the same one-token x: dense, RPQ one launch each, RPQ one launch for all."""
+    x = layers.input(1)
+    trios = [layers.rpq[i : i + 3] for i in range(0, len(layers.rpq) - 2, 3)]
+    dense = [layers.dense[i : i + 3] for i in range(0, len(layers.dense) - 2, 3)]
+    members = [[(cb, layers.bins[id(idx)], None) for cb, idx in trio] for trio in trios]
+    separate = [lambda m=m, j=j: triton_kernels.linear_binned(x, m[j][0], m[j][1], None, tile) for m in members for j in range(3)]
+    return {
+        "dense_us": 3 * graph_us([lambda w=w: F.linear(x, w) for trio in dense for w in trio]),
+        "separate_us": 3 * graph_us(separate),
+        "grouped_us": graph_us([lambda m=m: triton_kernels.linear_binned_group(x, m, tile) for m in members]),
+    }
 
 
 @triton.jit
@@ -228,10 +244,19 @@ def main() -> None:
             print(f"batch 1 {row['in']}->{row['out']}: RPQ reads {layers[(row['in'], row['out'])].rpq_bytes / 1e6:.2f} MB at "
                   f"{row['rpq_bandwidth_fraction']:.1%} of copy bandwidth; dense reads "
                   f"{layers[(row['in'], row['out'])].dense_bytes / 1e6:.1f} MB at {row['dense_bandwidth_fraction']:.1%}")
+    trios = {}
+    one_token = triton_dispatch.route(1)
+    if one_token.path == FUSED and one_token.tile.kind == BINNED:
+        for shape in SHAPES:
+            trios[f"{shape[0]}->{shape[1]}"] = trio = trio_us(layers[shape], one_token.tile)
+            print(f"q/k/v-like trio {shape[0]}->{shape[1]}, 1 token: dense {trio['dense_us']:.2f} us, RPQ separate "
+                  f"{trio['separate_us']:.2f} us ({trio['separate_us'] / trio['dense_us']:.3f}), RPQ one launch "
+                  f"{trio['grouped_us']:.2f} us ({trio['grouped_us'] / trio['dense_us']:.3f})")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": props.name, "torch": torch.__version__, "copy_bandwidth": bandwidth, "launch_floor_us": floor, "codebooks": args.codebooks,
-                       "dtype": args.dtype, "routes": [asdict(r) for r in triton_dispatch.active_routes()], "rows": rows}, handle, indent=1)
+                       "dtype": args.dtype, "routes": [asdict(r) for r in triton_dispatch.active_routes()], "rows": rows,
+                       "trios": trios}, handle, indent=1)
 
 
 if __name__ == "__main__":

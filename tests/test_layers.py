@@ -149,8 +149,9 @@ def test_code_bins_group_each_codebooks_columns_by_code(columns, codebook_size):
     indices = torch.multinomial(weights, 3 * columns, replacement=True, generator=gen).view(3, columns).to(torch.uint8)
     slots, row_codes = code_bins(indices, codebook_size)
     rows, width = slots.shape[1:]
-    assert slots.dtype == (torch.int16 if columns <= 32767 else torch.int32)
-    assert rows & (rows - 1) == 0 and rows <= 2 * (columns // width + codebook_size)
+    assert slots.dtype == (torch.int16 if columns <= 32767 else torch.int32) and row_codes.dtype == torch.int16
+    assert rows % 8 == 0 and rows < columns // width + codebook_size + 8
+    assert int((slots >= 0).any(-1).sum(-1).max()) > rows - 8  # no more padding rows than the alignment
     x = torch.randn(columns, dtype=torch.float64, generator=gen)
     used = slots >= 0
     for head in range(3):
@@ -171,3 +172,45 @@ def test_linear_keeps_its_code_bins_until_the_codes_change():
     second = layer.code_bins()
     assert second is not first
     assert "_code_bins" not in layer.state_dict()
+
+
+def test_shared_input_group_serves_siblings_from_one_computation(monkeypatch):
+    """q/k/v (and gate/up) of one shape form a group; one computation per input tensor serves all of them,
+    a different tensor or an in-place write recomputes, out_proj is never grouped, and logits are unchanged."""
+    from model_compress.quantize import kernels
+    from model_compress.quantize.convert import RPQSettings, convert_model
+    from model_compress.quantize.shared_input import group_shared_inputs
+
+    from .conftest import tiny_model
+
+    calls = []
+
+    def fake_group_forward(x, members):  # what the GPU's one launch computes, in plain torch
+        calls.append(len(members))
+        return [kernels.linear_reference(x, cb, bins_owner_indices[id(cb)], bias) for cb, _, bias in members]
+
+    model = tiny_model("llama")
+    convert_model(model, RPQSettings(num_codebooks=4, codebook_size=16))  # K below in_features: every Linear converts
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert group_shared_inputs(model) == 2 * model.config.num_hidden_layers  # {k, v} (q has another D) and {gate, up}
+    attention = model.model.layers[0].self_attn
+    assert "_shared_input" not in attention.q_proj.__dict__ and "_shared_input" not in attention.o_proj.__dict__
+    assert attention.k_proj.__dict__["_shared_input"] is attention.v_proj.__dict__["_shared_input"]
+    bins_owner_indices = {id(m.codebooks): m.indices for m in model.modules() if isinstance(m, RPQLinear)}
+    monkeypatch.setattr(kernels, "linear_group_forward", fake_group_forward)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected)
+    assert calls == [2] * (2 * model.config.num_hidden_layers)  # one computation per group per forward
+
+    group = attention.k_proj.__dict__["_shared_input"]
+    x = torch.randn(1, 5, attention.k_proj.in_features)
+    calls.clear()
+    k, v = attention.k_proj(x), attention.v_proj(x)
+    torch.testing.assert_close(v, kernels.linear_reference(x, attention.v_proj.codebooks, attention.v_proj.indices, None))
+    assert calls == [2] and not group._pending
+    attention.k_proj(x)
+    x.add_(1.0)  # written in place: the kept v output would be stale
+    torch.testing.assert_close(attention.v_proj(x), kernels.linear_reference(x, attention.v_proj.codebooks, attention.v_proj.indices, None))
+    assert calls == [2, 2, 2]

@@ -85,6 +85,8 @@ BINNED_TILES = [
     triton_dispatch.TileConfig(1, 64, 128, num_warps=8, kind=triton_dispatch.BINNED, prefetch=True, pdl=True),
     triton_dispatch.TileConfig(4, 32, 128, kind=triton_dispatch.BINNED, prefetch=True),
     triton_dispatch.TileConfig(16, 16, 256, num_warps=8, kind=triton_dispatch.BINNED),
+    # PDL with every row in one block: the weights are loaded before the wait for x (PRELOAD).
+    triton_dispatch.TileConfig(1, 8, 1024, num_warps=2, kind=triton_dispatch.BINNED, pdl=True),
 ]
 
 
@@ -202,7 +204,7 @@ def test_whole_model_on_cuda_uses_the_kernels_and_matches_the_reference():
     assert rel_error(fast, slow) < BOUNDS[torch.float16]
 
 
-@pytest.mark.parametrize("tile", [SPLIT_TILES[-3], SPLIT_TILES[-1], BINNED_TILES[1]], ids=lambda tile: tile.describe())
+@pytest.mark.parametrize("tile", [SPLIT_TILES[-3], SPLIT_TILES[-1], BINNED_TILES[1], BINNED_TILES[-1]], ids=lambda tile: tile.describe())
 def test_dependent_launch_chain_reads_each_input_after_it_is_written(tile):
     """Eight layers, each fed the previous one's output: with PDL a program starts before its input is
     written, so a read of x before ``gdc_wait`` would show here (eagerly and in a replayed CUDA graph)."""
@@ -235,3 +237,49 @@ def test_dependent_launch_chain_reads_each_input_after_it_is_written(tile):
             x.copy_(torch.randn_like(x))
             graph.replay()
             assert rel_error(out, chain(x, exact)) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [LINEAR_SHAPES[0], LINEAR_SHAPES[3], LINEAR_SHAPES[6]], ids=lambda s: "x".join(map(str, s)))
+def test_binned_group_gives_each_member_its_own_output(shape, dtype):
+    """Up to three layers of one shape on the same x in one launch (q/k/v): each output against its reference."""
+    in_features, out_features, num_codebooks, codebook_size = shape
+    layers = [random_codes(num_codebooks, codebook_size, out_features // num_codebooks, in_features, dtype, seed=s) for s in range(3)]
+    skewed = layers[1][1].clone()
+    skewed[:, : in_features // 2] = 0  # one code takes half the inputs: this member has more bin rows than the others
+    layers[1] = (layers[1][0], skewed)
+    biases = [torch.randn(out_features, device=CUDA, dtype=dtype) for _ in layers]
+    for tokens in [1, 3]:
+        x = torch.randn(tokens, in_features, device=CUDA, dtype=dtype) * 4
+        for count in (1, 2, 3):
+            members = [(cb, code_bins(idx, codebook_size), bias) for (cb, idx), bias in zip(layers[:count], biases)]
+            for tile in (BINNED_TILES[0], BINNED_TILES[1], BINNED_TILES[-1]):
+                outs = triton_kernels.linear_binned_group(x, members, tile)
+                for (cb, idx), bias, out in zip(layers, biases, outs):
+                    assert rel_error(out, reference(x, cb, idx, bias)) < BOUNDS[dtype], (tokens, count, tile.describe())
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_grouped_siblings_decode_one_token_like_the_reference(arch, monkeypatch):
+    """A loaded-style model with q/k/v (gate/up) grouped: one-token steps take the group launch and match the torch path."""
+    from model_compress.quantize.convert import RPQSettings, convert_model
+    from model_compress.quantize.shared_input import group_shared_inputs
+
+    model = tiny_model(arch).to(CUDA, torch.float16).eval()
+    convert_model(model, RPQSettings(num_codebooks=4, codebook_size=16, device=CUDA))
+    assert group_shared_inputs(model) > 0
+    launches = []
+    group_forward = kernels.linear_group_forward
+    monkeypatch.setattr(kernels, "linear_group_forward", lambda x, members: launches.append(len(members)) or group_forward(x, members))
+    ids = torch.randint(0, model.config.vocab_size, (1, 1), device=CUDA)
+    with torch.inference_mode():
+        fast = model(ids).logits
+        assert launches and all(count > 1 for count in launches)
+        monkeypatch.setenv("MODEL_COMPRESS_TRITON", "0")
+        kernels._triton_kernels.cache_clear()
+        try:
+            slow = model(ids).logits
+        finally:
+            monkeypatch.delenv("MODEL_COMPRESS_TRITON")
+            kernels._triton_kernels.cache_clear()
+    assert rel_error(fast, slow) < BOUNDS[torch.float16]

@@ -9,7 +9,6 @@ original is missing.
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from ..errors import UserError
 from ..models import ModelSource, default_source, load_model, load_tokenizer, resolve_source
 from ..quantize.summary import model_bytes, model_params
 from . import perplexity, similarity
-from .latency import LatencyResult, LatencySettings, PeakMemory, context_length, measure
+from .latency import LatencyResult, LatencySettings, PeakMemory, context_length, measure, release_device_memory
 
 METRICS = ("auto", "perplexity", "mlm", "embedding")
 DEFAULT_SEQ_LEN = 2048
@@ -271,7 +270,7 @@ def _measure_original(section: dict, override: str | None, inputs: _Inputs, sett
     if inputs.metric == "embedding":
         inputs.reference, inputs.outputs = inputs.outputs, None
     del model
-    _release(settings.device)
+    release_device_memory(settings.device)
     return measurement
 
 
@@ -350,7 +349,3 @@ def _timed(call: Callable):
     return value, time.perf_counter() - began
 
 
-def _release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()

@@ -17,6 +17,7 @@ time per token without the host's, which is what a serving stack gets.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..quantize.kernels import release_workspaces
 from ..surgery.blocks import timing_spans
 from .graph_decode import graphed_decode
 
@@ -70,6 +72,24 @@ class LatencyResult:
             "graph_decode_errors": {str(batch): value for batch, value in self.graph_decode_errors.items()},
             "peak_memory_bytes": self.peak_memory,
         }
+
+
+def release_device_memory(device: torch.device) -> None:
+    """Free what a model measured before left allocated, so the next one's peaks are its own.
+
+    Besides unreachable tensors: cuBLAS keeps a workspace (32 MiB on Hopper) for every stream it
+    ran on until told otherwise, and the RPQ kernels keep a split-K workspace. Left in place, the
+    second model measured would carry the first one's.
+    """
+    gc.collect()
+    if device.type != "cuda":
+        return
+    torch.cuda.synchronize(device)
+    clear_cublas = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear_cublas is not None:
+        clear_cublas()
+    release_workspaces()
+    torch.cuda.empty_cache()
 
 
 class PeakMemory:

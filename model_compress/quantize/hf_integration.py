@@ -107,6 +107,12 @@ class RPQHfQuantizer(LoaderOnlyQuantizer):
     def loaded_names(self) -> Any:
         return self.quantization_config.layers
 
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        super()._process_model_after_weight_loading(model, **kwargs)
+        from .shared_input import group_shared_inputs
+
+        group_shared_inputs(model)
+
 
 def check_all_loaded(model: nn.Module, names: Any) -> None:
     """Every tensor of the swapped-in modules came from the checkpoint (none left on the meta device)."""

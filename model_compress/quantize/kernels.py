@@ -48,6 +48,13 @@ def _triton_kernels():
     return triton_kernels
 
 
+def release_workspaces() -> None:
+    """Drop the Triton kernels' kept workspaces, if they ever ran (made again by the next call that needs one)."""
+    module = _triton_kernels() if _triton_kernels.cache_info().currsize else None
+    if module is not None:
+        module.clear_workspaces()
+
+
 def gpu_kernels(tensor: Tensor):
     """The Triton kernels module when ``tensor`` is on CUDA and Triton can run, else None."""
     if tensor.device.type != "cuda":
@@ -98,6 +105,24 @@ def linear_forward(
     if tokens <= HISTOGRAM_TOKENS_PER_PIECE * codebooks.shape[2]:
         return linear_histogram(x, codebooks, indices, bias)
     return linear_reference(x, codebooks, indices, bias)
+
+
+def linear_group_forward(
+    x: Tensor, members: list[tuple[Tensor, Callable[[], tuple[Tensor, Tensor]], Tensor | None]]
+) -> list[Tensor] | None:
+    """Several RPQ Linears of one shape on the same ``x`` in one binned launch; None where that route does not apply.
+
+    ``members``: (codebooks, bins callable, bias) each. Only on CUDA with Triton, for token counts
+    routed to the binned kernel; everywhere else each layer runs its own forward.
+    """
+    triton_kernels = gpu_kernels(x)
+    if triton_kernels is None or len(members) > triton_kernels.MAX_GROUP:
+        return None
+    codebooks = members[0][0]
+    chosen = triton_dispatch.route(x.numel() // x.shape[-1])
+    if chosen.path != triton_dispatch.FUSED or not triton_kernels.binned_fits(chosen.tile, codebooks):
+        return None
+    return triton_kernels.linear_binned_group(x, [(cb, bins(), bias) for cb, bins, bias in members], chosen.tile)
 
 
 def embedding_forward(ids: Tensor, codebooks: Tensor, indices: Tensor) -> Tensor:

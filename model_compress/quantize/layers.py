@@ -66,6 +66,11 @@ class RPQLinear(nn.Module):
         return cached[1]
 
     def forward(self, x: Tensor) -> Tensor:
+        group = self.__dict__.get("_shared_input")  # shared_input.SharedInputGroup: q/k/v in one launch
+        if group is not None:
+            out = group.output(self, x)
+            if out is not None:
+                return out
         return kernels.linear_forward(x, self.codebooks, self.indices, self.bias, self.code_bins)
 
     def extra_repr(self) -> str:

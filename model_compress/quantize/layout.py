@@ -77,6 +77,14 @@ def code_scores(x: Tensor, codebooks: Tensor) -> Tensor:
     return torch.bmm(rows.to(codebooks.dtype), codebooks.transpose(1, 2))
 
 
+ROW_ALIGN = 8  # code_bins' row count is a multiple of this (aligned loads; the kernel masks past it)
+
+
+def _narrowest_int(count: int) -> torch.dtype:
+    """int16 for indices below 32768, else int32 (Triton and torch index with either)."""
+    return torch.int16 if count <= torch.iinfo(torch.int16).max else torch.int32
+
+
 def code_bins(indices: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
     """Per codebook, the columns grouped by code into rows of ``width`` slots: the one-hot matrix in ELL form.
 
@@ -85,8 +93,11 @@ def code_bins(indices: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
     slots) * codebooks[h, row_codes[h, r]]`` is output piece h: one gather of x per column and one
     codebook row per row, no scatter (the binned GPU kernel). ``width`` is the mean column count per
     code rounded up to a power of two (at most 16), so there are at most ``columns / width + K`` rows;
-    the row count is padded to a power of two. Slots are int16 (int32 above 32767 columns).
-    Returns ``slots`` (M, rows, width) and ``row_codes`` (M, rows) int32.
+    the row count is the largest codebook's, rounded up to a multiple of 8 (the kernel masks the
+    rest of its row block: padding to a power of two cost up to twice the memory). Slots are int16
+    (int32 above 32767 columns), row codes int16 (int32 above 32767 codes): the bins live on the
+    device beside the codes, so every byte counts against the compressed model's memory.
+    Returns ``slots`` (M, rows, width) and ``row_codes`` (M, rows).
     """
     num_codebooks, columns = indices.shape
     width = 1 << max(0, min(4, math.ceil(math.log2(max(1.0, columns / codebook_size)))))
@@ -99,10 +110,11 @@ def code_bins(indices: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
     run_start = torch.cumsum(counts, 1) - counts
     position = torch.arange(columns, device=indices.device) - run_start.gather(1, codes)  # place inside its code's run
     row = first_row.gather(1, codes) + position // width
-    rows = 1 << math.ceil(math.log2(max(1, int(rows_per_code.sum(1).max()))))
-    slot_dtype = torch.int16 if columns <= torch.iinfo(torch.int16).max else torch.int32
+    rows = -(-int(rows_per_code.sum(1).max()) // ROW_ALIGN) * ROW_ALIGN
+    slot_dtype = _narrowest_int(columns)
     slots = torch.full((num_codebooks, rows * width), -1, dtype=slot_dtype, device=indices.device)
     slots.scatter_(1, row * width + position % width, order.to(slot_dtype))
-    row_codes = torch.zeros(num_codebooks, rows, dtype=torch.int32, device=indices.device)
-    row_codes.scatter_(1, row, codes.to(torch.int32))
+    code_dtype = _narrowest_int(codebook_size)
+    row_codes = torch.zeros(num_codebooks, rows, dtype=code_dtype, device=indices.device)
+    row_codes.scatter_(1, row, codes.to(code_dtype))
     return slots.view(num_codebooks, rows, width), row_codes

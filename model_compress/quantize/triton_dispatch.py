@@ -59,7 +59,7 @@ class Route:
 
 # Upper token bounds with their route; the last bound catches everything larger.
 ROUTES: tuple[Route, ...] = (
-    Route(1, FUSED, TileConfig(1, 16, 512, num_warps=4, num_stages=3, kind=BINNED)),
+    Route(1, FUSED, TileConfig(1, 16, 1024, num_warps=4, num_stages=3, kind=BINNED, pdl=True)),
     Route(4, FUSED, TileConfig(16, 64, 64, num_warps=4, num_stages=3, split_k=8)),
     Route(16, FUSED, TileConfig(16, 32, 128, num_warps=4, num_stages=3, split_k=8)),
     Route(64, FUSED, TileConfig(64, 64, 128, num_warps=4, num_stages=3, split_k=4, prefetch=True, pdl=True)),
@@ -68,7 +68,7 @@ ROUTES: tuple[Route, ...] = (
 
 # Tied LM head: the per-code score kernel up to this many tokens, then decode the table in chunks + cuBLAS.
 TIED_HEAD_SCORE_TOKENS = 16
-# Rows of the table decoded per chunk on the decode path keep the workspace under this size.
+# Rows of the table decoded per chunk on the decode path keep that temporary under this size.
 DECODE_CHUNK_BYTES = 32 * 1024 * 1024
 
 

@@ -7,15 +7,17 @@ codebook row. A few tokens: the gather kernel, where a program owns a (tokens x 
 few KB per codebook, so they come from L1/L2, not memory), and multiplies them with ``x``: with
 tensor cores (``tl.dot``) from 16 tokens on, as a broadcast multiply-sum below. Memory traffic is
 the codes plus each codebook once, about an eighth of the dense weight at the default M=32, K=256. ``linear_decode`` is the other large-batch path: decode
-``W^T`` into a reused workspace with one kernel, then cuBLAS.
+``W^T`` into a temporary with one kernel, then cuBLAS.
 
 Embedding: one gather kernel for the rows asked for. Tied LM head: ``x_h @ codebooks[h]^T`` scores
-the K codes of every codebook (one bmm), then a kernel sums, for each vocabulary row, the scores of
+the K codes of every codebook (a small kernel), then a kernel sums, for each vocabulary row, the scores of
 its M codes: the table is never decoded.
 
 Everything here is launch-only: no host syncs, no host-visible allocation besides the outputs (and
-the workspace, made once per device and dtype), so a model using these kernels can be captured in
-a CUDA graph. Which path and which tile sizes a call takes is decided in ``triton_dispatch``.
+the split-K workspace, made once per device and dtype), so a model using these kernels can be
+captured in a CUDA graph. The decode paths' W^T (or table chunk) comes from PyTorch's caching
+allocator and goes back to it after the matmul: a buffer kept for the next prefill would sit in
+every later decode step's memory. Which path and which tile sizes a call takes is decided in ``triton_dispatch``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .layout import code_scores
 from .triton_dispatch import BINNED, TileConfig
 
 
@@ -139,8 +140,20 @@ def _rpq_binned_kernel(
     rows,
     stride_x,
     stride_out,
+    slots1_ptr,
+    row_codes1_ptr,
+    codebooks1_ptr,
+    bias1_ptr,
+    rows1,
+    slots2_ptr,
+    row_codes2_ptr,
+    codebooks2_ptr,
+    bias2_ptr,
+    rows2,
     CODEBOOK_SIZE: tl.constexpr,
     PIECE: tl.constexpr,
+    NUM_CODEBOOKS: tl.constexpr,
+    MEMBERS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WIDTH: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -150,55 +163,97 @@ def _rpq_binned_kernel(
     SLOT_LINES: tl.constexpr,
     LINE: tl.constexpr,
     PDL: tl.constexpr,
+    PRELOAD: tl.constexpr,
 ):
     """Few tokens: piece h of y is sum over rows r of (x summed over row r's inputs) * codebooks[h, code of r].
 
     ``layout.code_bins`` groups each codebook's inputs by code into rows of WIDTH slots, so the
     kernel gathers x once per input and one codebook row per row: D times less work than gathering
-    a codebook row per input, every codebook row read once, and nothing to wait for between the
-    weights' loads (no codes -> rows chain). A program owns its outputs: no split-K hand-over.
-    Programs of one codebook (one per BLOCK_N outputs) each redo the row sums, which are cheap.
+    a codebook row per input, and every codebook row read once. A program owns its outputs: no
+    split-K hand-over. Programs of one codebook (one per BLOCK_N outputs) each redo the row sums,
+    which are cheap. With PRELOAD (one row block covers all rows) the weights are loaded before the
+    PDL wait for x: the chain slots/row codes -> codebook rows then overlaps the previous kernel.
+
+    MEMBERS (up to 3) layers of one shape that read the same x (q/k/v) run as one launch, member m
+    with its own ``*<m>_ptr`` tensors and row count, its outputs in columns m*out.. of ``out``.
     """
     tiles: tl.constexpr = (PIECE + BLOCK_N - 1) // BLOCK_N
+    member_programs: tl.constexpr = NUM_CODEBOOKS * tiles
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    head = pid_n // tiles
-    offs_d = (pid_n - head * tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    member = pid_n // member_programs
+    local = pid_n - member * member_programs
+    if MEMBERS > 1:
+        first, second = member == 1, member == 2
+        slots_ptr = tl.where(first, slots1_ptr, tl.where(second, slots2_ptr, slots_ptr))
+        row_codes_ptr = tl.where(first, row_codes1_ptr, tl.where(second, row_codes2_ptr, row_codes_ptr))
+        codebooks_ptr = tl.where(first, codebooks1_ptr, tl.where(second, codebooks2_ptr, codebooks_ptr))
+        bias_ptr = tl.where(first, bias1_ptr, tl.where(second, bias2_ptr, bias_ptr))
+        rows = tl.where(first, rows1, tl.where(second, rows2, rows))
+    head = local // tiles
+    offs_d = (local - head * tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_d = offs_d < PIECE
     slot_base = slots_ptr + head * rows * WIDTH
     code_base = row_codes_ptr + head * rows
-    slice_base = codebooks_ptr + head * CODEBOOK_SIZE * PIECE + (pid_n - head * tiles) * BLOCK_N
+    slice_base = codebooks_ptr + head * CODEBOOK_SIZE * PIECE + (local - head * tiles) * BLOCK_N
     if PDL:
         gdc_launch_dependents()
     if PREFETCH:
         # Weights only: ask L2 for this program's slots, row codes and codebook slice while x may not exist yet.
         slot_lines = tl.arange(0, SLOT_LINES) * 64  # 128-byte lines of int16 slots
         _prefetch_l2(slot_base + slot_lines, slot_lines < rows * WIDTH)
-        code_lines = tl.arange(0, SLOT_LINES) * 32
+        code_lines = tl.arange(0, SLOT_LINES) * 64
         _prefetch_l2(code_base + code_lines, code_lines < rows)
         _prefetch_codebook_slice(slice_base, CODEBOOK_SIZE, PIECE, BLOCK_N, LINE)
-    if PDL:
-        gdc_wait()  # x is the previous kernel's output
-    token_rows = tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for first in range(0, rows, ROW_BLOCK):
-        offs_r = first + tl.arange(0, ROW_BLOCK)
-        codes = tl.load(code_base + offs_r)
-        slots = tl.load(slot_base + offs_r[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]).to(tl.int32)
-        used = slots >= 0
-        codebook_rows = tl.load(slice_base + codes[:, None] * PIECE + tl.arange(0, BLOCK_N)[None, :], mask=mask_d[None, :], other=0.0)
-        for row in tl.static_range(BLOCK_M):
-            token = pid_m * BLOCK_M + row
-            picked = tl.load(x_ptr + token * stride_x + slots, mask=used & (token < tokens), other=0.0)
-            sums = tl.sum(picked.to(tl.float32), axis=1)  # (ROW_BLOCK,)
-            part = tl.sum(sums[:, None] * codebook_rows.to(tl.float32), axis=0)  # (BLOCK_N,)
-            acc += tl.where(token_rows[:, None] == row, part[None, :], 0.0)
+    if PRELOAD:
+        # One row block holds every row: load the weights into registers before waiting for x, so that
+        # under PDL they arrive while the previous kernel still runs; after the wait only x is gathered.
+        slots, codebook_rows = _load_bin_rows(slot_base, code_base, slice_base, 0, rows, mask_d, WIDTH, PIECE, BLOCK_N, ROW_BLOCK)
+        if PDL:
+            gdc_wait()
+        acc = _add_bin_rows(acc, x_ptr, slots, codebook_rows, pid_m, tokens, stride_x, BLOCK_M)
+    else:
+        if PDL:
+            gdc_wait()  # x is the previous kernel's output
+        for first in range(0, rows, ROW_BLOCK):
+            slots, codebook_rows = _load_bin_rows(slot_base, code_base, slice_base, first, rows, mask_d, WIDTH, PIECE, BLOCK_N, ROW_BLOCK)
+            acc = _add_bin_rows(acc, x_ptr, slots, codebook_rows, pid_m, tokens, stride_x, BLOCK_M)
+    token_rows = tl.arange(0, BLOCK_M)
     offs_m = pid_m * BLOCK_M + token_rows
     offs_n = head * PIECE + offs_d
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_d, other=0.0).to(tl.float32)[None, :]
     mask = (offs_m < tokens)[:, None] & mask_d[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_out + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    columns = out_ptr + member * (NUM_CODEBOOKS * PIECE) + offs_n
+    tl.store(columns[None, :] + offs_m[:, None] * stride_out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+
+@triton.jit
+def _load_bin_rows(slot_base, code_base, slice_base, first, rows, mask_d, WIDTH: tl.constexpr, PIECE: tl.constexpr,
+                   BLOCK_N: tl.constexpr, ROW_BLOCK: tl.constexpr):
+    """Rows first..first+ROW_BLOCK of one codebook's bins: their slots (-1 past the last row) and codebook rows."""
+    offs_r = first + tl.arange(0, ROW_BLOCK)
+    mask_r = offs_r < rows
+    codes = tl.load(code_base + offs_r, mask=mask_r, other=0).to(tl.int32)
+    slots = tl.load(slot_base + offs_r[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :], mask=mask_r[:, None], other=-1).to(tl.int32)
+    codebook_rows = tl.load(slice_base + codes[:, None] * PIECE + tl.arange(0, BLOCK_N)[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+    return slots, codebook_rows
+
+
+@triton.jit
+def _add_bin_rows(acc, x_ptr, slots, codebook_rows, pid_m, tokens, stride_x, BLOCK_M: tl.constexpr):
+    """acc[t] += sum over the rows of (x[t] summed over the row's slots) * the row's codebook row, per token t."""
+    used = slots >= 0
+    token_rows = tl.arange(0, BLOCK_M)
+    for row in tl.static_range(BLOCK_M):
+        token = pid_m * BLOCK_M + row
+        picked = tl.load(x_ptr + token * stride_x + slots, mask=used & (token < tokens), other=0.0)
+        sums = tl.sum(picked.to(tl.float32), axis=1)  # (ROW_BLOCK,)
+        part = tl.sum(sums[:, None] * codebook_rows.to(tl.float32), axis=0)  # (BLOCK_N,)
+        acc += tl.where(token_rows[:, None] == row, part[None, :], 0.0)
+    return acc
 
 
 @triton.jit
@@ -287,6 +342,38 @@ def _rpq_rows_kernel(
     codes = tl.load(codes_ptr + heads[None, :].to(tl.int64) * columns + picked[:, None], mask=mask, other=0).to(tl.int32)
     w = tl.load(codebooks_ptr + (heads[None, :] * CODEBOOK_SIZE + codes) * PIECE + pieces[None, :], mask=mask, other=0.0)
     tl.store(out_ptr + offs_t[:, None] * dim + offs_n[None, :], w, mask=mask)
+
+
+@triton.jit
+def _rpq_code_scores_kernel(
+    x_ptr,
+    codebooks_ptr,
+    scores_ptr,
+    tokens,
+    stride_x,
+    CODEBOOK_SIZE: tl.constexpr,
+    PIECE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """scores[h, t, k] = x[t, piece h] . codebooks[h, k] in float32, one program per (codebook, token).
+
+    Few tokens only (the tied head's score path): a kernel of ours instead of a cuBLAS bmm keeps a
+    decode step free of cuBLAS, whose workspace (32 MiB per stream) would otherwise be allocated
+    for every stream the step runs on.
+    """
+    head = tl.program_id(0)
+    token = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < PIECE
+    x = tl.load(x_ptr + token * stride_x + head * PIECE + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    out = scores_ptr + (head * tokens + token) * CODEBOOK_SIZE
+    for first in range(0, CODEBOOK_SIZE, BLOCK_K):
+        offs_k = first + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < CODEBOOK_SIZE
+        rows = tl.load(codebooks_ptr + (head * CODEBOOK_SIZE + offs_k[:, None]) * PIECE + offs_d[None, :],
+                       mask=mask_k[:, None] & mask_d[None, :], other=0.0)
+        tl.store(out + offs_k, tl.sum(rows.to(tl.float32) * x[None, :], axis=1), mask=mask_k)
 
 
 @triton.jit
@@ -392,18 +479,37 @@ def linear_binned(x: Tensor, codebooks: Tensor, bins: tuple[Tensor, Tensor], bia
 
     ``block_k`` is the rows per step; ``split_k`` does not apply (a program owns its outputs).
     """
-    slots, row_codes = bins
+    return linear_binned_group(x, [(codebooks, bins, bias)], config)[0]
+
+
+MAX_GROUP = 3  # layers per launch of the binned kernel (q, k, v)
+
+
+def linear_binned_group(x: Tensor, members: list[tuple[Tensor, tuple[Tensor, Tensor], Tensor | None]], config: TileConfig) -> list[Tensor]:
+    """``linear_binned`` of up to MAX_GROUP layers of one shape on the same ``x``, in one launch.
+
+    ``members``: (codebooks, bins, bias) each, all with the same codebook shape, bin width and bias
+    presence. Returns each member's output, as views into one (tokens, members * out) tensor.
+    """
+    codebooks, (slots, row_codes), bias = members[0]
     num_codebooks, codebook_size, piece = codebooks.shape
-    _, rows, width = slots.shape
+    width = slots.shape[2]
+    row_counts = [bins[0].shape[1] for _, bins, _ in members]
     out_features = num_codebooks * piece
     in_features = x.shape[-1]
     rows_in = _rows(x.to(codebooks.dtype), in_features)
     tokens = rows_in.shape[0]
-    out = torch.empty(tokens, out_features, device=x.device, dtype=x.dtype)
+    out = torch.empty(tokens, len(members) * out_features, device=x.device, dtype=x.dtype)
     if tokens:
         block_n = min(config.block_n, triton.next_power_of_2(piece))
-        grid = (num_codebooks * triton.cdiv(piece, block_n), triton.cdiv(tokens, config.block_m))
+        grid = (len(members) * num_codebooks * triton.cdiv(piece, block_n), triton.cdiv(tokens, config.block_m))
         pdl = config.pdl and _hopper_or_later(x.device)
+        row_block = min(config.block_k, triton.next_power_of_2(max(row_counts)))
+        others = []
+        for index in (1, 2):  # members 1 and 2 (member 0's tensors again where there are fewer)
+            member_codebooks, (member_slots, member_codes), member_bias = members[min(index, len(members) - 1)]
+            others += [member_slots, member_codes, member_codebooks, member_bias if member_bias is not None else member_codebooks,
+                       member_slots.shape[1]]
         _rpq_binned_kernel[grid](
             rows_in,
             slots,
@@ -412,37 +518,48 @@ def linear_binned(x: Tensor, codebooks: Tensor, bins: tuple[Tensor, Tensor], bia
             bias if bias is not None else codebooks,
             out,
             tokens,
-            rows,
+            row_counts[0],
             rows_in.stride(0),
             out.stride(0),
+            *others,
             CODEBOOK_SIZE=codebook_size,
             PIECE=piece,
+            NUM_CODEBOOKS=num_codebooks,
+            MEMBERS=len(members),
             HAS_BIAS=bias is not None,
             WIDTH=width,
             BLOCK_M=config.block_m,
             BLOCK_N=block_n,
-            ROW_BLOCK=min(config.block_k, rows),
+            ROW_BLOCK=row_block,
             PREFETCH=config.prefetch and not INTERPRETED and slots.dtype == torch.int16,
-            SLOT_LINES=triton.next_power_of_2(triton.cdiv(rows * max(2 * width, 4), 128)),  # covers slots and row codes
+            SLOT_LINES=triton.next_power_of_2(triton.cdiv(max(row_counts) * max(2 * width, 4), 128)),  # covers slots and row codes
             LINE=128 // codebooks.element_size(),
             PDL=pdl,
+            PRELOAD=pdl and max(row_counts) <= row_block,
             launch_pdl=pdl,
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )
-    return out.reshape(*x.shape[:-1], out_features)
+    grouped = out.view(*x.shape[:-1], len(members) * out_features)
+    return [grouped.narrow(-1, index * out_features, out_features) for index in range(len(members))]
 
 
 _WORKSPACES: dict[tuple[torch.device, torch.dtype, str], Tensor] = {}
 
 
-def workspace(numel: int, device: torch.device, dtype: torch.dtype, purpose: str = "weights") -> Tensor:
+def workspace(numel: int, device: torch.device, dtype: torch.dtype, purpose: str) -> Tensor:
     """A flat buffer of at least ``numel`` elements, shared by every layer on this device and dtype.
 
     Layers run one after another on one stream, so one buffer serves them all; it grows to the
     largest layer on the first (warm-up) pass and is then reused, so nothing is allocated per call.
+    Only the few-token split-K partials use it (a few MB, on the decode hot path).
     """
     return _cached_buffer(numel, device, dtype, purpose, torch.empty)[:numel]
+
+
+def clear_workspaces() -> None:
+    """Forget every kept workspace (between models measured one after the other)."""
+    _WORKSPACES.clear()
 
 
 def tile_counters(count: int, device: torch.device) -> Tensor:
@@ -486,11 +603,11 @@ def decode_rows(codebooks: Tensor, indices: Tensor, out: Tensor, ids: Tensor | N
 
 
 def linear_decode(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None) -> Tensor:
-    """Decode W^T into the shared workspace, then one cuBLAS matmul (the large-batch alternative)."""
+    """Decode W^T into a temporary, then one cuBLAS matmul (the large-batch alternative)."""
     num_codebooks, _, piece = codebooks.shape
     in_features = indices.shape[1]
     out_features = num_codebooks * piece
-    weight_t = decode_rows(codebooks, indices, workspace(in_features * out_features, x.device, codebooks.dtype).view(in_features, out_features))
+    weight_t = decode_rows(codebooks, indices, torch.empty(in_features, out_features, device=x.device, dtype=codebooks.dtype))
     rows = x.reshape(-1, in_features).to(codebooks.dtype)
     out = torch.addmm(bias.to(rows.dtype), rows, weight_t) if bias is not None else rows @ weight_t
     return out.reshape(*x.shape[:-1], out_features).to(x.dtype)
@@ -504,8 +621,23 @@ def embedding(ids: Tensor, codebooks: Tensor, indices: Tensor) -> Tensor:
     return decode_rows(codebooks, indices, out, ids=flat_ids).reshape(*ids.shape, dim)
 
 
+def code_scores(x: Tensor, codebooks: Tensor) -> Tensor:
+    """``layout.code_scores`` (piece h of each token against every code of codebook h) in float32, without cuBLAS."""
+    num_codebooks, codebook_size, piece = codebooks.shape
+    rows = _rows(x.to(codebooks.dtype), num_codebooks * piece)
+    tokens = rows.shape[0]
+    scores = torch.empty(num_codebooks, tokens, codebook_size, device=x.device, dtype=torch.float32)
+    if tokens:
+        block_d = triton.next_power_of_2(piece)
+        _rpq_code_scores_kernel[(num_codebooks, tokens)](
+            rows, codebooks, scores, tokens, rows.stride(0), CODEBOOK_SIZE=codebook_size, PIECE=piece, BLOCK_D=block_d,
+            BLOCK_K=max(16, min(triton.next_power_of_2(codebook_size), 4096 // block_d)),
+        )
+    return scores
+
+
 def tied_head_scores(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None) -> Tensor:
-    """Logits against an RPQ embedding table: one bmm scores every code, one kernel sums each row's M scores."""
+    """Logits against an RPQ embedding table: one kernel scores every code, one sums each row's M scores."""
     num_codebooks, codebook_size, _ = codebooks.shape
     vocab = indices.shape[1]
     scores = code_scores(x, codebooks)  # (M, tokens, K)
@@ -531,14 +663,14 @@ def tied_head_scores(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor
 
 
 def tied_head_decode(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None, chunk_bytes: int) -> Tensor:
-    """Logits for many tokens: decode the table a chunk of rows at a time into the workspace, cuBLAS each chunk."""
+    """Logits for many tokens: decode the table a chunk of rows at a time into a temporary, cuBLAS each chunk."""
     num_codebooks, _, piece = codebooks.shape
     dim = num_codebooks * piece
     vocab = indices.shape[1]
     rows = x.reshape(-1, dim).to(codebooks.dtype)
     out = torch.empty(rows.shape[0], vocab, device=x.device, dtype=x.dtype)
     chunk = max(1, min(vocab, chunk_bytes // (dim * codebooks.element_size())))
-    table = workspace(chunk * dim, x.device, codebooks.dtype).view(chunk, dim)
+    table = torch.empty(chunk, dim, device=x.device, dtype=codebooks.dtype)
     for start in range(0, vocab, chunk):
         part = decode_rows(codebooks, indices, table[: min(chunk, vocab - start)], first_row=start)
         logits = rows @ part.T
