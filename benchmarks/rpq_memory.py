@@ -23,6 +23,7 @@ from model_compress.eval.latency import release_device_memory
 from model_compress.models import load_model, resolve_source
 from model_compress.quantize import triton_kernels
 from model_compress.quantize.layers import RPQLinear
+from model_compress.quantize.summary import model_bytes
 
 MB = 1e6
 
@@ -30,11 +31,6 @@ MB = 1e6
 def allocated() -> float:
     torch.cuda.synchronize()
     return torch.cuda.memory_allocated() / MB
-
-
-def weight_mb(model: torch.nn.Module) -> float:
-    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
-    return sum(tensors.values()) / MB
 
 
 def bins_mb(model: torch.nn.Module) -> float:
@@ -47,7 +43,7 @@ def bins_mb(model: torch.nn.Module) -> float:
 
 
 def measure(model: torch.nn.Module, vocab: int) -> dict:
-    figures = {"loaded_mb": allocated(), "weights_mb": weight_mb(model)}
+    figures = {"loaded_mb": allocated(), "weights_mb": model_bytes(model) / MB}  # as `compress eval` counts them
     with torch.inference_mode():
         model(input_ids=torch.randint(10, vocab, (1, 512), device="cuda"))
         figures["after_prefill_512_mb"] = allocated()

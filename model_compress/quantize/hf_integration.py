@@ -26,6 +26,7 @@ from transformers.quantizers.auto import (
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .layers import KIND_TIED_HEAD, build_rpq_module
+from .shared_input import group_shared_inputs
 
 QUANT_METHOD = "rpq"
 
@@ -109,8 +110,6 @@ class RPQHfQuantizer(LoaderOnlyQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         super()._process_model_after_weight_loading(model, **kwargs)
-        from .shared_input import group_shared_inputs
-
         group_shared_inputs(model)
 
 

@@ -98,7 +98,7 @@ def linear_forward(
     if triton_kernels is not None:
         chosen = triton_dispatch.route(tokens)
         if chosen.path == triton_dispatch.FUSED:
-            if bins is not None and triton_kernels.binned_fits(chosen.tile, codebooks):
+            if bins is not None and _takes_binned(triton_kernels, chosen, codebooks):
                 return triton_kernels.linear_binned(x, codebooks, bins(), bias, chosen.tile)
             return triton_kernels.linear_fused(x, codebooks, indices, bias, chosen.tile)
         return triton_kernels.linear_decode(x, codebooks, indices, bias)
@@ -118,11 +118,15 @@ def linear_group_forward(
     triton_kernels = gpu_kernels(x)
     if triton_kernels is None or len(members) > triton_kernels.MAX_GROUP:
         return None
-    codebooks = members[0][0]
     chosen = triton_dispatch.route(x.numel() // x.shape[-1])
-    if chosen.path != triton_dispatch.FUSED or not triton_kernels.binned_fits(chosen.tile, codebooks):
+    if not _takes_binned(triton_kernels, chosen, members[0][0]):
         return None
     return triton_kernels.linear_binned_group(x, [(cb, bins(), bias) for cb, bins, bias in members], chosen.tile)
+
+
+def _takes_binned(triton_kernels, chosen: triton_dispatch.Route, codebooks: Tensor) -> bool:
+    """Whether a routed call runs the binned kernel (a fused route whose tile is binned and fits these codebooks)."""
+    return chosen.path == triton_dispatch.FUSED and triton_kernels.binned_fits(chosen.tile, codebooks)
 
 
 def embedding_forward(ids: Tensor, codebooks: Tensor, indices: Tensor) -> Tensor:

@@ -6,18 +6,20 @@ codebook row. A few tokens: the gather kernel, where a program owns a (tokens x 
 ``y``; for each slice of inputs it reads the slice's codes, gathers the matching codebook rows (a
 few KB per codebook, so they come from L1/L2, not memory), and multiplies them with ``x``: with
 tensor cores (``tl.dot``) from 16 tokens on, as a broadcast multiply-sum below. Memory traffic is
-the codes plus each codebook once, about an eighth of the dense weight at the default M=32, K=256. ``linear_decode`` is the other large-batch path: decode
-``W^T`` into a temporary with one kernel, then cuBLAS.
+the codes plus each codebook once, about an eighth of the dense weight at the default M=32, K=256.
+``linear_decode`` is the other large-batch path: decode ``W^T`` into a temporary with one kernel,
+then cuBLAS.
 
 Embedding: one gather kernel for the rows asked for. Tied LM head: ``x_h @ codebooks[h]^T`` scores
-the K codes of every codebook (a small kernel), then a kernel sums, for each vocabulary row, the scores of
-its M codes: the table is never decoded.
+the K codes of every codebook (a small kernel), then a kernel sums, for each vocabulary row, the
+scores of its M codes: the table is never decoded.
 
 Everything here is launch-only: no host syncs, no host-visible allocation besides the outputs (and
 the split-K workspace, made once per device and dtype), so a model using these kernels can be
 captured in a CUDA graph. The decode paths' W^T (or table chunk) comes from PyTorch's caching
 allocator and goes back to it after the matmul: a buffer kept for the next prefill would sit in
-every later decode step's memory. Which path and which tile sizes a call takes is decided in ``triton_dispatch``.
+every later decode step's memory. Which path and which tile sizes a call takes is decided in
+``triton_dispatch``.
 """
 
 from __future__ import annotations
@@ -227,7 +229,6 @@ def _rpq_binned_kernel(
     mask = (offs_m < tokens)[:, None] & mask_d[None, :]
     columns = out_ptr + member * (NUM_CODEBOOKS * PIECE) + offs_n
     tl.store(columns[None, :] + offs_m[:, None] * stride_out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
 
 
 @triton.jit
