@@ -2,16 +2,18 @@
 
     python benchmarks/rpq_kernels.py [--tune] [--json FILE] [--codebooks 32] [--dtype float16]
 
-Shapes are opt-1.3b's (2048->2048, 2048->8192, 8192->2048). Every figure is the device time of one
+Shapes are opt-1.3b's (2048->2048, 2048->8192, 8192->2048), and at one token also SmolLM2-135M's
+(576->576, 576->192, 576->1536, 1536->576). Every figure is the device time of one
 call inside a CUDA graph that calls many copies of the layer, each with its own weights, so that
 neither launch gaps of the host nor the 50 MB L2 (which would hold one dense weight) flatter
 anyone: the copies together are several times the L2. Dense = ``F.linear`` on an fp16 weight
 (cuBLAS), the original layer.
 
 ``--tune`` times every candidate tile of the fused kernel (and the decode + cuBLAS path) per token
-bucket, picks the route with the lowest mean ratio to dense over the three shapes, prints it in
-the form of ``triton_dispatch.ROUTES``, and uses it for the report that follows. Without it the
-routes in the code are reported.
+bucket, picks the route with the lowest mean ratio to dense over the bucket's shapes, prints it in
+the form of ``triton_dispatch.ROUTES``, and uses it for the report that follows. The one-token
+bucket is tuned per layer-size class (SmolLM2-sized, up to 2048 x 2048, larger): the best tile
+differs by size. Without ``--tune`` the routes in the code are reported.
 """
 
 from __future__ import annotations
@@ -32,8 +34,13 @@ from model_compress.quantize.layout import code_bins
 from model_compress.quantize.triton_dispatch import BINNED, DECODE, FUSED, GATHER, Route, TileConfig
 
 SHAPES = [(2048, 2048), (2048, 8192), (8192, 2048)]
+SMALL_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]  # SmolLM2-135M, timed at one token
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+TINY_LAYER = 1536 * 576
+# One-token size classes (in * out above the first bound, up to the second): each gets its own route.
+ONE_TOKEN_CLASSES = [(0, TINY_LAYER), (TINY_LAYER, triton_dispatch.SMALL_LAYER), (triton_dispatch.SMALL_LAYER, None)]
 ROTATION_BYTES = 256 * 1024 * 1024  # all copies of a layer together: five times the H100's L2
+MAX_COPIES = 512  # for SmolLM2's small layers: 512 copies of the smallest RPQ layer are 59 MB, still more than the L2
 TARGETS = {1: 0.5, 16: 1.0, 512: 1.3}
 
 # Buckets: (upper token bound, token counts timed for it, candidates: tiles of the fused kernel, or DECODE).
@@ -50,9 +57,11 @@ EARLY = ((False, False), (True, True))
 # Binned kernel: block_k is the code rows per step (with PDL and all rows in one step, the weights are
 # loaded before the wait for x); split_k does not apply (a program owns its outputs). It lost every
 # bucket above one token in the second round (1.7x at 4 tokens, 7.8x at 16), so it is tried for one.
-BINNED_ONE = _tiles([1], [8, 16], [512, 1024], [1], warps=(2, 4, 8), kind=BINNED, early=EARLY + ((False, True),))
-BUCKETS = [
-    (1, [1], _tiles([1], [64], [256], [8], early=EARLY[1:]) + BINNED_ONE),
+# (512 rows per step and 8 warps never made the top four in the third round: dropped, as the one-token
+# bucket is now tuned three times, once per size class.)
+BINNED_ONE = _tiles([1], [8, 16], [1024], [1], warps=(2, 4), kind=BINNED, early=EARLY + ((False, True),))
+ONE_TOKEN = _tiles([1], [64], [256], [8], early=EARLY[1:]) + BINNED_ONE
+BUCKETS = [  # the one-token bucket is tuned per ONE_TOKEN_CLASSES
     (4, [4], _tiles([16], [64], [64, 128], [4, 8], early=EARLY)),
     (16, [16], _tiles([16], [32, 64], [128], [4, 8, 16], early=EARLY)),
     (64, [64], _tiles([64], [64], [128], [2, 4], early=EARLY)),
@@ -94,17 +103,19 @@ class Layers:
         self.dense_bytes = dense_bytes
         self.dense = [
             torch.randn(out_features, in_features, device="cuda", dtype=dtype) * 0.02
-            for _ in range(max(4, ROTATION_BYTES // dense_bytes))
+            for _ in range(max(4, min(MAX_COPIES, ROTATION_BYTES // dense_bytes)))
         ]
         self.rpq = [
             (
                 torch.randn(num_codebooks, 256, piece, device="cuda", dtype=dtype) * 0.02,
                 torch.randint(0, 256, (num_codebooks, in_features), device="cuda", dtype=torch.uint8),
             )
-            for _ in range(max(4, ROTATION_BYTES // self.rpq_bytes))
+            for _ in range(max(4, min(MAX_COPIES, ROTATION_BYTES // self.rpq_bytes)))
         ]
         self.bins = {id(indices): code_bins(indices, 256) for _, indices in self.rpq}  # what an RPQLinear keeps
         slots, row_codes = next(iter(self.bins.values()))
+        self.bins_bytes = slots.numel() * slots.element_size() + row_codes.numel() * row_codes.element_size()
+        self.codes_bytes = num_codebooks * in_features
         # What the batch-1 (binned) kernel reads: codebooks and code rows (it does not read the codes).
         self.rpq_bytes = num_codebooks * 256 * piece * 2 + slots.numel() * slots.element_size() + row_codes.numel() * row_codes.element_size()
         self.in_features = in_features
@@ -164,30 +175,39 @@ def copy_bandwidth() -> float:
     return 2 * source.numel() * 2 / (us * 1e-6)
 
 
+def in_class(shape: tuple[int, int], low: int, high: int | None) -> bool:
+    return low < shape[0] * shape[1] and (high is None or shape[0] * shape[1] <= high)
+
+
 def tune(layers: dict, dense: dict) -> tuple[Route, ...]:
-    """The best candidate per bucket: lowest mean ratio to dense over the shapes and the bucket's token counts."""
+    """The best candidate per bucket: lowest mean ratio to dense over the bucket's shapes and token counts."""
     routes = []
-    for bound, token_counts, candidates in BUCKETS:
+    one_token = [
+        (1, [1], ONE_TOKEN, [shape for shape in layers if in_class(shape, low, high)], high) for low, high in ONE_TOKEN_CLASSES
+    ]
+    for bound, token_counts, candidates, shapes, max_weights in one_token + [(*bucket, SHAPES, None) for bucket in BUCKETS]:
         scored = []
         for candidate in candidates:
             try:
                 ratios = [
-                    layers[shape].rpq_us(tokens, candidate) / dense[shape, tokens] for shape in SHAPES for tokens in token_counts
+                    layers[shape].rpq_us(tokens, candidate) / dense[shape, tokens] for shape in shapes for tokens in token_counts
                 ]
             except Exception as error:  # a tile that does not compile (too many registers / shared memory)
                 print(f"  skip {candidate}: {str(error).splitlines()[0][:100]}")
                 continue
-            scored.append((math.exp(statistics.fmean(math.log(r) for r in ratios)), candidate))
-        scored.sort(key=lambda pair: pair[0])
-        best_ratio, best = scored[0]
+            scored.append((math.exp(statistics.fmean(math.log(r) for r in ratios)), candidate, ratios))
+        scored.sort(key=lambda entry: entry[0])
+        best_ratio, best, _ = scored[0]
         label = best if best == DECODE else best.describe()
-        print(f"bucket <= {bound} tokens: best {label}, mean ratio {best_ratio:.3f}; next "
-              + ", ".join(f"{(c if c == DECODE else c.describe())} {r:.3f}" for r, c in scored[1:4]))
-        kinds = {c.kind for _, c in scored if c != DECODE}
-        for kind in sorted(kinds):  # the best of each kernel, so a losing kernel's distance shows
-            ratio, tile = next((r, c) for r, c in scored if c != DECODE and c.kind == kind)
-            print(f"    best {kind}: {tile.describe()} {ratio:.3f}")
-        routes.append(Route(bound, DECODE) if best == DECODE else Route(bound, FUSED, best))
+        where = "" if max_weights is None and shapes == SHAPES else f" ({', '.join(f'{i}->{o}' for i, o in shapes)})"
+        print(f"bucket <= {bound} tokens{where}: best {label}, mean ratio {best_ratio:.3f}; next "
+              + ", ".join(f"{(c if c == DECODE else c.describe())} {r:.3f}" for r, c, _ in scored[1:4]))
+        kinds = {c.kind for _, c, _ in scored if c != DECODE}
+        for kind in sorted(kinds):  # the best of each kernel, so a losing kernel's distance shows (per shape too)
+            ratio, tile, ratios = next((r, c, rs) for r, c, rs in scored if c != DECODE and c.kind == kind)
+            per_shape = ", ".join(f"{r:.3f}" for r in ratios)
+            print(f"    best {kind}: {tile.describe()} {ratio:.3f} ({per_shape})")
+        routes.append(Route(bound, DECODE) if best == DECODE else Route(bound, FUSED, best, max_weights))
     return tuple(routes)
 
 
@@ -208,14 +228,16 @@ def main() -> None:
     floor = launch_floor_us()
     print(f"launch floor: {floor:.2f} us per call of a kernel that writes one value per program (256 programs, in a graph)")
 
-    layers = {shape: Layers(*shape, args.codebooks, dtype) for shape in SHAPES}
+    layers = {shape: Layers(*shape, args.codebooks, dtype) for shape in SHAPES + SMALL_SHAPES}
     dense = {(shape, tokens): layers[shape].dense_us(tokens) for shape in SHAPES for tokens in TOKENS}
+    dense.update({(shape, 1): layers[shape].dense_us(1) for shape in SMALL_SHAPES})
     if args.tune:
         routes = tune(layers, dense)
         print("ROUTES = (")
         for chosen in routes:
             tile = "" if chosen.tile is None else f", {chosen.tile!r}"
-            print(f"    Route({chosen.max_tokens if chosen.max_tokens < 1 << 62 else '1 << 62'}, {chosen.path.upper()}{tile}),")
+            sized = "" if chosen.max_weights is None else f", max_weights={chosen.max_weights}"
+            print(f"    Route({chosen.max_tokens if chosen.max_tokens < 1 << 62 else '1 << 62'}, {chosen.path.upper()}{tile}{sized}),")
         print(")")
         if args.save_routes:
             triton_dispatch.save_routes(routes, args.save_routes)
@@ -224,16 +246,19 @@ def main() -> None:
 
     rows = []
     print(f"\n{'in->out':>11} {'tokens':>6} {'route':>22} {'dense us':>9} {'rpq us':>8} {'rpq/dense':>9} {'target':>6}")
-    for shape in SHAPES:
-        for tokens in TOKENS:
+    for shape in SHAPES + SMALL_SHAPES:
+        for tokens in TOKENS if shape in SHAPES else [1]:
             rpq = layers[shape].rpq_us(tokens, None)
-            chosen = triton_dispatch.route(tokens)
+            chosen = triton_dispatch.route(tokens, shape[0] * shape[1])
             route_name = "decode+cuBLAS" if chosen.path == DECODE else chosen.tile.describe()
             ratio = rpq / dense[shape, tokens]
             target = TARGETS.get(tokens)
             row = {"in": shape[0], "out": shape[1], "tokens": tokens, "route": route_name, "dense_us": dense[shape, tokens],
                    "rpq_us": rpq, "ratio": ratio, "target": target}
-            if tokens == 1:
+            if tokens == 1:  # and without code bins (MODEL_COMPRESS_RPQ_BINS=0): the gather tile reading the codes
+                row["no_bins_us"] = layers[shape].rpq_us(1, triton_dispatch.ONE_TOKEN_GATHER)
+                row["no_bins_ratio"] = row["no_bins_us"] / dense[shape, tokens]
+                row["bins_bytes"], row["codes_bytes"] = layers[shape].bins_bytes, layers[shape].codes_bytes
                 row["rpq_bandwidth_fraction"] = layers[shape].rpq_bytes / (rpq * 1e-6) / bandwidth
                 row["dense_bandwidth_fraction"] = layers[shape].dense_bytes / (dense[shape, tokens] * 1e-6) / bandwidth
             rows.append(row)
@@ -243,11 +268,13 @@ def main() -> None:
         if row["tokens"] == 1:
             print(f"batch 1 {row['in']}->{row['out']}: RPQ reads {layers[(row['in'], row['out'])].rpq_bytes / 1e6:.2f} MB at "
                   f"{row['rpq_bandwidth_fraction']:.1%} of copy bandwidth; dense reads "
-                  f"{layers[(row['in'], row['out'])].dense_bytes / 1e6:.1f} MB at {row['dense_bandwidth_fraction']:.1%}")
+                  f"{layers[(row['in'], row['out'])].dense_bytes / 1e6:.1f} MB at {row['dense_bandwidth_fraction']:.1%}; "
+                  f"without bins {row['no_bins_us']:.2f} us ({row['no_bins_ratio']:.3f}); bins {row['bins_bytes'] / 1e3:.0f} kB "
+                  f"beside {row['codes_bytes'] / 1e3:.0f} kB of codes")
     trios = {}
-    one_token = triton_dispatch.route(1)
-    if one_token.path == FUSED and one_token.tile.kind == BINNED:
-        for shape in SHAPES:
+    for shape in SHAPES:
+        one_token = triton_dispatch.route(1, 3 * shape[0] * shape[1])  # the group's route: three layers' weights
+        if one_token.path == FUSED and one_token.tile.kind == BINNED:
             trios[f"{shape[0]}->{shape[1]}"] = trio = trio_us(layers[shape], one_token.tile)
             print(f"q/k/v-like trio {shape[0]}->{shape[1]}, 1 token: dense {trio['dense_us']:.2f} us, RPQ separate "
                   f"{trio['separate_us']:.2f} us ({trio['separate_us'] / trio['dense_us']:.3f}), RPQ one launch "

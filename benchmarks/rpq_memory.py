@@ -7,7 +7,8 @@ For each model, in a fresh allocator state: bytes allocated after loading (the w
 layers' code bins), and the peak of a graphed batch-1 decode measured exactly as ``compress eval``
 does it (``eval.graph_decode``). The issue's target: the RPQ peak is below the original's by at
 least the weight savings, i.e. the RPQ model's memory beyond its weights is no larger than the
-original's. The split shows which part of that overhead is RPQ's own (bins, split-K workspace).
+original's. The split shows which part of that overhead is RPQ's own (bins, kept split-K counters).
+With ``MODEL_COMPRESS_RPQ_BINS=0`` the one-token calls read the codes (gather kernel) and no bins are made.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def measure(model: torch.nn.Module, vocab: int) -> dict:
         model(input_ids=torch.randint(10, vocab, (1, 1), device="cuda"))
         figures["after_one_token_mb"] = allocated()
     figures["code_bins_mb"] = bins_mb(model)
-    figures["split_k_workspace_mb"] = sum(b.numel() * b.element_size() for b in triton_kernels._WORKSPACES.values()) / MB
+    figures["kept_buffers_mb"] = sum(b.numel() * b.element_size() for b in triton_kernels._WORKSPACES.values()) / MB  # split-K counters
     prompt = torch.randint(10, vocab, (1, 32), device="cuda")
     graphed = graphed_decode(model, prompt, steps=128, repeats=2)
     figures["graph_decode_b1_peak_mb"] = (graphed.peak_memory or 0) / MB

@@ -123,6 +123,7 @@ def test_tuned_routes_round_trip_through_a_file(tmp_path, monkeypatch):
     from model_compress.quantize import triton_dispatch
 
     tuned = (
+        triton_dispatch.Route(1, triton_dispatch.FUSED, triton_dispatch.TileConfig(1, 8, 256, 2, 4), max_weights=1000),
         triton_dispatch.Route(1, triton_dispatch.FUSED, triton_dispatch.TileConfig(1, 8, 512, 2, 4)),
         triton_dispatch.Route(1 << 62, triton_dispatch.DECODE),
     )
@@ -131,12 +132,78 @@ def test_tuned_routes_round_trip_through_a_file(tmp_path, monkeypatch):
     triton_dispatch.active_routes.cache_clear()
     try:
         assert triton_dispatch.active_routes() == tuned
-        assert triton_dispatch.route(1).tile.block_k == 512
+        assert triton_dispatch.route(1).tile.block_k == 512  # no size given: the unrestricted route
+        assert triton_dispatch.route(1, 1000).tile.block_k == 256
+        assert triton_dispatch.route(1, 1001).tile.block_k == 512
         assert triton_dispatch.route(2).path == triton_dispatch.DECODE
     finally:
         monkeypatch.delenv(triton_dispatch.ROUTES_ENV)
         triton_dispatch.active_routes.cache_clear()
     assert triton_dispatch.active_routes() == triton_dispatch.ROUTES
+
+
+class _RecordingKernels:
+    """Stands in for ``triton_kernels`` on the CPU: records which kernel and tile a routed call would launch."""
+
+    MAX_GROUP = 3
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    @staticmethod
+    def binned_fits(tile, codebooks) -> bool:
+        return tile.kind == "binned"
+
+    def linear_binned(self, x, codebooks, bins, bias, tile):
+        self.calls.append(("binned", tile))
+
+    def linear_binned_group(self, x, members, tile):
+        self.calls.append(("binned group", tile))
+        return [None] * len(members)
+
+    def linear_fused(self, x, codebooks, indices, bias, tile):
+        self.calls.append(("gather", tile))
+
+    def linear_decode(self, x, codebooks, indices, bias):
+        self.calls.append(("decode", None))
+
+
+def test_one_token_route_depends_on_layer_size_and_bins_switch(monkeypatch):
+    """Small layers take the small-layer one-token tile, larger ones (or a sibling group) the other; bins off: gather."""
+    from model_compress.quantize import kernels, triton_dispatch
+
+    recorder = _RecordingKernels()
+    monkeypatch.setattr(kernels, "gpu_kernels", lambda tensor: recorder)
+    small, large = [r for r in triton_dispatch.ROUTES if r.max_tokens == 1][:2]
+    assert small.max_weights is not None and large.max_weights is None and small.tile != large.tile
+    side = 64  # 64 x 64 is a small layer, 3 of them too; one layer above the class is large
+    codebooks, indices = torch.zeros(4, 16, side // 4), torch.zeros(4, side, dtype=torch.uint8)
+    big_in = small.max_weights // side + 1
+    big_indices = torch.zeros(4, big_in, dtype=torch.uint8)
+    bins = lambda: (torch.zeros(1), torch.zeros(1))
+    kernels.linear_forward(torch.zeros(1, side), codebooks, indices, None, bins)
+    kernels.linear_forward(torch.zeros(1, big_in), codebooks, big_indices, None, bins)
+    kernels.linear_forward(torch.zeros(1, side), codebooks, indices, None, None)  # no bins: the gather tile
+    kernels.linear_forward(torch.zeros(40, side), codebooks, indices, None, bins)  # more tokens: the table's gather tile
+    members = [(torch.zeros(4, 16, small.max_weights // (4 * side)), bins, None)] * 3  # each at the class limit
+    kernels.linear_group_forward(torch.zeros(1, side), members)
+    assert recorder.calls == [
+        ("binned", small.tile),
+        ("binned", large.tile),
+        ("gather", triton_dispatch.ONE_TOKEN_GATHER),
+        ("gather", triton_dispatch.route(40).tile),
+        ("binned group", large.tile),
+    ]
+    recorder.calls.clear()
+    monkeypatch.setenv(triton_dispatch.BINS_ENV, "0")
+    triton_dispatch.bins_enabled.cache_clear()
+    try:
+        kernels.linear_forward(torch.zeros(1, side), codebooks, indices, None, bins)
+        assert kernels.linear_group_forward(torch.zeros(1, side), members) is None
+    finally:
+        monkeypatch.delenv(triton_dispatch.BINS_ENV)
+        triton_dispatch.bins_enabled.cache_clear()
+    assert recorder.calls == [("gather", triton_dispatch.ONE_TOKEN_GATHER)]
 
 
 @pytest.mark.parametrize("columns, codebook_size", [(37, 16), (300, 256), (2048, 256), (40000, 256)])

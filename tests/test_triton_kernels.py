@@ -283,3 +283,28 @@ def test_grouped_siblings_decode_one_token_like_the_reference(arch, monkeypatch)
             monkeypatch.delenv("MODEL_COMPRESS_TRITON")
             kernels._triton_kernels.cache_clear()
     assert rel_error(fast, slow) < BOUNDS[torch.float16]
+
+
+def test_one_token_without_bins_reads_the_codes_and_matches_the_reference(monkeypatch):
+    """MODEL_COMPRESS_RPQ_BINS=0: one-token steps take the gather tile, no layer makes code bins, logits as the torch path."""
+    from model_compress.quantize.convert import RPQSettings, convert_model
+    from model_compress.quantize.layers import RPQLinear
+
+    model = tiny_model("opt").to(CUDA, torch.float16).eval()
+    convert_model(model, RPQSettings(num_codebooks=4, codebook_size=16, device=CUDA))
+    monkeypatch.setenv(triton_dispatch.BINS_ENV, "0")
+    triton_dispatch.bins_enabled.cache_clear()
+    ids = torch.randint(0, model.config.vocab_size, (1, 1), device=CUDA)
+    try:
+        with torch.inference_mode():
+            fast = model(ids).logits
+            monkeypatch.setenv("MODEL_COMPRESS_TRITON", "0")
+            kernels._triton_kernels.cache_clear()
+            slow = model(ids).logits
+    finally:
+        monkeypatch.delenv("MODEL_COMPRESS_TRITON", raising=False)
+        monkeypatch.delenv(triton_dispatch.BINS_ENV)
+        kernels._triton_kernels.cache_clear()
+        triton_dispatch.bins_enabled.cache_clear()
+    assert not any("_code_bins" in module.__dict__ for module in model.modules() if isinstance(module, RPQLinear))
+    assert rel_error(fast, slow) < BOUNDS[torch.float16]

@@ -91,16 +91,19 @@ def linear_forward(
     """RPQ Linear forward: the routed Triton path on CUDA; else the histogram form for few tokens, decode + GEMM otherwise.
 
     ``bins`` gives ``layout.code_bins`` of ``indices`` (kept by the module, made on first use) for
-    the binned kernel; without it that route falls back to the gather kernel.
+    the binned kernel; without it (or with ``MODEL_COMPRESS_RPQ_BINS=0``) that route takes the
+    one-token gather tile, which reads the codes themselves.
     """
     tokens = x.numel() // indices.shape[1]
     triton_kernels = gpu_kernels(x)
     if triton_kernels is not None:
-        chosen = triton_dispatch.route(tokens)
+        chosen = triton_dispatch.route(tokens, _weights(codebooks, indices.shape[1]))
         if chosen.path == triton_dispatch.FUSED:
+            if chosen.tile.kind != triton_dispatch.BINNED:
+                return triton_kernels.linear_fused(x, codebooks, indices, bias, chosen.tile)
             if bins is not None and _takes_binned(triton_kernels, chosen, codebooks):
                 return triton_kernels.linear_binned(x, codebooks, bins(), bias, chosen.tile)
-            return triton_kernels.linear_fused(x, codebooks, indices, bias, chosen.tile)
+            return triton_kernels.linear_fused(x, codebooks, indices, bias, triton_dispatch.ONE_TOKEN_GATHER)
         return triton_kernels.linear_decode(x, codebooks, indices, bias)
     if tokens <= HISTOGRAM_TOKENS_PER_PIECE * codebooks.shape[2]:
         return linear_histogram(x, codebooks, indices, bias)
@@ -118,15 +121,24 @@ def linear_group_forward(
     triton_kernels = gpu_kernels(x)
     if triton_kernels is None or len(members) > triton_kernels.MAX_GROUP:
         return None
-    chosen = triton_dispatch.route(x.numel() // x.shape[-1])
+    chosen = triton_dispatch.route(x.numel() // x.shape[-1], len(members) * _weights(members[0][0], x.shape[-1]))
     if not _takes_binned(triton_kernels, chosen, members[0][0]):
         return None
     return triton_kernels.linear_binned_group(x, [(cb, bins(), bias) for cb, bins, bias in members], chosen.tile)
 
 
 def _takes_binned(triton_kernels, chosen: triton_dispatch.Route, codebooks: Tensor) -> bool:
-    """Whether a routed call runs the binned kernel (a fused route whose tile is binned and fits these codebooks)."""
-    return chosen.path == triton_dispatch.FUSED and triton_kernels.binned_fits(chosen.tile, codebooks)
+    """Whether a routed call runs the binned kernel (a fused route whose tile is binned and fits these codebooks, bins on)."""
+    return (
+        chosen.path == triton_dispatch.FUSED
+        and triton_dispatch.bins_enabled()
+        and triton_kernels.binned_fits(chosen.tile, codebooks)
+    )
+
+
+def _weights(codebooks: Tensor, in_features: int) -> int:
+    """in * out of an RPQ Linear: the size class its one-token route is chosen by."""
+    return in_features * codebooks.shape[0] * codebooks.shape[2]
 
 
 def embedding_forward(ids: Tensor, codebooks: Tensor, indices: Tensor) -> Tensor:

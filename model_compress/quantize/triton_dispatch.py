@@ -50,15 +50,24 @@ class TileConfig:
 
 @dataclass(frozen=True)
 class Route:
-    """The path for calls of up to ``max_tokens`` tokens."""
+    """The path for calls of up to ``max_tokens`` tokens (and, with ``max_weights``, only for layers that small).
+
+    ``max_weights``: in * out of the layer (summed over the siblings of one grouped launch). The
+    best one-token tile depends on the layer's size as well as on the token count: a small layer
+    has too few programs to hide what a big one hides (PDL measured slower at 2048 x 2048, faster
+    at 2048 x 8192), so the one-token bucket is tuned per size class.
+    """
 
     max_tokens: int
     path: str
     tile: TileConfig | None = None
+    max_weights: int | None = None
 
 
 # Upper token bounds with their route; the last bound catches everything larger.
+SMALL_LAYER = 2048 * 2048  # the one-token size classes: up to opt-1.3b's attention projections, and larger
 ROUTES: tuple[Route, ...] = (
+    Route(1, FUSED, TileConfig(1, 16, 1024, num_warps=4, num_stages=3, kind=BINNED), max_weights=SMALL_LAYER),
     Route(1, FUSED, TileConfig(1, 16, 1024, num_warps=4, num_stages=3, kind=BINNED, pdl=True)),
     Route(4, FUSED, TileConfig(16, 64, 64, num_warps=4, num_stages=3, split_k=8)),
     Route(16, FUSED, TileConfig(16, 32, 128, num_warps=4, num_stages=3, split_k=8)),
@@ -66,10 +75,17 @@ ROUTES: tuple[Route, ...] = (
     Route(1 << 62, DECODE),
 )
 
+# One token without code bins (``MODEL_COMPRESS_RPQ_BINS=0``, or codebooks the binned kernel does not
+# take): the best gather tile of the one-token tuning (0.77 of dense against the binned kernel's 0.50).
+ONE_TOKEN_GATHER = TileConfig(1, 64, 256, num_warps=4, num_stages=3, split_k=8, prefetch=True, pdl=True)
+BINS_ENV = "MODEL_COMPRESS_RPQ_BINS"
+
 # Tied LM head: the per-code score kernel up to this many tokens, then decode the table in chunks + cuBLAS.
 TIED_HEAD_SCORE_TOKENS = 16
-# Rows of the table decoded per chunk on the decode path keep that temporary under this size.
-DECODE_CHUNK_BYTES = 32 * 1024 * 1024
+# Rows of the table decoded per chunk on the decode path keep that temporary under this size: it is
+# live during a prompt's forward, so it adds to the peak of a whole generation (8 MiB keeps each
+# chunk's GEMM 2048 x 2048 or larger at opt-1.3b's width).
+DECODE_CHUNK_BYTES = 8 * 1024 * 1024
 
 
 ROUTES_ENV = "MODEL_COMPRESS_RPQ_ROUTES"
@@ -84,7 +100,8 @@ def load_routes(path: str | Path) -> tuple[Route, ...]:
     """Routes from a JSON file written by :func:`save_routes`."""
     entries = json.loads(Path(path).read_text())
     return tuple(
-        Route(entry["max_tokens"], entry["path"], TileConfig(**entry["tile"]) if entry.get("tile") else None) for entry in entries
+        Route(entry["max_tokens"], entry["path"], TileConfig(**entry["tile"]) if entry.get("tile") else None, entry.get("max_weights"))
+        for entry in entries
     )
 
 
@@ -95,10 +112,17 @@ def active_routes() -> tuple[Route, ...]:
     return load_routes(path) if path else ROUTES
 
 
-def route(tokens: int, routes: tuple[Route, ...] | None = None) -> Route:
-    """The route for a call with ``tokens`` rows."""
+def route(tokens: int, weights: int | None = None, routes: tuple[Route, ...] | None = None) -> Route:
+    """The route for a call with ``tokens`` rows on a layer of ``weights`` = in * out (None: no size class)."""
     routes = routes or active_routes()
     for candidate in routes:
-        if tokens <= candidate.max_tokens:
+        sized = candidate.max_weights is None or (weights is not None and weights <= candidate.max_weights)
+        if tokens <= candidate.max_tokens and sized:
             return candidate
     return routes[-1]
+
+
+@functools.cache
+def bins_enabled() -> bool:
+    """Whether one-token calls may use the binned kernel (its code bins cost 2-4 bytes per code beside the codes)."""
+    return os.environ.get(BINS_ENV, "1") != "0"

@@ -15,10 +15,10 @@ the K codes of every codebook (a small kernel), then a kernel sums, for each voc
 scores of its M codes: the table is never decoded.
 
 Everything here is launch-only: no host syncs, no host-visible allocation besides the outputs (and
-the split-K workspace, made once per device and dtype), so a model using these kernels can be
-captured in a CUDA graph. The decode paths' W^T (or table chunk) comes from PyTorch's caching
-allocator and goes back to it after the matmul: a buffer kept for the next prefill would sit in
-every later decode step's memory. Which path and which tile sizes a call takes is decided in
+the split-K arrival counters, made once per device), so a model using these kernels can be
+captured in a CUDA graph. Temporaries (split-K partials, the decode paths' W^T or table chunk)
+come from PyTorch's caching allocator and go back to it after the call: a buffer kept for the
+largest call would sit in every later decode step's memory. Which path and which tile sizes a call takes is decided in
 ``triton_dispatch``.
 """
 
@@ -436,7 +436,7 @@ def linear_fused(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | N
         chunk = triton.cdiv(triton.cdiv(in_features, split), config.block_k) * config.block_k
         split = triton.cdiv(in_features, chunk)
         if split > 1:
-            partial = workspace(split * tokens * out_features, x.device, torch.float32, "partials")
+            partial = torch.empty(split * tokens * out_features, device=x.device, dtype=torch.float32)
             counter = tile_counters(tiles_n * tiles_m, x.device)
         else:
             partial = counter = out
@@ -548,18 +548,8 @@ def linear_binned_group(x: Tensor, members: list[tuple[Tensor, tuple[Tensor, Ten
 _WORKSPACES: dict[tuple[torch.device, torch.dtype, str], Tensor] = {}
 
 
-def workspace(numel: int, device: torch.device, dtype: torch.dtype, purpose: str) -> Tensor:
-    """A flat buffer of at least ``numel`` elements, shared by every layer on this device and dtype.
-
-    Layers run one after another on one stream, so one buffer serves them all; it grows to the
-    largest layer on the first (warm-up) pass and is then reused, so nothing is allocated per call.
-    Only the few-token split-K partials use it (a few MB, on the decode hot path).
-    """
-    return _cached_buffer(numel, device, dtype, purpose, torch.empty)[:numel]
-
-
 def clear_workspaces() -> None:
-    """Forget every kept workspace (between models measured one after the other)."""
+    """Forget the kept split-K counters (between models measured one after the other)."""
     _WORKSPACES.clear()
 
 
@@ -669,13 +659,14 @@ def tied_head_decode(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor
     dim = num_codebooks * piece
     vocab = indices.shape[1]
     rows = x.reshape(-1, dim).to(codebooks.dtype)
-    out = torch.empty(rows.shape[0], vocab, device=x.device, dtype=x.dtype)
+    out = torch.empty(rows.shape[0], vocab, device=x.device, dtype=rows.dtype)
     chunk = max(1, min(vocab, chunk_bytes // (dim * codebooks.element_size())))
     table = torch.empty(chunk, dim, device=x.device, dtype=codebooks.dtype)
     for start in range(0, vocab, chunk):
         part = decode_rows(codebooks, indices, table[: min(chunk, vocab - start)], first_row=start)
-        logits = rows @ part.T
-        if bias is not None:
-            logits += bias[start : start + part.shape[0]]
-        out[:, start : start + part.shape[0]] = logits
-    return out.reshape(*x.shape[:-1], vocab)
+        columns = out[:, start : start + part.shape[0]]  # row stride = vocab: cuBLAS writes it in place, no temporary
+        if bias is None:
+            torch.mm(rows, part.T, out=columns)
+        else:
+            torch.addmm(bias[start : start + part.shape[0]].to(rows.dtype), rows, part.T, out=columns)
+    return out.reshape(*x.shape[:-1], vocab).to(x.dtype)
