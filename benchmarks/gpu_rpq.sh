@@ -38,6 +38,8 @@ opt)
   python3 benchmarks/rpq_memory.py /tmp/w/opt-1.3b-random /tmp/w/opt-1.3b-rpq32 --json "$OUT/memory_opt.json" 2>&1 | tee "$OUT/memory_opt.log" | tail -5
   echo "== memory split and graphed decode without code bins (MODEL_COMPRESS_RPQ_BINS=0)"
   MODEL_COMPRESS_RPQ_BINS=0 python3 benchmarks/rpq_memory.py /tmp/w/opt-1.3b-random /tmp/w/opt-1.3b-rpq32 --json "$OUT/memory_opt_nobins.json" 2>&1 | tee "$OUT/memory_opt_nobins.log" | tail -3
+  echo "== the same with the pre-norms left as they are (MODEL_COMPRESS_FUSED_NORM=0): what the fused norm adds"
+  MODEL_COMPRESS_FUSED_NORM=0 python3 benchmarks/rpq_memory.py /tmp/w/opt-1.3b-random /tmp/w/opt-1.3b-rpq32 --json "$OUT/memory_opt_nonorm.json" 2>&1 | tee "$OUT/memory_opt_nonorm.log" | tail -3
   ;;
 smol)
   [ -f /tmp/smol/smol.part-a ] || { echo "error: /tmp/smol/smol.part-a is missing (machine given back); start again" >&2; exit 2; }
@@ -49,5 +51,7 @@ smol)
   python3 benchmarks/rpq_memory.py "$GGUF" /tmp/w/smollm2-135m-rpq32 --json "$OUT/memory_smol.json" 2>&1 | tee "$OUT/memory_smol.log" | tail -5
   echo "== memory split and graphed decode without code bins (MODEL_COMPRESS_RPQ_BINS=0)"
   MODEL_COMPRESS_RPQ_BINS=0 python3 benchmarks/rpq_memory.py "$GGUF" /tmp/w/smollm2-135m-rpq32 --json "$OUT/memory_smol_nobins.json" 2>&1 | tee "$OUT/memory_smol_nobins.log" | tail -3
+  echo "== the same with the pre-norms left as they are (MODEL_COMPRESS_FUSED_NORM=0): what the fused norm adds"
+  MODEL_COMPRESS_FUSED_NORM=0 python3 benchmarks/rpq_memory.py "$GGUF" /tmp/w/smollm2-135m-rpq32 --json "$OUT/memory_smol_nonorm.json" 2>&1 | tee "$OUT/memory_smol_nonorm.log" | tail -3
   ;;
 esac

@@ -36,9 +36,8 @@ from model_compress.quantize.triton_dispatch import BINNED, DECODE, FUSED, GATHE
 SHAPES = [(2048, 2048), (2048, 8192), (8192, 2048)]
 SMALL_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]  # SmolLM2-135M, timed at one token
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
-TINY_LAYER = 1536 * 576
 # One-token size classes (in * out above the first bound, up to the second): each gets its own route.
-ONE_TOKEN_CLASSES = [(0, TINY_LAYER), (TINY_LAYER, triton_dispatch.SMALL_LAYER), (triton_dispatch.SMALL_LAYER, None)]
+ONE_TOKEN_CLASSES = [(0, triton_dispatch.TINY_LAYER), (triton_dispatch.TINY_LAYER, triton_dispatch.SMALL_LAYER), (triton_dispatch.SMALL_LAYER, None)]
 ROTATION_BYTES = 256 * 1024 * 1024  # all copies of a layer together: five times the H100's L2
 MAX_COPIES = 512  # for SmolLM2's small layers: 512 copies of the smallest RPQ layer are 59 MB, still more than the L2
 TARGETS = {1: 0.5, 16: 1.0, 512: 1.3}

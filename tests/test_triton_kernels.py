@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from model_compress.quantize import kernels, triton_dispatch
+from model_compress.quantize.fused_norm import defer_norms
 from model_compress.quantize.layers import RPQEmbedding, RPQLinear
 from model_compress.quantize.layout import code_bins, index_dtype
+from model_compress.quantize.norm_spec import LAYER_NORM, RMS_NORM, NormSpec
 
 from .conftest import tiny_model
 from .test_layers import filled, rel_error
@@ -204,14 +206,27 @@ def test_whole_model_on_cuda_uses_the_kernels_and_matches_the_reference():
     assert rel_error(fast, slow) < BOUNDS[torch.float16]
 
 
-@pytest.mark.parametrize("tile", [SPLIT_TILES[-3], SPLIT_TILES[-1], BINNED_TILES[1], BINNED_TILES[-1]], ids=lambda tile: tile.describe())
-def test_dependent_launch_chain_reads_each_input_after_it_is_written(tile):
+CHAIN_CASES = [(tile, None) for tile in (SPLIT_TILES[-3], SPLIT_TILES[-1], BINNED_TILES[1], BINNED_TILES[-1])] + [
+    (BINNED_TILES[1], RMS_NORM), (BINNED_TILES[-1], LAYER_NORM),  # a fused norm takes x's statistics after the wait too
+]
+
+
+@pytest.mark.parametrize("tile, norm_kind", CHAIN_CASES, ids=lambda case: case.describe() if hasattr(case, "describe") else str(case))
+def test_dependent_launch_chain_reads_each_input_after_it_is_written(tile, norm_kind):
     """Eight layers, each fed the previous one's output: with PDL a program starts before its input is
     written, so a read of x before ``gdc_wait`` would show here (eagerly and in a replayed CUDA graph)."""
     width, depth = 2048, 8
     layers = [random_codes(32, 256, width // 32, width, torch.float32, seed=seed) for seed in range(depth)]
     layers = [(codebooks / width**0.5, indices) for codebooks, indices in layers]  # keeps the activations near unit size
     bins = {id(indices): code_bins(indices, 256) for _, indices in layers}
+    gamma = torch.rand(width, device=CUDA) + 0.5
+    spec = None if norm_kind is None else NormSpec(gamma, 1e-5, norm_kind)
+
+    def normalise(x):
+        x = x.double()
+        if norm_kind == LAYER_NORM:
+            return torch.nn.functional.layer_norm(x, (width,), gamma.double(), None, 1e-5)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * gamma.double() if norm_kind == RMS_NORM else x
 
     def chain(x, forward):
         for codebooks, indices in layers:
@@ -220,11 +235,11 @@ def test_dependent_launch_chain_reads_each_input_after_it_is_written(tile):
 
     def fused(x, codebooks, indices):
         if tile.kind == triton_dispatch.BINNED:
-            return triton_kernels.linear_binned(x, codebooks, bins[id(indices)], None, tile)
+            return triton_kernels.linear_binned(x, codebooks, bins[id(indices)], None, tile, spec)
         return triton_kernels.linear_fused(x, codebooks, indices, None, tile)
 
     def exact(x, codebooks, indices):
-        return kernels.linear_reference(x.double(), codebooks.double(), indices, None).float()
+        return kernels.linear_reference(normalise(x), codebooks.double(), indices, None).float()
 
     x = torch.randn(1, width, device=CUDA)
     assert rel_error(chain(x, fused), chain(x, exact)) < 1e-4
@@ -259,8 +274,40 @@ def test_binned_group_gives_each_member_its_own_output(shape, dtype):
                     assert rel_error(out, reference(x, cb, idx, bias)) < BOUNDS[dtype], (tokens, count, tile.describe())
 
 
+@pytest.mark.parametrize("norm_kind", [LAYER_NORM, RMS_NORM])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [LINEAR_SHAPES[0], LINEAR_SHAPES[3], LINEAR_SHAPES[6]], ids=lambda s: "x".join(map(str, s)))
+def test_binned_kernel_applies_the_norm_of_its_input(shape, dtype, norm_kind):
+    """x is a norm's input (fused_norm): outputs against norm-then-layer in float64, with the norm bias in the layer bias."""
+    in_features, out_features, num_codebooks, codebook_size = shape
+    layers = [random_codes(num_codebooks, codebook_size, out_features // num_codebooks, in_features, dtype, seed=s) for s in range(3)]
+    gamma = (torch.rand(in_features, device=CUDA) + 0.5).to(dtype)
+    beta = torch.randn(in_features, device=CUDA, dtype=dtype) if norm_kind == LAYER_NORM else None
+    biases = [torch.randn(out_features, device=CUDA, dtype=dtype) for _ in layers]
+    spec = NormSpec(gamma, 1e-5, norm_kind)
+    for tokens in [1, 3]:
+        x = torch.randn(tokens, in_features, device=CUDA, dtype=dtype) * 3 + 1  # a mean the LayerNorm has to take out
+        xd = x.double()
+        if norm_kind == LAYER_NORM:
+            normed = torch.nn.functional.layer_norm(xd, (in_features,), gamma.double(), beta.double(), 1e-5)
+        else:
+            normed = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * gamma.double()
+        folded = [
+            (b.double() + (kernels.linear_reference(beta.double()[None], cb.double(), idx, None)[0] if beta is not None else 0)).to(dtype)
+            for (cb, idx), b in zip(layers, biases)
+        ]
+        for count in (1, 3):
+            members = [(cb, code_bins(idx, codebook_size), bias) for (cb, idx), bias in zip(layers[:count], folded)]
+            for tile in (BINNED_TILES[0], BINNED_TILES[1], BINNED_TILES[-1]):
+                outs = triton_kernels.linear_binned_group(x, members, tile, spec)
+                for (cb, idx), bias, out in zip(layers, biases, outs):
+                    ref = kernels.linear_reference(normed, cb.double(), idx, None) + bias.double()
+                    assert rel_error(out, ref) < BOUNDS[dtype], (tokens, count, tile.describe())
+
+
+@pytest.mark.parametrize("deferred_norms", [False, True], ids=["norms", "deferred-norms"])
 @pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_grouped_siblings_decode_one_token_like_the_reference(arch, monkeypatch):
+def test_grouped_siblings_decode_one_token_like_the_reference(arch, deferred_norms, monkeypatch):
     """A loaded-style model with q/k/v (gate/up) grouped: one-token steps take the group launch and match the torch path."""
     from model_compress.quantize.convert import RPQSettings, convert_model
     from model_compress.quantize.shared_input import group_shared_inputs
@@ -268,6 +315,14 @@ def test_grouped_siblings_decode_one_token_like_the_reference(arch, monkeypatch)
     model = tiny_model(arch).to(CUDA, torch.float16).eval()
     convert_model(model, RPQSettings(num_codebooks=4, codebook_size=16, device=CUDA))
     assert group_shared_inputs(model) > 0
+    if deferred_norms:  # as loading does: the pre-norms run inside the grouped (and fc1's) binned launches
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
+                with torch.no_grad():
+                    module.weight.uniform_(0.5, 1.5)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.uniform_(-0.5, 0.5)
+        assert defer_norms(model) == 2 * model.config.num_hidden_layers
     launches = []
     group_forward = kernels.linear_group_forward
     monkeypatch.setattr(kernels, "linear_group_forward", lambda x, members: launches.append(len(members)) or group_forward(x, members))

@@ -26,6 +26,7 @@ from transformers.quantizers.auto import (
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .layers import KIND_TIED_HEAD, build_rpq_module
+from .fused_norm import defer_norms
 from .shared_input import group_shared_inputs
 
 QUANT_METHOD = "rpq"
@@ -111,6 +112,7 @@ class RPQHfQuantizer(LoaderOnlyQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         super()._process_model_after_weight_loading(model, **kwargs)
         group_shared_inputs(model)
+        defer_norms(model)
 
 
 def check_all_loaded(model: nn.Module, names: Any) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,10 @@ from torch import Tensor
 
 from . import triton_dispatch
 from .layout import EMBEDDING, LINEAR, code_scores, decode, lookup
+from .norm_spec import NormSpec
+
+if TYPE_CHECKING:
+    from .fused_norm import NormedInput
 
 # The histogram form costs about tokens * M * in scatter-adds, decoding the weight about out * in
 # gathers at twice the price each; so it wins while tokens < 2 * out / M = 2 * D. Measured on the
@@ -86,37 +91,48 @@ def linear_histogram(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor
 
 
 def linear_forward(
-    x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None, bins: Callable[[], tuple[Tensor, Tensor]] | None = None
+    x: Tensor,
+    codebooks: Tensor,
+    indices: Tensor,
+    bias: Tensor | None,
+    bins: Callable[[], tuple[Tensor, Tensor]] | None = None,
+    norm: NormedInput | None = None,
 ) -> Tensor:
     """RPQ Linear forward: the routed Triton path on CUDA; else the histogram form for few tokens, decode + GEMM otherwise.
 
     ``bins`` gives ``layout.code_bins`` of ``indices`` (kept by the module, made on first use) for
     the binned kernel; without it (or with ``MODEL_COMPRESS_RPQ_BINS=0``) that route takes the
-    one-token gather tile, which reads the codes themselves.
+    one-token gather tile, which reads the codes themselves. ``norm`` (``fused_norm``): x is the
+    input of a norm this layer applies, inside the binned kernel or else by the norm's own forward.
     """
     tokens = x.numel() // indices.shape[1]
     triton_kernels = gpu_kernels(x)
     if triton_kernels is not None:
         chosen = triton_dispatch.route(tokens, _weights(codebooks, indices.shape[1]))
-        if chosen.path == triton_dispatch.FUSED:
-            if chosen.tile.kind != triton_dispatch.BINNED:
-                return triton_kernels.linear_fused(x, codebooks, indices, bias, chosen.tile)
+        if chosen.path == triton_dispatch.FUSED and chosen.tile.kind == triton_dispatch.BINNED:
             if bins is not None and _takes_binned(triton_kernels, chosen, codebooks):
-                return triton_kernels.linear_binned(x, codebooks, bins(), bias, chosen.tile)
-            return triton_kernels.linear_fused(x, codebooks, indices, bias, triton_dispatch.ONE_TOKEN_GATHER)
+                if norm is None:
+                    return triton_kernels.linear_binned(x, codebooks, bins(), bias, chosen.tile)
+                return triton_kernels.linear_binned(x, codebooks, bins(), norm.fused_bias, chosen.tile, norm.norm.spec)
+            chosen = triton_dispatch.Route(chosen.max_tokens, chosen.path, triton_dispatch.ONE_TOKEN_GATHER)
+        x = x if norm is None else norm.norm.normalized(x)
+        if chosen.path == triton_dispatch.FUSED:
+            return triton_kernels.linear_fused(x, codebooks, indices, bias, chosen.tile)
         return triton_kernels.linear_decode(x, codebooks, indices, bias)
+    x = x if norm is None else norm.norm.normalized(x)
     if tokens <= HISTOGRAM_TOKENS_PER_PIECE * codebooks.shape[2]:
         return linear_histogram(x, codebooks, indices, bias)
     return linear_reference(x, codebooks, indices, bias)
 
 
 def linear_group_forward(
-    x: Tensor, members: list[tuple[Tensor, Callable[[], tuple[Tensor, Tensor]], Tensor | None]]
+    x: Tensor, members: list[tuple[Tensor, Callable[[], tuple[Tensor, Tensor]], Tensor | None]], norm: NormSpec | None = None
 ) -> list[Tensor] | None:
     """Several RPQ Linears of one shape on the same ``x`` in one binned launch; None where that route does not apply.
 
     ``members``: (codebooks, bins callable, bias) each. Only on CUDA with Triton, for token counts
-    routed to the binned kernel; everywhere else each layer runs its own forward.
+    routed to the binned kernel; everywhere else each layer runs its own forward. ``norm``: x is
+    that norm's input, applied in the kernel (the biases must hold its W beta).
     """
     triton_kernels = gpu_kernels(x)
     if triton_kernels is None or len(members) > triton_kernels.MAX_GROUP:
@@ -124,7 +140,7 @@ def linear_group_forward(
     chosen = triton_dispatch.route(x.numel() // x.shape[-1], len(members) * _weights(members[0][0], x.shape[-1]))
     if not _takes_binned(triton_kernels, chosen, members[0][0]):
         return None
-    return triton_kernels.linear_binned_group(x, [(cb, bins(), bias) for cb, bins, bias in members], chosen.tile)
+    return triton_kernels.linear_binned_group(x, [(cb, bins(), bias) for cb, bins, bias in members], chosen.tile, norm)
 
 
 def _takes_binned(triton_kernels, chosen: triton_dispatch.Route, codebooks: Tensor) -> bool:

@@ -71,7 +71,8 @@ class RPQLinear(nn.Module):
             out = group.output(self, x)
             if out is not None:
                 return out
-        return kernels.linear_forward(x, self.codebooks, self.indices, self.bias, self.code_bins)
+        norm = self.__dict__.get("_normed_input")  # fused_norm.NormedInput: x is the input of the norm before us
+        return kernels.linear_forward(x, self.codebooks, self.indices, self.bias, self.code_bins, norm)
 
     def extra_repr(self) -> str:
         return (

@@ -33,7 +33,15 @@ class SharedInputGroup:
         if x is self._input and self._version == _version(x) and id(member) in self._pending:
             return self._pending.pop(id(member))
         self._input, self._pending = None, {}
-        outputs = kernels.linear_group_forward(x, [(m.codebooks, m.code_bins, m.bias) for m in self.members])
+        normed = [m.__dict__.get("_normed_input") for m in self.members]  # fused_norm: x is the norm's input
+        norms = {id(n.norm) if n is not None else None for n in normed}
+        if len(norms) > 1:
+            return None  # members behind different norms (or only some behind one): each computes alone
+        if normed[0] is None:
+            outputs = kernels.linear_group_forward(x, [(m.codebooks, m.code_bins, m.bias) for m in self.members])
+        else:
+            members = [(m.codebooks, m.code_bins, n.fused_bias) for m, n in zip(self.members, normed)]
+            outputs = kernels.linear_group_forward(x, members, normed[0].norm.spec)
         if outputs is None:
             return None
         self._input, self._version = x, _version(x)

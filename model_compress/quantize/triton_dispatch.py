@@ -3,7 +3,8 @@
 The numbers come from ``benchmarks/rpq_kernels.py --tune`` on an H100 (benchmarks/RESULTS.md,
 "RPQ GPU kernels"): for each token bucket it timed every candidate tile on the opt-1.3b shapes
 (2048->2048, 2048->8192, 8192->2048, fp16, M=32, K=256) and the decode + cuBLAS path, and kept
-the one with the lowest mean ratio to the dense layer. Plain data, so that it imports without Triton.
+the one with the lowest mean ratio to the dense layer; the one-token bucket per layer-size class,
+SmolLM2-135M's shapes for the smallest. Plain data, so that it imports without Triton.
 
 Another GPU may want other tiles: ``rpq_kernels.py --tune --save-routes FILE`` measures them there,
 and ``MODEL_COMPRESS_RPQ_ROUTES=FILE`` makes every RPQ layer use them.
@@ -65,9 +66,12 @@ class Route:
 
 
 # Upper token bounds with their route; the last bound catches everything larger.
-SMALL_LAYER = 2048 * 2048  # the one-token size classes: up to opt-1.3b's attention projections, and larger
+# One-token size classes: up to SmolLM2-135M's MLP projections, up to opt-1.3b's attention projections, larger.
+TINY_LAYER = 1536 * 576
+SMALL_LAYER = 2048 * 2048
 ROUTES: tuple[Route, ...] = (
-    Route(1, FUSED, TileConfig(1, 16, 1024, num_warps=4, num_stages=3, kind=BINNED), max_weights=SMALL_LAYER),
+    Route(1, FUSED, TileConfig(1, 8, 1024, num_warps=2, num_stages=3, kind=BINNED, prefetch=True, pdl=True), max_weights=TINY_LAYER),
+    Route(1, FUSED, TileConfig(1, 8, 1024, num_warps=2, num_stages=3, kind=BINNED, prefetch=True, pdl=True), max_weights=SMALL_LAYER),
     Route(1, FUSED, TileConfig(1, 16, 1024, num_warps=4, num_stages=3, kind=BINNED, pdl=True)),
     Route(4, FUSED, TileConfig(16, 64, 64, num_warps=4, num_stages=3, split_k=8)),
     Route(16, FUSED, TileConfig(16, 32, 128, num_warps=4, num_stages=3, split_k=8)),

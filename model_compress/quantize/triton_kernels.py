@@ -33,6 +33,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from .norm_spec import NormSpec
 from .triton_dispatch import BINNED, TileConfig
 
 
@@ -152,10 +153,15 @@ def _rpq_binned_kernel(
     codebooks2_ptr,
     bias2_ptr,
     rows2,
+    gamma_ptr,
+    eps,
+    in_features,
     CODEBOOK_SIZE: tl.constexpr,
     PIECE: tl.constexpr,
     NUM_CODEBOOKS: tl.constexpr,
     MEMBERS: tl.constexpr,
+    NORM: tl.constexpr,
+    NORM_BLOCK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WIDTH: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -178,6 +184,11 @@ def _rpq_binned_kernel(
 
     MEMBERS (up to 3) layers of one shape that read the same x (q/k/v) run as one launch, member m
     with its own ``*<m>_ptr`` tensors and row count, its outputs in columns m*out.. of ``out``.
+
+    NORM (1 LayerNorm, 2 RMSNorm): x is the norm's input, not its output (``fused_norm``). Each
+    program takes x's statistics itself (a few KB from L2) and gathers the norm weight beside x, so
+    a row's sum becomes rstd * (sum of gamma*x - mean * sum of gamma); the norm's bias is already in
+    ``bias`` (W beta, added at load). The gamma gather needs only the slots: it is a weight load.
     """
     tiles: tl.constexpr = (PIECE + BLOCK_N - 1) // BLOCK_N
     member_programs: tl.constexpr = NUM_CODEBOOKS * tiles
@@ -212,15 +223,19 @@ def _rpq_binned_kernel(
         # One row block holds every row: load the weights into registers before waiting for x, so that
         # under PDL they arrive while the previous kernel still runs; after the wait only x is gathered.
         slots, codebook_rows = _load_bin_rows(slot_base, code_base, slice_base, 0, rows, mask_d, WIDTH, PIECE, BLOCK_N, ROW_BLOCK)
+        gammas = _load_gammas(gamma_ptr, slots, NORM)
         if PDL:
             gdc_wait()
-        acc = _add_bin_rows(acc, x_ptr, slots, codebook_rows, pid_m, tokens, stride_x, BLOCK_M)
+        means, rstds = _norm_stats(x_ptr, pid_m, tokens, stride_x, in_features, eps, NORM, BLOCK_M, NORM_BLOCK)
+        acc = _add_bin_rows(acc, x_ptr, slots, codebook_rows, gammas, means, rstds, pid_m, tokens, stride_x, NORM, BLOCK_M)
     else:
         if PDL:
             gdc_wait()  # x is the previous kernel's output
+        means, rstds = _norm_stats(x_ptr, pid_m, tokens, stride_x, in_features, eps, NORM, BLOCK_M, NORM_BLOCK)
         for first in range(0, rows, ROW_BLOCK):
             slots, codebook_rows = _load_bin_rows(slot_base, code_base, slice_base, first, rows, mask_d, WIDTH, PIECE, BLOCK_N, ROW_BLOCK)
-            acc = _add_bin_rows(acc, x_ptr, slots, codebook_rows, pid_m, tokens, stride_x, BLOCK_M)
+            gammas = _load_gammas(gamma_ptr, slots, NORM)
+            acc = _add_bin_rows(acc, x_ptr, slots, codebook_rows, gammas, means, rstds, pid_m, tokens, stride_x, NORM, BLOCK_M)
     token_rows = tl.arange(0, BLOCK_M)
     offs_m = pid_m * BLOCK_M + token_rows
     offs_n = head * PIECE + offs_d
@@ -244,14 +259,60 @@ def _load_bin_rows(slot_base, code_base, slice_base, first, rows, mask_d, WIDTH:
 
 
 @triton.jit
-def _add_bin_rows(acc, x_ptr, slots, codebook_rows, pid_m, tokens, stride_x, BLOCK_M: tl.constexpr):
-    """acc[t] += sum over the rows of (x[t] summed over the row's slots) * the row's codebook row, per token t."""
+def _load_gammas(gamma_ptr, slots, NORM: tl.constexpr):
+    """The norm weight at each slot's input (0 in empty slots); without a norm, a placeholder never read."""
+    if NORM:
+        gammas = tl.load(gamma_ptr + slots, mask=slots >= 0, other=0.0).to(tl.float32)
+    else:
+        gammas = slots.to(tl.float32)
+    return gammas
+
+
+@triton.jit
+def _norm_stats(x_ptr, pid_m, tokens, stride_x, in_features, eps, NORM: tl.constexpr, BLOCK_M: tl.constexpr,
+                NORM_BLOCK: tl.constexpr):
+    """Per token of this program: the mean (0 for RMSNorm) and 1/sqrt(var + eps) of x, in float32, two passes."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = x_ptr + offs_m[:, None] * stride_x
+    valid = (offs_m < tokens)[:, None]
+    means = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    rstds = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+    if NORM:
+        if NORM == 1:
+            total = tl.zeros((BLOCK_M, NORM_BLOCK), dtype=tl.float32)
+            for start in range(0, in_features, NORM_BLOCK):
+                offs = start + tl.arange(0, NORM_BLOCK)
+                total += tl.load(rows + offs[None, :], mask=valid & (offs < in_features)[None, :], other=0.0).to(tl.float32)
+            means = tl.sum(total, axis=1) / in_features
+        squares = tl.zeros((BLOCK_M, NORM_BLOCK), dtype=tl.float32)
+        for start in range(0, in_features, NORM_BLOCK):
+            offs = start + tl.arange(0, NORM_BLOCK)
+            inside = valid & (offs < in_features)[None, :]
+            centred = tl.load(rows + offs[None, :], mask=inside, other=0.0).to(tl.float32) - means[:, None]
+            centred = tl.where(inside, centred, 0.0)
+            squares += centred * centred
+        rstds = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / in_features + eps)
+    return means, rstds
+
+
+@triton.jit
+def _add_bin_rows(acc, x_ptr, slots, codebook_rows, gammas, means, rstds, pid_m, tokens, stride_x, NORM: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """acc[t] += sum over the rows of (x[t] summed over the row's slots) * the row's codebook row, per token t.
+
+    With NORM the row sum is of the normalised x: rstd * (sum gamma*x - mean * sum gamma).
+    """
     used = slots >= 0
     token_rows = tl.arange(0, BLOCK_M)
     for row in tl.static_range(BLOCK_M):
         token = pid_m * BLOCK_M + row
-        picked = tl.load(x_ptr + token * stride_x + slots, mask=used & (token < tokens), other=0.0)
-        sums = tl.sum(picked.to(tl.float32), axis=1)  # (ROW_BLOCK,)
+        picked = tl.load(x_ptr + token * stride_x + slots, mask=used & (token < tokens), other=0.0).to(tl.float32)
+        if NORM:
+            mean = tl.sum(tl.where(token_rows == row, means, 0.0), axis=0)
+            rstd = tl.sum(tl.where(token_rows == row, rstds, 0.0), axis=0)
+            sums = rstd * (tl.sum(picked * gammas, axis=1) - mean * tl.sum(gammas, axis=1))
+        else:
+            sums = tl.sum(picked, axis=1)  # (ROW_BLOCK,)
         part = tl.sum(sums[:, None] * codebook_rows.to(tl.float32), axis=0)  # (BLOCK_N,)
         acc += tl.where(token_rows[:, None] == row, part[None, :], 0.0)
     return acc
@@ -475,18 +536,23 @@ def binned_fits(config: TileConfig, codebooks: Tensor) -> bool:
     return config.kind == BINNED and config.block_m <= 16 and codebooks.shape[1] <= 1024
 
 
-def linear_binned(x: Tensor, codebooks: Tensor, bins: tuple[Tensor, Tensor], bias: Tensor | None, config: TileConfig) -> Tensor:
+def linear_binned(
+    x: Tensor, codebooks: Tensor, bins: tuple[Tensor, Tensor], bias: Tensor | None, config: TileConfig, norm: NormSpec | None = None
+) -> Tensor:
     """y = x W^T + b for few tokens from the codes grouped by value (``bins`` = ``layout.code_bins(indices, K)``).
 
-    ``block_k`` is the rows per step; ``split_k`` does not apply (a program owns its outputs).
+    ``block_k`` is the rows per step; ``split_k`` does not apply (a program owns its outputs). With
+    ``norm``, x is the input of that norm (applied in the kernel; its bias must already be in ``bias``).
     """
-    return linear_binned_group(x, [(codebooks, bins, bias)], config)[0]
+    return linear_binned_group(x, [(codebooks, bins, bias)], config, norm)[0]
 
 
 MAX_GROUP = 3  # layers per launch of the binned kernel (q, k, v)
 
 
-def linear_binned_group(x: Tensor, members: list[tuple[Tensor, tuple[Tensor, Tensor], Tensor | None]], config: TileConfig) -> list[Tensor]:
+def linear_binned_group(
+    x: Tensor, members: list[tuple[Tensor, tuple[Tensor, Tensor], Tensor | None]], config: TileConfig, norm: NormSpec | None = None
+) -> list[Tensor]:
     """``linear_binned`` of up to MAX_GROUP layers of one shape on the same ``x``, in one launch.
 
     ``members``: (codebooks, bins, bias) each, all with the same codebook shape, bin width and bias
@@ -523,10 +589,15 @@ def linear_binned_group(x: Tensor, members: list[tuple[Tensor, tuple[Tensor, Ten
             rows_in.stride(0),
             out.stride(0),
             *others,
+            norm.weight if norm is not None else codebooks,
+            norm.eps if norm is not None else 0.0,
+            in_features,
             CODEBOOK_SIZE=codebook_size,
             PIECE=piece,
             NUM_CODEBOOKS=num_codebooks,
             MEMBERS=len(members),
+            NORM=norm.kind if norm is not None else 0,
+            NORM_BLOCK=min(1024, triton.next_power_of_2(in_features)),
             HAS_BIAS=bias is not None,
             WIDTH=width,
             BLOCK_M=config.block_m,
