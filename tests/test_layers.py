@@ -154,10 +154,10 @@ class _RecordingKernels:
     def binned_fits(tile, codebooks) -> bool:
         return tile.kind == "binned"
 
-    def linear_binned(self, x, codebooks, bins, bias, tile):
+    def linear_binned(self, x, codebooks, bins, bias, tile, norm=None):
         self.calls.append(("binned", tile))
 
-    def linear_binned_group(self, x, members, tile):
+    def linear_binned_group(self, x, members, tile, norm=None):
         self.calls.append(("binned group", tile))
         return [None] * len(members)
 
@@ -174,18 +174,19 @@ def test_one_token_route_depends_on_layer_size_and_bins_switch(monkeypatch):
 
     recorder = _RecordingKernels()
     monkeypatch.setattr(kernels, "gpu_kernels", lambda tensor: recorder)
-    small, large = [r for r in triton_dispatch.ROUTES if r.max_tokens == 1][:2]
+    one_token = [r for r in triton_dispatch.ROUTES if r.max_tokens == 1]
+    small, large = one_token[0], one_token[-1]  # the smallest size class and the unrestricted route
     assert small.max_weights is not None and large.max_weights is None and small.tile != large.tile
-    side = 64  # 64 x 64 is a small layer, 3 of them too; one layer above the class is large
+    side = 64  # 64 x 64 is a small layer, 3 of them too; a layer above every class is large
     codebooks, indices = torch.zeros(4, 16, side // 4), torch.zeros(4, side, dtype=torch.uint8)
-    big_in = small.max_weights // side + 1
+    big_in = max(r.max_weights for r in one_token[:-1]) // side + 1
     big_indices = torch.zeros(4, big_in, dtype=torch.uint8)
     bins = lambda: (torch.zeros(1), torch.zeros(1))
     kernels.linear_forward(torch.zeros(1, side), codebooks, indices, None, bins)
     kernels.linear_forward(torch.zeros(1, big_in), codebooks, big_indices, None, bins)
     kernels.linear_forward(torch.zeros(1, side), codebooks, indices, None, None)  # no bins: the gather tile
     kernels.linear_forward(torch.zeros(40, side), codebooks, indices, None, bins)  # more tokens: the table's gather tile
-    members = [(torch.zeros(4, 16, small.max_weights // (4 * side)), bins, None)] * 3  # each at the class limit
+    members = [(torch.zeros(4, 16, big_in // 4), bins, None)] * 3  # each above every class
     kernels.linear_group_forward(torch.zeros(1, side), members)
     assert recorder.calls == [
         ("binned", small.tile),
