@@ -47,8 +47,7 @@ RMS_NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # weight 
 class DeferredNorm:
     """One norm whose output only RPQ Linears read: the module now returns its input, the consumers normalise."""
 
-    def __init__(self, module: nn.Module, spec: NormSpec, forward: Callable[[Tensor], Tensor], consumers: int) -> None:
-        self.module = module
+    def __init__(self, spec: NormSpec, forward: Callable[[Tensor], Tensor], consumers: int) -> None:
         self.spec = spec
         self.consumers = consumers
         self._forward = forward  # the module's own forward, for every path that does not fuse
@@ -118,11 +117,11 @@ def defer_norms(model: nn.Module) -> int:
             if type(layer).__name__ == "OPTDecoderLayer" and not getattr(layer, "do_layer_norm_before", False):
                 continue  # post-norm OPT (350m): the norm output is the residual stream
             module = getattr(layer, norm_name, None)
-            consumers = [layer.get_submodule(path) if _has(layer, path) else None for path in consumer_paths]
+            consumers = [_submodule(layer, path) for path in consumer_paths]
             spec = _norm_spec(module) if module is not None else None
             if spec is None or not all(isinstance(c, RPQLinear) and c.in_features == spec.weight.numel() for c in consumers):
                 continue
-            norm = DeferredNorm(module, spec, module.forward, len(consumers))
+            norm = DeferredNorm(spec, module.forward, len(consumers))
             beta = getattr(module, "bias", None) if spec.kind == LAYER_NORM else None
             for consumer in consumers:
                 consumer.__dict__["_normed_input"] = NormedInput(norm, consumer, beta)
@@ -135,9 +134,8 @@ def _pass_through(x: Tensor) -> Tensor:
     return x
 
 
-def _has(root: nn.Module, path: str) -> bool:
+def _submodule(root: nn.Module, path: str) -> nn.Module | None:
     try:
-        root.get_submodule(path)
+        return root.get_submodule(path)
     except AttributeError:
-        return False
-    return True
+        return None
