@@ -253,7 +253,7 @@ def test_shared_input_group_serves_siblings_from_one_computation(monkeypatch):
 
     calls = []
 
-    def fake_group_forward(x, members):  # what the GPU's one launch computes, in plain torch
+    def fake_group_forward(x, members, norm=None):  # what the GPU's one launch computes, in plain torch
         calls.append(len(members))
         return [kernels.linear_reference(x, cb, bins_owner_indices[id(cb)], bias) for cb, _, bias in members]
 

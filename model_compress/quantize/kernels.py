@@ -111,9 +111,9 @@ def linear_forward(
         chosen = triton_dispatch.route(tokens, _weights(codebooks, indices.shape[1]))
         if chosen.path == triton_dispatch.FUSED and chosen.tile.kind == triton_dispatch.BINNED:
             if bins is not None and _takes_binned(triton_kernels, chosen, codebooks):
-                if norm is None:
-                    return triton_kernels.linear_binned(x, codebooks, bins(), bias, chosen.tile)
-                return triton_kernels.linear_binned(x, codebooks, bins(), norm.fused_bias, chosen.tile, norm.norm.spec)
+                if norm is not None:  # the kernel normalises x; its bias carries the norm's W beta
+                    bias = norm.fused_bias
+                return triton_kernels.linear_binned(x, codebooks, bins(), bias, chosen.tile, norm and norm.norm.spec)
             chosen = triton_dispatch.Route(chosen.max_tokens, chosen.path, triton_dispatch.ONE_TOKEN_GATHER)
         x = x if norm is None else norm.norm.normalized(x)
         if chosen.path == triton_dispatch.FUSED:

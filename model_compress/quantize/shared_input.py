@@ -37,11 +37,8 @@ class SharedInputGroup:
         norms = {id(n.norm) if n is not None else None for n in normed}
         if len(norms) > 1:
             return None  # members behind different norms (or only some behind one): each computes alone
-        if normed[0] is None:
-            outputs = kernels.linear_group_forward(x, [(m.codebooks, m.code_bins, m.bias) for m in self.members])
-        else:
-            members = [(m.codebooks, m.code_bins, n.fused_bias) for m, n in zip(self.members, normed)]
-            outputs = kernels.linear_group_forward(x, members, normed[0].norm.spec)
+        members = [(m.codebooks, m.code_bins, m.bias if n is None else n.fused_bias) for m, n in zip(self.members, normed)]
+        outputs = kernels.linear_group_forward(x, members, None if normed[0] is None else normed[0].norm.spec)
         if outputs is None:
             return None
         self._input, self._version = x, _version(x)
