@@ -53,5 +53,7 @@ smol)
   MODEL_COMPRESS_RPQ_BINS=0 python3 benchmarks/rpq_memory.py "$GGUF" /tmp/w/smollm2-135m-rpq32 --json "$OUT/memory_smol_nobins.json" 2>&1 | tee "$OUT/memory_smol_nobins.log" | tail -3
   echo "== the same with the pre-norms left as they are (MODEL_COMPRESS_FUSED_NORM=0): what the fused norm adds"
   MODEL_COMPRESS_FUSED_NORM=0 python3 benchmarks/rpq_memory.py "$GGUF" /tmp/w/smollm2-135m-rpq32 --json "$OUT/memory_smol_nonorm.json" 2>&1 | tee "$OUT/memory_smol_nonorm.log" | tail -3
+  echo "== the same with the SiLU-gated MLPs left as they are (MODEL_COMPRESS_FUSED_ACT=0): what forming silu(gate)*up in down_proj adds"
+  MODEL_COMPRESS_FUSED_ACT=0 python3 benchmarks/rpq_memory.py "$GGUF" /tmp/w/smollm2-135m-rpq32 --json "$OUT/memory_smol_noact.json" 2>&1 | tee "$OUT/memory_smol_noact.log" | tail -3
   ;;
 esac

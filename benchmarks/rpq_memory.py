@@ -51,7 +51,7 @@ def measure(model: torch.nn.Module, vocab: int) -> dict:
         model(input_ids=torch.randint(10, vocab, (1, 1), device="cuda"))
         figures["after_one_token_mb"] = allocated()
     figures["code_bins_mb"] = bins_mb(model)
-    figures["kept_buffers_mb"] = sum(b.numel() * b.element_size() for b in triton_kernels._WORKSPACES.values()) / MB  # split-K counters
+    figures["kept_buffers_mb"] = triton_kernels.kept_bytes() / MB  # split-K counters
     prompt = torch.randint(10, vocab, (1, 32), device="cuda")
     graphed = graphed_decode(model, prompt, steps=128, repeats=2)
     figures["graph_decode_b1_peak_mb"] = (graphed.peak_memory or 0) / MB

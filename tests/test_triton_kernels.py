@@ -305,6 +305,65 @@ def test_binned_kernel_applies_the_norm_of_its_input(shape, dtype, norm_kind):
                     assert rel_error(out, ref) < BOUNDS[dtype], (tokens, count, tile.describe())
 
 
+def test_split_k_counters_grow_to_the_largest_call_and_keep_the_smaller_ones():
+    """Counters sized to the call (not a fixed 16 KB), and one a CUDA graph may hold is never freed by a larger call."""
+    triton_kernels.clear_workspaces()
+    small = triton_kernels.tile_counters(24, CUDA)
+    assert small.numel() == 128 and triton_kernels.kept_bytes() == 512
+    assert triton_kernels.tile_counters(100, CUDA) is small
+    large = triton_kernels.tile_counters(1000, CUDA)
+    assert large.numel() == 1024 and triton_kernels.tile_counters(24, CUDA) is large
+    assert triton_kernels.kept_bytes() == 512 + 4096  # the small one is still there
+    triton_kernels.clear_workspaces()
+    assert triton_kernels.kept_bytes() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [LINEAR_SHAPES[5], LINEAR_SHAPES[2], LINEAR_SHAPES[6]], ids=lambda s: "x".join(map(str, s)))
+def test_binned_kernel_forms_the_gated_input(shape, dtype):
+    """down_proj of a SiLU-gated MLP (fused_glu): silu(gate) * up formed in the kernel, against float64."""
+    in_features, out_features, num_codebooks, codebook_size = shape
+    codebooks, indices = random_codes(num_codebooks, codebook_size, out_features // num_codebooks, in_features, dtype)
+    bias = torch.randn(out_features, device=CUDA, dtype=dtype)
+    bins = code_bins(indices, codebook_size)
+    for tokens in [1, 3]:
+        both = torch.randn(tokens, 2 * in_features, device=CUDA, dtype=dtype) * 3  # gate and up as the group writes them
+        gate, up = both[:, :in_features], both[:, in_features:]
+        product = torch.nn.functional.silu(gate.double()) * up.double()
+        ref = reference(product, codebooks, indices, bias)
+        for tile in (BINNED_TILES[0], BINNED_TILES[1], BINNED_TILES[-1]):
+            out = triton_kernels.linear_binned(gate, codebooks, bins, bias, tile, up=up)
+            assert rel_error(out, ref) < BOUNDS[dtype], (tokens, tile.describe())
+
+
+def test_whole_llama_decodes_with_fused_norms_and_gated_mlps_like_the_reference(monkeypatch):
+    """As loading installs them: grouped q/k/v and gate/up, deferred norms, down_proj forming silu(gate) * up; one token."""
+    from model_compress.quantize.convert import RPQSettings, convert_model
+    from model_compress.quantize.fused_glu import fuse_gated_mlps
+    from model_compress.quantize.shared_input import group_shared_inputs
+
+    model = tiny_model("llama").to(CUDA, torch.float16).eval()
+    convert_model(model, RPQSettings(num_codebooks=4, codebook_size=16, device=CUDA))
+    group_shared_inputs(model)
+    defer_norms(model)
+    assert fuse_gated_mlps(model) == model.config.num_hidden_layers
+    gated = []
+    binned = triton_kernels.linear_binned
+    monkeypatch.setattr(triton_kernels, "linear_binned", lambda *a, **k: gated.append(k.get("up") is not None) or binned(*a, **k))
+    ids = torch.randint(0, model.config.vocab_size, (1, 1), device=CUDA)
+    with torch.inference_mode():
+        fast = model(ids).logits
+        assert sum(gated) == model.config.num_hidden_layers  # every down_proj took gate and up
+        monkeypatch.setenv("MODEL_COMPRESS_TRITON", "0")
+        kernels._triton_kernels.cache_clear()
+        try:
+            slow = model(ids).logits
+        finally:
+            monkeypatch.delenv("MODEL_COMPRESS_TRITON")
+            kernels._triton_kernels.cache_clear()
+    assert rel_error(fast, slow) < BOUNDS[torch.float16]
+
+
 @pytest.mark.parametrize("deferred_norms", [False, True], ids=["norms", "deferred-norms"])
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_grouped_siblings_decode_one_token_like_the_reference(arch, deferred_norms, monkeypatch):

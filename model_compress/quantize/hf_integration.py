@@ -26,6 +26,7 @@ from transformers.quantizers.auto import (
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .layers import KIND_TIED_HEAD, build_rpq_module
+from .fused_glu import fuse_gated_mlps
 from .fused_norm import defer_norms
 from .shared_input import group_shared_inputs
 
@@ -113,6 +114,7 @@ class RPQHfQuantizer(LoaderOnlyQuantizer):
         super()._process_model_after_weight_loading(model, **kwargs)
         group_shared_inputs(model)
         defer_norms(model)
+        fuse_gated_mlps(model)
 
 
 def check_all_loaded(model: nn.Module, names: Any) -> None:

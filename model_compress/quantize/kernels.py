@@ -125,6 +125,23 @@ def linear_forward(
     return linear_reference(x, codebooks, indices, bias)
 
 
+def gated_linear_forward(
+    gate: Tensor, up: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None, bins: Callable[[], tuple[Tensor, Tensor]]
+) -> Tensor | None:
+    """The layer applied to silu(gate) * up in one binned launch (``fused_glu``); None where that route does not apply.
+
+    Only on CUDA with Triton, for token counts routed to the binned kernel; the caller forms the
+    product itself everywhere else.
+    """
+    triton_kernels = gpu_kernels(gate)
+    if triton_kernels is None:
+        return None
+    chosen = triton_dispatch.route(gate.numel() // indices.shape[1], _weights(codebooks, indices.shape[1]))
+    if not _takes_binned(triton_kernels, chosen, codebooks):
+        return None
+    return triton_kernels.linear_binned(gate, codebooks, bins(), bias, chosen.tile, up=up)
+
+
 def linear_group_forward(
     x: Tensor, members: list[tuple[Tensor, Callable[[], tuple[Tensor, Tensor]], Tensor | None]], norm: NormSpec | None = None
 ) -> list[Tensor] | None:

@@ -74,6 +74,10 @@ class RPQLinear(nn.Module):
         norm = self.__dict__.get("_normed_input")  # fused_norm.NormedInput: x is the input of the norm before us
         return kernels.linear_forward(x, self.codebooks, self.indices, self.bias, self.code_bins, norm)
 
+    def gated_forward(self, gate: Tensor, up: Tensor) -> Tensor | None:
+        """``self(silu(gate) * up)`` in one kernel where the one-token binned route applies, else None (``fused_glu``)."""
+        return kernels.gated_linear_forward(gate, up, self.codebooks, self.indices, self.bias, self.code_bins)
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "

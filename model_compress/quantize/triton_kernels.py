@@ -15,7 +15,7 @@ the K codes of every codebook (a small kernel), then a kernel sums, for each voc
 scores of its M codes: the table is never decoded.
 
 Everything here is launch-only: no host syncs, no host-visible allocation besides the outputs (and
-the split-K arrival counters, made once per device), so a model using these kernels can be
+the split-K arrival counters, kept per device), so a model using these kernels can be
 captured in a CUDA graph. Temporaries (split-K partials, the decode paths' W^T or table chunk)
 come from PyTorch's caching allocator and go back to it after the call: a buffer kept for the
 largest call would sit in every later decode step's memory. Which path and which tile sizes a call takes is decided in
@@ -156,11 +156,13 @@ def _rpq_binned_kernel(
     gamma_ptr,
     eps,
     in_features,
+    up_ptr,
     CODEBOOK_SIZE: tl.constexpr,
     PIECE: tl.constexpr,
     NUM_CODEBOOKS: tl.constexpr,
     MEMBERS: tl.constexpr,
     NORM: tl.constexpr,
+    GATED: tl.constexpr,
     NORM_BLOCK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WIDTH: tl.constexpr,
@@ -189,6 +191,9 @@ def _rpq_binned_kernel(
     program takes x's statistics itself (a few KB from L2) and gathers the norm weight beside x, so
     a row's sum becomes rstd * (sum of gamma*x - mean * sum of gamma); the norm's bias is already in
     ``bias`` (W beta, added at load). The gamma gather needs only the slots: it is a weight load.
+
+    GATED: the layer's input is silu(x) * up (a SiLU-gated MLP's down projection, ``fused_glu``):
+    ``up`` is gathered at the same slots, with x's row stride, and the product never exists.
     """
     tiles: tl.constexpr = (PIECE + BLOCK_N - 1) // BLOCK_N
     member_programs: tl.constexpr = NUM_CODEBOOKS * tiles
@@ -227,7 +232,8 @@ def _rpq_binned_kernel(
         if PDL:
             gdc_wait()
         means, rstds = _norm_stats(x_ptr, pid_m, tokens, stride_x, in_features, eps, NORM, BLOCK_M, NORM_BLOCK)
-        acc = _add_bin_rows(acc, x_ptr, slots, codebook_rows, gammas, means, rstds, pid_m, tokens, stride_x, NORM, BLOCK_M)
+        acc = _add_bin_rows(acc, x_ptr, up_ptr, slots, codebook_rows, gammas, means, rstds, pid_m, tokens, stride_x, NORM,
+                            GATED, BLOCK_M)
     else:
         if PDL:
             gdc_wait()  # x is the previous kernel's output
@@ -235,7 +241,8 @@ def _rpq_binned_kernel(
         for first in range(0, rows, ROW_BLOCK):
             slots, codebook_rows = _load_bin_rows(slot_base, code_base, slice_base, first, rows, mask_d, WIDTH, PIECE, BLOCK_N, ROW_BLOCK)
             gammas = _load_gammas(gamma_ptr, slots, NORM)
-            acc = _add_bin_rows(acc, x_ptr, slots, codebook_rows, gammas, means, rstds, pid_m, tokens, stride_x, NORM, BLOCK_M)
+            acc = _add_bin_rows(acc, x_ptr, up_ptr, slots, codebook_rows, gammas, means, rstds, pid_m, tokens, stride_x, NORM,
+                                GATED, BLOCK_M)
     token_rows = tl.arange(0, BLOCK_M)
     offs_m = pid_m * BLOCK_M + token_rows
     offs_n = head * PIECE + offs_d
@@ -296,17 +303,21 @@ def _norm_stats(x_ptr, pid_m, tokens, stride_x, in_features, eps, NORM: tl.const
 
 
 @triton.jit
-def _add_bin_rows(acc, x_ptr, slots, codebook_rows, gammas, means, rstds, pid_m, tokens, stride_x, NORM: tl.constexpr,
-                  BLOCK_M: tl.constexpr):
+def _add_bin_rows(acc, x_ptr, up_ptr, slots, codebook_rows, gammas, means, rstds, pid_m, tokens, stride_x, NORM: tl.constexpr,
+                  GATED: tl.constexpr, BLOCK_M: tl.constexpr):
     """acc[t] += sum over the rows of (x[t] summed over the row's slots) * the row's codebook row, per token t.
 
-    With NORM the row sum is of the normalised x: rstd * (sum gamma*x - mean * sum gamma).
+    With NORM the row sum is of the normalised x: rstd * (sum gamma*x - mean * sum gamma). With
+    GATED it is of silu(x) * up.
     """
     used = slots >= 0
     token_rows = tl.arange(0, BLOCK_M)
     for row in tl.static_range(BLOCK_M):
         token = pid_m * BLOCK_M + row
         picked = tl.load(x_ptr + token * stride_x + slots, mask=used & (token < tokens), other=0.0).to(tl.float32)
+        if GATED:
+            up = tl.load(up_ptr + token * stride_x + slots, mask=used & (token < tokens), other=0.0).to(tl.float32)
+            picked = picked * tl.sigmoid(picked) * up
         if NORM:
             mean = tl.sum(tl.where(token_rows == row, means, 0.0), axis=0)
             rstd = tl.sum(tl.where(token_rows == row, rstds, 0.0), axis=0)
@@ -537,27 +548,43 @@ def binned_fits(config: TileConfig, codebooks: Tensor) -> bool:
 
 
 def linear_binned(
-    x: Tensor, codebooks: Tensor, bins: tuple[Tensor, Tensor], bias: Tensor | None, config: TileConfig, norm: NormSpec | None = None
+    x: Tensor,
+    codebooks: Tensor,
+    bins: tuple[Tensor, Tensor],
+    bias: Tensor | None,
+    config: TileConfig,
+    norm: NormSpec | None = None,
+    up: Tensor | None = None,
 ) -> Tensor:
     """y = x W^T + b for few tokens from the codes grouped by value (``bins`` = ``layout.code_bins(indices, K)``).
 
     ``block_k`` is the rows per step; ``split_k`` does not apply (a program owns its outputs). With
     ``norm``, x is the input of that norm (applied in the kernel; its bias must already be in ``bias``).
+    With ``up`` (same shape as x), the layer's input is silu(x) * up, formed in the kernel.
     """
-    return linear_binned_group(x, [(codebooks, bins, bias)], config, norm)[0]
+    return linear_binned_group(x, [(codebooks, bins, bias)], config, norm, up)[0]
 
 
 MAX_GROUP = 3  # layers per launch of the binned kernel (q, k, v)
 
 
 def linear_binned_group(
-    x: Tensor, members: list[tuple[Tensor, tuple[Tensor, Tensor], Tensor | None]], config: TileConfig, norm: NormSpec | None = None
+    x: Tensor,
+    members: list[tuple[Tensor, tuple[Tensor, Tensor], Tensor | None]],
+    config: TileConfig,
+    norm: NormSpec | None = None,
+    up: Tensor | None = None,
 ) -> list[Tensor]:
     """``linear_binned`` of up to MAX_GROUP layers of one shape on the same ``x``, in one launch.
 
     ``members``: (codebooks, bins, bias) each, all with the same codebook shape, bin width and bias
     presence. Returns each member's output, as views into one (tokens, members * out) tensor.
+    ``norm`` and ``up`` as in ``linear_binned`` (not both).
     """
+    if norm is not None and up is not None:
+        raise ValueError("the binned kernel applies a norm or a gate to its input, not both")
+    if up is not None and up.shape != x.shape:
+        raise ValueError(f"gate {tuple(x.shape)} and up {tuple(up.shape)} differ in shape")
     codebooks, (slots, row_codes), bias = members[0]
     num_codebooks, codebook_size, piece = codebooks.shape
     width = slots.shape[2]
@@ -565,6 +592,9 @@ def linear_binned_group(
     out_features = num_codebooks * piece
     in_features = x.shape[-1]
     rows_in = _rows(x.to(codebooks.dtype), in_features)
+    up_rows = _rows(up.to(codebooks.dtype), in_features) if up is not None else rows_in
+    if up_rows.stride(0) != rows_in.stride(0):  # the kernel reads both with one row stride
+        rows_in, up_rows = rows_in.contiguous(), up_rows.contiguous()
     tokens = rows_in.shape[0]
     out = torch.empty(tokens, len(members) * out_features, device=x.device, dtype=x.dtype)
     if tokens:
@@ -592,11 +622,13 @@ def linear_binned_group(
             norm.weight if norm is not None else codebooks,
             norm.eps if norm is not None else 0.0,
             in_features,
+            up_rows,
             CODEBOOK_SIZE=codebook_size,
             PIECE=piece,
             NUM_CODEBOOKS=num_codebooks,
             MEMBERS=len(members),
             NORM=norm.kind if norm is not None else 0,
+            GATED=up is not None,
             NORM_BLOCK=min(1024, triton.next_power_of_2(in_features)),
             HAS_BIAS=bias is not None,
             WIDTH=width,
@@ -616,26 +648,29 @@ def linear_binned_group(
     return [grouped.narrow(-1, index * out_features, out_features) for index in range(len(members))]
 
 
-_WORKSPACES: dict[tuple[torch.device, torch.dtype, str], Tensor] = {}
+_COUNTERS: dict[torch.device, list[Tensor]] = {}  # per device: every counter buffer made, the largest last
 
 
 def clear_workspaces() -> None:
     """Forget the kept split-K counters (between models measured one after the other)."""
-    _WORKSPACES.clear()
+    _COUNTERS.clear()
+
+
+def kept_bytes() -> int:
+    """Device bytes these kernels keep between calls (the split-K counters): what a model's memory has beyond its own."""
+    return sum(t.numel() * t.element_size() for kept in _COUNTERS.values() for t in kept)
 
 
 def tile_counters(count: int, device: torch.device) -> Tensor:
-    """Split-K arrival counters, zero at rest: the kernel puts each back to 0 when its tile is done."""
-    return _cached_buffer(max(count, 4096), device, torch.int32, "counters", torch.zeros)
+    """Split-K arrival counters, zero at rest: the kernel puts each back to 0 when its tile is done.
 
-
-def _cached_buffer(numel: int, device: torch.device, dtype: torch.dtype, purpose: str, make) -> Tensor:
-    """The buffer kept for (device, dtype, purpose), made again with ``make`` only when it is too small."""
-    key = (torch.device(device), dtype, purpose)
-    buffer = _WORKSPACES.get(key)
-    if buffer is None or buffer.numel() < numel:
-        _WORKSPACES[key] = buffer = make(numel, device=device, dtype=dtype)
-    return buffer
+    Sized to the largest call so far (a power of two, at least 128: one 512-byte allocator block).
+    A smaller buffer made before is kept, not freed: a CUDA graph captured with it still writes there.
+    """
+    kept = _COUNTERS.setdefault(torch.device(device), [])
+    if not kept or kept[-1].numel() < count:
+        kept.append(torch.zeros(max(128, triton.next_power_of_2(count)), device=device, dtype=torch.int32))
+    return kept[-1]
 
 
 def decode_rows(codebooks: Tensor, indices: Tensor, out: Tensor, ids: Tensor | None = None, first_row: int = 0) -> Tensor:
