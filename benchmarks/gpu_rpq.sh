@@ -5,10 +5,13 @@
 #   run(command="STAGE=smol bash benchmarks/gpu_rpq.sh", carry=[".device/evalB"])     # SmolLM2-135M (GGUF part b + wheels): rpq, eval, profile
 #   run(command="STAGE=opt bash benchmarks/gpu_rpq.sh")                                # opt-1.3b architecture (SmolLM2's tokenizer): rpq, eval, profile
 # The tuned routes of the first call (/tmp/rpq_routes.json) are what the later calls use.
-# benchmarks/README.md says how the GGUF parts and wheels are made. Logs and JSON go to $OUT.
+# benchmarks/README.md says how the GGUF parts and wheels are made. Logs and JSON go to $OUT/$STAGE.tgz.
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu-rpq}
-mkdir -p "$OUT" /tmp/smol
+# Everything a stage writes goes into one archive, $OUT/$STAGE.tgz: the device tool returns only a few files per call.
+RETURN=${OUT:-/tmp/gpu-rpq}
+OUT=$(mktemp -d)
+trap 'tar czf "$RETURN/${STAGE:-none}.tgz" -C "$OUT" . && rm -rf "$OUT"' EXIT
+mkdir -p "$RETURN" /tmp/smol
 export PYTHONPATH="$PWD:$PWD/benchmarks:/tmp/site" PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1
 ROUTES=/tmp/rpq_routes.json
 GGUF=/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
