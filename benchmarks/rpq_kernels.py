@@ -60,12 +60,17 @@ EARLY = ((False, False), (True, True))
 # bucket is now tuned three times, once per size class.)
 BINNED_ONE = _tiles([1], [8, 16], [1024], [1], warps=(2, 4), kind=BINNED, early=EARLY + ((False, True),))
 ONE_TOKEN = _tiles([1], [64], [256], [8], early=EARLY[1:]) + BINNED_ONE
-BUCKETS = [  # the one-token bucket is tuned per ONE_TOKEN_CLASSES
-    (4, [4], _tiles([16], [64], [64, 128], [4, 8], early=EARLY)),
-    (16, [16], _tiles([16], [32, 64], [128], [4, 8, 16], early=EARLY)),
-    (64, [64], _tiles([64], [64], [128], [2, 4], early=EARLY)),
-    (256, [128, 256], _tiles([64, 128], [64], [64], [1], warps=(4, 8)) + [DECODE]),
-    (1 << 62, [512], _tiles([128], [64, 128], [64], [1], warps=(4, 8)) + [DECODE]),
+# 2 to 16 tokens: tuned per size class too (2048x2048 and the larger opt-1.3b shapes wanted different
+# tiles, fifth round: the best common tile left one of them above the dense layer at 16 tokens).
+FEW_TOKEN_CLASSES = [(0, triton_dispatch.SMALL_LAYER), (triton_dispatch.SMALL_LAYER, None)]
+FEW_TOKEN_TILES = _tiles([16], [32, 64], [64, 128, 256], [4, 8, 16], warps=(2, 4), early=EARLY)
+EVERY_SIZE = [(0, None)]
+BUCKETS = [  # (bound, token counts, candidates, size classes); the one-token bucket is tuned per ONE_TOKEN_CLASSES
+    (4, [4], FEW_TOKEN_TILES, FEW_TOKEN_CLASSES),
+    (16, [16], FEW_TOKEN_TILES, FEW_TOKEN_CLASSES),
+    (64, [64], _tiles([64], [64], [128], [2, 4], early=EARLY), EVERY_SIZE),
+    (256, [128, 256], _tiles([64, 128], [64], [64], [1], warps=(4, 8)) + [DECODE], EVERY_SIZE),
+    (1 << 62, [512], _tiles([128], [64, 128], [64], [1], warps=(4, 8)) + [DECODE], EVERY_SIZE),
 ]
 
 
@@ -178,41 +183,54 @@ def in_class(shape: tuple[int, int], low: int, high: int | None) -> bool:
     return low < shape[0] * shape[1] and (high is None or shape[0] * shape[1] <= high)
 
 
-def tune(layers: dict, dense: dict) -> tuple[Route, ...]:
-    """The best candidate per bucket: lowest mean ratio to dense over the bucket's shapes and token counts."""
+def tune(layers: dict, dense: dict, only: set[int] | None = None) -> tuple[Route, ...]:
+    """The best candidate per bucket and size class: lowest mean ratio to dense over its shapes and token counts.
+
+    ``only``: tune just these token bounds and keep the code's routes for the others.
+    """
     routes = []
-    one_token = [
-        (1, [1], ONE_TOKEN, [shape for shape in layers if in_class(shape, low, high)], high) for low, high in ONE_TOKEN_CLASSES
-    ]
-    for bound, token_counts, candidates, shapes, max_weights in one_token + [(*bucket, SHAPES, None) for bucket in BUCKETS]:
-        scored = []
-        for candidate in candidates:
-            try:
-                ratios = [
-                    layers[shape].rpq_us(tokens, candidate) / dense[shape, tokens] for shape in shapes for tokens in token_counts
-                ]
-            except Exception as error:  # a tile that does not compile (too many registers / shared memory)
-                print(f"  skip {candidate}: {str(error).splitlines()[0][:100]}")
-                continue
-            scored.append((math.exp(statistics.fmean(math.log(r) for r in ratios)), candidate, ratios))
-        scored.sort(key=lambda entry: entry[0])
-        best_ratio, best, _ = scored[0]
-        label = best if best == DECODE else best.describe()
-        where = "" if max_weights is None and shapes == SHAPES else f" ({', '.join(f'{i}->{o}' for i, o in shapes)})"
-        print(f"bucket <= {bound} tokens{where}: best {label}, mean ratio {best_ratio:.3f}; next "
-              + ", ".join(f"{(c if c == DECODE else c.describe())} {r:.3f}" for r, c, _ in scored[1:4]))
-        kinds = {c.kind for _, c, _ in scored if c != DECODE}
-        for kind in sorted(kinds):  # the best of each kernel, so a losing kernel's distance shows (per shape too)
-            ratio, tile, ratios = next((r, c, rs) for r, c, rs in scored if c != DECODE and c.kind == kind)
-            per_shape = ", ".join(f"{r:.3f}" for r in ratios)
-            print(f"    best {kind}: {tile.describe()} {ratio:.3f} ({per_shape})")
-        routes.append(Route(bound, DECODE) if best == DECODE else Route(bound, FUSED, best, max_weights))
+    plan = [(1, [1], ONE_TOKEN, ONE_TOKEN_CLASSES)] + BUCKETS
+    for bound, token_counts, candidates, classes in plan:
+        if only is not None and bound not in only:
+            routes += [chosen for chosen in triton_dispatch.ROUTES if chosen.max_tokens == bound]
+            continue
+        shapes_of = SHAPES + SMALL_SHAPES if bound == 1 else SHAPES
+        for low, high in classes:
+            shapes = [shape for shape in shapes_of if in_class(shape, low, high)]
+            routes.append(tune_bucket(layers, dense, bound, token_counts, candidates, shapes, high))
     return tuple(routes)
+
+
+def tune_bucket(layers: dict, dense: dict, bound: int, token_counts: list[int], candidates: list, shapes: list, max_weights: int | None) -> Route:
+    """The best of ``candidates`` on ``shapes`` at ``token_counts``, printed with the runners-up and the best of each kernel."""
+    scored = []
+    for candidate in candidates:
+        try:
+            ratios = [
+                layers[shape].rpq_us(tokens, candidate) / dense[shape, tokens] for shape in shapes for tokens in token_counts
+            ]
+        except Exception as error:  # a tile that does not compile (too many registers / shared memory)
+            print(f"  skip {candidate}: {str(error).splitlines()[0][:100]}")
+            continue
+        scored.append((math.exp(statistics.fmean(math.log(r) for r in ratios)), candidate, ratios))
+    scored.sort(key=lambda entry: entry[0])
+    best_ratio, best, _ = scored[0]
+    label = best if best == DECODE else best.describe()
+    where = "" if max_weights is None and shapes == SHAPES else f" ({', '.join(f'{i}->{o}' for i, o in shapes)})"
+    print(f"bucket <= {bound} tokens{where}: best {label}, mean ratio {best_ratio:.3f}; next "
+          + ", ".join(f"{(c if c == DECODE else c.describe())} {r:.3f}" for r, c, _ in scored[1:4]))
+    kinds = {c.kind for _, c, _ in scored if c != DECODE}
+    for kind in sorted(kinds):  # the best of each kernel, so a losing kernel's distance shows (per shape too)
+        ratio, tile, ratios = next((r, c, rs) for r, c, rs in scored if c != DECODE and c.kind == kind)
+        per_shape = ", ".join(f"{r:.3f}" for r in ratios)
+        print(f"    best {kind}: {tile.describe()} {ratio:.3f} ({per_shape})")
+    return Route(bound, DECODE) if best == DECODE else Route(bound, FUSED, best, max_weights)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tune", action="store_true")
+    parser.add_argument("--tune-bounds", default=None, help="with --tune: only these token bounds (e.g. 4,16), the code's routes for the rest")
     parser.add_argument("--json", default=None)
     parser.add_argument("--save-routes", default=None, help="with --tune: write the tuned routes here (MODEL_COMPRESS_RPQ_ROUTES reads them)")
     parser.add_argument("--codebooks", type=int, default=32)
@@ -231,7 +249,8 @@ def main() -> None:
     dense = {(shape, tokens): layers[shape].dense_us(tokens) for shape in SHAPES for tokens in TOKENS}
     dense.update({(shape, 1): layers[shape].dense_us(1) for shape in SMALL_SHAPES})
     if args.tune:
-        routes = tune(layers, dense)
+        only = {int(bound) for bound in args.tune_bounds.split(",")} if args.tune_bounds else None
+        routes = tune(layers, dense, only)
         print("ROUTES = (")
         for chosen in routes:
             tile = "" if chosen.tile is None else f", {chosen.tile!r}"

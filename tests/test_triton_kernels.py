@@ -336,6 +336,18 @@ def test_binned_kernel_forms_the_gated_input(shape, dtype):
             assert rel_error(out, ref) < BOUNDS[dtype], (tokens, tile.describe())
 
 
+def logits_on_the_torch_path(model: torch.nn.Module, ids: torch.Tensor, monkeypatch) -> torch.Tensor:
+    """The same model's logits with the Triton kernels switched off: the torch paths, the reference."""
+    monkeypatch.setenv("MODEL_COMPRESS_TRITON", "0")
+    kernels._triton_kernels.cache_clear()
+    try:
+        with torch.inference_mode():
+            return model(ids).logits
+    finally:
+        monkeypatch.delenv("MODEL_COMPRESS_TRITON")
+        kernels._triton_kernels.cache_clear()
+
+
 def test_whole_llama_decodes_with_fused_norms_and_gated_mlps_like_the_reference(monkeypatch):
     """As loading installs them: grouped q/k/v and gate/up, deferred norms, down_proj forming silu(gate) * up; one token."""
     from model_compress.quantize.convert import RPQSettings, convert_model
@@ -354,14 +366,7 @@ def test_whole_llama_decodes_with_fused_norms_and_gated_mlps_like_the_reference(
     with torch.inference_mode():
         fast = model(ids).logits
         assert sum(gated) == model.config.num_hidden_layers  # every down_proj took gate and up
-        monkeypatch.setenv("MODEL_COMPRESS_TRITON", "0")
-        kernels._triton_kernels.cache_clear()
-        try:
-            slow = model(ids).logits
-        finally:
-            monkeypatch.delenv("MODEL_COMPRESS_TRITON")
-            kernels._triton_kernels.cache_clear()
-    assert rel_error(fast, slow) < BOUNDS[torch.float16]
+    assert rel_error(fast, logits_on_the_torch_path(model, ids, monkeypatch)) < BOUNDS[torch.float16]
 
 
 @pytest.mark.parametrize("deferred_norms", [False, True], ids=["norms", "deferred-norms"])
@@ -389,14 +394,7 @@ def test_grouped_siblings_decode_one_token_like_the_reference(arch, deferred_nor
     with torch.inference_mode():
         fast = model(ids).logits
         assert launches and all(count > 1 for count in launches)
-        monkeypatch.setenv("MODEL_COMPRESS_TRITON", "0")
-        kernels._triton_kernels.cache_clear()
-        try:
-            slow = model(ids).logits
-        finally:
-            monkeypatch.delenv("MODEL_COMPRESS_TRITON")
-            kernels._triton_kernels.cache_clear()
-    assert rel_error(fast, slow) < BOUNDS[torch.float16]
+    assert rel_error(fast, logits_on_the_torch_path(model, ids, monkeypatch)) < BOUNDS[torch.float16]
 
 
 def test_one_token_without_bins_reads_the_codes_and_matches_the_reference(monkeypatch):

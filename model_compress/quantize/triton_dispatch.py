@@ -3,8 +3,9 @@
 The numbers come from ``benchmarks/rpq_kernels.py --tune`` on an H100 (benchmarks/RESULTS.md,
 "RPQ GPU kernels"): for each token bucket it timed every candidate tile on the opt-1.3b shapes
 (2048->2048, 2048->8192, 8192->2048, fp16, M=32, K=256) and the decode + cuBLAS path, and kept
-the one with the lowest mean ratio to the dense layer; the one-token bucket per layer-size class,
-SmolLM2-135M's shapes for the smallest. Plain data, so that it imports without Triton.
+the one with the lowest mean ratio to the dense layer; the one-token bucket per layer-size class
+(SmolLM2-135M's shapes for the smallest), the 2-4 and 5-16 token buckets per class too (2048x2048 and
+larger). Plain data, so that it imports without Triton.
 
 Another GPU may want other tiles: ``rpq_kernels.py --tune --save-routes FILE`` measures them there,
 and ``MODEL_COMPRESS_RPQ_ROUTES=FILE`` makes every RPQ layer use them.
@@ -54,9 +55,10 @@ class Route:
     """The path for calls of up to ``max_tokens`` tokens (and, with ``max_weights``, only for layers that small).
 
     ``max_weights``: in * out of the layer (summed over the siblings of one grouped launch). The
-    best one-token tile depends on the layer's size as well as on the token count: a small layer
-    has too few programs to hide what a big one hides (PDL measured slower at 2048 x 2048, faster
-    at 2048 x 8192), so the one-token bucket is tuned per size class.
+    best tile depends on the layer's size as well as on the token count: a small layer has too few
+    programs to hide what a big one hides (PDL measured slower at 2048 x 2048, faster at 2048 x
+    8192 for one token; long K steps with prefetch win at 2048 x 2048 for 2-16 tokens, short ones
+    at 2048 x 8192), so those buckets are tuned per size class.
     """
 
     max_tokens: int
@@ -66,15 +68,17 @@ class Route:
 
 
 # Upper token bounds with their route; the last bound catches everything larger.
-# One-token size classes: up to SmolLM2-135M's MLP projections, up to opt-1.3b's attention projections, larger.
+# Size classes: up to SmolLM2-135M's MLP projections (one token only), up to opt-1.3b's attention projections, larger.
 TINY_LAYER = 1536 * 576
 SMALL_LAYER = 2048 * 2048
 ROUTES: tuple[Route, ...] = (
     Route(1, FUSED, TileConfig(1, 8, 1024, num_warps=2, num_stages=3, kind=BINNED, prefetch=True, pdl=True), max_weights=TINY_LAYER),
     Route(1, FUSED, TileConfig(1, 8, 1024, num_warps=2, num_stages=3, kind=BINNED, prefetch=True, pdl=True), max_weights=SMALL_LAYER),
     Route(1, FUSED, TileConfig(1, 16, 1024, num_warps=4, num_stages=3, kind=BINNED, pdl=True)),
+    Route(4, FUSED, TileConfig(16, 64, 256, num_warps=4, num_stages=3, split_k=16, prefetch=True, pdl=True), max_weights=SMALL_LAYER),
     Route(4, FUSED, TileConfig(16, 64, 64, num_warps=4, num_stages=3, split_k=8)),
-    Route(16, FUSED, TileConfig(16, 32, 128, num_warps=4, num_stages=3, split_k=8)),
+    Route(16, FUSED, TileConfig(16, 64, 256, num_warps=4, num_stages=3, split_k=16, prefetch=True, pdl=True), max_weights=SMALL_LAYER),
+    Route(16, FUSED, TileConfig(16, 32, 256, num_warps=2, num_stages=3, split_k=4)),
     Route(64, FUSED, TileConfig(64, 64, 128, num_warps=4, num_stages=3, split_k=4, prefetch=True, pdl=True)),
     Route(1 << 62, DECODE),
 )
