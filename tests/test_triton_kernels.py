@@ -305,6 +305,16 @@ def test_binned_kernel_applies_the_norm_of_its_input(shape, dtype, norm_kind):
                     assert rel_error(out, ref) < BOUNDS[dtype], (tokens, count, tile.describe())
 
 
+def test_host_helpers_match_triton():
+    """The launch wrappers' plain-Python ceil-div and next power of two (Triton's are constexpr functions, ~10 us a call)."""
+    import triton
+
+    for n in range(0, 5000):
+        assert triton_kernels._next_power_of_2(n) == triton.next_power_of_2(n)
+        for d in (1, 3, 16, 128, 1024):
+            assert triton_kernels._cdiv(n, d) == triton.cdiv(n, d)
+
+
 def test_split_k_counters_grow_to_the_largest_call_and_keep_the_smaller_ones():
     """Counters sized to the call (not a fixed 16 KB), and one a CUDA graph may hold is never freed by a larger call."""
     triton_kernels.clear_workspaces()

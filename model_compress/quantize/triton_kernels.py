@@ -484,6 +484,16 @@ def _rows(x: Tensor, width: int) -> Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host. ``triton.cdiv`` is a constexpr function in Triton 3.6: about 10 us per host call."""
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (host side; ``triton.next_power_of_2`` costs as much as ``triton.cdiv``)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # the CPU interpreter runs no inline PTX
 
 
@@ -502,11 +512,11 @@ def linear_fused(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | N
     tokens = rows.shape[0]
     out = torch.empty(tokens, out_features, device=x.device, dtype=x.dtype)
     if tokens:
-        tiles_n, tiles_m = triton.cdiv(out_features, config.block_n), triton.cdiv(tokens, config.block_m)
+        tiles_n, tiles_m = _cdiv(out_features, config.block_n), _cdiv(tokens, config.block_m)
         # Split the inputs only as far as each part keeps at least one BLOCK_K slice.
-        split = max(1, min(config.split_k, triton.cdiv(in_features, config.block_k)))
-        chunk = triton.cdiv(triton.cdiv(in_features, split), config.block_k) * config.block_k
-        split = triton.cdiv(in_features, chunk)
+        split = max(1, min(config.split_k, _cdiv(in_features, config.block_k)))
+        chunk = _cdiv(_cdiv(in_features, split), config.block_k) * config.block_k
+        split = _cdiv(in_features, chunk)
         if split > 1:
             partial = torch.empty(split * tokens * out_features, device=x.device, dtype=torch.float32)
             counter = tile_counters(tiles_n * tiles_m, x.device)
@@ -534,7 +544,7 @@ def linear_fused(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | N
             DOT_IEEE=codebooks.dtype == torch.float32,  # float32 stays float32 (no TF32), as in the reference
             PREFETCH=config.prefetch and not INTERPRETED,
             LINE=128 // codebooks.element_size(),
-            CODE_LINES=triton.next_power_of_2(triton.cdiv(chunk, 128)),
+            CODE_LINES=_next_power_of_2(_cdiv(chunk, 128)),
             PDL=pdl,
             launch_pdl=pdl,
             **sizes,
@@ -598,10 +608,10 @@ def linear_binned_group(
     tokens = rows_in.shape[0]
     out = torch.empty(tokens, len(members) * out_features, device=x.device, dtype=x.dtype)
     if tokens:
-        block_n = min(config.block_n, triton.next_power_of_2(piece))
-        grid = (len(members) * num_codebooks * triton.cdiv(piece, block_n), triton.cdiv(tokens, config.block_m))
+        block_n = min(config.block_n, _next_power_of_2(piece))
+        grid = (len(members) * num_codebooks * _cdiv(piece, block_n), _cdiv(tokens, config.block_m))
         pdl = config.pdl and _hopper_or_later(x.device)
-        row_block = min(config.block_k, triton.next_power_of_2(max(row_counts)))
+        row_block = min(config.block_k, _next_power_of_2(max(row_counts)))
         others = []
         for index in (1, 2):  # members 1 and 2 (member 0's tensors again where there are fewer)
             member_codebooks, (member_slots, member_codes), member_bias = members[min(index, len(members) - 1)]
@@ -629,14 +639,14 @@ def linear_binned_group(
             MEMBERS=len(members),
             NORM=norm.kind if norm is not None else 0,
             GATED=up is not None,
-            NORM_BLOCK=min(1024, triton.next_power_of_2(in_features)),
+            NORM_BLOCK=min(1024, _next_power_of_2(in_features)),
             HAS_BIAS=bias is not None,
             WIDTH=width,
             BLOCK_M=config.block_m,
             BLOCK_N=block_n,
             ROW_BLOCK=row_block,
             PREFETCH=config.prefetch and not INTERPRETED and slots.dtype == torch.int16,
-            SLOT_LINES=triton.next_power_of_2(triton.cdiv(max(row_counts) * max(2 * width, 4), 128)),  # covers slots and row codes
+            SLOT_LINES=_next_power_of_2(_cdiv(max(row_counts) * max(2 * width, 4), 128)),  # covers slots and row codes
             LINE=128 // codebooks.element_size(),
             PDL=pdl,
             PRELOAD=pdl and max(row_counts) <= row_block,
@@ -669,7 +679,7 @@ def tile_counters(count: int, device: torch.device) -> Tensor:
     """
     kept = _COUNTERS.setdefault(torch.device(device), [])
     if not kept or kept[-1].numel() < count:
-        kept.append(torch.zeros(max(128, triton.next_power_of_2(count)), device=device, dtype=torch.int32))
+        kept.append(torch.zeros(max(128, _next_power_of_2(count)), device=device, dtype=torch.int32))
     return kept[-1]
 
 
@@ -680,7 +690,7 @@ def decode_rows(codebooks: Tensor, indices: Tensor, out: Tensor, ids: Tensor | N
     rows = out.shape[0]
     if rows:
         block_t, block_n = 16, 128
-        grid = (triton.cdiv(rows, block_t), triton.cdiv(dim, block_n))
+        grid = (_cdiv(rows, block_t), _cdiv(dim, block_n))
         _rpq_rows_kernel[grid](
             ids if ids is not None else indices,
             indices,
@@ -725,10 +735,10 @@ def code_scores(x: Tensor, codebooks: Tensor) -> Tensor:
     tokens = rows.shape[0]
     scores = torch.empty(num_codebooks, tokens, codebook_size, device=x.device, dtype=torch.float32)
     if tokens:
-        block_d = triton.next_power_of_2(piece)
+        block_d = _next_power_of_2(piece)
         _rpq_code_scores_kernel[(num_codebooks, tokens)](
             rows, codebooks, scores, tokens, rows.stride(0), CODEBOOK_SIZE=codebook_size, PIECE=piece, BLOCK_D=block_d,
-            BLOCK_K=max(16, min(triton.next_power_of_2(codebook_size), 4096 // block_d)),
+            BLOCK_K=max(16, min(_next_power_of_2(codebook_size), 4096 // block_d)),
         )
     return scores
 
@@ -742,7 +752,7 @@ def tied_head_scores(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor
     out = torch.empty(tokens, vocab, device=x.device, dtype=x.dtype)
     if tokens:
         block_t, block_v = (1, 512) if tokens == 1 else (16, 128)
-        grid = (triton.cdiv(vocab, block_v), triton.cdiv(tokens, block_t))
+        grid = (_cdiv(vocab, block_v), _cdiv(tokens, block_t))
         _rpq_tied_head_kernel[grid](
             scores,
             indices,
