@@ -61,8 +61,10 @@ EARLY = ((False, False), (True, True))
 BINNED_ONE = _tiles([1], [8, 16], [1024], [1], warps=(2, 4), kind=BINNED, early=EARLY + ((False, True),))
 ONE_TOKEN = _tiles([1], [64], [256], [8], early=EARLY[1:]) + BINNED_ONE
 # 2 to 16 tokens: tuned per size class too (2048x2048 and the larger opt-1.3b shapes wanted different
-# tiles, fifth round: the best common tile left one of them above the dense layer at 16 tokens).
-FEW_TOKEN_CLASSES = [(0, triton_dispatch.SMALL_LAYER), (triton_dispatch.SMALL_LAYER, None)]
+# tiles, fifth round: the best common tile left one of them above the dense layer at 16 tokens; and
+# 2048x2048's tile cost SmolLM2's batch-16 decode a third), on SmolLM2's shapes for the smallest class.
+FEW_TOKEN_CLASSES = ONE_TOKEN_CLASSES
+FEW_TOKEN_COUNTS = [1, 4, 16]  # SmolLM2's shapes are timed at these
 FEW_TOKEN_TILES = _tiles([16], [32, 64], [64, 128, 256], [4, 8, 16], warps=(2, 4), early=EARLY)
 EVERY_SIZE = [(0, None)]
 BUCKETS = [  # (bound, token counts, candidates, size classes); the one-token bucket is tuned per ONE_TOKEN_CLASSES
@@ -194,7 +196,7 @@ def tune(layers: dict, dense: dict, only: set[int] | None = None) -> tuple[Route
         if only is not None and bound not in only:
             routes += [chosen for chosen in triton_dispatch.ROUTES if chosen.max_tokens == bound]
             continue
-        shapes_of = SHAPES + SMALL_SHAPES if bound == 1 else SHAPES
+        shapes_of = SHAPES + SMALL_SHAPES if bound in FEW_TOKEN_COUNTS else SHAPES
         for low, high in classes:
             shapes = [shape for shape in shapes_of if in_class(shape, low, high)]
             routes.append(tune_bucket(layers, dense, bound, token_counts, candidates, shapes, high))
@@ -247,7 +249,7 @@ def main() -> None:
 
     layers = {shape: Layers(*shape, args.codebooks, dtype) for shape in SHAPES + SMALL_SHAPES}
     dense = {(shape, tokens): layers[shape].dense_us(tokens) for shape in SHAPES for tokens in TOKENS}
-    dense.update({(shape, 1): layers[shape].dense_us(1) for shape in SMALL_SHAPES})
+    dense.update({(shape, tokens): layers[shape].dense_us(tokens) for shape in SMALL_SHAPES for tokens in FEW_TOKEN_COUNTS})
     if args.tune:
         only = {int(bound) for bound in args.tune_bounds.split(",")} if args.tune_bounds else None
         routes = tune(layers, dense, only)

@@ -209,17 +209,18 @@ def test_one_token_route_depends_on_layer_size_and_bins_switch(monkeypatch):
 
 @pytest.mark.parametrize("tokens", [2, 4, 16])
 def test_few_token_route_depends_on_layer_size(monkeypatch, tokens):
-    """2-16 tokens: a layer up to 2048 x 2048 and a larger one take their own class's gather tile."""
+    """2-16 tokens: a SmolLM2-sized layer, one up to 2048 x 2048 and a larger one each take their class's gather tile."""
     from model_compress.quantize import kernels, triton_dispatch
 
     recorder = _RecordingKernels()
     monkeypatch.setattr(kernels, "gpu_kernels", lambda tensor: recorder)
     bucket = [r for r in triton_dispatch.ROUTES if r.max_tokens == min(b for b in (4, 16) if tokens <= b)]
-    assert len(bucket) == 2 and bucket[0].max_weights == triton_dispatch.SMALL_LAYER and bucket[1].max_weights is None
+    assert [r.max_weights for r in bucket] == [triton_dispatch.TINY_LAYER, triton_dispatch.SMALL_LAYER, None]
     codebooks = torch.zeros(32, 16, 2)  # out = 64
-    for in_features in (triton_dispatch.SMALL_LAYER // 64, triton_dispatch.SMALL_LAYER // 64 + 1):
+    for in_features in (triton_dispatch.TINY_LAYER // 64, triton_dispatch.SMALL_LAYER // 64, triton_dispatch.SMALL_LAYER // 64 + 1):
         kernels.linear_forward(torch.zeros(tokens, in_features), codebooks, torch.zeros(32, in_features, dtype=torch.uint8), None)
-    assert recorder.calls == [("gather", bucket[0].tile), ("gather", bucket[1].tile)]
+    assert recorder.calls == [("gather", r.tile) for r in bucket]
+    assert bucket[0].tile != bucket[1].tile != bucket[2].tile
 
 
 @pytest.mark.parametrize("columns, codebook_size", [(37, 16), (300, 256), (2048, 256), (40000, 256)])

@@ -5,7 +5,7 @@ The numbers come from ``benchmarks/rpq_kernels.py --tune`` on an H100 (benchmark
 (2048->2048, 2048->8192, 8192->2048, fp16, M=32, K=256) and the decode + cuBLAS path, and kept
 the one with the lowest mean ratio to the dense layer; the one-token bucket per layer-size class
 (SmolLM2-135M's shapes for the smallest), the 2-4 and 5-16 token buckets per class too (2048x2048 and
-larger). Plain data, so that it imports without Triton.
+larger; SmolLM2-sized layers keep the tiles tuned before the split). Plain data, so that it imports without Triton.
 
 Another GPU may want other tiles: ``rpq_kernels.py --tune --save-routes FILE`` measures them there,
 and ``MODEL_COMPRESS_RPQ_ROUTES=FILE`` makes every RPQ layer use them.
@@ -68,15 +68,18 @@ class Route:
 
 
 # Upper token bounds with their route; the last bound catches everything larger.
-# Size classes: up to SmolLM2-135M's MLP projections (one token only), up to opt-1.3b's attention projections, larger.
+# Size classes: up to SmolLM2-135M's MLP projections, up to opt-1.3b's attention projections, larger.
 TINY_LAYER = 1536 * 576
 SMALL_LAYER = 2048 * 2048
 ROUTES: tuple[Route, ...] = (
     Route(1, FUSED, TileConfig(1, 8, 1024, num_warps=2, num_stages=3, kind=BINNED, prefetch=True, pdl=True), max_weights=TINY_LAYER),
     Route(1, FUSED, TileConfig(1, 8, 1024, num_warps=2, num_stages=3, kind=BINNED, prefetch=True, pdl=True), max_weights=SMALL_LAYER),
     Route(1, FUSED, TileConfig(1, 16, 1024, num_warps=4, num_stages=3, kind=BINNED, pdl=True)),
+    # SmolLM2-sized layers keep the tiles of the single table (the 2048x2048 tile cost SmolLM2 a third of its b16 decode).
+    Route(4, FUSED, TileConfig(16, 64, 64, num_warps=4, num_stages=3, split_k=8), max_weights=TINY_LAYER),
     Route(4, FUSED, TileConfig(16, 64, 256, num_warps=4, num_stages=3, split_k=16, prefetch=True, pdl=True), max_weights=SMALL_LAYER),
     Route(4, FUSED, TileConfig(16, 64, 64, num_warps=4, num_stages=3, split_k=8)),
+    Route(16, FUSED, TileConfig(16, 32, 128, num_warps=4, num_stages=3, split_k=8), max_weights=TINY_LAYER),
     Route(16, FUSED, TileConfig(16, 64, 256, num_warps=4, num_stages=3, split_k=16, prefetch=True, pdl=True), max_weights=SMALL_LAYER),
     Route(16, FUSED, TileConfig(16, 32, 256, num_warps=2, num_stages=3, split_k=4)),
     Route(64, FUSED, TileConfig(64, 64, 128, num_warps=4, num_stages=3, split_k=4, prefetch=True, pdl=True)),
