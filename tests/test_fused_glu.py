@@ -44,7 +44,7 @@ def test_fused_mlp_hands_gate_and_up_to_down_proj(monkeypatch):
         expected = mlp.down_proj(nn.functional.silu(gate) * up)
     calls = []
 
-    def fake(gate_in, up_in, codebooks, indices, bias, bins):
+    def fake(gate_in, up_in, codebooks, bias, bins):
         calls.append((gate_in, up_in, codebooks))
         return torch.full((1, 1, mlp.down_proj.out_features), 7.0)
 

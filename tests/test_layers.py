@@ -157,7 +157,7 @@ class _RecordingKernels:
     def linear_binned(self, x, codebooks, bins, bias, tile, norm=None):
         self.calls.append(("binned", tile))
 
-    def linear_binned_group(self, x, members, tile, norm=None):
+    def linear_binned_group(self, x, members, tile, norm=None, up=None):
         self.calls.append(("binned group", tile))
         return [None] * len(members)
 

@@ -370,8 +370,8 @@ def test_whole_llama_decodes_with_fused_norms_and_gated_mlps_like_the_reference(
     defer_norms(model)
     assert fuse_gated_mlps(model) == model.config.num_hidden_layers
     gated = []
-    binned = triton_kernels.linear_binned
-    monkeypatch.setattr(triton_kernels, "linear_binned", lambda *a, **k: gated.append(k.get("up") is not None) or binned(*a, **k))
+    group = triton_kernels.linear_binned_group
+    monkeypatch.setattr(triton_kernels, "linear_binned_group", lambda *a, **k: gated.append(k.get("up") is not None) or group(*a, **k))
     ids = torch.randint(0, model.config.vocab_size, (1, 1), device=CUDA)
     with torch.inference_mode():
         fast = model(ids).logits

@@ -126,30 +126,29 @@ def linear_forward(
 
 
 def gated_linear_forward(
-    gate: Tensor, up: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None, bins: Callable[[], tuple[Tensor, Tensor]]
+    gate: Tensor, up: Tensor, codebooks: Tensor, bias: Tensor | None, bins: Callable[[], tuple[Tensor, Tensor]]
 ) -> Tensor | None:
     """The layer applied to silu(gate) * up in one binned launch (``fused_glu``); None where that route does not apply.
 
     Only on CUDA with Triton, for token counts routed to the binned kernel; the caller forms the
     product itself everywhere else.
     """
-    triton_kernels = gpu_kernels(gate)
-    if triton_kernels is None:
-        return None
-    chosen = triton_dispatch.route(gate.numel() // indices.shape[1], _weights(codebooks, indices.shape[1]))
-    if not _takes_binned(triton_kernels, chosen, codebooks):
-        return None
-    return triton_kernels.linear_binned(gate, codebooks, bins(), bias, chosen.tile, up=up)
+    outputs = linear_group_forward(gate, [(codebooks, bins, bias)], up=up)
+    return None if outputs is None else outputs[0]
 
 
 def linear_group_forward(
-    x: Tensor, members: list[tuple[Tensor, Callable[[], tuple[Tensor, Tensor]], Tensor | None]], norm: NormSpec | None = None
+    x: Tensor,
+    members: list[tuple[Tensor, Callable[[], tuple[Tensor, Tensor]], Tensor | None]],
+    norm: NormSpec | None = None,
+    up: Tensor | None = None,
 ) -> list[Tensor] | None:
     """Several RPQ Linears of one shape on the same ``x`` in one binned launch; None where that route does not apply.
 
     ``members``: (codebooks, bins callable, bias) each. Only on CUDA with Triton, for token counts
     routed to the binned kernel; everywhere else each layer runs its own forward. ``norm``: x is
-    that norm's input, applied in the kernel (the biases must hold its W beta).
+    that norm's input, applied in the kernel (the biases must hold its W beta). ``up``: the input
+    is silu(x) * up.
     """
     triton_kernels = gpu_kernels(x)
     if triton_kernels is None or len(members) > triton_kernels.MAX_GROUP:
@@ -157,7 +156,7 @@ def linear_group_forward(
     chosen = triton_dispatch.route(x.numel() // x.shape[-1], len(members) * _weights(members[0][0], x.shape[-1]))
     if not _takes_binned(triton_kernels, chosen, members[0][0]):
         return None
-    return triton_kernels.linear_binned_group(x, [(cb, bins(), bias) for cb, bins, bias in members], chosen.tile, norm)
+    return triton_kernels.linear_binned_group(x, [(cb, bins(), bias) for cb, bins, bias in members], chosen.tile, norm, up=up)
 
 
 def _takes_binned(triton_kernels, chosen: triton_dispatch.Route, codebooks: Tensor) -> bool:

@@ -76,7 +76,7 @@ class RPQLinear(nn.Module):
 
     def gated_forward(self, gate: Tensor, up: Tensor) -> Tensor | None:
         """``self(silu(gate) * up)`` in one kernel where the one-token binned route applies, else None (``fused_glu``)."""
-        return kernels.gated_linear_forward(gate, up, self.codebooks, self.indices, self.bias, self.code_bins)
+        return kernels.gated_linear_forward(gate, up, self.codebooks, self.bias, self.code_bins)
 
     def extra_repr(self) -> str:
         return (
