@@ -36,8 +36,9 @@ from model_compress.quantize.triton_dispatch import BINNED, DECODE, FUSED, GATHE
 SHAPES = [(2048, 2048), (2048, 8192), (8192, 2048)]
 SMALL_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]  # SmolLM2-135M, timed at one token
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
-# One-token size classes (in * out above the first bound, up to the second): each gets its own route.
-ONE_TOKEN_CLASSES = [(0, triton_dispatch.TINY_LAYER), (triton_dispatch.TINY_LAYER, triton_dispatch.SMALL_LAYER), (triton_dispatch.SMALL_LAYER, None)]
+# Size classes (in * out above the first bound, up to the second) of the 1, 2-4 and 5-16 token buckets: each
+# gets its own route, the smallest tuned on SmolLM2's shapes.
+SIZE_CLASSES = [(0, triton_dispatch.TINY_LAYER), (triton_dispatch.TINY_LAYER, triton_dispatch.SMALL_LAYER), (triton_dispatch.SMALL_LAYER, None)]
 ROTATION_BYTES = 256 * 1024 * 1024  # all copies of a layer together: five times the H100's L2
 MAX_COPIES = 512  # for SmolLM2's small layers: 512 copies of the smallest RPQ layer are 59 MB, still more than the L2
 TARGETS = {1: 0.5, 16: 1.0, 512: 1.3}
@@ -63,13 +64,12 @@ ONE_TOKEN = _tiles([1], [64], [256], [8], early=EARLY[1:]) + BINNED_ONE
 # 2 to 16 tokens: tuned per size class too (2048x2048 and the larger opt-1.3b shapes wanted different
 # tiles, fifth round: the best common tile left one of them above the dense layer at 16 tokens; and
 # 2048x2048's tile cost SmolLM2's batch-16 decode a third), on SmolLM2's shapes for the smallest class.
-FEW_TOKEN_CLASSES = ONE_TOKEN_CLASSES
-FEW_TOKEN_COUNTS = [1, 4, 16]  # SmolLM2's shapes are timed at these
+SMALL_SHAPE_TOKENS = [1, 4, 16]  # the token counts of the size-classed buckets: SmolLM2's shapes are timed at these
 FEW_TOKEN_TILES = _tiles([16], [32, 64], [64, 128, 256], [4, 8, 16], warps=(2, 4), early=EARLY)
 EVERY_SIZE = [(0, None)]
-BUCKETS = [  # (bound, token counts, candidates, size classes); the one-token bucket is tuned per ONE_TOKEN_CLASSES
-    (4, [4], FEW_TOKEN_TILES, FEW_TOKEN_CLASSES),
-    (16, [16], FEW_TOKEN_TILES, FEW_TOKEN_CLASSES),
+BUCKETS = [  # (bound, token counts, candidates, size classes); the one-token bucket is added in tune()
+    (4, [4], FEW_TOKEN_TILES, SIZE_CLASSES),
+    (16, [16], FEW_TOKEN_TILES, SIZE_CLASSES),
     (64, [64], _tiles([64], [64], [128], [2, 4], early=EARLY), EVERY_SIZE),
     (256, [128, 256], _tiles([64, 128], [64], [64], [1], warps=(4, 8)) + [DECODE], EVERY_SIZE),
     (1 << 62, [512], _tiles([128], [64, 128], [64], [1], warps=(4, 8)) + [DECODE], EVERY_SIZE),
@@ -191,12 +191,12 @@ def tune(layers: dict, dense: dict, only: set[int] | None = None) -> tuple[Route
     ``only``: tune just these token bounds and keep the code's routes for the others.
     """
     routes = []
-    plan = [(1, [1], ONE_TOKEN, ONE_TOKEN_CLASSES)] + BUCKETS
+    plan = [(1, [1], ONE_TOKEN, SIZE_CLASSES)] + BUCKETS
     for bound, token_counts, candidates, classes in plan:
         if only is not None and bound not in only:
             routes += [chosen for chosen in triton_dispatch.ROUTES if chosen.max_tokens == bound]
             continue
-        shapes_of = SHAPES + SMALL_SHAPES if bound in FEW_TOKEN_COUNTS else SHAPES
+        shapes_of = SHAPES + SMALL_SHAPES if classes is SIZE_CLASSES else SHAPES
         for low, high in classes:
             shapes = [shape for shape in shapes_of if in_class(shape, low, high)]
             routes.append(tune_bucket(layers, dense, bound, token_counts, candidates, shapes, high))
@@ -249,7 +249,7 @@ def main() -> None:
 
     layers = {shape: Layers(*shape, args.codebooks, dtype) for shape in SHAPES + SMALL_SHAPES}
     dense = {(shape, tokens): layers[shape].dense_us(tokens) for shape in SHAPES for tokens in TOKENS}
-    dense.update({(shape, tokens): layers[shape].dense_us(tokens) for shape in SMALL_SHAPES for tokens in FEW_TOKEN_COUNTS})
+    dense.update({(shape, tokens): layers[shape].dense_us(tokens) for shape in SMALL_SHAPES for tokens in SMALL_SHAPE_TOKENS})
     if args.tune:
         only = {int(bound) for bound in args.tune_bounds.split(",")} if args.tune_bounds else None
         routes = tune(layers, dense, only)
