@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 5 on the lent GPU, in three calls made back to back (the machine keeps /tmp while it stays warm):
 #   run(command="STAGE=kernels bash benchmarks/gpu_rpq.sh", carry=[".device/evalA"])  # Triton tests, kernel tuning (+ stores GGUF part a);
-#                                                       # TUNE=0: report the routes in the code instead of tuning
+#                                                       # TUNE=0: report the routes in the code instead of tuning;
+#                                                       # TUNE_BOUNDS=256,...: tune only those token buckets
 #   run(command="STAGE=smol bash benchmarks/gpu_rpq.sh", carry=[".device/evalB"])     # SmolLM2-135M (GGUF part b + wheels): rpq, eval, profile
 #   run(command="STAGE=opt bash benchmarks/gpu_rpq.sh")                                # opt-1.3b architecture (SmolLM2's tokenizer): rpq, eval, profile
 # The tuned routes of the first call (/tmp/rpq_routes.json) are what the later calls use.
@@ -28,7 +29,9 @@ kernels)
   if [ "${TUNE:-1}" = 0 ]; then  # the routes in the code, reported without tuning
     timeout 300 python3 benchmarks/rpq_kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
   else
-    timeout 420 python3 benchmarks/rpq_kernels.py --tune --save-routes "$ROUTES" --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
+    # TUNE_BOUNDS (e.g. 256,4611686018427387904): tune only those buckets, the code's routes for the rest
+    timeout 420 python3 benchmarks/rpq_kernels.py --tune ${TUNE_BOUNDS:+--tune-bounds "$TUNE_BOUNDS"} --save-routes "$ROUTES" \
+      --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
   fi
   cp "$ROUTES" "$OUT/" 2>/dev/null
   ;;

@@ -44,10 +44,11 @@ MAX_COPIES = 512  # for SmolLM2's small layers: 512 copies of the smallest RPQ l
 TARGETS = {1: 0.5, 16: 1.0, 512: 1.3}
 
 # Buckets: (upper token bound, token counts timed for it, candidates: tiles of the fused kernel, or DECODE).
-def _tiles(block_ms, block_ns, block_ks, splits, warps=(4,), stages=(3,), kind=GATHER, early=((False, False),)) -> list[TileConfig]:
+def _tiles(block_ms, block_ns, block_ks, splits, warps=(4,), stages=(3,), kind=GATHER, early=((False, False),),
+           aligned=False) -> list[TileConfig]:
     """Every combination; ``early``: (prefetch, pdl) pairs."""
     return [
-        TileConfig(m, n, k, w, s, split, kind, prefetch, pdl)
+        TileConfig(m, n, k, w, s, split, kind, prefetch, pdl, aligned)
         for m in block_ms for n in block_ns for k in block_ks for split in splits for w in warps for s in stages
         for prefetch, pdl in early
     ]
@@ -67,12 +68,18 @@ ONE_TOKEN = _tiles([1], [64], [256], [8], early=EARLY[1:]) + BINNED_ONE
 SMALL_SHAPE_TOKENS = [1, 4, 16]  # the token counts of the size-classed buckets: SmolLM2's shapes are timed at these
 FEW_TOKEN_TILES = _tiles([16], [32, 64], [64, 128, 256], [4, 8, 16], warps=(2, 4), early=EARLY)
 EVERY_SIZE = [(0, None)]
+# 65 tokens and more (prompts): tensor-core tiles of whole codebooks (two or four 64-wide pieces side by
+# side, or 128/256 columns of one 256-wide piece) against decode + cuBLAS. Layers up to SmolLM2's size
+# keep decode + cuBLAS without being timed: their 18-wide pieces do not tile so.
+PREFILL_TILES = [tile for tile in _tiles([64, 128], [128, 256], [64], [1, 2], warps=(4, 8), stages=(3, 4), aligned=True)
+                 if tile.block_m * tile.block_n <= 128 * 32 * tile.num_warps]  # at most 128 fp32 accumulators a thread
+ABOVE_TINY = [(triton_dispatch.TINY_LAYER, None)]
 BUCKETS = [  # (bound, token counts, candidates, size classes); the one-token bucket is added in tune()
     (4, [4], FEW_TOKEN_TILES, SIZE_CLASSES),
     (16, [16], FEW_TOKEN_TILES, SIZE_CLASSES),
     (64, [64], _tiles([64], [64], [128], [2, 4], early=EARLY), EVERY_SIZE),
-    (256, [128, 256], _tiles([64, 128], [64], [64], [1], warps=(4, 8)) + [DECODE], EVERY_SIZE),
-    (1 << 62, [512], _tiles([128], [64, 128], [64], [1], warps=(4, 8)) + [DECODE], EVERY_SIZE),
+    (256, [128, 256], PREFILL_TILES + [DECODE], ABOVE_TINY),
+    (1 << 62, [512], PREFILL_TILES + [DECODE], ABOVE_TINY),
 ]
 
 
@@ -197,6 +204,8 @@ def tune(layers: dict, dense: dict, only: set[int] | None = None) -> tuple[Route
             routes += [chosen for chosen in triton_dispatch.ROUTES if chosen.max_tokens == bound]
             continue
         shapes_of = SHAPES + SMALL_SHAPES if classes is SIZE_CLASSES else SHAPES
+        if classes is ABOVE_TINY:  # the smallest layers first: decode + cuBLAS, not timed
+            routes.append(Route(bound, DECODE, max_weights=triton_dispatch.TINY_LAYER))
         for low, high in classes:
             shapes = [shape for shape in shapes_of if in_class(shape, low, high)]
             routes.append(tune_bucket(layers, dense, bound, token_counts, candidates, shapes, high))

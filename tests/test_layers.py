@@ -223,6 +223,29 @@ def test_few_token_route_depends_on_layer_size(monkeypatch, tokens):
     assert bucket[0].tile != bucket[1].tile != bucket[2].tile
 
 
+def test_whole_codebook_tiles_count_the_codebooks_a_tile_holds():
+    from model_compress.quantize.triton_dispatch import heads_per_tile
+
+    assert heads_per_tile(256, 128) == 1 and heads_per_tile(64, 64) == 1  # inside one codebook
+    assert heads_per_tile(64, 128) == 2 and heads_per_tile(64, 256) == 4 and heads_per_tile(8, 64) == 8
+    assert heads_per_tile(18, 64) == 0 and heads_per_tile(48, 96) == 0  # not a power of two: straddles
+    assert heads_per_tile(4, 64) == 0 and heads_per_tile(96, 64) == 0  # rows under 16 bytes; tile across a piece's end
+
+
+def test_aligned_route_takes_decode_where_pieces_do_not_tile(monkeypatch):
+    """A prompt-sized route of whole-codebook tiles runs the gather kernel on 64-wide pieces, decode + cuBLAS on 18-wide."""
+    from model_compress.quantize import kernels, triton_dispatch
+
+    recorder = _RecordingKernels()
+    monkeypatch.setattr(kernels, "gpu_kernels", lambda tensor: recorder)
+    tile = triton_dispatch.TileConfig(128, 128, 64, 8, 4, aligned=True)
+    monkeypatch.setattr(triton_dispatch, "active_routes", lambda: (triton_dispatch.Route(1 << 62, triton_dispatch.FUSED, tile),))
+    for piece in (64, 18, 256):
+        codebooks = torch.zeros(4, 16, piece)
+        kernels.linear_forward(torch.zeros(200, 96), codebooks, torch.zeros(4, 96, dtype=torch.uint8), None)
+    assert recorder.calls == [("gather", tile), ("decode", None), ("gather", tile)]
+
+
 @pytest.mark.parametrize("columns, codebook_size", [(37, 16), (300, 256), (2048, 256), (40000, 256)])
 def test_code_bins_group_each_codebooks_columns_by_code(columns, codebook_size):
     from model_compress.quantize.layout import code_bins

@@ -116,7 +116,7 @@ def linear_forward(
                 return triton_kernels.linear_binned(x, codebooks, bins(), bias, chosen.tile, norm and norm.norm.spec)
             chosen = triton_dispatch.Route(chosen.max_tokens, chosen.path, triton_dispatch.ONE_TOKEN_GATHER)
         x = x if norm is None else norm.norm.normalized(x)
-        if chosen.path == triton_dispatch.FUSED:
+        if chosen.path == triton_dispatch.FUSED and _tiles_fit(chosen.tile, codebooks):
             return triton_kernels.linear_fused(x, codebooks, indices, bias, chosen.tile)
         return triton_kernels.linear_decode(x, codebooks, indices, bias)
     x = x if norm is None else norm.norm.normalized(x)
@@ -166,6 +166,11 @@ def _takes_binned(triton_kernels, chosen: triton_dispatch.Route, codebooks: Tens
         and triton_dispatch.bins_enabled()
         and triton_kernels.binned_fits(chosen.tile, codebooks)
     )
+
+
+def _tiles_fit(tile: triton_dispatch.TileConfig, codebooks: Tensor) -> bool:
+    """A tile that wants whole codebooks gets them only where the layer's pieces tile its columns evenly."""
+    return not tile.aligned or triton_dispatch.heads_per_tile(codebooks.shape[2], tile.block_n) > 0
 
 
 def _weights(codebooks: Tensor, in_features: int) -> int:

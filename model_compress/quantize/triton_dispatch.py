@@ -38,6 +38,10 @@ class TileConfig:
     kind: str = GATHER
     prefetch: bool = False  # gather kernel: L2 prefetch of the program's codes and codebook slice before anything waits
     pdl: bool = False  # programmatic dependent launch (Hopper on): weights prefetched while the previous kernel ends
+    # Whole-codebook tiles only: BLOCK_N spans whole codebooks (or lies inside one). A layer whose pieces
+    # do not tile so (not a power of two) takes decode + cuBLAS instead: the large-batch tiles were
+    # measured on aligned tiles, and the other form loads one code per output.
+    aligned: bool = False
 
     @property
     def use_dot(self) -> bool:
@@ -46,8 +50,19 @@ class TileConfig:
 
     def describe(self) -> str:
         prefix = "binned " if self.kind == BINNED else ""
-        suffix = (" pf" if self.prefetch else "") + (" pdl" if self.pdl else "")
+        suffix = (" pf" if self.prefetch else "") + (" pdl" if self.pdl else "") + (" aligned" if self.aligned else "")
         return f"{prefix}m{self.block_m} n{self.block_n} k{self.block_k} w{self.num_warps} s{self.num_stages} split{self.split_k}{suffix}"
+
+
+def heads_per_tile(piece: int, block_n: int) -> int:
+    """How many whole codebooks one output tile of ``block_n`` columns holds: 1 when it lies inside one,
+    ``block_n / piece`` when it spans several (pieces of 8 or more, a power of two: each gathered row is
+    whole 16-byte vectors), 0 otherwise (tiles straddle codebooks: one code load per output)."""
+    if piece % block_n == 0:
+        return 1
+    if block_n % piece == 0 and piece >= 8 and piece & (piece - 1) == 0:
+        return block_n // piece
+    return 0
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .norm_spec import NormSpec
-from .triton_dispatch import BINNED, TileConfig
+from .triton_dispatch import BINNED, TileConfig, heads_per_tile
 
 
 @triton.jit
@@ -56,7 +56,7 @@ def _rpq_linear_kernel(
     CODEBOOK_SIZE: tl.constexpr,
     PIECE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    ONE_CODEBOOK: tl.constexpr,
+    HEADS: tl.constexpr,
     USE_DOT: tl.constexpr,
     EVEN_K: tl.constexpr,
     DOT_IEEE: tl.constexpr,
@@ -76,13 +76,23 @@ def _rpq_linear_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < tokens
     mask_n = offs_n < out_features
-    if ONE_CODEBOOK:
+    if HEADS == 1:
         # The tile lies inside one codebook h: one code per input column, contiguous codebook rows.
         first = pid_n * BLOCK_N
         head = first // PIECE
         code_row = codes_ptr + head * in_features
         slice_base = codebooks_ptr + head * CODEBOOK_SIZE * PIECE + (first - head * PIECE)
         row_base = slice_base + tl.arange(0, BLOCK_N)
+    elif HEADS > 1:
+        # The tile holds HEADS whole codebooks (BLOCK_N = HEADS * PIECE, PIECE a power of two): per input
+        # column HEADS codes, each selecting one contiguous codebook row for its PIECE outputs.
+        head = pid_n * HEADS
+        code_row = codes_ptr + head * in_features
+        head_rows = tl.arange(0, HEADS) * in_features
+        heads_in = (pid_n * BLOCK_N + tl.arange(0, HEADS) * PIECE) < out_features  # the last tile may hold fewer
+        local = tl.arange(0, BLOCK_N)
+        slice_base = codebooks_ptr + head * CODEBOOK_SIZE * PIECE
+        row_base = slice_base + (local // PIECE) * (CODEBOOK_SIZE * PIECE) + local % PIECE
     else:
         # Outputs of several codebooks (short pieces): one code per (input, output) pair.
         heads = offs_n // PIECE
@@ -92,7 +102,7 @@ def _rpq_linear_kernel(
     k_end = tl.minimum(k_begin + chunk_k, in_features)
     if PDL:
         gdc_launch_dependents()  # the next layer's programs may start their own weight prefetch
-    if PREFETCH and ONE_CODEBOOK:
+    if PREFETCH and HEADS == 1:
         # Weights do not depend on the previous kernel: ask L2 for this program's codes and whole codebook
         # slice now, so the gathers below (which wait for the codes) find their rows on chip.
         code_lines = k_begin + tl.arange(0, CODE_LINES) * 128
@@ -100,6 +110,15 @@ def _rpq_linear_kernel(
         _prefetch_codebook_slice(slice_base, CODEBOOK_SIZE, PIECE, BLOCK_N, LINE)
     if PDL:
         gdc_wait()  # x is the previous kernel's output: wait for it only now
+    # Codes are loaded one step ahead: the gather of step i then needs no load of step i, so the
+    # pipeliner issues it early instead of stalling every step on a global load (1-byte codes cannot
+    # go through cp.async, so their load is a plain one, waited for at first use).
+    first_k = k_begin + tl.arange(0, BLOCK_K)
+    if HEADS == 1:
+        next_codes = tl.load(code_row + first_k, mask=first_k < k_end, other=0)
+    elif HEADS > 1:
+        next_codes = tl.load(code_row + head_rows[None, :] + first_k[:, None], mask=(first_k < k_end)[:, None] & heads_in[None, :],
+                             other=0)
     for start in range(k_begin, k_end, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
         mask_k = offs_k < in_features
@@ -108,13 +127,26 @@ def _rpq_linear_kernel(
             x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
         else:
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if ONE_CODEBOOK:
+        if HEADS == 1:
+            codes = next_codes.to(tl.int32)
+            ahead = offs_k + BLOCK_K
+            next_codes = tl.load(code_row + ahead, mask=ahead < k_end, other=0)
             if EVEN_K:
-                codes = tl.load(code_row + offs_k).to(tl.int32)
                 w = tl.load(row_base[None, :] + codes[:, None] * PIECE)
             else:
-                codes = tl.load(code_row + offs_k, mask=mask_k, other=0).to(tl.int32)
                 w = tl.load(row_base[None, :] + codes[:, None] * PIECE, mask=mask_k[:, None], other=0.0)
+        elif HEADS > 1:
+            codes = next_codes.to(tl.int32)
+            ahead = offs_k + BLOCK_K
+            next_codes = tl.load(code_row + head_rows[None, :] + ahead[:, None], mask=(ahead < k_end)[:, None] & heads_in[None, :],
+                                 other=0)
+            # each column's code: its codebook's code of that input (PIECE columns share one)
+            column_codes = tl.reshape(tl.broadcast_to(codes[:, :, None], (BLOCK_K, HEADS, PIECE)), (BLOCK_K, BLOCK_N))
+            offsets = tl.max_constancy(tl.multiple_of(column_codes * PIECE, [PIECE, PIECE]), [1, PIECE])
+            if EVEN_K:
+                w = tl.load(row_base[None, :] + offsets, mask=mask_n[None, :], other=0.0)
+            else:
+                w = tl.load(row_base[None, :] + offsets, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         else:
             mask_kn = mask_k[:, None] & mask_n[None, :]
             codes = tl.load(codes_ptr + heads[None, :] * in_features + offs_k[:, None], mask=mask_kn, other=0).to(tl.int32)
@@ -539,7 +571,7 @@ def linear_fused(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | N
         pdl = config.pdl and _hopper_or_later(x.device)
         _rpq_linear_kernel[(tiles_n, tiles_m, split)](
             *common,
-            ONE_CODEBOOK=piece % config.block_n == 0,
+            HEADS=heads_per_tile(piece, config.block_n),
             USE_DOT=config.use_dot,
             DOT_IEEE=codebooks.dtype == torch.float32,  # float32 stays float32 (no TF32), as in the reference
             PREFETCH=config.prefetch and not INTERPRETED,
