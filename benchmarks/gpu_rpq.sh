@@ -23,15 +23,19 @@ kernels)
   [ -f .device/evalA/smol.part-a ] && cp .device/evalA/smol.part-a /tmp/smol/
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/device.txt"
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
-  echo "== Triton kernel tests (code routes), graph-decode and CUDA tests"
-  timeout 200 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_kernels.py tests/test_graph_decode.py tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15
+  if [ "${TESTS:-1}" = 1 ]; then  # TESTS=0: a later tuning call of the same session
+    echo "== Triton kernel tests (code routes), graph-decode and CUDA tests"
+    timeout 200 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_kernels.py tests/test_graph_decode.py tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15
+  fi
   echo "== tuning"
   if [ "${TUNE:-1}" = 0 ]; then  # the routes in the code, reported without tuning
     timeout 300 python3 benchmarks/rpq_kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
   else
     # TUNE_BOUNDS (e.g. 256,4611686018427387904): tune only those buckets, the code's routes for the rest
-    timeout 420 python3 benchmarks/rpq_kernels.py --tune ${TUNE_BOUNDS:+--tune-bounds "$TUNE_BOUNDS"} --save-routes "$ROUTES" \
-      --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
+    # REPORT=0: stop after tuning (the routes file feeds the next call, which reports)
+    timeout 420 python3 benchmarks/rpq_kernels.py --tune ${TUNE_BOUNDS:+--tune-bounds "$TUNE_BOUNDS"} --save-routes "$ROUTES.new" \
+      $([ "${REPORT:-1}" = 0 ] && echo --no-report) --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
+    [ -f "$ROUTES.new" ] && mv "$ROUTES.new" "$ROUTES"
   fi
   cp "$ROUTES" "$OUT/" 2>/dev/null
   ;;

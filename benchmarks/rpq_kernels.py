@@ -45,12 +45,12 @@ TARGETS = {1: 0.5, 16: 1.0, 512: 1.3}
 
 # Buckets: (upper token bound, token counts timed for it, candidates: tiles of the fused kernel, or DECODE).
 def _tiles(block_ms, block_ns, block_ks, splits, warps=(4,), stages=(3,), kind=GATHER, early=((False, False),),
-           aligned=False) -> list[TileConfig]:
+           aligned=False, local_x=(False,)) -> list[TileConfig]:
     """Every combination; ``early``: (prefetch, pdl) pairs."""
     return [
-        TileConfig(m, n, k, w, s, split, kind, prefetch, pdl, aligned)
+        TileConfig(m, n, k, w, s, split, kind, prefetch, pdl, aligned, local)
         for m in block_ms for n in block_ns for k in block_ks for split in splits for w in warps for s in stages
-        for prefetch, pdl in early
+        for prefetch, pdl in early for local in local_x
     ]
 
 
@@ -60,7 +60,8 @@ EARLY = ((False, False), (True, True))
 # bucket above one token in the second round (1.7x at 4 tokens, 7.8x at 16), so it is tried for one.
 # (512 rows per step and 8 warps never made the top four in the third round: dropped, as the one-token
 # bucket is now tuned three times, once per size class.)
-BINNED_ONE = _tiles([1], [8, 16], [1024], [1], warps=(2, 4), kind=BINNED, early=EARLY + ((False, True),))
+# Each also with x's row loaded whole and gathered on chip (local_x) rather than by one global load per slot.
+BINNED_ONE = _tiles([1], [8, 16], [1024], [1], warps=(2, 4), kind=BINNED, early=EARLY + ((False, True),), local_x=(False, True))
 ONE_TOKEN = _tiles([1], [64], [256], [8], early=EARLY[1:]) + BINNED_ONE
 # 2 to 16 tokens: tuned per size class too (2048x2048 and the larger opt-1.3b shapes wanted different
 # tiles, fifth round: the best common tile left one of them above the dense layer at 16 tokens; and
@@ -195,13 +196,13 @@ def in_class(shape: tuple[int, int], low: int, high: int | None) -> bool:
 def tune(layers: dict, dense: dict, only: set[int] | None = None) -> tuple[Route, ...]:
     """The best candidate per bucket and size class: lowest mean ratio to dense over its shapes and token counts.
 
-    ``only``: tune just these token bounds and keep the code's routes for the others.
+    ``only``: tune just these token bounds and keep the active routes (the code's, or a routes file's) for the others.
     """
     routes = []
     plan = [(1, [1], ONE_TOKEN, SIZE_CLASSES)] + BUCKETS
     for bound, token_counts, candidates, classes in plan:
         if only is not None and bound not in only:
-            routes += [chosen for chosen in triton_dispatch.ROUTES if chosen.max_tokens == bound]
+            routes += [chosen for chosen in triton_dispatch.active_routes() if chosen.max_tokens == bound]
             continue
         shapes_of = SHAPES + SMALL_SHAPES if classes is SIZE_CLASSES else SHAPES
         if classes is ABOVE_TINY:  # the smallest layers first: decode + cuBLAS, not timed
@@ -246,6 +247,7 @@ def main() -> None:
     parser.add_argument("--save-routes", default=None, help="with --tune: write the tuned routes here (MODEL_COMPRESS_RPQ_ROUTES reads them)")
     parser.add_argument("--codebooks", type=int, default=32)
     parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--no-report", action="store_true", help="with --tune: stop after tuning (a later call reports)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -272,6 +274,8 @@ def main() -> None:
             triton_dispatch.save_routes(routes, args.save_routes)
         triton_dispatch.active_routes.cache_clear()
         triton_dispatch.ROUTES = routes  # the report below uses the tuned routes
+        if args.no_report:
+            return
 
     rows = []
     print(f"\n{'in->out':>11} {'tokens':>6} {'route':>22} {'dense us':>9} {'rpq us':>8} {'rpq/dense':>9} {'target':>6}")

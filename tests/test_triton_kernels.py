@@ -93,6 +93,9 @@ BINNED_TILES = [
     triton_dispatch.TileConfig(16, 16, 256, num_warps=8, kind=triton_dispatch.BINNED),
     # PDL with every row in one block: the weights are loaded before the wait for x (PRELOAD).
     triton_dispatch.TileConfig(1, 8, 1024, num_warps=2, kind=triton_dispatch.BINNED, pdl=True),
+    # x's row loaded whole and gathered on chip, with and without PRELOAD.
+    triton_dispatch.TileConfig(1, 8, 1024, num_warps=2, kind=triton_dispatch.BINNED, prefetch=True, pdl=True, local_x=True),
+    triton_dispatch.TileConfig(4, 32, 128, kind=triton_dispatch.BINNED, local_x=True),
 ]
 
 

@@ -42,6 +42,9 @@ class TileConfig:
     # do not tile so (not a power of two) takes decode + cuBLAS instead: the large-batch tiles were
     # measured on aligned tiles, and the other form loads one code per output.
     aligned: bool = False
+    # Binned kernel: x's row loaded whole (one coalesced load) and gathered on chip, instead of one global
+    # load per slot. Registers grow with in_features (up to 8192 inputs in the tuned shapes).
+    local_x: bool = False
 
     @property
     def use_dot(self) -> bool:
@@ -50,7 +53,7 @@ class TileConfig:
 
     def describe(self) -> str:
         prefix = "binned " if self.kind == BINNED else ""
-        suffix = (" pf" if self.prefetch else "") + (" pdl" if self.pdl else "") + (" aligned" if self.aligned else "")
+        suffix = (" pf" if self.prefetch else "") + (" pdl" if self.pdl else "") + (" aligned" if self.aligned else "") + (" local-x" if self.local_x else "")
         return f"{prefix}m{self.block_m} n{self.block_n} k{self.block_k} w{self.num_warps} s{self.num_stages} split{self.split_k}{suffix}"
 
 

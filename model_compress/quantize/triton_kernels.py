@@ -206,6 +206,8 @@ def _rpq_binned_kernel(
     LINE: tl.constexpr,
     PDL: tl.constexpr,
     PRELOAD: tl.constexpr,
+    LOCAL_X: tl.constexpr,
+    IN_BLOCK: tl.constexpr,
 ):
     """Few tokens: piece h of y is sum over rows r of (x summed over row r's inputs) * codebooks[h, code of r].
 
@@ -264,8 +266,8 @@ def _rpq_binned_kernel(
         if PDL:
             gdc_wait()
         means, rstds = _norm_stats(x_ptr, pid_m, tokens, stride_x, in_features, eps, NORM, BLOCK_M, NORM_BLOCK)
-        acc = _add_bin_rows(acc, x_ptr, up_ptr, slots, codebook_rows, gammas, means, rstds, pid_m, tokens, stride_x, NORM,
-                            GATED, BLOCK_M)
+        acc = _add_bin_rows(acc, x_ptr, up_ptr, slots, codebook_rows, gammas, means, rstds, pid_m, tokens, stride_x, in_features,
+                            NORM, GATED, BLOCK_M, LOCAL_X, IN_BLOCK)
     else:
         if PDL:
             gdc_wait()  # x is the previous kernel's output
@@ -273,8 +275,8 @@ def _rpq_binned_kernel(
         for first in range(0, rows, ROW_BLOCK):
             slots, codebook_rows = _load_bin_rows(slot_base, code_base, slice_base, first, rows, mask_d, WIDTH, PIECE, BLOCK_N, ROW_BLOCK)
             gammas = _load_gammas(gamma_ptr, slots, NORM)
-            acc = _add_bin_rows(acc, x_ptr, up_ptr, slots, codebook_rows, gammas, means, rstds, pid_m, tokens, stride_x, NORM,
-                                GATED, BLOCK_M)
+            acc = _add_bin_rows(acc, x_ptr, up_ptr, slots, codebook_rows, gammas, means, rstds, pid_m, tokens, stride_x,
+                                in_features, NORM, GATED, BLOCK_M, LOCAL_X, IN_BLOCK)
     token_rows = tl.arange(0, BLOCK_M)
     offs_m = pid_m * BLOCK_M + token_rows
     offs_n = head * PIECE + offs_d
@@ -335,20 +337,27 @@ def _norm_stats(x_ptr, pid_m, tokens, stride_x, in_features, eps, NORM: tl.const
 
 
 @triton.jit
-def _add_bin_rows(acc, x_ptr, up_ptr, slots, codebook_rows, gammas, means, rstds, pid_m, tokens, stride_x, NORM: tl.constexpr,
-                  GATED: tl.constexpr, BLOCK_M: tl.constexpr):
+def _add_bin_rows(acc, x_ptr, up_ptr, slots, codebook_rows, gammas, means, rstds, pid_m, tokens, stride_x, in_features,
+                  NORM: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr, LOCAL_X: tl.constexpr, IN_BLOCK: tl.constexpr):
     """acc[t] += sum over the rows of (x[t] summed over the row's slots) * the row's codebook row, per token t.
 
     With NORM the row sum is of the normalised x: rstd * (sum gamma*x - mean * sum gamma). With
-    GATED it is of silu(x) * up.
+    GATED it is of silu(x) * up. LOCAL_X: x's row (and up's) is loaded whole, with one coalesced
+    load, and gathered on chip (``tl.gather``) instead of by one global load per slot.
     """
     used = slots >= 0
     token_rows = tl.arange(0, BLOCK_M)
     for row in tl.static_range(BLOCK_M):
         token = pid_m * BLOCK_M + row
-        picked = tl.load(x_ptr + token * stride_x + slots, mask=used & (token < tokens), other=0.0).to(tl.float32)
+        if LOCAL_X:
+            picked = _gather_row(x_ptr + token * stride_x, slots, used, in_features, token < tokens, IN_BLOCK)
+        else:
+            picked = tl.load(x_ptr + token * stride_x + slots, mask=used & (token < tokens), other=0.0).to(tl.float32)
         if GATED:
-            up = tl.load(up_ptr + token * stride_x + slots, mask=used & (token < tokens), other=0.0).to(tl.float32)
+            if LOCAL_X:
+                up = _gather_row(up_ptr + token * stride_x, slots, used, in_features, token < tokens, IN_BLOCK)
+            else:
+                up = tl.load(up_ptr + token * stride_x + slots, mask=used & (token < tokens), other=0.0).to(tl.float32)
             picked = picked * tl.sigmoid(picked) * up
         if NORM:
             mean = tl.sum(tl.where(token_rows == row, means, 0.0), axis=0)
@@ -359,6 +368,16 @@ def _add_bin_rows(acc, x_ptr, up_ptr, slots, codebook_rows, gammas, means, rstds
         part = tl.sum(sums[:, None] * codebook_rows.to(tl.float32), axis=0)  # (BLOCK_N,)
         acc += tl.where(token_rows[:, None] == row, part[None, :], 0.0)
     return acc
+
+
+@triton.jit
+def _gather_row(row_ptr, slots, used, in_features, valid, IN_BLOCK: tl.constexpr):
+    """row[slots] in float32 (0 in empty slots): the row loaded whole, then gathered in registers / shared memory."""
+    offs = tl.arange(0, IN_BLOCK)
+    whole = tl.load(row_ptr + offs, mask=(offs < in_features) & valid, other=0.0).to(tl.float32)
+    flat = tl.reshape(tl.where(used, slots, 0), (slots.shape[0] * slots.shape[1],))
+    picked = tl.reshape(tl.gather(whole, flat, 0), slots.shape)
+    return tl.where(used, picked, 0.0)
 
 
 @triton.jit
@@ -682,6 +701,8 @@ def linear_binned_group(
             LINE=128 // codebooks.element_size(),
             PDL=pdl,
             PRELOAD=pdl and max(row_counts) <= row_block,
+            LOCAL_X=config.local_x,
+            IN_BLOCK=_next_power_of_2(in_features) if config.local_x else 1,
             launch_pdl=pdl,
             num_warps=config.num_warps,
             num_stages=config.num_stages,
