@@ -57,7 +57,9 @@ SPLIT_TILES = [
     triton_dispatch.TileConfig(1, 64, 256, split_k=8, prefetch=True, pdl=True),
     triton_dispatch.TileConfig(16, 32, 64, split_k=3, prefetch=True),
     triton_dispatch.TileConfig(1, 32, 128, prefetch=True, pdl=True),
-    # Whole-codebook tiles (two or four pieces side by side where pieces are 64 wide), also split-K.
+]
+# Whole-codebook tiles (two or four pieces side by side where pieces are 64 wide), also split-K.
+ALIGNED_TILES = [
     triton_dispatch.TileConfig(64, 128, 64, aligned=True),
     triton_dispatch.TileConfig(128, 256, 64, num_warps=8, num_stages=4, aligned=True),
     triton_dispatch.TileConfig(16, 128, 32, split_k=3, aligned=True),
@@ -66,7 +68,7 @@ SPLIT_TILES = [
 
 def fused_tiles() -> list[triton_dispatch.TileConfig]:
     routed = [chosen.tile for chosen in triton_dispatch.active_routes() if chosen.path == triton_dispatch.FUSED]
-    return routed + SPLIT_TILES
+    return routed + SPLIT_TILES + ALIGNED_TILES
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -92,10 +94,10 @@ BINNED_TILES = [
     triton_dispatch.TileConfig(4, 32, 128, kind=triton_dispatch.BINNED, prefetch=True),
     triton_dispatch.TileConfig(16, 16, 256, num_warps=8, kind=triton_dispatch.BINNED),
     # PDL with every row in one block: the weights are loaded before the wait for x (PRELOAD).
-    triton_dispatch.TileConfig(1, 8, 1024, num_warps=2, kind=triton_dispatch.BINNED, pdl=True),
-    # x's row loaded whole and gathered on chip, with and without PRELOAD.
-    triton_dispatch.TileConfig(1, 8, 1024, num_warps=2, kind=triton_dispatch.BINNED, prefetch=True, pdl=True, local_x=True),
+    # x's row loaded whole and gathered on chip (local_x), with and without PRELOAD.
     triton_dispatch.TileConfig(4, 32, 128, kind=triton_dispatch.BINNED, local_x=True),
+    LOCAL_X_TILE := triton_dispatch.TileConfig(1, 8, 1024, num_warps=2, kind=triton_dispatch.BINNED, prefetch=True, pdl=True, local_x=True),
+    triton_dispatch.TileConfig(1, 8, 1024, num_warps=2, kind=triton_dispatch.BINNED, pdl=True),
 ]
 
 
@@ -215,6 +217,7 @@ def test_whole_model_on_cuda_uses_the_kernels_and_matches_the_reference():
 
 CHAIN_CASES = [(tile, None) for tile in (SPLIT_TILES[-3], SPLIT_TILES[-1], BINNED_TILES[1], BINNED_TILES[-1])] + [
     (BINNED_TILES[1], RMS_NORM), (BINNED_TILES[-1], LAYER_NORM),  # a fused norm takes x's statistics after the wait too
+    (LOCAL_X_TILE, None), (LOCAL_X_TILE, RMS_NORM),  # x's whole row is loaded after the wait as well
 ]
 
 
@@ -275,7 +278,7 @@ def test_binned_group_gives_each_member_its_own_output(shape, dtype):
         x = torch.randn(tokens, in_features, device=CUDA, dtype=dtype) * 4
         for count in (1, 2, 3):
             members = [(cb, code_bins(idx, codebook_size), bias) for (cb, idx), bias in zip(layers[:count], biases)]
-            for tile in (BINNED_TILES[0], BINNED_TILES[1], BINNED_TILES[-1]):
+            for tile in (BINNED_TILES[0], BINNED_TILES[1], LOCAL_X_TILE, BINNED_TILES[-1]):
                 outs = triton_kernels.linear_binned_group(x, members, tile)
                 for (cb, idx), bias, out in zip(layers, biases, outs):
                     assert rel_error(out, reference(x, cb, idx, bias)) < BOUNDS[dtype], (tokens, count, tile.describe())
@@ -305,7 +308,7 @@ def test_binned_kernel_applies_the_norm_of_its_input(shape, dtype, norm_kind):
         ]
         for count in (1, 3):
             members = [(cb, code_bins(idx, codebook_size), bias) for (cb, idx), bias in zip(layers[:count], folded)]
-            for tile in (BINNED_TILES[0], BINNED_TILES[1], BINNED_TILES[-1]):
+            for tile in (BINNED_TILES[0], BINNED_TILES[1], LOCAL_X_TILE, BINNED_TILES[-1]):
                 outs = triton_kernels.linear_binned_group(x, members, tile, spec)
                 for (cb, idx), bias, out in zip(layers, biases, outs):
                     ref = kernels.linear_reference(normed, cb.double(), idx, None) + bias.double()
@@ -348,7 +351,7 @@ def test_binned_kernel_forms_the_gated_input(shape, dtype):
         gate, up = both[:, :in_features], both[:, in_features:]
         product = torch.nn.functional.silu(gate.double()) * up.double()
         ref = reference(product, codebooks, indices, bias)
-        for tile in (BINNED_TILES[0], BINNED_TILES[1], BINNED_TILES[-1]):
+        for tile in (BINNED_TILES[0], BINNED_TILES[1], LOCAL_X_TILE, BINNED_TILES[-1]):
             out = triton_kernels.linear_binned(gate, codebooks, bins, bias, tile, up=up)
             assert rel_error(out, ref) < BOUNDS[dtype], (tokens, tile.describe())
 
