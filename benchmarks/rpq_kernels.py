@@ -69,10 +69,10 @@ ONE_TOKEN = _tiles([1], [64], [256], [8], early=EARLY[1:]) + BINNED_ONE
 SMALL_SHAPE_TOKENS = [1, 4, 16]  # the token counts of the size-classed buckets: SmolLM2's shapes are timed at these
 FEW_TOKEN_TILES = _tiles([16], [32, 64], [64, 128, 256], [4, 8, 16], warps=(2, 4), early=EARLY)
 EVERY_SIZE = [(0, None)]
-# 65 tokens and more (prompts): tensor-core tiles of whole codebooks (two or four 64-wide pieces side by
-# side, or 128/256 columns of one 256-wide piece) against decode + cuBLAS. Layers up to SmolLM2's size
+# 65 tokens and more (prompts): tensor-core tiles of whole codebooks (one or two 64-wide pieces side by
+# side, or 64/128 columns of one 256-wide piece) against decode + cuBLAS. Layers up to SmolLM2's size
 # keep decode + cuBLAS without being timed: their 18-wide pieces do not tile so.
-PREFILL_TILES = [tile for tile in _tiles([64, 128], [128, 256], [64], [1, 2], warps=(4, 8), stages=(3, 4), aligned=True)
+PREFILL_TILES = [tile for tile in _tiles([64, 128], [64, 128], [64], [1, 2], warps=(4, 8), stages=(3, 4), aligned=True)
                  if tile.block_m * tile.block_n <= 128 * 32 * tile.num_warps]  # at most 128 fp32 accumulators a thread
 ABOVE_TINY = [(triton_dispatch.TINY_LAYER, None)]
 BUCKETS = [  # (bound, token counts, candidates, size classes); the one-token bucket is added in tune()

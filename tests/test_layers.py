@@ -227,9 +227,10 @@ def test_whole_codebook_tiles_count_the_codebooks_a_tile_holds():
     from model_compress.quantize.triton_dispatch import heads_per_tile
 
     assert heads_per_tile(256, 128) == 1 and heads_per_tile(64, 64) == 1  # inside one codebook
-    assert heads_per_tile(64, 128) == 2 and heads_per_tile(64, 256) == 4 and heads_per_tile(8, 64) == 8
-    assert heads_per_tile(18, 64) == 0 and heads_per_tile(48, 96) == 0  # not a power of two: straddles
-    assert heads_per_tile(4, 64) == 0 and heads_per_tile(96, 64) == 0  # rows under 16 bytes; tile across a piece's end
+    assert heads_per_tile(64, 128) == 2 and heads_per_tile(8, 16) == 2
+    assert heads_per_tile(64, 256) == 0 and heads_per_tile(8, 64) == 0  # more than two: not a tile of whole codebooks
+    assert heads_per_tile(18, 36) == 0 and heads_per_tile(48, 96) == 0  # not a power of two: straddles
+    assert heads_per_tile(4, 8) == 0 and heads_per_tile(96, 64) == 0  # rows under 16 bytes; tile across a piece's end
 
 
 def test_aligned_route_takes_decode_where_pieces_do_not_tile(monkeypatch):

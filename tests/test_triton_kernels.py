@@ -58,10 +58,11 @@ SPLIT_TILES = [
     triton_dispatch.TileConfig(16, 32, 64, split_k=3, prefetch=True),
     triton_dispatch.TileConfig(1, 32, 128, prefetch=True, pdl=True),
 ]
-# Whole-codebook tiles (two or four pieces side by side where pieces are 64 wide), also split-K.
+# Whole-codebook tiles (two pieces side by side where pieces are 64 wide, inside one where 256), also split-K.
 ALIGNED_TILES = [
     triton_dispatch.TileConfig(64, 128, 64, aligned=True),
-    triton_dispatch.TileConfig(128, 256, 64, num_warps=8, num_stages=4, aligned=True),
+    triton_dispatch.TileConfig(128, 128, 64, num_warps=8, num_stages=4, split_k=2, aligned=True),
+    triton_dispatch.TileConfig(4, 128, 64, aligned=True),  # no tensor cores: the broadcast form, per codebook
     triton_dispatch.TileConfig(16, 128, 32, split_k=3, aligned=True),
 ]
 

@@ -83,21 +83,19 @@ def _rpq_linear_kernel(
         code_row = codes_ptr + head * in_features
         slice_base = codebooks_ptr + head * CODEBOOK_SIZE * PIECE + (first - head * PIECE)
         row_base = slice_base + tl.arange(0, BLOCK_N)
-    elif HEADS > 1:
-        # The tile holds HEADS whole codebooks (BLOCK_N = HEADS * PIECE, PIECE a power of two): per input
-        # column HEADS codes, each selecting one contiguous codebook row for its PIECE outputs.
-        head = pid_n * HEADS
+    elif HEADS == 2:
+        # The tile is two whole codebooks side by side (BLOCK_N = 2 * PIECE): each has its own codes,
+        # gather and accumulator (one tensor-core product each, on the same x tile); joined at the end.
+        head = pid_n * 2
         code_row = codes_ptr + head * in_features
-        head_rows = tl.arange(0, HEADS) * in_features
-        heads_in = (pid_n * BLOCK_N + tl.arange(0, HEADS) * PIECE) < out_features  # the last tile may hold fewer
-        local = tl.arange(0, BLOCK_N)
-        slice_base = codebooks_ptr + head * CODEBOOK_SIZE * PIECE
-        row_base = slice_base + (local // PIECE) * (CODEBOOK_SIZE * PIECE) + local % PIECE
+        second_in = pid_n * BLOCK_N + PIECE < out_features  # the last tile may hold one codebook only
+        row_base = codebooks_ptr + head * CODEBOOK_SIZE * PIECE + tl.arange(0, PIECE)
+        acc2 = tl.zeros((BLOCK_M, PIECE), dtype=tl.float32)
     else:
         # Outputs of several codebooks (short pieces): one code per (input, output) pair.
         heads = offs_n // PIECE
         pieces = offs_n - heads * PIECE
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N if HEADS != 2 else PIECE), dtype=tl.float32)
     k_begin = pid_k * chunk_k
     k_end = tl.minimum(k_begin + chunk_k, in_features)
     if PDL:
@@ -116,9 +114,9 @@ def _rpq_linear_kernel(
     first_k = k_begin + tl.arange(0, BLOCK_K)
     if HEADS == 1:
         next_codes = tl.load(code_row + first_k, mask=first_k < k_end, other=0)
-    elif HEADS > 1:
-        next_codes = tl.load(code_row + head_rows[None, :] + first_k[:, None], mask=(first_k < k_end)[:, None] & heads_in[None, :],
-                             other=0)
+    elif HEADS == 2:
+        next_codes = tl.load(code_row + first_k, mask=first_k < k_end, other=0)
+        next_codes2 = tl.load(code_row + in_features + first_k, mask=(first_k < k_end) & second_in, other=0)
     for start in range(k_begin, k_end, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
         mask_k = offs_k < in_features
@@ -135,32 +133,42 @@ def _rpq_linear_kernel(
                 w = tl.load(row_base[None, :] + codes[:, None] * PIECE)
             else:
                 w = tl.load(row_base[None, :] + codes[:, None] * PIECE, mask=mask_k[:, None], other=0.0)
-        elif HEADS > 1:
-            codes = next_codes.to(tl.int32)
+        elif HEADS == 2:
+            codes, codes2 = next_codes.to(tl.int32), next_codes2.to(tl.int32)
             ahead = offs_k + BLOCK_K
-            next_codes = tl.load(code_row + head_rows[None, :] + ahead[:, None], mask=(ahead < k_end)[:, None] & heads_in[None, :],
-                                 other=0)
-            # each column's code: its codebook's code of that input (PIECE columns share one)
-            column_codes = tl.reshape(tl.broadcast_to(codes[:, :, None], (BLOCK_K, HEADS, PIECE)), (BLOCK_K, BLOCK_N))
-            offsets = tl.max_constancy(tl.multiple_of(column_codes * PIECE, [PIECE, PIECE]), [1, PIECE])
+            next_codes = tl.load(code_row + ahead, mask=ahead < k_end, other=0)
+            next_codes2 = tl.load(code_row + in_features + ahead, mask=(ahead < k_end) & second_in, other=0)
             if EVEN_K:
-                w = tl.load(row_base[None, :] + offsets, mask=mask_n[None, :], other=0.0)
+                w = tl.load(row_base[None, :] + codes[:, None] * PIECE)
+                w2 = tl.load(row_base[None, :] + (CODEBOOK_SIZE + codes2[:, None]) * PIECE, mask=second_in, other=0.0)
             else:
-                w = tl.load(row_base[None, :] + offsets, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                w = tl.load(row_base[None, :] + codes[:, None] * PIECE, mask=mask_k[:, None], other=0.0)
+                w2 = tl.load(row_base[None, :] + (CODEBOOK_SIZE + codes2[:, None]) * PIECE, mask=mask_k[:, None] & second_in,
+                             other=0.0)
+            acc2 = _accumulate(acc2, x, w2, USE_DOT, DOT_IEEE)
         else:
             mask_kn = mask_k[:, None] & mask_n[None, :]
             codes = tl.load(codes_ptr + heads[None, :] * in_features + offs_k[:, None], mask=mask_kn, other=0).to(tl.int32)
             w = tl.load(
                 codebooks_ptr + (heads[None, :] * CODEBOOK_SIZE + codes) * PIECE + pieces[None, :], mask=mask_kn, other=0.0
             )
-        if USE_DOT and DOT_IEEE:
-            acc = tl.dot(x, w, acc, input_precision="ieee")
-        elif USE_DOT:
-            acc = tl.dot(x, w, acc)
-        else:
-            acc += tl.sum(x[:, :, None].to(tl.float32) * w[None, :, :].to(tl.float32), axis=1)
+        acc = _accumulate(acc, x, w, USE_DOT, DOT_IEEE)
+    if HEADS == 2:
+        acc = tl.reshape(tl.permute(tl.join(acc, acc2), (0, 2, 1)), (BLOCK_M, BLOCK_N))
     _store_tile(acc, partial_ptr, counter_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, tokens, out_features,
                 stride_out, split_k, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _accumulate(acc, x, w, USE_DOT: tl.constexpr, DOT_IEEE: tl.constexpr):
+    """acc + x @ w: tensor cores from 16 rows on (IEEE float32 for float32 weights), else a broadcast multiply-sum."""
+    if USE_DOT and DOT_IEEE:
+        acc = tl.dot(x, w, acc, input_precision="ieee")
+    elif USE_DOT:
+        acc = tl.dot(x, w, acc)
+    else:
+        acc += tl.sum(x[:, :, None].to(tl.float32) * w[None, :, :].to(tl.float32), axis=1)
+    return acc
 
 
 @triton.jit
