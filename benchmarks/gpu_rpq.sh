@@ -25,7 +25,7 @@ kernels)
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
   if [ "${TESTS:-1}" = 1 ]; then  # TESTS=0: a later tuning call of the same session
     echo "== Triton kernel tests (code routes), graph-decode and CUDA tests"
-    timeout 200 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_kernels.py tests/test_graph_decode.py tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15
+    timeout 450 python3 -m pytest -q -n 12 -p no:cacheprovider tests/test_triton_kernels.py tests/test_graph_decode.py tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15
   fi
   echo "== tuning"
   if [ "${TUNE:-1}" = 0 ]; then  # the routes in the code, reported without tuning
