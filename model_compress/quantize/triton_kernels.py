@@ -112,10 +112,9 @@ def _rpq_linear_kernel(
     # pipeliner issues it early instead of stalling every step on a global load (1-byte codes cannot
     # go through cp.async, so their load is a plain one, waited for at first use).
     first_k = k_begin + tl.arange(0, BLOCK_K)
-    if HEADS == 1:
+    if HEADS >= 1:
         next_codes = tl.load(code_row + first_k, mask=first_k < k_end, other=0)
-    elif HEADS == 2:
-        next_codes = tl.load(code_row + first_k, mask=first_k < k_end, other=0)
+    if HEADS == 2:
         next_codes2 = tl.load(code_row + in_features + first_k, mask=(first_k < k_end) & second_in, other=0)
     for start in range(k_begin, k_end, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
@@ -125,7 +124,7 @@ def _rpq_linear_kernel(
             x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
         else:
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if HEADS == 1:
+        if HEADS >= 1:
             codes = next_codes.to(tl.int32)
             ahead = offs_k + BLOCK_K
             next_codes = tl.load(code_row + ahead, mask=ahead < k_end, other=0)
@@ -133,19 +132,15 @@ def _rpq_linear_kernel(
                 w = tl.load(row_base[None, :] + codes[:, None] * PIECE)
             else:
                 w = tl.load(row_base[None, :] + codes[:, None] * PIECE, mask=mask_k[:, None], other=0.0)
-        elif HEADS == 2:
-            codes, codes2 = next_codes.to(tl.int32), next_codes2.to(tl.int32)
-            ahead = offs_k + BLOCK_K
-            next_codes = tl.load(code_row + ahead, mask=ahead < k_end, other=0)
-            next_codes2 = tl.load(code_row + in_features + ahead, mask=(ahead < k_end) & second_in, other=0)
-            if EVEN_K:
-                w = tl.load(row_base[None, :] + codes[:, None] * PIECE)
-                w2 = tl.load(row_base[None, :] + (CODEBOOK_SIZE + codes2[:, None]) * PIECE, mask=second_in, other=0.0)
-            else:
-                w = tl.load(row_base[None, :] + codes[:, None] * PIECE, mask=mask_k[:, None], other=0.0)
-                w2 = tl.load(row_base[None, :] + (CODEBOOK_SIZE + codes2[:, None]) * PIECE, mask=mask_k[:, None] & second_in,
-                             other=0.0)
-            acc2 = _accumulate(acc2, x, w2, USE_DOT, DOT_IEEE)
+            if HEADS == 2:  # the second codebook: its rows lie one codebook further on
+                codes2 = next_codes2.to(tl.int32)
+                next_codes2 = tl.load(code_row + in_features + ahead, mask=(ahead < k_end) & second_in, other=0)
+                if EVEN_K:
+                    w2 = tl.load(row_base[None, :] + (CODEBOOK_SIZE + codes2[:, None]) * PIECE, mask=second_in, other=0.0)
+                else:
+                    w2 = tl.load(row_base[None, :] + (CODEBOOK_SIZE + codes2[:, None]) * PIECE, mask=mask_k[:, None] & second_in,
+                                 other=0.0)
+                acc2 = _accumulate(acc2, x, w2, USE_DOT, DOT_IEEE)
         else:
             mask_kn = mask_k[:, None] & mask_n[None, :]
             codes = tl.load(codes_ptr + heads[None, :] * in_features + offs_k[:, None], mask=mask_kn, other=0).to(tl.int32)
