@@ -352,15 +352,9 @@ def _add_bin_rows(acc, x_ptr, up_ptr, slots, codebook_rows, gammas, means, rstds
     token_rows = tl.arange(0, BLOCK_M)
     for row in tl.static_range(BLOCK_M):
         token = pid_m * BLOCK_M + row
-        if LOCAL_X:
-            picked = _gather_row(x_ptr + token * stride_x, slots, used, in_features, token < tokens, IN_BLOCK)
-        else:
-            picked = tl.load(x_ptr + token * stride_x + slots, mask=used & (token < tokens), other=0.0).to(tl.float32)
+        picked = _gather_row(x_ptr + token * stride_x, slots, used, in_features, token < tokens, LOCAL_X, IN_BLOCK)
         if GATED:
-            if LOCAL_X:
-                up = _gather_row(up_ptr + token * stride_x, slots, used, in_features, token < tokens, IN_BLOCK)
-            else:
-                up = tl.load(up_ptr + token * stride_x + slots, mask=used & (token < tokens), other=0.0).to(tl.float32)
+            up = _gather_row(up_ptr + token * stride_x, slots, used, in_features, token < tokens, LOCAL_X, IN_BLOCK)
             picked = picked * tl.sigmoid(picked) * up
         if NORM:
             mean = tl.sum(tl.where(token_rows == row, means, 0.0), axis=0)
@@ -374,13 +368,17 @@ def _add_bin_rows(acc, x_ptr, up_ptr, slots, codebook_rows, gammas, means, rstds
 
 
 @triton.jit
-def _gather_row(row_ptr, slots, used, in_features, valid, IN_BLOCK: tl.constexpr):
-    """row[slots] in float32 (0 in empty slots): the row loaded whole, then gathered in registers / shared memory."""
-    offs = tl.arange(0, IN_BLOCK)
-    whole = tl.load(row_ptr + offs, mask=(offs < in_features) & valid, other=0.0).to(tl.float32)
-    flat = tl.reshape(tl.where(used, slots, 0), (slots.shape[0] * slots.shape[1],))
-    picked = tl.reshape(tl.gather(whole, flat, 0), slots.shape)
-    return tl.where(used, picked, 0.0)
+def _gather_row(row_ptr, slots, used, in_features, valid, LOCAL_X: tl.constexpr, IN_BLOCK: tl.constexpr):
+    """row[slots] in float32 (0 in empty slots): one global load per slot, or (LOCAL_X) the row loaded whole and
+    gathered on chip."""
+    if LOCAL_X:
+        offs = tl.arange(0, IN_BLOCK)
+        whole = tl.load(row_ptr + offs, mask=(offs < in_features) & valid, other=0.0).to(tl.float32)
+        flat = tl.reshape(tl.where(used, slots, 0), (slots.shape[0] * slots.shape[1],))
+        picked = tl.where(used, tl.reshape(tl.gather(whole, flat, 0), slots.shape), 0.0)
+    else:
+        picked = tl.load(row_ptr + slots, mask=used & valid, other=0.0).to(tl.float32)
+    return picked
 
 
 @triton.jit
