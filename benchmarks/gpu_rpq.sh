@@ -3,6 +3,7 @@
 #   run(command="STAGE=kernels bash benchmarks/gpu_rpq.sh", carry=[".device/evalA"])  # Triton tests, kernel tuning (+ stores GGUF part a);
 #                                                       # TUNE=0: report the routes in the code instead of tuning;
 #                                                       # TUNE_BOUNDS=256,...: tune only those token buckets
+#                                                       # OVERLAP=0: skip rpq_prefill_overlap.py
 #   run(command="STAGE=smol bash benchmarks/gpu_rpq.sh", carry=[".device/evalB"])     # SmolLM2-135M (GGUF part b + wheels): rpq, eval, profile
 #   run(command="STAGE=opt bash benchmarks/gpu_rpq.sh")                                # opt-1.3b architecture (SmolLM2's tokenizer): rpq, eval, profile
 # The tuned routes of the first call (/tmp/rpq_routes.json) are what the later calls use.
@@ -38,6 +39,10 @@ kernels)
     [ -f "$ROUTES.new" ] && mv "$ROUTES.new" "$ROUTES"
   fi
   cp "$ROUTES" "$OUT/" 2>/dev/null
+  if [ "${OVERLAP:-1}" = 1 ]; then  # OVERLAP=0: skip the prompt-path experiments (rpq_prefill_overlap.py)
+    echo "== prompt path: can the weight decode hide behind the GEMM?"
+    timeout 240 python3 benchmarks/rpq_prefill_overlap.py --json "$OUT/prefill_overlap.json" 2>&1 | grep -v Warning | tee "$OUT/prefill_overlap.log"
+  fi
   ;;
 opt)
   [ -f "$ROUTES" ] && MODEL_COMPRESS_RPQ_ROUTES=$ROUTES timeout 150 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_kernels.py \
