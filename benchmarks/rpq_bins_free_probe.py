@@ -17,7 +17,11 @@ layer, the routed binned kernel, the binned kernel without PDL and prefetch (the
 and the one-token gather tile (the route without bins). Relative errors against the float32 reference.
 Results: ``results/rpq_bins_free_probe_h100.log`` and RESULTS.md.
 """
+
+from __future__ import annotations
+
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -50,6 +54,7 @@ def _atomic_hist_kernel(x_ptr, codes_ptr, codebooks_ptr, hist_ptr, counter_ptr, 
         tl.store(out_ptr + h * D + ds, out.to(out_ptr.dtype.element_ty), mask=ds < D)
         tl.store(counter_ptr + h, 0)
 
+
 @triton.jit
 def _onehot_kernel(x_ptr, codes_ptr, codebooks_ptr, out_ptr, in_features, K: tl.constexpr, D: tl.constexpr, DB: tl.constexpr,
                    CHUNK: tl.constexpr):
@@ -67,24 +72,29 @@ def _onehot_kernel(x_ptr, codes_ptr, codebooks_ptr, out_ptr, in_features, K: tl.
     out = tl.sum(hist[:, None] * cb.to(tl.float32), axis=0)
     tl.store(out_ptr + h * D + ds, out.to(out_ptr.dtype.element_ty), mask=ds < D)
 
-HIST = {}
-def atomic(x, cb, idx, chunk, warps):
+@functools.cache
+def _scratch() -> tuple[torch.Tensor, torch.Tensor]:
+    """The atomic form's histogram (up to 64 codebooks of 256 codes) and arrival counters: zero at rest, kept."""
+    return torch.zeros(64 * 256, device="cuda", dtype=torch.float32), torch.zeros(64, device="cuda", dtype=torch.int32)
+
+
+def atomic(x: torch.Tensor, cb: torch.Tensor, idx: torch.Tensor, chunk: int, warps: int) -> torch.Tensor:
     M, K, D = cb.shape
     fin = idx.shape[1]
-    if "h" not in HIST:
-        HIST["h"] = torch.zeros(64 * 256, device="cuda", dtype=torch.float32)
-        HIST["c"] = torch.zeros(64, device="cuda", dtype=torch.int32)
+    hist, counters = _scratch()
     out = torch.empty(1, M * D, device="cuda", dtype=x.dtype)
     chunks = triton.cdiv(fin, chunk)
-    _atomic_hist_kernel[(M, chunks)](x, idx, cb, HIST["h"], HIST["c"], out, fin, chunks, K=K, D=D, DB=triton.next_power_of_2(D),
+    _atomic_hist_kernel[(M, chunks)](x, idx, cb, hist, counters, out, fin, chunks, K=K, D=D, DB=triton.next_power_of_2(D),
                                       CHUNK=chunk, num_warps=warps)
     return out
 
-def onehot(x, cb, idx, chunk, warps):
+
+def onehot(x: torch.Tensor, cb: torch.Tensor, idx: torch.Tensor, chunk: int, warps: int) -> torch.Tensor:
     M, K, D = cb.shape
     out = torch.empty(1, M * D, device="cuda", dtype=x.dtype)
     _onehot_kernel[(M,)](x, idx, cb, out, idx.shape[1], K=K, D=D, DB=triton.next_power_of_2(D), CHUNK=chunk, num_warps=warps)
     return out
+
 
 def measure(fin: int, fout: int) -> None:
     layers = Layers(fin, fout, 32, torch.float16)

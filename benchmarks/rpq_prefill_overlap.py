@@ -57,11 +57,6 @@ def decode_weight(codebooks: torch.Tensor, indices: torch.Tensor, out: torch.Ten
     return out
 
 
-def weight_t(codebooks: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(indices.shape[1], codebooks.shape[0] * codebooks.shape[2], device="cuda", dtype=codebooks.dtype)
-    return triton_kernels.decode_rows(codebooks, indices, out)
-
-
 def matmul(x: torch.Tensor, w: torch.Tensor, carveout: int) -> torch.Tensor:
     """x @ w, with cuBLASLt leaving ``carveout`` SMs free (0: as usual)."""
     if not carveout:
@@ -141,7 +136,7 @@ def measure(in_features: int, out_features: int, tokens: int) -> dict:
     copies = layers.rpq
     times = {"dense": layers.dense_us(tokens)}
     times["serial (the route)"] = graph_us([lambda c=c: triton_kernels.linear_decode(x, *c, None) for c in copies])
-    times["decode W^T alone"] = graph_us([lambda c=c: weight_t(*c) for c in copies])
+    times["decode W^T alone"] = graph_us([lambda c=c: triton_kernels.decode_weight_t(*c) for c in copies])
     whole = torch.empty(out_features, in_features, device="cuda", dtype=torch.float16)
     times["w_layout decode + F.linear"] = graph_us([lambda c=c: F.linear(x, decode_weight(*c, torch.empty_like(whole))) for c in copies])
     for gemm_priority, carveout in [(None, 0), (-1, 0), (None, 32)]:

@@ -763,12 +763,17 @@ def decode_rows(codebooks: Tensor, indices: Tensor, out: Tensor, ids: Tensor | N
     return out
 
 
+def decode_weight_t(codebooks: Tensor, indices: Tensor) -> Tensor:
+    """W^T (in, out) of an RPQ Linear, decoded into a new temporary by one kernel."""
+    out = torch.empty(indices.shape[1], codebooks.shape[0] * codebooks.shape[2], device=codebooks.device, dtype=codebooks.dtype)
+    return decode_rows(codebooks, indices, out)
+
+
 def linear_decode(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | None) -> Tensor:
     """Decode W^T into a temporary, then one cuBLAS matmul (the large-batch alternative)."""
-    num_codebooks, _, piece = codebooks.shape
     in_features = indices.shape[1]
-    out_features = num_codebooks * piece
-    weight_t = decode_rows(codebooks, indices, torch.empty(in_features, out_features, device=x.device, dtype=codebooks.dtype))
+    out_features = codebooks.shape[0] * codebooks.shape[2]
+    weight_t = decode_weight_t(codebooks, indices)
     rows = x.reshape(-1, in_features).to(codebooks.dtype)
     out = torch.addmm(bias.to(rows.dtype), rows, weight_t) if bias is not None else rows @ weight_t
     return out.reshape(*x.shape[:-1], out_features).to(x.dtype)
