@@ -94,12 +94,14 @@ BINNED_TILES = [
     triton_dispatch.TileConfig(1, 64, 128, num_warps=8, kind=triton_dispatch.BINNED, prefetch=True, pdl=True),
     triton_dispatch.TileConfig(4, 32, 128, kind=triton_dispatch.BINNED, prefetch=True),
     triton_dispatch.TileConfig(16, 16, 256, num_warps=8, kind=triton_dispatch.BINNED),
-    # PDL with every row in one block: the weights are loaded before the wait for x (PRELOAD).
     # x's row loaded whole and gathered on chip (local_x), with and without PRELOAD.
     triton_dispatch.TileConfig(4, 32, 128, kind=triton_dispatch.BINNED, local_x=True),
     LOCAL_X_TILE := triton_dispatch.TileConfig(1, 8, 1024, num_warps=2, kind=triton_dispatch.BINNED, prefetch=True, pdl=True, local_x=True),
+    # PDL with every row in one block: the weights are loaded before the wait for x (PRELOAD).
     triton_dispatch.TileConfig(1, 8, 1024, num_warps=2, kind=triton_dispatch.BINNED, pdl=True),
 ]
+# The binned tiles the group, norm and gated tests run: per-slot loads with and without PDL, local_x, PRELOAD.
+FEATURE_BINNED_TILES = (BINNED_TILES[0], BINNED_TILES[1], LOCAL_X_TILE, BINNED_TILES[-1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -279,7 +281,7 @@ def test_binned_group_gives_each_member_its_own_output(shape, dtype):
         x = torch.randn(tokens, in_features, device=CUDA, dtype=dtype) * 4
         for count in (1, 2, 3):
             members = [(cb, code_bins(idx, codebook_size), bias) for (cb, idx), bias in zip(layers[:count], biases)]
-            for tile in (BINNED_TILES[0], BINNED_TILES[1], LOCAL_X_TILE, BINNED_TILES[-1]):
+            for tile in FEATURE_BINNED_TILES:
                 outs = triton_kernels.linear_binned_group(x, members, tile)
                 for (cb, idx), bias, out in zip(layers, biases, outs):
                     assert rel_error(out, reference(x, cb, idx, bias)) < BOUNDS[dtype], (tokens, count, tile.describe())
@@ -309,7 +311,7 @@ def test_binned_kernel_applies_the_norm_of_its_input(shape, dtype, norm_kind):
         ]
         for count in (1, 3):
             members = [(cb, code_bins(idx, codebook_size), bias) for (cb, idx), bias in zip(layers[:count], folded)]
-            for tile in (BINNED_TILES[0], BINNED_TILES[1], LOCAL_X_TILE, BINNED_TILES[-1]):
+            for tile in FEATURE_BINNED_TILES:
                 outs = triton_kernels.linear_binned_group(x, members, tile, spec)
                 for (cb, idx), bias, out in zip(layers, biases, outs):
                     ref = kernels.linear_reference(normed, cb.double(), idx, None) + bias.double()
@@ -352,7 +354,7 @@ def test_binned_kernel_forms_the_gated_input(shape, dtype):
         gate, up = both[:, :in_features], both[:, in_features:]
         product = torch.nn.functional.silu(gate.double()) * up.double()
         ref = reference(product, codebooks, indices, bias)
-        for tile in (BINNED_TILES[0], BINNED_TILES[1], LOCAL_X_TILE, BINNED_TILES[-1]):
+        for tile in FEATURE_BINNED_TILES:
             out = triton_kernels.linear_binned(gate, codebooks, bins, bias, tile, up=up)
             assert rel_error(out, ref) < BOUNDS[dtype], (tokens, tile.describe())
 
