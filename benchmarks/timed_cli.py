@@ -25,10 +25,19 @@ finally:
 """
 
 
-def run_timed_cli(*args: str) -> dict:
-    """`compress ARGS...` in a fresh interpreter (imports included in the time); raises if it fails."""
+def run_timed_cli(*args: str, echo: bool = False) -> dict:
+    """`compress ARGS...` in a fresh interpreter (imports included in the time); raises if it fails.
+
+    ``echo`` prints the command's own output (its table) before the figures.
+    """
     done = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"compress {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    if echo:
+        print("\n".join(l for l in done.stdout.splitlines() if not l.startswith("BENCH ")))
     line = next(l for l in done.stdout.splitlines() if l.startswith("BENCH "))
     return json.loads(line[len("BENCH ") :])
+
+
+if __name__ == "__main__":  # python benchmarks/timed_cli.py rpq -o out/ ...: the command's output, then its figures
+    print(json.dumps(run_timed_cli(*sys.argv[1:], echo=True)))

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .errors import UserError
-from .quantize.layout import index_dtype
+from .quantize.layout import INT8, code_bits, packed_width
 
 CONFIG_FILE = "config.json"
 REPORT_FILE = "compression_report.json"
@@ -136,16 +136,24 @@ def _tensor_headers(file: Path) -> Iterator[tuple[str, list[int], str]]:
 
 def _check_codes(layer: str, spec: dict, headers: dict[str, tuple[list[int], str]]) -> None:
     num_codebooks, codebook_size = spec["num_codebooks"], spec["codebook_size"]
-    for tensor in ("codebooks", "indices"):
+    int8 = spec.get("codebook_dtype") == INT8
+    tensors = ("codebooks", "indices", "codebook_scales") if int8 else ("codebooks", "indices")
+    for tensor in tensors:
         if f"{layer}.{tensor}" not in headers:
             raise UserError(f"the checkpoint has no tensor '{layer}.{tensor}': the weights file is incomplete")
-    codebooks_shape, _ = headers[f"{layer}.codebooks"]
+    codebooks_shape, codebooks_dtype = headers[f"{layer}.codebooks"]
     indices_shape, indices_dtype = headers[f"{layer}.indices"]
-    expected_dtype = {torch.uint8: "U8", torch.uint16: "U16"}[index_dtype(codebook_size)]
     if codebooks_shape[:2] != [num_codebooks, codebook_size] or indices_shape[0] != num_codebooks:
         raise UserError(f"'{layer}': tensor shapes disagree with the config (M={num_codebooks}, K={codebook_size})")
-    if indices_dtype != expected_dtype:
-        raise UserError(f"'{layer}.indices' is {indices_dtype}, expected {expected_dtype} for K={codebook_size}")
+    if indices_dtype != "U8":
+        raise UserError(f"'{layer}.indices' is {indices_dtype}, expected U8 (codes packed at {code_bits(codebook_size)} bits)")
+    if "shape" in spec:
+        columns = spec["shape"][0] if spec["kind"] == "embedding" else spec["shape"][1]
+        width = packed_width(columns, code_bits(codebook_size))
+        if indices_shape != [num_codebooks, width]:
+            raise UserError(f"'{layer}.indices' has shape {indices_shape}, the config says {[num_codebooks, width]}")
+    if int8 and (codebooks_dtype != "I8" or headers[f"{layer}.codebook_scales"][0] != [num_codebooks]):
+        raise UserError(f"'{layer}': int8 codebooks need I8 codebooks and one scale per codebook")
 
 
 def _check_tree(name: str, spec: dict, headers: dict[str, tuple[list[int], str]]) -> None:

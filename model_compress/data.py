@@ -118,6 +118,16 @@ def hub_text(name: str, config: str | None = None, split: str | None = None, col
     return Text(label, f"hf://datasets/{repository}", list(rows))
 
 
+def special_framing(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text ([CLS] / [SEP], <s>, or none)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    framed = tokenizer("a")["input_ids"]
+    for start in range(len(framed) - len(plain) + 1):
+        if framed[start : start + len(plain)] == plain:
+            return framed[:start], framed[start + len(plain) :]
+    return [], []
+
+
 def resolve_text(text_file: Path | None, dataset: str | None, dataset_config: str | None = None, split: str | None = None) -> Text:
     """--text FILE, --dataset NAME, or the packaged default."""
     if text_file is not None and dataset is not None:

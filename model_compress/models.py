@@ -68,6 +68,31 @@ class ModelSource:
         return recorded | ({"embedded": self.embedded} if self.embedded else {})
 
 
+def context_length(config) -> int | None:
+    """The longest sequence the model takes, from whichever field its config uses."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def disk_bytes(source: ModelSource) -> int | None:
+    """Bytes of the original's weight files as stored (a GGUF file is its quantized size); None when unknown."""
+    if source.gguf_file:
+        return (Path(source.path) / source.gguf_file).stat().st_size
+    folder = Path(source.path)
+    if source.kind == "hub":
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source.path, local_files_only=True, allow_patterns=["*.safetensors", "*.bin"]))
+        except Exception:  # noqa: BLE001 - the size is a nicety; the measurement stands without it
+            return None
+    files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
+    return sum(f.stat().st_size for f in files) or None
+
+
 def package_folder(package: str) -> Path | None:
     """Where an installed package's files are, without importing it.
 

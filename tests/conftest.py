@@ -84,6 +84,27 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def native_rpq(model: torch.nn.Module, num_codebooks: int = 4) -> torch.nn.Module:
+    """Every Linear (and Conv1D) of ``model`` as an RPQ layer in rpq-pytorch's form (K = 256, float codebooks, a byte
+    per code), fitted to its weight without data: the form the fused GPU paths run. Tiny models are too narrow for
+    K = 256 to save bytes, which is why ``compress rpq`` would keep them dense; the forward paths do not care."""
+    from transformers.pytorch_utils import Conv1D
+
+    from model_compress.quantize.convert import replace_layer
+    from model_compress.quantize.fit.formats import CodeFormat
+    from model_compress.quantize.fit.groups import FitSettings, fit_rows_group
+
+    tied = id(model.get_input_embeddings().weight)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and id(module.weight) != tied:
+            conv = isinstance(module, Conv1D)
+            weight = module.weight.detach().t() if conv else module.weight.detach()
+            fmt = CodeFormat(num_codebooks, 256, str(weight.dtype).removeprefix("torch."))
+            fitted = fit_rows_group([weight.float()], [fmt], None, FitSettings(rounds=1, float_dtype=weight.dtype))[0]
+            replace_layer(model, name, "conv1d" if conv else "linear", fmt, fitted)
+    return model
+
+
 ARCHS = ["llama", "gpt2", "opt", "bert"]
 
 

@@ -10,7 +10,9 @@ import model_compress
 from model_compress.checkpoint import REPORT_FILE, validate_checkpoint, write_folder_atomically
 from model_compress.errors import UserError
 from model_compress.quantize.convert import RPQSettings
-from model_compress.quantize.pipeline import compress_rpq
+from model_compress.quantize.pipeline import CalibrationOptions, compress_rpq
+
+NO_DATA = CalibrationOptions(enabled=False)
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +22,7 @@ def checkpoint(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ckpt")
     tiny_model("llama").save_pretrained(root / "tiny")
-    compress_rpq(str(root / "tiny"), root / "out", RPQSettings(num_codebooks=8, codebook_size=16))
+    compress_rpq(str(root / "tiny"), root / "out", RPQSettings(num_codebooks=8, codebook_size=16, codebook_bits=8), calibration=NO_DATA)
     return root / "out"
 
 
@@ -40,10 +42,13 @@ def test_folder_has_config_card_report_and_weights(checkpoint):
     assert section["quant_method"] == "rpq"
     assert section["num_codebooks"] == 8 and section["codebook_size"] == 16
     assert section["tool"]["name"] == "model-compress"
-    assert section["layers"]["lm_head"] == {"kind": "tied_head", "num_codebooks": 8, "codebook_size": 16, "tied_to": "model.embed_tokens"}
+    assert section["layers"]["lm_head"] == {
+        "kind": "tied_head", "shape": [320, 64], "num_codebooks": 8, "codebook_size": 16, "codebook_dtype": "int8",
+        "tied_to": "model.embed_tokens",
+    }
     assert config["tie_word_embeddings"] is False  # the dense tie is gone; the RPQ tie is in `layers`
     card = (checkpoint / "README.md").read_text()
-    assert "bpw" in card and "(M): 8" in card and "q_proj" in card
+    assert "bpw" in card and "`--codebooks` (M) 8" in card and "q_proj" in card
     report = json.loads((checkpoint / REPORT_FILE).read_text())["summary"]
     assert report["bits_per_weight"] == pytest.approx(report["code_bits_per_weight"] + report["codebook_bits_per_weight"])
     assert not [p for p in checkpoint.parent.iterdir() if p.name.startswith(".")]  # no partial folder left
@@ -118,6 +123,25 @@ def test_missing_codes_are_a_user_error(checkpoint, tmp_path):
     del tensors["model.layers.1.mlp.up_proj.indices"]
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(UserError, match="model.layers.1.mlp.up_proj.indices"):
+        model_compress.load(folder)
+
+
+@pytest.mark.parametrize("damage", ["scales", "width"])
+def test_codes_or_scales_that_disagree_with_the_config_are_a_user_error(checkpoint, tmp_path, damage):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_of(checkpoint, tmp_path)
+    tensors = load_file(str(folder / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj"
+    if damage == "scales":
+        del tensors[f"{name}.codebook_scales"]
+        message = f"{name}.codebook_scales"
+    else:
+        tensors[f"{name}.indices"] = torch.cat([tensors[f"{name}.indices"]] * 2, dim=1)
+        message = "indices' has shape"
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=message):
         model_compress.load(folder)
 
 

@@ -14,6 +14,9 @@ from model_compress.cli import app
 runner = CliRunner()
 
 
+QUICK = ("--calib-tokens", "1024")  # a few windows of the packaged C4 sample keep tiny conversions fast
+
+
 def run_cli(*args: str):
     return runner.invoke(app, list(args))
 
@@ -29,7 +32,7 @@ def assert_one_line_error(result, *fragments: str) -> None:
 
 def test_rpq_on_a_local_folder_writes_a_checkpoint_and_a_table(tiny_folder, tmp_path):
     out = tmp_path / "out"
-    result = run_cli("rpq", str(tiny_folder("opt")), "-o", str(out), "--codebooks", "8", "--codebook-size", "16", "--device", "cpu")
+    result = run_cli("rpq", str(tiny_folder("opt")), "-o", str(out), "--codebooks", "8", "--codebook-size", "16", "--device", "cpu", *QUICK)
     assert result.exit_code == 0, result.output
     assert "RPQ conversion" in result.stdout and "bpw = codes + codebooks" in result.stdout
     assert "fc1" in result.stdout and "bits per weight" in result.stdout
@@ -41,17 +44,17 @@ def test_rpq_on_a_local_folder_writes_a_checkpoint_and_a_table(tiny_folder, tmp_
 
 
 def test_rpq_reports_the_divisor_it_chose(tiny_folder, tmp_path):
-    result = run_cli("rpq", str(tiny_folder("llama")), "-o", str(tmp_path / "o"), "-m", "13", "-k", "16", "--device", "cpu")
+    result = run_cli("rpq", str(tiny_folder("llama")), "-o", str(tmp_path / "o"), "-m", "13", "-k", "16", "--device", "cpu", *QUICK)
     assert result.exit_code == 0, result.output
     row = next(line for line in result.stdout.splitlines() if "q_proj" in line)
-    assert "│ 16 │" in row  # 13 does not divide 64; the nearest divisor, 16, is what was used
+    assert "D=4 K=16" in row  # 13 does not divide 64; the nearest divisor, 16 codebooks of D = 4 rows, was used
 
 
 def test_dtype_option_sets_the_stored_dtype(tiny_folder, tmp_path):
     import model_compress
 
     out = tmp_path / "bf16"
-    result = run_cli("rpq", str(tiny_folder("llama")), "-o", str(out), "-m", "8", "-k", "16", "--dtype", "bfloat16", "--device", "cpu")
+    result = run_cli("rpq", str(tiny_folder("llama")), "-o", str(out), "-m", "8", "-k", "16", "--dtype", "bfloat16", "--device", "cpu", *QUICK)
     assert result.exit_code == 0, result.output
     model = model_compress.load(out)
     down = model.model.layers[0].mlp.down_proj
@@ -96,9 +99,43 @@ def test_bad_settings_fail_before_the_model_loads(tmp_path, monkeypatch):
     from model_compress.quantize import pipeline
 
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded before checking the settings"))
-    assert_one_line_error(run_cli("rpq", "-o", str(tmp_path / "o"), "--codebooks", "0"), "--codebooks", "positive")
-    assert_one_line_error(run_cli("rpq", "-o", str(tmp_path / "o"), "--iters", "0"), "--iters", "positive")
-    assert_one_line_error(run_cli("rpq", "-o", str(tmp_path / "o"), "-k", "1"), "--codebook-size")
+    out = ("-o", str(tmp_path / "o"))
+    assert_one_line_error(run_cli("rpq", *out, "--codebooks", "0"), "--codebooks", "positive")
+    assert_one_line_error(run_cli("rpq", *out, "--rounds", "0"), "--rounds", "positive")
+    assert_one_line_error(run_cli("rpq", *out, "-k", "1"), "--codebook-size")
+    assert_one_line_error(run_cli("rpq", *out, "--bits", "1"), "--bits must be above 1")
+    assert_one_line_error(run_cli("rpq", *out, "--bits", "0.5"), "--bits must be above 1")
+    assert_one_line_error(run_cli("rpq", *out, "--bits", "17"), "at most 16")
+    assert_one_line_error(run_cli("rpq", *out, "--bits", "4", "--codebooks", "32"), "--bits", "not both")
+    assert_one_line_error(run_cli("rpq", *out, "--codebook-bits", "12"), "--codebook-bits must be 8 or 16")
+    assert_one_line_error(run_cli("rpq", *out, "--calib-tokens", "0"), "--calib-tokens", "positive")
+    assert_one_line_error(run_cli("rpq", *out, "--finetune-steps", "-1"), "--finetune-steps")
+    assert_one_line_error(run_cli("rpq", *out, "--calib", str(tmp_path / "missing.txt")), "--calib", "does not exist")
+    (tmp_path / "empty.txt").write_text("  \n")
+    assert_one_line_error(run_cli("rpq", *out, "--calib", str(tmp_path / "empty.txt")), "--calib", "is empty")
+    assert_one_line_error(run_cli("rpq", *out, "--calib", "none", "--finetune-steps", "5"), "--finetune-steps needs calibration")
+    assert not (tmp_path / "o").exists()
+
+
+def test_calibration_text_shorter_than_a_window(tiny_folder, tmp_path):
+    (tmp_path / "short.txt").write_text("Only a few words of text.")
+    result = run_cli("rpq", str(tiny_folder("llama")), "-o", str(tmp_path / "o"), "--calib", str(tmp_path / "short.txt"), "--device", "cpu")
+    assert_one_line_error(result, "the calibration text 'short.txt' has", "tokens; one window needs 2,048")
+    assert not (tmp_path / "o").exists()
+
+
+def test_default_budget_run_allocates_formats_and_reports_them(tiny_folder, tmp_path):
+    out = tmp_path / "o"
+    result = run_cli("rpq", str(tiny_folder("llama")), "-o", str(out), "--bits", "4", "--device", "cpu", *QUICK)
+    assert result.exit_code == 0, result.output
+    assert "budget 4" in result.stdout and "calibration: " in result.stdout and "output err" in result.stdout
+    report = json.loads((out / "compression_report.json").read_text())
+    assert report["summary"]["bits_per_weight"] <= 4.0
+    assert report["summary"]["calibration"]["fit_tokens"] >= 1024 - 2048  # one window at least
+    chosen = report["allocation"]["layers"]["model.layers.0.mlp.down_proj"]
+    assert chosen["chosen"] in [{k: c[k] for k in ("num_codebooks", "codebook_size", "codebook_dtype")} for c in chosen["candidates"]]
+    layer = next(r for r in report["summary"]["layers"] if r["name"] == "model.layers.0.mlp.down_proj")
+    assert layer["output_error"] is not None and layer["weight_error"] > 0 and layer["bits_per_weight"] > 0
 
 
 def test_cuda_without_cuda(tiny_folder, tmp_path, monkeypatch):
@@ -138,14 +175,14 @@ def test_failure_during_conversion_leaves_no_folder(tiny_folder, tmp_path, monke
 
     source = tiny_folder("llama")
     monkeypatch.setattr(pipeline, "render_model_card", explode)  # fails while the folder is being written
-    result = run_cli("rpq", str(source), "-o", str(tmp_path / "o"), "-m", "8", "-k", "16", "--device", "cpu")
+    result = run_cli("rpq", str(source), "-o", str(tmp_path / "o"), "-m", "8", "-k", "16", "--device", "cpu", *QUICK)
     assert result.exit_code == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == [source.name]
 
 
 def test_corrupt_checkpoint_on_load(tiny_folder, tmp_path):
     out = tmp_path / "o"
-    assert run_cli("rpq", str(tiny_folder("bert")), "-o", str(out), "-m", "8", "-k", "16", "--device", "cpu").exit_code == 0
+    assert run_cli("rpq", str(tiny_folder("bert")), "-o", str(out), "-m", "8", "-k", "16", "--device", "cpu", *QUICK).exit_code == 0
     weights = out / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])
     assert_one_line_error(run_cli("inspect", str(out)), "corrupt or truncated")

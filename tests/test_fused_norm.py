@@ -6,9 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from .conftest import tiny_model
+from .conftest import native_rpq, tiny_model
 from model_compress.quantize import kernels
-from model_compress.quantize.convert import RPQSettings, convert_model
 from model_compress.quantize.fused_norm import FUSED_NORM_ENV, DeferredNorm, defer_norms
 from model_compress.quantize.layers import RPQLinear
 from model_compress.quantize.norm_spec import LAYER_NORM, RMS_NORM
@@ -17,7 +16,7 @@ from model_compress.quantize.shared_input import group_shared_inputs
 
 def rpq_model(arch: str) -> nn.Module:
     model = tiny_model(arch)
-    convert_model(model, RPQSettings(num_codebooks=4, codebook_size=16))
+    native_rpq(model)
     for module in model.modules():  # non-trivial norm weights and biases, so a dropped one would show
         if isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
             with torch.no_grad():
@@ -83,7 +82,7 @@ def test_post_norm_opt_and_switch_leave_the_norms_alone(monkeypatch):
 
 def test_norms_stay_when_a_consumer_is_not_rpq():
     model = tiny_model("llama")
-    convert_model(model, RPQSettings(num_codebooks=4, codebook_size=16))
+    native_rpq(model)
     layer = model.model.layers[0]
     layer.mlp.up_proj = nn.Linear(layer.mlp.up_proj.in_features, layer.mlp.up_proj.out_features)  # a layer left dense
     defer_norms(model)

@@ -9,6 +9,7 @@ from torch import nn
 
 from model_compress.quantize import kernels
 from model_compress.quantize.layers import RPQEmbedding, RPQLinear, RPQTiedHead, build_rpq_embedding
+from model_compress.quantize.layout import pack_codes, packed_width
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -19,20 +20,29 @@ def filled(module: nn.Module, seed: int = 0) -> nn.Module:
     """Random codebooks and codes (and bias) so the module computes something non-trivial."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        module.codebooks.copy_(torch.randn(module.codebooks.shape, generator=gen))
-        high = module.codebook_size
-        module.indices.copy_(torch.randint(0, high, module.indices.shape, generator=gen).to(module.indices.dtype))
+        if module.codebook_scales is not None:  # int8 codebooks, one scale each
+            module.codebooks.copy_(torch.randint(-127, 128, module.codebooks.shape, generator=gen))
+            module.codebook_scales.copy_(torch.rand(module.codebook_scales.shape, generator=gen) / 64)
+        else:
+            module.codebooks.copy_(torch.randn(module.codebooks.shape, generator=gen))
+        codes = torch.randint(0, module.codebook_size, (module.num_codebooks, module.columns), generator=gen)
+        module.indices.copy_(pack_codes(codes, module.code_bits))
         if getattr(module, "bias", None) is not None:
             module.bias.copy_(torch.randn(module.bias.shape, generator=gen))
     return module
 
 
-@pytest.mark.parametrize("in_features,out_features,num_codebooks,codebook_size", [(96, 64, 8, 256), (37, 30, 5, 16), (128, 48, 48, 300)])
+@pytest.mark.parametrize(
+    "in_features,out_features,num_codebooks,codebook_size",
+    [(96, 64, 8, 256), (37, 30, 5, 16), (128, 48, 48, 300), (40, 24, 24, 5), (33, 16, 8, 2), (50, 12, 6, 40000)],
+)
+@pytest.mark.parametrize("codebook_dtype", [None, "int8"])
 @pytest.mark.parametrize("tokens", [1, 3, 16, 40, 200])
-def test_linear_forward_matches_f_linear(in_features, out_features, num_codebooks, codebook_size, tokens):
-    layer = filled(RPQLinear(in_features, out_features, num_codebooks, codebook_size, bias=True))
+def test_linear_forward_matches_f_linear(in_features, out_features, num_codebooks, codebook_size, codebook_dtype, tokens):
+    """Every layout (D from 1 up, K from 2 to 65,536 packed at ceil(log2 K) bits, float or int8 codebooks)."""
+    layer = filled(RPQLinear(in_features, out_features, num_codebooks, codebook_size, bias=True, codebook_dtype=codebook_dtype))
     x = torch.randn(2, tokens, in_features)
-    ref = F.linear(x, layer.dequantize(), layer.bias)
+    ref = F.linear(x, layer.dequantize().float(), layer.bias)
     assert rel_error(layer(x), ref) < 1e-5
 
 
@@ -42,7 +52,7 @@ def test_each_linear_path_matches_reference(path):
     layer = filled(RPQLinear(80, 96, 12, 64, bias=False))
     for tokens in (1, 7, 300):
         x = torch.randn(tokens, 80)
-        assert rel_error(path(x, layer.codebooks, layer.indices, None), x @ layer.dequantize().T) < 1e-5
+        assert rel_error(path(x, layer.codebook_values(), layer.codes(), None), x @ layer.dequantize().T) < 1e-5
 
 
 def test_linear_dispatch_uses_histogram_for_few_tokens(monkeypatch):
@@ -66,21 +76,23 @@ def test_linear_half_precision_within_dtype_bounds(dtype, bound):
         assert rel_error(out, x.double() @ ref_weight.T + layer.bias.double()) < bound
 
 
-def test_embedding_forward_matches_f_embedding():
-    table = filled(RPQEmbedding(300, 48, 6, 256, padding_idx=0))
+@pytest.mark.parametrize("num_codebooks,codebook_size,codebook_dtype", [(6, 256, None), (48, 16, None), (12, 1000, "int8"), (24, 3, "int8")])
+def test_embedding_forward_matches_f_embedding(num_codebooks, codebook_size, codebook_dtype):
+    table = filled(RPQEmbedding(300, 48, num_codebooks, codebook_size, padding_idx=0, codebook_dtype=codebook_dtype))
     ids = torch.randint(0, 300, (3, 17))
     assert torch.equal(table(ids), F.embedding(ids, table.dequantize()))
     assert isinstance(table, nn.Embedding)
 
 
-def test_tied_head_matches_f_linear_with_decoded_table():
-    table = filled(RPQEmbedding(500, 32, 8, 64))
+@pytest.mark.parametrize("num_codebooks,codebook_size,codebook_dtype", [(8, 64, None), (32, 16, "int8")])
+def test_tied_head_matches_f_linear_with_decoded_table(num_codebooks, codebook_size, codebook_dtype):
+    table = filled(RPQEmbedding(500, 32, num_codebooks, codebook_size, codebook_dtype=codebook_dtype))
     head = RPQTiedHead(table, bias=True)
     with torch.no_grad():
         head.bias.normal_()
     for tokens in (1, 5, 2000):  # the last one takes the decode + GEMM branch
         x = torch.randn(tokens, 32)
-        ref = F.linear(x, table.dequantize(), head.bias)
+        ref = F.linear(x, table.dequantize().float(), head.bias)
         assert rel_error(head(x), ref) < 1e-5
     assert "embedding" not in dict(head.named_children())  # referenced, not registered twice
     assert [n for n, _ in head.named_parameters()] == ["bias"]
@@ -99,9 +111,12 @@ def test_embedding_subclass_keeps_its_own_forward():
     assert torch.equal(rpq(mask), expected)
 
 
-def test_indices_are_uint8_and_uint16_above_256():
-    assert RPQLinear(8, 8, 2, 256).indices.dtype == torch.uint8
-    assert RPQLinear(8, 8, 2, 1024).indices.dtype == torch.uint16
+@pytest.mark.parametrize("codebook_size,bits", [(2, 1), (3, 2), (16, 4), (17, 5), (256, 8), (300, 9), (65536, 16)])
+def test_indices_are_packed_at_ceil_log2_k_bits(codebook_size, bits):
+    layer = RPQLinear(37, 8, 2, codebook_size)
+    assert layer.indices.dtype == torch.uint8 and layer.code_bits == bits
+    assert layer.indices.shape == (2, packed_width(37, bits)) == (2, -(-37 * bits // 8))
+    assert layer.native == (bits == 8)  # one byte per code: rpq-pytorch's (M, in) uint8 form
     with pytest.raises(ValueError):
         RPQLinear(8, 9, 2)  # M must divide out_features
 
@@ -273,10 +288,10 @@ def test_code_bins_group_each_codebooks_columns_by_code(columns, codebook_size):
 
 
 def test_linear_keeps_its_code_bins_until_the_codes_change():
-    layer = filled(RPQLinear(64, 32, 4, 16))
+    layer = filled(RPQLinear(64, 32, 4, 256))
     first = layer.code_bins()
     assert layer.code_bins() is first
-    layer.indices[0, 0] = (int(layer.indices[0, 0]) + 1) % 16
+    layer.indices[0, 0] = (int(layer.indices[0, 0]) + 1) % 256
     second = layer.code_bins()
     assert second is not first
     assert "_code_bins" not in layer.state_dict()
@@ -286,10 +301,9 @@ def test_shared_input_group_serves_siblings_from_one_computation(monkeypatch):
     """q/k/v (and gate/up) of one shape form a group; one computation per input tensor serves all of them,
     a different tensor or an in-place write recomputes, out_proj is never grouped, and logits are unchanged."""
     from model_compress.quantize import kernels
-    from model_compress.quantize.convert import RPQSettings, convert_model
     from model_compress.quantize.shared_input import group_shared_inputs
 
-    from .conftest import tiny_model
+    from .conftest import native_rpq, tiny_model
 
     calls = []
 
@@ -298,7 +312,7 @@ def test_shared_input_group_serves_siblings_from_one_computation(monkeypatch):
         return [kernels.linear_reference(x, cb, bins_owner_indices[id(cb)], bias) for cb, _, bias in members]
 
     model = tiny_model("llama")
-    convert_model(model, RPQSettings(num_codebooks=4, codebook_size=16))  # K below in_features: every Linear converts
+    native_rpq(model)
     ids = torch.randint(0, model.config.vocab_size, (1, 5))
     with torch.no_grad():
         expected = model(ids).logits

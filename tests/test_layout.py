@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_compress.quantize.layout import EMBEDDING, LINEAR, decode, index_dtype, lookup, to_pieces
+from model_compress.quantize.layout import EMBEDDING, LINEAR, code_bits, decode, lookup, pack_codes, to_pieces, unpack_codes
 
 
 def random_codes(num_codebooks, codebook_size, piece, columns, seed=0):
@@ -55,9 +55,29 @@ def test_lookup_gathers_per_codebook():
         assert torch.equal(pieces[h], codebooks[h][indices[h].long()])
 
 
-def test_index_dtype_by_codebook_size():
-    assert index_dtype(256) == torch.uint8
-    assert index_dtype(257) == torch.uint16
-    assert index_dtype(65536) == torch.uint16
+@pytest.mark.parametrize("bits", range(1, 17))
+@pytest.mark.parametrize("columns", [1, 7, 37, 256])
+def test_packed_codes_round_trip_at_every_bit_width(bits, columns):
+    gen = torch.Generator().manual_seed(bits * 1000 + columns)
+    codes = torch.randint(0, 2**bits, (5, columns), generator=gen)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, -(-columns * bits // 8))
+    assert torch.equal(unpack_codes(packed, bits, columns), codes)
+    picked = torch.randint(0, columns, (3, 4), generator=gen)
+    assert torch.equal(unpack_codes(packed, bits, columns, picked), codes[:, picked.reshape(-1)])
+
+
+def test_eight_bit_codes_are_the_rpq_pytorch_bytes():
+    codes = torch.randint(0, 256, (4, 33))
+    assert torch.equal(pack_codes(codes, 8), codes.to(torch.uint8))
+
+
+def test_packing_is_little_endian_along_the_columns():
+    codes = torch.tensor([[1, 2, 3, 0, 3]])  # 2 bits each: bits 0-1, 2-3, 4-5, 6-7, then byte 2
+    assert pack_codes(codes, 2).tolist() == [[1 | 2 << 2 | 3 << 4, 3]]
+
+
+def test_code_bits_by_codebook_size():
+    assert [code_bits(k) for k in (2, 3, 4, 5, 255, 256, 257, 65536)] == [1, 2, 2, 3, 8, 8, 9, 16]
     with pytest.raises(ValueError):
-        index_dtype(65537)
+        code_bits(65537)

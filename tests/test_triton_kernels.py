@@ -11,7 +11,7 @@ import torch
 from model_compress.quantize import kernels, triton_dispatch
 from model_compress.quantize.fused_norm import defer_norms
 from model_compress.quantize.layers import RPQEmbedding, RPQLinear
-from model_compress.quantize.layout import code_bins, index_dtype
+from model_compress.quantize.layout import code_bins
 from model_compress.quantize.norm_spec import LAYER_NORM, RMS_NORM, NormSpec
 
 from .conftest import tiny_model
@@ -40,7 +40,8 @@ TOKENS = [1, 2, 3, 5, 16, 17, 64, 100, 513]
 def random_codes(num_codebooks: int, codebook_size: int, piece: int, columns: int, dtype: torch.dtype, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     codebooks = torch.randn(num_codebooks, codebook_size, piece, generator=gen).to(CUDA, dtype)
-    indices = torch.randint(0, codebook_size, (num_codebooks, columns), generator=gen).to(CUDA, index_dtype(codebook_size))
+    # one code per byte (per two bytes above K = 256): the unpacked codes the kernels read
+    indices = torch.randint(0, codebook_size, (num_codebooks, columns), generator=gen).to(CUDA, torch.uint8 if codebook_size <= 256 else torch.uint16)
     return codebooks, indices
 
 

@@ -23,10 +23,10 @@ from torch import nn
 from ..checkpoint import REPORT_FILE, load, validate_checkpoint, weight_files
 from ..data import Text
 from ..errors import UserError
-from ..models import ModelSource, default_source, load_model, load_tokenizer, resolve_source
+from ..models import ModelSource, context_length, default_source, disk_bytes, load_model, load_tokenizer, resolve_source
 from ..quantize.summary import model_bytes, model_params
 from . import perplexity, similarity
-from .latency import LatencyResult, LatencySettings, PeakMemory, context_length, measure, release_device_memory
+from .latency import LatencyResult, LatencySettings, PeakMemory, measure, release_device_memory
 
 METRICS = ("auto", "perplexity", "mlm", "embedding")
 DEFAULT_SEQ_LEN = 2048
@@ -263,7 +263,7 @@ def _measure_original(section: dict, override: str | None, inputs: _Inputs, sett
             f"the original's size on disk is its GGUF file (already quantized); it runs dequantized to {str(dtype).removeprefix('torch.')}"
         )
     measurement = Measurement(
-        "original", source.label, type(model).__name__, model_params(model), model_bytes(model), _source_disk_bytes(source), seconds,
+        "original", source.label, type(model).__name__, model_params(model), model_bytes(model), disk_bytes(source), seconds,
     )
     model = model.to(settings.device)
     _measure_into(measurement, model, inputs, settings, observer)
@@ -325,22 +325,6 @@ def _original_params(checkpoint: Path, section: dict) -> int:
     if report.is_file():
         return json.loads(report.read_text())["summary"]["model_params"]
     raise UserError(f"'{checkpoint}' has no {REPORT_FILE}: the checkpoint is incomplete")
-
-
-def _source_disk_bytes(source: ModelSource) -> int | None:
-    """Bytes of the original's weight files as stored (a GGUF file is its quantized size)."""
-    if source.gguf_file:
-        return (Path(source.path) / source.gguf_file).stat().st_size
-    folder = Path(source.path)
-    if source.kind == "hub":
-        try:
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(source.path, local_files_only=True, allow_patterns=["*.safetensors", "*.bin"]))
-        except Exception:  # noqa: BLE001 - the size is a nicety; the measurement stands without it
-            return None
-    files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
-    return sum(f.stat().st_size for f in files) or None
 
 
 def _timed(call: Callable):

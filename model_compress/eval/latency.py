@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..models import context_length
 from ..quantize.kernels import release_workspaces
 from ..surgery.blocks import timing_spans
 from .graph_decode import graphed_decode
@@ -129,15 +130,6 @@ def median_ms(call: Callable[[], object], device: torch.device, warmup: int, rep
             call()
             times.append((time.perf_counter() - began) * 1e3)
     return statistics.median(times)
-
-
-def context_length(config) -> int | None:
-    """The longest sequence the model takes, from whichever field its config uses."""
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def measure(

@@ -117,7 +117,8 @@ def to_json(result: EvalResult) -> dict:
         "text": result.text,
         "settings": _settings_json(result),
         "compression": {
-            key: result.compression.get(key) for key in ("quant_method", "num_codebooks", "codebook_size", "skip", "base_model")
+            key: result.compression.get(key)
+            for key in ("quant_method", "bits", "num_codebooks", "codebook_size", "codebook_bits", "skip", "base_model")
         },
         "original": result.original.to_json() if result.original else None,
         "original_error": result.original_error,

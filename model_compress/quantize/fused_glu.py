@@ -40,12 +40,12 @@ def fuse_gated_mlps(model: nn.Module) -> int:
 
 
 def _fusable(mlp: nn.Module) -> bool:
-    """SiLU activation, and gate/up/down all RPQ Linears with down reading what gate and up write."""
+    """SiLU activation, and gate/up/down all native RPQ Linears (the kernel's form) with down reading what gate and up write."""
     gate, up, down = (getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
     act = getattr(mlp, "act_fn", None)
     return (
         type(act).__name__ in SILU_CLASSES
-        and all(isinstance(layer, RPQLinear) for layer in (gate, up, down))
+        and all(isinstance(layer, RPQLinear) and layer.native for layer in (gate, up, down))
         and gate.out_features == up.out_features == down.in_features
     )
 

@@ -119,7 +119,7 @@ def defer_norms(model: nn.Module) -> int:
             module = getattr(layer, norm_name, None)
             consumers = [_submodule(layer, path) for path in consumer_paths]
             spec = _norm_spec(module) if module is not None else None
-            if spec is None or not all(isinstance(c, RPQLinear) and c.in_features == spec.weight.numel() for c in consumers):
+            if spec is None or not all(isinstance(c, RPQLinear) and c.native and c.in_features == spec.weight.numel() for c in consumers):
                 continue
             norm = DeferredNorm(spec, module.forward, len(consumers))
             beta = getattr(module, "bias", None) if spec.kind == LAYER_NORM else None

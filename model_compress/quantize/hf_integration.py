@@ -36,16 +36,19 @@ QUANT_METHOD = "rpq"
 class RPQConfig(QuantizationConfigMixin):
     """The ``quantization_config`` section of an RPQ checkpoint.
 
-    ``layers`` maps a module name to {kind, num_codebooks, codebook_size[, tied_to]}; ``dense`` maps the
-    supported layers left dense to the reason; ``base_model`` says where the original came from (for
-    ``compress eval``); the rest records the user's settings and the tool.
+    ``layers`` maps a module name to {kind, shape, num_codebooks, codebook_size, codebook_dtype[, tied_to]};
+    ``dense`` maps the supported layers left dense to the reason; ``base_model`` says where the
+    original came from (for ``compress eval``); ``bits`` is the budget asked for (None with fixed
+    ``num_codebooks`` / ``codebook_size``); the rest records the user's settings and the tool.
     """
 
     def __init__(
         self,
         layers: dict[str, dict[str, Any]] | None = None,
-        num_codebooks: int = 32,
-        codebook_size: int = 256,
+        bits: float | None = None,
+        num_codebooks: int | None = None,
+        codebook_size: int | None = None,
+        codebook_bits: int | None = None,
         skip: list[str] | None = None,
         dense: dict[str, str] | None = None,
         fit: dict[str, Any] | None = None,
@@ -55,8 +58,10 @@ class RPQConfig(QuantizationConfigMixin):
     ) -> None:
         self.quant_method = QUANT_METHOD
         self.layers = layers or {}
+        self.bits = bits
         self.num_codebooks = num_codebooks
         self.codebook_size = codebook_size
+        self.codebook_bits = codebook_bits
         self.skip = skip or []
         self.dense = dense or {}
         self.fit = fit or {}
@@ -66,8 +71,10 @@ class RPQConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         return {
             "quant_method": QUANT_METHOD,
+            "bits": self.bits,
             "num_codebooks": self.num_codebooks,
             "codebook_size": self.codebook_size,
+            "codebook_bits": self.codebook_bits,
             "skip": list(self.skip),
             "fit": dict(self.fit),
             "tool": dict(self.tool),
@@ -132,7 +139,9 @@ def swap_in_rpq_modules(model: nn.Module, layers: dict[str, dict[str, Any]]) -> 
     for name, spec in ordered:
         original = model.get_submodule(name)
         tied = model.get_submodule(spec["tied_to"]) if spec["kind"] == KIND_TIED_HEAD else None
-        module = build_rpq_module(original, spec["kind"], spec["num_codebooks"], spec["codebook_size"], tied)
+        module = build_rpq_module(
+            original, spec["kind"], spec["num_codebooks"], spec["codebook_size"], tied, spec.get("codebook_dtype")
+        )
         model.set_submodule(name, module)
 
 

@@ -120,9 +120,15 @@ def linear_forward(
             return triton_kernels.linear_fused(x, codebooks, indices, bias, chosen.tile)
         return triton_kernels.linear_decode(x, codebooks, indices, bias)
     x = x if norm is None else norm.norm.normalized(x)
+    return linear_torch(x, codebooks, indices, bias)
+
+
+def linear_torch(x: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None) -> Tensor:
+    """The torch forms only (any codes, any device): the histogram for a few tokens, decode + GEMM otherwise."""
+    tokens = x.numel() // codes.shape[1]
     if tokens <= HISTOGRAM_TOKENS_PER_PIECE * codebooks.shape[2]:
-        return linear_histogram(x, codebooks, indices, bias)
-    return linear_reference(x, codebooks, indices, bias)
+        return linear_histogram(x, codebooks, codes, bias)
+    return linear_reference(x, codebooks, codes, bias)
 
 
 def gated_linear_forward(
@@ -183,8 +189,13 @@ def embedding_forward(ids: Tensor, codebooks: Tensor, indices: Tensor) -> Tensor
     triton_kernels = gpu_kernels(codebooks)
     if triton_kernels is not None:
         return triton_kernels.embedding(ids, codebooks, indices)
+    return embedding_torch(ids, codebooks, indices[:, ids.reshape(-1)])
+
+
+def embedding_torch(ids: Tensor, codebooks: Tensor, codes: Tensor) -> Tensor:
+    """Rows ``ids`` of the table from their codes (M, ids.numel()), already picked out."""
     num_codebooks, _, piece = codebooks.shape
-    pieces = lookup(codebooks, indices[:, ids.reshape(-1)])  # (M, tokens, D)
+    pieces = lookup(codebooks, codes)  # (M, tokens, D)
     return pieces.transpose(0, 1).reshape(*ids.shape, num_codebooks * piece)
 
 
@@ -212,6 +223,13 @@ def tied_head_forward(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tenso
         if tokens <= triton_dispatch.TIED_HEAD_SCORE_TOKENS:
             return triton_kernels.tied_head_scores(x, codebooks, indices, bias)
         return triton_kernels.tied_head_decode(x, codebooks, indices, bias, triton_dispatch.DECODE_CHUNK_BYTES)
-    if num_codebooks * tokens * indices.shape[1] * 4 <= TIED_HEAD_GATHER_BYTES:
-        return tied_head_scores(x, codebooks, indices, bias)
-    return tied_head_reference(x, codebooks, indices, bias)
+    return tied_head_torch(x, codebooks, indices, bias)
+
+
+def tied_head_torch(x: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None) -> Tensor:
+    """The torch forms only: per-code scores while their temporary is small, decode + GEMM otherwise."""
+    num_codebooks = codebooks.shape[0]
+    tokens = x.numel() // (num_codebooks * codebooks.shape[2])
+    if num_codebooks * tokens * codes.shape[1] * 4 <= TIED_HEAD_GATHER_BYTES:
+        return tied_head_scores(x, codebooks, codes, bias)
+    return tied_head_reference(x, codebooks, codes, bias)

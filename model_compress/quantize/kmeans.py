@@ -45,11 +45,13 @@ def kmeans(
     max_iter: int = 25,
     tol: float = 1e-4,
     seed: int = 0,
+    init: Tensor | None = None,
 ) -> KMeansResult:
     """Cluster ``points`` (M, n, D) into ``num_clusters`` centroids per codebook.
 
     Stops after ``max_iter`` Lloyd iterations, when no code changes, or when the inertia improves
     by less than ``tol`` (relative). The same ``seed`` on the same device gives the same codes.
+    ``init`` (M, K, D) starts Lloyd from given centroids instead of k-means++ seeding.
     """
     if points.dim() != 3:
         raise ValueError(f"points must be (M, n, D), got shape {tuple(points.shape)}")
@@ -64,7 +66,7 @@ def kmeans(
 
     generator = torch.Generator(device=points.device).manual_seed(seed)
     point_norms = points.pow(2).sum(-1)
-    centroids = _seed(points, num_clusters, weights, generator)
+    centroids = _seed(points, num_clusters, weights, generator) if init is None else init.float().clone()
     codes, nearest = assign(points, centroids, point_norms)
     inertia = (nearest * weights).sum(-1)
     iterations = 0
@@ -118,6 +120,31 @@ def kmeans_plusplus(
     return centroids
 
 
+def weighted_quantiles(values: Tensor, num_clusters: int, weights: Tensor | None = None) -> Tensor:
+    """Scalar (D = 1) seeding: the weighted (k + 0.5) / K quantiles of each codebook's values, (M, K, 1).
+
+    One sort per codebook instead of K sequential k-means++ passes: on 1-D points it starts Lloyd
+    from a spread at least as good, in a fraction of the time.
+    """
+    flat = values.reshape(values.shape[0], -1).float()
+    mass = torch.ones_like(flat) if weights is None else weights.float().expand_as(flat)
+    ordered, order = flat.sort(dim=1)
+    cumulative = mass.gather(1, order).cumsum(1)
+    targets = (torch.arange(num_clusters, device=flat.device, dtype=flat.dtype) + 0.5) / num_clusters
+    targets = targets[None, :] * cumulative[:, -1:]
+    picks = torch.searchsorted(cumulative.contiguous(), targets.contiguous()).clamp_(max=flat.shape[1] - 1)
+    return ordered.gather(1, picks)[:, :, None]
+
+
+def weighted_sample(points: Tensor, num_clusters: int, weights: Tensor | None = None, seed: int = 0) -> Tensor:
+    """Seeding for many clusters: ``num_clusters`` distinct points per codebook drawn with probability ~ weight, (M, K, D)."""
+    num_books, num_points, _ = points.shape
+    mass = torch.ones(num_books, num_points, device=points.device) if weights is None else weights.float().expand(num_books, num_points)
+    generator = torch.Generator(device=points.device).manual_seed(seed)
+    chosen = torch.multinomial(mass.contiguous(), num_clusters, replacement=False, generator=generator)
+    return points.gather(1, chosen[:, :, None].expand(-1, -1, points.shape[2]))
+
+
 def _seed(points: Tensor, num_clusters: int, weights: Tensor, generator: torch.Generator) -> Tensor:
     """k-means++ on all points, or on a random subsample when there are many points per cluster."""
     num_points = points.shape[1]
@@ -131,26 +158,39 @@ def _seed(points: Tensor, num_clusters: int, weights: Tensor, generator: torch.G
 def assign(points: Tensor, centroids: Tensor, point_norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Nearest centroid for every point: codes (M, n) int64 and squared distances (M, n).
 
-    Works in blocks of points so the (M, block, K) distance matrix stays under a fixed size.
+    Works in blocks of points so the (M, block, K) distance matrix stays under a fixed size (on a
+    CPU, cache-sized blocks measured fastest even when they hold only a few points).
     """
-    num_books, num_points, _ = points.shape
+    num_books, num_points, dim = points.shape
     num_clusters = centroids.shape[1]
+    if dim == 1:
+        return _assign_scalar(points[:, :, 0], centroids[:, :, 0])
     if point_norms is None:
         point_norms = points.pow(2).sum(-1)
+    centre_norms = centroids.pow(2).sum(-1)
     budget = DISTANCE_BLOCK_BYTES.get(points.device.type, DISTANCE_BLOCK_BYTES["default"])
     block = max(1, budget // (4 * num_books * num_clusters))
     codes = torch.empty(num_books, num_points, dtype=torch.long, device=points.device)
     nearest = torch.empty(num_books, num_points, dtype=points.dtype, device=points.device)
     for start in range(0, num_points, block):
         stop = min(start + block, num_points)
-        distances = _squared_distances(points[:, start:stop], point_norms[:, start:stop], centroids)
+        distances = _squared_distances(points[:, start:stop], point_norms[:, start:stop], centroids, centre_norms)
         nearest[:, start:stop], codes[:, start:stop] = distances.min(-1)
     return codes, nearest
 
 
-def _squared_distances(points: Tensor, point_norms: Tensor, centres: Tensor) -> Tensor:
+def _assign_scalar(points: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
+    """``assign`` for 1-D points (M, n) and centroids (M, K): a binary search between sorted centroids' midpoints."""
+    ordered, order = centroids.sort(dim=1)
+    midpoints = ((ordered[:, 1:] + ordered[:, :-1]) / 2).contiguous()
+    position = torch.searchsorted(midpoints, points.contiguous())
+    return order.gather(1, position), (points - ordered.gather(1, position)).pow_(2)
+
+
+def _squared_distances(points: Tensor, point_norms: Tensor, centres: Tensor, centre_norms: Tensor | None = None) -> Tensor:
     """Squared distances (M, n, c) from every point to a few centres (M, c, D), without an (M, n, c, D) temporary."""
-    cross = torch.baddbmm(centres.pow(2).sum(-1)[:, None, :], points, centres.transpose(1, 2), alpha=-2.0)
+    centre_norms = centres.pow(2).sum(-1) if centre_norms is None else centre_norms
+    cross = torch.baddbmm(centre_norms[:, None, :], points, centres.transpose(1, 2), alpha=-2.0)
     return (cross + point_norms[:, :, None]).clamp_min_(0.0)
 
 

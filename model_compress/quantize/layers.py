@@ -1,8 +1,14 @@
 """RPQ modules: drop-in replacements for nn.Linear / Conv1D, nn.Embedding and a tied LM head.
 
-Parameters follow rpq-pytorch's names: ``codebooks`` (M, K, D) in the model dtype, a trainable
-Parameter, and ``indices`` (M, n), a uint8 (uint16 for K > 256) buffer. The modules hold no dense
-weight; ``dequantize()`` builds one on request (for export, inspection or the reference forward).
+Tensors follow rpq-pytorch's names: ``codebooks`` (M, K, D) and ``indices``, the codes packed at
+ceil(log2 K) bits (at K = 256 one ``uint8`` per code, rpq-pytorch's (M, n) layout). Codebooks are a
+trainable Parameter in a float dtype, or an ``int8`` buffer with ``codebook_scales`` (M,), one
+float16 scale per codebook. The modules hold no dense weight; ``dequantize()`` builds one on
+request (for export, inspection or the reference forward).
+
+The "native" form (8-bit codes, float codebooks: what rpq-pytorch stores) runs every fast path,
+the Triton kernels included; every other form unpacks its codes and runs the torch paths of
+``kernels`` (decode + GEMM, or a per-code histogram for a few tokens).
 """
 
 from __future__ import annotations
@@ -11,24 +17,79 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .layout import EMBEDDING, LINEAR, code_bins, decode, index_dtype
+from .layout import CODEBOOK_DTYPES, EMBEDDING, INT8, LINEAR, code_bins, code_bits, decode, dtype_name, packed_width, unpack_codes
+
+SCALE_DTYPE = torch.float16
 
 
 def _register_codes(
-    module: nn.Module, split: int, columns: int, num_codebooks: int, codebook_size: int, device, dtype, what: str
+    module: nn.Module,
+    split: int,
+    columns: int,
+    num_codebooks: int,
+    codebook_size: int,
+    device,
+    dtype,
+    what: str,
+    codebook_dtype: str | None = None,
 ) -> None:
-    """Give ``module`` its code storage: ``codebooks`` (M, K, split / M) and ``indices`` (M, columns)."""
+    """Give ``module`` its code storage: ``codebooks`` (M, K, split / M), packed ``indices``, int8 scales if any.
+
+    ``codebook_dtype``: "int8", a float dtype name, or None for ``dtype`` (the model's).
+    """
     if num_codebooks < 1 or split % num_codebooks:
         raise ValueError(f"num_codebooks={num_codebooks} must divide {what}={split}")
     module.num_codebooks = num_codebooks
     module.codebook_size = codebook_size
+    module.code_bits = code_bits(codebook_size)
+    module.columns = columns
     shape = (num_codebooks, codebook_size, split // num_codebooks)
-    module.codebooks = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
-    indices = torch.zeros(num_codebooks, columns, dtype=index_dtype(codebook_size), device=device)
-    module.register_buffer("indices", indices)
+    if codebook_dtype == INT8:
+        module.register_buffer("codebooks", torch.zeros(shape, device=device, dtype=torch.int8))
+        module.register_buffer("codebook_scales", torch.ones(num_codebooks, device=device, dtype=SCALE_DTYPE))
+    else:
+        storage = CODEBOOK_DTYPES[codebook_dtype] if codebook_dtype else dtype
+        module.codebooks = nn.Parameter(torch.empty(shape, device=device, dtype=storage))
+        module.codebook_scales = None
+    width = packed_width(columns, module.code_bits)
+    module.register_buffer("indices", torch.zeros(num_codebooks, width, dtype=torch.uint8, device=device))
 
 
-class RPQLinear(nn.Module):
+class _Codes:
+    """What every RPQ module with its own codes offers: the codes unpacked, the codebooks as floats."""
+
+    codebooks: Tensor
+    codebook_scales: Tensor | None
+    indices: Tensor
+    code_bits: int
+    columns: int
+
+    @property
+    def native(self) -> bool:
+        """One byte per code and float codebooks: the rpq-pytorch form, which the Triton kernels read."""
+        return self.code_bits == 8 and self.codebook_scales is None
+
+    @property
+    def codebook_dtype(self) -> str:
+        return INT8 if self.codebook_scales is not None else dtype_name(self.codebooks.dtype)
+
+    def codebook_values(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The codebooks (M, K, D) as float values (an int8 codebook times its scale, float32 by default), in ``dtype``."""
+        if self.codebook_scales is None:
+            return self.codebooks if dtype is None else self.codebooks.to(dtype)
+        # int8 times a 16-bit scale is exact in float32 (8 + 11 significant bits); None keeps it there
+        values = self.codebooks.float() * self.codebook_scales.float()[:, None, None]
+        return values if dtype is None else values.to(dtype)
+
+    def codes(self, select: Tensor | None = None) -> Tensor:
+        """The codes (M, columns) as int64, or only the columns ``select``."""
+        return unpack_codes(self.indices, self.code_bits, self.columns, select)
+
+    def code_bytes(self) -> int:
+        return self.indices.numel()
+
+
+class RPQLinear(_Codes, nn.Module):
     """y = x W^T + b with W stored as codebooks + codes along the input dimension."""
 
     def __init__(
@@ -40,16 +101,17 @@ class RPQLinear(nn.Module):
         bias: bool = True,
         device=None,
         dtype=None,
+        codebook_dtype: str | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        _register_codes(self, out_features, in_features, num_codebooks, codebook_size, device, dtype, "out_features")
+        _register_codes(self, out_features, in_features, num_codebooks, codebook_size, device, dtype, "out_features", codebook_dtype)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     def dequantize(self) -> Tensor:
         """The dense (out, in) weight these codes stand for."""
-        return decode(self.codebooks, self.indices, LINEAR)
+        return decode(self.codebook_values(), self.codes(), LINEAR)
 
     def code_bins(self) -> tuple[Tensor, Tensor]:
         """``layout.code_bins`` of the codes, for the GPU's binned kernel: made on first use, again if the codes change.
@@ -66,6 +128,8 @@ class RPQLinear(nn.Module):
         return cached[1]
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.native:
+            return kernels.linear_torch(x, self.codebook_values(x.dtype), self.codes(), self.bias)
         group = self.__dict__.get("_shared_input")  # shared_input.SharedInputGroup: q/k/v in one launch
         if group is not None:
             out = group.output(self, x)
@@ -81,11 +145,12 @@ class RPQLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, bias={self.bias is not None}"
+            f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, "
+            f"codebooks={self.codebook_dtype}, bias={self.bias is not None}"
         )
 
 
-class RPQEmbedding(nn.Embedding):
+class RPQEmbedding(_Codes, nn.Embedding):
     """An embedding table stored as codebooks + codes along the rows; a lookup decodes only the rows asked for.
 
     It subclasses nn.Embedding (without a ``weight``) so that model-specific embedding subclasses,
@@ -102,6 +167,7 @@ class RPQEmbedding(nn.Embedding):
         padding_idx: int | None = None,
         device=None,
         dtype=None,
+        codebook_dtype: str | None = None,
     ) -> None:
         nn.Module.__init__(self)  # nn.Embedding.__init__ would allocate the dense table
         self.num_embeddings = num_embeddings
@@ -111,13 +177,17 @@ class RPQEmbedding(nn.Embedding):
         self.norm_type = 2.0
         self.scale_grad_by_freq = False
         self.sparse = False
-        _register_codes(self, embedding_dim, num_embeddings, num_codebooks, codebook_size, device, dtype, "embedding_dim")
+        _register_codes(
+            self, embedding_dim, num_embeddings, num_codebooks, codebook_size, device, dtype, "embedding_dim", codebook_dtype
+        )
 
     def dequantize(self) -> Tensor:
         """The dense (num_embeddings, embedding_dim) table these codes stand for."""
-        return decode(self.codebooks, self.indices, EMBEDDING)
+        return decode(self.codebook_values(), self.codes(), EMBEDDING)
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Embedding's argument name
+        if not self.native:
+            return kernels.embedding_torch(input, self.codebook_values(), self.codes(input))
         return kernels.embedding_forward(input, self.codebooks, self.indices)
 
     def reset_parameters(self) -> None:
@@ -126,7 +196,7 @@ class RPQEmbedding(nn.Embedding):
     def extra_repr(self) -> str:
         return (
             f"{self.num_embeddings}, {self.embedding_dim}, num_codebooks={self.num_codebooks}, "
-            f"codebook_size={self.codebook_size}"
+            f"codebook_size={self.codebook_size}, codebooks={self.codebook_dtype}"
         )
 
 
@@ -156,7 +226,10 @@ class RPQTiedHead(nn.Module):
         return self._embedding.dequantize()
 
     def forward(self, x: Tensor) -> Tensor:
-        return kernels.tied_head_forward(x, self._embedding.codebooks, self._embedding.indices, self.bias)
+        embedding = self._embedding
+        if not embedding.native:
+            return kernels.tied_head_torch(x, embedding.codebook_values(x.dtype), embedding.codes(), self.bias)
+        return kernels.tied_head_forward(x, embedding.codebooks, embedding.indices, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tied to an RPQEmbedding"
@@ -176,7 +249,9 @@ def rpq_embedding_class(original: type) -> type:
     return _EMBEDDING_CLASSES[original]
 
 
-def build_rpq_embedding(original: nn.Embedding, num_codebooks: int, codebook_size: int, device=None, dtype=None) -> RPQEmbedding:
+def build_rpq_embedding(
+    original: nn.Embedding, num_codebooks: int, codebook_size: int, device=None, dtype=None, codebook_dtype: str | None = None
+) -> RPQEmbedding:
     """An empty RPQ module of the same class family as ``original``, keeping its extra state.
 
     Extra attributes (OPT's position ``offset``) and buffers (a scale) of a subclass are carried
@@ -193,6 +268,7 @@ def build_rpq_embedding(original: nn.Embedding, num_codebooks: int, codebook_siz
         padding_idx=original.padding_idx,
         device=device,
         dtype=dtype,
+        codebook_dtype=codebook_dtype,
     )
     for name, value in vars(original).items():
         if not name.startswith("_") and name not in vars(module):
@@ -216,8 +292,11 @@ def build_rpq_module(
     num_codebooks: int,
     codebook_size: int,
     tied_embedding: RPQEmbedding | None = None,
+    codebook_dtype: str | None = None,
 ) -> nn.Module:
     """An RPQ module shaped like ``original`` (same device and dtype), codes not yet filled in.
+
+    ``codebook_dtype``: how its codebooks are stored ("int8", a float dtype name; None: the model's dtype).
 
     Used both when converting (the fit fills the codes) and when loading a checkpoint (the loader
     fills them, on the meta device first). A bias is copied when ``original`` holds real values.
@@ -227,16 +306,19 @@ def build_rpq_module(
             raise ValueError("a tied head needs the RPQEmbedding it is tied to")
         bias = getattr(original, "bias", None)
         module = RPQTiedHead(
-            tied_embedding, bias=bias is not None, device=tied_embedding.codebooks.device, dtype=tied_embedding.codebooks.dtype
+            tied_embedding, bias=bias is not None, device=tied_embedding.indices.device, dtype=_float_dtype(tied_embedding)
         )
     elif kind == KIND_EMBEDDING:
         weight = original.weight
-        return build_rpq_embedding(original, num_codebooks, codebook_size, device=weight.device, dtype=weight.dtype)
+        return build_rpq_embedding(
+            original, num_codebooks, codebook_size, device=weight.device, dtype=weight.dtype, codebook_dtype=codebook_dtype
+        )
     elif kind in (KIND_LINEAR, KIND_CONV1D):
         weight, bias = original.weight, original.bias
         in_features, out_features = (original.nx, original.nf) if kind == KIND_CONV1D else (original.in_features, original.out_features)
         module = RPQLinear(
-            in_features, out_features, num_codebooks, codebook_size, bias=bias is not None, device=weight.device, dtype=weight.dtype
+            in_features, out_features, num_codebooks, codebook_size, bias=bias is not None, device=weight.device,
+            dtype=weight.dtype, codebook_dtype=codebook_dtype,
         )
     else:
         raise ValueError(f"unknown RPQ layer kind {kind!r}")
@@ -244,3 +326,8 @@ def build_rpq_module(
         with torch.no_grad():
             module.bias.copy_(bias)
     return module
+
+
+def _float_dtype(embedding: RPQEmbedding) -> torch.dtype:
+    """The float dtype an RPQ embedding computes in (its codebooks', or its scales' for int8 codebooks)."""
+    return embedding.codebooks.dtype if embedding.codebook_scales is None else embedding.codebook_scales.dtype

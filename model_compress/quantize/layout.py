@@ -8,6 +8,11 @@ Embedding, table E (n, dim), D = dim / M:
 Both cut a "column" (a Linear input column, an embedding row) into M pieces of length D, and piece
 h of column c is code indices[h, c] of codebook h. The functions below turn a dense weight into
 the (M, n, D) pieces that k-means clusters, and codebooks + indices back into the dense weight.
+
+Stored codes take ceil(log2 K) bits each, packed little-endian along the columns into bytes
+(code c of a codebook occupies bits c*b .. c*b+b-1 of its row of bytes): at K = 256 that is one
+``uint8`` per code, exactly rpq-pytorch's (M, n) layout. Codebooks are stored in a float dtype,
+or as ``int8`` with one scale per codebook (``codebook_scales``, float16).
 """
 
 from __future__ import annotations
@@ -21,13 +26,59 @@ LINEAR = "linear"
 EMBEDDING = "embedding"
 
 
-def index_dtype(codebook_size: int) -> torch.dtype:
-    """uint8 codes up to K = 256, uint16 up to 65536."""
-    if codebook_size <= 256:
-        return torch.uint8
-    if codebook_size <= 65536:
-        return torch.uint16
-    raise ValueError(f"codebook size {codebook_size} is above 65536, the largest uint16 codes can address")
+MAX_CODEBOOK_SIZE = 65536  # 16-bit codes
+INT8 = "int8"  # the codebook storage with one float16 scale per codebook
+CODEBOOK_DTYPES = {"int8": torch.int8, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def code_bits(codebook_size: int) -> int:
+    """Bits per stored code: ceil(log2 K), at least 1."""
+    if not 2 <= codebook_size <= MAX_CODEBOOK_SIZE:
+        raise ValueError(f"codebook size must be between 2 and {MAX_CODEBOOK_SIZE}, got {codebook_size}")
+    return max(1, math.ceil(math.log2(codebook_size)))
+
+
+def packed_width(columns: int, bits: int) -> int:
+    """Bytes per codebook row of packed codes."""
+    return -(-columns * bits // 8)
+
+
+def codebook_bits(codebook_dtype: str) -> int:
+    """Bits per stored codebook value (the int8 form's scale is counted apart)."""
+    return CODEBOOK_DTYPES[codebook_dtype].itemsize * 8
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """(M, n) integer codes below 2**bits -> (M, packed_width(n, bits)) uint8, little-endian bit order."""
+    codes = codes.long()
+    if bits == 8:
+        return codes.to(torch.uint8)
+    num_books, columns = codes.shape
+    shifts = torch.arange(bits, device=codes.device)
+    stream = ((codes[:, :, None] >> shifts) & 1).to(torch.uint8).reshape(num_books, columns * bits)
+    width = packed_width(columns, bits)
+    stream = torch.nn.functional.pad(stream, (0, width * 8 - columns * bits))
+    weights = (1 << torch.arange(8, device=codes.device)).to(torch.uint8)
+    return (stream.view(num_books, width, 8) * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_codes(packed: Tensor, bits: int, columns: int, select: Tensor | None = None) -> Tensor:
+    """Packed codes -> (M, n) int64 codes, or only the columns ``select`` (any shape of ids, flattened)."""
+    if bits == 8:
+        codes = packed if select is None else packed[:, select.reshape(-1)]
+        return codes.long()
+    wanted = torch.arange(columns, device=packed.device) if select is None else select.reshape(-1).to(packed.device)
+    start = wanted * bits
+    first, shift = start >> 3, start & 7
+    last = packed.shape[1] - 1
+    word = torch.zeros(packed.shape[0], wanted.numel(), dtype=torch.int32, device=packed.device)
+    for extra in range((7 + bits + 7) // 8):  # a code spans at most this many bytes
+        word |= packed[:, (first + extra).clamp_(max=last)].to(torch.int32) << (8 * extra)
+    return ((word >> shift) & ((1 << bits) - 1)).long()
 
 
 def to_pieces(weight: Tensor, num_codebooks: int, layout: str) -> Tensor:
@@ -118,3 +169,4 @@ def code_bins(indices: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
     row_codes = torch.zeros(num_codebooks, rows, dtype=code_dtype, device=indices.device)
     row_codes.scatter_(1, row, codes.to(code_dtype))
     return slots.view(num_codebooks, rows, width), row_codes
+

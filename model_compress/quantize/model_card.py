@@ -11,19 +11,41 @@ def markdown_table(header, rows) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def settings_line(config: RPQConfig) -> str:
+    """The format settings as the user gave them: a budget, or fixed M / K."""
+    codebooks = {8: "int8 + one scale per codebook", 16: "16-bit"}.get(config.codebook_bits, "chosen per layer")
+    if config.bits is not None:
+        return f"`--bits {config.bits:g}` (format chosen per layer from measured errors); codebooks: {codebooks}"
+    return f"fixed for every layer: `--codebooks` (M) {config.num_codebooks}, `--codebook-size` (K) {config.codebook_size}"
+
+
 def render_model_card(config: RPQConfig, summary: ConversionSummary) -> str:
-    """Markdown: base model, settings, how to load, the per-type table and totals."""
+    """Markdown: base model, settings, how to load, the per-type table, totals and the fine-tuning curve."""
     table = markdown_table(*table_rows(summary))
     fit = config.fit
     settings = [
         f"- base model: `{config.base_model.get('label', 'unknown')}`",
-        "- method: reverse product quantization (RPQ), layout of rpq-pytorch 0.0.2",
-        f"- `--codebooks` (M): {config.num_codebooks}; `--codebook-size` (K): {config.codebook_size}",
+        "- method: reverse product quantization (RPQ), layout of rpq-pytorch 0.0.2 (codes packed at ceil(log2 K) bits)",
+        f"- format: {settings_line(config)}",
         f"- `--skip`: {', '.join(f'`{p}`' for p in config.skip) or 'none'}",
-        f"- k-means: seed {fit.get('seed')}, at most {fit.get('max_iter')} iterations, tolerance {fit.get('tol')}, "
-        f"fitted on {fit.get('device')} in {summary.seconds:.1f} s",
+        f"- fitting: {fit.get('algorithm')}; {fit.get('rounds')} rounds at most, seed {fit.get('seed')}, "
+        f"on {fit.get('device')} in {summary.seconds:.1f} s",
         f"- dtype: {fit.get('dtype')}; tool: {config.tool.get('name')} {config.tool.get('version')}",
     ]
+    curve = []
+    if summary.finetune and summary.finetune.get("steps"):
+        points = summary.finetune["curve"]
+        curve = [
+            "",
+            "## Fine-tuning (measured)",
+            "Codebooks, norms and biases trained on KL to the original's next-token distributions (codes fixed); "
+            "held-out calibration loss by step:",
+            "",
+            *markdown_table(
+                ["step", "train loss", "held-out loss"],
+                [[str(p["step"]), f"{p['train']:.4f}" if "train" in p else "-", f"{p['held_out']:.4f}"] for p in points],
+            ),
+        ]
     return "\n".join(
         [
             "---",
@@ -32,7 +54,7 @@ def render_model_card(config: RPQConfig, summary: ConversionSummary) -> str:
             "",
             f"# RPQ-compressed {config.base_model.get('label', 'model')}",
             "",
-            "Every converted layer stores `codebooks` (M, K, D) and `indices` (M, columns) instead of its weight.",
+            "Every converted layer stores `codebooks` (M, K, D) and packed `indices` (codes) instead of its weight.",
             "",
             "## Settings",
             *settings,
@@ -45,11 +67,13 @@ def render_model_card(config: RPQConfig, summary: ConversionSummary) -> str:
             "```",
             "",
             "## Conversion (measured)",
-            "Relative error is ||W - W_hat|| / ||W|| per layer; bpw counts codes and codebooks.",
+            "Weight error is ||W - W_hat|| / ||W|| per layer; output error is tr(dW H dW^T) / tr(W H W^T) on the "
+            "calibration inputs (what the fit minimises); bpw counts codes, codebooks and scales.",
             "",
             *table,
             "",
             *[f"- {line}" for line in totals_lines(summary)],
+            *curve,
             "",
         ]
     )

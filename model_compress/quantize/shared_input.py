@@ -59,7 +59,7 @@ def group_shared_inputs(model: nn.Module) -> int:
             layers = [getattr(parent, name, None) for name in names]
             by_shape: dict[tuple, list[RPQLinear]] = {}
             for layer in layers:
-                if isinstance(layer, RPQLinear):
+                if isinstance(layer, RPQLinear) and layer.native:
                     key = (layer.in_features, tuple(layer.codebooks.shape), layer.bias is not None)
                     by_shape.setdefault(key, []).append(layer)
             for members in by_shape.values():

@@ -1,8 +1,10 @@
 """What a conversion did, in numbers: per layer type and in total, for the table, model card and JSON.
 
-Bits per weight always count both parts: the codes (M * columns * code bits) and the codebooks
-(K * split dim * dtype bits), over the converted layers' weights. A tied head adds no bytes (it
-reads its embedding's codes) and its weights are not counted twice.
+Bits per weight always count everything stored: the codes (packed at ceil(log2 K) bits), the
+codebooks (K * split dim values) and the int8 codebooks' scales, over the converted layers'
+weights. A tied head adds no bytes (it reads its embedding's codes) and its weights are not
+counted twice. Two errors per layer: ||W - W_hat|| / ||W|| (weight) and, where calibration data
+reached the layer, tr(dW H dW^T) / tr(W H W^T) (output: what the fit minimises).
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from torch import nn
 from .convert import KIND_TIED_HEAD, LayerPlan, LayerResult
 
 MB = 1e6
+# Mean relative output error above which measured models lost most of their quality (SmolLM2-135M
+# and Qwen2.5-0.5B: see benchmarks/RESULTS.md): the summary warns.
+HIGH_OUTPUT_ERROR = 0.02
+HIGH_WEIGHT_ERROR = 0.2  # the same warning when no calibration data measured the output error
 
 
 @dataclass
@@ -24,13 +30,15 @@ class TypeSummary:
     pattern: str
     kind: str
     count: int
-    num_codebooks: list[int]
+    formats: list[str]
     params: int
     dense_bytes: int
     code_bytes: int
     codebook_bytes: int
     error_mean: float
     error_worst: float
+    output_error_mean: float | None = None
+    output_error_worst: float | None = None
 
     @property
     def code_bits(self) -> float:
@@ -54,6 +62,10 @@ class ConversionSummary:
     codebook_bytes: int
     seconds: float
     layers: list[dict] = field(default_factory=list)
+    budget_bits: float | None = None
+    calibration: dict | None = None
+    finetune: dict | None = None
+    input_file_bytes: int | None = None
 
     @property
     def code_bits(self) -> float:
@@ -69,9 +81,15 @@ class ConversionSummary:
 
     @property
     def error_mean(self) -> float:
-        """Mean relative reconstruction error over the converted layers (tied heads included)."""
-        errors = [layer["rel_error"] for layer in self.layers]
+        """Mean relative weight error over the converted layers (tied heads included)."""
+        errors = [layer["weight_error"] for layer in self.layers]
         return sum(errors) / len(errors) if errors else 0.0
+
+    @property
+    def output_error_mean(self) -> float | None:
+        """Mean relative output error over the layers calibration data reached (None: no data)."""
+        errors = [layer["output_error"] for layer in self.layers if layer.get("output_error") is not None]
+        return sum(errors) / len(errors) if errors else None
 
     @property
     def ratio(self) -> float:
@@ -98,6 +116,8 @@ class ConversionSummary:
             codebook_bits_per_weight=self.codebook_bits,
             bits_per_weight=self.bits_per_weight,
             size_ratio=self.ratio,
+            weight_error_mean=self.error_mean,
+            output_error_mean=self.output_error_mean,
         )
         return data
 
@@ -119,6 +139,13 @@ def model_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def format_label(plan: LayerPlan) -> str:
+    """``D=1 K=16 int8``: weights per code, codes per codebook, codebook storage."""
+    fmt = plan.format
+    piece = fmt.piece(plan.layer.shape, plan.layer.layout)
+    return f"D={piece} K={fmt.codebook_size} {fmt.codebook_dtype}"
+
+
 def summarize(
     outcomes: list[LayerPlan | LayerResult],
     *,
@@ -126,8 +153,9 @@ def summarize(
     original_bytes: int,
     compressed_bytes: int,
     seconds: float,
+    **extra,
 ) -> ConversionSummary:
-    """Aggregate per-layer outcomes into per-type rows and totals."""
+    """Aggregate per-layer outcomes into per-type rows and totals (``extra``: budget, calibration, finetune)."""
     results = [o for o in outcomes if isinstance(o, LayerResult)]
     dense = {o.layer.name: o.dense_reason for o in outcomes if isinstance(o, LayerPlan)}
     groups: dict[str, list[LayerResult]] = {}
@@ -147,40 +175,50 @@ def summarize(
         codebook_bytes=sum(r.plan.codebook_bytes for r in weighted),
         seconds=seconds,
         layers=[_layer_row(r) for r in results],
+        **extra,
     )
 
 
 def _type_summary(pattern: str, members: list[LayerResult]) -> TypeSummary:
-    errors = [m.rel_error for m in members]
+    errors = [m.weight_error for m in members]
+    outputs = [m.output_error for m in members if m.output_error is not None]
     counted = [m for m in members if m.plan.layer.kind != KIND_TIED_HEAD]
     return TypeSummary(
         pattern=pattern,
         kind=members[0].plan.layer.kind,
         count=len(members),
-        num_codebooks=sorted({m.plan.num_codebooks for m in members}),
+        formats=sorted({format_label(m.plan) for m in members}),
         params=sum(m.plan.layer.numel for m in counted),
         dense_bytes=sum(m.plan.layer.dense_bytes for m in counted),
         code_bytes=sum(m.plan.code_bytes for m in counted),
         codebook_bytes=sum(m.plan.codebook_bytes for m in counted),
         error_mean=sum(errors) / len(errors),
         error_worst=max(errors),
+        output_error_mean=sum(outputs) / len(outputs) if outputs else None,
+        output_error_worst=max(outputs) if outputs else None,
     )
 
 
 def _layer_row(result: LayerResult) -> dict:
     plan = result.plan
+    layer = plan.layer
+    tied = layer.kind == KIND_TIED_HEAD
     return {
-        "name": plan.layer.name,
-        "kind": plan.layer.kind,
-        "shape": list(plan.layer.shape),
+        "name": layer.name,
+        "kind": layer.kind,
+        "shape": list(layer.shape),
         "num_codebooks": plan.num_codebooks,
+        "piece": plan.format.piece(layer.shape, layer.layout),
         "codebook_size": plan.codebook_size,
-        "tied_to": plan.layer.tied_to,
+        "codebook_dtype": plan.codebook_dtype,
+        "tied_to": layer.tied_to,
         "code_bytes": plan.code_bytes,
         "codebook_bytes": plan.codebook_bytes,
-        "dense_bytes": plan.layer.dense_bytes,
-        "rel_error": result.rel_error,
-        "iterations": result.iterations,
+        "dense_bytes": layer.dense_bytes,
+        "bits_per_weight": None if tied else 8 * (plan.code_bytes + plan.codebook_bytes) / layer.numel,
+        "weight_error": result.weight_error,
+        "output_error": result.output_error,
+        "rounds": result.rounds,
         "seconds": result.seconds,
     }
 
@@ -198,9 +236,13 @@ def short_labels(patterns: list[str]) -> dict[str, str]:
     return labels
 
 
+def _errors(mean: float | None, worst: float | None) -> str:
+    return "-" if mean is None else f"{mean:.4f} / {worst:.4f}"
+
+
 def table_rows(summary: ConversionSummary) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the per-type table (shared by the Rich table and the model card)."""
-    header = ["layer type", "n", "M", "params", "MB dense -> RPQ", "bpw = codes + codebooks", "rel. error mean / max"]
+    header = ["layer type", "n", "format", "params", "MB dense -> RPQ", "bpw = codes + codebooks", "weight err mean / max", "output err mean / max"]
     labels = short_labels([t.pattern for t in summary.types])
     rows = []
     for t in summary.types:
@@ -209,26 +251,42 @@ def table_rows(summary: ConversionSummary) -> tuple[list[str], list[list[str]]]:
             [
                 labels[t.pattern] + (" (tied)" if tied else ""),
                 str(t.count),
-                ",".join(map(str, t.num_codebooks)),
+                ", ".join(t.formats),
                 "shared" if tied else f"{t.params / 1e6:.2f}M",
                 "shared" if tied else f"{t.dense_bytes / MB:.1f} -> {(t.code_bytes + t.codebook_bytes) / MB:.1f}",
                 "shared" if tied else f"{t.code_bits + t.codebook_bits:.2f} = {t.code_bits:.2f} + {t.codebook_bits:.2f}",
                 f"{t.error_mean:.3f} / {t.error_worst:.3f}",
+                _errors(t.output_error_mean, t.output_error_worst),
             ]
         )
     return header, rows
 
 
 def totals_lines(summary: ConversionSummary) -> list[str]:
-    """The few sentences under the table: sizes, bits per weight, what stayed dense."""
+    """The few sentences under the table: sizes, bits per weight, calibration, fine-tuning, what stayed dense."""
     lines = [
         f"converted {summary.converted_layers} layers ({summary.converted_params:,} of {summary.model_params:,} parameters), "
         f"left {len(summary.dense_layers)} dense",
         f"model size {summary.original_bytes / MB:.1f} MB -> {summary.compressed_bytes / MB:.1f} MB "
         f"({summary.ratio:.2f}x smaller)",
         f"converted layers: {summary.bits_per_weight:.3f} bits per weight "
-        f"= {summary.code_bits:.3f} (codes) + {summary.codebook_bits:.3f} (codebooks)",
+        f"= {summary.code_bits:.3f} (codes) + {summary.codebook_bits:.3f} (codebooks)"
+        + (f", budget {summary.budget_bits:g}" if summary.budget_bits is not None else ""),
     ]
+    if summary.calibration:
+        c = summary.calibration
+        lines.append(
+            f"calibration: {c['fit_tokens']:,} tokens of {c['text']} ({c['fit_windows']} windows of {c['seq_len']}), "
+            f"{c['held_out_tokens']:,} more held out"
+        )
+    else:
+        lines.append("calibration: none (codebooks fitted to the weights alone)")
+    if summary.finetune and summary.finetune.get("steps"):
+        f = summary.finetune
+        lines.append(
+            f"fine-tuning: {f['steps']} steps, held-out KL to the original {f['held_out_kl_before']:.4f} -> "
+            f"{f['held_out_kl_after']:.4f}" + (" (kept the fit before fine-tuning: it was better)" if f.get("reverted") else "")
+        )
     reasons: dict[str, list[str]] = {}
     for name, reason in summary.dense_layers.items():
         reasons.setdefault(reason, []).append(name)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..data import Text
+from ..data import Text, special_framing
 from ..errors import UserError
 from .blocks import Block, hidden_size
 
@@ -69,16 +69,6 @@ def calibration_windows(tokenizer, text: Text, seq_len: int, max_tokens: int, mi
         input_ids[row, : len(window)] = torch.tensor(window)
         attention_mask[row, : len(window)] = 1
     return Calibration(input_ids, attention_mask)
-
-
-def special_framing(tokenizer) -> tuple[list[int], list[int]]:
-    """The special tokens the tokenizer puts before and after a text ([CLS] / [SEP], <s>, or none)."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    framed = tokenizer("a")["input_ids"]
-    for start in range(len(framed) - len(plain) + 1):
-        if framed[start : start + len(plain)] == plain:
-            return framed[:start], framed[start + len(plain) :]
-    return [], []
 
 
 def record_blocks(

@@ -17,8 +17,7 @@ from .. import __version__
 from ..checkpoint import CARD_FILE, MAX_SHARD_SIZE, REPORT_FILE, check_output_folder, write_folder_atomically
 from ..data import Text
 from ..errors import UserError
-from ..eval.latency import context_length
-from ..models import MINILM, ModelSource, load_model, resolve_source
+from ..models import MINILM, ModelSource, context_length, load_model, resolve_source
 from ..quantize.summary import model_bytes, model_params
 from .blocks import dense_weights, find_blocks, install_tree, intermediate_size, select_blocks
 from .capture import calibration_windows, record_blocks

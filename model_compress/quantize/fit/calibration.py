@@ -1,0 +1,76 @@
+"""Calibration windows for data-aware fitting, cut from a text that is never the evaluation text.
+
+Causal LMs: the text joined with "\\n\\n" is tokenized once and cut into consecutive windows of
+``seq_len`` tokens, the convention ``compress eval`` scores perplexity with, so fitting sees inputs
+shaped like those it is judged on. Encoders (tokenizers that close a text with [SEP]): each window
+is framed by the tokenizer's own special tokens. A tenth of the windows (at least one, when there
+are two or more) is held out: fine-tuning is judged on them, never trained or fitted on them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ...data import Text, special_framing
+from ...errors import UserError
+
+HELD_OUT_FRACTION = 0.1
+
+
+@dataclass
+class CalibrationSet:
+    """Token windows (count, seq_len) to fit on and held-out windows to judge fine-tuning on."""
+
+    fit: torch.Tensor
+    held_out: torch.Tensor
+    text: Text
+    tokens_in_text: int
+
+    @property
+    def seq_len(self) -> int:
+        return self.fit.shape[1]
+
+    def to_json(self) -> dict:
+        return {
+            "text": self.text.name,
+            "source": self.text.source,
+            "tokens_in_text": self.tokens_in_text,
+            "seq_len": self.seq_len,
+            "fit_windows": self.fit.shape[0],
+            "fit_tokens": self.fit.numel(),
+            "held_out_windows": self.held_out.shape[0],
+            "held_out_tokens": self.held_out.numel(),
+        }
+
+
+def calibration_set(tokenizer, text: Text, seq_len: int, max_tokens: int) -> CalibrationSet:
+    """Up to ``max_tokens`` tokens of ``text`` in windows of ``seq_len``; a UserError when not even one window fits."""
+    if max_tokens < 1:
+        raise UserError(f"--calib-tokens must be a positive number of tokens, got {max_tokens}")
+    seq_len = min(seq_len, max_tokens)  # fewer tokens than a window asked for: one shorter window
+    if seq_len < 2:
+        raise UserError(f"a calibration window must hold at least 2 tokens, got {seq_len}")
+    prefix, suffix = special_framing(tokenizer)
+    if suffix:  # an encoder's framing: every window is a text of its own
+        body = seq_len - len(prefix) - len(suffix)
+        stream = torch.tensor(tokenizer(text.joined, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+        count = min(stream.numel() // body, max_tokens // seq_len)
+        bodies = stream[: count * body].view(count, body)
+        frame = lambda ids: torch.tensor(ids, dtype=torch.long).expand(count, -1)  # noqa: E731
+        windows = torch.cat([frame(prefix), bodies, frame(suffix)], dim=1) if count else bodies
+        available = stream.numel() + (len(prefix) + len(suffix)) * max(1, count)
+    else:
+        stream = torch.tensor(tokenizer(text.joined, verbose=False)["input_ids"], dtype=torch.long)
+        count = min(stream.numel() // seq_len, max_tokens // seq_len)
+        windows = stream[: count * seq_len].view(count, seq_len)
+        available = stream.numel()
+    if count < 1:
+        raise UserError(
+            f"the calibration text '{text.name}' has {available:,} tokens; one window needs {seq_len:,} "
+            "(pass a longer --calib or a smaller --calib-seq-len)"
+        )
+    held = math.ceil(HELD_OUT_FRACTION * count) if count >= 2 else 0
+    return CalibrationSet(windows[: count - held], windows[count - held :], text, stream.numel())

@@ -1,0 +1,251 @@
+"""End-to-end fine-tuning of a converted model towards the original's outputs, codes fixed.
+
+After layer-wise fitting every layer is close to the original on its own inputs, but the errors
+add up through the model. Fine-tuning trains what is cheap to change and stored anyway: the
+codebooks of every RPQ layer, the norms' weights and biases, and the RPQ layers' biases (codes
+stay as fitted, as in AQLM's and VPTQ's fine-tuning), by KL divergence to the original model's
+next-token distributions on the calibration windows (encoders without a head: one minus the
+cosine of the final hidden states). The original's distributions are kept small: its top
+``TOP_K`` log-probabilities per token plus the mass of the rest. Training runs in float32, int8
+codebooks as floats, all rounded back to their storage at the end; the held-out windows decide
+which state is kept (the one with the lowest held-out loss, the fit before training included).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .codebooks import CodebookSet
+from .stack import call_model
+
+TOP_K = 128  # teacher log-probabilities kept per token
+WARMUP_FRACTION = 0.05
+EVALUATIONS = 4  # held-out evaluations during training (plus one before)
+
+
+@dataclass
+class FinetuneSettings:
+    """Steps (0: none), Adam's learning rate, calibration windows per step."""
+
+    steps: int = 0
+    lr: float = 1e-4
+    windows_per_step: int = 1
+    seed: int = 0
+
+
+class Teacher:
+    """The original model's outputs on the calibration windows, window by window (fit ones, held-out ones)."""
+
+    def __init__(self, top_k: int = TOP_K) -> None:
+        self.top_k = top_k
+        self.fit: list[tuple[Tensor, ...]] = []
+        self.held_out: list[tuple[Tensor, ...]] = []
+
+    def record(self, held_out: bool, batch: int, output: Any) -> None:
+        """``passes.OnOutput``: keep each window's targets on the CPU."""
+        target = self.held_out if held_out else self.fit
+        for window in _targets(output, self.top_k):
+            target.append(window)
+
+
+def _targets(output: Any, top_k: int) -> list[tuple[Tensor, ...]]:
+    """Per window: (top log-probs, their ids) of a model with logits, else (final hidden states,)."""
+    logits = getattr(output, "logits", None)
+    if logits is not None:
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        values, ids = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
+        return [(v.cpu(), i.to(torch.int32).cpu()) for v, i in zip(values, ids)]
+    hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    return [(h.float().cpu(),) for h in hidden]
+
+
+def distillation_loss(output: Any, targets: list[tuple[Tensor, ...]]) -> Tensor:
+    """Mean over tokens of KL(teacher || student) on the top-k + rest split, or 1 - cos of hidden states."""
+    logits = getattr(output, "logits", None)
+    if logits is not None:
+        values = torch.stack([t[0] for t in targets]).to(logits.device)
+        ids = torch.stack([t[1] for t in targets]).to(logits.device).long()
+        log_q = F.log_softmax(logits.float(), dim=-1)
+        log_q_top = log_q.gather(-1, ids)
+        p_top = values.exp()
+        p_rest = (1 - p_top.sum(-1)).clamp_min(1e-12)
+        q_rest = (1 - log_q_top.exp().sum(-1)).clamp_min(1e-12)
+        kl = (p_top * (values - log_q_top)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+        return kl.mean()
+    hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    reference = torch.stack([t[0] for t in targets]).to(hidden.device)
+    return (1 - F.cosine_similarity(hidden.float(), reference, dim=-1)).mean()
+
+
+@dataclass
+class FinetuneReport:
+    """What fine-tuning did: steps, held-out loss before / after, the curve, which state was kept."""
+
+    steps: int
+    lr: float
+    held_out_kl_before: float
+    held_out_kl_after: float
+    best_step: int
+    seconds: float
+    curve: list[dict] = field(default_factory=list)
+
+    @property
+    def reverted(self) -> bool:
+        return self.best_step == 0 and self.steps > 0
+
+    def to_json(self) -> dict:
+        return {
+            "steps": self.steps, "lr": self.lr, "held_out_kl_before": self.held_out_kl_before,
+            "held_out_kl_after": self.held_out_kl_after, "best_step": self.best_step, "reverted": self.reverted,
+            "seconds": self.seconds, "curve": self.curve,
+        }
+
+
+def held_out_loss(model: nn.Module, windows: Tensor, teacher: list[tuple[Tensor, ...]], device: torch.device) -> float:
+    """Mean distillation loss of ``model`` on the held-out windows (one window per forward)."""
+    total = 0.0
+    with torch.no_grad():
+        for index in range(windows.shape[0]):
+            output = call_model(model, windows[index : index + 1].to(device))
+            total += float(distillation_loss(output, teacher[index : index + 1]))
+    return total / max(1, windows.shape[0])
+
+
+def finetune(
+    model: nn.Module,
+    fit_windows: Tensor,
+    held_windows: Tensor,
+    teacher: Teacher,
+    settings: FinetuneSettings,
+    device: torch.device,
+    on_step: Callable[[int, int], None] | None = None,
+) -> FinetuneReport:
+    """Train codebooks, norms and RPQ biases for ``settings.steps`` steps; keep the best held-out state."""
+    start = time.perf_counter()
+    home = next(model.parameters()).device
+    thawed = _thaw_int8_codebooks(model)
+    dtypes = _dtypes(model)
+    model.to(device).float()
+    trainable = _trainable(model)
+    judge = held_windows if held_windows.shape[0] else fit_windows[:1]
+    judge_teacher = teacher.held_out if held_windows.shape[0] else teacher.fit[:1]
+    was_training = model.training
+    model.eval()  # no dropout: the student should match the teacher's deterministic outputs
+    before = held_out_loss(model, judge, judge_teacher, device)
+    best = (before, 0, [p.detach().clone() for p in trainable])
+    curve: list[dict] = [{"step": 0, "held_out": before}]
+    if settings.steps > 0 and trainable:
+        optimizer = torch.optim.Adam(trainable, lr=settings.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(settings.steps))
+        generator = torch.Generator().manual_seed(settings.seed)
+        order: list[int] = []
+        running, counted = 0.0, 0
+        checkpoints = {max(1, round(settings.steps * (i + 1) / EVALUATIONS)) for i in range(EVALUATIONS)}
+        for step in range(1, settings.steps + 1):
+            if len(order) < settings.windows_per_step:
+                order += torch.randperm(fit_windows.shape[0], generator=generator).tolist()
+            chosen, order = order[: settings.windows_per_step], order[settings.windows_per_step :]
+            with torch.enable_grad():
+                output = call_model(model, fit_windows[chosen].to(device))
+                loss = distillation_loss(output, [teacher.fit[i] for i in chosen])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            optimizer.step()
+            schedule.step()
+            running, counted = running + float(loss.detach()), counted + 1
+            if step in checkpoints:
+                score = held_out_loss(model, judge, judge_teacher, device)
+                curve.append({"step": step, "train": running / counted, "held_out": score})
+                running, counted = 0.0, 0
+                if score < best[0]:
+                    best = (score, step, [p.detach().clone() for p in trainable])
+            if on_step is not None:
+                on_step(step, settings.steps)
+    with torch.no_grad():
+        for parameter, kept in zip(trainable, best[2]):
+            parameter.copy_(kept)
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+    _restore_dtypes(model, dtypes)
+    _freeze_int8_codebooks(thawed)
+    model.to(home)
+    model.train(was_training)
+    after = held_out_loss(model.to(device), judge, judge_teacher, device) if settings.steps else before
+    model.to(home)
+    return FinetuneReport(settings.steps, settings.lr, before, after, best[1], time.perf_counter() - start, curve)
+
+
+def _warmup_cosine(steps: int) -> Callable[[int], float]:
+    warmup = max(1, int(WARMUP_FRACTION * steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+    return factor
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    """Codebooks and biases of RPQ modules, weights and biases of norms; everything else frozen."""
+    chosen: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        own = dict(module.named_parameters(recurse=False))
+        if hasattr(module, "indices") and hasattr(module, "code_bits"):  # an RPQ module
+            picked = [own.get("codebooks"), own.get("bias")]
+        elif "norm" in type(module).__name__.lower():
+            picked = [own.get("weight"), own.get("bias")]
+        else:
+            picked = []
+        for parameter in picked:
+            if parameter is not None and parameter.is_floating_point():
+                chosen[id(parameter)] = parameter
+    for parameter in model.parameters():
+        parameter.requires_grad_(id(parameter) in chosen)
+    return list(chosen.values())
+
+
+def _dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    return {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def _restore_dtypes(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Every tensor back to the dtype it had before training (codebooks round to their storage here)."""
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            wanted = dtypes.get(name)
+            if wanted is not None and tensor.dtype != wanted:
+                tensor.data = tensor.data.to(wanted)
+
+
+def _thaw_int8_codebooks(model: nn.Module) -> list[nn.Module]:
+    """int8 codebooks become float32 Parameters (their values) for training; returns the modules changed."""
+    thawed = []
+    for module in model.modules():
+        if getattr(module, "codebook_scales", None) is not None and hasattr(module, "code_bits"):
+            values = module.codebook_values(torch.float32).detach()
+            del module._buffers["codebooks"], module._buffers["codebook_scales"]
+            module.codebooks = nn.Parameter(values)
+            module.codebook_scales = None
+            thawed.append(module)
+    return thawed
+
+
+def _freeze_int8_codebooks(modules: list[nn.Module]) -> None:
+    """Trained float codebooks back to int8 with one scale per codebook."""
+    for module in modules:
+        values = module.codebooks.detach().float()
+        books = CodebookSet(values, torch.full(values.shape[:1], values.shape[1]), torch.ones(values.shape[0], dtype=torch.bool))
+        levels, scales = books.int8_parts()
+        del module._parameters["codebooks"]
+        module.__dict__.pop("codebook_scales", None)
+        module.register_buffer("codebooks", levels)
+        module.register_buffer("codebook_scales", scales)

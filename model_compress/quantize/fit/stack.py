@@ -1,0 +1,210 @@
+"""Running a model one block at a time, so each block is fitted on what the compressed blocks before it produce.
+
+GPTQ's sequential scheme, for any transformers model whose layers sit in one repeated stack (a
+ModuleList of blocks of one class: ``model.layers``, ``transformer.h``, ``encoder.layer``):
+  * ``capture_inputs`` runs the model until the first block and keeps each batch's call to it
+    (hidden states plus every keyword the model passes: masks, rotary tables, positions);
+  * ``run_block`` calls one block on those hidden states (on the fitting device), giving the
+    hidden states for the next block; only one block's inputs are ever held;
+  * ``replay_tail`` runs what comes after the stack (final norm, head) on the last block's
+    outputs, with every block stubbed out, so head statistics and teacher logits cost no second
+    pass through the blocks.
+Modules outside the stack are moved to the device only while those short runs need them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class BlockStack:
+    """The repeated blocks of a model: ``prefix`` is the ModuleList's name, ``blocks`` the list itself."""
+
+    prefix: str
+    blocks: nn.ModuleList
+
+    def block_name(self, index: int) -> str:
+        return f"{self.prefix}.{index}" if self.prefix else str(index)
+
+    def index_of(self, layer_name: str) -> int | None:
+        """Which block a layer belongs to, or None when it is outside the stack."""
+        head = f"{self.prefix}." if self.prefix else ""
+        if not layer_name.startswith(head):
+            return None
+        first = layer_name[len(head) :].split(".", 1)[0]
+        return int(first) if first.isdigit() and int(first) < len(self.blocks) else None
+
+
+@dataclass
+class BlockCall:
+    """One batch's call of a block: positional and keyword arguments, hidden states first."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+
+    @property
+    def hidden(self) -> Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    def with_hidden(self, hidden: Tensor) -> "BlockCall":
+        if self.args:
+            return BlockCall((hidden, *self.args[1:]), self.kwargs)
+        return BlockCall(self.args, {**self.kwargs, "hidden_states": hidden})
+
+
+def find_stack(model: nn.Module, layer_names: list[str]) -> BlockStack | None:
+    """The ModuleList of same-class blocks that holds the most of ``layer_names`` (None when none holds two)."""
+    best: tuple[int, BlockStack] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        stack = BlockStack(name, module)
+        covered = sum(stack.index_of(layer) is not None for layer in layer_names)
+        if covered >= 2 and (best is None or covered > best[0]):
+            best = (covered, stack)
+    return best[1] if best else None
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: nothing after the first block needs to run."""
+
+
+def capture_inputs(model: nn.Module, stack: BlockStack, batches: list[Tensor], device: torch.device) -> list[BlockCall]:
+    """Each batch's arguments to the first block, produced by what runs before it (on ``device``)."""
+    calls: list[BlockCall] = []
+
+    def keep(module, args, kwargs):
+        calls.append(BlockCall(_detached(args), _detached(kwargs)))
+        raise _Stop
+
+    handle = stack.blocks[0].register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with outside_on(model, stack, device), torch.no_grad():
+            for batch in batches:
+                try:
+                    call_model(model, batch.to(device))
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    if len(calls) != len(batches):
+        raise RuntimeError(f"the first block of {stack.prefix} ran {len(calls)} times for {len(batches)} batches")
+    return calls
+
+
+@dataclass
+class BlockRun:
+    """A block's output hidden states per call, and whether it answers with a tuple (GPT-2, BERT) or a tensor."""
+
+    outputs: list[Tensor]
+    as_tuple: bool
+
+
+def run_block(block: nn.Module, calls: list[BlockCall], after_call: Callable[[], None] | None = None) -> BlockRun:
+    """Call ``block`` (already on the calls' device) on every captured call."""
+    outputs, as_tuple = [], False
+    with torch.no_grad():
+        for call in calls:
+            out = block(*call.args, **call.kwargs)
+            as_tuple = isinstance(out, (tuple, list))
+            outputs.append(out[0] if as_tuple else out)
+            if after_call is not None:
+                after_call()
+    return BlockRun(outputs, as_tuple)
+
+
+def replay_tail(
+    model: nn.Module,
+    stack: BlockStack,
+    batches: list[Tensor],
+    last_run: BlockRun,
+    device: torch.device,
+    on_output: Callable[[int, Any], None] | None = None,
+) -> None:
+    """Run the model on each batch with every block stubbed: the last one returns ``finals[i]``.
+
+    Hooks the caller placed on modules after the stack (the head) see the states the real blocks
+    made (``last_run``: the last block's outputs); ``on_output(i, output)`` receives the model's
+    output for batch i.
+    """
+    state = {"batch": 0}
+    originals = list(stack.blocks)
+    last = len(originals) - 1
+
+    def stub(index: int) -> nn.Module:
+        answer = (lambda hidden: last_run.outputs[state["batch"]]) if index == last else (lambda hidden: hidden)
+        return _Stub(answer, last_run.as_tuple)
+
+    for index in range(len(originals)):
+        stack.blocks[index] = stub(index)
+    try:
+        with outside_on(model, stack, device), torch.no_grad():
+            for i, batch in enumerate(batches):
+                state["batch"] = i
+                output = call_model(model, batch.to(device))
+                if on_output is not None:
+                    on_output(i, output)
+    finally:
+        for index, block in enumerate(originals):
+            stack.blocks[index] = block
+
+
+class _Stub(nn.Module):
+    def __init__(self, answer: Callable[[Tensor], Tensor], as_tuple: bool) -> None:
+        super().__init__()
+        self.answer, self.as_tuple = answer, as_tuple
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        out = self.answer(hidden_states)
+        return (out,) if self.as_tuple else out
+
+
+def call_model(model: nn.Module, ids: Tensor) -> Any:
+    """``model(input_ids=ids)`` without a KV cache, for models whose forward takes ``use_cache`` and those that do not."""
+    try:
+        return model(input_ids=ids, use_cache=False)
+    except TypeError as error:
+        if "use_cache" not in str(error):
+            raise
+        return model(input_ids=ids)
+
+
+@contextlib.contextmanager
+def outside_on(model: nn.Module, stack: BlockStack, device: torch.device) -> Iterator[None]:
+    """Every parameter and buffer outside the stack on ``device`` for the duration; back where it was after."""
+    head = f"{stack.prefix}." if stack.prefix else ""
+    moved: list[tuple[Tensor, torch.device]] = []
+    seen: set[int] = set()
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if name.startswith(head) or id(tensor) in seen or tensor.device == device:
+            continue
+        seen.add(id(tensor))
+        moved.append((tensor, tensor.device))
+        tensor.data = tensor.data.to(device)
+    try:
+        yield
+    finally:
+        for tensor, where in moved:
+            tensor.data = tensor.data.to(where)
+
+
+def _detached(value: Any) -> Any:
+    """Tensors of a captured call, detached (a cache object or a plain value passes as it is)."""
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detached(v) for v in value)
+    if isinstance(value, list):
+        return [_detached(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
