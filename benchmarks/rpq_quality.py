@@ -8,7 +8,9 @@ packaged Wikipedia sample, windows of 2048 as `compress eval` cuts them, `--max-
 calibration uses the packaged C4 sample, never the evaluation text. An encoder without a head
 (all-MiniLM-L6-v2) is scored by the cosine of its mean-pooled sentence embeddings to the original's.
 For each budget: the conversion without fine-tuning (timed), its quality, then fine-tuning (timed)
-and the quality after it. Bits per weight count every stored tensor of the whole model.
+and the quality after it. A budget here counts every weight of the model: the layers RPQ converts get
+the `--bits` that leaves room for what stays dense (norms, biases, tiny tables, stored as they are),
+and the table's bits per weight count every stored tensor of the whole model.
 
 Baselines (benchmark code, not the product): per-group scalar quantization, asymmetric, groups of
 128 along the input, 4 and 3 bits (4.25 / 3.25 bits per weight with a float16 scale and zero per
@@ -34,7 +36,7 @@ from model_compress.data import calibration_text, default_text
 from model_compress.eval import similarity
 from model_compress.eval.perplexity import causal_nll, cut_windows, tokenize
 from model_compress.models import load_model, resolve_source
-from model_compress.quantize.convert import RPQSettings, convert_model, find_layers
+from model_compress.quantize.convert import RPQSettings, convert_model, find_layers, plan_layers
 from model_compress.quantize.defaults import CALIBRATION_TOKENS, FINETUNE_STEPS
 from model_compress.quantize.fit.calibration import calibration_set
 from model_compress.quantize.fit.finetune import FinetuneSettings, Teacher, finetune
@@ -47,17 +49,32 @@ GROUP = 128
 
 
 def evaluate(model: nn.Module, data, device: torch.device, dtype: torch.dtype) -> dict:
-    """Perplexity on the windows (causal LM) or pooled-embedding cosine to the original's (encoder)."""
-    model = model.to(device, dtype)
+    """Perplexity on the windows (causal LM) or pooled-embedding cosine to the original's (encoder).
+
+    A copy is scored, so the model itself keeps its dtype (rounding the original to float16 and back
+    would change what the next conversion starts from).
+    """
+    scored = copy.deepcopy(model).to(device, dtype)
     try:
         if data["kind"] == "perplexity":
-            return {"perplexity": causal_nll(model, data["windows"]).perplexity}
-        outputs = similarity.embed(model, data["batches"])
+            return {"perplexity": causal_nll(scored, data["windows"]).perplexity}
+        outputs = similarity.embed(scored, data["batches"])
         if data.get("reference") is None:
             data["reference"] = outputs
         return similarity.compare(data["reference"], outputs)
     finally:
-        model.to("cpu", torch.float32 if dtype != torch.float32 else dtype)
+        del scored
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def converted_budget(model: nn.Module, budget: float, params: int) -> float:
+    """The --bits for the converted layers that makes the whole model's stored bits ``budget`` per weight."""
+    plans = plan_layers(find_layers(model), RPQSettings(bits=budget))
+    layers = [p.layer for p in plans if p.converted and p.layer.kind != "tied_head"]
+    converted = sum(l.numel for l in layers)
+    dense_bits = 8 * model_bytes(model) - sum(8 * l.dense_bytes for l in layers)
+    return (budget * params - dense_bits) / converted
 
 
 def all_weight_bits(model: nn.Module, params: int) -> float:
@@ -199,9 +216,10 @@ def main() -> None:
         model = copy.deepcopy(original)
         teacher = Teacher()
         start = time.perf_counter()
-        convert_model(model, RPQSettings(bits=budget, device=device), calibration, on_output=teacher.record)
+        bits = converted_budget(model, budget, params)
+        convert_model(model, RPQSettings(bits=bits, device=device), calibration, on_output=teacher.record)
         fit_seconds = time.perf_counter() - start
-        run = {"method": "rpq", "budget": budget, "bits_all_weights": all_weight_bits(model, params), "fit_seconds": fit_seconds}
+        run = {"method": "rpq", "budget": budget, "bits": bits, "bits_all_weights": all_weight_bits(model, params), "fit_seconds": fit_seconds}
         run["fitted"] = evaluate(model, data, device, eval_dtype)
         if steps:
             report = finetune(model, calibration.fit, calibration.held_out, teacher, FinetuneSettings(steps=steps), device)

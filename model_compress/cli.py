@@ -153,7 +153,9 @@ def rpq(
     calib_seq_len: Annotated[Optional[int], typer.Option(help="Calibration window in tokens (default: min(2048, the model's context)).")] = None,
     finetune_steps: Annotated[Optional[int], typer.Option(help=f"End-to-end fine-tuning steps on KL to the original, codes fixed (default: {FINETUNE_STEPS['cuda']} on CUDA, {FINETUNE_STEPS['cpu']} on a CPU).")] = None,
     finetune_lr: Annotated[float, typer.Option(help="Adam learning rate of the fine-tuning.")] = 1e-4,
-    rounds: Annotated[int, typer.Option(help="Most rounds of code sweep + codebook refit per layer.")] = DEFAULT_ROUNDS,
+    rounds: Annotated[
+        Optional[int], typer.Option(help=f"Most rounds of code sweep + codebook refit per layer (default: {DEFAULT_ROUNDS['cuda']} on CUDA, {DEFAULT_ROUNDS['cpu']} on a CPU).")
+    ] = None,
     skip: Annotated[
         Optional[list[str]],
         typer.Option("--skip", help="Leave matching layers dense: a glob on the full name, or a name's last part (lm_head). Repeatable."),

@@ -219,8 +219,8 @@ def test_finetuning_lowers_the_held_out_kl(tmp_path, tiny_folder):
     from model_compress.quantize.fit.finetune import FinetuneSettings
     from model_compress.quantize.pipeline import CalibrationOptions, compress_rpq
 
-    run = compress_rpq(
-        str(tiny_folder("llama")), None, RPQSettings(bits=2.5, codebook_bits=8),
+    run = compress_rpq(  # 4 codes per output row: a large error for fine-tuning to win back
+        str(tiny_folder("llama")), None, RPQSettings(num_codebooks=64, codebook_size=4, codebook_bits=8),
         calibration=CalibrationOptions(tokens=8 * 128, seq_len=128), finetuning=FinetuneSettings(steps=40, lr=3e-3),
     )
     report = run.finetune

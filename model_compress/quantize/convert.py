@@ -25,8 +25,9 @@ from .fit.allocate import BudgetError, Option, allocate
 from .fit.calibration import CalibrationSet
 from .fit.codebooks import CodebookSet
 from .fit.formats import CodeFormat, budget_candidates
-from .fit.groups import FitSettings, FittedLayer, fit_cols, fit_rows_group, measure_cols, measure_rows_group
+from .fit.groups import FitSettings, FittedLayer, fit_cols, fit_rows_group, measure_cols, measure_rows_group, tied_metric
 from .fit.passes import Batches, OnOutput, Statistics, run_pass
+from .fit.sensitivity import output_sensitivities
 from .fit.stack import find_stack
 from .fit.statistics import count_tokens
 from .defaults import DEFAULT_BITS, DEFAULT_ROUNDS
@@ -38,6 +39,7 @@ BITS_RANGE = (1.0, 16.0)  # --bits must lie in (low, high]
 # Candidate formats a budget B measures per layer: bits per weight within [B - BELOW, B + ABOVE].
 CANDIDATES_BELOW, CANDIDATES_ABOVE = 1.5, 1.5
 CALIBRATION_TOKENS_PER_BATCH = 8192  # windows per block call: about this many tokens
+SENSITIVITY_WINDOWS = 2  # calibration windows of the forward + backward pass that weighs the layers
 
 
 @dataclass
@@ -55,7 +57,7 @@ class RPQSettings:
     codebook_size: int | None = None
     codebook_bits: int | None = None
     skip: list[str] = field(default_factory=list)
-    rounds: int = DEFAULT_ROUNDS
+    rounds: int | None = None  # None: the device's default (defaults.DEFAULT_ROUNDS)
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
@@ -66,6 +68,12 @@ class RPQSettings:
     @property
     def budget(self) -> float:
         return self.bits if self.bits is not None else DEFAULT_BITS
+
+    @property
+    def fit_rounds(self) -> int:
+        if self.rounds is not None:
+            return self.rounds
+        return DEFAULT_ROUNDS["cuda" if self.device.type == "cuda" else "cpu"]
 
 
 @dataclass
@@ -148,9 +156,10 @@ class Allocation:
     """What a budget chose from: every layer's measured candidates (format, bits, error) and the pick."""
 
     budget: float
-    options: dict[str, list[Option]]
+    options: dict[str, list[Option]]  # errors already multiplied by the layer's loss weight
     chosen: dict[str, Option]
     weights: int  # how many weights the budget is spread over
+    loss_weights: dict[str, float]
 
     def usable_bits(self, threshold: float, step: float = 0.25) -> float | None:
         """The smallest budget (in ``step`` increments above this one) whose allocation keeps the mean
@@ -164,19 +173,22 @@ class Allocation:
                 chosen = allocate(lists, budget * total)
             except BudgetError:
                 continue
-            if sum(o.error for o in chosen) / len(chosen) <= threshold:
+            errors = [o.error / self.loss_weights[name] for name, o in zip(self.options, chosen)]
+            if sum(errors) / len(errors) <= threshold:
                 return budget
         return None
 
     def to_json(self) -> dict:
         return {
             "budget_bits": self.budget,
-            "objective": "sum of relative output errors, subject to the stored bits",
+            "objective": "sum over layers of loss weight x relative output error, subject to the stored bits",
             "layers": {
                 name: {
                     "chosen": self.chosen[name].choice.to_json(),
+                    "loss_weight": self.loss_weights[name],
                     "candidates": [
-                        {**o.choice.to_json(), "bits_per_weight": o.bits, "output_error": o.error} for o in options
+                        {**o.choice.to_json(), "bits": o.bits, "output_error": o.error / self.loss_weights[name]}
+                        for o in options
                     ],
                 }
                 for name, options in self.options.items()
@@ -314,6 +326,8 @@ def convert_model(
     observer.started(plans)
     fitter = _ModelFitter(model, plans, settings, calibration, observer)
     allocation = None
+    if calibration is not None:
+        fitter.weigh_layers()
     with torch.no_grad():
         if not settings.fixed:
             allocation = fitter.measure_and_allocate(on_output)
@@ -339,8 +353,9 @@ class _ModelFitter:
         self.plans = {plan.layer.name: plan for plan in plans if plan.converted}
         dtype = next(iter(self.plans.values())).layer.dtype
         float_name = dtype_name(dtype) if settings.fixed and settings.codebook_bits is None else float_codebook_dtype(dtype)
-        self.fit_settings = FitSettings(rounds=settings.rounds, seed=settings.seed, float_dtype=getattr(torch, float_name))
+        self.fit_settings = FitSettings(rounds=settings.fit_rounds, seed=settings.seed, float_dtype=getattr(torch, float_name))
         self.results: dict[str, LayerResult] = {}
+        self.sensitivity: dict[str, float] = {}
         self.measured: dict[str, list[float]] = {}
         self.candidates: dict[str, list[CodeFormat]] = {}
         names = [name for name, plan in self.plans.items() if plan.layer.kind in (KIND_LINEAR, KIND_CONV1D, KIND_TIED_HEAD)]
@@ -351,6 +366,12 @@ class _ModelFitter:
         self.token_embedding = next((n for n, m in model.named_modules() if m is input_embeddings), None)
 
     # -- the passes -------------------------------------------------------------------------------
+
+    def weigh_layers(self) -> None:
+        """What each layer's output error costs the model (``fit.sensitivity``), from the original model."""
+        modules = {name: self.model.get_submodule(name) for name in self.plans}
+        windows = self.calibration.fit[:SENSITIVITY_WINDOWS].split(1)
+        self.sensitivity = output_sensitivities(self.model, modules, windows, self.device)
 
     def measure_and_allocate(self, on_output: OnOutput | None) -> Allocation:
         """Candidates of every layer measured on the original model's states, then one format per layer."""
@@ -400,9 +421,9 @@ class _ModelFitter:
             for name in group:
                 if self.plans[name].layer.kind == KIND_TIED_HEAD:
                     embedding = self.plans[name].layer.tied_to
-                    self.measured[embedding] = measure_cols(
-                        self._weight(embedding), self.candidates[embedding], hessian, self._row_weights(embedding), self.fit_settings
-                    )
+                    weight, rows = self._weight(embedding), self._row_weights(embedding)
+                    metric = tied_metric(weight, hessian, rows, *self._tie_weights(name))
+                    self.measured[embedding] = measure_cols(weight, self.candidates[embedding], metric, rows, self.fit_settings)
             rows = [name for name in group if self.plans[name].layer.kind != KIND_TIED_HEAD]
             if rows:
                 errors = measure_rows_group([self._weight(n) for n in rows], [self.candidates[n] for n in rows], hessian, self.fit_settings)
@@ -439,9 +460,12 @@ class _ModelFitter:
         self._swap(name, fitted, True, time.perf_counter() - start)
 
     def _fit_tied(self, head: str, hessian: Tensor | None) -> None:
-        """The embedding under the head's statistics, then the head as an RPQTiedHead over its codes."""
+        """The table under both its jobs' metric (``fit.groups.tied_metric``), then the head as an RPQTiedHead over its codes."""
         embedding = self.plans[head].layer.tied_to
-        self._fit_embedding(embedding, hessian)
+        metric = None
+        if hessian is not None:
+            metric = tied_metric(self._weight(embedding), hessian, self._row_weights(embedding), *self._tie_weights(head))
+        self._fit_embedding(embedding, metric)
         start = time.perf_counter()
         plan = self.plans[head]
         self.observer.layer_started(plan)
@@ -469,7 +493,7 @@ class _ModelFitter:
         options = []
         for name in names:
             layer = self.plans[name].layer
-            weight = 2 if self._tied_head_of(name) else 1  # a tied table's error counts for both of its ends
+            weight = self._loss_weight(name)
             options.append(
                 [
                     Option(fmt, fmt.stored_bytes(layer.shape, layer.layout) * 8.0, error * weight)
@@ -489,7 +513,28 @@ class _ModelFitter:
             head = self._tied_head_of(name)
             if head:
                 self.plans[head].format = option.choice
-        return Allocation(self.settings.budget, dict(zip(names, options)), dict(zip(names, chosen)), total)
+        weights = {name: self._loss_weight(name) for name in names}
+        return Allocation(self.settings.budget, dict(zip(names, options)), dict(zip(names, chosen)), total, weights)
+
+    def _loss_weight(self, name: str) -> float:
+        """What a unit of ``name``'s relative output error costs the model (1 for every layer without weights).
+
+        A tied table's measured error is its two jobs' weighted mean, so it costs their sum.
+        """
+        known = sorted(self.sensitivity.values())
+        if not known:
+            return 2.0 if self._tied_head_of(name) else 1.0
+        typical = known[len(known) // 2]
+        head = self._tied_head_of(name)
+        own = self.sensitivity.get(name, typical)
+        return own + self.sensitivity.get(head, typical) if head else own
+
+    def _tie_weights(self, head: str) -> tuple[float, float]:
+        """(head, input embedding) weights of a tied table's two jobs; equal where nothing weighed them."""
+        embedding = self.plans[head].layer.tied_to
+        if head in self.sensitivity and embedding in self.sensitivity:
+            return self.sensitivity[head], self.sensitivity[embedding]
+        return 1.0, 1.0
 
     def _measure_without_data(self, name: str) -> list[float]:
         plan = self.plans[name]
@@ -595,7 +640,7 @@ def validate_settings(settings: RPQSettings) -> None:
         raise UserError(f"--codebook-size must be between 2 and {MAX_CODEBOOK_SIZE}, got {settings.codebook_size}")
     if settings.codebook_bits not in (None, 8, 16):
         raise UserError(f"--codebook-bits must be 8 or 16, got {settings.codebook_bits}")
-    if settings.rounds < 1:
+    if settings.rounds is not None and settings.rounds < 1:
         raise UserError(f"--rounds must be a positive integer, got {settings.rounds}")
 
 

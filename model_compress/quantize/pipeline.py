@@ -163,7 +163,7 @@ def _config_section(
             "error feedback, codebooks refitted by least squares on the output error"
             if conversion.calibration
             else "k-means of the weights (no calibration data)",
-            "rounds": settings.rounds,
+            "rounds": settings.fit_rounds,
             "seed": settings.seed,
             "device": str(settings.device),
             "dtype": str(next(network.parameters()).dtype).removeprefix("torch."),

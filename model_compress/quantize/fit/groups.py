@@ -23,7 +23,7 @@ from .layer import COLS, ROWS, FitProblem, decode_fit, fit, initial_codebooks
 # Measurement fits a sample of each layer's rows: a Linear's rows are independent under its output
 # error, so the error of a few hundred rows (whole codebooks, spread over the layer) estimates the
 # layer's at a fraction of the cost. An embedding table's rows share codebooks: a larger sample.
-MEASURE_ROWS = 256
+MEASURE_ROWS = 128
 MEASURE_TABLE_ROWS = 4096
 
 
@@ -31,7 +31,7 @@ MEASURE_TABLE_ROWS = 4096
 class FitSettings:
     """How hard to fit: sweep/refit rounds (stopping early when one gains less than ``tol``), the seed, the 16-bit float."""
 
-    rounds: int = DEFAULT_ROUNDS
+    rounds: int = DEFAULT_ROUNDS["cuda"]
     tol: float = 5e-3
     seed: int = 0
     float_dtype: torch.dtype = torch.float16
@@ -74,7 +74,7 @@ def measure_rows_group(
     """Relative output error of every candidate format of every layer (same order as ``candidates``).
 
     Each (D, K) is fitted once, one round (k-means start, sweep, refit) with 16-bit codebooks, on a
-    sample of the layer's rows (MEASURE_ROWS: on SmolLM2 within 3% of the whole layer's error); the
+    sample of the layer's rows (MEASURE_ROWS: on SmolLM2 within 4% of the whole layer's error); the
     same codes with the codebooks rounded to int8 price the int8 storage of that (D, K).
     """
     trials: list[tuple[int, CodeFormat]] = []  # (layer, 16-bit version of a candidate), each (D, K) once
@@ -133,6 +133,25 @@ def measure_cols(
         as_int8 = CodebookSet(fitted.codebooks.values, fitted.codebooks.sizes, torch.ones_like(fitted.codebooks.int8), settings.float_dtype)
         scores[_int8_version(fmt)] = float(problem.row_errors(decode_fit(problem, fitted.codes, as_int8.project())).sum()) / max(energy, 1e-30)
     return [scores[_canonical(f, settings)] for f in candidates]
+
+
+def tied_metric(
+    weight: Tensor, head_hessian: Tensor, row_weights: Tensor | None, head_weight: float = 1.0, input_weight: float = 1.0
+) -> Tensor:
+    """The metric a tied embedding / head is fitted under: both of its jobs, each as a relative error.
+
+    As a head its error is sum_v f_v d_v^T H d_v over its energy c_H = sum_v f_v e_v^T H e_v; as an input
+    embedding, sum_v f_v |d_v|^2 over c_I = sum_v f_v |e_v|^2. Weighted by what each costs the model
+    (``head_weight``, ``input_weight``: see ``sensitivity``), their sum is d^T M d with
+    M = head_weight / c_H * H + input_weight / c_I * I, returned scaled by c_I (a constant changes no fit).
+    The relative error under M is then the weights' mean of the two relative errors.
+    """
+    weight = weight.float()
+    f = torch.ones(weight.shape[0], device=weight.device) if row_weights is None else row_weights.float()
+    head_energy = float((((weight @ head_hessian) * weight).sum(1) * f).sum())
+    input_energy = float(((weight * weight).sum(1) * f).sum())
+    scale = head_weight / max(input_weight, 1e-30) * input_energy / max(head_energy, 1e-30)
+    return scale * head_hessian + torch.eye(weight.shape[1], device=weight.device)
 
 
 def _stacked(
