@@ -29,7 +29,7 @@ case "${STAGE:-tests}" in
     cp .device/evalA/*.whl /tmp/smol/ 2>/dev/null
     install_wheels /tmp/smol
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/device.txt"
-    python3 -m pytest -q -p no:cacheprovider -x tests/test_cuda.py tests/test_triton_kernels.py tests/test_fit.py tests/test_layers.py \
+    python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_cuda.py tests/test_triton_kernels.py tests/test_fit.py tests/test_layers.py \
       2>&1 | tee "$OUT/gpu_tests.log" | tail -5
     ;;
   smol)
