@@ -5,7 +5,7 @@
 # The SmolLM2 GGUF (98 MB) is over the device tool's 64 MiB per call, so calls go back to back on one
 # warm machine (it keeps /tmp between them); STAGE picks the work of each:
 #   STAGE=tests   carry .device/evalA   stores GGUF part a in /tmp/smol; CUDA + fit tests
-#   STAGE=smol    carry .device/evalB   part b + wheels; rpq_quality.py on SmolLM2 (BUDGETS, BASELINES=1)
+#   STAGE=smol    carry .device/evalB   part b + wheels (a later call on the machine needs no carry); rpq_quality.py on SmolLM2 (BUDGETS, BASELINES=1)
 #   STAGE=minilm  carry .device/minilm  rpq_quality.py on all-MiniLM-L6-v2 at 4.5 bits
 #   STAGE=opt     (no carry)            opt-1.3b architecture (random fp16) `compress rpq --bits 4`, timed
 #   STAGE=default (no carry)            the default model: `compress rpq -o out/` timed end to end on CUDA
@@ -23,26 +23,31 @@ install_wheels() {  # transformers >= 5.24, gguf, exllamav2 (for its texts) wher
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
 }
 
-case "${STAGE:-tests}" in
+for stage in ${STAGE:-tests}; do  # several stages in one call: STAGE="smol minilm"
+case "$stage" in
   tests)
     cp .device/evalA/smol.part-a /tmp/smol/ && echo "part a stored in /tmp/smol"
     cp .device/evalA/*.whl /tmp/smol/ 2>/dev/null
     install_wheels /tmp/smol
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/device.txt"
-    python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_cuda.py tests/test_triton_kernels.py tests/test_fit.py tests/test_layers.py \
-      2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+    timeout "${TEST_SECONDS:-900}" python3 -m pytest -q -rfE -p no:cacheprovider -n 4 ${TESTS:-tests/test_cuda.py tests/test_triton_kernels.py tests/test_fit.py tests/test_layers.py} \
+      > "$OUT/gpu_tests.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -30
     ;;
   smol)
     [ -f /tmp/smol/smol.part-a ] || { echo "error: /tmp/smol/smol.part-a is missing (the machine was given back); start again with STAGE=tests" >&2; exit 2; }
-    cat /tmp/smol/smol.part-a .device/evalB/smol.part-b > "$GGUF"
-    echo "$(cat .device/evalB/smol.sha256)  $GGUF" | sha256sum -c || exit 1
-    install_wheels /tmp/smol .device/evalB
+    if [ -f .device/evalB/smol.part-b ]; then  # a later call on the same machine finds the joined file in /tmp
+      cat /tmp/smol/smol.part-a .device/evalB/smol.part-b > "$GGUF"
+      echo "$(cat .device/evalB/smol.sha256)  $GGUF" | sha256sum -c || exit 1
+      cp .device/evalB/smol.sha256 /tmp/smol/
+    fi
+    echo "$(cat /tmp/smol/smol.sha256)  $GGUF" | sha256sum -c || exit 1
+    install_wheels /tmp/smol
     python3 benchmarks/rpq_quality.py "$GGUF" --budgets ${BUDGETS:-4.5 3.25 2.5} --device cuda \
       ${BASELINES:+--baselines} --out "$OUT/quality_smollm2.json" ${QUALITY_ARGS:-} 2>&1 | tee "$OUT/quality_smollm2.log" | tail -14
     ;;
   minilm)
     install_wheels /tmp/smol .device/minilm
-    python3 benchmarks/rpq_quality.py .device/minilm --budgets ${BUDGETS:-4.5} --device cuda \
+    python3 benchmarks/rpq_quality.py .device/minilm --budgets ${MINILM_BUDGETS:-4.5} --device cuda \
       --out "$OUT/quality_minilm.json" ${QUALITY_ARGS:-} 2>&1 | tee "$OUT/quality_minilm.log" | tail -6
     ;;
   opt)
@@ -51,6 +56,7 @@ case "${STAGE:-tests}" in
     ;;
   default)
     install_wheels /tmp/smol
-    python3 benchmarks/timed_cli.py rpq -o /tmp/default-out --device cuda --force ${RPQ_ARGS:-} 2>&1 | tee "$OUT/default.log" | tail -30
+    python3 benchmarks/timed_cli.py rpq "$GGUF" -o /tmp/default-out --device cuda --force ${RPQ_ARGS:-} 2>&1 | tee "$OUT/default.log" | tail -30
     ;;
 esac
+done

@@ -84,6 +84,25 @@ def test_embedding_forward_matches_f_embedding(num_codebooks, codebook_size, cod
     assert isinstance(table, nn.Embedding)
 
 
+@pytest.mark.parametrize("codebook_size,codebook_dtype", [(256, None), (16, None), (16, "int8"), (256, "int8")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_layers_compute_in_the_model_dtype(codebook_size, codebook_dtype, dtype):
+    """A model cast to 16 bits gets 16-bit outputs from every layout: a float32 embedding output would
+    meet a 16-bit LayerNorm next (BERT) and fail there."""
+    table = filled(RPQEmbedding(300, 48, 12, codebook_size, codebook_dtype=codebook_dtype)).to(dtype)
+    layer = filled(RPQLinear(48, 36, 12, codebook_size, bias=True, codebook_dtype=codebook_dtype)).to(dtype)
+    head = RPQTiedHead(table, bias=False)
+    ids = torch.randint(0, 300, (2, 9))
+    rows = table(ids)
+    assert rows.dtype == dtype and torch.equal(rows, F.embedding(ids, table.dequantize().to(dtype)))
+    for tokens in (1, 64):
+        x = torch.randn(tokens, 48, dtype=dtype)
+        out, logits = layer(x), head(x)
+        assert out.dtype == dtype and logits.dtype == dtype
+        assert rel_error(out, x.double() @ layer.dequantize().double().T + layer.bias.double()) < 2e-2
+        assert rel_error(logits, x.double() @ table.dequantize().double().T) < 2e-2
+
+
 @pytest.mark.parametrize("num_codebooks,codebook_size,codebook_dtype", [(8, 64, None), (32, 16, "int8")])
 def test_tied_head_matches_f_linear_with_decoded_table(num_codebooks, codebook_size, codebook_dtype):
     table = filled(RPQEmbedding(500, 32, num_codebooks, codebook_size, codebook_dtype=codebook_dtype))

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from . import kernels
 from .layout import CODEBOOK_DTYPES, EMBEDDING, INT8, LINEAR, code_bins, code_bits, decode, dtype_name, packed_width, unpack_codes
 
-SCALE_DTYPE = torch.float16
 
 
 def _register_codes(
@@ -46,7 +45,9 @@ def _register_codes(
     shape = (num_codebooks, codebook_size, split // num_codebooks)
     if codebook_dtype == INT8:
         module.register_buffer("codebooks", torch.zeros(shape, device=device, dtype=torch.int8))
-        module.register_buffer("codebook_scales", torch.ones(num_codebooks, device=device, dtype=SCALE_DTYPE))
+        # the scales live in the model dtype (and follow its casts), so the layer computes in it; fitted
+        # scales are float16 values (fit/codebooks.py), stored as such in a float16 checkpoint
+        module.register_buffer("codebook_scales", torch.ones(num_codebooks, device=device, dtype=dtype or torch.get_default_dtype()))
     else:
         storage = CODEBOOK_DTYPES[codebook_dtype] if codebook_dtype else dtype
         module.codebooks = nn.Parameter(torch.empty(shape, device=device, dtype=storage))
@@ -80,6 +81,11 @@ class _Codes:
         # int8 times a 16-bit scale is exact in float32 (8 + 11 significant bits); None keeps it there
         values = self.codebooks.float() * self.codebook_scales.float()[:, None, None]
         return values if dtype is None else values.to(dtype)
+
+    @property
+    def value_dtype(self) -> torch.dtype:
+        """The dtype the layer computes in: its float codebooks', or its scales' for int8 ones (both follow ``.to``)."""
+        return self.codebooks.dtype if self.codebook_scales is None else self.codebook_scales.dtype
 
     def codes(self, select: Tensor | None = None) -> Tensor:
         """The codes (M, columns) as int64, or only the columns ``select``."""
@@ -187,7 +193,7 @@ class RPQEmbedding(_Codes, nn.Embedding):
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Embedding's argument name
         if not self.native:
-            return kernels.embedding_torch(input, self.codebook_values(), self.codes(input))
+            return kernels.embedding_torch(input, self.codebook_values(self.value_dtype), self.codes(input))
         return kernels.embedding_forward(input, self.codebooks, self.indices)
 
     def reset_parameters(self) -> None:
@@ -306,7 +312,7 @@ def build_rpq_module(
             raise ValueError("a tied head needs the RPQEmbedding it is tied to")
         bias = getattr(original, "bias", None)
         module = RPQTiedHead(
-            tied_embedding, bias=bias is not None, device=tied_embedding.indices.device, dtype=_float_dtype(tied_embedding)
+            tied_embedding, bias=bias is not None, device=tied_embedding.indices.device, dtype=tied_embedding.value_dtype
         )
     elif kind == KIND_EMBEDDING:
         weight = original.weight
@@ -328,6 +334,3 @@ def build_rpq_module(
     return module
 
 
-def _float_dtype(embedding: RPQEmbedding) -> torch.dtype:
-    """The float dtype an RPQ embedding computes in (its codebooks', or its scales' for int8 codebooks)."""
-    return embedding.codebooks.dtype if embedding.codebook_scales is None else embedding.codebook_scales.dtype

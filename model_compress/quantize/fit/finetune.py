@@ -133,7 +133,7 @@ def finetune(
     home = next(model.parameters()).device
     thawed = _thaw_int8_codebooks(model)
     dtypes = _dtypes(model)
-    model.to(device).float()
+    _place(model, device, torch.float32)
     trainable = _trainable(model)
     judge = held_windows if held_windows.shape[0] else fit_windows[:1]
     judge_teacher = teacher.held_out if held_windows.shape[0] else teacher.fit[:1]
@@ -176,10 +176,10 @@ def finetune(
         parameter.requires_grad_(False)
     _restore_dtypes(model, dtypes)
     _freeze_int8_codebooks(thawed)
-    model.to(home)
+    _place(model, home)
     model.train(was_training)
-    after = held_out_loss(model.to(device), judge, judge_teacher, device) if settings.steps else before
-    model.to(home)
+    after = held_out_loss(_place(model, device), judge, judge_teacher, device) if settings.steps else before
+    _place(model, home)
     return FinetuneReport(settings.steps, settings.lr, before, after, best[1], time.perf_counter() - start, curve)
 
 
@@ -211,6 +211,15 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     for parameter in model.parameters():
         parameter.requires_grad_(id(parameter) in chosen)
     return list(chosen.values())
+
+
+def _place(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
+    """Move (and cast) with torch's own Module methods: transformers refuses `.float()` and dtype moves on a
+    model that carries a quantization config, which is right for users but not for training its codebooks."""
+    nn.Module.to(model, device)
+    if dtype is not None:
+        nn.Module.to(model, dtype)
+    return model
 
 
 def _dtypes(model: nn.Module) -> dict[str, torch.dtype]:
