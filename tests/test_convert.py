@@ -214,11 +214,16 @@ def test_budget_round_trip_with_packed_codes_and_int8_codebooks(tmp_path, tiny_f
     assert run.conversion.allocation is not None and run.summary.calibration["fit_windows"] >= 1
     modules = rpq_modules(run.model)
     assert any(m.code_bits < 8 for m in modules.values() if not isinstance(m, RPQTiedHead))
-    loaded = model_compress.load(tmp_path / "out")
+    # the checkpoint is float16 and a loaded model computes in it; loaded as float32 it matches the fp32 model in memory
+    loaded = model_compress.load(tmp_path / "out", dtype=torch.float32)
     ids = torch.randint(0, 300, (2, 9))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, run.model(ids).logits)
-        assert torch.equal(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")(ids).logits, loaded(ids).logits)
+        from_hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+        assert torch.equal(from_hf(ids).logits, loaded(ids).logits)
+        as_saved = model_compress.load(tmp_path / "out")
+        scales = [b for n, b in as_saved.named_buffers() if n.endswith("codebook_scales")]
+        assert as_saved(ids).logits.dtype == torch.float16 and scales and all(b.dtype == torch.float16 for b in scales)
     spec = run.config.layers["model.layers.0.mlp.down_proj"]
     layer = loaded.model.layers[0].mlp.down_proj
     assert (spec["num_codebooks"], spec["codebook_size"], spec["codebook_dtype"]) == (

@@ -30,7 +30,7 @@ from .fit.passes import Batches, OnOutput, Statistics, run_pass
 from .fit.sensitivity import output_sensitivities
 from .fit.stack import find_stack
 from .fit.statistics import count_tokens
-from .defaults import DEFAULT_BITS, DEFAULT_ROUNDS
+from .defaults import DEFAULT_BITS, DEFAULT_ROUNDS, SENSITIVITY_WINDOWS, for_device
 from .layers import KIND_CONV1D, KIND_EMBEDDING, KIND_LINEAR, KIND_TIED_HEAD, RPQEmbedding, build_rpq_module
 from .layout import EMBEDDING, INT8, LINEAR, MAX_CODEBOOK_SIZE, dtype_name, pack_codes, split_dim
 
@@ -39,7 +39,6 @@ BITS_RANGE = (1.0, 16.0)  # --bits must lie in (low, high]
 # Candidate formats a budget B measures per layer: bits per weight within [B - BELOW, B + ABOVE].
 CANDIDATES_BELOW, CANDIDATES_ABOVE = 1.5, 1.5
 CALIBRATION_TOKENS_PER_BATCH = 8192  # windows per block call: about this many tokens
-SENSITIVITY_WINDOWS = 2  # calibration windows of the forward + backward pass that weighs the layers
 
 
 @dataclass
@@ -73,7 +72,7 @@ class RPQSettings:
     def fit_rounds(self) -> int:
         if self.rounds is not None:
             return self.rounds
-        return DEFAULT_ROUNDS["cuda" if self.device.type == "cuda" else "cpu"]
+        return for_device(DEFAULT_ROUNDS, self.device)
 
 
 @dataclass
@@ -370,7 +369,7 @@ class _ModelFitter:
     def weigh_layers(self) -> None:
         """What each layer's output error costs the model (``fit.sensitivity``), from the original model."""
         modules = {name: self.model.get_submodule(name) for name in self.plans}
-        windows = self.calibration.fit[:SENSITIVITY_WINDOWS].split(1)
+        windows = self.calibration.fit[: for_device(SENSITIVITY_WINDOWS, self.device)].split(1)
         self.sensitivity = output_sensitivities(self.model, modules, windows, self.device)
 
     def measure_and_allocate(self, on_output: OnOutput | None) -> Allocation:

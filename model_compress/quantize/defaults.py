@@ -15,5 +15,13 @@ DEFAULT_BITS = 4.5
 # a CPU, where the refit's products take most of the fitting time, one round.
 DEFAULT_ROUNDS = {"cuda": 2, "cpu": 1}
 CALIBRATION_WINDOW = 2048
-CALIBRATION_TOKENS = {"cuda": 128 * CALIBRATION_WINDOW, "cpu": 8 * CALIBRATION_WINDOW}
+CALIBRATION_TOKENS = {"cuda": 128 * CALIBRATION_WINDOW, "cpu": 6 * CALIBRATION_WINDOW}
+# Calibration windows of the one forward + backward pass that weighs the layers (fit/sensitivity.py): on a
+# CPU that pass costs about half a minute a window for the default model.
+SENSITIVITY_WINDOWS = {"cuda": 2, "cpu": 1}
 FINETUNE_STEPS = {"cuda": 400, "cpu": 0}
+
+
+def for_device(table: dict, device) -> object:
+    """The entry of a per-device table for ``device`` (a torch.device): "cuda" on a GPU, "cpu" elsewhere."""
+    return table["cuda" if device.type == "cuda" else "cpu"]

@@ -16,7 +16,7 @@ from ..checkpoint import CARD_FILE, MAX_SHARD_SIZE, REPORT_FILE, check_output_fo
 from ..data import Text, calibration_text
 from ..errors import UserError
 from ..models import ModelSource, context_length, disk_bytes, load_model, resolve_source
-from .defaults import CALIBRATION_TOKENS, CALIBRATION_WINDOW, FINETUNE_STEPS
+from .defaults import CALIBRATION_TOKENS, CALIBRATION_WINDOW, FINETUNE_STEPS, for_device
 from .convert import Conversion, ConversionObserver, LayerResult, RPQSettings, convert_model, planned_layers, validate_settings
 from .fit.calibration import CalibrationSet, calibration_set
 from .fit.finetune import FinetuneReport, FinetuneSettings, Teacher, finetune
@@ -52,7 +52,7 @@ class RPQRun:
 
 
 def default_finetune_steps(device: torch.device) -> int:
-    return FINETUNE_STEPS["cuda" if device.type == "cuda" else "cpu"]
+    return for_device(FINETUNE_STEPS, device)
 
 
 def compress_rpq(
@@ -90,7 +90,7 @@ def compress_rpq(
 
     planned_layers(network, settings)  # nothing to convert: say so before calibrating
     start = time.perf_counter()
-    windows = _calibration(network, tokenizer, text, calibration, settings.device) if text is not None else None
+    windows = _calibration(network, tokenizer, text, calibration, settings.device, finetuning.steps > 0) if text is not None else None
     teacher = Teacher() if windows is not None and finetuning.steps > 0 else None
     conversion = convert_model(network, settings, windows, observer=observer, on_output=teacher.record if teacher else None)
     report = None
@@ -127,15 +127,17 @@ def _validate_options(calibration: CalibrationOptions, finetuning: FinetuneSetti
         raise UserError(f"--finetune-lr must be positive, got {finetuning.lr}")
 
 
-def _calibration(network: nn.Module, tokenizer, text: Text, options: CalibrationOptions, device: torch.device) -> CalibrationSet:
+def _calibration(
+    network: nn.Module, tokenizer, text: Text, options: CalibrationOptions, device: torch.device, hold_out: bool
+) -> CalibrationSet:
     if tokenizer is None:
         raise UserError("the model has no tokenizer, which calibration text needs (pass --calib none to fit without data)")
     context = context_length(network.config) or CALIBRATION_WINDOW
     seq_len = options.seq_len or min(CALIBRATION_WINDOW, context)
     if seq_len > context:
         raise UserError(f"--calib-seq-len {seq_len} is longer than the model's context ({context} tokens)")
-    tokens = options.tokens or CALIBRATION_TOKENS["cuda" if device.type == "cuda" else "cpu"]
-    return calibration_set(tokenizer, text, seq_len, tokens)
+    tokens = options.tokens or for_device(CALIBRATION_TOKENS, device)
+    return calibration_set(tokenizer, text, seq_len, tokens, hold_out)
 
 
 def _config_section(

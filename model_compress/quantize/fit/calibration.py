@@ -3,8 +3,9 @@
 Causal LMs: the text joined with "\\n\\n" is tokenized once and cut into consecutive windows of
 ``seq_len`` tokens, the convention ``compress eval`` scores perplexity with, so fitting sees inputs
 shaped like those it is judged on. Encoders (tokenizers that close a text with [SEP]): each window
-is framed by the tokenizer's own special tokens. A tenth of the windows (at least one, when there
-are two or more) is held out: fine-tuning is judged on them, never trained or fitted on them.
+is framed by the tokenizer's own special tokens. When the conversion fine-tunes, a tenth of the windows
+(at least one, when there are two or more) is held out: fine-tuning is judged on them, never trained
+or fitted on them; without fine-tuning every window is fitted on.
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ class CalibrationSet:
         }
 
 
-def calibration_set(tokenizer, text: Text, seq_len: int, max_tokens: int) -> CalibrationSet:
-    """Up to ``max_tokens`` tokens of ``text`` in windows of ``seq_len``; a UserError when not even one window fits."""
+def calibration_set(tokenizer, text: Text, seq_len: int, max_tokens: int, hold_out: bool = True) -> CalibrationSet:
+    """Up to ``max_tokens`` tokens of ``text`` in windows of ``seq_len``; a UserError when not even one window fits.
+
+    ``hold_out`` False: every window is fitted on (nothing will be judged on held-out windows).
+    """
     if max_tokens < 1:
         raise UserError(f"--calib-tokens must be a positive number of tokens, got {max_tokens}")
     seq_len = min(seq_len, max_tokens)  # fewer tokens than a window asked for: one shorter window
@@ -72,5 +76,5 @@ def calibration_set(tokenizer, text: Text, seq_len: int, max_tokens: int) -> Cal
             f"the calibration text '{text.name}' has {available:,} tokens; one window needs {seq_len:,} "
             "(pass a longer --calib or a smaller --calib-seq-len)"
         )
-    held = math.ceil(HELD_OUT_FRACTION * count) if count >= 2 else 0
+    held = math.ceil(HELD_OUT_FRACTION * count) if count >= 2 and hold_out else 0
     return CalibrationSet(windows[: count - held], windows[count - held :], text, stream.numel())

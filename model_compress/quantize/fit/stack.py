@@ -146,16 +146,33 @@ def replay_tail(
 
     for index in range(len(originals)):
         stack.blocks[index] = stub(index)
+    # nobody wants the outputs: stop at the head, once hooks placed before this one have seen its input
+    # (the logits of a 50k-token vocabulary are most of a tail's cost, on a CPU tens of seconds a pass)
+    head = model.get_output_embeddings() if on_output is None and hasattr(model, "get_output_embeddings") else None
+    stopper = head.register_forward_pre_hook(_stop) if isinstance(head, nn.Module) else None
     try:
         with outside_on(model, stack, device), torch.no_grad():
             for i, batch in enumerate(batches):
                 state["batch"] = i
-                output = call_model(model, batch.to(device))
+                try:
+                    output = call_model(model, batch.to(device))
+                except _HeadReached:
+                    continue
                 if on_output is not None:
                     on_output(i, output)
     finally:
+        if stopper is not None:
+            stopper.remove()
         for index, block in enumerate(originals):
             stack.blocks[index] = block
+
+
+class _HeadReached(Exception):
+    """Raised by the head's pre-hook to end a tail whose output nobody reads."""
+
+
+def _stop(module: nn.Module, args: tuple) -> None:
+    raise _HeadReached
 
 
 class _Stub(nn.Module):
