@@ -22,9 +22,10 @@ from model_compress.quantize.layers import RPQTiedHead
 from .conftest import real_model_folder
 
 SENTENCE = "The river flooded the valley after three days of heavy rain, and the villagers moved their animals to higher ground."
-# The stated bound on the eval text's first 2,048 tokens, in windows of 512. Measured on this machine's
-# conversion (CPU defaults: 8 calibration windows, no fine-tuning): see benchmarks/RESULTS.md.
-PERPLEXITY_BOUND = 1.5
+# The stated bound on the eval text's first 2,048 tokens, in windows of 512. With the CPU defaults (6
+# calibration windows, one round, no fine-tuning) the ratio measured 1.22 (16.1 -> 19.7) on 2026-12-02
+# (benchmarks/RESULTS.md); the bound leaves room for other CPUs' float arithmetic choosing other codes.
+PERPLEXITY_BOUND = 1.35
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,15 @@
 """Defaults of `compress rpq` that the command line shows in its help (plain numbers: no torch import).
 
-The bit budget: 4.5 bits per weight is where the measured models kept most of their quality
-(benchmarks/RESULTS.md: perplexity within a few tenths of the original's on both decoders tried),
-at a little over a quarter of their 16-bit size. Calibration and fine-tuning depend on the device:
-a GPU takes GPTQ's usual 128 windows of 2048 tokens (capped by the text) and a few hundred
-fine-tuning steps in about a minute for a small model; on a CPU one fine-tuning step of a 135M
-model takes about ten seconds, so it is off there, and 8 windows (16,384 tokens) keep the default
-model's conversion within minutes on two cores.
+The bit budget: 4.5 bits per weight (all weights, the embedding table included) is the smallest
+budget measured where a small decoder stays close to its original: SmolLM2-135M went from perplexity
+17.75 to 20.2 (1.14x) with GPU defaults, against 27.7 for 4-bit round-to-nearest at 4.25 bits; at
+3.25 bits it was 1.5x (benchmarks/RESULTS.md). The loss a budget costs differs by model (GPTQ and
+AQLM report smaller losses on larger models): `compress eval` says what a conversion kept.
+
+Calibration and fine-tuning depend on the device: a GPU takes GPTQ's usual 128 windows of 2048 tokens
+(capped by the text) and 400 fine-tuning steps, about two minutes for a small model; on a CPU one
+fine-tuning step of a 135M model takes about ten seconds, so it is off there, and 6 windows (12,288
+tokens) keep the default model's conversion near ten minutes on two cores.
 """
 
 DEFAULT_BITS = 4.5

@@ -28,7 +28,7 @@ def render_model_card(config: RPQConfig, summary: ConversionSummary) -> str:
         "- method: reverse product quantization (RPQ), layout of rpq-pytorch 0.0.2 (codes packed at ceil(log2 K) bits)",
         f"- format: {settings_line(config)}",
         f"- `--skip`: {', '.join(f'`{p}`' for p in config.skip) or 'none'}",
-        f"- fitting: {fit.get('algorithm')}; {fit.get('rounds')} rounds at most, seed {fit.get('seed')}, "
+        f"- fitting: {fit.get('algorithm')}; at most {fit.get('rounds')} round{'' if fit.get('rounds') == 1 else 's'} of sweep + refit, seed {fit.get('seed')}, "
         f"on {fit.get('device')} in {summary.seconds:.1f} s",
         f"- dtype: {fit.get('dtype')}; tool: {config.tool.get('name')} {config.tool.get('version')}",
     ]

@@ -276,8 +276,8 @@ def totals_lines(summary: ConversionSummary) -> list[str]:
     if summary.calibration:
         c = summary.calibration
         lines.append(
-            f"calibration: {c['fit_tokens']:,} tokens of {c['text']} ({c['fit_windows']} windows of {c['seq_len']}), "
-            f"{c['held_out_tokens']:,} more held out"
+            f"calibration: {c['fit_tokens']:,} tokens of {c['text']} ({c['fit_windows']} windows of {c['seq_len']})"
+            + (f", {c['held_out_tokens']:,} more held out for fine-tuning" if c["held_out_tokens"] else "")
         )
     else:
         lines.append("calibration: none (codebooks fitted to the weights alone)")
