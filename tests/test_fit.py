@@ -229,3 +229,24 @@ def test_finetuning_lowers_the_held_out_kl(tmp_path, tiny_folder):
     assert report.best_step > 0 and [p["step"] for p in report.curve][0] == 0
     down = run.model.model.layers[0].mlp.down_proj
     assert down.codebooks.dtype == torch.int8 and not down.codebooks.requires_grad  # stored as before, frozen again
+
+
+def test_a_large_table_starts_from_a_stratified_sample(monkeypatch):
+    """Above INIT_TABLE_ROWS the initial k-means sees the heaviest rows and a sample of the rest that stands for
+    all of it (its weights scaled up), and the start it gives fits the whole table nearly as well."""
+    from model_compress.quantize.fit import layer
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(3000, 8, generator=gen)
+    frequency = torch.rand(3000, generator=gen) ** 6
+    monkeypatch.setattr(layer, "INIT_TABLE_ROWS", 400)
+    rows, weights = layer._init_sample(weight, frequency, seed=0)
+    heaviest = torch.topk(frequency, 200).indices
+    assert rows.shape == (400, 8) and torch.equal(rows[:200], weight[heaviest])
+    assert abs(float(weights.sum()) / float(frequency.sum()) - 1) < 0.1
+    problem = FitProblem(weight, COLS, None, frequency)
+    monkeypatch.setattr(layer, "INIT_TABLE_ROWS", 1000)  # a third of the rows, as for a 49k-row vocabulary
+    sampled = fit(problem, initial_codebooks(problem, 2, 16, False, torch.float16, 0), rounds=1)
+    monkeypatch.setattr(layer, "INIT_TABLE_ROWS", 10**9)
+    full = fit(problem, initial_codebooks(problem, 2, 16, False, torch.float16, 0), rounds=1)
+    assert float(sampled.row_errors.sum()) < 1.05 * float(full.row_errors.sum())
