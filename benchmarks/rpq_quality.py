@@ -175,6 +175,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--eval-dtype", default="float16", help="dtype both models are scored in on CUDA (CPU: float32)")
     parser.add_argument("--max-tokens", type=int, default=None, help="score only the eval text's first N tokens")
+    parser.add_argument("--calib", type=Path, default=None, help="calibration text file (default: the packaged C4 sample)")
     parser.add_argument("--calib-tokens", type=int, default=None)
     parser.add_argument("--finetune-steps", type=int, default=None)
     parser.add_argument("--baselines", action="store_true", help="also RTN and GPTQ at 4 and 3 bits, groups of 128")
@@ -198,8 +199,8 @@ def main() -> None:
         batches = similarity.sentence_batches(tokenizer, text.joined, 128, args.max_tokens or 65536, 64)
         data = {"kind": "embedding", "batches": batches, "reference": None}
     seq_len = min(2048, getattr(original.config, "max_position_embeddings", 2048))
-    calibration = calibration_set(tokenizer, calibration_text(), seq_len, args.calib_tokens or CALIBRATION_TOKENS[kind])
     steps = FINETUNE_STEPS[kind] if args.finetune_steps is None else args.finetune_steps
+    calibration = calibration_set(tokenizer, calibration_text(args.calib), seq_len, args.calib_tokens or CALIBRATION_TOKENS[kind], steps > 0)
     results = {
         "model": source.label, "device": torch.cuda.get_device_name() if kind == "cuda" else "cpu", "date": str(date.today()),
         "torch": torch.__version__, "transformers": transformers.__version__, "eval_dtype": str(eval_dtype),
