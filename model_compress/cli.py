@@ -227,10 +227,12 @@ def quality_warnings(run) -> list[str]:
     )
     allocation = run.conversion.allocation
     suggestion = allocation.usable_bits(HIGH_OUTPUT_ERROR) if allocation is not None else None
-    advice = (
-        f"--bits {suggestion:g} keeps the measured error under {HIGH_OUTPUT_ERROR:g}" if suggestion is not None
-        else f"use --bits (default {DEFAULT_BITS:g}) with calibration text, or raise it"
-    )
+    if suggestion is not None:
+        advice = f"--bits {suggestion:g} keeps the measured error under {HIGH_OUTPUT_ERROR:g}"
+    elif output_error is not None:
+        advice = f"no format measured near this budget keeps it under {HIGH_OUTPUT_ERROR:g}: raise --bits, or --skip the worst layers"
+    else:
+        advice = f"use --bits (default {DEFAULT_BITS:g}) with calibration text, or raise it"
     return [f"{measured}: expect a large loss of quality; {advice}"]
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from torch import nn
 from typer.testing import CliRunner
 
@@ -190,3 +191,28 @@ def test_corrupt_checkpoint_on_load(tiny_folder, tmp_path):
 
 def test_inspect_on_something_else(tiny_folder):
     assert_one_line_error(run_cli("inspect", str(tiny_folder("opt"))), "not a model-compress checkpoint")
+
+
+def test_a_high_measured_error_is_said_with_the_bits_that_keep_it_low(tiny_folder, tmp_path):
+    folder = str(tiny_folder("llama"))
+    low = run_cli("rpq", folder, "-o", str(tmp_path / "low"), "--bits", "1.5", "--device", "cpu", *QUICK)
+    assert low.exit_code == 0, low.output
+    assert "expect a large loss of quality" in low.output
+    advice = low.output.split("expect a large loss of quality")[1].splitlines()[0]
+    assert "--bits" in advice, advice
+
+
+def test_a_budget_above_every_format_takes_the_dearest_and_no_warning(tmp_path):
+    """--bits 16 on layers 256 wide: the dearest formats they allow (D=1, K=32), whose error is low."""
+    from .conftest import tiny_config, tiny_tokenizer
+
+    config = tiny_config("llama")
+    config.hidden_size, config.intermediate_size = 256, 512
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "wide")
+    tiny_tokenizer("llama").save_pretrained(tmp_path / "wide")
+    high = run_cli("rpq", str(tmp_path / "wide"), "-o", str(tmp_path / "high"), "--bits", "16", "--device", "cpu", *QUICK)
+    assert high.exit_code == 0, high.output
+    report = json.loads((tmp_path / "high" / "compression_report.json").read_text())["summary"]
+    assert report["bits_per_weight"] > 6 and report["output_error_mean"] < 0.01
+    assert "expect a large loss of quality" not in high.output

@@ -586,11 +586,14 @@ def fill_codes(module: nn.Module, codes: Tensor, codebooks: CodebookSet) -> None
 
 
 def _candidates(layer: LayerInfo, settings: RPQSettings, fit_settings: FitSettings) -> list[CodeFormat]:
-    """The formats a budget measures for one layer (the cheapest of all too, where none near the budget is under it)."""
+    """The formats a budget measures for one layer: those near the budget, or near the dearest format under
+    it where the budget is above every format this layer has (--bits 16 on a narrow layer), with the cheapest
+    of all added where none near the budget is under it."""
+    dtypes = _codebook_dtypes(settings, fit_settings)
     budget = settings.budget
-    found = budget_candidates(
-        layer.shape, layer.layout, _codebook_dtypes(settings, fit_settings), budget - CANDIDATES_BELOW, budget + CANDIDATES_ABOVE, budget
-    )
+    under = [c.bits_per_weight(layer.shape, layer.layout) for c in budget_candidates(layer.shape, layer.layout, dtypes, 0.0, budget)]
+    anchor = min(budget, max(under)) if under else budget
+    found = budget_candidates(layer.shape, layer.layout, dtypes, anchor - CANDIDATES_BELOW, anchor + CANDIDATES_ABOVE, anchor)
     if not any(c.bits_per_weight(layer.shape, layer.layout) <= budget for c in found):
         cheapest = _cheapest_candidate(layer, settings, fit_settings)
         if cheapest is not None:
