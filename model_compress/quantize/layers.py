@@ -3,7 +3,7 @@
 Tensors follow rpq-pytorch's names: ``codebooks`` (M, K, D) and ``indices``, the codes packed at
 ceil(log2 K) bits (at K = 256 one ``uint8`` per code, rpq-pytorch's (M, n) layout). Codebooks are a
 trainable Parameter in a float dtype, or an ``int8`` buffer with ``codebook_scales`` (M,), one
-float16 scale per codebook. The modules hold no dense weight; ``dequantize()`` builds one on
+scale per codebook (a float16 value, kept in the model dtype so the layer computes in it). The modules hold no dense weight; ``dequantize()`` builds one on
 request (for export, inspection or the reference forward).
 
 The "native" form (8-bit codes, float codebooks: what rpq-pytorch stores) runs every fast path,
@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from . import kernels
 from .layout import CODEBOOK_DTYPES, EMBEDDING, INT8, LINEAR, code_bins, code_bits, decode, dtype_name, packed_width, unpack_codes
-
 
 
 def _register_codes(
