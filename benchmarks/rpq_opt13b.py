@@ -6,7 +6,7 @@ The model is built from opt-1.3b's config numbers (hidden 2048, FF 8192, 24 laye
 vocab 50272, 2048 positions) with random weights, saved as a local folder (not timed), then
 `compress rpq FOLDER -o OUT --codebooks 32 --device cuda --dtype float16` runs in a fresh
 process and is timed whole: interpreter start, loading, fitting every layer, writing the folder.
-With ``--bits`` the conversion is data-aware: it calibrates on the packaged C4 sample, which needs a
+With ``--bits`` the conversion is data-aware: it calibrates on the packaged calibration mix, which needs a
 tokenizer in the folder; no OPT tokenizer ships offline, so ``--tokenizer`` copies one whose ids fit
 the vocabulary (SmolLM2's, 49,152 ids, from its GGUF). Random weights make the errors meaningless:
 this measures time and memory only.

@@ -5,7 +5,7 @@
 MODEL as `compress rpq` takes it (default: the embedded SmolLM2-135M). Every layer is converted,
 embeddings and head included; perplexity is scored on the whole default evaluation text (the
 packaged Wikipedia sample, windows of 2048 as `compress eval` cuts them, `--max-tokens` to cap),
-calibration uses the packaged C4 sample, never the evaluation text. An encoder without a head
+calibration uses the packaged calibration mix (C4, technical, code, multilingual, tiny), never the evaluation text. An encoder without a head
 (all-MiniLM-L6-v2) is scored by the cosine of its mean-pooled sentence embeddings to the original's.
 For each budget: the conversion without fine-tuning (timed), its quality, then fine-tuning (timed)
 and the quality after it. A budget here counts every weight of the model: the layers RPQ converts get
@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--eval-dtype", default="float16", help="dtype both models are scored in on CUDA (CPU: float32)")
     parser.add_argument("--max-tokens", type=int, default=None, help="score only the eval text's first N tokens")
-    parser.add_argument("--calib", type=Path, default=None, help="calibration text file (default: the packaged C4 sample)")
+    parser.add_argument("--calib", type=Path, default=None, help="calibration text file (default: the packaged calibration mix)")
     parser.add_argument("--calib-tokens", type=int, default=None)
     parser.add_argument("--finetune-steps", type=int, default=None)
     parser.add_argument("--baselines", action="store_true", help="also RTN and GPTQ at 4 and 3 bits, groups of 128")

@@ -147,7 +147,7 @@ def rpq(
     codebook_bits: Annotated[Optional[int], typer.Option(help="Codebook storage: 8 (int8 + one scale per codebook) or 16. Default: chosen per layer with --bits, the model's dtype with --codebooks.")] = None,
     calib: Annotated[
         Optional[str],
-        typer.Option(help="UTF-8 text file to calibrate on (default: the packaged C4 sample; never the eval text), or 'none' to fit the weights alone."),
+        typer.Option(help="UTF-8 text file to calibrate on (default: the packaged calibration samples, web pages, code and several languages; never the eval text), or 'none' to fit the weights alone."),
     ] = None,
     calib_tokens: Annotated[Optional[int], typer.Option(help=f"Calibration tokens (default: {CALIBRATION_TOKENS['cuda']:,} on CUDA, {CALIBRATION_TOKENS['cpu']:,} on a CPU; capped by the text). A tenth is held out.")] = None,
     calib_seq_len: Annotated[Optional[int], typer.Option(help="Calibration window in tokens (default: min(2048, the model's context)).")] = None,
@@ -418,7 +418,7 @@ def fff_distill(
     depth: Annotated[int, typer.Option(help="Tree depth: 2**depth leaves, depth routers per token.")] = 3,
     leaf_width: Annotated[Optional[int], typer.Option(help="Neurons per leaf (default: the block's width / 2**depth, keeping every neuron).")] = None,
     layers: Annotated[Optional[str], typer.Option(help="FF blocks to convert, by layer index: 0-11, 0-3,6 (default: all).")] = None,
-    calib: Annotated[Optional[Path], typer.Option(help="A UTF-8 .txt file to calibrate on (default: the packaged C4 sample; never the eval text).")] = None,
+    calib: Annotated[Optional[Path], typer.Option(help="A UTF-8 .txt file to calibrate on (default: the packaged calibration samples, web pages, code and several languages; never the eval text).")] = None,
     calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to record (10% are held out to measure the error).")] = 32768,
     seq_len: Annotated[int, typer.Option(help="Calibration window length in tokens.")] = 512,
     steps: Annotated[int, typer.Option(help="Training steps per block.")] = 400,

@@ -15,7 +15,7 @@ from model_compress.cli import app
 runner = CliRunner()
 
 
-QUICK = ("--calib-tokens", "1024")  # a few windows of the packaged C4 sample keep tiny conversions fast
+QUICK = ("--calib-tokens", "1024")  # a few windows of the packaged calibration mix keep tiny conversions fast
 
 
 def run_cli(*args: str):

@@ -18,7 +18,7 @@ from model_compress.quantize.pipeline import CalibrationOptions, compress_rpq
 from .conftest import tiny_config, tiny_model
 
 SMALL = dict(num_codebooks=8, codebook_size=16)
-QUICK = CalibrationOptions(tokens=1024)  # a few windows of the packaged C4 sample: enough to exercise the data path
+QUICK = CalibrationOptions(tokens=1024)  # a few windows of the packaged calibration mix: enough to exercise the data path
 NO_DATA = CalibrationOptions(enabled=False)
 
 

