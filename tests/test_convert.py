@@ -168,11 +168,12 @@ def test_impossible_settings_are_user_errors(settings, message):
         convert_model(tiny_model("opt"), settings, None)
 
 
-def test_a_budget_below_the_cheapest_formats_is_a_user_error():
-    """An 8 x 8 layer's cheapest format (D=4, K=2, int8) stores 16 codebook bytes, 4 of scales and 2 of codes
-    for 64 weights: 2.75 bits per weight, so a budget of 2 cannot be met."""
-    with pytest.raises(UserError, match=r"--bits 2 is below what these layers can be stored in \(at least 2\.75 bits"):
-        convert_model(nn.Sequential(nn.Linear(8, 8)), RPQSettings(bits=2.0), None)
+@pytest.mark.parametrize("dtype, least", [(torch.float16, r"2\.75"), (torch.float32, r"3\.25")])
+def test_a_budget_below_the_cheapest_formats_is_a_user_error(dtype, least):
+    """An 8 x 8 layer's cheapest format (D=4, K=2, int8) stores 16 codebook bytes, 2 of codes and two scales in the
+    layer's dtype (4 bytes in float16, 8 in float32) for 64 weights: 2.75 or 3.25 bits per weight, over a budget of 2."""
+    with pytest.raises(UserError, match=rf"--bits 2 is below what these layers can be stored in \(at least {least} bits"):
+        convert_model(nn.Sequential(nn.Linear(8, 8)).to(dtype), RPQSettings(bits=2.0), None)
 
 
 def test_multihead_attention_projection_is_left_alone():

@@ -221,7 +221,7 @@ def test_finetuning_lowers_the_held_out_kl(tmp_path, tiny_folder):
 
     run = compress_rpq(  # 4 codes per output row: a large error for fine-tuning to win back
         str(tiny_folder("llama")), None, RPQSettings(num_codebooks=64, codebook_size=4, codebook_bits=8),
-        calibration=CalibrationOptions(tokens=8 * 128, seq_len=128), finetuning=FinetuneSettings(steps=40, lr=3e-3),
+        calibration=CalibrationOptions(tokens=16 * 128, seq_len=128), finetuning=FinetuneSettings(steps=40, lr=1e-3),
     )
     report = run.finetune
     assert report is not None and report.steps == 40 and report.held_out_kl_before > 0
@@ -229,6 +229,8 @@ def test_finetuning_lowers_the_held_out_kl(tmp_path, tiny_folder):
     assert report.best_step > 0 and [p["step"] for p in report.curve][0] == 0
     down = run.model.model.layers[0].mlp.down_proj
     assert down.codebooks.dtype == torch.int8 and not down.codebooks.requires_grad  # stored as before, frozen again
+    assert down.codebook_scales.dtype == torch.float32  # the model's dtype, as before training (fp16 broke BERT's LayerNorm)
+    assert run.model(input_ids=torch.tensor([[1, 2, 3]])).logits.dtype == torch.float32
 
 
 def test_a_large_table_starts_from_a_stratified_sample(monkeypatch):

@@ -591,9 +591,10 @@ def _candidates(layer: LayerInfo, settings: RPQSettings, fit_settings: FitSettin
     of all added where none near the budget is under it."""
     dtypes = _codebook_dtypes(settings, fit_settings)
     budget = settings.budget
-    under = [c.bits_per_weight(layer.shape, layer.layout) for c in budget_candidates(layer.shape, layer.layout, dtypes, 0.0, budget)]
+    scale = _scale_bytes(layer)
+    under = [c.bits_per_weight(layer.shape, layer.layout) for c in budget_candidates(layer.shape, layer.layout, dtypes, 0.0, budget, scale_bytes=scale)]
     anchor = min(budget, max(under)) if under else budget
-    found = budget_candidates(layer.shape, layer.layout, dtypes, anchor - CANDIDATES_BELOW, anchor + CANDIDATES_ABOVE, anchor)
+    found = budget_candidates(layer.shape, layer.layout, dtypes, anchor - CANDIDATES_BELOW, anchor + CANDIDATES_ABOVE, anchor, scale)
     if not any(c.bits_per_weight(layer.shape, layer.layout) <= budget for c in found):
         cheapest = _cheapest_candidate(layer, settings, fit_settings)
         if cheapest is not None:
@@ -604,8 +605,13 @@ def _candidates(layer: LayerInfo, settings: RPQSettings, fit_settings: FitSettin
 def _cheapest_candidate(layer: LayerInfo, settings: RPQSettings, fit_settings: FitSettings | None = None) -> CodeFormat | None:
     float_name = dtype_name(fit_settings.float_dtype) if fit_settings else float_codebook_dtype(layer.dtype)
     dtypes = _codebook_dtypes(settings, None, float_name)
-    found = budget_candidates(layer.shape, layer.layout, dtypes, 0.0, float("inf"))
+    found = budget_candidates(layer.shape, layer.layout, dtypes, 0.0, float("inf"), scale_bytes=_scale_bytes(layer))
     return found[0] if found else None
+
+
+def _scale_bytes(layer: LayerInfo) -> int:
+    """An int8 codebook's scale is stored in the layer's dtype (so the layer computes in it): its size is the cost."""
+    return torch.empty((), dtype=layer.dtype).element_size()
 
 
 def _codebook_dtypes(settings: RPQSettings, fit_settings: FitSettings | None, float_name: str | None = None) -> tuple[str, ...]:
@@ -624,7 +630,7 @@ def _fixed_format(layer: LayerInfo, settings: RPQSettings) -> CodeFormat:
     dtype = INT8 if settings.codebook_bits == 8 else (
         float_codebook_dtype(layer.dtype) if settings.codebook_bits == 16 else dtype_name(layer.dtype)
     )
-    return CodeFormat(nearest_divisor(split_dim(layer.shape, layer.layout), wanted), size, dtype)
+    return CodeFormat(nearest_divisor(split_dim(layer.shape, layer.layout), wanted), size, dtype, _scale_bytes(layer))
 
 
 FIXED_DEFAULT_CODEBOOKS = 32  # M when only --codebook-size is given (rpq-pytorch's example)

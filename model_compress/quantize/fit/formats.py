@@ -2,7 +2,8 @@
 
 Bits per weight of a layer count everything it stores: the codes (M rows of ceil(log2 K)-bit codes,
 packed into whole bytes), the codebooks (M * K * D values) and, for int8 codebooks, one float16
-scale per codebook. Codebooks cost K * (codebook bits) / columns per weight, so narrow layers
+scale per codebook. The scales are kept in the dtype the layer computes in (the model's), so they cost
+two bytes each in a 16-bit model and four in a float32 one: ``scale_bytes`` charges what is stored. Codebooks cost K * (codebook bits) / columns per weight, so narrow layers
 (few input columns) need small K or int8 codebooks, and wide ones can afford more codes.
 """
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 from ..layout import INT8, code_bits, codebook_bits, column_count, packed_width, split_dim
 
-SCALE_BYTES = 2  # a float16 scale per int8 codebook
+SCALE_BYTES = 2  # a 16-bit scale per int8 codebook (a float32 model stores 4: CodeFormat.scale_bytes)
 PIECES = (1, 2, 4)  # D (weights per code) that a budget chooses from
 # K above this costs far more fitting time (k-means and the sweep scale with K) for gains only an
 # embedding table's many rows can pay for; --codebook-size takes any K up to 65,536.
@@ -27,11 +28,15 @@ MOST_FITS = 6  # (D, K) pairs measured per layer: those whose cost is closest to
 
 @dataclass(frozen=True)
 class CodeFormat:
-    """How one layer is stored: M codebooks of K codes, codebook values in ``codebook_dtype`` ("int8" or a float dtype)."""
+    """How one layer is stored: M codebooks of K codes, codebook values in ``codebook_dtype`` ("int8" or a float dtype).
+
+    ``scale_bytes``: what one int8 codebook's scale takes in this layer's dtype (a cost, not saved with the format).
+    """
 
     num_codebooks: int
     codebook_size: int
     codebook_dtype: str
+    scale_bytes: int = SCALE_BYTES
 
     def piece(self, shape: tuple[int, int], layout: str) -> int:
         """D, the weights per code."""
@@ -42,7 +47,7 @@ class CodeFormat:
 
     def codebook_bytes(self, shape: tuple[int, int], layout: str) -> int:
         values = self.num_codebooks * self.codebook_size * self.piece(shape, layout)
-        scales = self.num_codebooks * SCALE_BYTES if self.codebook_dtype == INT8 else 0
+        scales = self.num_codebooks * self.scale_bytes if self.codebook_dtype == INT8 else 0
         return values * codebook_bits(self.codebook_dtype) // 8 + scales
 
     def stored_bytes(self, shape: tuple[int, int], layout: str) -> int:
@@ -56,7 +61,8 @@ class CodeFormat:
 
 
 def budget_candidates(
-    shape: tuple[int, int], layout: str, codebook_dtypes: tuple[str, ...], low: float, high: float, target: float | None = None
+    shape: tuple[int, int], layout: str, codebook_dtypes: tuple[str, ...], low: float, high: float, target: float | None = None,
+    scale_bytes: int = SCALE_BYTES,
 ) -> list[CodeFormat]:
     """Formats with D in PIECES and K a power of two whose bits per weight lie in [low, high], cheapest first.
 
@@ -73,7 +79,7 @@ def budget_candidates(
             if size > LARGEST_BUDGET_CODES or size > max(2, columns // POINTS_PER_CODE[piece]):
                 break
             for dtype in codebook_dtypes:
-                candidate = CodeFormat(split // piece, size, dtype)
+                candidate = CodeFormat(split // piece, size, dtype, scale_bytes)
                 if low <= candidate.bits_per_weight(shape, layout) <= high:
                     found.setdefault((piece, size), []).append(candidate)
     pairs = list(found.values())

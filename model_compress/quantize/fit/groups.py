@@ -9,7 +9,7 @@ int8 form of that candidate without a second fit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -85,7 +85,7 @@ def measure_rows_group(
     for piece, members in _by_piece([weights[layer] for layer, _ in trials], [fmt for _, fmt in trials]).items():
         chosen = [trials[m] for m in members]
         samples = [_sample_rows(weights[layer], piece, MEASURE_ROWS, settings.seed) for layer, _ in chosen]
-        sampled_formats = [CodeFormat(w.shape[0] // piece, f.codebook_size, f.codebook_dtype) for w, (_, f) in zip(samples, chosen)]
+        sampled_formats = [replace(f, num_codebooks=w.shape[0] // piece) for w, (_, f) in zip(samples, chosen)]
         problem, books, slices = _stacked(samples, sampled_formats, range(len(chosen)), piece, hessian, settings)
         result = fit(problem, books, rounds=1)
         energy = problem.row_energy()
@@ -189,11 +189,11 @@ def _by_piece(weights: list[Tensor], formats: list[CodeFormat]) -> dict[int, lis
 
 
 def _float_version(fmt: CodeFormat, settings: FitSettings) -> CodeFormat:
-    return CodeFormat(fmt.num_codebooks, fmt.codebook_size, _float_name(settings))
+    return replace(fmt, codebook_dtype=_float_name(settings))
 
 
 def _int8_version(fmt: CodeFormat) -> CodeFormat:
-    return CodeFormat(fmt.num_codebooks, fmt.codebook_size, INT8)
+    return replace(fmt, codebook_dtype=INT8)
 
 
 def _canonical(fmt: CodeFormat, settings: FitSettings) -> CodeFormat:
