@@ -31,8 +31,8 @@ case "$stage" in
     cp .device/evalA/*.whl /tmp/smol/ 2>/dev/null
     install_wheels /tmp/smol
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/device.txt"
-    timeout "${TEST_SECONDS:-900}" python3 -m pytest -q -rfE -p no:cacheprovider -n 4 ${TESTS:-tests/test_cuda.py tests/test_triton_kernels.py tests/test_fit.py tests/test_layers.py} \
-      > "$OUT/gpu_tests.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -30
+    timeout "${TEST_SECONDS:-900}" python3 -m pytest -v --tb=short -rfE -p no:cacheprovider -n 4 ${TESTS:-tests/test_cuda.py tests/test_triton_kernels.py tests/test_fit.py tests/test_layers.py} \
+      > "$OUT/gpu_tests.log" 2>&1; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | grep -v " PASSED " | tail -30
     ;;
   smol)
     [ -f /tmp/smol/smol.part-a ] || { echo "error: /tmp/smol/smol.part-a is missing (the machine was given back); start again with STAGE=tests" >&2; exit 2; }
