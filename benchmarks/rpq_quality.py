@@ -178,6 +178,7 @@ def main() -> None:
     parser.add_argument("--calib", type=Path, default=None, help="calibration text file (default: the packaged calibration mix)")
     parser.add_argument("--calib-tokens", type=int, default=None)
     parser.add_argument("--finetune-steps", type=int, default=None)
+    parser.add_argument("--finetune-lr", type=float, default=FinetuneSettings.lr)
     parser.add_argument("--baselines", action="store_true", help="also RTN and GPTQ at 4 and 3 bits, groups of 128")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -223,7 +224,7 @@ def main() -> None:
         run = {"method": "rpq", "budget": budget, "bits": bits, "bits_all_weights": all_weight_bits(model, params), "fit_seconds": fit_seconds}
         run["fitted"] = evaluate(model, data, device, eval_dtype)
         if steps:
-            report = finetune(model, calibration.fit, calibration.held_out, teacher, FinetuneSettings(steps=steps), device)
+            report = finetune(model, calibration.fit, calibration.held_out, teacher, FinetuneSettings(steps=steps, lr=args.finetune_lr), device)
             run["finetune"] = report.to_json()
             run["finetuned"] = evaluate(model, data, device, eval_dtype)
         run["seconds"] = time.perf_counter() - start

@@ -252,3 +252,21 @@ def test_a_large_table_starts_from_a_stratified_sample(monkeypatch):
     monkeypatch.setattr(layer, "INIT_TABLE_ROWS", 10**9)
     full = fit(problem, initial_codebooks(problem, 2, 16, False, torch.float16, 0), rounds=1)
     assert float(sampled.row_errors.sum()) < 1.05 * float(full.row_errors.sum())
+
+
+def test_finetuning_backs_off_a_learning_rate_that_overshoots(tiny_folder):
+    """lr 0.3 wrecks a tiny model's codebooks at once: each held-out check finds it worse, puts the best state back
+    and halves the rate, and the state kept is never worse than the fit."""
+    from model_compress.quantize.convert import RPQSettings
+    from model_compress.quantize.fit.finetune import BACKOFF, FinetuneSettings
+    from model_compress.quantize.pipeline import CalibrationOptions, compress_rpq
+
+    run = compress_rpq(
+        str(tiny_folder("llama")), None, RPQSettings(num_codebooks=64, codebook_size=4, codebook_bits=8),
+        calibration=CalibrationOptions(tokens=16 * 128, seq_len=128), finetuning=FinetuneSettings(steps=24, lr=0.3),
+    )
+    report = run.finetune
+    assert report is not None and report.backoffs >= 2
+    factors = [point["lr_factor"] for point in report.curve[1:]]
+    assert factors[0] == 1.0 and factors == sorted(factors, reverse=True) and min(factors) <= BACKOFF**2
+    assert report.held_out_kl_after <= report.held_out_kl_before * 1.01
