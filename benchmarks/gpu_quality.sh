@@ -5,8 +5,8 @@
 # The SmolLM2 GGUF (98 MB) is over the device tool's 64 MiB per call, so calls go back to back on one
 # warm machine (it keeps /tmp between them); STAGE picks the work of each:
 #   STAGE=tests   carry .device/evalA   stores GGUF part a in /tmp/smol; CUDA + fit tests
-#   STAGE=smol    carry .device/evalB   part b + wheels (a later call on the machine needs no carry); CALIB_MIX=1:
-#                                       calibrate on every packaged sample but the eval text; rpq_quality.py on SmolLM2 (BUDGETS, BASELINES=1)
+#   STAGE=smol    carry .device/evalB   part b + wheels (a later call on the machine needs no carry); CALIB_C4=1:
+#                                       calibrate on the C4 sample alone (the default is the packaged mix); rpq_quality.py on SmolLM2 (BUDGETS, BASELINES=1)
 #   STAGE=minilm  carry .device/minilm  rpq_quality.py on all-MiniLM-L6-v2 at 4.5 bits
 #   STAGE=opt     (no carry)            opt-1.3b architecture (random fp16) `compress rpq --bits 4`, timed
 #   STAGE=default (no carry)            the default model: `compress rpq -o out/` timed end to end on CUDA
@@ -44,13 +44,12 @@ case "$stage" in
     echo "$(cat /tmp/smol/smol.sha256)  $GGUF" | sha256sum -c || exit 1
     install_wheels /tmp/smol
     calib=()
-    if [ -n "${CALIB_MIX:-}" ]; then  # every packaged exllamav2 sample but the evaluation text (wiki), C4 first
+    if [ -n "${CALIB_C4:-}" ]; then  # the C4 sample alone, for comparison with the default mix
       data=$(python3 -c "import exllamav2, pathlib; print(pathlib.Path(exllamav2.__file__).parent / 'conversion/standard_cal_data')")
-      cat "$data/c4.utf8" "$data/technical.utf8" "$data/code.utf8" "$data/multilingual.utf8" "$data/tiny.utf8" > /tmp/calib_mix.txt
-      calib=(--calib /tmp/calib_mix.txt)
+      calib=(--calib "$data/c4.utf8")
     fi
     python3 benchmarks/rpq_quality.py "$GGUF" --budgets ${BUDGETS:-4.5 3.25 2.5} --device cuda ${calib[@]+"${calib[@]}"} \
-      ${BASELINES:+--baselines} --out "$OUT/quality_smollm2${CALIB_MIX:+_mix}.json" ${QUALITY_ARGS:-} 2>&1 | tee "$OUT/quality_smollm2${CALIB_MIX:+_mix}.log" | tail -14
+      ${BASELINES:+--baselines} --out "$OUT/quality_smollm2${CALIB_C4:+_c4}.json" ${QUALITY_ARGS:-} 2>&1 | tee "$OUT/quality_smollm2${CALIB_C4:+_c4}.log" | tail -14
     ;;
   minilm)
     install_wheels /tmp/smol .device/minilm

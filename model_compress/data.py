@@ -11,9 +11,11 @@ Perplexity text is never calibration text: nothing in this project calibrates on
 Calibration (``compress rpq --bits``, ``compress fff-distill``) reads the package's other samples instead,
 the mix exllamav2 calibrates on less its Wikipedia file: C4 web pages (118 pages, 53,600 words), technical
 writing, source code, several languages and children's stories (1.26 MB together, about 3.8 times C4
-alone). A mix of kinds of text keeps a conversion from fitting one domain; more text keeps fine-tuning
-from learning its calibration windows by heart (on C4 alone, 38 windows of 2048 tokens, the training KL
-fell to a third of the held-out one).
+alone). A mix of kinds of text keeps a conversion from fitting one domain, and it holds GPTQ's usual 128
+windows of 2048 tokens (180 for SmolLM2's tokenizer) where C4 alone holds 38, on which fine-tuning learnt
+its windows by heart (training KL a third of the held-out one; with the mix, three quarters). Measured on
+SmolLM2-135M at 4.5 bits, scored on the Wikipedia sample: 20.34 after fine-tuning against 20.20 with C4
+alone, whose English prose is closer to that text; for code, other languages or unknown text, the mix.
 """
 
 from __future__ import annotations
