@@ -31,7 +31,9 @@ from .fit.sensitivity import output_sensitivities
 from .fit.stack import find_stack
 from .fit.statistics import count_tokens
 from .defaults import DEFAULT_BITS, DEFAULT_ROUNDS, SENSITIVITY_WINDOWS, for_device
-from .layers import KIND_CONV1D, KIND_EMBEDDING, KIND_LINEAR, KIND_TIED_HEAD, RPQEmbedding, build_rpq_module
+from .layers import (
+    KIND_CONV1D, KIND_EMBEDDING, KIND_LINEAR, KIND_TIED_HEAD, RPQEmbedding, build_rpq_module, embedding_forward_reads_weight, embedding_stand_in,
+)
 from .layout import EMBEDDING, INT8, LINEAR, MAX_CODEBOOK_SIZE, dtype_name, pack_codes, split_dim
 
 DEFAULT_CODEBOOK_SIZE = 256  # with --codebooks: rpq-pytorch's K
@@ -84,6 +86,7 @@ class LayerInfo:
     shape: tuple[int, int]
     dtype: torch.dtype
     tied_to: str | None = None  # for a tied head: the embedding it shares its weight with
+    keep_dense: str | None = None  # why the model's own code needs this layer dense, when it does
 
     @property
     def layout(self) -> str:
@@ -237,7 +240,9 @@ def find_layers(model: nn.Module) -> list[LayerInfo]:
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) and not isinstance(module, RPQEmbedding):
             embeddings[id(module.weight)] = name
-            found.append(LayerInfo(name, KIND_EMBEDDING, tuple(module.weight.shape), module.weight.dtype))
+            reads = embedding_forward_reads_weight(type(module)) and embedding_stand_in(type(module), module) is None
+            reason = f"{type(module).__name__}.forward reads .weight itself" if reads else None
+            found.append(LayerInfo(name, KIND_EMBEDDING, tuple(module.weight.shape), module.weight.dtype, keep_dense=reason))
     for name, module in model.named_modules():
         if name in inside_attention:
             continue
@@ -278,6 +283,8 @@ def plan_layers(layers: list[LayerInfo], settings: RPQSettings) -> list[LayerPla
             plan.format = smallest
         if layer.name in skipped:
             plan.dense_reason = "--skip"
+        elif layer.keep_dense:
+            plan.dense_reason = layer.keep_dense
         elif smallest is None or smallest.stored_bytes(layer.shape, layer.layout) >= layer.dense_bytes:
             plan.dense_reason = "would not get smaller"
         plans[layer.name] = plan

@@ -39,6 +39,7 @@ def _register_codes(
         raise ValueError(f"num_codebooks={num_codebooks} must divide {what}={split}")
     module.num_codebooks = num_codebooks
     module.codebook_size = codebook_size
+    module.compute_dtype = dtype or torch.get_default_dtype()  # the model's dtype; follows .to() casts (_Codes._apply)
     module.code_bits = code_bits(codebook_size)
     module.columns = columns
     shape = (num_codebooks, codebook_size, split // num_codebooks)
@@ -81,10 +82,19 @@ class _Codes:
         values = self.codebooks.float() * self.codebook_scales.float()[:, None, None]
         return values if dtype is None else values.to(dtype)
 
+    compute_dtype: torch.dtype
+
     @property
     def value_dtype(self) -> torch.dtype:
-        """The dtype the layer computes in: its float codebooks', or its scales' for int8 ones (both follow ``.to``)."""
-        return self.codebooks.dtype if self.codebook_scales is None else self.codebook_scales.dtype
+        """The dtype the layer computes in: the model's, whatever its codebooks are stored in (float16 codebooks
+        of a float32 model decode to float32, so an embedding hands the model float32 hidden states)."""
+        return self.compute_dtype
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        """``.to()``, ``.half()`` and the rest: the compute dtype follows what the cast does to a float tensor."""
+        result = super()._apply(fn, recurse)
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
+        return result
 
     def codes(self, select: Tensor | None = None) -> Tensor:
         """The codes (M, columns) as int64, or only the columns ``select``."""
@@ -193,7 +203,7 @@ class RPQEmbedding(_Codes, nn.Embedding):
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Embedding's argument name
         if not self.native:
             return kernels.embedding_torch(input, self.codebook_values(self.value_dtype), self.codes(input))
-        return kernels.embedding_forward(input, self.codebooks, self.indices)
+        return kernels.embedding_forward(input, self.codebooks, self.indices).to(self.compute_dtype)
 
     def reset_parameters(self) -> None:
         """Nothing to reset: the codes come from a fitted checkpoint (nn.Embedding would touch ``weight``)."""
@@ -240,18 +250,63 @@ class RPQTiedHead(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, tied to an RPQEmbedding"
 
 
+class ScaledRowsLookup:
+    """The forward of an embedding that multiplies every row by a constant ``embed_scale`` buffer (Gemma's
+    families: ``super().forward(ids) * self.embed_scale.to(self.weight.dtype)``). That forward reads the dense
+    ``weight`` an RPQ table does not hold; this one scales the decoded rows in the dtype they decode to. The
+    scale comes from the plain ``scalar_embed_scale`` where the family keeps one: the buffer is not saved, and
+    a table built on the meta device (loading) holds no value in it."""
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Embedding's argument name
+        rows = RPQEmbedding.forward(self, input)
+        scalar = getattr(self, "scalar_embed_scale", None)
+        scale = torch.tensor(float(scalar)) if scalar is not None else self.embed_scale
+        return rows * scale.to(device=rows.device, dtype=rows.dtype)
+
+
 _EMBEDDING_CLASSES: dict[type, type] = {nn.Embedding: RPQEmbedding}
 
 
-def rpq_embedding_class(original: type) -> type:
+def embedding_forward_reads_weight(cls: type) -> bool:
+    """Whether a subclass of nn.Embedding reads ``self.weight`` in a forward of its own (the RPQ table has none)."""
+    import inspect
+
+    for klass in cls.__mro__:
+        if klass in (nn.Embedding, RPQEmbedding) or not issubclass(klass, nn.Embedding):
+            break
+        forward = klass.__dict__.get("forward")
+        if forward is None:
+            continue
+        try:
+            source = inspect.getsource(forward)
+        except (OSError, TypeError):  # no source to read: assume the worst
+            return True
+        if "self.weight" in source:
+            return True
+    return False
+
+
+def embedding_stand_in(cls: type, instance: nn.Module | None = None) -> type | None:
+    """The mixin that replaces the forward of an embedding subclass reading ``self.weight``, or None when
+    there is none (such a table stays dense). ``instance`` tells a scaled table by its ``embed_scale`` buffer."""
+    if not embedding_forward_reads_weight(cls):
+        return None
+    scale = getattr(instance, "embed_scale", None) if instance is not None else None
+    return ScaledRowsLookup if isinstance(scale, Tensor) and scale.numel() == 1 else None
+
+
+def rpq_embedding_class(original: type, stand_in: type | None = None) -> type:
     """The RPQ version of an nn.Embedding subclass: the subclass's forward over RPQEmbedding's lookup.
 
     ``class RPQ<Name>(<Name>, RPQEmbedding)`` puts RPQEmbedding between the subclass and
-    nn.Embedding in the method order, so the subclass's ``super().forward`` reaches the codes.
+    nn.Embedding in the method order, so the subclass's ``super().forward`` reaches the codes. A
+    subclass whose forward reads ``self.weight`` gets ``stand_in``'s forward first in the order.
     """
-    if original not in _EMBEDDING_CLASSES:
-        _EMBEDDING_CLASSES[original] = type(f"RPQ{original.__name__}", (original, RPQEmbedding), {})
-    return _EMBEDDING_CLASSES[original]
+    key = (original, stand_in) if stand_in else original
+    if key not in _EMBEDDING_CLASSES:
+        bases = (stand_in, original, RPQEmbedding) if stand_in else (original, RPQEmbedding)
+        _EMBEDDING_CLASSES[key] = type(f"RPQ{original.__name__}", bases, {})
+    return _EMBEDDING_CLASSES[key]
 
 
 def build_rpq_embedding(
@@ -262,7 +317,7 @@ def build_rpq_embedding(
     Extra attributes (OPT's position ``offset``) and buffers (a scale) of a subclass are carried
     over; its ``weight`` is not.
     """
-    cls = rpq_embedding_class(type(original))
+    cls = rpq_embedding_class(type(original), embedding_stand_in(type(original), original))
     module = cls.__new__(cls)
     RPQEmbedding.__init__(
         module,

@@ -238,7 +238,10 @@ def _place(model: nn.Module, device: torch.device, dtype: torch.dtype | None = N
 
 
 def _dtypes(model: nn.Module) -> dict[str, torch.dtype]:
-    return {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    """Every tensor's dtype, and every RPQ module's compute dtype (keyed ``module name + "#compute"``)."""
+    found = {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    found.update({f"{name}#compute": m.compute_dtype for name, m in model.named_modules() if hasattr(m, "compute_dtype")})
+    return found
 
 
 def _restore_dtypes(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
@@ -248,6 +251,9 @@ def _restore_dtypes(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
             wanted = dtypes.get(name)
             if wanted is not None and tensor.dtype != wanted:
                 tensor.data = tensor.data.to(wanted)
+    for name, module in model.named_modules():
+        if f"{name}#compute" in dtypes:
+            module.compute_dtype = dtypes[f"{name}#compute"]
 
 
 def _thaw_int8_codebooks(model: nn.Module) -> list[tuple[nn.Module, torch.dtype]]:
