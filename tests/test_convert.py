@@ -230,3 +230,31 @@ def test_budget_round_trip_with_packed_codes_and_int8_codebooks(tmp_path, tiny_f
     assert (spec["num_codebooks"], spec["codebook_size"], spec["codebook_dtype"]) == (
         layer.num_codebooks, layer.codebook_size, layer.codebook_dtype
     )
+
+
+class _WeightReadingEmbedding(nn.Embedding):
+    """An embedding whose own forward reads ``self.weight`` (and is no scaled table): RPQ cannot stand in for it."""
+
+    def forward(self, input):  # noqa: A002
+        return super().forward(input) * self.weight.norm()
+
+
+def test_an_embedding_whose_forward_reads_its_weight_stays_dense_with_the_reason():
+    model = nn.Sequential(_WeightReadingEmbedding(600, 64), nn.Linear(64, 512))
+    conversion = convert_model(model, RPQSettings(**SMALL), None)
+    plans = [getattr(o, "plan", o) for o in conversion.outcomes]  # a LayerResult holds its plan; a dense layer is one
+    reasons = {plan.layer.name: plan.dense_reason for plan in plans}
+    assert reasons["0"] == "_WeightReadingEmbedding.forward reads .weight itself" and reasons["1"] is None
+    assert isinstance(model[0], _WeightReadingEmbedding) and model[0].weight is not None
+
+
+def test_rpq_layers_compute_in_the_model_dtype_whatever_their_codebooks_are_stored_in():
+    """float16 codebooks of a float32 model: the embedding hands on float32 rows; after .half() float16, and back."""
+    model = nn.Sequential(nn.Embedding(600, 64), nn.Linear(64, 512))
+    convert_model(model, RPQSettings(**SMALL, codebook_bits=16), None)
+    table = model[0]
+    assert table.codebooks.dtype == torch.float16 and table(torch.tensor([[1, 2]])).dtype == torch.float32
+    model.half()
+    assert table(torch.tensor([[1, 2]])).dtype == torch.float16
+    model.float()
+    assert model(torch.tensor([[1, 2]])).dtype == torch.float32
