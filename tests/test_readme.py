@@ -31,3 +31,17 @@ def test_ci_runs_the_readme_test_command():
     ).stdout.strip()
     assert extracted == bash_blocks((ROOT / "README.md").read_text())[1]
     assert "awk '/^```bash$/{n++; next} /^```$/{if (n==2) exit; next} n==2{print}' README.md" in script.read_text()
+
+
+def test_readme_lists_the_tested_families_as_the_matrix_tests_them():
+    from .families import FAMILIES
+    from .test_families import KNOWN_FAILURES
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Tested model families") :]
+    section = section[: section.index("\n## ", 1)]
+    listed = {m.group(1): m.group(2) for m in re.finditer(r"^\| ([^|`]+?) \| `[^`]+` \| \w+ \| (.+?) \|$", section, flags=re.M)}
+    listed.pop("family", None)  # the header row
+    assert set(listed) == set(FAMILIES)
+    for family, status in listed.items():
+        assert status.startswith("fails") == (family in KNOWN_FAILURES), family
