@@ -9,6 +9,7 @@ and renamed into place only when complete; an existing folder is replaced only w
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -115,6 +116,7 @@ def validate_checkpoint(path: Path) -> dict:
             raise UserError(f"'{file}' is missing: the checkpoint is incomplete")
         for name, shape, dtype in _tensor_headers(file):
             headers[name] = (shape, dtype)
+    headers = _as_module_names(headers, path)
     for layer, spec in section.get("layers", {}).items():
         if spec.get("kind") == "tied_head":
             continue
@@ -122,6 +124,32 @@ def validate_checkpoint(path: Path) -> dict:
     for name, spec in section.get("blocks", {}).items():
         _check_tree(name, spec, headers)
     return section
+
+
+def _as_module_names(headers: dict[str, tuple[list[int], str]], path: Path) -> dict[str, tuple[list[int], str]]:
+    """Tensor names as the model's modules know them: transformers saves some under older checkpoint names
+    (GPT-NeoX's ``lm_head`` as ``embed_out``) and renames them on load; the same renaming applies here."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except (OSError, ValueError, ImportError):  # an older transformers renames nothing
+        return headers
+    keys = [*(config.get("architectures") or []), config.get("model_type")]
+    renamings = next((found for key in keys if key and (found := get_checkpoint_conversion_mapping(key))), None) or []
+    pairs = [
+        (source, target)
+        for rule in renamings if isinstance(rule, WeightRenaming)
+        for source, target in zip(rule.source_patterns, rule.target_patterns)
+    ]
+    if not pairs:
+        return headers
+    renamed = {}
+    for name, header in headers.items():
+        for source, target in pairs:
+            name = re.sub(source, target, name)
+        renamed[name] = header
+    return renamed
 
 
 def _tensor_headers(file: Path) -> Iterator[tuple[str, list[int], str]]:

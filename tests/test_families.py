@@ -18,7 +18,6 @@ from .families import AUTO, CAUSAL, FAMILIES, MASKED, SEQ2SEQ, family_model
 
 # Families that do not yet convert correctly: each fails here, visibly, until fixed (strict: a fix must remove it).
 KNOWN_FAILURES = {
-    "GPT-NeoX": "transformers saves the head under its checkpoint name embed_out; load() validates it as lm_head",
     "T5": "ValueError inside the decoder's forward: 'You must specify exactly one of input_ids or inputs_embeds'",
 }
 
