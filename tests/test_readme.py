@@ -35,7 +35,7 @@ def test_ci_runs_the_readme_test_command():
 
 def test_readme_lists_the_tested_families_as_the_matrix_tests_them():
     from .families import FAMILIES
-    from .test_families import KNOWN_FAILURES
+    from .test_families import KNOWN_FAILURES, REFUSED
 
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Tested model families") :]
@@ -45,3 +45,6 @@ def test_readme_lists_the_tested_families_as_the_matrix_tests_them():
     assert set(listed) == set(FAMILIES)
     for family, status in listed.items():
         assert status.startswith("fails") == (family in KNOWN_FAILURES), family
+        assert status.startswith("refused") == (family in REFUSED), family
+        if family in REFUSED:
+            assert REFUSED[family] in status, family

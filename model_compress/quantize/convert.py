@@ -302,8 +302,24 @@ def plan_layers(layers: list[LayerInfo], settings: RPQSettings) -> list[LayerPla
     return [plans[layer.name] for layer in layers]
 
 
+def refuse_unsupported(model: nn.Module) -> None:
+    """One line, before any fitting, for a kind of model the conversion cannot yet make correctly.
+
+    Encoder-decoder models (T5): their feed-forward code reads ``wo.weight`` of a Linear the conversion
+    replaces, and the calibration passes run one stack of blocks, not an encoder and a decoder.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UserError(
+            f"model type {getattr(config, 'model_type', type(model).__name__)}: encoder-decoder models are not supported "
+            "(their code reads Linear weights directly and calibration runs one stack of blocks); "
+            "compress a decoder-only or encoder-only model"
+        )
+
+
 def planned_layers(model: nn.Module, settings: RPQSettings) -> list[LayerPlan]:
     """``plan_layers`` of the model's layers; a UserError when there is nothing to convert (checked before calibration)."""
+    refuse_unsupported(model)
     layers = find_layers(model)
     if not layers:
         raise UserError("the model has no supported layers (nn.Linear, nn.Embedding, transformers Conv1D)")
