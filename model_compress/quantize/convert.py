@@ -32,7 +32,7 @@ from .fit.stack import find_stack
 from .fit.statistics import count_tokens
 from .defaults import DEFAULT_BITS, DEFAULT_ROUNDS, SENSITIVITY_WINDOWS, for_device
 from .layers import (
-    KIND_CONV1D, KIND_EMBEDDING, KIND_LINEAR, KIND_TIED_HEAD, RPQEmbedding, build_rpq_module, embedding_forward_reads_weight, embedding_stand_in,
+    KIND_CONV1D, KIND_EMBEDDING, KIND_LINEAR, KIND_TIED_HEAD, RPQEmbedding, build_rpq_module, embedding_needs_dense,
 )
 from .layout import EMBEDDING, INT8, LINEAR, MAX_CODEBOOK_SIZE, dtype_name, pack_codes, split_dim
 
@@ -240,8 +240,7 @@ def find_layers(model: nn.Module) -> list[LayerInfo]:
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) and not isinstance(module, RPQEmbedding):
             embeddings[id(module.weight)] = name
-            reads = embedding_forward_reads_weight(type(module)) and embedding_stand_in(type(module), module) is None
-            reason = f"{type(module).__name__}.forward reads .weight itself" if reads else None
+            reason = f"{type(module).__name__}.forward reads .weight itself" if embedding_needs_dense(module) else None
             found.append(LayerInfo(name, KIND_EMBEDDING, tuple(module.weight.shape), module.weight.dtype, keep_dense=reason))
     for name, module in model.named_modules():
         if name in inside_attention:
@@ -634,7 +633,7 @@ def _cheapest_candidate(layer: LayerInfo, settings: RPQSettings, fit_settings: F
 
 def _scale_bytes(layer: LayerInfo) -> int:
     """An int8 codebook's scale is stored in the layer's dtype (so the layer computes in it): its size is the cost."""
-    return torch.empty((), dtype=layer.dtype).element_size()
+    return layer.dtype.itemsize
 
 
 def _codebook_dtypes(settings: RPQSettings, fit_settings: FitSettings | None, float_name: str | None = None) -> tuple[str, ...]:

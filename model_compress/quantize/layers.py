@@ -13,6 +13,8 @@ the Triton kernels included; every other form unpacks its codes and runs the tor
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 
@@ -64,6 +66,7 @@ class _Codes:
     indices: Tensor
     code_bits: int
     columns: int
+    compute_dtype: torch.dtype
 
     @property
     def native(self) -> bool:
@@ -81,8 +84,6 @@ class _Codes:
         # int8 times a 16-bit scale is exact in float32 (8 + 11 significant bits); None keeps it there
         values = self.codebooks.float() * self.codebook_scales.float()[:, None, None]
         return values if dtype is None else values.to(dtype)
-
-    compute_dtype: torch.dtype
 
     @property
     def value_dtype(self) -> torch.dtype:
@@ -260,8 +261,11 @@ class ScaledRowsLookup:
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Embedding's argument name
         rows = RPQEmbedding.forward(self, input)
         scalar = getattr(self, "scalar_embed_scale", None)
-        scale = torch.tensor(float(scalar)) if scalar is not None else self.embed_scale
-        return rows * scale.to(device=rows.device, dtype=rows.dtype)
+        if scalar is None:
+            return rows * self.embed_scale.to(rows.dtype)
+        # the family's rounding (its float32 scale cast to the rows' dtype), as a Python number: nothing to copy
+        # to the device on each call, so a CUDA graph can capture it
+        return rows * torch.tensor(float(scalar)).to(rows.dtype).item()
 
 
 _EMBEDDING_CLASSES: dict[type, type] = {nn.Embedding: RPQEmbedding}
@@ -269,8 +273,6 @@ _EMBEDDING_CLASSES: dict[type, type] = {nn.Embedding: RPQEmbedding}
 
 def embedding_forward_reads_weight(cls: type) -> bool:
     """Whether a subclass of nn.Embedding reads ``self.weight`` in a forward of its own (the RPQ table has none)."""
-    import inspect
-
     for klass in cls.__mro__:
         if klass in (nn.Embedding, RPQEmbedding) or not issubclass(klass, nn.Embedding):
             break
@@ -286,13 +288,16 @@ def embedding_forward_reads_weight(cls: type) -> bool:
     return False
 
 
-def embedding_stand_in(cls: type, instance: nn.Module | None = None) -> type | None:
-    """The mixin that replaces the forward of an embedding subclass reading ``self.weight``, or None when
-    there is none (such a table stays dense). ``instance`` tells a scaled table by its ``embed_scale`` buffer."""
-    if not embedding_forward_reads_weight(cls):
-        return None
-    scale = getattr(instance, "embed_scale", None) if instance is not None else None
+def embedding_stand_in(table: nn.Embedding) -> type | None:
+    """The mixin whose forward replaces that of ``table``'s class when it reads ``self.weight``; None when none
+    does (a scaled table is told by its one-value ``embed_scale`` buffer)."""
+    scale = getattr(table, "embed_scale", None)
     return ScaledRowsLookup if isinstance(scale, Tensor) and scale.numel() == 1 else None
+
+
+def embedding_needs_dense(table: nn.Embedding) -> bool:
+    """Whether ``table``'s own forward reads ``self.weight`` and no stand-in replaces it: it must stay dense."""
+    return embedding_forward_reads_weight(type(table)) and embedding_stand_in(table) is None
 
 
 def rpq_embedding_class(original: type, stand_in: type | None = None) -> type:
@@ -317,7 +322,8 @@ def build_rpq_embedding(
     Extra attributes (OPT's position ``offset``) and buffers (a scale) of a subclass are carried
     over; its ``weight`` is not.
     """
-    cls = rpq_embedding_class(type(original), embedding_stand_in(type(original), original))
+    stand_in = embedding_stand_in(original) if embedding_forward_reads_weight(type(original)) else None
+    cls = rpq_embedding_class(type(original), stand_in)
     module = cls.__new__(cls)
     RPQEmbedding.__init__(
         module,

@@ -256,28 +256,27 @@ def _restore_dtypes(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
             module.compute_dtype = dtypes[f"{name}#compute"]
 
 
-def _thaw_int8_codebooks(model: nn.Module) -> list[tuple[nn.Module, torch.dtype]]:
-    """int8 codebooks become float32 Parameters (their values) for training; returns the modules changed, each
-    with its scales' dtype (the dtype the layer computes in, which freezing must give back)."""
+def _thaw_int8_codebooks(model: nn.Module) -> list[nn.Module]:
+    """int8 codebooks become float32 Parameters (their values) for training; returns the modules changed."""
     thawed = []
     for module in model.modules():
         if getattr(module, "codebook_scales", None) is not None and hasattr(module, "code_bits"):
-            scale_dtype = module.codebook_scales.dtype
             values = module.codebook_values(torch.float32).detach()
             del module._buffers["codebooks"], module._buffers["codebook_scales"]
             module.codebooks = nn.Parameter(values)
             module.codebook_scales = None
-            thawed.append((module, scale_dtype))
+            thawed.append(module)
     return thawed
 
 
-def _freeze_int8_codebooks(modules: list[tuple[nn.Module, torch.dtype]]) -> None:
-    """Trained float codebooks back to int8 with one scale per codebook, the scales in their dtype of before."""
-    for module, scale_dtype in modules:
+def _freeze_int8_codebooks(modules: list[nn.Module]) -> None:
+    """Trained float codebooks back to int8 with one scale per codebook, the scales in the layer's compute dtype
+    (where they were before training: ``_restore_dtypes`` has given that dtype back by now)."""
+    for module in modules:
         values = module.codebooks.detach().float()
         books = CodebookSet(values, torch.full(values.shape[:1], values.shape[1]), torch.ones(values.shape[0], dtype=torch.bool))
         levels, scales = books.int8_parts()
         del module._parameters["codebooks"]
         module.__dict__.pop("codebook_scales", None)
         module.register_buffer("codebooks", levels)
-        module.register_buffer("codebook_scales", scales.to(scale_dtype))
+        module.register_buffer("codebook_scales", scales.to(module.compute_dtype))
