@@ -37,8 +37,15 @@ def commands() -> None:
     """Model surgery and compression for PyTorch / Hugging Face transformers."""
 
 
+Debug = Annotated[bool, typer.Option("--debug", help="On an unexpected failure, print the full traceback instead of one line.")]
+
+
 def reports_user_errors(command):
-    """Turn UserError (and Ctrl-C) into one stderr line and a non-zero exit, never a traceback."""
+    """Turn UserError (and Ctrl-C) into one stderr line and a non-zero exit, never a traceback.
+
+    Any other exception (a model's own code failing inside a forward, say) is one line too, naming the
+    module that raised it; the command's ``--debug`` shows the whole traceback instead.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -50,6 +57,13 @@ def reports_user_errors(command):
         except KeyboardInterrupt:
             typer.echo("interrupted: nothing was written", err=True)
             raise typer.Exit(130) from None
+        except Exception as error:  # noqa: BLE001 - the one place every unexpected failure is turned into a line
+            if kwargs.get("debug"):
+                raise
+            from .failures import describe_failure
+
+            typer.echo(f"error: {describe_failure(error)}", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -164,6 +178,7 @@ def rpq(
     dtype: Annotated[str, typer.Option(help="Model dtype: auto (the checkpoint's), float32, float16, bfloat16.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of k-means and fine-tuning; the same seed gives the same codes.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")] = False,
+    debug: Debug = False,
 ) -> None:
     """Reverse product quantization: every Linear / Embedding / Conv1D weight becomes codebooks + packed codes, fitted on calibration text."""
     from .models import parse_device, parse_dtype
@@ -241,6 +256,7 @@ def quality_warnings(run) -> list[str]:
 def inspect(
     folder: Annotated[Path, typer.Argument(help="A folder written by `compress rpq` or `compress fff-distill`.")],
     device: Annotated[str, typer.Option(help="Where to load it to check it: auto, cpu, cuda, cuda:N.")] = "cpu",
+    debug: Debug = False,
 ) -> None:
     """Check a compressed checkpoint (files, tensors, loading) and show what its conversion did."""
     from .checkpoint import REPORT_FILE, load
@@ -351,6 +367,7 @@ def evaluate(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Where to write the JSON report (default: FOLDER/eval_report.json).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Where to write the PNG plot (default: beside the JSON, .png).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing report files.")] = False,
+    debug: Debug = False,
 ) -> None:
     """Perplexity (or MLM loss / embedding similarity), latency, memory and size, side by side with the original."""
     from .data import resolve_text
@@ -429,6 +446,7 @@ def fff_distill(
     device: Annotated[str, typer.Option(help="Where recording and training run: auto, cpu, cuda, cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the initialisation and the training batches.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")] = False,
+    debug: Debug = False,
 ) -> None:
     """Replace feed-forward blocks by Fast FeedForward trees distilled from them (one leaf per token at inference)."""
     from .data import calibration_text

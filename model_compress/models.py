@@ -201,6 +201,31 @@ def from_pretrained(path: str | Path, label: str, dtype: torch.dtype | None = No
     return model.eval()
 
 
+def load_config(source: ModelSource) -> transformers.PretrainedConfig:
+    """The model's config alone (a GGUF's metadata, no tensors): what can be checked before the weights load."""
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    with hub_access(source):
+        try:
+            return transformers.AutoConfig.from_pretrained(source.path, **kwargs)
+        except Exception as error:  # noqa: BLE001 - transformers raises many types; the user needs one line
+            raise UserError(f"cannot load '{source.label}': {first_line(error)}") from None
+
+
+def empty_model(config: transformers.PretrainedConfig, dtype: torch.dtype | None = None) -> nn.Module:
+    """The model's modules on the meta device (accelerate's init_empty_weights): its layer names, types,
+    shapes and dtype (``dtype``, else the checkpoint's, else float32 as a GGUF loads), in no memory, for
+    the checks that must come before the weights load."""
+    from accelerate import init_empty_weights
+
+    saved = getattr(config, "dtype", None)
+    dtype = dtype or DTYPES.get(str(saved).removeprefix("torch.")) or torch.float32
+    cls = model_class(config)
+    with init_empty_weights():
+        build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
+        model = build(config, dtype=dtype)
+    return model.eval()
+
+
 def load_model(source: ModelSource, dtype: torch.dtype | None = None) -> tuple[nn.Module, object | None]:
     """Load model (on the CPU, in ``dtype`` or the checkpoint's) and its tokenizer (None if it has none)."""
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}

@@ -53,6 +53,15 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=2)),
 }
 
+# Families `compress rpq` refuses up front, with the line it gives.
+REFUSED = {"T5": "model type t5: encoder-decoder models are not supported"}
+KNOWN_FAILURES: dict[str, str] = {}  # families that convert but wrongly: none
+# Families fff-distill refuses up front: mixtures of experts (already sparse) and encoder-decoder models.
+FFF_REFUSED = {
+    "Mixtral": "model type mixtral: its feed-forward blocks are mixtures of 4 experts",
+    "Qwen2-MoE": "model type qwen2_moe: its feed-forward blocks are mixtures of 4 experts",
+    "T5": "model type t5: encoder-decoder models are not supported",
+}
 AUTO = {CAUSAL: transformers.AutoModelForCausalLM, MASKED: transformers.AutoModelForMaskedLM, SEQ2SEQ: transformers.AutoModelForSeq2SeqLM}
 
 

@@ -162,7 +162,10 @@ def test_model_with_no_supported_layers(tmp_path, monkeypatch):
     from model_compress.quantize import pipeline
 
     monkeypatch.setattr(pipeline, "resolve_source", lambda model: ModelSource("folder", "norm-only"))
-    monkeypatch.setattr(pipeline, "load_model", lambda *a: (nn.Sequential(nn.LayerNorm(8), nn.GELU()), None))
+    norm_only = nn.Sequential(nn.LayerNorm(8), nn.GELU())
+    monkeypatch.setattr(pipeline, "load_config", lambda source: None)
+    monkeypatch.setattr(pipeline, "empty_model", lambda config, dtype: norm_only)
+    monkeypatch.setattr(pipeline, "load_model", lambda *a: pytest.fail("the check must come before the weights load"))
     result = run_cli("rpq", "norm-only", "-o", str(tmp_path / "o"))
     assert_one_line_error(result, "no supported layers")
     assert list(tmp_path.iterdir()) == []

@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 import model_compress
 from model_compress.errors import UserError
-from model_compress.quantize.convert import RPQSettings, convert_model, find_layers, nearest_divisor, plan_layers
+from model_compress.quantize.convert import LayerPlan, RPQSettings, convert_model, find_layers, nearest_divisor, plan_layers
 from model_compress.quantize.layers import RPQEmbedding, RPQLinear, RPQTiedHead
 from model_compress.quantize.pipeline import CalibrationOptions, compress_rpq
 
@@ -176,12 +176,32 @@ def test_a_budget_below_the_cheapest_formats_is_a_user_error(dtype, least):
         convert_model(nn.Sequential(nn.Linear(8, 8)).to(dtype), RPQSettings(bits=2.0), None)
 
 
-def test_multihead_attention_projection_is_left_alone():
+def test_multihead_attention_projection_stays_dense_and_says_why():
     """nn.MultiheadAttention reads out_proj.weight itself, so its out_proj must stay a real nn.Linear."""
     model = nn.Sequential(nn.Embedding(600, 64), nn.Linear(512, 64))
     model.attention = nn.MultiheadAttention(512, 8)
-    names = [layer.name for layer in find_layers(model)]
-    assert names == ["0", "1"]
+    layers = {layer.name: layer.keep_dense for layer in find_layers(model)}
+    assert layers == {"0": None, "1": None, "attention.out_proj": "MultiheadAttention.forward reads out_proj.weight directly"}
+
+
+class ReadsItsChildsWeight(nn.Module):
+    """Like T5's feed-forward: the forward casts to ``self.wo.weight.dtype`` before calling ``wo``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wi, self.wo = nn.Linear(256, 256), nn.Linear(256, 256)
+
+    def forward(self, x):
+        return self.wo(self.wi(x).to(self.wo.weight.dtype))
+
+
+def test_a_layer_whose_weight_its_parent_reads_stays_dense_and_the_checkpoint_says_why():
+    model = nn.Sequential(ReadsItsChildsWeight())
+    outcomes = convert_model(model, RPQSettings(**SMALL), None).outcomes
+    reasons = {(o if isinstance(o, LayerPlan) else o.plan).layer.name: getattr(o, "dense_reason", None) for o in outcomes}
+    assert reasons == {"0.wi": None, "0.wo": "ReadsItsChildsWeight.forward reads wo.weight directly"}
+    assert type(model[0].wo) is nn.Linear and type(model[0].wi) is not nn.Linear
+    model(torch.randn(3, 256))  # runs: the read finds a real weight
 
 
 def test_model_without_supported_layers_is_a_user_error():

@@ -322,3 +322,20 @@ def test_the_default_text_is_the_packaged_wikipedia_sample():
     assert len(text.documents) == 1095 and 250_000 < words < 350_000
     assert all("<doc" not in doc and "</doc>" not in doc for doc in text.documents)
     assert "sample" in text.name and text.to_json()["documents"] == 1095
+
+
+def test_a_failure_inside_the_models_forward_is_one_line_naming_the_module(trained_llama, tmp_path, text_file, monkeypatch):
+    """Whatever a model's own code raises mid-forward is one line naming the module; --debug gives the traceback."""
+    out = tmp_path / "rpq"
+    rpq(trained_llama, out)
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (9x64 and 32x64)")
+
+    monkeypatch.setattr(transformers.models.llama.modeling_llama.LlamaMLP, "forward", broken)
+    args = ("eval", out, "--text", text_file, "--seq-len", "32", "--no-latency", "--device", "cpu")
+    result = run_cli(*args)
+    assert_one_line_error(result, "in model.layers.0.mlp (LlamaMLP): RuntimeError: mat1 and mat2 shapes cannot be multiplied", "--debug")
+    assert not (out / "eval_report.json").exists()
+    debugged = run_cli(*args, "--debug")
+    assert debugged.exit_code == 1 and isinstance(debugged.exception, RuntimeError)

@@ -1,6 +1,8 @@
 """The coverage matrix: a tiny random model of every family in tests/families.py goes through `compress rpq`, is
 saved, loaded with ``model_compress.load`` and with transformers' Auto class, and must give the logits of the
-original model with its weights replaced by the decoded codes (and generate, for decoders)."""
+original model with its weights replaced by the decoded codes (and generate, for decoders). The same families go
+through `compress fff-distill`: the saved trees load and give the distilled model's logits, and with every leaf
+on the trees give the original's. A family either passes or is refused with its line before the weights load."""
 
 from __future__ import annotations
 
@@ -9,16 +11,20 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 import model_compress
+from model_compress.data import Text
+from model_compress.errors import UserError
+from model_compress.quantize import pipeline as rpq_pipeline
 from model_compress.quantize.convert import RPQSettings
 from model_compress.quantize.layers import RPQTiedHead
 from model_compress.quantize.pipeline import CalibrationOptions, compress_rpq
+from model_compress.surgery import pipeline as fff_pipeline
+from model_compress.surgery.distill import FFFSettings
+from model_compress.surgery.fff import FastFeedForward
 
-from .conftest import tiny_tokenizer
-from .families import AUTO, CAUSAL, FAMILIES, MASKED, SEQ2SEQ, family_model
+from .conftest import ENGLISH, tiny_tokenizer
+from .families import AUTO, CAUSAL, FAMILIES, FFF_REFUSED, KNOWN_FAILURES, MASKED, REFUSED, SEQ2SEQ, family_model
 
-# Families the conversion refuses up front, with the line it gives.
-REFUSED = {"T5": "model type t5: encoder-decoder models are not supported"}
-KNOWN_FAILURES: dict[str, str] = {}  # families that convert but wrongly: none
+FFF_SETTINGS = FFFSettings(depth=2, steps=3, calib_tokens=1024, seq_len=64)
 
 
 def decoded_reference(original: torch.nn.Module, converted: torch.nn.Module) -> torch.nn.Module:
@@ -41,10 +47,7 @@ def decoded_reference(original: torch.nn.Module, converted: torch.nn.Module) -> 
 def test_a_family_converts_saves_loads_and_matches_its_decoded_weights(family, tmp_path):
     if family in REFUSED:
         return check_refused_with_one_line_before_any_work(family, tmp_path)
-    _, kind, _ = FAMILIES[family]
-    original = family_model(family)
-    original.save_pretrained(tmp_path / "in")
-    tiny_tokenizer("bert" if kind == MASKED else "llama").save_pretrained(tmp_path / "in")
+    kind = saved_family(family, tmp_path / "in")
     run = compress_rpq(str(tmp_path / "in"), tmp_path / "out", RPQSettings(bits=4.0), calibration=CalibrationOptions(tokens=512, seq_len=64))
     assert run.summary.bits_per_weight <= 4.0 and not run.config.dense, run.config.dense
     reference = decoded_reference(family_model(family), run.model)
@@ -64,12 +67,57 @@ def test_a_family_converts_saves_loads_and_matches_its_decoded_weights(family, t
         assert torch.equal(loaded.generate(prompt, max_new_tokens=4, do_sample=False), want)
 
 
-def check_refused_with_one_line_before_any_work(family: str, tmp_path) -> None:
-    """Called by the matrix for the families in REFUSED: `compress rpq` stops with its line and writes nothing."""
-    from model_compress.errors import UserError
+def saved_family(family: str, folder) -> str:
+    """The family's tiny model and a tokenizer saved in ``folder``; its kind."""
+    _, kind, _ = FAMILIES[family]
+    family_model(family).save_pretrained(folder)
+    tiny_tokenizer("bert" if kind == MASKED else "llama").save_pretrained(folder)
+    return kind
 
-    family_model(family).save_pretrained(tmp_path / "in")
-    tiny_tokenizer("llama").save_pretrained(tmp_path / "in")
-    with pytest.raises(UserError, match=REFUSED[family]):
-        compress_rpq(str(tmp_path / "in"), tmp_path / "out", RPQSettings(bits=4.0), calibration=CalibrationOptions(tokens=512, seq_len=64))
+
+def check_refused_with_one_line_before_any_work(family: str, tmp_path) -> None:
+    """Called by the matrix for the families in REFUSED: `compress rpq` stops with its line, before the weights
+    load, and writes nothing."""
+    saved_family(family, tmp_path / "in")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rpq_pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the weights before refusing"))
+        with pytest.raises(UserError, match=REFUSED[family]):
+            compress_rpq(str(tmp_path / "in"), tmp_path / "out", RPQSettings(bits=4.0), calibration=CalibrationOptions(tokens=512, seq_len=64))
     assert not (tmp_path / "out").exists()
+
+
+def all_leaves_on(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every tree computing all its leaves (each leaf an exact slice of the dense block's neurons)."""
+    for tree in model.modules():
+        if isinstance(tree, FastFeedForward):
+            tree.forward = tree.all_leaves_forward
+    return model
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_family_distils_saves_loads_and_its_trees_hold_the_dense_blocks(family, tmp_path):
+    kind = saved_family(family, tmp_path / "in")
+    text = Text("english", "test", [ENGLISH] * 8)
+    if family in FFF_REFUSED:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(fff_pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the weights before refusing"))
+            with pytest.raises(UserError, match=FFF_REFUSED[family]):
+                fff_pipeline.distill_fff(str(tmp_path / "in"), tmp_path / "out", FFF_SETTINGS, text)
+        assert not (tmp_path / "out").exists()
+        return
+    run = fff_pipeline.distill_fff(str(tmp_path / "in"), tmp_path / "out", FFF_SETTINGS, text)
+    assert len(run.config.blocks) == 2
+    loaded = model_compress.load(tmp_path / "out", dtype=torch.float32)
+    auto = AUTO[kind].from_pretrained(tmp_path / "out", dtype=torch.float32)
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = run.model(ids).logits
+        for model in (loaded, auto):
+            torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-4)
+        if kind == CAUSAL:
+            prompt = ids[:, :5]
+            want = run.model.generate(prompt, max_new_tokens=4, do_sample=False)
+            assert torch.equal(loaded.generate(prompt, max_new_tokens=4, do_sample=False), want)
+        # the layout was read right: with all leaves on, a tree is its dense block (before any training)
+        untrained = fff_pipeline.distill_fff(str(tmp_path / "in"), None, FFFSettings(depth=2, steps=0, calib_tokens=1024, seq_len=64), text)
+        torch.testing.assert_close(all_leaves_on(untrained.model)(ids).logits, family_model(family)(ids).logits, rtol=1e-4, atol=1e-4)

@@ -199,7 +199,7 @@ def test_select_blocks_and_bad_layers():
 
 
 def test_unrecognised_model_names_the_supported_architectures():
-    with pytest.raises(UserError, match="supported: BERT"):
+    with pytest.raises(UserError, match="supported: Llama-style"):
         find_blocks(nn.Sequential(nn.Linear(4, 4)))
 
 

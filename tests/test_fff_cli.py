@@ -67,12 +67,12 @@ def test_bad_options_are_one_line_errors(tiny_folder, tmp_path):
 
 
 def test_unsupported_architecture_is_named(tmp_path):
-    config = transformers.GPTNeoXConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
-    folder = tmp_path / "neox"
-    transformers.GPTNeoXForCausalLM(config).save_pretrained(folder)
+    config = transformers.BloomConfig(vocab_size=320, hidden_size=32, n_layer=1, n_head=4)
+    folder = tmp_path / "bloom"
+    transformers.BloomForCausalLM(config).save_pretrained(folder)
     tiny_tokenizer("llama").save_pretrained(folder)
     result = run_cli("fff-distill", str(folder), "-o", str(tmp_path / "out"), *FAST, "--calib", str(calib_file(tmp_path)))
-    assert_one_line_error(result, "no feed-forward blocks recognised in GPTNeoXForCausalLM", "Llama-style")
+    assert_one_line_error(result, "no feed-forward blocks recognised in BloomForCausalLM", "Llama-style")
 
 
 def test_embedded_default_minilm_keeps_its_embeddings(tmp_path):

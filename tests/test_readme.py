@@ -34,17 +34,19 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_readme_lists_the_tested_families_as_the_matrix_tests_them():
-    from .families import FAMILIES
-    from .test_families import KNOWN_FAILURES, REFUSED
+    from .families import FAMILIES, FFF_REFUSED, KNOWN_FAILURES, REFUSED
 
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Tested model families") :]
     section = section[: section.index("\n## ", 1)]
-    listed = {m.group(1): m.group(2) for m in re.finditer(r"^\| ([^|`]+?) \| `[^`]+` \| \w+ \| (.+?) \|$", section, flags=re.M)}
+    row = r"^\| ([^|`]+?) \| `[^`]+` \| \w+ \| (.+?) \| (.+?) \|$"
+    listed = {m.group(1): (m.group(2), m.group(3)) for m in re.finditer(row, section, flags=re.M)}
     listed.pop("family", None)  # the header row
     assert set(listed) == set(FAMILIES)
-    for family, status in listed.items():
-        assert status.startswith("fails") == (family in KNOWN_FAILURES), family
-        assert status.startswith("refused") == (family in REFUSED), family
-        if family in REFUSED:
-            assert REFUSED[family] in status, family
+    for family, (rpq, fff) in listed.items():
+        assert rpq.startswith("fails") == (family in KNOWN_FAILURES), family
+        for status, refused, works in ((rpq, REFUSED, "converts"), (fff, FFF_REFUSED, "distils")):
+            assert status.startswith("refused") == (family in refused), family
+            assert status.startswith(works) == (family not in refused and family not in KNOWN_FAILURES), family
+            if family in refused:
+                assert refused[family] in status, family

@@ -31,6 +31,7 @@ from .fit.sensitivity import output_sensitivities
 from .fit.stack import find_stack
 from .fit.statistics import count_tokens
 from .defaults import DEFAULT_BITS, DEFAULT_ROUNDS, SENSITIVITY_WINDOWS, for_device
+from .direct_reads import weights_read_directly
 from .layers import (
     KIND_CONV1D, KIND_EMBEDDING, KIND_LINEAR, KIND_TIED_HEAD, RPQEmbedding, build_rpq_module, embedding_needs_dense,
 )
@@ -226,31 +227,26 @@ class ConversionObserver:
 def find_layers(model: nn.Module) -> list[LayerInfo]:
     """Every layer RPQ can replace, embeddings first so that the heads tied to them come after.
 
-    Linear layers owned by nn.MultiheadAttention are left out: its forward reads ``out_proj.weight``
-    directly instead of calling the module.
+    A layer whose ``.weight`` the model's own code reads (``direct_reads``) or whose embedding subclass
+    reads its own ``.weight`` without a stand-in is listed with ``keep_dense`` saying why.
     """
     embeddings: dict[int, str] = {}
     found: list[LayerInfo] = []
-    inside_attention = {
-        f"{name}.{child}" if name else child
-        for name, module in model.named_modules()
-        if isinstance(module, nn.MultiheadAttention)
-        for child, _ in module.named_children()
-    }
+    read_directly = weights_read_directly(model)
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) and not isinstance(module, RPQEmbedding):
             embeddings[id(module.weight)] = name
-            reason = f"{type(module).__name__}.forward reads .weight itself" if embedding_needs_dense(module) else None
+            reason = read_directly.get(name)
+            if reason is None and embedding_needs_dense(module):
+                reason = f"{type(module).__name__}.forward reads .weight itself"
             found.append(LayerInfo(name, KIND_EMBEDDING, tuple(module.weight.shape), module.weight.dtype, keep_dense=reason))
     for name, module in model.named_modules():
-        if name in inside_attention:
-            continue
         if isinstance(module, nn.Linear):
             tied = embeddings.get(id(module.weight))
             kind = KIND_TIED_HEAD if tied else KIND_LINEAR
-            found.append(LayerInfo(name, kind, tuple(module.weight.shape), module.weight.dtype, tied))
+            found.append(LayerInfo(name, kind, tuple(module.weight.shape), module.weight.dtype, tied, read_directly.get(name)))
         elif isinstance(module, Conv1D):
-            found.append(LayerInfo(name, KIND_CONV1D, (module.nf, module.nx), module.weight.dtype))
+            found.append(LayerInfo(name, KIND_CONV1D, (module.nf, module.nx), module.weight.dtype, keep_dense=read_directly.get(name)))
     return found
 
 

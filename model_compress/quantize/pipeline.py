@@ -15,7 +15,7 @@ from .. import __version__
 from ..checkpoint import CARD_FILE, MAX_SHARD_SIZE, REPORT_FILE, check_output_folder, write_folder_atomically
 from ..data import Text, calibration_text
 from ..errors import UserError
-from ..models import ModelSource, context_length, disk_bytes, load_model, resolve_source
+from ..models import ModelSource, context_length, disk_bytes, empty_model, load_config, load_model, resolve_source
 from .defaults import CALIBRATION_TOKENS, CALIBRATION_WINDOW, FINETUNE_STEPS, for_device
 from .convert import Conversion, ConversionObserver, LayerResult, RPQSettings, convert_model, planned_layers, validate_settings
 from .fit.calibration import CalibrationSet, calibration_set
@@ -83,6 +83,7 @@ def compress_rpq(
     _validate_options(calibration, finetuning)
     text = calibration_text(calibration.text) if calibration.enabled else None
     source = resolve_source(model)
+    planned_layers(empty_model(load_config(source), dtype), settings)  # from the config alone: before the weights load
     network, tokenizer = load_model(source, dtype)
     if on_loaded is not None:
         on_loaded(source)

@@ -1,14 +1,22 @@
 """Finding a model's feed-forward blocks, reading their weights, and putting an FFF tree in their place.
 
 A block is the function hidden -> hidden between the model's residual stream and its output
-projection; residual adds, dropouts and layer norms stay where the model has them. Four layouts:
+projection; residual adds, dropouts and layer norms stay where the model has them. The layouts:
 
-| layout | where | FF function | the tree goes to | made pass-through |
+| layout | families | FF function | the tree goes to | made pass-through |
 |---|---|---|---|---|
-| llama (Llama, SmolLM, Mistral, Qwen2...) | ``mlp`` | down(act(gate x) * up x) | ``mlp`` | - |
-| bert | ``layer`` | output.dense(act(intermediate.dense x)) | ``intermediate.dense`` | the activation, ``output.dense`` |
-| opt | ``layer`` | fc2(act(fc1 x)) | ``fc1`` | ``activation_fn``, ``fc2`` |
-| gpt2 | ``mlp`` | c_proj(act(c_fc x)) | ``c_fc`` | ``act``, ``c_proj`` |
+| llama | Llama, Mistral, Qwen2/3, Gemma 1-3, OLMo, StableLM | down(act(gate x) * up x) | ``mlp`` | - |
+| phi3 | Phi-3 | down(act(gate x) * up x), gate and up as one ``gate_up_proj`` | ``mlp`` | - |
+| bert | BERT, RoBERTa, ELECTRA | output.dense(act(intermediate.dense x)) | ``intermediate.dense`` | the activation, ``output.dense`` |
+| opt | OPT, Phi | fc2(act(fc1 x)) | ``fc1`` | ``activation_fn``, ``fc2`` |
+| gpt2 | GPT-2 (Conv1D), Starcoder2 (Linear) | c_proj(act(c_fc x)) | ``c_fc`` | ``act``, ``c_proj`` |
+| gptj | GPT-J | fc_out(act(fc_in x)) | ``fc_in`` | ``act``, ``fc_out`` |
+| neox | GPT-NeoX, Falcon | dense_4h_to_h(act(dense_h_to_4h x)) | ``dense_h_to_4h`` | ``act``, ``dense_4h_to_h`` |
+| distilbert | DistilBERT | lin2(activation(lin1 x)) | ``lin1`` | ``activation``, ``lin2`` |
+
+A projection stored as transformers' Conv1D (in, out) is told by its type, not by the layout.
+Mixture-of-experts blocks and encoder-decoder models are refused before the weights load
+(``refuse_unsupported``).
 
 Placing the tree at the input projection keeps BERT's ``output`` (dropout, residual, LayerNorm),
 OPT's dropouts and GPT-2's ``mlp.dropout`` in the model's own forward.
@@ -21,10 +29,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..errors import UserError
 
-SUPPORTED = "BERT (intermediate.dense / output.dense), Llama-style (gate_proj / up_proj / down_proj), OPT (fc1 / fc2), GPT-2 (c_fc / c_proj)"
+SUPPORTED = (
+    "Llama-style (gate_proj / up_proj / down_proj), Phi-3 (gate_up_proj / down_proj), BERT (intermediate.dense / output.dense), "
+    "OPT and Phi (fc1 / fc2), GPT-2 and Starcoder2 (c_fc / c_proj), GPT-J (fc_in / fc_out), GPT-NeoX and Falcon "
+    "(dense_h_to_4h / dense_4h_to_h), DistilBERT (lin1 / lin2)"
+)
 
 
 class PassThrough(nn.Identity):
@@ -42,7 +55,7 @@ class Layout:
     activation: str
     replaced: str  # where the tree goes ("" = the owner itself)
     passthrough: tuple[str, ...]
-    transposed: bool = False  # GPT-2's Conv1D stores (in, out)
+    fused_gate: bool = False  # ``input`` holds the gate's rows, then the up projection's (Phi-3's gate_up_proj)
 
 
 LAYOUTS = (
@@ -50,8 +63,13 @@ LAYOUTS = (
     Layout("bert", "intermediate.dense", None, "output.dense", "intermediate.intermediate_act_fn", "intermediate.dense",
            ("intermediate.intermediate_act_fn", "output.dense")),
     Layout("opt", "fc1", None, "fc2", "activation_fn", "fc1", ("activation_fn", "fc2")),
-    Layout("gpt2", "c_fc", None, "c_proj", "act", "c_fc", ("act", "c_proj"), transposed=True),
+    Layout("gpt2", "c_fc", None, "c_proj", "act", "c_fc", ("act", "c_proj")),
+    Layout("phi3", "gate_up_proj", None, "down_proj", "activation_fn", "", (), fused_gate=True),
+    Layout("gptj", "fc_in", None, "fc_out", "act", "fc_in", ("act", "fc_out")),
+    Layout("neox", "dense_h_to_4h", None, "dense_4h_to_h", "act", "dense_h_to_4h", ("act", "dense_4h_to_h")),
+    Layout("distilbert", "lin1", None, "lin2", "activation", "lin1", ("activation", "lin2")),
 )
+EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
 @dataclass(frozen=True)
@@ -162,26 +180,39 @@ def select_blocks(blocks: list[Block], layers: str | None) -> list[Block]:
     return [block for block in blocks if block.index in chosen]
 
 
+def _stored_transposed(projection: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2) stores its weight as (in, out); nn.Linear as (out, in)."""
+    return isinstance(projection, Conv1D)
+
+
+def _rows(projection: nn.Module) -> torch.Tensor:
+    """The projection's weight as (its outputs, its inputs), detached, in float32."""
+    weight = projection.weight.detach().float()
+    return weight.T if _stored_transposed(projection) else weight
+
+
+def _bias(projection: nn.Module) -> torch.Tensor | None:
+    return projection.bias.detach().float() if getattr(projection, "bias", None) is not None else None
+
+
 def dense_weights(model: nn.Module, block: Block) -> DenseWeights:
-    """The block's weights, detached, in float32 (the tree is fitted in float32)."""
+    """The block's weights, detached, in float32 (the tree is fitted in float32), neuron-major."""
     owner = model.get_submodule(block.owner)
     layout = block.layout
-
-    def rows(projection: nn.Module) -> torch.Tensor:  # (neurons, hidden) for in/gate, (neurons, hidden) for out
-        weight = projection.weight.detach().float()
-        return weight if not layout.transposed else weight.T
-
-    def bias(projection: nn.Module) -> torch.Tensor | None:
-        return projection.bias.detach().float() if getattr(projection, "bias", None) is not None else None
-
     up, down = _get(owner, layout.input), _get(owner, layout.output)
-    w_out = down.weight.detach().float()
+    w_in, b_in = _rows(up), _bias(up)
+    w_gate = _rows(_get(owner, layout.gate)) if layout.gate else None
+    if layout.fused_gate:  # Phi-3: gate, up = gate_up_proj(x).chunk(2, dim=-1)
+        if b_in is not None and b_in.chunk(2)[0].abs().max() > 0:
+            raise UserError(f"{block.input_name}: a fused gate projection with a gate bias is not supported")
+        w_gate, w_in = w_in.chunk(2)
+        b_in = b_in.chunk(2)[1] if b_in is not None else None
     return DenseWeights(
-        w_in=rows(up),
-        b_in=bias(up),
-        w_gate=rows(_get(owner, layout.gate)) if layout.gate else None,
-        w_out=w_out.T.contiguous() if not layout.transposed else w_out.contiguous(),
-        b_out=bias(down),
+        w_in=w_in.contiguous(),
+        b_in=b_in,
+        w_gate=w_gate.contiguous() if w_gate is not None else None,
+        w_out=_rows(down).T.contiguous(),
+        b_out=_bias(down),
         activation=_get(owner, layout.activation),
     )
 
@@ -200,13 +231,27 @@ def block_activation(model: nn.Module, block: Block) -> nn.Module:
 def hidden_size(model: nn.Module, block: Block) -> int:
     """The width of the block's input (the model's hidden size), without copying weights."""
     projection = _get(model.get_submodule(block.owner), block.layout.input)
-    return projection.weight.shape[0] if block.layout.transposed else projection.weight.shape[1]
+    return projection.weight.shape[0 if _stored_transposed(projection) else 1]
 
 
 def intermediate_size(model: nn.Module, block: Block) -> int:
     """The block's neuron count (the dense intermediate width)."""
     projection = _get(model.get_submodule(block.owner), block.layout.input)
-    return projection.weight.shape[1] if block.layout.transposed else projection.weight.shape[0]
+    rows = projection.weight.shape[1 if _stored_transposed(projection) else 0]
+    return rows // 2 if block.layout.fused_gate else rows
+
+
+def refuse_unsupported(config) -> None:
+    """One line, from the config alone (before the weights load), for models whose FF blocks are not dense MLPs."""
+    model_type = getattr(config, "model_type", "this model")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UserError(f"model type {model_type}: encoder-decoder models are not supported; distil a decoder-only or encoder-only model")
+    experts = next((getattr(config, name) for name in EXPERT_COUNTS if getattr(config, name, None)), None)
+    if experts:
+        raise UserError(
+            f"model type {model_type}: its feed-forward blocks are mixtures of {experts} experts, already routed per token; "
+            "fff-distill converts dense feed-forward blocks only"
+        )
 
 
 def timing_spans(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:

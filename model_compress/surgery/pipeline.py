@@ -17,9 +17,9 @@ from .. import __version__
 from ..checkpoint import CARD_FILE, MAX_SHARD_SIZE, REPORT_FILE, check_output_folder, write_folder_atomically
 from ..data import Text
 from ..errors import UserError
-from ..models import MINILM, ModelSource, context_length, load_model, resolve_source
+from ..models import MINILM, ModelSource, context_length, empty_model, load_config, load_model, resolve_source
 from ..quantize.summary import model_bytes, model_params
-from .blocks import dense_weights, find_blocks, install_tree, intermediate_size, select_blocks
+from .blocks import dense_weights, find_blocks, install_tree, intermediate_size, refuse_unsupported, select_blocks
 from .capture import calibration_windows, record_blocks
 from .distill import BlockResult, FFFSettings, check_depth, distill_end_to_end, fit_block, validate_settings
 from .hf_integration import FFFConfig, attach_fff, tree_spec
@@ -73,14 +73,13 @@ def distill_fff(
         check_output_folder(out, force)
     validate_settings(settings)
     source = resolve_source(model, MINILM)
+    check_blocks(empty_model_of(source), settings)  # from the config alone: before the weights load
     network, tokenizer = load_model(source)
     if tokenizer is None:
         raise UserError(f"'{source.label}' has no tokenizer, which the calibration text needs")
     if on_loaded is not None:
         on_loaded(source)
-    blocks = select_blocks(find_blocks(network), settings.layers)
-    for block in blocks:
-        check_depth(settings, intermediate_size(network, block), block.owner)
+    blocks = check_blocks(network, settings)
     saved_dtype = next(network.parameters()).dtype
     params, original_bytes = model_params(network), model_bytes(network)
     # nn.Module.to, not the model's own: transformers refuses .float() on a GGUF-loaded (dequantized) model
@@ -133,6 +132,21 @@ def distill_fff(
     if out is not None:
         write_folder_atomically(out, force, lambda tmp: _write(tmp, network, tokenizer, config, summary, source))
     return FFFRun(network, config, summary, source, out)
+
+
+def empty_model_of(source: ModelSource) -> nn.Module:
+    """The model's modules without weights, after the config-level refusals."""
+    config = load_config(source)
+    refuse_unsupported(config)
+    return empty_model(config)
+
+
+def check_blocks(network: nn.Module, settings: FFFSettings) -> list:
+    """The blocks ``settings.layers`` selects, each checked to be deep enough for ``settings.depth``."""
+    blocks = select_blocks(find_blocks(network), settings.layers)
+    for block in blocks:
+        check_depth(settings, intermediate_size(network, block), block.owner)
+    return blocks
 
 
 def _has_logits(model: nn.Module) -> bool:
