@@ -49,12 +49,21 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "RoBERTa": ("roberta", MASKED, {**ENCODER, "max_position_embeddings": POSITIONS + 2, "pad_token_id": 1}),
     "DistilBERT": ("distilbert", MASKED, dict(vocab_size=VOCAB, dim=HIDDEN, hidden_dim=FF, n_layers=LAYERS, n_heads=HEADS, max_position_embeddings=POSITIONS)),
     "ELECTRA": ("electra", MASKED, {**ENCODER, "embedding_size": HIDDEN}),
+    # beyond the common families: embedding subclasses that scale their rows, or read their own .weight
+    "BioGPT": ("biogpt", CAUSAL, {**DECODER, "scale_embedding": True}),
+    "XGLM": ("xglm", CAUSAL, dict(vocab_size=VOCAB, d_model=HIDDEN, num_layers=LAYERS, attention_heads=HEADS, ffn_dim=FF,
+                                 max_position_embeddings=POSITIONS, scale_embedding=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)),
+    "TrOCR decoder": ("trocr", CAUSAL, dict(vocab_size=VOCAB, d_model=HIDDEN, decoder_layers=LAYERS, decoder_attention_heads=HEADS,
+                                           decoder_ffn_dim=FF, max_position_embeddings=POSITIONS, use_learned_position_embeddings=True,
+                                           scale_embedding=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)),
     "T5": ("t5", SEQ2SEQ, dict(vocab_size=VOCAB, d_model=HIDDEN, d_kv=16, d_ff=FF, num_layers=LAYERS, num_heads=HEADS,
                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=2)),
 }
 
 # Families `compress rpq` refuses up front, with the line it gives.
 REFUSED = {"T5": "model type t5: encoder-decoder models are not supported"}
+# Layers a family's own code reads the .weight of: kept dense, with the reason the checkpoint records.
+EXPECTED_DENSE = {"TrOCR decoder": {"model.decoder.embed_positions": "TrOCRLearnedPositionalEmbedding.forward reads .weight itself"}}
 KNOWN_FAILURES: dict[str, str] = {}  # families that convert but wrongly: none
 # Families fff-distill refuses up front: mixtures of experts (already sparse) and encoder-decoder models.
 FFF_REFUSED = {

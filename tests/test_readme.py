@@ -34,7 +34,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_readme_lists_the_tested_families_as_the_matrix_tests_them():
-    from .families import FAMILIES, FFF_REFUSED, KNOWN_FAILURES, REFUSED
+    from .families import EXPECTED_DENSE, FAMILIES, FFF_REFUSED, KNOWN_FAILURES, REFUSED
 
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Tested model families") :]
@@ -50,3 +50,5 @@ def test_readme_lists_the_tested_families_as_the_matrix_tests_them():
             assert status.startswith(works) == (family not in refused and family not in KNOWN_FAILURES), family
             if family in refused:
                 assert refused[family] in status, family
+        for name, why in EXPECTED_DENSE.get(family, {}).items():
+            assert f"`{name}` stays dense: {why}" in rpq, family
