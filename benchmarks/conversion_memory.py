@@ -39,8 +39,8 @@ def main() -> None:
 
     import transformers
 
-    from model_compress.quantize.convert import ConversionObserver, RPQSettings
-    from model_compress.quantize.pipeline import compress_rpq
+    from model_compress.rpq.convert import ConversionObserver, RPQSettings
+    from model_compress.rpq.pipeline import compress_rpq
 
     transformers.utils.logging.set_verbosity_error()
     marks: dict[str, float] = {"start": time.perf_counter()}

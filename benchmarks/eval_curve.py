@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 MB = 1e6
-COMPRESS = [sys.executable, "-m", "model_compress.cli"]  # the `compress` script, also where only PYTHONPATH finds the package
+COMPRESS = [sys.executable, "-m", "model_compress.cli.app"]  # the `compress` script, also where only PYTHONPATH finds the package
 
 
 def run(command: list[str]) -> float:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_compress.eval.latency import median_ms
-from model_compress.surgery.fff import FastFeedForward, per_token_reference
+from model_compress.fff.tree import FastFeedForward, per_token_reference
 
 SHAPES = {"bert-base 768->3072": (768, 3072, False), "llama-ish 2048->8192 (gated)": (2048, 8192, True)}
 

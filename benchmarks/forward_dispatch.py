@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model_compress.quantize import kernels
+from model_compress.rpq.kernels import forward as kernels
 
 SHAPES = [(576, 576), (576, 1536), (1536, 576), (2048, 2048), (2048, 8192)]
 TOKENS = [1, 4, 16, 64, 256]

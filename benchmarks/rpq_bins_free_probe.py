@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 from rpq_kernels import SHAPES, SMALL_SHAPES, Layers, graph_us
 
-from model_compress.quantize import kernels, triton_dispatch
-from model_compress.quantize import triton_kernels as tk
+from model_compress.rpq.kernels import forward as kernels, routes as triton_dispatch
+from model_compress.rpq.kernels import triton_kernels as tk
 
 
 @triton.jit

@@ -31,7 +31,7 @@ def save_tokenizer(folder: Path, vocab: int) -> None:
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from model_compress.data import default_text
+    from model_compress.core.text import default_text
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -90,7 +90,7 @@ def profile(source: str, folder: Path, out: Path, steps: int = 3) -> None:
 
     import model_compress
     from model_compress.eval.graph_decode import DecodeStep
-    from model_compress.models import load_model, resolve_source
+    from model_compress.core.sources import load_model, resolve_source
 
     lines = []
     for role in ("original", "compressed"):

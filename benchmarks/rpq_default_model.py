@@ -49,8 +49,8 @@ def main() -> None:
     import transformers
 
     import model_compress
-    from model_compress.checkpoint import REPORT_FILE
-    from model_compress.models import default_source, load_model
+    from model_compress.core.checkpoint import REPORT_FILE
+    from model_compress.core.sources import default_source, load_model
 
     transformers.utils.logging.set_verbosity_error()
     original, tokenizer = load_model(default_source())

@@ -32,18 +32,18 @@ import torch
 import transformers
 from torch import nn
 
-from model_compress.data import calibration_text, default_text
+from model_compress.core.text import calibration_text, default_text
 from model_compress.eval import similarity
 from model_compress.eval.perplexity import causal_nll, cut_windows, tokenize
-from model_compress.models import load_model, resolve_source
-from model_compress.quantize.convert import RPQSettings, convert_model, find_layers, plan_layers
-from model_compress.quantize.defaults import CALIBRATION_TOKENS, FINETUNE_STEPS
-from model_compress.quantize.fit.calibration import calibration_set
-from model_compress.quantize.fit.finetune import FinetuneSettings, Teacher, finetune
-from model_compress.quantize.fit.hessian import prepare
-from model_compress.quantize.fit.passes import Batches, run_pass
-from model_compress.quantize.fit.stack import find_stack
-from model_compress.quantize.summary import model_bytes, model_params
+from model_compress.core.sources import load_model, resolve_source
+from model_compress.rpq.convert import RPQSettings, convert_model, find_layers, plan_layers
+from model_compress.rpq.defaults import CALIBRATION_TOKENS, FINETUNE_STEPS
+from model_compress.rpq.fit.calibration import calibration_set
+from model_compress.rpq.fit.finetune import FinetuneSettings, Teacher, finetune
+from model_compress.rpq.fit.hessian import prepare
+from model_compress.rpq.fit.passes import Batches, run_pass
+from model_compress.rpq.fit.stack import find_stack
+from model_compress.rpq.summary import model_bytes, model_params
 
 GROUP = 128
 

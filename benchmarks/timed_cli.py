@@ -12,7 +12,7 @@ import sys
 CHILD = """
 import json, resource, sys, time
 start = time.perf_counter()
-from model_compress.cli import app
+from model_compress.cli.app import app
 try:
     app(sys.argv[1:], standalone_mode=False)
 finally:

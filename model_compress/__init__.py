@@ -13,10 +13,10 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+source"
 
-from .checkpoint import load  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .quantize.hf_integration import register as _register_rpq  # noqa: E402
-from .surgery.hf_integration import register as _register_fff  # noqa: E402
+from .core.checkpoint import load  # noqa: E402
+from .core.errors import UserError  # noqa: E402
+from .rpq.quantizer import register as _register_rpq  # noqa: E402
+from .fff.quantizer import register as _register_fff  # noqa: E402
 
 _register_rpq()
 _register_fff()

@@ -90,9 +90,9 @@ def native_rpq(model: torch.nn.Module, num_codebooks: int = 4) -> torch.nn.Modul
     K = 256 to save bytes, which is why ``compress rpq`` would keep them dense; the forward paths do not care."""
     from transformers.pytorch_utils import Conv1D
 
-    from model_compress.quantize.convert import replace_layer
-    from model_compress.quantize.fit.formats import CodeFormat
-    from model_compress.quantize.fit.groups import FitSettings, fit_rows_group
+    from model_compress.rpq.convert import replace_layer
+    from model_compress.rpq.fit.formats import CodeFormat
+    from model_compress.rpq.fit.groups import FitSettings, fit_rows_group
 
     tied = id(model.get_input_embeddings().weight)
     for name, module in list(model.named_modules()):
@@ -111,7 +111,7 @@ ARCHS = ["llama", "gpt2", "opt", "bert"]
 def real_model_folder(package: str, distribution: str):
     """The folder of a model package from PyPI. Missing, it skips, except where the README's test
     command sets MODEL_COMPRESS_REQUIRE_REAL_MODELS=1 (CI): there a missing model is a failure."""
-    from model_compress.models import package_folder
+    from model_compress.core.sources import package_folder
 
     folder = package_folder(package)
     if folder is None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from model_compress.data import Text
-from model_compress.quantize.fit.calibration import calibration_set, spread
+from model_compress.core.text import Text
+from model_compress.rpq.fit.calibration import calibration_set, spread
 
 from .conftest import real_model_folder
 
@@ -46,7 +46,7 @@ def test_held_out_windows_are_spread_and_never_fitted_on():
 
 
 def test_the_packaged_calibration_mix_holds_several_kinds_of_text_and_not_the_eval_text():
-    from model_compress.data import calibration_text, default_text
+    from model_compress.core.text import calibration_text, default_text
 
     real_model_folder("exllamav2", "exllamav2==0.3.2")
     calibration = calibration_text()

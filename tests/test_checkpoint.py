@@ -7,10 +7,10 @@ import json
 import pytest
 
 import model_compress
-from model_compress.checkpoint import REPORT_FILE, validate_checkpoint, write_folder_atomically
-from model_compress.errors import UserError
-from model_compress.quantize.convert import RPQSettings
-from model_compress.quantize.pipeline import CalibrationOptions, compress_rpq
+from model_compress.core.checkpoint import REPORT_FILE, validate_checkpoint, write_folder_atomically
+from model_compress.core.errors import UserError
+from model_compress.rpq.convert import RPQSettings
+from model_compress.rpq.pipeline import CalibrationOptions, compress_rpq
 
 NO_DATA = CalibrationOptions(enabled=False)
 
@@ -92,7 +92,7 @@ def test_missing_parents_are_created_and_a_file_in_the_way_is_refused(tmp_path):
 
 
 def test_existing_output_is_refused_before_loading(tmp_path, monkeypatch):
-    from model_compress.quantize import pipeline
+    from model_compress.rpq import pipeline
 
     (tmp_path / "out").mkdir()
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded before checking the output"))

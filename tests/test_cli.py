@@ -10,7 +10,7 @@ import transformers
 from torch import nn
 from typer.testing import CliRunner
 
-from model_compress.cli import app
+from model_compress.cli.app import app
 
 runner = CliRunner()
 
@@ -69,7 +69,7 @@ def test_unknown_path(tmp_path):
 
 
 def test_hub_id_offline(tmp_path, monkeypatch):
-    from model_compress import models
+    from model_compress.core import sources as models
 
     monkeypatch.setattr(models, "hub_reachable", lambda: False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
@@ -97,7 +97,7 @@ def test_bad_codebooks(tiny_folder, tmp_path, value, fragment):
 
 
 def test_bad_settings_fail_before_the_model_loads(tmp_path, monkeypatch):
-    from model_compress.quantize import pipeline
+    from model_compress.rpq import pipeline
 
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded before checking the settings"))
     out = ("-o", str(tmp_path / "o"))
@@ -158,8 +158,8 @@ def test_output_exists(tmp_path):
 
 
 def test_model_with_no_supported_layers(tmp_path, monkeypatch):
-    from model_compress.models import ModelSource
-    from model_compress.quantize import pipeline
+    from model_compress.core.sources import ModelSource
+    from model_compress.rpq import pipeline
 
     monkeypatch.setattr(pipeline, "resolve_source", lambda model: ModelSource("folder", "norm-only"))
     norm_only = nn.Sequential(nn.LayerNorm(8), nn.GELU())
@@ -172,7 +172,7 @@ def test_model_with_no_supported_layers(tmp_path, monkeypatch):
 
 
 def test_failure_during_conversion_leaves_no_folder(tiny_folder, tmp_path, monkeypatch):
-    from model_compress.quantize import pipeline
+    from model_compress.rpq import pipeline
 
     def explode(*args, **kwargs):
         raise KeyboardInterrupt

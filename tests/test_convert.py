@@ -10,10 +10,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import model_compress
-from model_compress.errors import UserError
-from model_compress.quantize.convert import LayerPlan, RPQSettings, convert_model, find_layers, nearest_divisor, plan_layers
-from model_compress.quantize.layers import RPQEmbedding, RPQLinear, RPQTiedHead
-from model_compress.quantize.pipeline import CalibrationOptions, compress_rpq
+from model_compress.core.errors import UserError
+from model_compress.rpq.convert import LayerPlan, RPQSettings, convert_model, find_layers, nearest_divisor, plan_layers
+from model_compress.rpq.modules import RPQEmbedding, RPQLinear, RPQTiedHead
+from model_compress.rpq.pipeline import CalibrationOptions, compress_rpq
 
 from .conftest import tiny_config, tiny_model
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_compress.quantize.convert import RPQSettings, convert_model
-from model_compress.quantize.kmeans import kmeans
-from model_compress.quantize.layers import RPQEmbedding, RPQLinear, RPQTiedHead
+from model_compress.rpq.convert import RPQSettings, convert_model
+from model_compress.rpq.fit.kmeans import kmeans
+from model_compress.rpq.modules import RPQEmbedding, RPQLinear, RPQTiedHead
 
 from .conftest import tiny_model
 from .test_layers import filled, rel_error
@@ -63,7 +63,7 @@ def test_converting_on_cuda_matches_converting_on_cpu_in_quality(arch):
 
 
 def test_data_aware_budget_fit_on_cuda_matches_the_cpu_in_quality(tiny_folder):
-    from model_compress.quantize.pipeline import CalibrationOptions, compress_rpq
+    from model_compress.rpq.pipeline import CalibrationOptions, compress_rpq
 
     quick = CalibrationOptions(tokens=1024)
     runs = {
@@ -91,7 +91,7 @@ def test_eval_on_cuda_times_with_events_and_reports_peak_memory(tiny_folder, tmp
 
     from typer.testing import CliRunner
 
-    from model_compress.cli import app
+    from model_compress.cli.app import app
 
     from .conftest import ENGLISH
 

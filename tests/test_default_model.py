@@ -15,9 +15,9 @@ import torch
 from typer.testing import CliRunner
 
 import model_compress
-from model_compress.cli import app
-from model_compress.models import DEFAULT_PACKAGE, default_source, load_model
-from model_compress.quantize.layers import RPQTiedHead
+from model_compress.cli.app import app
+from model_compress.core.sources import DEFAULT_PACKAGE, default_source, load_model
+from model_compress.rpq.modules import RPQTiedHead
 
 from .conftest import real_model_folder
 

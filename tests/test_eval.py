@@ -17,9 +17,9 @@ import transformers
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from model_compress.cli import app
-from model_compress.data import DEFAULT_TEXT_DISTRIBUTION, DEFAULT_TEXT_PACKAGE, Text, default_text, hub_text
-from model_compress.errors import UserError
+from model_compress.cli.app import app
+from model_compress.core.text import DEFAULT_TEXT_DISTRIBUTION, DEFAULT_TEXT_PACKAGE, Text, default_text, hub_text
+from model_compress.core.errors import UserError
 from model_compress.eval import perplexity, similarity
 from model_compress.eval.compare import EvalSettings, evaluate
 
@@ -306,11 +306,11 @@ def test_hub_dataset_rows_are_joined_and_offline_is_a_clear_error(monkeypatch):
 
     fake.load_dataset = load_dataset
     monkeypatch.setitem(sys.modules, "datasets", fake)
-    monkeypatch.setattr("model_compress.data.hub_reachable", lambda: True)
+    monkeypatch.setattr("model_compress.core.text.hub_reachable", lambda: True)
     text = hub_text("wikitext2")
     assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "test")]
     assert text.joined == " = Title = \n\n\n First line .\n\n\n\n\n Second .\n"  # rows joined with "\n\n"
-    monkeypatch.setattr("model_compress.data.hub_reachable", lambda: False)
+    monkeypatch.setattr("model_compress.core.text.hub_reachable", lambda: False)
     with pytest.raises(UserError, match="cannot be reached; pass --text FILE"):
         hub_text("wikitext2")
 

@@ -11,15 +11,15 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 import model_compress
-from model_compress.data import Text
-from model_compress.errors import UserError
-from model_compress.quantize import pipeline as rpq_pipeline
-from model_compress.quantize.convert import RPQSettings
-from model_compress.quantize.layers import RPQTiedHead
-from model_compress.quantize.pipeline import CalibrationOptions, compress_rpq
-from model_compress.surgery import pipeline as fff_pipeline
-from model_compress.surgery.distill import FFFSettings
-from model_compress.surgery.fff import FastFeedForward
+from model_compress.core.text import Text
+from model_compress.core.errors import UserError
+from model_compress.rpq import pipeline as rpq_pipeline
+from model_compress.rpq.convert import RPQSettings
+from model_compress.rpq.modules import RPQTiedHead
+from model_compress.rpq.pipeline import CalibrationOptions, compress_rpq
+from model_compress.fff import pipeline as fff_pipeline
+from model_compress.fff.distill import FFFSettings
+from model_compress.fff.tree import FastFeedForward
 
 from .conftest import ENGLISH, tiny_tokenizer
 from .families import AUTO, CAUSAL, EXPECTED_DENSE, FAMILIES, FFF_REFUSED, KNOWN_FAILURES, MASKED, REFUSED, SEQ2SEQ, family_model

@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 import model_compress
-from model_compress.data import Text, calibration_text
-from model_compress.errors import UserError
-from model_compress.surgery.blocks import DenseWeights, PassThrough, dense_weights, find_blocks, select_blocks
-from model_compress.surgery.capture import calibration_windows, record_blocks
-from model_compress.surgery.distill import FFFSettings, fit_block, relative_error
-from model_compress.surgery.fff import FastFeedForward, per_token_reference
-from model_compress.surgery.pipeline import distill_fff
-from model_compress.surgery.tree_init import initialise_tree
+from model_compress.core.text import Text, calibration_text
+from model_compress.core.errors import UserError
+from model_compress.fff.blocks import DenseWeights, PassThrough, dense_weights, find_blocks, select_blocks
+from model_compress.fff.capture import calibration_windows, record_blocks
+from model_compress.fff.distill import FFFSettings, fit_block, relative_error
+from model_compress.fff.tree import FastFeedForward, per_token_reference
+from model_compress.fff.pipeline import distill_fff
+from model_compress.fff.tree_init import initialise_tree
 
 from .conftest import ENGLISH, real_model_folder, tiny_model, tiny_tokenizer
 
@@ -224,7 +224,7 @@ def test_short_calibration_text_is_refused(tiny_folder, tmp_path):
 
 
 def test_packaged_calibration_text_is_not_the_eval_text():
-    from model_compress.data import default_text
+    from model_compress.core.text import default_text
 
     real_model_folder("exllamav2", "exllamav2==0.3.2")
     calibration = calibration_text()

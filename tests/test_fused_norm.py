@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from .conftest import native_rpq, tiny_model
-from model_compress.quantize import kernels
-from model_compress.quantize.fused_norm import FUSED_NORM_ENV, DeferredNorm, defer_norms
-from model_compress.quantize.layers import RPQLinear
-from model_compress.quantize.norm_spec import LAYER_NORM, RMS_NORM
-from model_compress.quantize.shared_input import group_shared_inputs
+from model_compress.rpq.kernels import forward as kernels
+from model_compress.rpq.fusions.norm import FUSED_NORM_ENV, DeferredNorm, defer_norms
+from model_compress.rpq.modules import RPQLinear
+from model_compress.rpq.fusions.norm_spec import LAYER_NORM, RMS_NORM
+from model_compress.rpq.fusions.shared_input import group_shared_inputs
 
 
 def rpq_model(arch: str) -> nn.Module:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_compress.quantize.kmeans import assign, kmeans, kmeans_plusplus
-from model_compress.quantize.layout import LINEAR, decode, to_pieces
+from model_compress.rpq.fit.kmeans import assign, kmeans, kmeans_plusplus
+from model_compress.rpq.layout import LINEAR, decode, to_pieces
 
 
 def clustered_points(num_books=4, clusters=16, dim=3, per_cluster=100, spread=0.05, seed=1):
@@ -57,7 +57,7 @@ def test_codes_are_nearest_centroid():
 
 
 def test_empty_clusters_take_the_worst_served_points():
-    from model_compress.quantize.kmeans import _update_centroids
+    from model_compress.rpq.fit.kmeans import _update_centroids
 
     points = torch.arange(10.0).reshape(1, 10, 1)
     codes = torch.zeros(1, 10, dtype=torch.long)  # everything in cluster 0; clusters 1 and 2 empty

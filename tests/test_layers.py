@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_compress.quantize import kernels
-from model_compress.quantize.layers import RPQEmbedding, RPQLinear, RPQTiedHead, build_rpq_embedding
-from model_compress.quantize.layout import pack_codes, packed_width
+from model_compress.rpq.kernels import forward as kernels
+from model_compress.rpq.modules import RPQEmbedding, RPQLinear, RPQTiedHead, build_rpq_embedding
+from model_compress.rpq.layout import pack_codes, packed_width
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -141,7 +141,7 @@ def test_indices_are_packed_at_ceil_log2_k_bits(codebook_size, bits):
 
 
 def test_gpu_dispatch_routes_by_token_count_and_stays_off_on_cpu():
-    from model_compress.quantize import kernels, triton_dispatch
+    from model_compress.rpq.kernels import forward as kernels, routes as triton_dispatch
 
     assert kernels.gpu_kernels(torch.zeros(1)) is None  # CPU tensors always take the torch forms
     bounds = [chosen.max_tokens for chosen in triton_dispatch.ROUTES]
@@ -154,7 +154,7 @@ def test_gpu_dispatch_routes_by_token_count_and_stays_off_on_cpu():
 
 
 def test_tuned_routes_round_trip_through_a_file(tmp_path, monkeypatch):
-    from model_compress.quantize import triton_dispatch
+    from model_compress.rpq.kernels import routes as triton_dispatch
 
     tuned = (
         triton_dispatch.Route(1, triton_dispatch.FUSED, triton_dispatch.TileConfig(1, 8, 256, 2, 4), max_weights=1000),
@@ -204,7 +204,7 @@ class _RecordingKernels:
 
 def test_one_token_route_depends_on_layer_size_and_bins_switch(monkeypatch):
     """Small layers take the small-layer one-token tile, larger ones (or a sibling group) the other; bins off: gather."""
-    from model_compress.quantize import kernels, triton_dispatch
+    from model_compress.rpq.kernels import forward as kernels, routes as triton_dispatch
 
     recorder = _RecordingKernels()
     monkeypatch.setattr(kernels, "gpu_kernels", lambda tensor: recorder)
@@ -244,7 +244,7 @@ def test_one_token_route_depends_on_layer_size_and_bins_switch(monkeypatch):
 @pytest.mark.parametrize("tokens", [2, 4, 16])
 def test_few_token_route_depends_on_layer_size(monkeypatch, tokens):
     """2-16 tokens: a SmolLM2-sized layer, one up to 2048 x 2048 and a larger one each take their class's gather tile."""
-    from model_compress.quantize import kernels, triton_dispatch
+    from model_compress.rpq.kernels import forward as kernels, routes as triton_dispatch
 
     recorder = _RecordingKernels()
     monkeypatch.setattr(kernels, "gpu_kernels", lambda tensor: recorder)
@@ -258,7 +258,7 @@ def test_few_token_route_depends_on_layer_size(monkeypatch, tokens):
 
 
 def test_whole_codebook_tiles_count_the_codebooks_a_tile_holds():
-    from model_compress.quantize.triton_dispatch import heads_per_tile
+    from model_compress.rpq.kernels.routes import heads_per_tile
 
     assert heads_per_tile(256, 128) == 1 and heads_per_tile(64, 64) == 1  # inside one codebook
     assert heads_per_tile(64, 128) == 2 and heads_per_tile(8, 16) == 2
@@ -269,7 +269,7 @@ def test_whole_codebook_tiles_count_the_codebooks_a_tile_holds():
 
 def test_aligned_route_takes_decode_where_pieces_do_not_tile(monkeypatch):
     """A prompt-sized route of whole-codebook tiles runs the gather kernel on 64-wide pieces, decode + cuBLAS on 18-wide."""
-    from model_compress.quantize import kernels, triton_dispatch
+    from model_compress.rpq.kernels import forward as kernels, routes as triton_dispatch
 
     recorder = _RecordingKernels()
     monkeypatch.setattr(kernels, "gpu_kernels", lambda tensor: recorder)
@@ -283,7 +283,7 @@ def test_aligned_route_takes_decode_where_pieces_do_not_tile(monkeypatch):
 
 @pytest.mark.parametrize("columns, codebook_size", [(37, 16), (300, 256), (2048, 256), (40000, 256)])
 def test_code_bins_group_each_codebooks_columns_by_code(columns, codebook_size):
-    from model_compress.quantize.layout import code_bins
+    from model_compress.rpq.layout import code_bins
 
     gen = torch.Generator().manual_seed(columns)
     # Skewed codes, as k-means gives: a few codes take many columns.
@@ -319,8 +319,8 @@ def test_linear_keeps_its_code_bins_until_the_codes_change():
 def test_shared_input_group_serves_siblings_from_one_computation(monkeypatch):
     """q/k/v (and gate/up) of one shape form a group; one computation per input tensor serves all of them,
     a different tensor or an in-place write recomputes, out_proj is never grouped, and logits are unchanged."""
-    from model_compress.quantize import kernels
-    from model_compress.quantize.shared_input import group_shared_inputs
+    from model_compress.rpq.kernels import forward as kernels
+    from model_compress.rpq.fusions.shared_input import group_shared_inputs
 
     from .conftest import native_rpq, tiny_model
 

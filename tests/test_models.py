@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_compress.errors import UserError
-from model_compress.models import DEFAULT_GGUF, default_source, parse_device, parse_dtype, resolve_source
+from model_compress.core.errors import UserError
+from model_compress.core.sources import DEFAULT_GGUF, default_source, parse_device, parse_dtype, resolve_source
 
 
 def test_each_kind_of_model_argument(tmp_path, tiny_folder):

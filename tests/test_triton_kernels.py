@@ -8,16 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_compress.quantize import kernels, triton_dispatch
-from model_compress.quantize.fused_norm import defer_norms
-from model_compress.quantize.layers import RPQEmbedding, RPQLinear
-from model_compress.quantize.layout import code_bins
-from model_compress.quantize.norm_spec import LAYER_NORM, RMS_NORM, NormSpec
+from model_compress.rpq.kernels import forward as kernels, routes as triton_dispatch
+from model_compress.rpq.fusions.norm import defer_norms
+from model_compress.rpq.modules import RPQEmbedding, RPQLinear
+from model_compress.rpq.layout import code_bins
+from model_compress.rpq.fusions.norm_spec import LAYER_NORM, RMS_NORM, NormSpec
 
 from .conftest import tiny_model
 from .test_layers import filled, rel_error
 
-triton_kernels = pytest.importorskip("model_compress.quantize.triton_kernels", reason="needs Triton")
+triton_kernels = pytest.importorskip("model_compress.rpq.kernels.triton_kernels", reason="needs Triton")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
 # Relative (Frobenius) error bounds against a float64 reference: output rounding plus fp32 accumulation.
@@ -200,7 +200,7 @@ def test_capturable_in_a_cuda_graph_without_host_syncs(tokens):
 
 
 def test_whole_model_on_cuda_uses_the_kernels_and_matches_the_reference():
-    from model_compress.quantize.convert import RPQSettings, convert_model
+    from model_compress.rpq.convert import RPQSettings, convert_model
 
     model = tiny_model("llama").to(CUDA, torch.float16).eval()
     convert_model(model, RPQSettings(num_codebooks=4, device=CUDA))
@@ -374,9 +374,9 @@ def logits_on_the_torch_path(model: torch.nn.Module, ids: torch.Tensor, monkeypa
 
 def test_whole_llama_decodes_with_fused_norms_and_gated_mlps_like_the_reference(monkeypatch):
     """As loading installs them: grouped q/k/v and gate/up, deferred norms, down_proj forming silu(gate) * up; one token."""
-    from model_compress.quantize.convert import RPQSettings, convert_model
-    from model_compress.quantize.fused_glu import fuse_gated_mlps
-    from model_compress.quantize.shared_input import group_shared_inputs
+    from model_compress.rpq.convert import RPQSettings, convert_model
+    from model_compress.rpq.fusions.glu import fuse_gated_mlps
+    from model_compress.rpq.fusions.shared_input import group_shared_inputs
 
     model = tiny_model("llama").to(CUDA, torch.float16).eval()
     convert_model(model, RPQSettings(num_codebooks=4, codebook_size=16, device=CUDA))
@@ -397,8 +397,8 @@ def test_whole_llama_decodes_with_fused_norms_and_gated_mlps_like_the_reference(
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_grouped_siblings_decode_one_token_like_the_reference(arch, deferred_norms, monkeypatch):
     """A loaded-style model with q/k/v (gate/up) grouped: one-token steps take the group launch and match the torch path."""
-    from model_compress.quantize.convert import RPQSettings, convert_model
-    from model_compress.quantize.shared_input import group_shared_inputs
+    from model_compress.rpq.convert import RPQSettings, convert_model
+    from model_compress.rpq.fusions.shared_input import group_shared_inputs
 
     model = tiny_model(arch).to(CUDA, torch.float16).eval()
     convert_model(model, RPQSettings(num_codebooks=4, codebook_size=16, device=CUDA))
@@ -423,8 +423,8 @@ def test_grouped_siblings_decode_one_token_like_the_reference(arch, deferred_nor
 
 def test_one_token_without_bins_reads_the_codes_and_matches_the_reference(monkeypatch):
     """MODEL_COMPRESS_RPQ_BINS=0: one-token steps take the gather tile, no layer makes code bins, logits as the torch path."""
-    from model_compress.quantize.convert import RPQSettings, convert_model
-    from model_compress.quantize.layers import RPQLinear
+    from model_compress.rpq.convert import RPQSettings, convert_model
+    from model_compress.rpq.modules import RPQLinear
 
     model = tiny_model("opt").to(CUDA, torch.float16).eval()
     convert_model(model, RPQSettings(num_codebooks=4, codebook_size=16, device=CUDA))

@@ -20,11 +20,11 @@ import torch
 import transformers
 from torch import nn
 
-from ..checkpoint import REPORT_FILE, load, validate_checkpoint, weight_files
-from ..data import Text
-from ..errors import UserError
-from ..models import ModelSource, context_length, default_source, disk_bytes, load_model, load_tokenizer, resolve_source
-from ..quantize.summary import model_bytes, model_params
+from ..core.checkpoint import REPORT_FILE, load, validate_checkpoint, weight_files
+from ..core.text import Text
+from ..core.errors import UserError
+from ..core.sources import ModelSource, context_length, default_source, disk_bytes, load_model, load_tokenizer, resolve_source
+from ..rpq.summary import model_bytes, model_params
 from . import perplexity, similarity
 from .latency import LatencyResult, LatencySettings, PeakMemory, measure, release_device_memory
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..models import context_length
-from ..quantize.kernels import release_workspaces
-from ..surgery.blocks import timing_spans
+from ..core.sources import context_length
+from ..rpq.kernels.forward import release_workspaces
+from ..fff.blocks import timing_spans
 from .graph_decode import graphed_decode
 
 DECODE_PROMPT = 32

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 MASK_PROBABILITY = 0.15
 IGNORED = -100  # the label of positions that are not scored (transformers' convention)

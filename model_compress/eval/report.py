@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from .. import __version__
-from ..quantize.summary import MB
+from ..rpq.summary import MB
 from .compare import EvalResult, Measurement
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 MIN_WORDS = 4

@@ -1,0 +1,1 @@
+"""Reverse product quantization: weights become codebooks plus codes (fitting, modules, kernels, fusions)."""

@@ -1,0 +1,71 @@
+"""RPQ Linears that a model calls one after another on the same tensor (q/k/v, gate/up), run as one launch.
+
+At one token a 2048x2048 RPQ layer is latency-bound: 128 programs, one per SM, each waiting on
+its loads. Attention calls ``q_proj(x)``, ``k_proj(x)``, ``v_proj(x)`` in turn; on the binned route
+the first call runs all three in one launch (three times the programs to hide each other's
+latency, one launch instead of three) and keeps the other outputs for the calls that follow with
+the very same tensor. Any other call computes alone, so a model that calls them differently stays
+correct, only not faster. The grouping is by attribute name (the names transformers uses), then
+by shape; nothing is saved with the model.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..kernels import forward as kernels
+from ..modules import RPQLinear
+
+SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("gate_proj", "up_proj"))
+
+
+class SharedInputGroup:
+    """The members' outputs for one input, computed together by the first member called with it."""
+
+    def __init__(self, members: list[RPQLinear]) -> None:
+        self.members = members
+        self._input: Tensor | None = None
+        self._version: int | None = None
+        self._pending: dict[int, Tensor] = {}
+
+    def output(self, member: RPQLinear, x: Tensor) -> Tensor | None:
+        """``member(x)`` if the group can give it (kept from a call on the same tensor, or computed now for all)."""
+        if x is self._input and self._version == _version(x) and id(member) in self._pending:
+            return self._pending.pop(id(member))
+        self._input, self._pending = None, {}
+        normed = [m.__dict__.get("_normed_input") for m in self.members]  # fused_norm: x is the norm's input
+        norms = {id(n.norm) if n is not None else None for n in normed}
+        if len(norms) > 1:
+            return None  # members behind different norms (or only some behind one): each computes alone
+        members = [(m.codebooks, m.code_bins, m.bias if n is None else n.fused_bias) for m, n in zip(self.members, normed)]
+        outputs = kernels.linear_group_forward(x, members, None if normed[0] is None else normed[0].norm.spec)
+        if outputs is None:
+            return None
+        self._input, self._version = x, _version(x)
+        self._pending = {id(m): out for m, out in zip(self.members, outputs) if m is not member}
+        return outputs[self.members.index(member)]
+
+
+def _version(x: Tensor) -> int | None:
+    """The in-place write counter (inference tensors keep none: then identity alone must do)."""
+    return None if x.is_inference() else x._version
+
+
+def group_shared_inputs(model: nn.Module) -> int:
+    """Give each set of sibling RPQ Linears of the same shape a SharedInputGroup; returns how many groups."""
+    groups = 0
+    for parent in model.modules():
+        for names in SIBLING_NAMES:
+            layers = [getattr(parent, name, None) for name in names]
+            by_shape: dict[tuple, list[RPQLinear]] = {}
+            for layer in layers:
+                if isinstance(layer, RPQLinear) and layer.native:
+                    key = (layer.in_features, tuple(layer.codebooks.shape), layer.bias is not None)
+                    by_shape.setdefault(key, []).append(layer)
+            for members in by_shape.values():
+                if len(members) > 1:
+                    group = SharedInputGroup(members)
+                    for layer in members:
+                        layer.__dict__["_shared_input"] = group
+                    groups += 1
+    return groups

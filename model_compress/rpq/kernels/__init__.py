@@ -1,0 +1,1 @@
+"""The RPQ forward paths: torch reference forms, the route table, the Triton kernels."""

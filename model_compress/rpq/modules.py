@@ -1,0 +1,396 @@
+"""RPQ modules: drop-in replacements for nn.Linear / Conv1D, nn.Embedding and a tied LM head.
+
+Tensors follow rpq-pytorch's names: ``codebooks`` (M, K, D) and ``indices``, the codes packed at
+ceil(log2 K) bits (at K = 256 one ``uint8`` per code, rpq-pytorch's (M, n) layout). Codebooks are a
+trainable Parameter in a float dtype, or an ``int8`` buffer with ``codebook_scales`` (M,), one
+scale per codebook (a float16 value, kept in the model dtype so the layer computes in it). The modules hold no dense weight; ``dequantize()`` builds one on
+request (for export, inspection or the reference forward).
+
+The "native" form (8-bit codes, float codebooks: what rpq-pytorch stores) runs every fast path,
+the Triton kernels included; every other form unpacks its codes and runs the torch paths of
+``kernels`` (decode + GEMM, or a per-code histogram for a few tokens).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor, nn
+
+from .kernels import forward as kernels
+from .layout import CODEBOOK_DTYPES, EMBEDDING, INT8, LINEAR, code_bins, code_bits, decode, dtype_name, packed_width, unpack_codes
+
+
+def _register_codes(
+    module: nn.Module,
+    split: int,
+    columns: int,
+    num_codebooks: int,
+    codebook_size: int,
+    device,
+    dtype,
+    what: str,
+    codebook_dtype: str | None = None,
+) -> None:
+    """Give ``module`` its code storage: ``codebooks`` (M, K, split / M), packed ``indices``, int8 scales if any.
+
+    ``codebook_dtype``: "int8", a float dtype name, or None for ``dtype`` (the model's).
+    """
+    if num_codebooks < 1 or split % num_codebooks:
+        raise ValueError(f"num_codebooks={num_codebooks} must divide {what}={split}")
+    module.num_codebooks = num_codebooks
+    module.codebook_size = codebook_size
+    module.compute_dtype = dtype or torch.get_default_dtype()  # the model's dtype; follows .to() casts (_Codes._apply)
+    module.code_bits = code_bits(codebook_size)
+    module.columns = columns
+    shape = (num_codebooks, codebook_size, split // num_codebooks)
+    if codebook_dtype == INT8:
+        module.register_buffer("codebooks", torch.zeros(shape, device=device, dtype=torch.int8))
+        # the scales live in the model dtype (and follow its casts), so the layer computes in it; fitted
+        # scales are float16 values (fit/codebooks.py), stored as such in a float16 checkpoint
+        module.register_buffer("codebook_scales", torch.ones(num_codebooks, device=device, dtype=dtype or torch.get_default_dtype()))
+    else:
+        storage = CODEBOOK_DTYPES[codebook_dtype] if codebook_dtype else dtype
+        module.codebooks = nn.Parameter(torch.empty(shape, device=device, dtype=storage))
+        module.codebook_scales = None
+    width = packed_width(columns, module.code_bits)
+    module.register_buffer("indices", torch.zeros(num_codebooks, width, dtype=torch.uint8, device=device))
+
+
+class _Codes:
+    """What every RPQ module with its own codes offers: the codes unpacked, the codebooks as floats."""
+
+    codebooks: Tensor
+    codebook_scales: Tensor | None
+    indices: Tensor
+    code_bits: int
+    columns: int
+    compute_dtype: torch.dtype
+
+    @property
+    def native(self) -> bool:
+        """One byte per code and float codebooks: the rpq-pytorch form, which the Triton kernels read."""
+        return self.code_bits == 8 and self.codebook_scales is None
+
+    @property
+    def codebook_dtype(self) -> str:
+        return INT8 if self.codebook_scales is not None else dtype_name(self.codebooks.dtype)
+
+    def codebook_values(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The codebooks (M, K, D) as float values (an int8 codebook times its scale, float32 by default), in ``dtype``."""
+        if self.codebook_scales is None:
+            return self.codebooks if dtype is None else self.codebooks.to(dtype)
+        # int8 times a 16-bit scale is exact in float32 (8 + 11 significant bits); None keeps it there
+        values = self.codebooks.float() * self.codebook_scales.float()[:, None, None]
+        return values if dtype is None else values.to(dtype)
+
+    @property
+    def value_dtype(self) -> torch.dtype:
+        """The dtype the layer computes in: the model's, whatever its codebooks are stored in (float16 codebooks
+        of a float32 model decode to float32, so an embedding hands the model float32 hidden states)."""
+        return self.compute_dtype
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        """``.to()``, ``.half()`` and the rest: the compute dtype follows what the cast does to a float tensor."""
+        result = super()._apply(fn, recurse)
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
+        return result
+
+    def codes(self, select: Tensor | None = None) -> Tensor:
+        """The codes (M, columns) as int64, or only the columns ``select``."""
+        return unpack_codes(self.indices, self.code_bits, self.columns, select)
+
+    def code_bytes(self) -> int:
+        return self.indices.numel()
+
+
+class RPQLinear(_Codes, nn.Module):
+    """y = x W^T + b with W stored as codebooks + codes along the input dimension."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_codebooks: int,
+        codebook_size: int = 256,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        codebook_dtype: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        _register_codes(self, out_features, in_features, num_codebooks, codebook_size, device, dtype, "out_features", codebook_dtype)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    def dequantize(self) -> Tensor:
+        """The dense (out, in) weight these codes stand for."""
+        return decode(self.codebook_values(), self.codes(), LINEAR)
+
+    def code_bins(self) -> tuple[Tensor, Tensor]:
+        """``layout.code_bins`` of the codes, for the GPU's binned kernel: made on first use, again if the codes change.
+
+        Not a buffer: derived data, never saved; about 2-4 bytes per code on the device. Building it
+        reads one size back to the host, so run a forward before capturing a CUDA graph (as any
+        capture needs a warm-up).
+        """
+        key = (self.indices.data_ptr(), self.indices.device, self.indices._version)
+        cached = self.__dict__.get("_code_bins")
+        if cached is None or cached[0] != key:
+            cached = (key, code_bins(self.indices, self.codebook_size))
+            self.__dict__["_code_bins"] = cached
+        return cached[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.native:
+            return kernels.linear_torch(x, self.codebook_values(x.dtype), self.codes(), self.bias)
+        group = self.__dict__.get("_shared_input")  # shared_input.SharedInputGroup: q/k/v in one launch
+        if group is not None:
+            out = group.output(self, x)
+            if out is not None:
+                return out
+        norm = self.__dict__.get("_normed_input")  # fused_norm.NormedInput: x is the input of the norm before us
+        return kernels.linear_forward(x, self.codebooks, self.indices, self.bias, self.code_bins, norm)
+
+    def gated_forward(self, gate: Tensor, up: Tensor) -> Tensor | None:
+        """``self(silu(gate) * up)`` in one kernel where the one-token binned route applies, else None (``fused_glu``)."""
+        return kernels.gated_linear_forward(gate, up, self.codebooks, self.bias, self.code_bins)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, "
+            f"codebooks={self.codebook_dtype}, bias={self.bias is not None}"
+        )
+
+
+class RPQEmbedding(_Codes, nn.Embedding):
+    """An embedding table stored as codebooks + codes along the rows; a lookup decodes only the rows asked for.
+
+    It subclasses nn.Embedding (without a ``weight``) so that model-specific embedding subclasses,
+    whose forward ends in ``super().forward(ids)`` (OPT's learned positions), can be rebuilt on top
+    of it by :func:`rpq_embedding_class`.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        num_codebooks: int,
+        codebook_size: int = 256,
+        padding_idx: int | None = None,
+        device=None,
+        dtype=None,
+        codebook_dtype: str | None = None,
+    ) -> None:
+        nn.Module.__init__(self)  # nn.Embedding.__init__ would allocate the dense table
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = padding_idx
+        self.max_norm = None
+        self.norm_type = 2.0
+        self.scale_grad_by_freq = False
+        self.sparse = False
+        _register_codes(
+            self, embedding_dim, num_embeddings, num_codebooks, codebook_size, device, dtype, "embedding_dim", codebook_dtype
+        )
+
+    def dequantize(self) -> Tensor:
+        """The dense (num_embeddings, embedding_dim) table these codes stand for."""
+        return decode(self.codebook_values(), self.codes(), EMBEDDING)
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Embedding's argument name
+        if not self.native:
+            return kernels.embedding_torch(input, self.codebook_values(self.value_dtype), self.codes(input))
+        return kernels.embedding_forward(input, self.codebooks, self.indices).to(self.compute_dtype)
+
+    def reset_parameters(self) -> None:
+        """Nothing to reset: the codes come from a fitted checkpoint (nn.Embedding would touch ``weight``)."""
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, num_codebooks={self.num_codebooks}, "
+            f"codebook_size={self.codebook_size}, codebooks={self.codebook_dtype}"
+        )
+
+
+class RPQTiedHead(nn.Module):
+    """An output projection tied to an RPQ embedding: logits = x E^T + b, one set of codes for both.
+
+    The embedding is referenced, not registered, so the codes are saved once (under the embedding's
+    name) and a ``.to()`` on the model moves them once.
+    """
+
+    def __init__(self, embedding: RPQEmbedding, bias: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)
+        self.in_features = embedding.embedding_dim
+        self.out_features = embedding.num_embeddings
+        self.bias = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype)) if bias else None
+
+    @property
+    def embedding(self) -> RPQEmbedding:
+        return self._embedding
+
+    def tie_to(self, embedding: RPQEmbedding) -> None:
+        """Point at another embedding module (after loading, the model's own)."""
+        object.__setattr__(self, "_embedding", embedding)
+
+    def dequantize(self) -> Tensor:
+        return self._embedding.dequantize()
+
+    def forward(self, x: Tensor) -> Tensor:
+        embedding = self._embedding
+        if not embedding.native:
+            return kernels.tied_head_torch(x, embedding.codebook_values(x.dtype), embedding.codes(), self.bias)
+        return kernels.tied_head_forward(x, embedding.codebooks, embedding.indices, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tied to an RPQEmbedding"
+
+
+class ScaledRowsLookup:
+    """The forward of an embedding that multiplies every row by a constant ``embed_scale`` buffer (Gemma's
+    families: ``super().forward(ids) * self.embed_scale.to(self.weight.dtype)``). That forward reads the dense
+    ``weight`` an RPQ table does not hold; this one scales the decoded rows in the dtype they decode to. The
+    scale comes from the plain ``scalar_embed_scale`` where the family keeps one: the buffer is not saved, and
+    a table built on the meta device (loading) holds no value in it."""
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Embedding's argument name
+        rows = RPQEmbedding.forward(self, input)
+        scalar = getattr(self, "scalar_embed_scale", None)
+        if scalar is None:
+            return rows * self.embed_scale.to(rows.dtype)
+        # the family's rounding (its float32 scale cast to the rows' dtype), as a Python number: nothing to copy
+        # to the device on each call, so a CUDA graph can capture it
+        return rows * torch.tensor(float(scalar)).to(rows.dtype).item()
+
+
+_EMBEDDING_CLASSES: dict[type, type] = {nn.Embedding: RPQEmbedding}
+
+
+def embedding_forward_reads_weight(cls: type) -> bool:
+    """Whether a subclass of nn.Embedding reads ``self.weight`` in a forward of its own (the RPQ table has none)."""
+    for klass in cls.__mro__:
+        if klass in (nn.Embedding, RPQEmbedding) or not issubclass(klass, nn.Embedding):
+            break
+        forward = klass.__dict__.get("forward")
+        if forward is None:
+            continue
+        try:
+            source = inspect.getsource(forward)
+        except (OSError, TypeError):  # no source to read: assume the worst
+            return True
+        if "self.weight" in source:
+            return True
+    return False
+
+
+def embedding_stand_in(table: nn.Embedding) -> type | None:
+    """The mixin whose forward replaces that of ``table``'s class when it reads ``self.weight``; None when none
+    does (a scaled table is told by its one-value ``embed_scale`` buffer)."""
+    scale = getattr(table, "embed_scale", None)
+    return ScaledRowsLookup if isinstance(scale, Tensor) and scale.numel() == 1 else None
+
+
+def embedding_needs_dense(table: nn.Embedding) -> bool:
+    """Whether ``table``'s own forward reads ``self.weight`` and no stand-in replaces it: it must stay dense."""
+    return embedding_forward_reads_weight(type(table)) and embedding_stand_in(table) is None
+
+
+def rpq_embedding_class(original: type, stand_in: type | None = None) -> type:
+    """The RPQ version of an nn.Embedding subclass: the subclass's forward over RPQEmbedding's lookup.
+
+    ``class RPQ<Name>(<Name>, RPQEmbedding)`` puts RPQEmbedding between the subclass and
+    nn.Embedding in the method order, so the subclass's ``super().forward`` reaches the codes. A
+    subclass whose forward reads ``self.weight`` gets ``stand_in``'s forward first in the order.
+    """
+    key = (original, stand_in) if stand_in else original
+    if key not in _EMBEDDING_CLASSES:
+        bases = (stand_in, original, RPQEmbedding) if stand_in else (original, RPQEmbedding)
+        _EMBEDDING_CLASSES[key] = type(f"RPQ{original.__name__}", bases, {})
+    return _EMBEDDING_CLASSES[key]
+
+
+def build_rpq_embedding(
+    original: nn.Embedding, num_codebooks: int, codebook_size: int, device=None, dtype=None, codebook_dtype: str | None = None
+) -> RPQEmbedding:
+    """An empty RPQ module of the same class family as ``original``, keeping its extra state.
+
+    Extra attributes (OPT's position ``offset``) and buffers (a scale) of a subclass are carried
+    over; its ``weight`` is not.
+    """
+    stand_in = embedding_stand_in(original) if embedding_forward_reads_weight(type(original)) else None
+    cls = rpq_embedding_class(type(original), stand_in)
+    module = cls.__new__(cls)
+    RPQEmbedding.__init__(
+        module,
+        original.num_embeddings,
+        original.embedding_dim,
+        num_codebooks,
+        codebook_size,
+        padding_idx=original.padding_idx,
+        device=device,
+        dtype=dtype,
+        codebook_dtype=codebook_dtype,
+    )
+    for name, value in vars(original).items():
+        if not name.startswith("_") and name not in vars(module):
+            setattr(module, name, value)
+    for name, buffer in original._buffers.items():
+        module.register_buffer(name, buffer, persistent=name not in original._non_persistent_buffers_set)
+    module.train(original.training)
+    return module
+
+
+# Kinds of layer, as recorded per layer in the checkpoint config.
+KIND_LINEAR = "linear"
+KIND_CONV1D = "conv1d"
+KIND_EMBEDDING = "embedding"
+KIND_TIED_HEAD = "tied_head"
+
+
+def build_rpq_module(
+    original: nn.Module,
+    kind: str,
+    num_codebooks: int,
+    codebook_size: int,
+    tied_embedding: RPQEmbedding | None = None,
+    codebook_dtype: str | None = None,
+) -> nn.Module:
+    """An RPQ module shaped like ``original`` (same device and dtype), codes not yet filled in.
+
+    ``codebook_dtype``: how its codebooks are stored ("int8", a float dtype name; None: the model's dtype).
+
+    Used both when converting (the fit fills the codes) and when loading a checkpoint (the loader
+    fills them, on the meta device first). A bias is copied when ``original`` holds real values.
+    """
+    if kind == KIND_TIED_HEAD:
+        if tied_embedding is None:
+            raise ValueError("a tied head needs the RPQEmbedding it is tied to")
+        bias = getattr(original, "bias", None)
+        module = RPQTiedHead(
+            tied_embedding, bias=bias is not None, device=tied_embedding.indices.device, dtype=tied_embedding.value_dtype
+        )
+    elif kind == KIND_EMBEDDING:
+        weight = original.weight
+        return build_rpq_embedding(
+            original, num_codebooks, codebook_size, device=weight.device, dtype=weight.dtype, codebook_dtype=codebook_dtype
+        )
+    elif kind in (KIND_LINEAR, KIND_CONV1D):
+        weight, bias = original.weight, original.bias
+        in_features, out_features = (original.nx, original.nf) if kind == KIND_CONV1D else (original.in_features, original.out_features)
+        module = RPQLinear(
+            in_features, out_features, num_codebooks, codebook_size, bias=bias is not None, device=weight.device,
+            dtype=weight.dtype, codebook_dtype=codebook_dtype,
+        )
+    else:
+        raise ValueError(f"unknown RPQ layer kind {kind!r}")
+    if bias is not None and bias.device.type != "meta" and module.bias.device.type != "meta":
+        with torch.no_grad():
+            module.bias.copy_(bias)
+    return module
+
+

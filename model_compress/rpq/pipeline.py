@@ -1,0 +1,191 @@
+"""`compress rpq` as one library call: load, calibrate, convert layer by layer, fine-tune, save the folder whole."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..core.checkpoint import CARD_FILE, MAX_SHARD_SIZE, REPORT_FILE, check_output_folder, write_folder_atomically
+from ..core.text import Text, calibration_text
+from ..core.errors import UserError
+from ..core.sources import ModelSource, context_length, disk_bytes, empty_model, load_config, load_model, resolve_source
+from .defaults import CALIBRATION_TOKENS, CALIBRATION_WINDOW, FINETUNE_STEPS, for_device
+from .convert import Conversion, ConversionObserver, LayerResult, RPQSettings, convert_model, planned_layers, validate_settings
+from .fit.calibration import CalibrationSet, calibration_set
+from .fit.finetune import FinetuneReport, FinetuneSettings, Teacher, finetune
+from .quantizer import RPQConfig, attach_quantizer
+from .modules import KIND_TIED_HEAD
+from .model_card import render_model_card
+from .summary import ConversionSummary, model_bytes, model_params, summarize
+
+@dataclass
+class CalibrationOptions:
+    """Where calibration text comes from and how much: ``text`` None is the packaged calibration mix (data.calibration_text).
+
+    ``enabled`` False fits without data. ``tokens`` / ``seq_len`` None take the device's defaults.
+    """
+
+    enabled: bool = True
+    text: Path | None = None
+    tokens: int | None = None
+    seq_len: int | None = None
+
+
+@dataclass
+class RPQRun:
+    """What a run produced: the model (converted, in memory), its config section and the figures."""
+
+    model: nn.Module
+    config: RPQConfig
+    summary: ConversionSummary
+    source: ModelSource
+    output: Path | None
+    conversion: Conversion
+    finetune: FinetuneReport | None
+
+
+def default_finetune_steps(device: torch.device) -> int:
+    return for_device(FINETUNE_STEPS, device)
+
+
+def compress_rpq(
+    model: str | None,
+    output: str | Path | None,
+    settings: RPQSettings,
+    *,
+    calibration: CalibrationOptions | None = None,
+    finetuning: FinetuneSettings | None = None,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    observer: ConversionObserver | None = None,
+    on_loaded: Callable[[ModelSource], None] | None = None,
+    on_finetune_step: Callable[[int, int], None] | None = None,
+) -> RPQRun:
+    """Load ``model`` (None: the embedded default), convert it, and save it to ``output`` (if given).
+
+    The output folder, the settings and the calibration text are checked before the (long) work
+    starts; the folder is written atomically at the end. ``finetuning`` None takes the device's
+    default number of steps. ``on_loaded(source)`` is called once the original is in memory.
+    """
+    calibration = calibration or CalibrationOptions()
+    out = Path(output) if output is not None else None
+    if out is not None:
+        check_output_folder(out, force)
+    validate_settings(settings)
+    finetuning = finetuning or FinetuneSettings(steps=default_finetune_steps(settings.device), seed=settings.seed)
+    _validate_options(calibration, finetuning)
+    text = calibration_text(calibration.text) if calibration.enabled else None
+    source = resolve_source(model)
+    planned_layers(empty_model(load_config(source), dtype), settings)  # from the config alone: before the weights load
+    network, tokenizer = load_model(source, dtype)
+    if on_loaded is not None:
+        on_loaded(source)
+    params, original_bytes = model_params(network), model_bytes(network)
+
+    planned_layers(network, settings)  # nothing to convert: say so before calibrating
+    start = time.perf_counter()
+    windows = _calibration(network, tokenizer, text, calibration, settings.device, finetuning.steps > 0) if text is not None else None
+    teacher = Teacher() if windows is not None and finetuning.steps > 0 else None
+    conversion = convert_model(network, settings, windows, observer=observer, on_output=teacher.record if teacher else None)
+    report = None
+    if teacher is not None:
+        report = finetune(network, windows.fit, windows.held_out, teacher, finetuning, settings.device, on_finetune_step)
+    summary = summarize(
+        conversion.outcomes,
+        model_params=params,
+        original_bytes=original_bytes,
+        compressed_bytes=model_bytes(network),
+        seconds=time.perf_counter() - start,
+        budget_bits=None if settings.fixed else settings.budget,
+        calibration=conversion.calibration,
+        finetune=report.to_json() if report else None,
+        input_file_bytes=disk_bytes(source),
+    )
+    config = _config_section(conversion, settings, finetuning if report else None, source, network)
+    attach_quantizer(network, config)
+    if out is not None:
+        write_folder_atomically(out, force, lambda tmp: _write(tmp, network, tokenizer, config, summary, conversion))
+    return RPQRun(network, config, summary, source, out, conversion, report)
+
+
+def _validate_options(calibration: CalibrationOptions, finetuning: FinetuneSettings) -> None:
+    if calibration.tokens is not None and calibration.tokens < 1:
+        raise UserError(f"--calib-tokens must be a positive number of tokens, got {calibration.tokens}")
+    if calibration.seq_len is not None and calibration.seq_len < 2:
+        raise UserError(f"--calib-seq-len must be at least 2, got {calibration.seq_len}")
+    if finetuning.steps < 0:
+        raise UserError(f"--finetune-steps must be 0 or more, got {finetuning.steps}")
+    if finetuning.steps and not calibration.enabled:
+        raise UserError("--finetune-steps needs calibration text: drop --calib none")
+    if not finetuning.lr > 0:
+        raise UserError(f"--finetune-lr must be positive, got {finetuning.lr}")
+
+
+def _calibration(
+    network: nn.Module, tokenizer, text: Text, options: CalibrationOptions, device: torch.device, hold_out: bool
+) -> CalibrationSet:
+    if tokenizer is None:
+        raise UserError("the model has no tokenizer, which calibration text needs (pass --calib none to fit without data)")
+    context = context_length(network.config) or CALIBRATION_WINDOW
+    seq_len = options.seq_len or min(CALIBRATION_WINDOW, context)
+    if seq_len > context:
+        raise UserError(f"--calib-seq-len {seq_len} is longer than the model's context ({context} tokens)")
+    tokens = options.tokens or for_device(CALIBRATION_TOKENS, device)
+    return calibration_set(tokenizer, text, seq_len, tokens, hold_out)
+
+
+def _config_section(
+    conversion: Conversion, settings: RPQSettings, finetuning: FinetuneSettings | None, source: ModelSource, network: nn.Module
+) -> RPQConfig:
+    layers = {}
+    for outcome in conversion.outcomes:
+        if isinstance(outcome, LayerResult):
+            plan = outcome.plan
+            spec = {"kind": plan.layer.kind, "shape": list(plan.layer.shape), **plan.format.to_json()}
+            if plan.layer.kind == KIND_TIED_HEAD:
+                spec["tied_to"] = plan.layer.tied_to
+            layers[plan.layer.name] = spec
+    dense = {o.layer.name: o.dense_reason for o in conversion.outcomes if not isinstance(o, LayerResult)}
+    return RPQConfig(
+        layers=layers,
+        bits=None if settings.fixed else settings.budget,
+        num_codebooks=settings.num_codebooks,
+        codebook_size=settings.codebook_size,
+        codebook_bits=settings.codebook_bits,
+        skip=list(settings.skip),
+        dense=dense,
+        fit={
+            "algorithm": "data-aware: k-means weighted by the input energy, codes by a column sweep with GPTQ-style "
+            "error feedback, codebooks refitted by least squares on the output error"
+            if conversion.calibration
+            else "k-means of the weights (no calibration data)",
+            "rounds": settings.fit_rounds,
+            "seed": settings.seed,
+            "device": str(settings.device),
+            "dtype": str(next(network.parameters()).dtype).removeprefix("torch."),
+            "calibration": conversion.calibration,
+            "finetune": None if finetuning is None else {"steps": finetuning.steps, "lr": finetuning.lr},
+        },
+        tool={"name": "model-compress", "version": __version__},
+        base_model=source.to_json(),
+    )
+
+
+def _write(folder: Path, network: nn.Module, tokenizer, config: RPQConfig, summary: ConversionSummary, conversion: Conversion) -> None:
+    network.save_pretrained(folder, max_shard_size=MAX_SHARD_SIZE)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    (folder / CARD_FILE).write_text(render_model_card(config, summary))
+    report = {
+        "settings": config.to_dict() | {"layers": None},
+        "summary": summary.to_json(),
+        "allocation": conversion.allocation.to_json() if conversion.allocation else None,
+    }
+    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
