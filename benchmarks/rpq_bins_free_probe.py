@@ -29,7 +29,7 @@ import triton.language as tl
 from rpq_kernels import SHAPES, SMALL_SHAPES, Layers, graph_us
 
 from model_compress.rpq.kernels import forward as kernels, routes as triton_dispatch
-from model_compress.rpq.kernels import triton_kernels as tk
+from model_compress.rpq.kernels import triton as tk
 
 
 @triton.jit

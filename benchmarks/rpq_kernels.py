@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from model_compress.rpq.kernels import forward as kernels, routes as triton_dispatch, triton_kernels
+from model_compress.rpq.kernels import forward as kernels, routes as triton_dispatch, triton as triton_kernels
 from model_compress.rpq.layout import code_bins
 from model_compress.rpq.kernels.routes import BINNED, DECODE, FUSED, GATHER, Route, TileConfig
 
@@ -272,7 +272,6 @@ def main() -> None:
         print(")")
         if args.save_routes:
             triton_dispatch.save_routes(routes, args.save_routes)
-        triton_dispatch.active_routes.cache_clear()
         triton_dispatch.ROUTES = routes  # the report below uses the tuned routes
         if args.no_report:
             return

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from rpq_kernels import SHAPES, Layers, graph_us
 
-from model_compress.rpq.kernels import triton_kernels
+from model_compress.rpq.kernels import triton as triton_kernels
 
 
 @triton.jit

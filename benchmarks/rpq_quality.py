@@ -43,7 +43,7 @@ from model_compress.rpq.fit.finetune import FinetuneSettings, Teacher, finetune
 from model_compress.rpq.fit.hessian import prepare
 from model_compress.rpq.fit.passes import Batches, run_pass
 from model_compress.rpq.fit.stack import find_stack
-from model_compress.rpq.summary import model_bytes, model_params
+from model_compress.core.sizes import model_bytes, model_params
 
 GROUP = 128
 

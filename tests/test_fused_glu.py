@@ -7,7 +7,8 @@ from torch import nn
 
 from .conftest import native_rpq, tiny_model
 from model_compress.rpq.kernels import forward as kernels
-from model_compress.rpq.fusions.glu import FUSED_ACT_ENV, fuse_gated_mlps
+from model_compress.rpq import options
+from model_compress.rpq.fusions.glu import fuse_gated_mlps
 from model_compress.rpq.fusions.shared_input import group_shared_inputs
 
 
@@ -66,9 +67,8 @@ def test_fused_mlp_hands_gate_and_up_to_down_proj(monkeypatch):
 
 
 def test_switch_other_activations_and_dense_layers_leave_the_mlps_alone(monkeypatch):
-    monkeypatch.setenv(FUSED_ACT_ENV, "0")
-    assert fuse_gated_mlps(rpq_llama()) == 0
-    monkeypatch.delenv(FUSED_ACT_ENV)
+    with options.using(fused_glu=False):
+        assert fuse_gated_mlps(rpq_llama()) == 0
 
     model = rpq_llama()
     model.model.layers[0].mlp.act_fn = nn.GELU()  # not SiLU

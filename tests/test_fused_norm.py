@@ -8,9 +8,10 @@ from torch import nn
 
 from .conftest import native_rpq, tiny_model
 from model_compress.rpq.kernels import forward as kernels
-from model_compress.rpq.fusions.norm import FUSED_NORM_ENV, DeferredNorm, defer_norms
+from model_compress.rpq import options
+from model_compress.rpq.fusions.norm import DeferredNorm, defer_norms
 from model_compress.rpq.modules import RPQLinear
-from model_compress.rpq.fusions.norm_spec import LAYER_NORM, RMS_NORM
+from model_compress.rpq.kernels.norm_spec import LAYER_NORM, RMS_NORM
 from model_compress.rpq.fusions.shared_input import group_shared_inputs
 
 
@@ -76,8 +77,8 @@ def test_post_norm_opt_and_switch_leave_the_norms_alone(monkeypatch):
     for layer in model.model.decoder.layers:
         layer.do_layer_norm_before = False  # OPT-350m: the norm output is the residual stream
     assert defer_norms(model) == 0
-    monkeypatch.setenv(FUSED_NORM_ENV, "0")
-    assert defer_norms(rpq_model("llama")) == 0
+    with options.using(fused_norm=False):
+        assert defer_norms(rpq_model("llama")) == 0
 
 
 def test_norms_stay_when_a_consumer_is_not_rpq():

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_compress.rpq import options
 from model_compress.rpq.kernels import forward as kernels
 from model_compress.rpq.modules import RPQEmbedding, RPQLinear, RPQTiedHead, build_rpq_embedding
 from model_compress.rpq.layout import pack_codes, packed_width
@@ -162,17 +163,12 @@ def test_tuned_routes_round_trip_through_a_file(tmp_path, monkeypatch):
         triton_dispatch.Route(1 << 62, triton_dispatch.DECODE),
     )
     triton_dispatch.save_routes(tuned, tmp_path / "routes.json")
-    monkeypatch.setenv(triton_dispatch.ROUTES_ENV, str(tmp_path / "routes.json"))
-    triton_dispatch.active_routes.cache_clear()
-    try:
+    with options.using(routes_file=tmp_path / "routes.json"):
         assert triton_dispatch.active_routes() == tuned
         assert triton_dispatch.route(1).tile.block_k == 512  # no size given: the unrestricted route
         assert triton_dispatch.route(1, 1000).tile.block_k == 256
         assert triton_dispatch.route(1, 1001).tile.block_k == 512
         assert triton_dispatch.route(2).path == triton_dispatch.DECODE
-    finally:
-        monkeypatch.delenv(triton_dispatch.ROUTES_ENV)
-        triton_dispatch.active_routes.cache_clear()
     assert triton_dispatch.active_routes() == triton_dispatch.ROUTES
 
 
@@ -230,14 +226,9 @@ def test_one_token_route_depends_on_layer_size_and_bins_switch(monkeypatch):
         ("binned group", large.tile),
     ]
     recorder.calls.clear()
-    monkeypatch.setenv(triton_dispatch.BINS_ENV, "0")
-    triton_dispatch.bins_enabled.cache_clear()
-    try:
+    with options.using(bins=False):
         kernels.linear_forward(torch.zeros(1, side), codebooks, indices, None, bins)
         assert kernels.linear_group_forward(torch.zeros(1, side), members) is None
-    finally:
-        monkeypatch.delenv(triton_dispatch.BINS_ENV)
-        triton_dispatch.bins_enabled.cache_clear()
     assert recorder.calls == [("gather", triton_dispatch.ONE_TOKEN_GATHER)]
 
 
@@ -355,3 +346,26 @@ def test_shared_input_group_serves_siblings_from_one_computation(monkeypatch):
     x.add_(1.0)  # written in place: the kept v output would be stale
     torch.testing.assert_close(attention.v_proj(x), kernels.linear_reference(x, attention.v_proj.codebooks, attention.v_proj.indices, None))
     assert calls == [2, 2, 2]
+
+
+def test_a_layers_route_is_chosen_once_per_token_count_and_kept(monkeypatch):
+    """The route table is asked on the first call of a token count only; a new count, or other options, asks again."""
+    from model_compress.rpq.kernels import forward as kernels
+
+    recorder = _RecordingKernels()
+    monkeypatch.setattr(kernels, "gpu_kernels", lambda tensor: recorder)
+    asked = []
+    choose = kernels.choose_linear_route
+    monkeypatch.setattr(kernels, "choose_linear_route", lambda *args: asked.append(args[0]) or choose(*args))
+    codebooks, indices, routes = torch.zeros(4, 16, 16), torch.zeros(4, 64, dtype=torch.uint8), {}
+    bins = lambda: (torch.zeros(1), torch.zeros(1))
+    for tokens in (1, 1, 40, 1, 40):
+        kernels.linear_forward(torch.zeros(tokens, 64), codebooks, indices, None, bins, routes=routes)
+    assert asked == [1, 40] and len(routes) == 2
+    with options.using(bins=False):
+        kernels.linear_forward(torch.zeros(1, 64), codebooks, indices, None, bins, routes=routes)
+    assert asked == [1, 40, 1] and recorder.calls[-1][0] == "gather"
+    layer = RPQLinear(64, 64, 4, 256)  # 8-bit codes, float codebooks: the form the kernels read
+    layer(torch.zeros(1, 64))
+    layer(torch.zeros(1, 64))
+    assert len(layer.__dict__["_routes"]) == 1

@@ -8,16 +8,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model_compress.rpq import options
 from model_compress.rpq.kernels import forward as kernels, routes as triton_dispatch
 from model_compress.rpq.fusions.norm import defer_norms
 from model_compress.rpq.modules import RPQEmbedding, RPQLinear
 from model_compress.rpq.layout import code_bins
-from model_compress.rpq.fusions.norm_spec import LAYER_NORM, RMS_NORM, NormSpec
+from model_compress.rpq.kernels.norm_spec import LAYER_NORM, RMS_NORM, NormSpec
 
 from .conftest import tiny_model
 from .test_layers import filled, rel_error
 
-triton_kernels = pytest.importorskip("model_compress.rpq.kernels.triton_kernels", reason="needs Triton")
+triton_kernels = pytest.importorskip("model_compress.rpq.kernels.triton", reason="needs Triton")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
 # Relative (Frobenius) error bounds against a float64 reference: output rounding plus fp32 accumulation.
@@ -207,15 +208,8 @@ def test_whole_model_on_cuda_uses_the_kernels_and_matches_the_reference():
     ids = torch.randint(0, model.config.vocab_size, (2, 9), device=CUDA)
     with torch.inference_mode():
         fast = model(ids).logits
-        kernels._triton_kernels.cache_clear()
-        import os
-
-        os.environ["MODEL_COMPRESS_TRITON"] = "0"
-        try:
+        with options.using(triton=False):
             slow = model(ids).logits
-        finally:
-            del os.environ["MODEL_COMPRESS_TRITON"]
-            kernels._triton_kernels.cache_clear()
     assert rel_error(fast, slow) < BOUNDS[torch.float16]
 
 
@@ -362,14 +356,8 @@ def test_binned_kernel_forms_the_gated_input(shape, dtype):
 
 def logits_on_the_torch_path(model: torch.nn.Module, ids: torch.Tensor, monkeypatch) -> torch.Tensor:
     """The same model's logits with the Triton kernels switched off: the torch paths, the reference."""
-    monkeypatch.setenv("MODEL_COMPRESS_TRITON", "0")
-    kernels._triton_kernels.cache_clear()
-    try:
-        with torch.inference_mode():
-            return model(ids).logits
-    finally:
-        monkeypatch.delenv("MODEL_COMPRESS_TRITON")
-        kernels._triton_kernels.cache_clear()
+    with options.using(triton=False), torch.inference_mode():
+        return model(ids).logits
 
 
 def test_whole_llama_decodes_with_fused_norms_and_gated_mlps_like_the_reference(monkeypatch):
@@ -422,25 +410,16 @@ def test_grouped_siblings_decode_one_token_like_the_reference(arch, deferred_nor
 
 
 def test_one_token_without_bins_reads_the_codes_and_matches_the_reference(monkeypatch):
-    """MODEL_COMPRESS_RPQ_BINS=0: one-token steps take the gather tile, no layer makes code bins, logits as the torch path."""
+    """Bins off (MODEL_COMPRESS_RPQ_BINS=0): one-token steps take the gather tile, no layer makes code bins, logits as the torch path."""
     from model_compress.rpq.convert import RPQSettings, convert_model
     from model_compress.rpq.modules import RPQLinear
 
     model = tiny_model("opt").to(CUDA, torch.float16).eval()
     convert_model(model, RPQSettings(num_codebooks=4, codebook_size=16, device=CUDA))
-    monkeypatch.setenv(triton_dispatch.BINS_ENV, "0")
-    triton_dispatch.bins_enabled.cache_clear()
     ids = torch.randint(0, model.config.vocab_size, (1, 1), device=CUDA)
-    try:
-        with torch.inference_mode():
-            fast = model(ids).logits
-            monkeypatch.setenv("MODEL_COMPRESS_TRITON", "0")
-            kernels._triton_kernels.cache_clear()
+    with options.using(bins=False), torch.inference_mode():
+        fast = model(ids).logits
+        with options.using(triton=False):
             slow = model(ids).logits
-    finally:
-        monkeypatch.delenv("MODEL_COMPRESS_TRITON", raising=False)
-        monkeypatch.delenv(triton_dispatch.BINS_ENV)
-        kernels._triton_kernels.cache_clear()
-        triton_dispatch.bins_enabled.cache_clear()
     assert not any("_code_bins" in module.__dict__ for module in model.modules() if isinstance(module, RPQLinear))
     assert rel_error(fast, slow) < BOUNDS[torch.float16]

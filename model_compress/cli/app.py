@@ -118,20 +118,11 @@ class RichConversionProgress:
         self._log(f"fine-tuning: step {step} of {total}", always=step == total)
 
 
-def print_summary(summary) -> None:
-    """The per-type table, then the totals lines under it."""
-    from ..rpq.summary import totals_lines
-
-    console.print(conversion_table(summary))
-    for line in totals_lines(summary):
+def print_table_and_lines(title: str, header, rows, lines: list[str]) -> None:
+    """A method's end-of-run table, then the totals lines under it."""
+    console.print(rows_table(title, header, rows))
+    for line in lines:
         console.print(line, highlight=False, soft_wrap=True)
-
-
-def conversion_table(summary) -> Table:
-    """The end-of-run table: per layer type, then the totals underneath."""
-    from ..rpq.summary import table_rows
-
-    return rows_table("RPQ conversion", *table_rows(summary))
 
 
 def rows_table(title: str, header, rows) -> Table:
@@ -215,7 +206,9 @@ def rpq(
             on_loaded=lambda source: progress.remove_task(loading),
             on_finetune_step=observer.finetune_step,
         )
-    print_summary(run.summary)
+    from ..rpq.summary import table_rows, totals_lines
+
+    print_table_and_lines("RPQ conversion", *table_rows(run.summary), totals_lines(run.summary))
     for warning in quality_warnings(run):
         console.print(f"warning: {warning}", style="yellow", highlight=False, soft_wrap=True)
     what = f"--bits {settings.budget:g}" if not settings.fixed else f"M={run.config.num_codebooks}, K={run.config.codebook_size}"
@@ -260,9 +253,9 @@ def inspect(
 ) -> None:
     """Check a compressed checkpoint (files, tensors, loading) and show what its conversion did."""
     from ..core.checkpoint import REPORT_FILE, load
+    from ..core.methods import method_of
+    from ..core.sizes import model_bytes
     from ..core.sources import parse_device
-    from ..rpq.summary import ConversionSummary, model_bytes
-    from ..fff.summary import DistillSummary
 
     target = parse_device(device)
     _quiet_transformers()
@@ -270,24 +263,16 @@ def inspect(
         model = load(folder, device=target)
     section = model.config.quantization_config
     section = section.to_dict() if hasattr(section, "to_dict") else section
-    if section["quant_method"] == "fff":
-        what = f"FFF, {len(section['blocks'])} FF blocks as trees (depth {section['settings']['depth']})"
-    else:
-        settings = f"--bits {section['bits']:g}" if section.get("bits") is not None else f"M={section['num_codebooks']} K={section['codebook_size']}"
-        what = f"RPQ {settings}, {len(section['layers'])} RPQ layers, {len(section['dense'])} dense"
+    method = method_of(section)
     console.print(
-        f"{folder}: {type(model).__name__}, {what}, {model_bytes(model) / 1e6:.1f} MB of weights, loaded on {target}",
+        f"{folder}: {type(model).__name__}, {method.describe(section)}, {model_bytes(model) / 1e6:.1f} MB of weights, loaded on {target}",
         highlight=False,
         soft_wrap=True,
     )
     console.print(f"base model: {section.get('base_model', {}).get('label', 'unknown')}", highlight=False, soft_wrap=True)
     report = folder / REPORT_FILE
     if report.is_file():
-        summary = json.loads(report.read_text())["summary"]
-        if section["quant_method"] == "fff":
-            print_distill_summary(DistillSummary.from_json(summary))
-        else:
-            print_summary(ConversionSummary.from_json(summary))
+        print_table_and_lines(method.title, *method.summary_table(json.loads(report.read_text())["summary"]))
 
 
 class RichStageProgress:
@@ -414,16 +399,6 @@ def evaluate(
         console.print(f"saved {json_path}; no plot: pip install matplotlib", style="yellow", highlight=False, soft_wrap=True)
 
 
-def print_distill_summary(summary) -> None:
-    """The per-block table, then the totals lines under it."""
-    from ..fff.summary import table_rows, totals_lines
-
-    table = rows_table("FFF distillation", *table_rows(summary))
-    console.print(table)
-    for line in totals_lines(summary):
-        console.print(line, highlight=False, soft_wrap=True)
-
-
 @app.command("fff-distill")
 @reports_user_errors
 def fff_distill(
@@ -466,7 +441,9 @@ def fff_distill(
             model, output, settings, text, force=force, observer=RichStageProgress(progress),
             on_loaded=lambda source: progress.remove_task(loading),
         )
-    print_distill_summary(run.summary)
+    from ..fff.summary import table_rows, totals_lines
+
+    print_table_and_lines("FFF distillation", *table_rows(run.summary), totals_lines(run.summary))
     console.print(
         f"source {run.source.label}, depth {depth}, on {settings.device}, {run.summary.seconds:.1f} s; saved to {run.output}",
         highlight=False,

@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .errors import UserError
-from ..rpq.layout import INT8, code_bits, packed_width
+from . import methods
 
 CONFIG_FILE = "config.json"
 REPORT_FILE = "compression_report.json"
@@ -28,7 +28,6 @@ CARD_FILE = "README.md"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 MAX_SHARD_SIZE = "4GB"
-METHODS = ("rpq", "fff")  # compress rpq, compress fff-distill
 
 
 def check_output_folder(out: Path, force: bool) -> None:
@@ -82,9 +81,9 @@ def read_compression_config(path: Path) -> dict:
     except (OSError, ValueError) as error:
         raise UserError(f"'{config_path}' is not valid JSON: {error}") from None
     section = config.get("quantization_config") or {}
-    if section.get("quant_method") not in METHODS:
+    if section.get("quant_method") not in methods.names():
         raise UserError(
-            f"'{path}' is not a model-compress checkpoint (its config has no rpq or fff quantization_config)"
+            f"'{path}' is not a model-compress checkpoint (its config has no {' or '.join(methods.names())} quantization_config)"
         )
     return section
 
@@ -104,7 +103,7 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def validate_checkpoint(path: Path) -> dict:
-    """Check a folder before loading it: config, every weight file readable, every RPQ / FFF tensor present.
+    """Check a folder before loading it: config, every weight file readable, every tensor its method names present.
 
     A truncated or corrupt safetensors file, a missing shard, or codes whose shape or dtype disagree
     with the config each give one UserError line instead of a traceback deep inside transformers.
@@ -116,13 +115,7 @@ def validate_checkpoint(path: Path) -> dict:
             raise UserError(f"'{file}' is missing: the checkpoint is incomplete")
         for name, shape, dtype in _tensor_headers(file):
             headers[name] = (shape, dtype)
-    headers = _as_module_names(headers, path)
-    for layer, spec in section.get("layers", {}).items():
-        if spec.get("kind") == "tied_head":
-            continue
-        _check_codes(layer, spec, headers)
-    for name, spec in section.get("blocks", {}).items():
-        _check_tree(name, spec, headers)
+    methods.method_of(section).check_tensors(section, _as_module_names(headers, path))
     return section
 
 
@@ -160,41 +153,6 @@ def _tensor_headers(file: Path) -> Iterator[tuple[str, list[int], str]]:
                 yield name, list(sliced.get_shape()), sliced.get_dtype()
     except (SafetensorError, OSError) as error:
         raise UserError(f"'{file}' is corrupt or truncated ({error})") from None
-
-
-def _check_codes(layer: str, spec: dict, headers: dict[str, tuple[list[int], str]]) -> None:
-    num_codebooks, codebook_size = spec["num_codebooks"], spec["codebook_size"]
-    int8 = spec.get("codebook_dtype") == INT8
-    tensors = ("codebooks", "indices", "codebook_scales") if int8 else ("codebooks", "indices")
-    for tensor in tensors:
-        if f"{layer}.{tensor}" not in headers:
-            raise UserError(f"the checkpoint has no tensor '{layer}.{tensor}': the weights file is incomplete")
-    codebooks_shape, codebooks_dtype = headers[f"{layer}.codebooks"]
-    indices_shape, indices_dtype = headers[f"{layer}.indices"]
-    if codebooks_shape[:2] != [num_codebooks, codebook_size] or indices_shape[0] != num_codebooks:
-        raise UserError(f"'{layer}': tensor shapes disagree with the config (M={num_codebooks}, K={codebook_size})")
-    if indices_dtype != "U8":
-        raise UserError(f"'{layer}.indices' is {indices_dtype}, expected U8 (codes packed at {code_bits(codebook_size)} bits)")
-    if "shape" in spec:
-        columns = spec["shape"][0] if spec["kind"] == "embedding" else spec["shape"][1]
-        width = packed_width(columns, code_bits(codebook_size))
-        if indices_shape != [num_codebooks, width]:
-            raise UserError(f"'{layer}.indices' has shape {indices_shape}, the config says {[num_codebooks, width]}")
-    if int8 and (codebooks_dtype != "I8" or headers[f"{layer}.codebook_scales"][0] != [num_codebooks]):
-        raise UserError(f"'{layer}': int8 codebooks need I8 codebooks and one scale per codebook")
-
-
-def _check_tree(name: str, spec: dict, headers: dict[str, tuple[list[int], str]]) -> None:
-    leaves, hidden, width = 2 ** spec["depth"], spec["hidden"], spec["leaf_width"]
-    expected = {"router_weight": [leaves - 1, hidden], "leaf_in": [leaves, width, hidden], "leaf_out": [leaves, width, hidden]}
-    if spec.get("gated"):
-        expected["leaf_gate"] = [leaves, width, hidden]
-    for tensor, shape in expected.items():
-        key = f"{name}.{tensor}"
-        if key not in headers:
-            raise UserError(f"the checkpoint has no tensor '{key}': the weights file is incomplete")
-        if headers[key][0] != shape:
-            raise UserError(f"'{key}' has shape {headers[key][0]}, the config says {shape}")
 
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:

@@ -24,7 +24,7 @@ from ..core.checkpoint import REPORT_FILE, load, validate_checkpoint, weight_fil
 from ..core.text import Text
 from ..core.errors import UserError
 from ..core.sources import ModelSource, context_length, default_source, disk_bytes, load_model, load_tokenizer, resolve_source
-from ..rpq.summary import model_bytes, model_params
+from ..core.sizes import model_bytes, model_params
 from . import perplexity, similarity
 from .latency import LatencyResult, LatencySettings, PeakMemory, measure, release_device_memory
 

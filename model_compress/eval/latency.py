@@ -27,8 +27,7 @@ import torch
 from torch import nn
 
 from ..core.sources import context_length
-from ..rpq.kernels.forward import release_workspaces
-from ..fff.blocks import timing_spans
+from ..core.methods import ff_timing_spans, release_workspaces
 from .graph_decode import graphed_decode
 
 DECODE_PROMPT = 32
@@ -151,7 +150,7 @@ def measure(
     with torch.inference_mode(), PeakMemory(device) as peak:
         prefill_ms = median_ms(lambda: model(input_ids=prefill_input, **kwargs), device, settings.warmup, settings.repeats)
     result = LatencyResult(timer, prefill_len, prefill_ms, peak_memory={"prefill": peak.peak})
-    spans = timing_spans(model)
+    spans = ff_timing_spans(model)
     if spans:
         with torch.inference_mode():
             result.ff_ms, result.ff_share = block_time(lambda: model(input_ids=prefill_input, **kwargs), spans, device, settings)

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from .. import __version__
-from ..rpq.summary import MB
+from ..core.version import __version__
+from ..core.sizes import MB
 from .compare import EvalResult, Measurement
 
 

@@ -13,12 +13,12 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .. import __version__
+from ..core.version import __version__
 from ..core.checkpoint import CARD_FILE, MAX_SHARD_SIZE, REPORT_FILE, check_output_folder, write_folder_atomically
 from ..core.text import Text
 from ..core.errors import UserError
 from ..core.sources import MINILM, ModelSource, context_length, empty_model, load_config, load_model, resolve_source
-from ..rpq.summary import model_bytes, model_params
+from ..core.sizes import model_bytes, model_params
 from .blocks import dense_weights, find_blocks, install_tree, intermediate_size, refuse_unsupported, select_blocks
 from .capture import calibration_windows, record_blocks
 from .distill import BlockResult, FFFSettings, check_depth, distill_end_to_end, fit_block, validate_settings

@@ -1,6 +1,6 @@
 """Registers FFF with transformers, so ``AutoModel*.from_pretrained(folder)`` loads fff-distill checkpoints.
 
-The same mechanism as RPQ (``quantize/hf_integration.py``): a ``quantization_config`` with
+The same mechanism as RPQ (``core/hf.py``): a ``quantization_config`` with
 ``quant_method: "fff"`` and a loader-only quantizer that, before the weights are read, finds each
 recorded FF block in the freshly built model, puts an empty tree of the recorded shape in its place
 (with the block's own activation) and turns the absorbed parts into pass-throughs; the tree tensors
@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..rpq.quantizer import LoaderOnlyQuantizer, mark_quantized, register_method, skip_dense_initialisation
+from ..core.hf import LoaderOnlyQuantizer, mark_quantized, skip_dense_initialisation
 from .blocks import LAYOUTS, Block, block_activation, install_tree
 from .tree import FastFeedForward
 
@@ -98,8 +98,3 @@ class FFFHfQuantizer(LoaderOnlyQuantizer):
 def attach_fff(model: nn.Module, config: FFFConfig) -> None:
     """Mark an in-memory converted model as FFF, as if loaded, so save_pretrained records the section."""
     mark_quantized(model, config, FFFHfQuantizer(config, pre_quantized=True), QUANT_METHOD)
-
-
-def register() -> None:
-    """Add FFF to transformers' quantization registry (idempotent)."""
-    register_method(QUANT_METHOD, FFFConfig, FFFHfQuantizer)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from ..rpq.model_card import markdown_table
+from ..core.cards import markdown_table
 from .distill import BlockResult
 
 

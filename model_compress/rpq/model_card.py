@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
+from ..core.cards import markdown_table
 from .quantizer import RPQConfig
 from .summary import ConversionSummary, table_rows, totals_lines
-
-
-def markdown_table(header, rows) -> list[str]:
-    """A Markdown table's lines: header, separator, one line per row."""
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def settings_line(config: RPQConfig) -> str:

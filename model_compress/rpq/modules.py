@@ -152,7 +152,8 @@ class RPQLinear(_Codes, nn.Module):
             if out is not None:
                 return out
         norm = self.__dict__.get("_normed_input")  # fused_norm.NormedInput: x is the input of the norm before us
-        return kernels.linear_forward(x, self.codebooks, self.indices, self.bias, self.code_bins, norm)
+        routes = self.__dict__.setdefault("_routes", {})  # (tokens, device, dtype, options) -> the route chosen
+        return kernels.linear_forward(x, self.codebooks, self.indices, self.bias, self.code_bins, norm, routes)
 
     def gated_forward(self, gate: Tensor, up: Tensor) -> Tensor | None:
         """``self(silu(gate) * up)`` in one kernel where the one-token binned route applies, else None (``fused_glu``)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
+from ..core.version import __version__
 from ..core.checkpoint import CARD_FILE, MAX_SHARD_SIZE, REPORT_FILE, check_output_folder, write_folder_atomically
 from ..core.text import Text, calibration_text
 from ..core.errors import UserError
@@ -23,7 +23,9 @@ from .fit.finetune import FinetuneReport, FinetuneSettings, Teacher, finetune
 from .quantizer import RPQConfig, attach_quantizer
 from .modules import KIND_TIED_HEAD
 from .model_card import render_model_card
-from .summary import ConversionSummary, model_bytes, model_params, summarize
+from ..core.sizes import model_bytes, model_params
+from .fusions import apply_fusions
+from .summary import ConversionSummary, summarize
 
 @dataclass
 class CalibrationOptions:
@@ -112,6 +114,7 @@ def compress_rpq(
     attach_quantizer(network, config)
     if out is not None:
         write_folder_atomically(out, force, lambda tmp: _write(tmp, network, tokenizer, config, summary, conversion))
+    apply_fusions(network)  # as the loader does: the model returned runs as the saved one loads
     return RPQRun(network, config, summary, source, out, conversion, report)
 
 

@@ -16,19 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from transformers.quantizers import HfQuantizer
-from transformers.quantizers.auto import (
-    AUTO_QUANTIZATION_CONFIG_MAPPING,
-    AUTO_QUANTIZER_MAPPING,
-    register_quantization_config,
-    register_quantizer,
-)
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..core.hf import LoaderOnlyQuantizer, mark_quantized, skip_dense_initialisation
+
 from .modules import KIND_TIED_HEAD, build_rpq_module
-from .fusions.glu import fuse_gated_mlps
-from .fusions.norm import defer_norms
-from .fusions.shared_input import group_shared_inputs
+from .fusions import apply_fusions
 
 QUANT_METHOD = "rpq"
 
@@ -84,26 +77,6 @@ class RPQConfig(QuantizationConfigMixin):
         }
 
 
-class LoaderOnlyQuantizer(HfQuantizer):
-    """A quantizer that only loads: its modules are swapped in before the weights are read (by the
-    subclass), and afterwards every tensor of the modules named by ``loaded_names`` must have arrived."""
-
-    requires_calibration = True
-
-    def loaded_names(self) -> Any:
-        raise NotImplementedError
-
-    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
-        check_all_loaded(model, self.loaded_names())
-
-    def is_serializable(self) -> bool:
-        return True
-
-    @property
-    def is_trainable(self) -> bool:
-        return True
-
-
 class RPQHfQuantizer(LoaderOnlyQuantizer):
     """Loads pre-quantized RPQ checkpoints (fitting happens in ``compress rpq``, not in from_pretrained)."""
 
@@ -119,18 +92,7 @@ class RPQHfQuantizer(LoaderOnlyQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         super()._process_model_after_weight_loading(model, **kwargs)
-        group_shared_inputs(model)
-        defer_norms(model)
-        fuse_gated_mlps(model)
-
-
-def check_all_loaded(model: nn.Module, names: Any) -> None:
-    """Every tensor of the swapped-in modules came from the checkpoint (none left on the meta device)."""
-    for name in names:
-        module = model.get_submodule(name)
-        for tensor_name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-            if tensor.device.type == "meta":
-                raise ValueError(f"checkpoint has no {name}.{tensor_name}: the file is incomplete")
+        apply_fusions(model)
 
 
 def swap_in_rpq_modules(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
@@ -143,23 +105,6 @@ def swap_in_rpq_modules(model: nn.Module, layers: dict[str, dict[str, Any]]) -> 
             original, spec["kind"], spec["num_codebooks"], spec["codebook_size"], tied, spec.get("codebook_dtype")
         )
         model.set_submodule(name, module)
-
-
-def skip_dense_initialisation(model: nn.Module, names: Any) -> None:
-    """Keep transformers' weight initialisation away from RPQ modules.
-
-    After loading, transformers runs ``_init_weights`` on every module not flagged initialised, and
-    that code reads ``module.weight`` of anything that is an nn.Embedding (RPQEmbedding is one), or,
-    for GPT-2, ``mlp.c_proj.weight`` from the parent. RPQ modules have no dense weight: their
-    tensors all come from the checkpoint, which ``_process_model_after_weight_loading`` verifies. Their
-    parents are flagged too where they hold no tensors of their own, so nothing else is skipped.
-    """
-    for name in names:
-        model.get_submodule(name)._is_hf_initialized = True
-        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        own_tensors = list(parent.parameters(recurse=False)) + list(parent.buffers(recurse=False))
-        if not own_tensors:
-            parent._is_hf_initialized = True
 
 
 def drop_converted_ties(model: nn.Module, layers: Any) -> bool:
@@ -192,24 +137,3 @@ def attach_quantizer(model: nn.Module, config: RPQConfig) -> None:
         for sub_config in (model.config, model.config.get_text_config()):
             if getattr(sub_config, "tie_word_embeddings", False):
                 sub_config.tie_word_embeddings = False
-
-
-def mark_quantized(model: nn.Module, config: QuantizationConfigMixin, quantizer: HfQuantizer, method: str) -> None:
-    """What transformers sets on a model it loaded through ``quantizer``; save_pretrained then writes ``config``."""
-    model.config.quantization_config = config
-    model.hf_quantizer = quantizer
-    model.is_quantized = True
-    model.quantization_method = method
-
-
-def register_method(method: str, config_class: type, quantizer_class: type) -> None:
-    """Add a quantization method to transformers' registry (idempotent)."""
-    if method not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(method)(config_class)
-    if method not in AUTO_QUANTIZER_MAPPING:
-        register_quantizer(method)(quantizer_class)
-
-
-def register() -> None:
-    """Add RPQ to transformers' quantization registry (idempotent)."""
-    register_method(QUANT_METHOD, RPQConfig, RPQHfQuantizer)

@@ -12,11 +12,9 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, fields
 
-from torch import nn
-
+from ..core.sizes import MB
 from .convert import KIND_TIED_HEAD, LayerPlan, LayerResult
 
-MB = 1e6
 # Mean relative output error (per layer) above which the summary warns of a large loss. SmolLM2-135M
 # averaged 0.004 at 4.5 bits (perplexity 1.18x its original's before fine-tuning, benchmarks/RESULTS.md)
 # and 0.014 at 3.25 bits (1.85x on the GPU, 1.99x with the CPU defaults): 0.01 lies between the two.
@@ -126,18 +124,6 @@ class ConversionSummary:
 def layer_pattern(name: str) -> str:
     """``model.layers.7.mlp.up_proj`` -> ``model.layers.*.mlp.up_proj``."""
     return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of every distinct parameter and persistent buffer (what a checkpoint holds)."""
-    seen: dict[int, int] = {}
-    for tensor in model.state_dict(keep_vars=True).values():
-        seen[id(tensor)] = tensor.numel() * tensor.element_size()
-    return sum(seen.values())
-
-
-def model_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def format_label(plan: LayerPlan) -> str:

@@ -16,20 +16,19 @@ so CPU and many-token paths compute exactly what the model did. Nothing is saved
 from __future__ import annotations
 
 import functools
-import os
 
 from torch import Tensor, nn
 
 from ..modules import RPQLinear
+from .. import options
 
-FUSED_ACT_ENV = "MODEL_COMPRESS_FUSED_ACT"
 GATED_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP")  # forward: down_proj(act_fn(gate_proj(x)) * up_proj(x))
 SILU_CLASSES = ("SiLU", "SiLUActivation")  # torch's and transformers' (``ACT2FN["silu"]``)
 
 
 def fuse_gated_mlps(model: nn.Module) -> int:
     """Route every known SiLU-gated MLP of RPQ Linears through ``gated_mlp_forward``; returns how many."""
-    if os.environ.get(FUSED_ACT_ENV, "1") == "0":
+    if not options.current().fused_glu:
         return 0
     fused = 0
     for mlp in model.modules():

@@ -18,7 +18,6 @@ parameters are unchanged. ``MODEL_COMPRESS_FUSED_NORM=0`` leaves the norms alone
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
@@ -26,9 +25,9 @@ from torch import Tensor, nn
 
 from ..kernels import forward as kernels
 from ..modules import RPQLinear
-from .norm_spec import LAYER_NORM, RMS_NORM, NormSpec
+from ..kernels.norm_spec import LAYER_NORM, RMS_NORM, NormSpec
+from .. import options
 
-FUSED_NORM_ENV = "MODEL_COMPRESS_FUSED_NORM"
 # Decoder layers (class names) whose pre-norms feed only RPQ-able projections: norm -> consumer attribute paths.
 PRE_NORM_LAYERS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     name: (
@@ -109,7 +108,7 @@ def _norm_spec(module: nn.Module) -> NormSpec | None:
 
 def defer_norms(model: nn.Module) -> int:
     """Give the consumers of every known pre-norm a DeferredNorm and make the norm pass its input; returns how many."""
-    if os.environ.get(FUSED_NORM_ENV, "1") == "0":
+    if not options.current().fused_norm:
         return 0
     deferred = 0
     for layer in model.modules():

@@ -18,9 +18,8 @@ torch forms here, which are also what the kernels are tested against.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +27,8 @@ from torch import Tensor
 
 from . import routes as triton_dispatch
 from ..layout import EMBEDDING, LINEAR, code_scores, decode, lookup
-from ..fusions.norm_spec import NormSpec
-
-if TYPE_CHECKING:
-    from ..fusions.norm import NormedInput
+from .norm_spec import NormedInputLike, NormSpec
+from .. import options
 
 # The histogram form costs about tokens * M * in scatter-adds, decoding the weight about out * in
 # gathers at twice the price each; so it wins while tokens < 2 * out / M = 2 * D. Measured on the
@@ -41,13 +38,15 @@ HISTOGRAM_TOKENS_PER_PIECE = 2
 TIED_HEAD_GATHER_BYTES = 64 * 1024 * 1024
 
 
-@functools.cache
 def _triton_kernels():
-    """The Triton module, or None where Triton is missing or switched off (``MODEL_COMPRESS_TRITON=0``)."""
-    if os.environ.get("MODEL_COMPRESS_TRITON", "1") == "0":
-        return None
+    """The Triton module, or None where Triton is missing or switched off (``options.triton``)."""
+    return _imported_triton_kernels() if options.current().triton else None
+
+
+@functools.cache
+def _imported_triton_kernels():
     try:
-        from . import triton_kernels
+        from . import triton as triton_kernels
     except ImportError:
         return None
     return triton_kernels
@@ -55,7 +54,7 @@ def _triton_kernels():
 
 def release_workspaces() -> None:
     """Drop the Triton kernels' kept workspaces, if they ever ran (made again by the next call that needs one)."""
-    module = _triton_kernels() if _triton_kernels.cache_info().currsize else None
+    module = _imported_triton_kernels() if _imported_triton_kernels.cache_info().currsize else None
     if module is not None:
         module.clear_workspaces()
 
@@ -90,36 +89,67 @@ def linear_histogram(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor
     return out if bias is None else out + bias
 
 
+@dataclass(frozen=True)
+class LinearRoute:
+    """What an RPQ Linear's forward runs for one token count: ``binned``, ``fused`` (with ``tile``), ``decode``
+    or ``torch``. Chosen once per (layer, token count, device, options) and kept by the layer."""
+
+    kind: str
+    tile: triton_dispatch.TileConfig | None = None
+
+
+BINNED_ROUTE, FUSED_ROUTE, DECODE_ROUTE, TORCH_ROUTE = "binned", "fused", "decode", "torch"
+
+
+def choose_linear_route(tokens: int, codebooks: Tensor, in_features: int, has_bins: bool, triton_kernels) -> LinearRoute:
+    """The route table's choice for this call, narrowed to what these codebooks and the options allow."""
+    if triton_kernels is None:
+        return LinearRoute(TORCH_ROUTE)
+    chosen = triton_dispatch.route(tokens, _weights(codebooks, in_features))
+    if chosen.path == triton_dispatch.FUSED and chosen.tile.kind == triton_dispatch.BINNED:
+        if has_bins and _takes_binned(triton_kernels, chosen, codebooks):
+            return LinearRoute(BINNED_ROUTE, chosen.tile)
+        chosen = triton_dispatch.Route(chosen.max_tokens, chosen.path, triton_dispatch.ONE_TOKEN_GATHER)
+    if chosen.path == triton_dispatch.FUSED and _tiles_fit(chosen.tile, codebooks):
+        return LinearRoute(FUSED_ROUTE, chosen.tile)
+    return LinearRoute(DECODE_ROUTE)
+
+
 def linear_forward(
     x: Tensor,
     codebooks: Tensor,
     indices: Tensor,
     bias: Tensor | None,
     bins: Callable[[], tuple[Tensor, Tensor]] | None = None,
-    norm: NormedInput | None = None,
+    norm: NormedInputLike | None = None,
+    routes: dict | None = None,
 ) -> Tensor:
     """RPQ Linear forward: the routed Triton path on CUDA; else the histogram form for few tokens, decode + GEMM otherwise.
 
     ``bins`` gives ``layout.code_bins`` of ``indices`` (kept by the module, made on first use) for
-    the binned kernel; without it (or with ``MODEL_COMPRESS_RPQ_BINS=0``) that route takes the
+    the binned kernel; without it (or with the ``bins`` option off) that route takes the
     one-token gather tile, which reads the codes themselves. ``norm`` (``fused_norm``): x is the
     input of a norm this layer applies, inside the binned kernel or else by the norm's own forward.
+    ``routes`` is the layer's store of chosen routes: a call with a token count seen before (on the
+    same device, under the same options) takes its route from there instead of choosing again.
     """
     tokens = x.numel() // indices.shape[1]
     triton_kernels = gpu_kernels(x)
-    if triton_kernels is not None:
-        chosen = triton_dispatch.route(tokens, _weights(codebooks, indices.shape[1]))
-        if chosen.path == triton_dispatch.FUSED and chosen.tile.kind == triton_dispatch.BINNED:
-            if bins is not None and _takes_binned(triton_kernels, chosen, codebooks):
-                if norm is not None:  # the kernel normalises x; its bias carries the norm's W beta
-                    bias = norm.fused_bias
-                return triton_kernels.linear_binned(x, codebooks, bins(), bias, chosen.tile, norm and norm.norm.spec)
-            chosen = triton_dispatch.Route(chosen.max_tokens, chosen.path, triton_dispatch.ONE_TOKEN_GATHER)
-        x = x if norm is None else norm.norm.normalized(x)
-        if chosen.path == triton_dispatch.FUSED and _tiles_fit(chosen.tile, codebooks):
-            return triton_kernels.linear_fused(x, codebooks, indices, bias, chosen.tile)
-        return triton_kernels.linear_decode(x, codebooks, indices, bias)
+    key = (tokens, x.device, codebooks.dtype, options.current())
+    chosen = routes.get(key) if routes is not None else None
+    if chosen is None:
+        chosen = choose_linear_route(tokens, codebooks, indices.shape[1], bins is not None, triton_kernels)
+        if routes is not None:
+            routes[key] = chosen
+    if chosen.kind == BINNED_ROUTE:
+        if norm is not None:  # the kernel normalises x; its bias carries the norm's W beta
+            bias = norm.fused_bias
+        return triton_kernels.linear_binned(x, codebooks, bins(), bias, chosen.tile, norm and norm.norm.spec)
     x = x if norm is None else norm.norm.normalized(x)
+    if chosen.kind == FUSED_ROUTE:
+        return triton_kernels.linear_fused(x, codebooks, indices, bias, chosen.tile)
+    if chosen.kind == DECODE_ROUTE:
+        return triton_kernels.linear_decode(x, codebooks, indices, bias)
     return linear_torch(x, codebooks, indices, bias)
 
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from .. import options
 
 FUSED = "fused"
 DECODE = "decode"
@@ -110,7 +110,6 @@ ROUTES: tuple[Route, ...] = (
 # One token without code bins (``MODEL_COMPRESS_RPQ_BINS=0``, or codebooks the binned kernel does not
 # take): the best gather tile of the one-token tuning (0.77 of dense against the binned kernel's 0.50).
 ONE_TOKEN_GATHER = TileConfig(1, 64, 256, num_warps=4, num_stages=3, split_k=8, prefetch=True, pdl=True)
-BINS_ENV = "MODEL_COMPRESS_RPQ_BINS"
 
 # Tied LM head: the per-code score kernel up to this many tokens, then decode the table in chunks + cuBLAS.
 TIED_HEAD_SCORE_TOKENS = 16
@@ -118,9 +117,6 @@ TIED_HEAD_SCORE_TOKENS = 16
 # live during a prompt's forward, so it adds to the peak of a whole generation (8 MiB keeps each
 # chunk's GEMM 2048 x 2048 or larger at opt-1.3b's width).
 DECODE_CHUNK_BYTES = 8 * 1024 * 1024
-
-
-ROUTES_ENV = "MODEL_COMPRESS_RPQ_ROUTES"
 
 
 def save_routes(routes: tuple[Route, ...], path: str | Path) -> None:
@@ -137,11 +133,15 @@ def load_routes(path: str | Path) -> tuple[Route, ...]:
     )
 
 
-@functools.cache
 def active_routes() -> tuple[Route, ...]:
-    """The measured table, or the file that ``MODEL_COMPRESS_RPQ_ROUTES`` names."""
-    path = os.environ.get(ROUTES_ENV)
-    return load_routes(path) if path else ROUTES
+    """The measured table, or the routes file the options name (``MODEL_COMPRESS_RPQ_ROUTES``)."""
+    path = options.current().routes_file
+    return _routes_in(path) if path else ROUTES
+
+
+@functools.cache
+def _routes_in(path: Path) -> tuple[Route, ...]:
+    return load_routes(path)
 
 
 def route(tokens: int, weights: int | None = None, routes: tuple[Route, ...] | None = None) -> Route:
@@ -154,7 +154,6 @@ def route(tokens: int, weights: int | None = None, routes: tuple[Route, ...] | N
     return routes[-1]
 
 
-@functools.cache
 def bins_enabled() -> bool:
     """Whether one-token calls may use the binned kernel (its code bins cost 2-4 bytes per code beside the codes)."""
-    return os.environ.get(BINS_ENV, "1") != "0"
+    return options.current().bins

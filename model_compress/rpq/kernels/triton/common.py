@@ -1,0 +1,81 @@
+"""What the RPQ Triton kernels share: L2 prefetch, size helpers, the device check, split-K arrival counters."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _prefetch_l2(pointers, mask):
+    """``prefetch.global.L2`` of the cache lines at ``pointers`` (where ``mask``): no registers, no wait."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+        "=r,l,r",
+        [pointers, mask.to(tl.int32)],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def _prefetch_codebook_slice(slice_base, CODEBOOK_SIZE: tl.constexpr, PIECE: tl.constexpr, BLOCK_N: tl.constexpr, LINE: tl.constexpr):
+    """L2 prefetch of BLOCK_N columns of every row of one codebook (LINE elements per 128-byte line)."""
+    lines = tl.arange(0, CODEBOOK_SIZE)[:, None] * PIECE + tl.arange(0, (BLOCK_N + LINE - 1) // LINE)[None, :] * LINE
+    _prefetch_l2(slice_base + lines, lines >= 0)
+
+
+def _rows(x: Tensor, width: int) -> Tensor:
+    """x as a (tokens, width) matrix with unit stride along the row (a copy only if it has to be)."""
+    rows = x.reshape(-1, width)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host. ``triton.cdiv`` is a constexpr function in Triton 3.6: about 10 us per host call."""
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (host side; ``triton.next_power_of_2`` costs as much as ``triton.cdiv``)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # the CPU interpreter runs no inline PTX
+
+
+@functools.cache
+def _hopper_or_later(device: torch.device) -> bool:
+    """Programmatic dependent launch (``griddepcontrol``) needs compute capability 9.0."""
+    return not INTERPRETED and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+_COUNTERS: dict[torch.device, list[Tensor]] = {}  # per device: every counter buffer made, the largest last
+
+
+def clear_workspaces() -> None:
+    """Forget the kept split-K counters (between models measured one after the other)."""
+    _COUNTERS.clear()
+
+
+def kept_bytes() -> int:
+    """Device bytes these kernels keep between calls (the split-K counters): what a model's memory has beyond its own."""
+    return sum(t.numel() * t.element_size() for kept in _COUNTERS.values() for t in kept)
+
+
+def tile_counters(count: int, device: torch.device) -> Tensor:
+    """Split-K arrival counters, zero at rest: the kernel puts each back to 0 when its tile is done.
+
+    Sized to the largest call so far (a power of two, at least 128: one 512-byte allocator block).
+    A smaller buffer made before is kept, not freed: a CUDA graph captured with it still writes there.
+    """
+    kept = _COUNTERS.setdefault(torch.device(device), [])
+    if not kept or kept[-1].numel() < count:
+        kept.append(torch.zeros(max(128, _next_power_of_2(count)), device=device, dtype=torch.int32))
+    return kept[-1]

@@ -1,0 +1,64 @@
+"""The RPQ runtime switches: Triton on or off, code bins, a routes file, the fusions.
+
+One frozen object, read from the environment once (the edge: ``MODEL_COMPRESS_TRITON``,
+``MODEL_COMPRESS_RPQ_BINS``, ``MODEL_COMPRESS_RPQ_ROUTES``, ``MODEL_COMPRESS_FUSED_NORM``,
+``MODEL_COMPRESS_FUSED_ACT``; ``0`` switches one off), and overridable in code for a block with
+``using(...)``. Nothing deeper reads the environment, and nothing needs a cache cleared to see a change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+TRITON_ENV = "MODEL_COMPRESS_TRITON"
+BINS_ENV = "MODEL_COMPRESS_RPQ_BINS"
+ROUTES_ENV = "MODEL_COMPRESS_RPQ_ROUTES"
+FUSED_NORM_ENV = "MODEL_COMPRESS_FUSED_NORM"
+FUSED_GLU_ENV = "MODEL_COMPRESS_FUSED_ACT"
+
+
+@dataclass(frozen=True)
+class RPQOptions:
+    triton: bool = True  # the Triton kernels where a GPU and Triton are there (else the torch forms)
+    bins: bool = True  # one-token calls may use the binned kernel (its code bins cost 2-4 bytes per code)
+    routes_file: Path | None = None  # a routes table saved by benchmarks/rpq_kernels.py --save-routes
+    fused_norm: bool = True  # pre-norms deferred into the one-token kernel, at load
+    fused_glu: bool = True  # SiLU(gate) * up formed inside down_proj's one-token kernel, at load
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> RPQOptions:
+        def on(name: str) -> bool:
+            return environ.get(name, "1") != "0"
+
+        routes = environ.get(ROUTES_ENV)
+        return cls(on(TRITON_ENV), on(BINS_ENV), Path(routes) if routes else None, on(FUSED_NORM_ENV), on(FUSED_GLU_ENV))
+
+
+_ENVIRONMENT: list[RPQOptions] = []  # the environment's options, read on first use
+_OVERRIDE: ContextVar[RPQOptions | None] = ContextVar("rpq_options", default=None)
+
+
+def current() -> RPQOptions:
+    """The options in force: the innermost ``using`` block's, else the environment's (read once)."""
+    override = _OVERRIDE.get()
+    if override is not None:
+        return override
+    if not _ENVIRONMENT:
+        _ENVIRONMENT.append(RPQOptions.from_environment())
+    return _ENVIRONMENT[0]
+
+
+@contextlib.contextmanager
+def using(**changes) -> Iterator[RPQOptions]:
+    """``with using(triton=False): ...``: the current options with ``changes``, inside the block only."""
+    options = replace(current(), **changes)
+    token = _OVERRIDE.set(options)
+    try:
+        yield options
+    finally:
+        _OVERRIDE.reset(token)
