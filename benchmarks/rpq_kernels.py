@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from model_compress.rpq.kernels import forward as kernels, routes as triton_dispatch, triton as triton_kernels
-from model_compress.rpq.layout import code_bins
+from model_compress.rpq.kernels.layout import code_bins
 from model_compress.rpq.kernels.routes import BINNED, DECODE, FUSED, GATHER, Route, TileConfig
 
 SHAPES = [(2048, 2048), (2048, 8192), (8192, 2048)]

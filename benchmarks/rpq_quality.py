@@ -37,7 +37,7 @@ from model_compress.eval import similarity
 from model_compress.eval.perplexity import causal_nll, cut_windows, tokenize
 from model_compress.core.sources import load_model, resolve_source
 from model_compress.rpq.convert import RPQSettings, convert_model, find_layers, plan_layers
-from model_compress.rpq.defaults import CALIBRATION_TOKENS, FINETUNE_STEPS
+from model_compress.rpq.fit.defaults import CALIBRATION_TOKENS, FINETUNE_STEPS
 from model_compress.rpq.fit.calibration import calibration_set
 from model_compress.rpq.fit.finetune import FinetuneSettings, Teacher, finetune
 from model_compress.rpq.fit.hessian import prepare

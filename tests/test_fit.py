@@ -14,7 +14,7 @@ from model_compress.rpq.fit.passes import Batches, run_pass
 from model_compress.rpq.fit.refit import refit_cols, refit_rows
 from model_compress.rpq.fit.stack import find_stack
 from model_compress.rpq.fit.sweep import nearest_codes, sweep_cols, sweep_rows
-from model_compress.rpq.layout import LINEAR, to_pieces
+from model_compress.rpq.kernels.layout import LINEAR, to_pieces
 
 from .conftest import real_model_folder, tiny_model
 

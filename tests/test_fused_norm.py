@@ -8,7 +8,7 @@ from torch import nn
 
 from .conftest import native_rpq, tiny_model
 from model_compress.rpq.kernels import forward as kernels
-from model_compress.rpq import options
+from model_compress.rpq.kernels import options
 from model_compress.rpq.fusions.norm import DeferredNorm, defer_norms
 from model_compress.rpq.modules import RPQLinear
 from model_compress.rpq.kernels.norm_spec import LAYER_NORM, RMS_NORM

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model_compress.rpq.fit.kmeans import assign, kmeans, kmeans_plusplus
-from model_compress.rpq.layout import LINEAR, decode, to_pieces
+from model_compress.rpq.kernels.layout import LINEAR, decode, to_pieces
 
 
 def clustered_points(num_books=4, clusters=16, dim=3, per_cluster=100, spread=0.05, seed=1):

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_compress.rpq import options
+from model_compress.rpq.kernels import options
 from model_compress.rpq.kernels import forward as kernels
 from model_compress.rpq.modules import RPQEmbedding, RPQLinear, RPQTiedHead, build_rpq_embedding
-from model_compress.rpq.layout import pack_codes, packed_width
+from model_compress.rpq.kernels.layout import pack_codes, packed_width
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -274,7 +274,7 @@ def test_aligned_route_takes_decode_where_pieces_do_not_tile(monkeypatch):
 
 @pytest.mark.parametrize("columns, codebook_size", [(37, 16), (300, 256), (2048, 256), (40000, 256)])
 def test_code_bins_group_each_codebooks_columns_by_code(columns, codebook_size):
-    from model_compress.rpq.layout import code_bins
+    from model_compress.rpq.kernels.layout import code_bins
 
     gen = torch.Generator().manual_seed(columns)
     # Skewed codes, as k-means gives: a few codes take many columns.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_compress.rpq.layout import EMBEDDING, LINEAR, code_bits, decode, lookup, pack_codes, to_pieces, unpack_codes
+from model_compress.rpq.kernels.layout import EMBEDDING, LINEAR, code_bits, decode, lookup, pack_codes, to_pieces, unpack_codes
 
 
 def random_codes(num_codebooks, codebook_size, piece, columns, seed=0):

@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_compress.rpq import options
+from model_compress.rpq.kernels import options
 from model_compress.rpq.kernels import forward as kernels, routes as triton_dispatch
 from model_compress.rpq.fusions.norm import defer_norms
 from model_compress.rpq.modules import RPQEmbedding, RPQLinear
-from model_compress.rpq.layout import code_bins
+from model_compress.rpq.kernels.layout import code_bins
 from model_compress.rpq.kernels.norm_spec import LAYER_NORM, RMS_NORM, NormSpec
 
 from .conftest import tiny_model

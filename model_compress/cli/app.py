@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from ..core.errors import UserError
-from ..rpq.defaults import CALIBRATION_TOKENS, DEFAULT_BITS, DEFAULT_ROUNDS, FINETUNE_STEPS
+from ..rpq.fit.defaults import CALIBRATION_TOKENS, DEFAULT_BITS, DEFAULT_ROUNDS, FINETUNE_STEPS
 
 app = typer.Typer(
     add_completion=False,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..core.errors import UserError
 from ..core.methods import Headers, Method, register
-from .layout import INT8, code_bits, packed_width
+from .kernels.layout import INT8, code_bits, packed_width
 from .quantizer import QUANT_METHOD, RPQConfig, RPQHfQuantizer
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .kernels import forward as kernels
-from .layout import CODEBOOK_DTYPES, EMBEDDING, INT8, LINEAR, code_bins, code_bits, decode, dtype_name, packed_width, unpack_codes
+from .kernels.layout import CODEBOOK_DTYPES, EMBEDDING, INT8, LINEAR, code_bins, code_bits, decode, dtype_name, packed_width, unpack_codes
 
 
 def _register_codes(

@@ -16,7 +16,7 @@ from ..core.checkpoint import CARD_FILE, MAX_SHARD_SIZE, REPORT_FILE, check_outp
 from ..core.text import Text, calibration_text
 from ..core.errors import UserError
 from ..core.sources import ModelSource, context_length, disk_bytes, empty_model, load_config, load_model, resolve_source
-from .defaults import CALIBRATION_TOKENS, CALIBRATION_WINDOW, FINETUNE_STEPS, for_device
+from .fit.defaults import CALIBRATION_TOKENS, CALIBRATION_WINDOW, FINETUNE_STEPS, for_device
 from .convert import Conversion, ConversionObserver, LayerResult, RPQSettings, convert_model, planned_layers, validate_settings
 from .fit.calibration import CalibrationSet, calibration_set
 from .fit.finetune import FinetuneReport, FinetuneSettings, Teacher, finetune

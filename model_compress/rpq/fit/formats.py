@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..layout import INT8, code_bits, codebook_bits, column_count, packed_width, split_dim
+from ..kernels.layout import INT8, code_bits, codebook_bits, column_count, packed_width, split_dim
 
 SCALE_BYTES = 2  # a 16-bit scale per int8 codebook (a float32 model stores 4: CodeFormat.scale_bytes)
 PIECES = (1, 2, 4)  # D (weights per code) that a budget chooses from

@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from ..defaults import DEFAULT_ROUNDS
-from ..layout import INT8
+from .defaults import DEFAULT_ROUNDS
+from ..kernels.layout import INT8
 from .codebooks import CodebookSet, stack
 from .formats import CodeFormat
 from .layer import COLS, ROWS, FitProblem, decode_fit, fit, initial_codebooks

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .kmeans import kmeans, weighted_quantiles, weighted_sample
-from ..layout import EMBEDDING, LINEAR, to_pieces
+from ..kernels.layout import EMBEDDING, LINEAR, to_pieces
 from .codebooks import CodebookSet
 from .hessian import SweepFactor, prepare
 from .refit import refit_cols, refit_rows

@@ -20,7 +20,7 @@ import functools
 from torch import Tensor, nn
 
 from ..modules import RPQLinear
-from .. import options
+from ..kernels import options
 
 GATED_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP")  # forward: down_proj(act_fn(gate_proj(x)) * up_proj(x))
 SILU_CLASSES = ("SiLU", "SiLUActivation")  # torch's and transformers' (``ACT2FN["silu"]``)

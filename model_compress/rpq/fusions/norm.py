@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..kernels import forward as kernels
 from ..modules import RPQLinear
 from ..kernels.norm_spec import LAYER_NORM, RMS_NORM, NormSpec
-from .. import options
+from ..kernels import options
 
 # Decoder layers (class names) whose pre-norms feed only RPQ-able projections: norm -> consumer attribute paths.
 PRE_NORM_LAYERS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {

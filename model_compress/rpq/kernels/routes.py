@@ -17,7 +17,7 @@ import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from .. import options
+from . import options
 
 FUSED = "fused"
 DECODE = "decode"
