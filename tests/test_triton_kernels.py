@@ -15,7 +15,7 @@ from model_compress.rpq.modules import RPQEmbedding, RPQLinear
 from model_compress.rpq.kernels.layout import code_bins
 from model_compress.rpq.kernels.norm_spec import LAYER_NORM, RMS_NORM, NormSpec
 
-from .conftest import tiny_model
+from .conftest import native_rpq, tiny_model
 from .test_layers import filled, rel_error
 
 triton_kernels = pytest.importorskip("model_compress.rpq.kernels.triton", reason="needs Triton")
@@ -201,10 +201,9 @@ def test_capturable_in_a_cuda_graph_without_host_syncs(tokens):
 
 
 def test_whole_model_on_cuda_uses_the_kernels_and_matches_the_reference():
-    from model_compress.rpq.convert import RPQSettings, convert_model
 
     model = tiny_model("llama").to(CUDA, torch.float16).eval()
-    convert_model(model, RPQSettings(num_codebooks=4, device=CUDA))
+    native_rpq(model)  # K = 256 and a byte per code: the form the fused paths run (convert_model keeps tiny layers dense)
     ids = torch.randint(0, model.config.vocab_size, (2, 9), device=CUDA)
     with torch.inference_mode():
         fast = model(ids).logits
@@ -362,12 +361,11 @@ def logits_on_the_torch_path(model: torch.nn.Module, ids: torch.Tensor, monkeypa
 
 def test_whole_llama_decodes_with_fused_norms_and_gated_mlps_like_the_reference(monkeypatch):
     """As loading installs them: grouped q/k/v and gate/up, deferred norms, down_proj forming silu(gate) * up; one token."""
-    from model_compress.rpq.convert import RPQSettings, convert_model
     from model_compress.rpq.fusions.glu import fuse_gated_mlps
     from model_compress.rpq.fusions.shared_input import group_shared_inputs
 
     model = tiny_model("llama").to(CUDA, torch.float16).eval()
-    convert_model(model, RPQSettings(num_codebooks=4, codebook_size=16, device=CUDA))
+    native_rpq(model)  # K = 256 and a byte per code: the form the fused paths run (convert_model keeps tiny layers dense)
     group_shared_inputs(model)
     defer_norms(model)
     assert fuse_gated_mlps(model) == model.config.num_hidden_layers
@@ -385,11 +383,10 @@ def test_whole_llama_decodes_with_fused_norms_and_gated_mlps_like_the_reference(
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_grouped_siblings_decode_one_token_like_the_reference(arch, deferred_norms, monkeypatch):
     """A loaded-style model with q/k/v (gate/up) grouped: one-token steps take the group launch and match the torch path."""
-    from model_compress.rpq.convert import RPQSettings, convert_model
     from model_compress.rpq.fusions.shared_input import group_shared_inputs
 
     model = tiny_model(arch).to(CUDA, torch.float16).eval()
-    convert_model(model, RPQSettings(num_codebooks=4, codebook_size=16, device=CUDA))
+    native_rpq(model)  # K = 256 and a byte per code: the form the fused paths run (convert_model keeps tiny layers dense)
     assert group_shared_inputs(model) > 0
     if deferred_norms:  # as loading does: the pre-norms run inside the grouped (and fc1's) binned launches
         for module in model.modules():
@@ -411,11 +408,10 @@ def test_grouped_siblings_decode_one_token_like_the_reference(arch, deferred_nor
 
 def test_one_token_without_bins_reads_the_codes_and_matches_the_reference(monkeypatch):
     """Bins off (MODEL_COMPRESS_RPQ_BINS=0): one-token steps take the gather tile, no layer makes code bins, logits as the torch path."""
-    from model_compress.rpq.convert import RPQSettings, convert_model
     from model_compress.rpq.modules import RPQLinear
 
     model = tiny_model("opt").to(CUDA, torch.float16).eval()
-    convert_model(model, RPQSettings(num_codebooks=4, codebook_size=16, device=CUDA))
+    native_rpq(model)  # K = 256 and a byte per code: the form the fused paths run (convert_model keeps tiny layers dense)
     ids = torch.randint(0, model.config.vocab_size, (1, 1), device=CUDA)
     with options.using(bins=False), torch.inference_mode():
         fast = model(ids).logits
