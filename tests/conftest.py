@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 import transformers
+from torch import nn
+from typer.testing import CliRunner
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub unless a test says so
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -138,3 +140,56 @@ def tiny_folder(tmp_path):
         return folder
 
     return save
+
+
+# Helpers the test files share (a test file never imports another).
+
+CLI_RUNNER = CliRunner()
+
+
+def run_cli(*args: str):
+    from model_compress.cli.app import app
+
+    return CLI_RUNNER.invoke(app, list(args))
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def filled(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Random codebooks and codes (and bias) so the module computes something non-trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if module.codebook_scales is not None:  # int8 codebooks, one scale each
+            module.codebooks.copy_(torch.randint(-127, 128, module.codebooks.shape, generator=gen))
+            module.codebook_scales.copy_(torch.rand(module.codebook_scales.shape, generator=gen) / 64)
+        else:
+            module.codebooks.copy_(torch.randn(module.codebooks.shape, generator=gen))
+        codes = torch.randint(0, module.codebook_size, (module.num_codebooks, module.columns), generator=gen)
+        from model_compress.rpq.kernels.layout import pack_codes
+
+        module.indices.copy_(pack_codes(codes, module.code_bits))
+        if getattr(module, "bias", None) is not None:
+            module.bias.copy_(torch.randn(module.bias.shape, generator=gen))
+    return module
+
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` skip, with one reason, where there is no CUDA device (CI); a GPU machine runs them."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -11,28 +11,32 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+from collections.abc import Iterator
 
 from torch import nn
 
 CHILD_WEIGHT_READ = re.compile(r"self\.(\w+)\.weight\b")
 
 
-@functools.cache
-def children_whose_weight_is_read(cls: type) -> frozenset[str]:
-    """Attribute names ``c`` such that a ``forward`` in ``cls``'s method order reads ``self.c.weight``."""
-    names: set[str] = set()
+def own_forward_sources(cls: type, stop: tuple[type, ...] = (nn.Module,)) -> Iterator[str | None]:
+    """The source of each ``forward`` defined in ``cls``'s method order, up to (not into) a class of ``stop``;
+    None for one whose source cannot be read (compiled or generated)."""
     for klass in cls.__mro__:
-        if klass is nn.Module or not issubclass(klass, nn.Module):
-            continue
+        if klass in stop or not issubclass(klass, nn.Module):
+            break
         forward = klass.__dict__.get("forward")
         if forward is None:
             continue
         try:
-            source = inspect.getsource(forward)
-        except (OSError, TypeError):  # compiled or generated: nothing to read
-            continue
-        names.update(CHILD_WEIGHT_READ.findall(source))
-    return frozenset(names)
+            yield inspect.getsource(forward)
+        except (OSError, TypeError):
+            yield None
+
+
+@functools.cache
+def children_whose_weight_is_read(cls: type) -> frozenset[str]:
+    """Attribute names ``c`` such that a ``forward`` in ``cls``'s method order reads ``self.c.weight``."""
+    return frozenset(name for source in own_forward_sources(cls) if source for name in CHILD_WEIGHT_READ.findall(source))
 
 
 def weights_read_directly(model: nn.Module) -> dict[str, str]:

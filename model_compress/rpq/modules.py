@@ -18,6 +18,7 @@ import inspect
 import torch
 from torch import Tensor, nn
 
+from .direct_reads import own_forward_sources
 from .kernels import forward as kernels
 from .kernels.layout import CODEBOOK_DTYPES, EMBEDDING, INT8, LINEAR, code_bins, code_bits, decode, dtype_name, packed_width, unpack_codes
 
@@ -273,20 +274,9 @@ _EMBEDDING_CLASSES: dict[type, type] = {nn.Embedding: RPQEmbedding}
 
 
 def embedding_forward_reads_weight(cls: type) -> bool:
-    """Whether a subclass of nn.Embedding reads ``self.weight`` in a forward of its own (the RPQ table has none)."""
-    for klass in cls.__mro__:
-        if klass in (nn.Embedding, RPQEmbedding) or not issubclass(klass, nn.Embedding):
-            break
-        forward = klass.__dict__.get("forward")
-        if forward is None:
-            continue
-        try:
-            source = inspect.getsource(forward)
-        except (OSError, TypeError):  # no source to read: assume the worst
-            return True
-        if "self.weight" in source:
-            return True
-    return False
+    """Whether a subclass of nn.Embedding reads ``self.weight`` in a forward of its own (the RPQ table has none);
+    a forward whose source cannot be read is assumed to."""
+    return any(source is None or "self.weight" in source for source in own_forward_sources(cls, (nn.Embedding, RPQEmbedding)))
 
 
 def embedding_stand_in(table: nn.Embedding) -> type | None:

@@ -32,7 +32,7 @@ from . import options
 
 # The histogram form costs about tokens * M * in scatter-adds, decoding the weight about out * in
 # gathers at twice the price each; so it wins while tokens < 2 * out / M = 2 * D. Measured on the
-# CPU by benchmarks/forward_dispatch.py (benchmarks/RESULTS.md, "torch forward dispatch").
+# CPU by benchmarks/rpq/forward_dispatch.py (benchmarks/RESULTS.md, "torch forward dispatch").
 HISTOGRAM_TOKENS_PER_PIECE = 2
 # The tied head's per-code gather holds an (M, tokens, vocab) temporary: keep it under this size.
 TIED_HEAD_GATHER_BYTES = 64 * 1024 * 1024

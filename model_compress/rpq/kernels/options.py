@@ -26,7 +26,7 @@ FUSED_GLU_ENV = "MODEL_COMPRESS_FUSED_ACT"
 class RPQOptions:
     triton: bool = True  # the Triton kernels where a GPU and Triton are there (else the torch forms)
     bins: bool = True  # one-token calls may use the binned kernel (its code bins cost 2-4 bytes per code)
-    routes_file: Path | None = None  # a routes table saved by benchmarks/rpq_kernels.py --save-routes
+    routes_file: Path | None = None  # a routes table saved by benchmarks/rpq/rpq_kernels.py --save-routes
     fused_norm: bool = True  # pre-norms deferred into the one-token kernel, at load
     fused_glu: bool = True  # SiLU(gate) * up formed inside down_proj's one-token kernel, at load
 

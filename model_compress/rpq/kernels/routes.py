@@ -1,6 +1,6 @@
 """Which GPU path and tile sizes an RPQ call takes, by token count: a table measured on the device.
 
-The numbers come from ``benchmarks/rpq_kernels.py --tune`` on an H100 (benchmarks/RESULTS.md,
+The numbers come from ``benchmarks/rpq/rpq_kernels.py --tune`` on an H100 (benchmarks/RESULTS.md,
 "RPQ GPU kernels"): for each token bucket it timed every candidate tile on the opt-1.3b shapes
 (2048->2048, 2048->8192, 8192->2048, fp16, M=32, K=256) and the decode + cuBLAS path, and kept
 the one with the lowest mean ratio to the dense layer; the one-token bucket per layer-size class

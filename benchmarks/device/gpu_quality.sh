@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Data-aware RPQ on the GPU: quality at three budgets against the original and the scalar baselines
+# (SmolLM2-135M, whole default text), all-MiniLM-L6-v2's embeddings, conversion times, CUDA tests.
+#
+# The SmolLM2 GGUF (98 MB) is over the device tool's 64 MiB per call, so calls go back to back on one
+# warm machine (it keeps /tmp between them); STAGE picks the work of each:
+#   STAGE=tests   carry .device/evalA   stores GGUF part a in /tmp/smol; CUDA + fit tests
+#   STAGE=smol    carry .device/evalB   part b + wheels (a later call on the machine needs no carry); CALIB_C4=1:
+#                                       calibrate on the C4 sample alone (the default is the packaged mix); rpq_quality.py on SmolLM2 (BUDGETS, BASELINES=1)
+#   STAGE=minilm  carry .device/minilm  rpq_quality.py on all-MiniLM-L6-v2 at 4.5 bits
+#   STAGE=opt     (no carry)            opt-1.3b architecture (random fp16) `compress rpq --bits 4`, timed
+#   STAGE=default (no carry)            the default model: `compress rpq -o out/` timed end to end on CUDA
+# benchmarks/README.md says how the carried folders are made. Results land in $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-quality}
+mkdir -p "$OUT" /tmp/smol
+export PYTHONPATH="$PWD:$PWD/benchmarks:/tmp/site" PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1
+GGUF=/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
+
+install_wheels() {  # transformers >= 5.24, gguf, exllamav2 (for its texts) where the image lacks them
+  for folder in "$@"; do
+    ls "$folder"/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$folder"/*.whl
+  done
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
+}
+
+for stage in ${STAGE:-tests}; do  # several stages in one call: STAGE="smol minilm"
+case "$stage" in
+  tests)
+    cp .device/evalA/smol.part-a /tmp/smol/ && echo "part a stored in /tmp/smol"
+    cp .device/evalA/*.whl /tmp/smol/ 2>/dev/null
+    install_wheels /tmp/smol
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/device.txt"
+    timeout "${TEST_SECONDS:-900}" python3 -m pytest -v --tb=short -rfE -p no:cacheprovider -n 4 ${TESTS:-tests/rpq/test_cuda.py tests/rpq/test_triton_kernels.py tests/rpq/test_fit.py tests/rpq/test_layers.py} \
+      > "$OUT/gpu_tests.log" 2>&1; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | grep -v " PASSED " | tail -30
+    ;;
+  smol)
+    [ -f /tmp/smol/smol.part-a ] || { echo "error: /tmp/smol/smol.part-a is missing (the machine was given back); start again with STAGE=tests" >&2; exit 2; }
+    if [ -f .device/evalB/smol.part-b ]; then  # a later call on the same machine finds the joined file in /tmp
+      cat /tmp/smol/smol.part-a .device/evalB/smol.part-b > "$GGUF"
+      echo "$(cat .device/evalB/smol.sha256)  $GGUF" | sha256sum -c || exit 1
+      cp .device/evalB/smol.sha256 /tmp/smol/
+    fi
+    echo "$(cat /tmp/smol/smol.sha256)  $GGUF" | sha256sum -c || exit 1
+    install_wheels /tmp/smol
+    calib=()
+    if [ -n "${CALIB_C4:-}" ]; then  # the C4 sample alone, for comparison with the default mix
+      data=$(python3 -c "import exllamav2, pathlib; print(pathlib.Path(exllamav2.__file__).parent / 'conversion/standard_cal_data')")
+      calib=(--calib "$data/c4.utf8")
+    fi
+    python3 benchmarks/rpq/rpq_quality.py "$GGUF" --budgets ${BUDGETS:-4.5 3.25 2.5} --device cuda ${calib[@]+"${calib[@]}"} \
+      ${BASELINES:+--baselines} --out "$OUT/quality_smollm2${CALIB_C4:+_c4}.json" ${QUALITY_ARGS:-} 2>&1 | tee "$OUT/quality_smollm2${CALIB_C4:+_c4}.log" | tail -14
+    ;;
+  minilm)
+    install_wheels /tmp/smol .device/minilm
+    python3 benchmarks/rpq/rpq_quality.py .device/minilm --budgets ${MINILM_BUDGETS:-4.5} --device cuda \
+      --out "$OUT/quality_minilm.json" ${QUALITY_ARGS:-} 2>&1 | tee "$OUT/quality_minilm.log" | tail -6
+    ;;
+  opt)
+    install_wheels /tmp/smol
+    python3 benchmarks/rpq/rpq_opt13b.py --workdir /tmp/opt13b --bits 4 --tokenizer "$GGUF" 2>&1 | tee "$OUT/opt13b.log" | tail -6
+    ;;
+  default)
+    install_wheels /tmp/smol
+    python3 benchmarks/rpq/timed_cli.py rpq "$GGUF" -o /tmp/default-out --device cuda --force ${RPQ_ARGS:-} 2>&1 | tee "$OUT/default.log" | tail -30
+    ;;
+esac
+done

@@ -1,0 +1,113 @@
+"""The same checks on a CUDA device (k-means fitting there, RPQ forwards in fp16 / bf16).
+
+CI has no GPU, so these skip there; benchmarks/device/gpu_run.sh runs them on the lent H100 / H200.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_compress.rpq.convert import RPQSettings, convert_model
+from model_compress.rpq.fit.kmeans import kmeans
+from model_compress.rpq.modules import RPQEmbedding, RPQLinear, RPQTiedHead
+
+from ..conftest import filled, rel_error, tiny_model
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
+
+
+def test_kmeans_on_cuda_is_reproducible_and_as_good_as_on_cpu():
+    points = torch.randn(16, 4096, 8)
+    on_gpu = kmeans(points.to(CUDA), 256, seed=0)
+    again = kmeans(points.to(CUDA), 256, seed=0)
+    assert torch.equal(on_gpu.codes, again.codes)
+    on_cpu = kmeans(points, 256, seed=0)
+    assert on_gpu.inertia.sum().item() == pytest.approx(on_cpu.inertia.sum().item(), rel=0.05)
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float16, 5e-3), (torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("tokens", [1, 16, 512])
+def test_linear_forward_on_cuda(dtype, bound, tokens):
+    layer = filled(RPQLinear(2048, 512, 32, 256)).to(CUDA, dtype)
+    x = torch.randn(tokens, 2048, device=CUDA, dtype=dtype)
+    ref = x.double() @ layer.dequantize().double().T + layer.bias.double()
+    out = layer(x)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_error(out, ref) < bound
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float16, 5e-3), (torch.bfloat16, 2e-2)])
+def test_embedding_and_tied_head_on_cuda(dtype, bound):
+    table = filled(RPQEmbedding(5000, 256, 32, 256)).to(CUDA, dtype)
+    head = RPQTiedHead(table)
+    ids = torch.randint(0, 5000, (4, 33), device=CUDA)
+    assert torch.equal(table(ids), torch.nn.functional.embedding(ids, table.dequantize()))
+    for tokens in (1, 300):
+        x = torch.randn(tokens, 256, device=CUDA, dtype=dtype)
+        assert rel_error(head(x), x.double() @ table.dequantize().double().T) < bound
+
+
+def test_converting_on_cuda_matches_converting_on_cpu_in_quality(arch):
+    on_gpu, on_cpu = tiny_model(arch), tiny_model(arch)
+    settings = dict(num_codebooks=8, codebook_size=16)
+    gpu_outcomes = convert_model(on_gpu, RPQSettings(**settings, device=CUDA), None).outcomes
+    cpu_outcomes = convert_model(on_cpu, RPQSettings(**settings), None).outcomes
+    gpu_error = sum(o.weight_error for o in gpu_outcomes if hasattr(o, "weight_error"))
+    cpu_error = sum(o.weight_error for o in cpu_outcomes if hasattr(o, "weight_error"))
+    assert gpu_error == pytest.approx(cpu_error, rel=0.05)
+    # The converted model stays where the original was (the CPU); only the fitting used the GPU.
+    assert all(p.device.type == "cpu" for p in on_gpu.parameters())
+
+
+def test_data_aware_budget_fit_on_cuda_matches_the_cpu_in_quality(tiny_folder):
+    from model_compress.rpq.pipeline import CalibrationOptions, compress_rpq
+
+    quick = CalibrationOptions(tokens=1024)
+    runs = {
+        device: compress_rpq(str(tiny_folder("llama")), None, RPQSettings(bits=4.0, device=torch.device(device)), calibration=quick)
+        for device in ("cuda", "cpu")
+    }
+    errors = {device: run.summary.output_error_mean for device, run in runs.items()}
+    assert errors["cuda"] == pytest.approx(errors["cpu"], rel=0.1), errors
+    assert all(p.device.type == "cpu" for p in runs["cuda"].model.parameters())
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float16, 5e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("codebook_size,codebook_dtype", [(16, "int8"), (300, None), (8, None)])
+def test_packed_layouts_on_cuda_take_the_torch_path(dtype, bound, codebook_size, codebook_dtype):
+    layer = filled(RPQLinear(576, 192, 192, codebook_size, codebook_dtype=codebook_dtype)).to(CUDA, dtype)
+    assert not layer.native
+    for tokens in (1, 64):
+        x = torch.randn(tokens, 576, device=CUDA, dtype=dtype)
+        ref = x.double() @ layer.dequantize().double().T + layer.bias.double()
+        assert rel_error(layer(x), ref) < bound
+
+
+def test_eval_on_cuda_times_with_events_and_reports_peak_memory(tiny_folder, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from model_compress.cli.app import app
+
+    from ..conftest import ENGLISH
+
+    text = tmp_path / "text.txt"
+    text.write_text(ENGLISH)
+    out = tmp_path / "rpq"
+    runner = CliRunner()
+    made = runner.invoke(app, ["rpq", str(tiny_folder("llama")), "-o", str(out), "-m", "8", "-k", "16", "--device", "cuda", "--calib-tokens", "1024"])
+    assert made.exit_code == 0, made.output
+    args = ["eval", str(out), "--device", "cuda", "--text", str(text), "--seq-len", "32", "--prompt-len", "32", "--new-tokens", "8", "--repeats", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "eval_report.json").read_text())
+    assert report["dtype"] == "float16" and report["device"]["type"] == "cuda"
+    for side in ("original", "compressed"):
+        latency = report[side]["latency"]
+        assert latency["timer"] == "cuda-events"
+        assert all(peak > 0 for peak in latency["peak_memory_bytes"].values())
+        assert report[side]["quality"]["peak_memory_bytes"] > 0
+    assert "peak memory, decode batch 16" in result.stdout
