@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import model_compress
 from model_compress.cli.app import app
 from model_compress.core.sources import DEFAULT_PACKAGE, default_source, load_model
-from model_compress.rpq.modules import RPQTiedHead
+from model_compress.rpq.layers.modules import RPQTiedHead
 
 from .conftest import real_model_folder
 

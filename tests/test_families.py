@@ -15,7 +15,7 @@ from model_compress.core.text import Text
 from model_compress.core.errors import UserError
 from model_compress.rpq import pipeline as rpq_pipeline
 from model_compress.rpq.convert import RPQSettings
-from model_compress.rpq.modules import RPQTiedHead
+from model_compress.rpq.layers.modules import RPQTiedHead
 from model_compress.rpq.pipeline import CalibrationOptions, compress_rpq
 from model_compress.fff import pipeline as fff_pipeline
 from model_compress.fff.distill import FFFSettings

@@ -32,7 +32,8 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "rpq"))  # its sibling benchmark folder
 from rpq_kernels import SHAPES, SMALL_SHAPES, Layers, graph_us
 
-from model_compress.rpq.kernels import forward as kernels, routes as triton_dispatch
+from model_compress.rpq.kernels import forward as kernels
+from model_compress.rpq.kernels.config import routes as triton_dispatch
 from model_compress.rpq.kernels import triton as tk
 
 

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from model_compress.rpq.kernels import forward as kernels, routes as triton_dispatch, triton as triton_kernels
+from model_compress.rpq.kernels import forward as kernels, triton as triton_kernels
+from model_compress.rpq.kernels.config import routes as triton_dispatch
 from model_compress.rpq.kernels.layout import code_bins
-from model_compress.rpq.kernels.routes import BINNED, DECODE, FUSED, GATHER, Route, TileConfig
+from model_compress.rpq.kernels.config.routes import BINNED, DECODE, FUSED, GATHER, Route, TileConfig
 
 SHAPES = [(2048, 2048), (2048, 8192), (8192, 2048)]
 SMALL_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]  # SmolLM2-135M, timed at one token

@@ -23,7 +23,7 @@ from model_compress.eval.graph_decode import graphed_decode
 from model_compress.eval.latency import release_device_memory
 from model_compress.core.sources import load_model, resolve_source
 from model_compress.rpq.kernels import triton as triton_kernels
-from model_compress.rpq.modules import RPQLinear
+from model_compress.rpq.layers.modules import RPQLinear
 from model_compress.core.sizes import model_bytes
 
 MB = 1e6

@@ -31,8 +31,8 @@ from .fit.sensitivity import output_sensitivities
 from .fit.stack import find_stack
 from .fit.statistics import count_tokens
 from .fit.defaults import DEFAULT_BITS, DEFAULT_ROUNDS, SENSITIVITY_WINDOWS, for_device
-from .direct_reads import weights_read_directly
-from .modules import KIND_CONV1D, KIND_EMBEDDING, KIND_LINEAR, KIND_TIED_HEAD, RPQEmbedding, build_rpq_module, embedding_needs_dense
+from .layers.direct_reads import weights_read_directly
+from .layers.modules import KIND_CONV1D, KIND_EMBEDDING, KIND_LINEAR, KIND_TIED_HEAD, RPQEmbedding, build_rpq_module, embedding_needs_dense
 from .kernels.layout import EMBEDDING, INT8, LINEAR, MAX_CODEBOOK_SIZE, dtype_name, pack_codes, split_dim
 
 DEFAULT_CODEBOOK_SIZE = 256  # with --codebooks: rpq-pytorch's K

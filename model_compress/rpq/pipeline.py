@@ -21,7 +21,7 @@ from .convert import Conversion, ConversionObserver, LayerResult, RPQSettings, c
 from .fit.calibration import CalibrationSet, calibration_set
 from .fit.finetune import FinetuneReport, FinetuneSettings, Teacher, finetune
 from .quantizer import RPQConfig, attach_quantizer
-from .modules import KIND_TIED_HEAD
+from .layers.modules import KIND_TIED_HEAD
 from .model_card import render_model_card
 from ..core.sizes import model_bytes, model_params
 from .fusions import apply_fusions

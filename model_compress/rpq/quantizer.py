@@ -20,7 +20,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..core.hf import LoaderOnlyQuantizer, mark_quantized, skip_dense_initialisation
 
-from .modules import KIND_TIED_HEAD, build_rpq_module
+from .layers.modules import KIND_TIED_HEAD, build_rpq_module
 from .fusions import apply_fusions
 
 QUANT_METHOD = "rpq"

@@ -59,21 +59,43 @@ def test_the_methods_are_found():
     assert METHODS == ["fff", "rpq"]
 
 
+def circle_in(graph: dict[str, set[str]]) -> list[str] | None:
+    """One circle of ``graph`` (a path that comes back to its start), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> list[str] | None:
+        state[name] = 1
+        for target in sorted(graph.get(name, ())):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state and (found := visit(target, path + [target])):
+                return found
+        state[name] = 2
+        return None
+
+    for name in sorted(graph):
+        if name not in state and (found := visit(name, [name])):
+            return found
+    return None
+
+
+def package_of(name: str) -> str:
+    """The package a module sits in (a package's ``__init__`` is the package itself)."""
+    return name if MODULES[name].name == "__init__.py" else name.rpartition(".")[0]
+
+
 def test_no_module_imports_in_a_circle():
-    seen: dict[str, int] = {}  # 1: on the current path, 2: done
+    circle = circle_in(GRAPH)
+    assert circle is None, " -> ".join(circle)
 
-    def visit(name: str, path: list[str]) -> None:
-        seen[name] = 1
-        for target in sorted(GRAPH[name]):
-            if seen.get(target) == 1:
-                pytest.fail("import circle: " + " -> ".join(path[path.index(target):] + [target]))
-            if target not in seen:
-                visit(target, path + [target])
-        seen[name] = 2
 
-    for name in sorted(GRAPH):
-        if name not in seen:
-            visit(name, [name])
+def test_no_package_imports_in_a_circle():
+    """Folders stack: a subpackage never imports the package above it, two siblings never import each other."""
+    packages: dict[str, set[str]] = {}
+    for name, targets in GRAPH.items():
+        packages.setdefault(package_of(name), set()).update(package_of(t) for t in targets if package_of(t) != package_of(name))
+    circle = circle_in(packages)
+    assert circle is None, " -> ".join(circle)
 
 
 @pytest.mark.parametrize(

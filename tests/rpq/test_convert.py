@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 import model_compress
 from model_compress.core.errors import UserError
 from model_compress.rpq.convert import LayerPlan, RPQSettings, convert_model, find_layers, nearest_divisor, plan_layers
-from model_compress.rpq.modules import RPQEmbedding, RPQLinear, RPQTiedHead
+from model_compress.rpq.layers.modules import RPQEmbedding, RPQLinear, RPQTiedHead
 from model_compress.rpq.pipeline import CalibrationOptions, compress_rpq
 
 from ..conftest import tiny_config, tiny_model

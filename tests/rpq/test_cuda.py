@@ -10,7 +10,7 @@ import torch
 
 from model_compress.rpq.convert import RPQSettings, convert_model
 from model_compress.rpq.fit.kmeans import kmeans
-from model_compress.rpq.modules import RPQEmbedding, RPQLinear, RPQTiedHead
+from model_compress.rpq.layers.modules import RPQEmbedding, RPQLinear, RPQTiedHead
 
 from ..conftest import filled, rel_error, tiny_model
 

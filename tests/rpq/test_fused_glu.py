@@ -7,7 +7,7 @@ from torch import nn
 
 from ..conftest import native_rpq, tiny_model
 from model_compress.rpq.kernels import forward as kernels
-from model_compress.rpq.kernels import options
+from model_compress.rpq.kernels.config import options
 from model_compress.rpq.fusions.glu import fuse_gated_mlps
 from model_compress.rpq.fusions.shared_input import group_shared_inputs
 

@@ -8,10 +8,10 @@ from torch import nn
 
 from ..conftest import native_rpq, tiny_model
 from model_compress.rpq.kernels import forward as kernels
-from model_compress.rpq.kernels import options
+from model_compress.rpq.kernels.config import options
 from model_compress.rpq.fusions.norm import DeferredNorm, defer_norms
-from model_compress.rpq.modules import RPQLinear
-from model_compress.rpq.kernels.norm_spec import LAYER_NORM, RMS_NORM
+from model_compress.rpq.layers.modules import RPQLinear
+from model_compress.rpq.kernels.config.norm_spec import LAYER_NORM, RMS_NORM
 from model_compress.rpq.fusions.shared_input import group_shared_inputs
 
 

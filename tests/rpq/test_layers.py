@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_compress.rpq.kernels import options
+from model_compress.rpq.kernels.config import options
 from model_compress.rpq.kernels import forward as kernels
-from model_compress.rpq.modules import RPQEmbedding, RPQLinear, RPQTiedHead, build_rpq_embedding
+from model_compress.rpq.layers.modules import RPQEmbedding, RPQLinear, RPQTiedHead, build_rpq_embedding
 from model_compress.rpq.kernels.layout import pack_codes, packed_width
 
 from ..conftest import filled, rel_error
@@ -124,7 +124,8 @@ def test_indices_are_packed_at_ceil_log2_k_bits(codebook_size, bits):
 
 
 def test_gpu_dispatch_routes_by_token_count_and_stays_off_on_cpu():
-    from model_compress.rpq.kernels import forward as kernels, routes as triton_dispatch
+    from model_compress.rpq.kernels import forward as kernels
+    from model_compress.rpq.kernels.config import routes as triton_dispatch
 
     assert kernels.gpu_kernels(torch.zeros(1)) is None  # CPU tensors always take the torch forms
     bounds = [chosen.max_tokens for chosen in triton_dispatch.ROUTES]
@@ -137,7 +138,7 @@ def test_gpu_dispatch_routes_by_token_count_and_stays_off_on_cpu():
 
 
 def test_tuned_routes_round_trip_through_a_file(tmp_path, monkeypatch):
-    from model_compress.rpq.kernels import routes as triton_dispatch
+    from model_compress.rpq.kernels.config import routes as triton_dispatch
 
     tuned = (
         triton_dispatch.Route(1, triton_dispatch.FUSED, triton_dispatch.TileConfig(1, 8, 256, 2, 4), max_weights=1000),
@@ -182,7 +183,8 @@ class _RecordingKernels:
 
 def test_one_token_route_depends_on_layer_size_and_bins_switch(monkeypatch):
     """Small layers take the small-layer one-token tile, larger ones (or a sibling group) the other; bins off: gather."""
-    from model_compress.rpq.kernels import forward as kernels, routes as triton_dispatch
+    from model_compress.rpq.kernels import forward as kernels
+    from model_compress.rpq.kernels.config import routes as triton_dispatch
 
     recorder = _RecordingKernels()
     monkeypatch.setattr(kernels, "gpu_kernels", lambda tensor: recorder)
@@ -217,7 +219,8 @@ def test_one_token_route_depends_on_layer_size_and_bins_switch(monkeypatch):
 @pytest.mark.parametrize("tokens", [2, 4, 16])
 def test_few_token_route_depends_on_layer_size(monkeypatch, tokens):
     """2-16 tokens: a SmolLM2-sized layer, one up to 2048 x 2048 and a larger one each take their class's gather tile."""
-    from model_compress.rpq.kernels import forward as kernels, routes as triton_dispatch
+    from model_compress.rpq.kernels import forward as kernels
+    from model_compress.rpq.kernels.config import routes as triton_dispatch
 
     recorder = _RecordingKernels()
     monkeypatch.setattr(kernels, "gpu_kernels", lambda tensor: recorder)
@@ -231,7 +234,7 @@ def test_few_token_route_depends_on_layer_size(monkeypatch, tokens):
 
 
 def test_whole_codebook_tiles_count_the_codebooks_a_tile_holds():
-    from model_compress.rpq.kernels.routes import heads_per_tile
+    from model_compress.rpq.kernels.config.routes import heads_per_tile
 
     assert heads_per_tile(256, 128) == 1 and heads_per_tile(64, 64) == 1  # inside one codebook
     assert heads_per_tile(64, 128) == 2 and heads_per_tile(8, 16) == 2
@@ -242,7 +245,8 @@ def test_whole_codebook_tiles_count_the_codebooks_a_tile_holds():
 
 def test_aligned_route_takes_decode_where_pieces_do_not_tile(monkeypatch):
     """A prompt-sized route of whole-codebook tiles runs the gather kernel on 64-wide pieces, decode + cuBLAS on 18-wide."""
-    from model_compress.rpq.kernels import forward as kernels, routes as triton_dispatch
+    from model_compress.rpq.kernels import forward as kernels
+    from model_compress.rpq.kernels.config import routes as triton_dispatch
 
     recorder = _RecordingKernels()
     monkeypatch.setattr(kernels, "gpu_kernels", lambda tensor: recorder)

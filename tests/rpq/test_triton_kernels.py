@@ -8,12 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_compress.rpq.kernels import options
-from model_compress.rpq.kernels import forward as kernels, routes as triton_dispatch
+from model_compress.rpq.kernels.config import options
+from model_compress.rpq.kernels import forward as kernels
+from model_compress.rpq.kernels.config import routes as triton_dispatch
 from model_compress.rpq.fusions.norm import defer_norms
-from model_compress.rpq.modules import RPQEmbedding, RPQLinear
+from model_compress.rpq.layers.modules import RPQEmbedding, RPQLinear
 from model_compress.rpq.kernels.layout import code_bins
-from model_compress.rpq.kernels.norm_spec import LAYER_NORM, RMS_NORM, NormSpec
+from model_compress.rpq.kernels.config.norm_spec import LAYER_NORM, RMS_NORM, NormSpec
 
 from ..conftest import filled, native_rpq, rel_error, tiny_model
 
@@ -407,7 +408,7 @@ def test_grouped_siblings_decode_one_token_like_the_reference(arch, deferred_nor
 
 def test_one_token_without_bins_reads_the_codes_and_matches_the_reference(monkeypatch):
     """Bins off (MODEL_COMPRESS_RPQ_BINS=0): one-token steps take the gather tile, no layer makes code bins, logits as the torch path."""
-    from model_compress.rpq.modules import RPQLinear
+    from model_compress.rpq.layers.modules import RPQLinear
 
     model = tiny_model("opt").to(CUDA, torch.float16).eval()
     native_rpq(model)  # K = 256 and a byte per code: the form the fused paths run (convert_model keeps tiny layers dense)

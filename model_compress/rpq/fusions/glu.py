@@ -19,8 +19,8 @@ import functools
 
 from torch import Tensor, nn
 
-from ..modules import RPQLinear
-from ..kernels import options
+from ..layers.modules import RPQLinear
+from ..kernels.config import options
 
 GATED_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP")  # forward: down_proj(act_fn(gate_proj(x)) * up_proj(x))
 SILU_CLASSES = ("SiLU", "SiLUActivation")  # torch's and transformers' (``ACT2FN["silu"]``)

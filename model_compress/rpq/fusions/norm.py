@@ -24,9 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels import forward as kernels
-from ..modules import RPQLinear
-from ..kernels.norm_spec import LAYER_NORM, RMS_NORM, NormSpec
-from ..kernels import options
+from ..layers.modules import RPQLinear
+from ..kernels.config.norm_spec import LAYER_NORM, RMS_NORM, NormSpec
+from ..kernels.config import options
 
 # Decoder layers (class names) whose pre-norms feed only RPQ-able projections: norm -> consumer attribute paths.
 PRE_NORM_LAYERS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {

@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..kernels import forward as kernels
-from ..modules import RPQLinear
+from ..layers.modules import RPQLinear
 
 SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("gate_proj", "up_proj"))
 

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import routes as triton_dispatch
+from .config import routes as triton_dispatch
 from .layout import EMBEDDING, LINEAR, code_scores, decode, lookup
-from .norm_spec import NormedInputLike, NormSpec
-from . import options
+from .config.norm_spec import NormedInputLike, NormSpec
+from .config import options
 
 # The histogram form costs about tokens * M * in scatter-adds, decoding the weight about out * in
 # gathers at twice the price each; so it wins while tokens < 2 * out / M = 2 * D. Measured on the

@@ -9,8 +9,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ..norm_spec import NormSpec
-from ..routes import BINNED, TileConfig
+from ..config.norm_spec import NormSpec
+from ..config.routes import BINNED, TileConfig
 from .common import INTERPRETED, _cdiv, _hopper_or_later, _next_power_of_2, _prefetch_codebook_slice, _prefetch_l2, _rows
 
 

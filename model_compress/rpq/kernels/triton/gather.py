@@ -9,7 +9,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ..routes import TileConfig, heads_per_tile
+from ..config.routes import TileConfig, heads_per_tile
 from .common import INTERPRETED, _cdiv, _hopper_or_later, _next_power_of_2, _prefetch_codebook_slice, _prefetch_l2, _rows, tile_counters
 
 

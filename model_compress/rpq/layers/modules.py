@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from .direct_reads import own_forward_sources
-from .kernels import forward as kernels
-from .kernels.layout import CODEBOOK_DTYPES, EMBEDDING, INT8, LINEAR, code_bins, code_bits, decode, dtype_name, packed_width, unpack_codes
+from ..kernels import forward as kernels
+from ..kernels.layout import CODEBOOK_DTYPES, EMBEDDING, INT8, LINEAR, code_bins, code_bits, decode, dtype_name, packed_width, unpack_codes
 
 
 def _register_codes(
