@@ -19,7 +19,7 @@ from ..core.text import Text
 from ..core.errors import UserError
 from ..core.sources import MINILM, ModelSource, context_length, empty_model, load_config, load_model, resolve_source
 from ..core.sizes import model_bytes, model_params
-from .blocks import dense_weights, find_blocks, install_tree, intermediate_size, refuse_unsupported, select_blocks
+from .blocks import Block, dense_weights, find_blocks, install_tree, intermediate_size, refuse_unsupported, select_blocks
 from .capture import calibration_windows, record_blocks
 from .distill import BlockResult, FFFSettings, check_depth, distill_end_to_end, fit_block, validate_settings
 from .quantizer import FFFConfig, attach_fff, tree_spec
@@ -73,13 +73,13 @@ def distill_fff(
         check_output_folder(out, force)
     validate_settings(settings)
     source = resolve_source(model, MINILM)
-    check_blocks(empty_model_of(source), settings)  # from the config alone: before the weights load
+    # from the config alone, before the weights load: the blocks are named, so the loaded model has the same ones
+    blocks = check_blocks(empty_model_of(source), settings)
     network, tokenizer = load_model(source)
     if tokenizer is None:
         raise UserError(f"'{source.label}' has no tokenizer, which the calibration text needs")
     if on_loaded is not None:
         on_loaded(source)
-    blocks = check_blocks(network, settings)
     saved_dtype = next(network.parameters()).dtype
     params, original_bytes = model_params(network), model_bytes(network)
     # nn.Module.to, not the model's own: transformers refuses .float() on a GGUF-loaded (dequantized) model
@@ -141,7 +141,7 @@ def empty_model_of(source: ModelSource) -> nn.Module:
     return empty_model(config)
 
 
-def check_blocks(network: nn.Module, settings: FFFSettings) -> list:
+def check_blocks(network: nn.Module, settings: FFFSettings) -> list[Block]:
     """The blocks ``settings.layers`` selects, each checked to be deep enough for ``settings.depth``."""
     blocks = select_blocks(find_blocks(network), settings.layers)
     for block in blocks:
