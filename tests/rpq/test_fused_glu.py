@@ -44,7 +44,7 @@ def test_fused_mlp_hands_gate_and_up_to_down_proj(monkeypatch):
         expected = mlp.down_proj(nn.functional.silu(gate) * up)
     calls = []
 
-    def fake(gate_in, up_in, codebooks, bias, bins):
+    def fake(gate_in, up_in, codebooks, bias, bins, routes=None):
         calls.append((gate_in, up_in, codebooks))
         return torch.full((1, 1, mlp.down_proj.out_features), 7.0)
 
@@ -61,7 +61,7 @@ def test_fused_mlp_hands_gate_and_up_to_down_proj(monkeypatch):
     handle.remove()
     assert len(calls) == 1 and torch.allclose(hooked, expected)
 
-    monkeypatch.setattr(kernels, "gated_linear_forward", lambda *args: None)  # route does not apply
+    monkeypatch.setattr(kernels, "gated_linear_forward", lambda *args, **kwargs: None)  # route does not apply
     with torch.no_grad():
         assert torch.allclose(mlp(x), expected)
 

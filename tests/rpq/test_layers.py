@@ -303,7 +303,7 @@ def test_shared_input_group_serves_siblings_from_one_computation(monkeypatch):
 
     calls = []
 
-    def fake_group_forward(x, members, norm=None):  # what the GPU's one launch computes, in plain torch
+    def fake_group_forward(x, members, norm=None, routes=None):  # what the GPU's one launch computes, in plain torch
         calls.append(len(members))
         return [kernels.linear_reference(x, cb, bins_owner_indices[id(cb)], bias) for cb, _, bias in members]
 
@@ -355,3 +355,24 @@ def test_a_layers_route_is_chosen_once_per_token_count_and_kept(monkeypatch):
     layer(torch.zeros(1, 64))
     layer(torch.zeros(1, 64))
     assert len(layer.__dict__["_routes"]) == 1
+
+
+def test_a_groups_route_is_chosen_once_per_token_count_and_kept(monkeypatch):
+    """q/k/v in one launch and the gated down_proj ask the route table once per count too, and keep a miss as a miss."""
+    from model_compress.rpq.kernels import forward as kernels
+
+    recorder = _RecordingKernels()
+    monkeypatch.setattr(kernels, "gpu_kernels", lambda tensor: recorder)
+    asked = []
+    choose = kernels.choose_group_route
+    monkeypatch.setattr(kernels, "choose_group_route", lambda *args: asked.append(args[0]) or choose(*args))
+    bins = lambda: (torch.zeros(1), torch.zeros(1))
+    members, routes = [(torch.zeros(4, 16, 16), bins, None)] * 3, {}
+    for tokens in (1, 1, 40, 40, 1):
+        outputs = kernels.linear_group_forward(torch.zeros(tokens, 64), members, routes=routes)
+        assert (outputs is None) == (tokens == 40)  # many tokens: no one-launch route, each layer runs alone
+    assert asked == [1, 40] and recorder.calls == [("binned group", recorder.calls[0][1])] * 3
+    gated_routes = {}
+    for _ in range(2):
+        kernels.gated_linear_forward(torch.zeros(1, 64), torch.zeros(1, 64), members[0][0], None, bins, gated_routes)
+    assert asked == [1, 40, 1] and len(gated_routes) == 1

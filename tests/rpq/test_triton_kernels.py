@@ -398,7 +398,7 @@ def test_grouped_siblings_decode_one_token_like_the_reference(arch, deferred_nor
         assert defer_norms(model) == 2 * model.config.num_hidden_layers
     launches = []
     group_forward = kernels.linear_group_forward
-    monkeypatch.setattr(kernels, "linear_group_forward", lambda x, members, *norm: launches.append(len(members)) or group_forward(x, members, *norm))
+    monkeypatch.setattr(kernels, "linear_group_forward", lambda x, members, *norm, **kw: launches.append(len(members)) or group_forward(x, members, *norm, **kw))
     ids = torch.randint(0, model.config.vocab_size, (1, 1), device=CUDA)
     with torch.inference_mode():
         fast = model(ids).logits

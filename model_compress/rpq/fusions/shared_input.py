@@ -27,6 +27,7 @@ class SharedInputGroup:
         self._input: Tensor | None = None
         self._version: int | None = None
         self._pending: dict[int, Tensor] = {}
+        self._routes: dict = {}  # the group's route per token count, chosen on its first call
 
     def output(self, member: RPQLinear, x: Tensor) -> Tensor | None:
         """``member(x)`` if the group can give it (kept from a call on the same tensor, or computed now for all)."""
@@ -38,7 +39,8 @@ class SharedInputGroup:
         if len(norms) > 1:
             return None  # members behind different norms (or only some behind one): each computes alone
         members = [(m.codebooks, m.code_bins, m.bias if n is None else n.fused_bias) for m, n in zip(self.members, normed)]
-        outputs = kernels.linear_group_forward(x, members, None if normed[0] is None else normed[0].norm.spec)
+        norm = None if normed[0] is None else normed[0].norm.spec
+        outputs = kernels.linear_group_forward(x, members, norm, routes=self._routes)
         if outputs is None:
             return None
         self._input, self._version = x, _version(x)

@@ -9,10 +9,11 @@ The reference decodes the weight and calls ``F.linear``. The faster forms never 
 * Tied head (logits against an RPQ embedding table): ``x_h @ codebooks[h]^T`` scores every code of
   codebook h once; each vocabulary row then sums the scores of its M codes.
 
-On CUDA with Triton installed, the same three entry points run the Triton kernels of
-``triton_kernels`` instead, routed by token count through the table in ``triton_dispatch`` that
-was measured on the device. Everything else (CPU, no Triton, ``MODEL_COMPRESS_TRITON=0``) takes the
-torch forms here, which are also what the kernels are tested against.
+On CUDA with Triton installed, the same entry points run the Triton kernels of ``kernels/triton/``
+instead, routed by token count through the table in ``config/routes.py`` that was measured on the
+device; each layer (or group of layers) keeps the route it was given per token count. Everything else
+(CPU, no Triton, the ``triton`` option off) takes the torch forms here, which are also what the kernels
+are tested against.
 """
 
 from __future__ import annotations
@@ -162,15 +163,28 @@ def linear_torch(x: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | Non
 
 
 def gated_linear_forward(
-    gate: Tensor, up: Tensor, codebooks: Tensor, bias: Tensor | None, bins: Callable[[], tuple[Tensor, Tensor]]
+    gate: Tensor,
+    up: Tensor,
+    codebooks: Tensor,
+    bias: Tensor | None,
+    bins: Callable[[], tuple[Tensor, Tensor]],
+    routes: dict | None = None,
 ) -> Tensor | None:
     """The layer applied to silu(gate) * up in one binned launch (``fused_glu``); None where that route does not apply.
 
     Only on CUDA with Triton, for token counts routed to the binned kernel; the caller forms the
-    product itself everywhere else.
+    product itself everywhere else. ``routes``: the layer's store of chosen routes, as for ``linear_forward``.
     """
-    outputs = linear_group_forward(gate, [(codebooks, bins, bias)], up=up)
+    outputs = linear_group_forward(gate, [(codebooks, bins, bias)], up=up, routes=routes)
     return None if outputs is None else outputs[0]
+
+
+def choose_group_route(tokens: int, codebooks: Tensor, in_features: int, members: int, triton_kernels) -> LinearRoute | None:
+    """The binned route for ``members`` same-shape layers in one launch, or None where one launch does not apply."""
+    if triton_kernels is None or members > triton_kernels.MAX_GROUP:
+        return None
+    chosen = triton_dispatch.route(tokens, members * _weights(codebooks, in_features))
+    return LinearRoute(BINNED_ROUTE, chosen.tile) if _takes_binned(triton_kernels, chosen, codebooks) else None
 
 
 def linear_group_forward(
@@ -178,19 +192,26 @@ def linear_group_forward(
     members: list[tuple[Tensor, Callable[[], tuple[Tensor, Tensor]], Tensor | None]],
     norm: NormSpec | None = None,
     up: Tensor | None = None,
+    routes: dict | None = None,
 ) -> list[Tensor] | None:
     """Several RPQ Linears of one shape on the same ``x`` in one binned launch; None where that route does not apply.
 
     ``members``: (codebooks, bins callable, bias) each. Only on CUDA with Triton, for token counts
     routed to the binned kernel; everywhere else each layer runs its own forward. ``norm``: x is
     that norm's input, applied in the kernel (the biases must hold its W beta). ``up``: the input
-    is silu(x) * up.
+    is silu(x) * up. ``routes``: the group's store of chosen routes (a call with a token count seen
+    before, on the same device under the same options, takes its route from there).
     """
     triton_kernels = gpu_kernels(x)
-    if triton_kernels is None or len(members) > triton_kernels.MAX_GROUP:
-        return None
-    chosen = triton_dispatch.route(x.numel() // x.shape[-1], len(members) * _weights(members[0][0], x.shape[-1]))
-    if not _takes_binned(triton_kernels, chosen, members[0][0]):
+    tokens = x.numel() // x.shape[-1]
+    key = ("group", len(members), tokens, x.device, members[0][0].dtype, options.current())
+    if routes is not None and key in routes:
+        chosen = routes[key]
+    else:
+        chosen = choose_group_route(tokens, members[0][0], x.shape[-1], len(members), triton_kernels)
+        if routes is not None:
+            routes[key] = chosen
+    if chosen is None:
         return None
     return triton_kernels.linear_binned_group(x, [(cb, bins(), bias) for cb, bins, bias in members], chosen.tile, norm, up=up)
 

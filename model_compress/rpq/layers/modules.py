@@ -153,12 +153,15 @@ class RPQLinear(_Codes, nn.Module):
             if out is not None:
                 return out
         norm = self.__dict__.get("_normed_input")  # fused_norm.NormedInput: x is the input of the norm before us
-        routes = self.__dict__.setdefault("_routes", {})  # (tokens, device, dtype, options) -> the route chosen
-        return kernels.linear_forward(x, self.codebooks, self.indices, self.bias, self.code_bins, norm, routes)
+        return kernels.linear_forward(x, self.codebooks, self.indices, self.bias, self.code_bins, norm, self._route_store())
 
     def gated_forward(self, gate: Tensor, up: Tensor) -> Tensor | None:
         """``self(silu(gate) * up)`` in one kernel where the one-token binned route applies, else None (``fused_glu``)."""
-        return kernels.gated_linear_forward(gate, up, self.codebooks, self.bias, self.code_bins)
+        return kernels.gated_linear_forward(gate, up, self.codebooks, self.bias, self.code_bins, self._route_store())
+
+    def _route_store(self) -> dict:
+        """The routes this layer was given: (token count, device, dtype, options) -> route; never saved."""
+        return self.__dict__.setdefault("_routes", {})
 
     def extra_repr(self) -> str:
         return (
