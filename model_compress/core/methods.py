@@ -2,7 +2,8 @@
 
 Each method (a folder beside ``core``: ``rpq``, ``fff``) has a ``method.py`` that builds its ``Method``
 and calls ``register``. ``load_methods`` imports every such module once (the package does it on import),
-so a new method is one new folder: nothing in ``core``, ``eval`` or ``cli`` names it.
+so a new method is one new folder: nothing in ``core``, ``eval`` or ``cli`` names it, and its
+``command`` module brings its `compress` subcommand.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class Method:
     summary_table: Callable[[dict], tuple[Any, list, list[str]]]  # report summary -> (header, rows, lines under it)
     release_workspaces: Callable[[], None] | None = None  # memory a method keeps between calls, freed between models
     ff_timing_spans: Callable[[nn.Module], list[tuple[nn.Module, nn.Module]]] | None = None  # FF blocks, to time them
+    command: str | None = None  # the module whose add_command(app) puts the method's CLI command on `compress`
+    rank: int = 100  # where that command is listed in `compress --help`, lower first
 
 
 _METHODS: dict[str, Method] = {}
@@ -57,6 +60,11 @@ def load_methods() -> None:
 
 def names() -> tuple[str, ...]:
     return tuple(_METHODS)
+
+
+def registered() -> list[Method]:
+    """Every registered method, by rank (then name)."""
+    return sorted(_METHODS.values(), key=lambda method: (method.rank, method.name))
 
 
 def method_of(section: dict) -> Method:

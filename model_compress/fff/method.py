@@ -41,4 +41,5 @@ def summary_table(summary: dict):
 register(Method(
     name=QUANT_METHOD, title="FFF distillation", config_class=FFFConfig, quantizer_class=FFFHfQuantizer,
     check_tensors=check_tensors, describe=describe, summary_table=summary_table, ff_timing_spans=timing_spans,
+    command=f"{__package__}.command", rank=10,
 ))

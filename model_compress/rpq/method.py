@@ -58,4 +58,5 @@ def release_workspaces() -> None:
 register(Method(
     name=QUANT_METHOD, title="RPQ conversion", config_class=RPQConfig, quantizer_class=RPQHfQuantizer,
     check_tensors=check_tensors, describe=describe, summary_table=summary_table, release_workspaces=release_workspaces,
+    command=f"{__package__}.command", rank=0,
 ))

@@ -1,0 +1,114 @@
+"""What every command shares on the terminal: the consoles, one-line errors, progress, tables.
+
+Each command (the methods' own in ``<method>/command.py``, eval and inspect in ``cli``) builds on these,
+so a new method adds its command without touching the CLI package.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import UserError
+
+console = Console()
+if not console.is_terminal:  # a log file or pipe: do not squeeze the table into 80 columns
+    console = Console(width=200)
+status_console = Console(stderr=True)
+
+
+Debug = Annotated[bool, typer.Option("--debug", help="On an unexpected failure, print the full traceback instead of one line.")]
+
+
+def reports_user_errors(command):
+    """Turn UserError (and Ctrl-C) into one stderr line and a non-zero exit, never a traceback.
+
+    Any other exception (a model's own code failing inside a forward, say) is one line too, naming the
+    module that raised it; the command's ``--debug`` shows the whole traceback instead.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: nothing was written", err=True)
+            raise typer.Exit(130) from None
+        except Exception as error:  # noqa: BLE001 - the one place every unexpected failure is turned into a line
+            if kwargs.get("debug"):
+                raise
+            from .failures import describe_failure
+
+            typer.echo(f"error: {describe_failure(error)}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def print_table_and_lines(title: str, header, rows, lines: list[str]) -> None:
+    """A method's end-of-run table, then the totals lines under it."""
+    console.print(rows_table(title, header, rows))
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
+
+
+def rows_table(title: str, header, rows) -> Table:
+    """A Rich table: the first column left-aligned (names), the figures right-aligned."""
+    table = Table(title=title, title_justify="left")
+    for index, column in enumerate(header):
+        table.add_column(column, justify="left" if index == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+class RichStageProgress:
+    """One Rich progress line per stage (implements EvalObserver and DistillObserver)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task = None
+
+    def stage(self, description: str, total: int | None) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(description, total=total)
+
+    def advance(self, amount: int = 1) -> None:
+        self.progress.advance(self.task, amount)
+
+    def block_finished(self, result) -> None:
+        self.progress.console.print(
+            f"{result.name}: relative error {result.init_error:.3f} -> {result.final_error:.3f} ({result.seconds:.1f} s)",
+            highlight=False,
+        )
+
+
+def progress_columns() -> tuple:
+    return (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+
+
+def quiet_transformers() -> None:
+    """transformers' own progress bars and advisory warnings would drown ours (CLI only).
+
+    The GGUF loader draws a plain tqdm bar, which transformers' switch does not reach, and tqdm
+    reads TQDM_DISABLE only when it is first imported (already done by then): so the default is
+    changed the way tqdm itself applies that variable.
+    """
+    from tqdm import std
+
+    import transformers
+
+    if not getattr(std.tqdm.__init__, "_quieted_by_compress", False):
+        std.tqdm.__init__ = functools.partialmethod(std.tqdm.__init__, disable=True)
+        std.tqdm.__init__._quieted_by_compress = True
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

@@ -1,0 +1,67 @@
+"""`compress fff-distill`: its options, its progress on the terminal and its end-of-run table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import Progress
+
+from ..core.terminal import Debug, RichStageProgress, console, print_table_and_lines, progress_columns, quiet_transformers, reports_user_errors, status_console
+
+
+def add_command(app: typer.Typer) -> None:
+    """Put ``compress fff-distill`` on the app."""
+    app.command("fff-distill")(fff_distill)
+
+
+@reports_user_errors
+def fff_distill(
+    model: Annotated[
+        Optional[str],
+        typer.Argument(help="Hub id, local model folder or .gguf file. Omit it for the embedded default (all-MiniLM-L6-v2)."),
+    ] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the distilled checkpoint to.")] = ...,
+    depth: Annotated[int, typer.Option(help="Tree depth: 2**depth leaves, depth routers per token.")] = 3,
+    leaf_width: Annotated[Optional[int], typer.Option(help="Neurons per leaf (default: the block's width / 2**depth, keeping every neuron).")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="FF blocks to convert, by layer index: 0-11, 0-3,6 (default: all).")] = None,
+    calib: Annotated[Optional[Path], typer.Option(help="A UTF-8 .txt file to calibrate on (default: the packaged calibration samples, web pages, code and several languages; never the eval text).")] = None,
+    calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to record (10% are held out to measure the error).")] = 32768,
+    seq_len: Annotated[int, typer.Option(help="Calibration window length in tokens.")] = 512,
+    steps: Annotated[int, typer.Option(help="Training steps per block.")] = 400,
+    batch_tokens: Annotated[int, typer.Option(help="Tokens per training step.")] = 1024,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate of the per-block training.")] = 1e-3,
+    e2e_steps: Annotated[int, typer.Option(help="Steps of end-to-end distillation on the original's outputs afterwards (0: none).")] = 0,
+    e2e_lr: Annotated[float, typer.Option(help="Learning rate of the end-to-end distillation.")] = 1e-5,
+    device: Annotated[str, typer.Option(help="Where recording and training run: auto, cpu, cuda, cuda:N.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the initialisation and the training batches.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Replace feed-forward blocks by Fast FeedForward trees distilled from them (one leaf per token at inference)."""
+    from ..core.text import calibration_text
+    from ..core.sources import parse_device
+    from .distill import FFFSettings
+    from .pipeline import distill_fff
+
+    settings = FFFSettings(
+        depth=depth, leaf_width=leaf_width, layers=layers, steps=steps, batch_tokens=batch_tokens, lr=lr,
+        calib_tokens=calib_tokens, seq_len=seq_len, e2e_steps=e2e_steps, e2e_lr=e2e_lr, seed=seed, device=parse_device(device),
+    )
+    text = calibration_text(calib)
+    quiet_transformers()
+    with Progress(*progress_columns(), console=status_console, transient=True) as progress:
+        loading = progress.add_task(f"loading {model or 'the embedded default (all-MiniLM-L6-v2)'}", total=None)
+        run = distill_fff(
+            model, output, settings, text, force=force, observer=RichStageProgress(progress),
+            on_loaded=lambda source: progress.remove_task(loading),
+        )
+    from .summary import table_rows, totals_lines
+
+    print_table_and_lines("FFF distillation", *table_rows(run.summary), totals_lines(run.summary))
+    console.print(
+        f"source {run.source.label}, depth {depth}, on {settings.device}, {run.summary.seconds:.1f} s; saved to {run.output}",
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -1,0 +1,176 @@
+"""`compress rpq`: its options, its progress on the terminal, its end-of-run table and warnings."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import Progress
+
+from ..core.terminal import Debug, console, print_table_and_lines, progress_columns, quiet_transformers, reports_user_errors, status_console
+from .fit.defaults import CALIBRATION_TOKENS, DEFAULT_BITS, DEFAULT_ROUNDS, FINETUNE_STEPS
+
+
+def add_command(app: typer.Typer) -> None:
+    """Put ``compress rpq`` on the app."""
+    app.command("rpq")(rpq)
+
+
+class RichConversionProgress:
+    """Progress of a conversion: measuring candidates per block, fitting per layer, fine-tuning per step.
+
+    On a terminal, Rich bars; elsewhere (a log file, CI) a plain line per block measured and, at most
+    every LOG_SECONDS, one for fitting and fine-tuning, each with the elapsed time.
+    """
+
+    LOG_SECONDS = 10.0
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+        self.total = 0
+        self.done = 0
+        self.start = time.monotonic()
+        self.logged = -self.LOG_SECONDS
+
+    def _task(self, key: str, description: str, total: int) -> int:
+        if key not in self.tasks:
+            self.tasks[key] = self.progress.add_task(description, total=total)
+        return self.tasks[key]
+
+    def _log(self, text: str, always: bool = False) -> None:
+        if self.progress.console.is_terminal:
+            return
+        now = time.monotonic()
+        if always or now - self.logged >= self.LOG_SECONDS:
+            self.logged = now
+            self.progress.console.print(f"[{now - self.start:6.0f} s] {text}", highlight=False, soft_wrap=True)
+
+    def started(self, plans) -> None:
+        self.total = sum(plan.converted for plan in plans)
+
+    def measuring(self, done: int, total: int) -> None:
+        self.progress.update(self._task("measure", "measuring candidate formats per block", total), completed=done)
+        self._log(f"measuring candidate formats: block {done} of {total}", always=True)
+
+    def layer_started(self, plan) -> None:
+        self.progress.update(self._task("fit", "fitting", self.total), description=f"fitting {plan.layer.name}")
+        self._log(f"fitting {plan.layer.name}: layer {self.done + 1} of {self.total}")
+
+    def layer_finished(self, result) -> None:
+        self.done += 1
+        self.progress.advance(self._task("fit", "fitting", self.total))
+
+    def finetune_step(self, step: int, total: int) -> None:
+        self.progress.update(self._task("finetune", "fine-tuning codebooks", total), completed=step)
+        self._log(f"fine-tuning: step {step} of {total}", always=step == total)
+
+
+@reports_user_errors
+def rpq(
+    model: Annotated[
+        Optional[str],
+        typer.Argument(help="Hub id, local model folder or .gguf file. Omit it for the embedded default (SmolLM2-135M)."),
+    ] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the compressed checkpoint to.")] = ...,
+    bits: Annotated[
+        Optional[float],
+        typer.Option(help=f"Bit budget per converted weight (codes, codebooks and scales counted); formats chosen per layer. Default {DEFAULT_BITS:g}."),
+    ] = None,
+    codebooks: Annotated[Optional[int], typer.Option("--codebooks", "-m", help="Fixed M for every layer: codebooks per layer (pieces each weight column is cut into). Instead of --bits.")] = None,
+    codebook_size: Annotated[Optional[int], typer.Option("--codebook-size", "-k", help="Fixed K for every layer: codes per codebook (2-65536; default 256 with --codebooks). Instead of --bits.")] = None,
+    codebook_bits: Annotated[Optional[int], typer.Option(help="Codebook storage: 8 (int8 + one scale per codebook) or 16. Default: chosen per layer with --bits, the model's dtype with --codebooks.")] = None,
+    calib: Annotated[
+        Optional[str],
+        typer.Option(help="UTF-8 text file to calibrate on (default: the packaged calibration samples, web pages, code and several languages; never the eval text), or 'none' to fit the weights alone."),
+    ] = None,
+    calib_tokens: Annotated[Optional[int], typer.Option(help=f"Calibration tokens (default: {CALIBRATION_TOKENS['cuda']:,} on CUDA, {CALIBRATION_TOKENS['cpu']:,} on a CPU; capped by the text). A tenth is held out.")] = None,
+    calib_seq_len: Annotated[Optional[int], typer.Option(help="Calibration window in tokens (default: min(2048, the model's context)).")] = None,
+    finetune_steps: Annotated[Optional[int], typer.Option(help=f"End-to-end fine-tuning steps on KL to the original, codes fixed (default: {FINETUNE_STEPS['cuda']} on CUDA, {FINETUNE_STEPS['cpu']} on a CPU).")] = None,
+    finetune_lr: Annotated[float, typer.Option(help="Adam learning rate of the fine-tuning.")] = 1e-4,
+    rounds: Annotated[
+        Optional[int], typer.Option(help=f"Most rounds of code sweep + codebook refit per layer (default: {DEFAULT_ROUNDS['cuda']} on CUDA, {DEFAULT_ROUNDS['cpu']} on a CPU).")
+    ] = None,
+    skip: Annotated[
+        Optional[list[str]],
+        typer.Option("--skip", help="Leave matching layers dense: a glob on the full name, or a name's last part (lm_head). Repeatable."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="Where calibration, fitting and fine-tuning run: auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Model dtype: auto (the checkpoint's), float32, float16, bfloat16.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of k-means and fine-tuning; the same seed gives the same codes.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Reverse product quantization: every Linear / Embedding / Conv1D weight becomes codebooks + packed codes, fitted on calibration text."""
+    from ..core.sources import parse_device, parse_dtype
+    from .convert import RPQSettings
+    from .fit.finetune import FinetuneSettings
+    from .pipeline import CalibrationOptions, compress_rpq, default_finetune_steps
+
+    target = parse_device(device)
+    settings = RPQSettings(
+        bits=bits, num_codebooks=codebooks, codebook_size=codebook_size, codebook_bits=codebook_bits,
+        skip=list(skip or []), rounds=rounds, seed=seed, device=target,
+    )
+    no_calibration = calib is not None and calib.lower() == "none"
+    calibration = CalibrationOptions(
+        enabled=not no_calibration, text=None if calib is None or no_calibration else Path(calib),
+        tokens=calib_tokens, seq_len=calib_seq_len,
+    )
+    steps = finetune_steps if finetune_steps is not None else (default_finetune_steps(target) if not no_calibration else 0)
+    finetuning = FinetuneSettings(steps=steps, lr=finetune_lr, seed=seed)
+    torch_dtype = parse_dtype(dtype)
+    quiet_transformers()
+    with Progress(*progress_columns(), console=status_console, transient=True) as progress:
+        loading = progress.add_task(f"loading {model or 'the embedded default (SmolLM2-135M)'}", total=None)
+        observer = RichConversionProgress(progress)
+        run = compress_rpq(
+            model,
+            output,
+            settings,
+            calibration=calibration,
+            finetuning=finetuning,
+            dtype=torch_dtype,
+            force=force,
+            observer=observer,
+            on_loaded=lambda source: progress.remove_task(loading),
+            on_finetune_step=observer.finetune_step,
+        )
+    from .summary import table_rows, totals_lines
+
+    print_table_and_lines("RPQ conversion", *table_rows(run.summary), totals_lines(run.summary))
+    for warning in quality_warnings(run):
+        console.print(f"warning: {warning}", style="yellow", highlight=False, soft_wrap=True)
+    what = f"--bits {settings.budget:g}" if not settings.fixed else f"M={run.config.num_codebooks}, K={run.config.codebook_size}"
+    console.print(
+        f"source {run.source.label}, {what}, fitted on {settings.device}, {run.summary.seconds:.1f} s; saved to {run.output}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def quality_warnings(run) -> list[str]:
+    """Plain words where the measured errors say the model lost much of its quality, with the --bits that would not."""
+    from .summary import HIGH_OUTPUT_ERROR, HIGH_WEIGHT_ERROR
+
+    summary = run.summary
+    output_error = summary.output_error_mean
+    if output_error is not None and output_error <= HIGH_OUTPUT_ERROR:
+        return []
+    if output_error is None and summary.error_mean <= HIGH_WEIGHT_ERROR:
+        return []
+    measured = (
+        f"mean relative output error {output_error:.3f} per layer" if output_error is not None
+        else f"mean relative weight error {summary.error_mean:.2f} per layer (no calibration data)"
+    )
+    allocation = run.conversion.allocation
+    suggestion = allocation.usable_bits(HIGH_OUTPUT_ERROR) if allocation is not None else None
+    if suggestion is not None:
+        advice = f"--bits {suggestion:g} keeps the measured error under {HIGH_OUTPUT_ERROR:g}"
+    elif output_error is not None:
+        advice = f"no format measured near this budget keeps it under {HIGH_OUTPUT_ERROR:g}: raise --bits, or --skip the worst layers"
+    else:
+        advice = f"use --bits (default {DEFAULT_BITS:g}) with calibration text, or raise it"
+    return [f"{measured}: expect a large loss of quality; {advice}"]
