@@ -92,7 +92,7 @@ class Route:
 TINY_LAYER = 1536 * 576
 SMALL_LAYER = 2048 * 2048
 ROUTES: tuple[Route, ...] = (
-    # One token: x's row loaded whole and gathered on chip (local_x) won every class (sixth round, H100).
+    # One token: x's row loaded whole and gathered on chip (local_x) won every class (H100).
     Route(1, FUSED, TileConfig(1, 16, 1024, num_warps=4, num_stages=3, kind=BINNED, prefetch=True, pdl=True, local_x=True), max_weights=TINY_LAYER),
     Route(1, FUSED, TileConfig(1, 16, 1024, num_warps=2, num_stages=3, kind=BINNED, prefetch=True, pdl=True, local_x=True), max_weights=SMALL_LAYER),
     Route(1, FUSED, TileConfig(1, 16, 1024, num_warps=4, num_stages=3, kind=BINNED, pdl=True, local_x=True)),
