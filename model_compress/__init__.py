@@ -7,11 +7,11 @@ transformers, so that
 
 from __future__ import annotations
 
-from .core.checkpoint import load
+from .core.checkpoint import load, load_original
 from .core.errors import UserError
 from .core.methods import load_methods
 from .core.version import __version__
 
 load_methods()
 
-__all__ = ["UserError", "__version__", "load"]
+__all__ = ["UserError", "__version__", "load", "load_original"]

@@ -155,7 +155,9 @@ def run_cli(*args: str):
 
 def assert_one_line_error(result, *fragments: str) -> None:
     assert result.exit_code == 1, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    error_lines = [line for line in result.stderr.splitlines() if not line.startswith("[")]  # "[  3 s] loading ...": progress
+    lines = [line for line in error_lines if line.strip()]
+    assert error_lines == lines, f"blank lines around the error: {result.stderr!r}"
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.output
     for fragment in fragments:

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import Progress
 from rich.table import Table
 
 from ..core.errors import UserError
 from ..core.methods import load_methods, registered
-from ..core.terminal import Debug, RichStageProgress, console, print_table_and_lines, progress_columns, quiet_transformers, reports_user_errors, status_console
+from ..core.sizes import ratio as format_ratio
+from ..core.terminal import Debug, RichStageProgress, console, print_table_and_lines, progress_bars, quiet_transformers, reports_user_errors, status_console
 
 app = typer.Typer(
     add_completion=False,
@@ -28,8 +28,20 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from ..core.version import __version__
+
+        typer.echo(f"model-compress {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def commands() -> None:
+def commands(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the installed version and exit.")
+    ] = False,
+) -> None:
     """Model surgery and compression for PyTorch / Hugging Face transformers."""
 
 
@@ -77,24 +89,16 @@ def inspect(
 
 def eval_table(result) -> Table:
     """original | compressed | ratio, one row per figure."""
-    from ..eval.report import rows
+    from ..eval.report import rows, value_label
 
     table = Table(title=f"compress eval: {result.checkpoint}", title_justify="left")
     for column in ("figure", "original", "compressed", "ratio", "better"):
         table.add_column(column, justify="left" if column == "figure" else "right")
     for row in rows(result):
         name = f"{row.name} ({row.unit})" if row.unit else row.name
-        ratio = "" if row.ratio is None else f"{row.ratio:.3f}"
-        table.add_row(name, _number(row.original), _number(row.compressed), ratio, row.better)
+        ratio = "" if row.ratio is None else format_ratio(row.ratio)
+        table.add_row(name, value_label(row.original), value_label(row.compressed), ratio, row.better)
     return table
-
-
-def _number(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
 
 
 @app.command("eval")
@@ -128,7 +132,12 @@ def evaluate(
     force: Annotated[bool, typer.Option("--force", help="Replace existing report files.")] = False,
     debug: Debug = False,
 ) -> None:
-    """Perplexity (or MLM loss / embedding similarity), latency, memory and size, side by side with the original."""
+    """Perplexity (or MLM loss / embedding similarity), latency, memory and size, side by side with the original.
+
+    Writes FOLDER/eval_report.json and FOLDER/eval_report.png (or --json / --plot). Latency on a CPU is
+    slow to measure (minutes for a 135M model) and only indicative: --no-latency skips it.
+    """
+    from ..core.checkpoint import validate_checkpoint
     from ..core.text import resolve_text
     from ..eval.compare import EvalSettings
     from ..eval.compare import evaluate as run_evaluation
@@ -136,6 +145,7 @@ def evaluate(
     from ..eval.report import write_json, write_plot
     from ..core.sources import parse_device, parse_dtype
 
+    validate_checkpoint(folder)  # a broken checkpoint is the news, before any refusal about the report files
     json_path = json_path or folder / "eval_report.json"
     plot = plot or json_path.with_suffix(".png")
     for path in (json_path, plot):
@@ -150,7 +160,7 @@ def evaluate(
     )
     corpus = resolve_text(text, dataset, dataset_config, split)
     quiet_transformers()
-    with Progress(*progress_columns(), console=status_console, transient=True) as progress:
+    with progress_bars() as progress:
         result = run_evaluation(folder, corpus, settings, baseline, not no_baseline, RichStageProgress(progress))
     console.print(eval_table(result))
     used = result.text

@@ -9,6 +9,7 @@ and renamed into place only when complete; an existing folder is replaced only w
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import uuid
@@ -55,6 +56,7 @@ def write_folder_atomically(out: Path, force: bool, write: Callable[[Path], None
     tmp.mkdir()
     try:
         write(tmp)
+        follow_umask(tmp)
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
@@ -65,6 +67,24 @@ def write_folder_atomically(out: Path, force: bool, write: Callable[[Path], None
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def follow_umask(folder: Path) -> None:
+    """Give every file and folder under ``folder`` the mode the user's umask gives new files.
+
+    Writers that go through a temporary file (safetensors, for one) leave it at 0600; the folder was
+    made by us. A user who shares a model folder expects the modes of everything else they write.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def weights_bytes(path: Path) -> int:
+    """Bytes of a checkpoint folder's weight files on disk."""
+    return sum(file.stat().st_size for file in weight_files(path))
 
 
 def read_compression_config(path: Path) -> dict:
@@ -166,4 +186,19 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     path = Path(path)
     validate_checkpoint(path)
     model = from_pretrained(path, str(path), dtype)
+    return model.to(device) if device is not None else model
+
+
+def load_original(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """The original model a compressed folder was made from (eval mode), loaded the way the tool loaded it.
+
+    The folder records where its original came from (the embedded default, a GGUF file, a folder or a
+    hub id); this loads that one, the GGUF dequantized as transformers does, so that a user can compare
+    both in Python as ``compress eval`` does. One clear error if the recorded original is gone.
+    """
+    from .sources import load_model, original_source
+
+    source = original_source(read_compression_config(Path(path)), None)
+    model, _ = load_model(source, dtype)
+    model.eval()
     return model.to(device) if device is not None else model

@@ -17,3 +17,60 @@ def model_bytes(model: nn.Module) -> int:
 
 def model_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def megabytes(count: int | float) -> str:
+    """Bytes as MB with as many digits as the size needs: 538 MB, 76.1 MB, 0.38 MB, 0.053 MB."""
+    value = count / MB
+    if value >= 100:
+        return f"{value:,.0f} MB"
+    if value >= 10:
+        return f"{value:.1f} MB"
+    if value >= 1:
+        return f"{value:.2f} MB"
+    return f"{value:.2g} MB"
+
+
+def ratio(value: float) -> str:
+    """A ratio with digits by magnitude: 0.128, 1.15, 12.3, 6,441 (never 6440.629)."""
+    magnitude = abs(value)
+    if magnitude >= 1000:
+        return f"{value:,.0f}"
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    if magnitude >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
+
+
+def smaller_or_larger(before: int, after: int) -> str:
+    """'(3.23x smaller)' or '(1.70x LARGER)': which way a size went, in plain words."""
+    if after <= 0 or before <= 0:
+        return ""
+    if after <= before:
+        return f"({ratio(before / after)}x smaller)"
+    return f"({ratio(after / before)}x LARGER)"
+
+
+def disk_sizes_line(input_bytes: int | None, output_bytes: int | None, input_label: str) -> str | None:
+    """The sizes a user compares: the input's weight files as given against the output's, both on disk."""
+    if output_bytes is None:
+        return None
+    if input_bytes is None:
+        return f"on disk: output weights {megabytes(output_bytes)} (the input's size on disk is unknown)"
+    return (
+        f"on disk: input {megabytes(input_bytes)} ({input_label}) -> output weights {megabytes(output_bytes)} "
+        f"{smaller_or_larger(input_bytes, output_bytes)}"
+    )
+
+
+def larger_than_input_warning(input_bytes: int | None, output_bytes: int | None, input_label: str) -> str | None:
+    """Plain words when the result takes more disk than what the user started from (a quantized GGUF, say)."""
+    if input_bytes is None or output_bytes is None or output_bytes <= input_bytes:
+        return None
+    return (
+        f"the output's weights ({megabytes(output_bytes)}) are larger on disk than the input ({megabytes(input_bytes)}, "
+        f"{input_label}): the input was stored more compactly than the result; it is smaller only against the model in memory"
+    )

@@ -93,6 +93,11 @@ def disk_bytes(source: ModelSource) -> int | None:
     return sum(f.stat().st_size for f in files) or None
 
 
+def stored_form(source: ModelSource) -> str:
+    """What the input is on disk, in the words of a size line: a GGUF file or a checkpoint's weight files."""
+    return "GGUF" if source.gguf_file else "weight files"
+
+
 def package_folder(package: str) -> Path | None:
     """Where an installed package's files are, without importing it.
 
@@ -146,6 +151,24 @@ def resolve_source(model: str | None, embedded: str | None = None) -> ModelSourc
     if model.startswith((".", "/", "~")) or not HUB_ID.match(model):
         raise UserError(f"'{model}' does not exist (and is not a Hugging Face Hub id)")
     return ModelSource("hub", model)
+
+
+def original_source(section: dict, override: str | None) -> ModelSource:
+    """``override`` (eval's --baseline), else the original the checkpoint's ``quantization_config`` recorded."""
+    if override is not None:
+        return resolve_source(override)
+    base = section.get("base_model") or {}
+    kind = base.get("kind")
+    if kind == "default":
+        return default_source(base.get("embedded"))
+    if kind == "hub":
+        return ModelSource("hub", base["path"])
+    if kind in ("folder", "gguf"):
+        source = ModelSource(kind, base["path"], base.get("gguf_file"))
+        if not Path(source.label).exists():
+            raise UserError(f"the recorded original '{source.label}' no longer exists; pass --baseline MODEL")
+        return source
+    raise UserError("the checkpoint records no original model; pass --baseline MODEL")
 
 
 def parse_dtype(name: str) -> torch.dtype | None:

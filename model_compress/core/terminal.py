@@ -7,6 +7,7 @@ so a new method adds its command without touching the CLI package.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Annotated
 
 import typer
@@ -70,26 +71,85 @@ def rows_table(title: str, header, rows) -> Table:
     return table
 
 
+class PlainLog:
+    """Progress as plain lines where no terminal shows a bar (a log file, a pipe, CI).
+
+    Rich's bars are drawn only on a terminal; elsewhere each line carries the elapsed time, and the
+    frequent kind (a step of a loop) is printed at most every ``LOG_SECONDS``.
+    """
+
+    LOG_SECONDS = 10.0
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.start = time.monotonic()
+        self.logged = -self.LOG_SECONDS
+
+    @property
+    def active(self) -> bool:
+        return not self.console.is_terminal
+
+    def line(self, text: str, always: bool = False) -> None:
+        if not self.active:
+            return
+        now = time.monotonic()
+        if always or now - self.logged >= self.LOG_SECONDS:
+            self.logged = now
+            self.console.print(f"[{now - self.start:6.0f} s] {text}", highlight=False, soft_wrap=True)
+
+
 class RichStageProgress:
-    """One Rich progress line per stage (implements EvalObserver and DistillObserver)."""
+    """One Rich progress line per stage (implements EvalObserver and DistillObserver); plain lines off a terminal."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.task = None
+        self.log = PlainLog(progress.console)
+        self.description = ""
+        self.total: int | None = None
+        self.done = 0
 
     def stage(self, description: str, total: int | None) -> None:
         if self.task is not None:
             self.progress.remove_task(self.task)
         self.task = self.progress.add_task(description, total=total)
+        self.description, self.total, self.done = description, total, 0
+        self.log.line(description, always=True)
 
     def advance(self, amount: int = 1) -> None:
         self.progress.advance(self.task, amount)
+        self.done += amount
+        of = f" of {self.total}" if self.total else ""
+        self.log.line(f"{self.description}: {self.done}{of}", always=self.total is not None and self.done == self.total)
 
     def block_finished(self, result) -> None:
         self.progress.console.print(
             f"{result.name}: relative error {result.init_error:.3f} -> {result.final_error:.3f} ({result.seconds:.1f} s)",
             highlight=False,
         )
+
+
+def progress_bars() -> Progress:
+    """The commands' Rich progress on stderr: bars on a terminal, nothing drawn elsewhere (PlainLog speaks there)."""
+    return Progress(*progress_columns(), console=status_console, transient=True, disable=not status_console.is_terminal)
+
+
+class LoadingStatus:
+    """A spinner (or a plain line) while the original loads: shown only once the checks before the load passed."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.log = PlainLog(progress.console)
+        self.task = None
+
+    def started(self, source) -> None:
+        self.task = self.progress.add_task(f"loading {source.label}", total=None)
+        self.log.line(f"loading {source.label}", always=True)
+
+    def finished(self, source) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.log.line(f"loaded {source.label}", always=True)
 
 
 def progress_columns() -> tuple:

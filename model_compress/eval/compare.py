@@ -23,7 +23,7 @@ from torch import nn
 from ..core.checkpoint import REPORT_FILE, load, validate_checkpoint, weight_files
 from ..core.text import Text
 from ..core.errors import UserError
-from ..core.sources import ModelSource, context_length, default_source, disk_bytes, load_model, load_tokenizer, resolve_source
+from ..core.sources import context_length, disk_bytes, load_model, load_tokenizer, original_source
 from ..core.sizes import model_bytes, model_params
 from . import perplexity, similarity
 from .latency import LatencyResult, LatencySettings, PeakMemory, measure, release_device_memory
@@ -272,24 +272,6 @@ def _measure_original(section: dict, override: str | None, inputs: _Inputs, sett
     del model
     release_device_memory(settings.device)
     return measurement
-
-
-def original_source(section: dict, override: str | None) -> ModelSource:
-    """--baseline, else the base model `compress rpq` recorded."""
-    if override is not None:
-        return resolve_source(override)
-    base = section.get("base_model") or {}
-    kind = base.get("kind")
-    if kind == "default":
-        return default_source(base.get("embedded"))
-    if kind == "hub":
-        return ModelSource("hub", base["path"])
-    if kind in ("folder", "gguf"):
-        source = ModelSource(kind, base["path"], base.get("gguf_file"))
-        if not Path(source.label).exists():
-            raise UserError(f"the recorded original '{source.label}' no longer exists; pass --baseline MODEL")
-        return source
-    raise UserError("the checkpoint records no original model; pass --baseline MODEL")
 
 
 def _measure_into(target: Measurement, model: nn.Module, inputs: _Inputs, settings: EvalSettings, observer) -> None:

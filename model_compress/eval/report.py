@@ -17,6 +17,7 @@ import transformers
 
 from ..core.version import __version__
 from ..core.sizes import MB
+from ..core.sizes import ratio as format_ratio
 from .compare import EvalResult, Measurement
 
 
@@ -109,7 +110,7 @@ def to_json(result: EvalResult) -> dict:
         "metric": result.metric,
         "device": {
             "type": device.type,
-            "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+            "name": device_name(device),
             "threads": torch.get_num_threads(),
         },
         "dtype": str(result.dtype).removeprefix("torch."),
@@ -159,8 +160,23 @@ def write_json(result: EvalResult, path: Path) -> dict:
     return document
 
 
-def write_plot(result: EvalResult, path: Path) -> None:
-    """One small bar chart per figure (original vs compressed), saved as PNG. Needs matplotlib."""
+# A panel whose two bars differ by this factor or more gets a log scale (else the smaller bar vanishes).
+LOG_SCALE_SPAN = 10.0
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's (what the report and the plot title say the figures were measured on)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def plot_figure(result: EvalResult):
+    """One bar panel per figure (original vs compressed), each bar labelled with its value; a matplotlib Figure.
+
+    Panels whose values span a decade or more use a log scale. The title names the checkpoint, the
+    original, the text and the device, so a PNG on its own says what it shows.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,24 +185,56 @@ def write_plot(result: EvalResult, path: Path) -> None:
     figures = [row for row in rows(result) if row.compressed is not None]
     columns = 4
     lines = (len(figures) + columns - 1) // columns
-    fig, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 2.6 * lines), squeeze=False)
+    fig, axes = plt.subplots(lines, columns, figsize=(3.4 * columns, 2.9 * lines + 0.6), squeeze=False)
     for axis, row in zip(axes.flat, figures):
         labels, values, colours = [], [], []
         if row.original is not None:
             labels.append("original"), values.append(row.original), colours.append("#7f7f7f")
         labels.append("compressed"), values.append(row.compressed), colours.append("#1f77b4")
-        axis.bar(labels, values, color=colours)
+        bars = axis.bar(labels, values, color=colours)
+        positive = [v for v in values if v > 0]
+        if len(positive) == len(values) and max(positive) / min(positive) >= LOG_SCALE_SPAN:
+            axis.set_yscale("log")
+        axis.bar_label(bars, labels=[value_label(v) for v in values], fontsize=7, padding=2)
+        axis.margins(y=0.25)
         title = f"{row.name}" + (f" ({row.unit})" if row.unit else "")
-        axis.set_title(title + (f"\nratio {row.ratio:.3g}, {row.better} is better" if row.ratio is not None else ""), fontsize=8)
+        ratio_line = f"\nratio {format_ratio(row.ratio)}, {row.better} is better" if row.ratio is not None else ""
+        axis.set_title(title + ratio_line, fontsize=8)
         axis.tick_params(labelsize=7)
     for axis in list(axes.flat)[len(figures):]:
         axis.axis("off")
-    fig.suptitle(f"{result.checkpoint.name}: {result.metric} on {result.text['name']}, {result.device.type}, {str(result.dtype).removeprefix('torch.')}", fontsize=9)
+    original = result.original.label if result.original is not None else "not measured"
+    used = result.text
+    fig.suptitle(
+        f"{result.checkpoint.name} against the original ({original})\n"
+        f"{result.metric} on {used['name']} ({used['tokens_used']:,} tokens); {device_name(result.device)}, "
+        f"{str(result.dtype).removeprefix('torch.')}",
+        fontsize=9,
+    )
     fig.tight_layout()
+    return fig
+
+
+def write_plot(result: EvalResult, path: Path) -> None:
+    """``plot_figure`` saved as PNG (written beside, then moved into place). Needs matplotlib."""
+    from matplotlib import pyplot as plt
+
+    fig = plot_figure(result)
     tmp = path.with_name(f".{path.name}.partial")
     fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     tmp.replace(path)
+
+
+def value_label(value: float | None) -> str:
+    """A figure as the table and the plot show it: 17.8, 120,877, 0.048 ('-' where not measured)."""
+    if value is None:
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}"
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

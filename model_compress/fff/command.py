@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import Progress
 
-from ..core.terminal import Debug, RichStageProgress, console, print_table_and_lines, progress_columns, quiet_transformers, reports_user_errors, status_console
+from ..core.sizes import larger_than_input_warning
+from ..core.terminal import Debug, RichStageProgress, console, LoadingStatus, print_table_and_lines, progress_bars, quiet_transformers, reports_user_errors
 
 
 def add_command(app: typer.Typer) -> None:
@@ -51,15 +51,19 @@ def fff_distill(
     )
     text = calibration_text(calib)
     quiet_transformers()
-    with Progress(*progress_columns(), console=status_console, transient=True) as progress:
-        loading = progress.add_task(f"loading {model or 'the embedded default (all-MiniLM-L6-v2)'}", total=None)
+    with progress_bars() as progress:
+        status = LoadingStatus(progress)
         run = distill_fff(
             model, output, settings, text, force=force, observer=RichStageProgress(progress),
-            on_loaded=lambda source: progress.remove_task(loading),
+            on_loading=status.started, on_loaded=status.finished,
         )
     from .summary import table_rows, totals_lines
 
     print_table_and_lines("FFF distillation", *table_rows(run.summary), totals_lines(run.summary))
+    summary = run.summary
+    warning = larger_than_input_warning(summary.input_file_bytes, summary.output_file_bytes, summary.input_form or "weight files")
+    if warning:
+        console.print(f"warning: {warning}", style="yellow", highlight=False, soft_wrap=True)
     console.print(
         f"source {run.source.label}, depth {depth}, on {settings.device}, {run.summary.seconds:.1f} s; saved to {run.output}",
         highlight=False,

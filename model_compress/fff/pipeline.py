@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from ..core.version import __version__
-from ..core.checkpoint import CARD_FILE, MAX_SHARD_SIZE, REPORT_FILE, check_output_folder, write_folder_atomically
+from ..core.checkpoint import CARD_FILE, MAX_SHARD_SIZE, REPORT_FILE, check_output_folder, weights_bytes, write_folder_atomically
 from ..core.text import Text
 from ..core.errors import UserError
-from ..core.sources import MINILM, ModelSource, context_length, empty_model, load_config, load_model, resolve_source
+from ..core.sources import MINILM, ModelSource, context_length, disk_bytes, empty_model, load_config, load_model, resolve_source, stored_form
 from ..core.sizes import model_bytes, model_params
 from .blocks import Block, dense_weights, find_blocks, install_tree, intermediate_size, refuse_unsupported, select_blocks
 from .capture import calibration_windows, record_blocks
@@ -64,6 +64,7 @@ def distill_fff(
     *,
     force: bool = False,
     observer: DistillObserver | None = None,
+    on_loading: Callable[[ModelSource], None] | None = None,
     on_loaded: Callable[[ModelSource], None] | None = None,
 ) -> FFFRun:
     """Load ``model`` (None: the embedded MiniLM), replace its FF blocks with trees, save to ``output``."""
@@ -75,6 +76,8 @@ def distill_fff(
     source = resolve_source(model, MINILM)
     # from the config alone, before the weights load: the blocks are named, so the loaded model has the same ones
     blocks = check_blocks(empty_model_of(source), settings)
+    if on_loading is not None:
+        on_loading(source)
     network, tokenizer = load_model(source)
     if tokenizer is None:
         raise UserError(f"'{source.label}' has no tokenizer, which the calibration text needs")
@@ -120,6 +123,7 @@ def distill_fff(
         parameter.requires_grad_(False)
     summary.distilled_bytes = model_bytes(network)
     summary.seconds = time.perf_counter() - began
+    summary.input_file_bytes, summary.input_form = disk_bytes(source), stored_form(source)
 
     config = FFFConfig(
         blocks=specs,
@@ -155,6 +159,7 @@ def _has_logits(model: nn.Module) -> bool:
 
 def _write(folder: Path, network: nn.Module, tokenizer, config: FFFConfig, summary: DistillSummary, source: ModelSource) -> None:
     network.save_pretrained(folder, max_shard_size=MAX_SHARD_SIZE)
+    summary.output_file_bytes = weights_bytes(folder)  # the card and the report say what was written
     tokenizer.save_pretrained(folder)
     (folder / CARD_FILE).write_text(render_model_card(source.label, config.settings, summary))
     report = {"settings": config.to_dict() | {"blocks": None}, "summary": summary.to_json()}

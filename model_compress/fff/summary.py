@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from ..core.cards import markdown_table
+from ..core.sizes import disk_sizes_line, megabytes, smaller_or_larger
 from .distill import BlockResult
 
 
@@ -21,6 +22,9 @@ class DistillSummary:
     e2e_after: float | None = None
     e2e_loss: str | None = None  # "KL(original || distilled) per token" or "hidden-state MSE / variance"
     warnings: list[str] = field(default_factory=list)
+    input_file_bytes: int | None = None  # the input's weight files as the user gave them
+    input_form: str | None = None  # "GGUF" or "weight files"
+    output_file_bytes: int | None = None  # the written folder's weight files (set when it is saved)
 
     @property
     def error_mean(self) -> float:
@@ -43,6 +47,7 @@ class DistillSummary:
         return cls(
             blocks, data["model_params"], data["distilled_params"], data["original_bytes"], data["distilled_bytes"],
             data["calibration"], data["seconds"], e2e.get("before"), e2e.get("after"), e2e.get("loss"), data.get("warnings", []),
+            data.get("input_file_bytes"), data.get("input_form"), data.get("output_file_bytes"),
         )
 
     def to_json(self) -> dict:
@@ -59,6 +64,9 @@ class DistillSummary:
             "neurons_per_token": self.neurons_per_token,
             "e2e": {"loss": self.e2e_loss, "before": self.e2e_before, "after": self.e2e_after},
             "warnings": list(self.warnings),
+            "input_file_bytes": self.input_file_bytes,
+            "input_form": self.input_form,
+            "output_file_bytes": self.output_file_bytes,
         }
 
 
@@ -87,11 +95,14 @@ def totals_lines(summary: DistillSummary) -> list[str]:
     lines = [
         f"{len(summary.blocks)} FF blocks became trees; mean held-out relative error {summary.error_mean:.3f} "
         f"(at initialisation {summary.init_error_mean:.3f}); a token evaluates {summary.neurons_per_token:.1%} of each block's neurons",
-        f"parameters {summary.model_params:,} -> {summary.distilled_params:,}; weights {summary.original_bytes / 1e6:.1f} MB -> "
-        f"{summary.distilled_bytes / 1e6:.1f} MB",
+        f"parameters {summary.model_params:,} -> {summary.distilled_params:,}; in memory {megabytes(summary.original_bytes)} -> "
+        f"{megabytes(summary.distilled_bytes)} {smaller_or_larger(summary.original_bytes, summary.distilled_bytes)}",
         f"calibration: {summary.calibration['tokens']:,} tokens of {summary.calibration['name']} "
         f"({summary.calibration['holdout']:.0%} held out for the errors)",
     ]
+    disk = disk_sizes_line(summary.input_file_bytes, summary.output_file_bytes, summary.input_form or "weight files")
+    if disk is not None:
+        lines.insert(2, disk)
     if summary.e2e_loss is not None:
         lines.append(f"end-to-end distillation: {summary.e2e_loss} on held-out windows {summary.e2e_before:.4f} -> {summary.e2e_after:.4f}")
     return lines

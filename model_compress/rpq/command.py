@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.progress import Progress
 
-from ..core.terminal import Debug, console, print_table_and_lines, progress_columns, quiet_transformers, reports_user_errors, status_console
+from ..core.sizes import larger_than_input_warning
+from ..core.terminal import Debug, PlainLog, console, LoadingStatus, print_table_and_lines, progress_bars, quiet_transformers, reports_user_errors
 from .fit.defaults import CALIBRATION_TOKENS, DEFAULT_BITS, DEFAULT_ROUNDS, FINETUNE_STEPS
 
 
@@ -22,50 +22,43 @@ class RichConversionProgress:
     """Progress of a conversion: measuring candidates per block, fitting per layer, fine-tuning per step.
 
     On a terminal, Rich bars; elsewhere (a log file, CI) a plain line per block measured and, at most
-    every LOG_SECONDS, one for fitting and fine-tuning, each with the elapsed time.
+    every few seconds, one for fitting and fine-tuning, each with the elapsed time (``PlainLog``).
     """
-
-    LOG_SECONDS = 10.0
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.tasks: dict[str, int] = {}
         self.total = 0
+        self.started_layers = 0
         self.done = 0
-        self.start = time.monotonic()
-        self.logged = -self.LOG_SECONDS
+        self.log = PlainLog(progress.console)
 
     def _task(self, key: str, description: str, total: int) -> int:
         if key not in self.tasks:
             self.tasks[key] = self.progress.add_task(description, total=total)
         return self.tasks[key]
 
-    def _log(self, text: str, always: bool = False) -> None:
-        if self.progress.console.is_terminal:
-            return
-        now = time.monotonic()
-        if always or now - self.logged >= self.LOG_SECONDS:
-            self.logged = now
-            self.progress.console.print(f"[{now - self.start:6.0f} s] {text}", highlight=False, soft_wrap=True)
-
     def started(self, plans) -> None:
         self.total = sum(plan.converted for plan in plans)
 
     def measuring(self, done: int, total: int) -> None:
         self.progress.update(self._task("measure", "measuring candidate formats per block", total), completed=done)
-        self._log(f"measuring candidate formats: block {done} of {total}", always=True)
+        self.log.line(f"measuring candidate formats: block {done} of {total}", always=True)
 
     def layer_started(self, plan) -> None:
         self.progress.update(self._task("fit", "fitting", self.total), description=f"fitting {plan.layer.name}")
-        self._log(f"fitting {plan.layer.name}: layer {self.done + 1} of {self.total}")
+        self.started_layers += 1
+        self.log.line(f"fitting {plan.layer.name}: layer {self.started_layers} of {self.total}", always=self.started_layers == 1)
 
     def layer_finished(self, result) -> None:
         self.done += 1
         self.progress.advance(self._task("fit", "fitting", self.total))
+        if self.done == self.total:
+            self.log.line(f"fitted {self.total} layers", always=True)
 
     def finetune_step(self, step: int, total: int) -> None:
         self.progress.update(self._task("finetune", "fine-tuning codebooks", total), completed=step)
-        self._log(f"fine-tuning: step {step} of {total}", always=step == total)
+        self.log.line(f"fine-tuning: step {step} of {total}", always=step in (1, total))
 
 
 @reports_user_errors
@@ -123,8 +116,8 @@ def rpq(
     finetuning = FinetuneSettings(steps=steps, lr=finetune_lr, seed=seed)
     torch_dtype = parse_dtype(dtype)
     quiet_transformers()
-    with Progress(*progress_columns(), console=status_console, transient=True) as progress:
-        loading = progress.add_task(f"loading {model or 'the embedded default (SmolLM2-135M)'}", total=None)
+    with progress_bars() as progress:
+        status = LoadingStatus(progress)
         observer = RichConversionProgress(progress)
         run = compress_rpq(
             model,
@@ -135,13 +128,13 @@ def rpq(
             dtype=torch_dtype,
             force=force,
             observer=observer,
-            on_loaded=lambda source: progress.remove_task(loading),
+            on_loading=status.started, on_loaded=status.finished,
             on_finetune_step=observer.finetune_step,
         )
     from .summary import table_rows, totals_lines
 
     print_table_and_lines("RPQ conversion", *table_rows(run.summary), totals_lines(run.summary))
-    for warning in quality_warnings(run):
+    for warning in [*quality_warnings(run), *size_warnings(run.summary)]:
         console.print(f"warning: {warning}", style="yellow", highlight=False, soft_wrap=True)
     what = f"--bits {settings.budget:g}" if not settings.fixed else f"M={run.config.num_codebooks}, K={run.config.codebook_size}"
     console.print(
@@ -149,6 +142,12 @@ def rpq(
         highlight=False,
         soft_wrap=True,
     )
+
+
+def size_warnings(summary) -> list[str]:
+    """The output bigger on disk than the input the user gave (a GGUF already quantized, say)."""
+    warning = larger_than_input_warning(summary.input_file_bytes, summary.output_file_bytes, summary.input_form or "weight files")
+    return [warning] if warning else []
 
 
 def quality_warnings(run) -> list[str]:

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from ..core.version import __version__
-from ..core.checkpoint import CARD_FILE, MAX_SHARD_SIZE, REPORT_FILE, check_output_folder, write_folder_atomically
+from ..core.checkpoint import CARD_FILE, MAX_SHARD_SIZE, REPORT_FILE, check_output_folder, weights_bytes, write_folder_atomically
 from ..core.text import Text, calibration_text
 from ..core.errors import UserError
-from ..core.sources import ModelSource, context_length, disk_bytes, empty_model, load_config, load_model, resolve_source
+from ..core.sources import ModelSource, context_length, disk_bytes, empty_model, load_config, load_model, resolve_source, stored_form
 from .fit.defaults import CALIBRATION_TOKENS, CALIBRATION_WINDOW, FINETUNE_STEPS, for_device
 from .convert import Conversion, ConversionObserver, LayerResult, RPQSettings, convert_model, planned_layers, validate_settings
 from .fit.calibration import CalibrationSet, calibration_set
@@ -67,6 +67,7 @@ def compress_rpq(
     dtype: torch.dtype | None = None,
     force: bool = False,
     observer: ConversionObserver | None = None,
+    on_loading: Callable[[ModelSource], None] | None = None,
     on_loaded: Callable[[ModelSource], None] | None = None,
     on_finetune_step: Callable[[int, int], None] | None = None,
 ) -> RPQRun:
@@ -74,7 +75,8 @@ def compress_rpq(
 
     The output folder, the settings and the calibration text are checked before the (long) work
     starts; the folder is written atomically at the end. ``finetuning`` None takes the device's
-    default number of steps. ``on_loaded(source)`` is called once the original is in memory.
+    default number of steps. ``on_loading(source)`` is called once the checks before the load passed, ``on_loaded(source)``
+    once the original is in memory.
     """
     calibration = calibration or CalibrationOptions()
     out = Path(output) if output is not None else None
@@ -86,6 +88,8 @@ def compress_rpq(
     text = calibration_text(calibration.text) if calibration.enabled else None
     source = resolve_source(model)
     planned_layers(empty_model(load_config(source), dtype), settings)  # from the config alone: before the weights load
+    if on_loading is not None:
+        on_loading(source)
     network, tokenizer = load_model(source, dtype)
     if on_loaded is not None:
         on_loaded(source)
@@ -109,6 +113,7 @@ def compress_rpq(
         calibration=conversion.calibration,
         finetune=report.to_json() if report else None,
         input_file_bytes=disk_bytes(source),
+        input_form=stored_form(source),
     )
     config = _config_section(conversion, settings, finetuning if report else None, source, network)
     attach_quantizer(network, config)
@@ -183,6 +188,7 @@ def _config_section(
 
 def _write(folder: Path, network: nn.Module, tokenizer, config: RPQConfig, summary: ConversionSummary, conversion: Conversion) -> None:
     network.save_pretrained(folder, max_shard_size=MAX_SHARD_SIZE)
+    summary.output_file_bytes = weights_bytes(folder)  # the card and the report say what was written
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     (folder / CARD_FILE).write_text(render_model_card(config, summary))

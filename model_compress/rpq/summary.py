@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, fields
 
-from ..core.sizes import MB
+from ..core.sizes import MB, disk_sizes_line, megabytes, smaller_or_larger
 from .convert import KIND_TIED_HEAD, LayerPlan, LayerResult
 
 # Mean relative output error (per layer) above which the summary warns of a large loss. SmolLM2-135M
@@ -64,7 +64,9 @@ class ConversionSummary:
     budget_bits: float | None = None
     calibration: dict | None = None
     finetune: dict | None = None
-    input_file_bytes: int | None = None
+    input_file_bytes: int | None = None  # the input's weight files as the user gave them (a GGUF is its quantized size)
+    input_form: str | None = None  # "GGUF" or "weight files": how the input was stored
+    output_file_bytes: int | None = None  # the written folder's weight files (set when it is saved)
 
     @property
     def code_bits(self) -> float:
@@ -254,12 +256,15 @@ def totals_lines(summary: ConversionSummary) -> list[str]:
     lines = [
         f"converted {summary.converted_layers} layers ({summary.converted_params:,} of {summary.model_params:,} parameters), "
         f"left {len(summary.dense_layers)} dense",
-        f"model size {summary.original_bytes / MB:.1f} MB -> {summary.compressed_bytes / MB:.1f} MB "
-        f"({summary.ratio:.2f}x smaller)",
+        f"in memory: {megabytes(summary.original_bytes)} -> {megabytes(summary.compressed_bytes)} "
+        f"{smaller_or_larger(summary.original_bytes, summary.compressed_bytes)}",
         f"converted layers: {summary.bits_per_weight:.3f} bits per weight "
         f"= {summary.code_bits:.3f} (codes) + {summary.codebook_bits:.3f} (codebooks)"
         + (f", budget {summary.budget_bits:g}" if summary.budget_bits is not None else ""),
     ]
+    disk = disk_sizes_line(summary.input_file_bytes, summary.output_file_bytes, summary.input_form or "weight files")
+    if disk is not None:
+        lines.append(disk)
     if summary.calibration:
         c = summary.calibration
         lines.append(

@@ -13,7 +13,6 @@ the Triton kernels included; every other form unpacks its codes and runs the tor
 
 from __future__ import annotations
 
-import inspect
 
 import torch
 from torch import Tensor, nn

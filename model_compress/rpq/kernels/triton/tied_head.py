@@ -9,7 +9,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import _cdiv, _next_power_of_2, _rows
-from .decode import decode_rows, embedding
+from .decode import decode_rows
 
 
 @triton.jit
