@@ -17,6 +17,7 @@ from rich.table import Table
 
 from ..core.errors import UserError
 from ..core.methods import load_methods, registered
+from ..core.sizes import megabytes
 from ..core.sizes import ratio as format_ratio
 from ..core.terminal import Debug, RichStageProgress, console, print_table_and_lines, progress_bars, quiet_transformers, reports_user_errors, status_console
 
@@ -77,7 +78,7 @@ def inspect(
     section = section.to_dict() if hasattr(section, "to_dict") else section
     method = method_of(section)
     console.print(
-        f"{folder}: {type(model).__name__}, {method.describe(section)}, {model_bytes(model) / 1e6:.1f} MB of weights, loaded on {target}",
+        f"{folder}: {type(model).__name__}, {method.describe(section)}, {megabytes(model_bytes(model))} of weights, loaded on {target}",
         highlight=False,
         soft_wrap=True,
     )

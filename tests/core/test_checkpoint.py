@@ -157,3 +157,23 @@ def test_folders_that_are_not_rpq_checkpoints(tmp_path, tiny_folder):
 
 def test_validate_returns_the_section(checkpoint):
     assert validate_checkpoint(checkpoint)["quant_method"] == "rpq"
+
+
+def test_load_original_gives_back_the_model_the_folder_was_made_from(checkpoint, tmp_path):
+    import shutil
+
+    import torch
+    import transformers
+
+    original = model_compress.load_original(checkpoint)
+    saved = transformers.AutoModelForCausalLM.from_pretrained(checkpoint.parent / "tiny")
+    assert not original.training and type(original) is type(saved)
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(original.state_dict()[name], tensor), name
+    moved = tmp_path / "moved"
+    shutil.copytree(checkpoint, moved / "out")
+    config = json.loads((moved / "out" / "config.json").read_text())
+    config["quantization_config"]["base_model"]["path"] = str(tmp_path / "gone")
+    (moved / "out" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="no longer exists"):
+        model_compress.load_original(moved / "out")
