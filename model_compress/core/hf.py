@@ -21,6 +21,24 @@ from transformers.quantizers.auto import (
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 
+class MethodConfig(QuantizationConfigMixin):
+    """What every method's ``quantization_config`` records beside its own fields: how the fit ran (``fit``), which
+    tool wrote it (``tool``) and where the original came from (``base_model``, what ``compress eval`` and
+    ``load_original`` read). A method subclass sets ``QUANT_METHOD`` and adds its fields."""
+
+    QUANT_METHOD = ""
+
+    def __init__(self, fit: dict[str, Any] | None = None, tool: dict[str, str] | None = None, base_model: dict[str, Any] | None = None) -> None:
+        self.quant_method = self.QUANT_METHOD
+        self.fit = fit or {}
+        self.tool = tool or {}
+        self.base_model = base_model or {}
+
+    def provenance(self) -> dict[str, Any]:
+        """The shared fields as plain dicts, for a subclass's ``to_dict``."""
+        return {"fit": dict(self.fit), "tool": dict(self.tool), "base_model": dict(self.base_model)}
+
+
 class LoaderOnlyQuantizer(HfQuantizer):
     """A quantizer that only loads: its modules are swapped in before the weights are read (by the
     subclass), and afterwards every tensor of the modules named by ``loaded_names`` must have arrived."""

@@ -19,30 +19,26 @@ def model_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def by_magnitude(value: float, steps: tuple[tuple[float, str], ...]) -> str:
+    """``value`` in the format of the first (bound, format spec) step whose bound its magnitude reaches."""
+    for bound, spec in steps:
+        if abs(value) >= bound:
+            return format(value, spec)
+    return format(value, steps[-1][1])
+
+
+MEGABYTE_STEPS = ((100, ",.0f"), (10, ".1f"), (1, ".2f"), (0, ".2g"))
+RATIO_STEPS = ((1000, ",.0f"), (100, ".0f"), (10, ".1f"), (1, ".2f"), (0, ".3g"))
+
+
 def megabytes(count: int | float) -> str:
     """Bytes as MB with as many digits as the size needs: 538 MB, 76.1 MB, 0.38 MB, 0.053 MB."""
-    value = count / MB
-    if value >= 100:
-        return f"{value:,.0f} MB"
-    if value >= 10:
-        return f"{value:.1f} MB"
-    if value >= 1:
-        return f"{value:.2f} MB"
-    return f"{value:.2g} MB"
+    return f"{by_magnitude(count / MB, MEGABYTE_STEPS)} MB"
 
 
 def ratio(value: float) -> str:
     """A ratio with digits by magnitude: 0.128, 1.15, 12.3, 6,441 (never 6440.629)."""
-    magnitude = abs(value)
-    if magnitude >= 1000:
-        return f"{value:,.0f}"
-    if magnitude >= 100:
-        return f"{value:.0f}"
-    if magnitude >= 10:
-        return f"{value:.1f}"
-    if magnitude >= 1:
-        return f"{value:.2f}"
-    return f"{value:.3g}"
+    return by_magnitude(value, RATIO_STEPS)
 
 
 def smaller_or_larger(before: int, after: int) -> str:
@@ -74,3 +70,12 @@ def larger_than_input_warning(input_bytes: int | None, output_bytes: int | None,
         f"the output's weights ({megabytes(output_bytes)}) are larger on disk than the input ({megabytes(input_bytes)}, "
         f"{input_label}): the input was stored more compactly than the result; it is smaller only against the model in memory"
     )
+
+
+def size_lines(
+    original_bytes: int, result_bytes: int, input_bytes: int | None, output_bytes: int | None, input_form: str | None
+) -> list[str]:
+    """The size lines of a method's summary: in memory, then on disk against the input as given (when saved)."""
+    lines = [f"in memory: {megabytes(original_bytes)} -> {megabytes(result_bytes)} {smaller_or_larger(original_bytes, result_bytes)}"]
+    disk = disk_sizes_line(input_bytes, output_bytes, input_form or "weight files")
+    return lines + ([disk] if disk is not None else [])

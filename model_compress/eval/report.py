@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from ..core.version import __version__
-from ..core.sizes import MB
+from ..core.sizes import MB, by_magnitude
 from ..core.sizes import ratio as format_ratio
 from .compare import EvalResult, Measurement
 
@@ -160,6 +160,7 @@ def write_json(result: EvalResult, path: Path) -> dict:
     return document
 
 
+VALUE_STEPS = ((1000, ",.0f"), (10, ".1f"), (0, ".3g"))
 # A panel whose two bars differ by this factor or more gets a log scale (else the smaller bar vanishes).
 LOG_SCALE_SPAN = 10.0
 
@@ -228,13 +229,7 @@ def write_plot(result: EvalResult, path: Path) -> None:
 
 def value_label(value: float | None) -> str:
     """A figure as the table and the plot show it: 17.8, 120,877, 0.048 ('-' where not measured)."""
-    if value is None:
-        return "-"
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    if abs(value) >= 10:
-        return f"{value:.1f}"
-    return f"{value:.3g}"
+    return "-" if value is None else by_magnitude(value, VALUE_STEPS)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -12,22 +12,23 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..core.hf import LoaderOnlyQuantizer, mark_quantized, skip_dense_initialisation
+from ..core.hf import LoaderOnlyQuantizer, MethodConfig, mark_quantized, skip_dense_initialisation
 from .blocks import LAYOUTS, Block, block_activation, install_tree
 from .tree import FastFeedForward
 
 QUANT_METHOD = "fff"
 
 
-class FFFConfig(QuantizationConfigMixin):
+class FFFConfig(MethodConfig):
     """The ``quantization_config`` section of an FFF checkpoint.
 
     ``blocks`` maps the tree's module name to {owner, layout, index, hidden, neurons, depth, leaf_width,
     gated, in_bias, out_bias}; ``settings`` records the user's knobs, ``fit`` the calibration text and
     figures, ``base_model`` where the original came from (for ``compress eval``).
     """
+
+    QUANT_METHOD = QUANT_METHOD
 
     def __init__(
         self,
@@ -38,20 +39,15 @@ class FFFConfig(QuantizationConfigMixin):
         base_model: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        self.quant_method = QUANT_METHOD
+        super().__init__(fit, tool, base_model)
         self.blocks = blocks or {}
         self.settings = settings or {}
-        self.fit = fit or {}
-        self.tool = tool or {}
-        self.base_model = base_model or {}
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "quant_method": QUANT_METHOD,
             "settings": dict(self.settings),
-            "fit": dict(self.fit),
-            "tool": dict(self.tool),
-            "base_model": dict(self.base_model),
+            **self.provenance(),
             "blocks": {name: dict(spec) for name, spec in self.blocks.items()},
         }
 

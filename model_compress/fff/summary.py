@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from ..core.cards import markdown_table
-from ..core.sizes import disk_sizes_line, megabytes, smaller_or_larger
+from ..core.sizes import size_lines
 from .distill import BlockResult
 
 
@@ -95,14 +95,13 @@ def totals_lines(summary: DistillSummary) -> list[str]:
     lines = [
         f"{len(summary.blocks)} FF blocks became trees; mean held-out relative error {summary.error_mean:.3f} "
         f"(at initialisation {summary.init_error_mean:.3f}); a token evaluates {summary.neurons_per_token:.1%} of each block's neurons",
-        f"parameters {summary.model_params:,} -> {summary.distilled_params:,}; in memory {megabytes(summary.original_bytes)} -> "
-        f"{megabytes(summary.distilled_bytes)} {smaller_or_larger(summary.original_bytes, summary.distilled_bytes)}",
+        f"parameters {summary.model_params:,} -> {summary.distilled_params:,}",
         f"calibration: {summary.calibration['tokens']:,} tokens of {summary.calibration['name']} "
         f"({summary.calibration['holdout']:.0%} held out for the errors)",
     ]
-    disk = disk_sizes_line(summary.input_file_bytes, summary.output_file_bytes, summary.input_form or "weight files")
-    if disk is not None:
-        lines.insert(2, disk)
+    lines[2:2] = size_lines(
+        summary.original_bytes, summary.distilled_bytes, summary.input_file_bytes, summary.output_file_bytes, summary.input_form
+    )
     if summary.e2e_loss is not None:
         lines.append(f"end-to-end distillation: {summary.e2e_loss} on held-out windows {summary.e2e_before:.4f} -> {summary.e2e_after:.4f}")
     return lines

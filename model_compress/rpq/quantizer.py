@@ -16,9 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..core.hf import LoaderOnlyQuantizer, mark_quantized, skip_dense_initialisation
+from ..core.hf import LoaderOnlyQuantizer, MethodConfig, mark_quantized, skip_dense_initialisation
 
 from .layers.modules import KIND_TIED_HEAD, build_rpq_module
 from .fusions import apply_fusions
@@ -26,7 +25,7 @@ from .fusions import apply_fusions
 QUANT_METHOD = "rpq"
 
 
-class RPQConfig(QuantizationConfigMixin):
+class RPQConfig(MethodConfig):
     """The ``quantization_config`` section of an RPQ checkpoint.
 
     ``layers`` maps a module name to {kind, shape, num_codebooks, codebook_size, codebook_dtype[, tied_to]};
@@ -34,6 +33,8 @@ class RPQConfig(QuantizationConfigMixin):
     original came from (for ``compress eval``); ``bits`` is the budget asked for (None with fixed
     ``num_codebooks`` / ``codebook_size``); the rest records the user's settings and the tool.
     """
+
+    QUANT_METHOD = QUANT_METHOD
 
     def __init__(
         self,
@@ -49,7 +50,7 @@ class RPQConfig(QuantizationConfigMixin):
         base_model: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        self.quant_method = QUANT_METHOD
+        super().__init__(fit, tool, base_model)
         self.layers = layers or {}
         self.bits = bits
         self.num_codebooks = num_codebooks
@@ -57,9 +58,6 @@ class RPQConfig(QuantizationConfigMixin):
         self.codebook_bits = codebook_bits
         self.skip = skip or []
         self.dense = dense or {}
-        self.fit = fit or {}
-        self.tool = tool or {}
-        self.base_model = base_model or {}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,9 +67,7 @@ class RPQConfig(QuantizationConfigMixin):
             "codebook_size": self.codebook_size,
             "codebook_bits": self.codebook_bits,
             "skip": list(self.skip),
-            "fit": dict(self.fit),
-            "tool": dict(self.tool),
-            "base_model": dict(self.base_model),
+            **self.provenance(),
             "dense": dict(self.dense),
             "layers": {name: dict(spec) for name, spec in self.layers.items()},
         }

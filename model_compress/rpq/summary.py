@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, fields
 
-from ..core.sizes import MB, disk_sizes_line, megabytes, smaller_or_larger
+from ..core.sizes import MB, size_lines
 from .convert import KIND_TIED_HEAD, LayerPlan, LayerResult
 
 # Mean relative output error (per layer) above which the summary warns of a large loss. SmolLM2-135M
@@ -256,15 +256,13 @@ def totals_lines(summary: ConversionSummary) -> list[str]:
     lines = [
         f"converted {summary.converted_layers} layers ({summary.converted_params:,} of {summary.model_params:,} parameters), "
         f"left {len(summary.dense_layers)} dense",
-        f"in memory: {megabytes(summary.original_bytes)} -> {megabytes(summary.compressed_bytes)} "
-        f"{smaller_or_larger(summary.original_bytes, summary.compressed_bytes)}",
         f"converted layers: {summary.bits_per_weight:.3f} bits per weight "
         f"= {summary.code_bits:.3f} (codes) + {summary.codebook_bits:.3f} (codebooks)"
         + (f", budget {summary.budget_bits:g}" if summary.budget_bits is not None else ""),
     ]
-    disk = disk_sizes_line(summary.input_file_bytes, summary.output_file_bytes, summary.input_form or "weight files")
-    if disk is not None:
-        lines.append(disk)
+    lines[1:1] = size_lines(
+        summary.original_bytes, summary.compressed_bytes, summary.input_file_bytes, summary.output_file_bytes, summary.input_form
+    )
     if summary.calibration:
         c = summary.calibration
         lines.append(

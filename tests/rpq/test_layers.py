@@ -334,15 +334,22 @@ def test_shared_input_group_serves_siblings_from_one_computation(monkeypatch):
     assert calls == [2, 2, 2]
 
 
+def _record_route_choices(monkeypatch, chooser: str):
+    """Kernels that record their launches, and the token counts the route table was asked about through ``chooser``."""
+    from model_compress.rpq.kernels import forward as kernels
+
+    recorder, asked = _RecordingKernels(), []
+    monkeypatch.setattr(kernels, "gpu_kernels", lambda tensor: recorder)
+    choose = getattr(kernels, chooser)
+    monkeypatch.setattr(kernels, chooser, lambda *args: asked.append(args[0]) or choose(*args))
+    return recorder, asked
+
+
 def test_a_layers_route_is_chosen_once_per_token_count_and_kept(monkeypatch):
     """The route table is asked on the first call of a token count only; a new count, or other options, asks again."""
     from model_compress.rpq.kernels import forward as kernels
 
-    recorder = _RecordingKernels()
-    monkeypatch.setattr(kernels, "gpu_kernels", lambda tensor: recorder)
-    asked = []
-    choose = kernels.choose_linear_route
-    monkeypatch.setattr(kernels, "choose_linear_route", lambda *args: asked.append(args[0]) or choose(*args))
+    recorder, asked = _record_route_choices(monkeypatch, "choose_linear_route")
     codebooks, indices, routes = torch.zeros(4, 16, 16), torch.zeros(4, 64, dtype=torch.uint8), {}
     bins = lambda: (torch.zeros(1), torch.zeros(1))
     for tokens in (1, 1, 40, 1, 40):
@@ -361,11 +368,7 @@ def test_a_groups_route_is_chosen_once_per_token_count_and_kept(monkeypatch):
     """q/k/v in one launch and the gated down_proj ask the route table once per count too, and keep a miss as a miss."""
     from model_compress.rpq.kernels import forward as kernels
 
-    recorder = _RecordingKernels()
-    monkeypatch.setattr(kernels, "gpu_kernels", lambda tensor: recorder)
-    asked = []
-    choose = kernels.choose_group_route
-    monkeypatch.setattr(kernels, "choose_group_route", lambda *args: asked.append(args[0]) or choose(*args))
+    recorder, asked = _record_route_choices(monkeypatch, "choose_group_route")
     bins = lambda: (torch.zeros(1), torch.zeros(1))
     members, routes = [(torch.zeros(4, 16, 16), bins, None)] * 3, {}
     for tokens in (1, 1, 40, 40, 1):
