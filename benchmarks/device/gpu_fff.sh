@@ -3,6 +3,7 @@
 #   run(command="STAGE=block bash benchmarks/device/gpu_fff.sh", carry=[".device/evalA"])   # block benchmark + checks; stores SmolLM2 part a
 #   run(command="STAGE=smol bash benchmarks/device/gpu_fff.sh", carry=[".device/evalB"])    # SmolLM2-135M: fff-distill + eval at DEPTHS
 #   run(command="STAGE=minilm bash benchmarks/device/gpu_fff.sh", carry=[".device/minilm"]) # all-MiniLM-L6-v2: fff-distill + eval at DEPTHS
+#     (or VARIANTS_FILE=F: one line of `compress fff-distill` arguments per checkpoint)
 # benchmarks/README.md says how the carried folders are made. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-fff}
@@ -24,8 +25,10 @@ if [ "${STAGE:-}" = smol ]; then
 fi
 if [ "${STAGE:-}" = minilm ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/minilm/*.whl || exit 1
-  echo "== all-MiniLM-L6-v2 (float16 copy): fff-distill at depths ${DEPTHS:-2 3 4 5 6}"
-  python3 benchmarks/fff/fff_curve.py .device/minilm --depths ${DEPTHS:-2 3 4 5 6} --device cuda --workdir /tmp/fff-minilm \
+  if [ -n "${VARIANTS_FILE:-}" ]; then mapfile -t CHOICE < "$VARIANTS_FILE"; CHOICE=(--variants "${CHOICE[@]}")
+  else CHOICE=(--depths ${DEPTHS:-2 3 4 5 6}); fi
+  echo "== all-MiniLM-L6-v2 (float16 copy): fff-distill, ${CHOICE[*]}"
+  python3 benchmarks/fff/fff_curve.py .device/minilm "${CHOICE[@]}" --device cuda --workdir /tmp/fff-minilm \
     --out "$OUT/minilm" --repeats 3 --fff-args "${FFF_ARGS:-}" --eval-args "--max-tokens ${MAX_TOKENS:-65536}" 2>&1 \
     | tee "$OUT/minilm.log" | tail -14
   exit 0

@@ -40,6 +40,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", help="what `compress fff-distill` takes; omit for the embedded default (MiniLM)")
     parser.add_argument("--depths", type=int, nargs="+", default=[2, 3, 4, 5, 6])
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="instead of --depths: one `compress fff-distill` argument string per checkpoint, "
+                        "e.g. '--depth 3 --neurons-per-token 0.25' '--depth 2 --steps 0'")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/fff-curve"))
     parser.add_argument("--out", type=Path, default=Path("fff-curve"))
@@ -49,31 +52,33 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
+    variants = args.variants or [f"--depth {depth}" for depth in args.depths]
     rows, first = [], None
-    for depth in args.depths:
-        checkpoint = args.workdir / f"fff-d{depth}"
-        distill = [*COMPRESS, "fff-distill", *([args.model] if args.model else []), "--depth", str(depth), "-o", str(checkpoint)]
+    for number, variant in enumerate(variants):
+        checkpoint = args.workdir / f"fff-v{number}"
+        distill = [*COMPRESS, "fff-distill", *([args.model] if args.model else []), *variant.split(), "-o", str(checkpoint)]
         seconds = run([*distill, "--device", args.device, *args.fff_args.split(), "--force"])
-        report_path = args.out / f"eval-d{depth}.json"
+        report_path = args.out / f"eval-v{number}.json"
         # embedding similarity is measured against the original, so encoders without a head keep it every time
         baseline = [] if first is None or first["metric"] == "embedding" else ["--no-baseline"]
         run([*COMPRESS, "eval", str(checkpoint), "--device", args.device, "--repeats", str(args.repeats), *baseline,
              *args.eval_args.split(), "--json", str(report_path), "--force"])
         report = json.loads(report_path.read_text())
         summary = json.loads((checkpoint / "compression_report.json").read_text())["summary"]
-        (args.out / f"distill-d{depth}.json").write_text(json.dumps(summary, indent=2))
+        (args.out / f"distill-v{number}.json").write_text(json.dumps(summary, indent=2))
         first = first or report
         blocks = summary["blocks"]
         busiest = sum(b["busiest_leaf"] for b in blocks) / len(blocks)
         e2e = summary["e2e"]
         rows.append([
-            f"depth {depth}", f"{2**depth} x {blocks[0]['leaf_width']}", f"{summary['neurons_per_token']:.1%}",
+            variant, f"{blocks[0].get('shared_width', 0)} + {2**blocks[0]['depth']} x {blocks[0]['leaf_width']}",
+            f"{summary['neurons_per_token']:.1%}",
             f"{summary['init_error_mean']:.3f} -> {summary['error_mean']:.3f}", f"{busiest:.0%}",
             f"{e2e['before']:.3f} -> {e2e['after']:.3f}" if e2e.get("before") is not None else "-",
             metric(report["compressed"]["quality"]), *ff_cells(report["compressed"]["latency"]), f"{seconds:.0f}",
         ])
 
-    header = ["model", "leaves x width", "neurons/token", "block error init -> trained", "busiest leaf (mean)",
+    header = ["fff-distill arguments", "shared + leaves x width", "neurons/token", "block error init -> trained", "busiest leaf (mean)",
               "e2e loss", "quality", "prefill ms", "FF ms in prefill", "FF share", "distill s"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     original = first["original"]

@@ -22,8 +22,9 @@ def model_params(model: nn.Module) -> int:
 def by_magnitude(value: float, steps: tuple[tuple[float, str], ...]) -> str:
     """``value`` in the format of the first (bound, format spec) step whose bound its magnitude reaches."""
     for bound, spec in steps:
-        if abs(value) >= bound:
-            return format(value, spec)
+        text = format(value, spec)
+        if abs(float(text.replace(",", ""))) >= bound:  # as printed: 0.9996 is "1.00", not "1"
+            return text
     return format(value, steps[-1][1])
 
 

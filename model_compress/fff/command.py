@@ -24,11 +24,16 @@ def fff_distill(
     ] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the distilled checkpoint to.")] = ...,
     depth: Annotated[int, typer.Option(help="Tree depth: 2**depth leaves, depth routers per token.")] = 3,
-    leaf_width: Annotated[Optional[int], typer.Option(help="Neurons per leaf (default: the block's width / 2**depth, keeping every neuron).")] = None,
+    neurons_per_token: Annotated[
+        Optional[float],
+        typer.Option(help="Share of each block's neurons a token runs, in (0, 1]: the most used neurons always on, plus one leaf (default: 1/2**depth, one leaf alone)."),
+    ] = None,
+    leaf_width: Annotated[Optional[int], typer.Option(help="Neurons per leaf (default: the neurons beside the always-on part / 2**depth, keeping every neuron).")] = None,
     layers: Annotated[Optional[str], typer.Option(help="FF blocks to convert, by layer index: 0-11, 0-3,6 (default: all).")] = None,
     calib: Annotated[Optional[Path], typer.Option(help="A UTF-8 .txt file to calibrate on (default: the packaged calibration samples, web pages, code and several languages; never the eval text).")] = None,
     calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to record (10% are held out to measure the error).")] = 32768,
     seq_len: Annotated[int, typer.Option(help="Calibration window length in tokens.")] = 512,
+    refit: Annotated[bool, typer.Option("--refit/--no-refit", help="Refit each leaf's output rows in closed form on the tokens routed to it.")] = True,
     steps: Annotated[int, typer.Option(help="Training steps per block.")] = 400,
     batch_tokens: Annotated[int, typer.Option(help="Tokens per training step.")] = 1024,
     lr: Annotated[float, typer.Option(help="AdamW learning rate of the per-block training.")] = 1e-3,
@@ -46,7 +51,7 @@ def fff_distill(
     from .pipeline import distill_fff
 
     settings = FFFSettings(
-        depth=depth, leaf_width=leaf_width, layers=layers, steps=steps, batch_tokens=batch_tokens, lr=lr,
+        depth=depth, neurons_per_token=neurons_per_token, leaf_width=leaf_width, refit=refit, layers=layers, steps=steps, batch_tokens=batch_tokens, lr=lr,
         calib_tokens=calib_tokens, seq_len=seq_len, e2e_steps=e2e_steps, e2e_lr=e2e_lr, seed=seed, device=parse_device(device),
     )
     text = calibration_text(calib)

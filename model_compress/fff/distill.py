@@ -27,7 +27,7 @@ from ..core.errors import UserError
 from .blocks import DenseWeights
 from .capture import BlockRecord, Calibration
 from .tree import FastFeedForward, neurons_per_token
-from .tree_init import initialise_tree
+from .tree_init import initialise_tree, oracle_error
 
 MAX_DEPTH = 16
 MIN_SEQ_LEN = 32
@@ -39,7 +39,9 @@ class FFFSettings:
     """The user's knobs for `compress fff-distill` (CLI defaults)."""
 
     depth: int = 3
-    leaf_width: int | None = None  # None: the block's width / 2**depth (the tree keeps every neuron)
+    neurons_per_token: float | None = None  # share of the neurons a token runs (shared part + one leaf); None: 1/2**depth, no shared part
+    leaf_width: int | None = None  # None: the neurons left after the shared part / 2**depth (every neuron kept)
+    refit: bool = True  # each leaf's output rows refitted in closed form on its tokens (off: exact copies)
     layers: str | None = None  # None: every FF block
     steps: int = 400
     batch_tokens: int = 1024
@@ -55,8 +57,19 @@ class FFFSettings:
     seed: int = 0
     device: torch.device = torch.device("cpu")
 
+    def shared_width_for(self, neurons: int) -> int:
+        """Always-on neurons: what the budget leaves beside one leaf, S + (N - S) / 2**depth = F N."""
+        leaves = 2**self.depth
+        if self.neurons_per_token is None:
+            return 0
+        if self.leaf_width is not None:
+            return max(0, min(neurons - self.leaf_width, round(self.neurons_per_token * neurons) - self.leaf_width))
+        return max(0, round(neurons * (self.neurons_per_token * leaves - 1) / (leaves - 1)))
+
     def leaf_width_for(self, neurons: int) -> int:
-        return self.leaf_width if self.leaf_width is not None else max(1, neurons // 2**self.depth)
+        if self.leaf_width is not None:
+            return self.leaf_width
+        return max(1, (neurons - self.shared_width_for(neurons)) // 2**self.depth)
 
     def to_json(self) -> dict:
         values = dict(vars(self))
@@ -68,6 +81,15 @@ def validate_settings(settings: FFFSettings) -> None:
     """Everything that can be checked before a model is loaded."""
     if settings.depth < 1 or settings.depth > MAX_DEPTH:
         raise UserError(f"--depth must be between 1 and {MAX_DEPTH} (got {settings.depth})")
+    share = settings.neurons_per_token
+    if share is not None and not 0 < share <= 1:
+        raise UserError(f"--neurons-per-token must be a fraction in (0, 1] (got {share:g})")
+    if share is not None and settings.leaf_width is None and share * 2**settings.depth < 1 - 1e-9:
+        needed = math.ceil(math.log2(1 / settings.neurons_per_token))
+        raise UserError(
+            f"--neurons-per-token {settings.neurons_per_token:g} needs --depth {needed} or more: at depth {settings.depth} "
+            f"one leaf alone holds 1/{2**settings.depth} of the neurons"
+        )
     if settings.leaf_width is not None and settings.leaf_width < 1:
         raise UserError(f"--leaf-width must be positive (got {settings.leaf_width})")
     if settings.steps < 0 or settings.e2e_steps < 0:
@@ -100,10 +122,13 @@ class BlockResult:
     final_error: float
     busiest_leaf: float  # the largest share of held-out tokens one leaf receives (1/leaves is balanced)
     seconds: float
+    shared_width: int = 0
+    oracle_error: float | None = None  # held-out error with each token sent where its activation mass is
+    router_accuracy: float | None = None  # share of the routers' choices that agree with those labels
 
     @property
     def neurons_per_token(self) -> float:
-        return neurons_per_token(self.depth, self.leaf_width, self.neurons)
+        return neurons_per_token(self.depth, self.leaf_width, self.neurons, self.shared_width)
 
     def to_json(self) -> dict:
         return dict(vars(self)) | {"neurons_per_token": self.neurons_per_token}
@@ -119,6 +144,7 @@ def build_tree(dense: DenseWeights, settings: FFFSettings, device: torch.device)
         gated=dense.w_gate is not None,
         in_bias=dense.b_in is not None,
         out_bias=dense.b_out is not None,
+        shared_width=settings.shared_width_for(dense.width),
         dtype=torch.float32,
         device=device,
     )
@@ -142,16 +168,18 @@ def fit_block(
     dense = _on(dense, device)
     tree = build_tree(dense, settings, device)
     init_rows = record.inputs[: min(fit_rows, INIT_ROWS)].to(device, torch.float32)
-    initialise_tree(tree, dense, init_rows, settings.seed)
+    report = initialise_tree(tree, dense, init_rows, settings.seed, settings.refit)
     tree.eval()
     init_error = relative_error(tree, held_x, held_y)
     _train(tree, record, fit_rows, settings, advance)
     tree.eval()
     with torch.no_grad():
         counts = torch.bincount(tree.route(held_x), minlength=tree.num_leaves)
+        oracle = oracle_error(tree, dense, held_x, held_y)
     result = BlockResult(
         name, index, dense.width, settings.depth, tree.leaf_width, init_error, relative_error(tree, held_x, held_y),
-        counts.max().item() / max(1, held_x.shape[0]), time.perf_counter() - began,
+        counts.max().item() / max(1, held_x.shape[0]), time.perf_counter() - began, tree.shared_width, oracle,
+        report.router_accuracy,
     )
     return tree, result
 

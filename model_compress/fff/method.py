@@ -19,6 +19,11 @@ def _check_tree(name: str, spec: dict, headers: Headers) -> None:
     expected = {"router_weight": [leaves - 1, hidden], "leaf_in": [leaves, width, hidden], "leaf_out": [leaves, width, hidden]}
     if spec.get("gated"):
         expected["leaf_gate"] = [leaves, width, hidden]
+    shared = spec.get("shared_width", 0)
+    if shared:
+        expected |= {"shared_in": [shared, hidden], "shared_out": [shared, hidden]}
+        if spec.get("gated"):
+            expected["shared_gate"] = [shared, hidden]
     for tensor, shape in expected.items():
         key = f"{name}.{tensor}"
         if key not in headers:

@@ -14,6 +14,10 @@ Three forwards, one set of weights:
 
 Leaf weights are stored neuron-major, (leaves, width, hidden) for both projections, so that the soft
 forward is one dense FF over all leaves' neurons with the path probabilities as a per-neuron scale.
+
+Beside the tree, ``shared_width`` neurons run for every token (the block's most used ones, as the
+shared experts of MoE conversions): the block is shared part + one leaf, and with every leaf on it
+is the dense block again. ``shared_width`` 0 is the plain tree.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class FastFeedForward(nn.Module):
         gated: bool = False,
         in_bias: bool = True,
         out_bias: bool = True,
+        shared_width: int = 0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -48,7 +53,10 @@ class FastFeedForward(nn.Module):
             raise ValueError(f"depth must be at least 1 (got {depth})")
         if leaf_width < 1:
             raise ValueError(f"leaf width must be positive (got {leaf_width})")
+        if shared_width < 0:
+            raise ValueError(f"shared width cannot be negative (got {shared_width})")
         self.hidden, self.depth, self.leaf_width, self.gated = hidden, depth, leaf_width, gated
+        self.shared_width = shared_width
         self.activation = activation
         self.temperature = 1.0
         leaves, nodes = 2**depth, 2**depth - 1
@@ -60,13 +68,23 @@ class FastFeedForward(nn.Module):
         self.leaf_gate = nn.Parameter(torch.zeros(leaves, leaf_width, hidden, **options)) if gated else None
         self.leaf_out = nn.Parameter(torch.zeros(leaves, leaf_width, hidden, **options))
         self.out_bias = nn.Parameter(torch.zeros(hidden, **options)) if out_bias else None
+        if shared_width:
+            self.shared_in = nn.Parameter(torch.zeros(shared_width, hidden, **options))
+            self.shared_in_bias = nn.Parameter(torch.zeros(shared_width, **options)) if in_bias else None
+            self.shared_gate = nn.Parameter(torch.zeros(shared_width, hidden, **options)) if gated else None
+            self.shared_out = nn.Parameter(torch.zeros(shared_width, hidden, **options))
+        else:
+            self.shared_in = self.shared_in_bias = self.shared_gate = self.shared_out = None
 
     @property
     def num_leaves(self) -> int:
         return 2**self.depth
 
     def extra_repr(self) -> str:
-        return f"hidden={self.hidden}, depth={self.depth}, leaves={self.num_leaves}, leaf_width={self.leaf_width}, gated={self.gated}"
+        return (
+            f"hidden={self.hidden}, depth={self.depth}, leaves={self.num_leaves}, leaf_width={self.leaf_width}, "
+            f"shared_width={self.shared_width}, gated={self.gated}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -122,24 +140,39 @@ class FastFeedForward(nn.Module):
         """Every leaf, weighted by its path probability (differentiable in routers and leaves)."""
         flat = x.reshape(-1, self.hidden)
         weights = self.leaf_probabilities(flat, temperature).to(flat.dtype)
-        return self._all_leaves(flat, weights.repeat_interleave(self.leaf_width, dim=1)).reshape(x.shape)
+        out = self._all_leaves(flat, weights.repeat_interleave(self.leaf_width, dim=1))
+        return self._plus_shared(flat, out).reshape(x.shape)
 
     def all_leaves_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Every leaf at weight 1: the dense FF the tree was initialised from (its neurons, partitioned)."""
         flat = x.reshape(-1, self.hidden)
-        return self._all_leaves(flat, None).reshape(x.shape)
+        return self._plus_shared(flat, self._all_leaves(flat, None)).reshape(x.shape)
 
     def hard_forward(self, x: torch.Tensor) -> torch.Tensor:
         """One leaf per token: gathered weights for fewer tokens than leaves, else grouped by leaf."""
         flat = x.reshape(-1, self.hidden)
-        leaf = self.route(flat)
+        return self.routed_forward(flat, self.route(flat)).reshape(x.shape)
+
+    def routed_forward(self, flat: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+        """(tokens, hidden) through the given leaf per token (the hard forward's second half; oracle routing)."""
         if flat.shape[0] < self.num_leaves:
             out = self._gathered_leaves(flat, leaf)
         else:
             out = self._grouped_leaves(flat, leaf)
         if self.out_bias is not None:
             out = out + self.out_bias
-        return out.reshape(x.shape)
+        return self._plus_shared(flat, out)
+
+    def shared_activations(self, flat: torch.Tensor) -> torch.Tensor:
+        """(tokens, shared_width): what the always-on neurons pass to their output projection."""
+        pre = F.linear(flat, self.shared_in, self.shared_in_bias)
+        return self._activate(pre, lambda: F.linear(flat, self.shared_gate))
+
+    def _plus_shared(self, flat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` plus the shared neurons' contribution (nothing to add for a plain tree)."""
+        if not self.shared_width:
+            return out
+        return torch.addmm(out, self.shared_activations(flat), self.shared_out)
 
     def _all_leaves(self, flat: torch.Tensor, neuron_scale: torch.Tensor | None) -> torch.Tensor:
         neurons = self.num_leaves * self.leaf_width
@@ -186,9 +219,9 @@ class FastFeedForward(nn.Module):
         return out
 
 
-def neurons_per_token(depth: int, leaf_width: int, dense_width: int) -> float:
-    """The fraction of the dense block's neurons a token evaluates: its path's routers plus one leaf."""
-    return (depth + leaf_width) / dense_width
+def neurons_per_token(depth: int, leaf_width: int, dense_width: int, shared_width: int = 0) -> float:
+    """The fraction of the dense block's neurons a token evaluates: its path's routers, the shared part and one leaf."""
+    return (depth + shared_width + leaf_width) / dense_width
 
 
 def per_token_reference(tree: FastFeedForward, x: torch.Tensor) -> torch.Tensor:
@@ -206,5 +239,11 @@ def per_token_reference(tree: FastFeedForward, x: torch.Tensor) -> torch.Tensor:
             pre = pre + tree.leaf_in_bias[leaf].float()
         hidden = tree.activation(tree.leaf_gate[leaf].float() @ token) * pre if tree.gated else tree.activation(pre)
         out = hidden @ tree.leaf_out[leaf].float()
+        if tree.shared_width:
+            pre = tree.shared_in.float() @ token
+            if tree.shared_in_bias is not None:
+                pre = pre + tree.shared_in_bias.float()
+            shared = tree.activation(tree.shared_gate.float() @ token) * pre if tree.gated else tree.activation(pre)
+            out = out + shared @ tree.shared_out.float()
         rows.append(out + tree.out_bias.float() if tree.out_bias is not None else out)
     return torch.stack(rows)

@@ -1,62 +1,91 @@
-"""Starting a tree close to the dense block it replaces: leaves are the block's own neurons.
+"""Building a tree from the dense block it replaces: shared neurons, exact-subset leaves, classifier routers, refit.
 
-The neurons are split recursively down the tree, each split in two equal halves along the main
-direction of their co-activation (the first principal component of what each neuron contributes,
-token by token, on calibration inputs), so neurons that fire together share a subtree. Each router
-is then fitted, by ridge regression on the calibration inputs that reach its node, to predict
-whether the right or the left half contributes more to the token's output: a token goes where its
-largest activations are. A leaf starts as its group of neurons (trimmed to the leaf width by
-contribution, or padded with silent neurons). With every leaf at weight 1 the tree then computes
-the dense block exactly; training teaches each leaf to stand in for the whole block.
+What MoE conversions of pretrained FF blocks learned (MoEfication, CMoE, Deja Vu), applied to one tree:
+
+1. **Shared neurons.** The ``shared_width`` neurons that carry the most activation mass on calibration
+   tokens (|activation| times the norm of their output row, averaged) run for every token.
+2. **Exact-subset leaves.** The other neurons are split recursively into balanced halves along the main
+   direction of their co-activation (the first principal component of each neuron's mass profile over
+   tokens), so neurons that fire together share a subtree; a leaf is its group, copied unchanged. With
+   every leaf on, shared part + leaves is the dense block exactly.
+3. **Routers as classifiers.** At each node, a token's label is the half of the node's neurons that holds
+   more of its activation mass (the output contribution, not only a count); the router is a logistic
+   regression on the tokens that reach the node under the routers above it, each token weighted by how
+   much mass the choice decides. It is fitted in torch (L-BFGS, on the device the rows are on) rather than
+   with scikit-learn's ``LogisticRegression``: the rows are on the GPU already and one node's fit is a few
+   dozen matrix products there.
+4. **Refit.** Each leaf's output projection is refitted in closed form on the tokens routed to it, to the
+   dense output minus the shared part: ridge regression towards the copied rows, so the leaf's error on
+   those tokens can only fall (the copy is one of the solutions the fit weighs).
+
+The report gives the hard tree's error under the oracle routing (each token sent where its mass is) and
+under the learned routers, before the refit: the gap is what routing loses.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 from .blocks import DenseWeights
 from .tree import FastFeedForward
 
-RIDGE = 1e-3  # relative to the mean diagonal of the inputs' second moment
+ROUTER_L2 = 1e-3  # logistic regression's L2 penalty on standardised inputs, per token
+ROUTER_ITERATIONS = 60
+REFIT_RIDGE = 1e-2  # relative to the mean diagonal of the leaf activations' second moment
 
 
-def initialise_tree(tree: FastFeedForward, dense: DenseWeights, inputs: torch.Tensor, seed: int = 0) -> None:
-    """Fill ``tree`` (float32, on ``inputs``' device) from ``dense`` and calibration ``inputs`` (tokens, hidden)."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+@dataclass
+class InitReport:
+    """Relative errors of the hard tree on the initialisation rows, by routing (before the refit) and after."""
+
+    oracle_error: float
+    routed_error: float
+    refit_error: float
+    router_accuracy: float  # share of (token, node) choices the routers make as the labels would
+
+
+def initialise_tree(tree: FastFeedForward, dense: DenseWeights, inputs: torch.Tensor, seed: int = 0, refit: bool = True) -> InitReport:
+    """Fill ``tree`` (float32, on ``inputs``' device) from ``dense`` and calibration ``inputs`` (tokens, hidden).
+
+    Without ``refit`` the leaves stay exact copies of the block's neurons (every leaf on: the dense block)."""
     x = inputs.float()
-    contribution = dense.neuron_activations(x).abs() * dense.w_out.norm(dim=1)  # (tokens, width)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # svd_lowrank's random start
-        groups, routed = _split_neurons(tree, x, contribution)
     with torch.no_grad():
-        for leaf, neurons in enumerate(groups):
-            tokens = routed == leaf
-            weight = contribution[tokens].mean(0) if tokens.any() else contribution.mean(0)
-            _fill_leaf(tree, leaf, dense, neurons, weight, generator)
-        if tree.out_bias is not None:
-            tree.out_bias.zero_()
-            if dense.b_out is not None:
-                tree.out_bias.copy_(dense.b_out)
+        activations = dense.neuron_activations(x)
+        mass = activations.abs() * dense.w_out.norm(dim=1)  # (tokens, width): each neuron's share of the output
+        target = dense.forward(x)
+        shared = torch.argsort(mass.mean(0), descending=True)[: tree.shared_width]
+        rest = _complement(shared, dense.width, x.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # svd_lowrank's random start
+            groups = _split(rest, mass, tree.depth)
+        _copy_neurons(tree, dense, shared, groups, mass)
+        oracle = oracle_leaves(tree, x)
+    accuracy = _fit_routers(tree, x, mass, groups)
+    with torch.no_grad():
+        oracle_error = _error(tree, x, target, oracle)
+        routed = tree.route(x)
+        routed_error = _error(tree, x, target, routed)
+        if refit:
+            _refit_outputs(tree, x, target, routed)
+        refit_error = _error(tree, x, target, routed)
+    return InitReport(oracle_error, routed_error, refit_error, accuracy)
 
 
-def _split_neurons(tree: FastFeedForward, x: torch.Tensor, contribution: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Neuron groups per leaf (heap order) and each calibration token's leaf under the fitted routers."""
-    node_neurons = {0: torch.arange(contribution.shape[1], device=x.device)}
-    node_of_token = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    for node in range(tree.num_leaves - 1):
-        neurons = node_neurons.pop(node)
-        reaching = node_of_token == node
-        sample = reaching if reaching.sum() >= 2 else torch.ones_like(reaching)  # no tokens here: fit on all
-        left, right = _halve(contribution[sample][:, neurons], neurons)
-        node_neurons[2 * node + 1], node_neurons[2 * node + 2] = left, right
-        weight, bias = _fit_router(x[sample], contribution[sample], left, right)
-        with torch.no_grad():
-            tree.router_weight[node].copy_(weight)
-            tree.router_bias[node].copy_(bias)
-        goes_right = (x[reaching] @ weight + bias) > 0
-        node_of_token[reaching] = 2 * node + 1 + goes_right.long()
-    first_leaf = tree.num_leaves - 1
-    return [node_neurons[first_leaf + leaf] for leaf in range(tree.num_leaves)], node_of_token - first_leaf
+def _complement(chosen: torch.Tensor, width: int, device: torch.device) -> torch.Tensor:
+    keep = torch.ones(width, dtype=torch.bool, device=device)
+    keep[chosen] = False
+    return torch.arange(width, device=device)[keep]
+
+
+def _split(neurons: torch.Tensor, mass: torch.Tensor, depth: int) -> list[torch.Tensor]:
+    """Leaf groups in heap order: ``neurons`` halved ``depth`` times along their co-activation."""
+    groups = [neurons]
+    for _ in range(depth):
+        groups = [half for group in groups for half in _halve(mass[:, group], group)]
+    return groups
 
 
 def _halve(profiles: torch.Tensor, neurons: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,43 +95,137 @@ def _halve(profiles: torch.Tensor, neurons: torch.Tensor) -> tuple[torch.Tensor,
     columns = profiles / (profiles.norm(dim=0, keepdim=True) + 1e-12)
     centred = (columns - columns.mean(1, keepdim=True)).T  # one row per neuron
     _, _, directions = torch.svd_lowrank(centred, q=2, niter=4)
-    score = centred @ directions[:, 0]
-    order = torch.argsort(score)
+    order = torch.argsort(centred @ directions[:, 0])
     half = neurons.numel() // 2
     return neurons[order[:half]], neurons[order[half:]]
 
 
-def _fit_router(x: torch.Tensor, contribution: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ridge regression of (right half's contribution - left half's) on the inputs: its sign routes."""
-    target = contribution[:, right].sum(1) - contribution[:, left].sum(1)
-    mean_x, mean_t = x.mean(0), target.mean()
-    centred = x - mean_x
-    gram = centred.T @ centred
-    ridge = RIDGE * gram.diagonal().mean().clamp_min(1e-12)
-    weight = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], device=x.device), centred.T @ (target - mean_t))
-    return weight, mean_t - mean_x @ weight
+def _node_groups(groups: list[torch.Tensor], depth: int, node: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The neurons under node's left and right child (leaves below each, joined)."""
+    level = (node + 1).bit_length() - 1
+    first = (node - (2**level - 1)) * 2 ** (depth - level)
+    span = 2 ** (depth - level - 1)
+    left = torch.cat(groups[first : first + span])
+    right = torch.cat(groups[first + span : first + 2 * span])
+    return left, right
 
 
-def _fill_leaf(tree: FastFeedForward, leaf: int, dense: DenseWeights, neurons: torch.Tensor, weight: torch.Tensor, generator) -> None:
-    """Copy the group's neurons into the leaf: the strongest ``leaf_width`` of them, or all plus silent padding."""
-    width = tree.leaf_width
-    if neurons.numel() > width:
-        neurons = neurons[torch.argsort(weight[neurons], descending=True)[:width]]
+def oracle_leaves(tree: FastFeedForward, x: torch.Tensor) -> torch.Tensor:
+    """Each token's leaf when every node sends it to the subtree whose neurons carry more of its activation mass."""
+    mass = torch.stack([_leaf_activations(tree, x, leaf).abs() @ tree.leaf_out[leaf].norm(dim=1) for leaf in range(tree.num_leaves)], 1)
+    leaf = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    for level in range(tree.depth):
+        span = 2 ** (tree.depth - level - 1)  # leaves under each child at this level
+        subtrees = mass.view(x.shape[0], -1, span).sum(2)  # (tokens, 2**(level+1))
+        left = subtrees.gather(1, (2 * leaf)[:, None]).squeeze(1)
+        right = subtrees.gather(1, (2 * leaf + 1)[:, None]).squeeze(1)
+        leaf = 2 * leaf + (right > left).long()
+    return leaf
+
+
+def oracle_error(tree: FastFeedForward, dense: DenseWeights, x: torch.Tensor, target: torch.Tensor) -> float:
+    """The hard tree's relative error on ``x`` under oracle routing: what perfect routers would reach."""
+    return _error(tree, x, target, oracle_leaves(tree, x))
+
+
+def _copy_neurons(tree: FastFeedForward, dense: DenseWeights, shared: torch.Tensor, groups: list[torch.Tensor], mass: torch.Tensor) -> None:
+    """The shared neurons and each leaf's group, copied (a group longer than the leaf keeps its strongest)."""
+    if tree.shared_width:
+        _copy_rows(dense, shared, tree.shared_in, tree.shared_in_bias, tree.shared_gate, tree.shared_out)
+    for leaf, group in enumerate(groups):
+        if group.numel() > tree.leaf_width:
+            group = group[torch.argsort(mass[:, group].mean(0), descending=True)[: tree.leaf_width]]
+        gate = tree.leaf_gate[leaf] if tree.leaf_gate is not None else None
+        bias = tree.leaf_in_bias[leaf] if tree.leaf_in_bias is not None else None
+        _copy_rows(dense, group, tree.leaf_in[leaf], bias, gate, tree.leaf_out[leaf])
+    if tree.out_bias is not None:
+        tree.out_bias.copy_(dense.b_out if dense.b_out is not None else torch.zeros_like(tree.out_bias))
+
+
+def _copy_rows(dense: DenseWeights, neurons: torch.Tensor, w_in, b_in, w_gate, w_out) -> None:
+    """Rows ``neurons`` of the block into a part of the tree; rows past them stay zero (silent neurons)."""
     count = neurons.numel()
-    tree.leaf_in[leaf].zero_()
-    tree.leaf_out[leaf].zero_()
-    tree.leaf_in[leaf, :count] = dense.w_in[neurons]
-    tree.leaf_out[leaf, :count] = dense.w_out[neurons]
-    if count < width:  # padded neurons: small random inputs so they can learn, zero output so they start silent
-        scale = dense.w_in.std().item()
-        noise = torch.randn(width - count, dense.hidden, generator=generator) * scale
-        tree.leaf_in[leaf, count:] = noise.to(tree.leaf_in.device)
+    for tensor in (w_in, b_in, w_gate, w_out):
+        if tensor is not None:
+            tensor.zero_()
+    w_in[:count] = dense.w_in[neurons]
+    w_out[:count] = dense.w_out[neurons]
+    if b_in is not None and dense.b_in is not None:
+        b_in[:count] = dense.b_in[neurons]
+    if w_gate is not None:
+        w_gate[:count] = dense.w_gate[neurons]
+
+
+def _fit_routers(tree: FastFeedForward, x: torch.Tensor, mass: torch.Tensor, groups: list[torch.Tensor]) -> float:
+    """Each router a weighted logistic regression on its node's labels; returns the share of choices made right."""
+    node_of_token = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    right_choices, choices = 0, 0
+    for node in range(tree.num_leaves - 1):
+        reaching = node_of_token == node
+        left, right = _node_groups(groups, tree.depth, node)
+        sample = reaching if reaching.sum() >= 2 else torch.ones_like(reaching)  # no tokens here: fit on all
+        difference = mass[sample][:, right].sum(1) - mass[sample][:, left].sum(1)
+        weight, bias = _logistic_regression(x[sample], difference > 0, difference.abs())
+        with torch.no_grad():
+            tree.router_weight[node].copy_(weight)
+            tree.router_bias[node].copy_(bias)
+            goes_right = (x[reaching] @ weight + bias) > 0
+            labels = (mass[reaching][:, right].sum(1) - mass[reaching][:, left].sum(1)) > 0
+            right_choices += int((goes_right == labels).sum())
+            choices += int(reaching.sum())
+            node_of_token[reaching] = 2 * node + 1 + goes_right.long()
+    return right_choices / max(1, choices)
+
+
+def _logistic_regression(x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of a logistic regression on ``x``, tokens weighted by ``weights``, L2 on standardised inputs."""
+    mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)
+    standard = (x - mean) / scale
+    sample_weights = weights / weights.sum().clamp_min(1e-12)
+    target = labels.float()
+    w = torch.zeros(x.shape[1], device=x.device, requires_grad=True)
+    b = torch.zeros((), device=x.device, requires_grad=True)
+    optimiser = torch.optim.LBFGS([w, b], lr=1.0, max_iter=ROUTER_ITERATIONS, line_search_fn="strong_wolfe")
+
+    def loss_and_grad():
+        optimiser.zero_grad()
+        logits = standard @ w + b
+        loss = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * sample_weights).sum()
+        loss = loss + ROUTER_L2 * w.square().sum() / x.shape[0]
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimiser.step(loss_and_grad)
+    weight = (w / scale).detach()
+    return weight, (b - mean @ weight).detach()
+
+
+def _refit_outputs(tree: FastFeedForward, x: torch.Tensor, target: torch.Tensor, leaves: torch.Tensor) -> None:
+    """Each leaf's output rows: ridge regression towards the copied rows on the tokens routed to it."""
+    residual = target - (tree.out_bias if tree.out_bias is not None else 0)
+    if tree.shared_width:
+        residual = residual - tree.shared_activations(x) @ tree.shared_out
+    for leaf in range(tree.num_leaves):
+        tokens = leaves == leaf
+        if tokens.sum() < 2:
+            continue
+        hidden = _leaf_activations(tree, x[tokens], leaf)
+        gram = hidden.T @ hidden
+        ridge = REFIT_RIDGE * gram.diagonal().mean().clamp_min(1e-12)
+        start = tree.leaf_out[leaf]
+        correction = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], device=x.device), hidden.T @ (residual[tokens] - hidden @ start))
+        tree.leaf_out[leaf].add_(correction)
+
+
+def _leaf_activations(tree: FastFeedForward, x: torch.Tensor, leaf: int) -> torch.Tensor:
+    pre = x @ tree.leaf_in[leaf].T
     if tree.leaf_in_bias is not None:
-        tree.leaf_in_bias[leaf].zero_()
-        if dense.b_in is not None:
-            tree.leaf_in_bias[leaf, :count] = dense.b_in[neurons]
-    if tree.leaf_gate is not None:
-        tree.leaf_gate[leaf].zero_()
-        tree.leaf_gate[leaf, :count] = dense.w_gate[neurons]
-        if count < width:
-            tree.leaf_gate[leaf, count:] = tree.leaf_in[leaf, count:]
+        pre = pre + tree.leaf_in_bias[leaf]
+    return tree.activation(x @ tree.leaf_gate[leaf].T) * pre if tree.gated else tree.activation(pre)
+
+
+def _error(tree: FastFeedForward, x: torch.Tensor, target: torch.Tensor, leaves: torch.Tensor) -> float:
+    """||tree(x) - target|| / ||target|| with the given leaf per token."""
+    out = tree.routed_forward(x, leaves)
+    return ((out - target).norm() / target.norm().clamp_min(1e-12)).item()

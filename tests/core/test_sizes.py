@@ -9,7 +9,7 @@ from model_compress.core.sizes import disk_sizes_line, larger_than_input_warning
 
 @pytest.mark.parametrize(
     "value, text",
-    [(6440.629, "6,441"), (120.4, "120"), (12.34, "12.3"), (1.146, "1.15"), (1.0, "1.00"), (0.128, "0.128"), (0.02684, "0.0268")],
+    [(6440.629, "6,441"), (120.4, "120"), (12.34, "12.3"), (1.146, "1.15"), (1.0, "1.00"), (0.128, "0.128"), (0.02684, "0.0268"), (0.9996, "1.00"), (999.7, "1,000")],
 )
 def test_ratios_take_digits_by_magnitude(value, text):
     assert ratio(value) == text
