@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 MB = 1e6
+SAME_SIZE = 0.005  # sizes within half a percent are the same size (routers added to an FFF block, say)
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -46,6 +47,8 @@ def smaller_or_larger(before: int, after: int) -> str:
     """'(3.23x smaller)' or '(1.70x LARGER)': which way a size went, in plain words."""
     if after <= 0 or before <= 0:
         return ""
+    if abs(after / before - 1) < SAME_SIZE:
+        return "(the same size)"
     if after <= before:
         return f"({ratio(before / after)}x smaller)"
     return f"({ratio(after / before)}x LARGER)"
@@ -65,7 +68,7 @@ def disk_sizes_line(input_bytes: int | None, output_bytes: int | None, input_lab
 
 def larger_than_input_warning(input_bytes: int | None, output_bytes: int | None, input_label: str) -> str | None:
     """Plain words when the result takes more disk than what the user started from (a quantized GGUF, say)."""
-    if input_bytes is None or output_bytes is None or output_bytes <= input_bytes:
+    if input_bytes is None or output_bytes is None or output_bytes <= input_bytes * (1 + SAME_SIZE):
         return None
     return (
         f"the output's weights ({megabytes(output_bytes)}) are larger on disk than the input ({megabytes(input_bytes)}, "

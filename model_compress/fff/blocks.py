@@ -24,6 +24,9 @@ OPT's dropouts and GPT-2's ``mlp.dropout`` in the model's own forward.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import re
 from dataclasses import dataclass
 
@@ -222,6 +225,19 @@ def install_tree(model: nn.Module, block: Block, tree: nn.Module) -> None:
     for part in block.layout.passthrough:
         model.set_submodule(block.path(part), PassThrough())
     model.set_submodule(block.replaced_name, tree)
+
+
+@contextlib.contextmanager
+def swapped(model: nn.Module, block: Block, tree: nn.Module) -> Iterator[None]:
+    """``tree`` in the block's place for the duration of a ``with`` block, the original parts put back after."""
+    names = [block.replaced_name, *(block.path(part) for part in block.layout.passthrough)]
+    kept = {name: model.get_submodule(name) for name in names}
+    install_tree(model, block, tree)
+    try:
+        yield
+    finally:
+        for name, module in kept.items():
+            model.set_submodule(name, module)
 
 
 def block_activation(model: nn.Module, block: Block) -> nn.Module:

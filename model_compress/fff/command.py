@@ -33,6 +33,9 @@ def fff_distill(
     calib: Annotated[Optional[Path], typer.Option(help="A UTF-8 .txt file to calibrate on (default: the packaged calibration samples, web pages, code and several languages; never the eval text).")] = None,
     calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to record (10% are held out to measure the error).")] = 32768,
     seq_len: Annotated[int, typer.Option(help="Calibration window length in tokens.")] = 512,
+    allocate: Annotated[
+        bool, typer.Option("--allocate/--uniform", help="With --neurons-per-token: measure the model with each block replaced and give more neurons where it loses most, at that mean (5x the building time).")
+    ] = False,
     refit: Annotated[bool, typer.Option("--refit/--no-refit", help="Refit each leaf's output rows in closed form on the tokens routed to it.")] = True,
     steps: Annotated[int, typer.Option(help="Training steps per block.")] = 400,
     batch_tokens: Annotated[int, typer.Option(help="Tokens per training step.")] = 1024,
@@ -51,7 +54,7 @@ def fff_distill(
     from .pipeline import distill_fff
 
     settings = FFFSettings(
-        depth=depth, neurons_per_token=neurons_per_token, leaf_width=leaf_width, refit=refit, layers=layers, steps=steps, batch_tokens=batch_tokens, lr=lr,
+        depth=depth, neurons_per_token=neurons_per_token, leaf_width=leaf_width, refit=refit, allocate=allocate, layers=layers, steps=steps, batch_tokens=batch_tokens, lr=lr,
         calib_tokens=calib_tokens, seq_len=seq_len, e2e_steps=e2e_steps, e2e_lr=e2e_lr, seed=seed, device=parse_device(device),
     )
     text = calibration_text(calib)

@@ -42,6 +42,7 @@ class FFFSettings:
     neurons_per_token: float | None = None  # share of the neurons a token runs (shared part + one leaf); None: 1/2**depth, no shared part
     leaf_width: int | None = None  # None: the neurons left after the shared part / 2**depth (every neuron kept)
     refit: bool = True  # each leaf's output rows refitted in closed form on its tokens (off: exact copies)
+    allocate: bool = False  # with neurons_per_token: shares per block from the model's loss, at that mean (measured: no gain)
     layers: str | None = None  # None: every FF block
     steps: int = 400
     batch_tokens: int = 1024
@@ -160,16 +161,8 @@ def fit_block(
 ) -> tuple[FastFeedForward, BlockResult]:
     """Initialise a tree from ``dense`` and train it on ``record``; returns it (float32, eval mode) and its figures."""
     began = time.perf_counter()
-    device = settings.device
-    rows = record.inputs.shape[0]
-    fit_rows = max(1, min(rows - 1, round(rows * (1 - settings.holdout))))
-    held_x = record.inputs[fit_rows:].to(device, torch.float32)
-    held_y = record.outputs[fit_rows:].to(device, torch.float32)
-    dense = _on(dense, device)
-    tree = build_tree(dense, settings, device)
-    init_rows = record.inputs[: min(fit_rows, INIT_ROWS)].to(device, torch.float32)
-    report = initialise_tree(tree, dense, init_rows, settings.seed, settings.refit)
-    tree.eval()
+    dense = on_device(dense, settings.device)
+    tree, report, fit_rows, held_x, held_y = initialised_tree(dense, record, settings)
     init_error = relative_error(tree, held_x, held_y)
     _train(tree, record, fit_rows, settings, advance)
     tree.eval()
@@ -185,13 +178,30 @@ def fit_block(
 
 
 
+def initialised_tree(dense: DenseWeights, record: BlockRecord, settings: FFFSettings):
+    """A tree built from ``dense`` on the record's fit rows (no training yet), in eval mode.
+
+    Returns (tree, init report, number of fit rows, held-out inputs, held-out outputs): the last share of
+    the rows (other documents) is held out for every error reported.
+    """
+    device = settings.device
+    rows = record.inputs.shape[0]
+    fit_rows = max(1, min(rows - 1, round(rows * (1 - settings.holdout))))
+    held_x = record.inputs[fit_rows:].to(device, torch.float32)
+    held_y = record.outputs[fit_rows:].to(device, torch.float32)
+    tree = build_tree(dense, settings, device)
+    init_rows = record.inputs[: min(fit_rows, INIT_ROWS)].to(device, torch.float32)
+    report = initialise_tree(tree, dense, init_rows, settings.seed, settings.refit)
+    return tree.eval(), report, fit_rows, held_x, held_y
+
+
 def relative_error(tree: FastFeedForward, x: torch.Tensor, y: torch.Tensor) -> float:
     """||hard tree(x) - y|| / ||y|| over all rows."""
     with torch.no_grad():
         return ((tree.hard_forward(x) - y).norm() / y.norm().clamp_min(1e-12)).item()
 
 
-def _on(dense: DenseWeights, device: torch.device) -> DenseWeights:
+def on_device(dense: DenseWeights, device: torch.device) -> DenseWeights:
     def move(tensor):
         return tensor.to(device) if tensor is not None else None
 
@@ -261,9 +271,9 @@ def distill_end_to_end(
         rows = torch.randint(0, max(1, fit_windows), (min(settings.e2e_batch, max(1, fit_windows)),), generator=generator)
         ids, mask = batch(rows)
         with torch.no_grad():
-            target = _outputs(teacher, ids, mask)
+            target = model_outputs(teacher, ids, mask)
         _set_soft(trees, settings.final_temperature)
-        loss = _distance(_outputs(student, ids, mask), target, mask)
+        loss = output_distance(model_outputs(student, ids, mask), target, mask)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -283,7 +293,7 @@ def _held_out_loss(student, teacher, trees, batch, rows: torch.Tensor, settings:
     with torch.no_grad():
         for start in range(0, rows.numel(), settings.e2e_batch):
             ids, mask = batch(rows[start : start + settings.e2e_batch])
-            total += _distance(_outputs(student, ids, mask), _outputs(teacher, ids, mask), mask).item() * ids.shape[0]
+            total += output_distance(model_outputs(student, ids, mask), model_outputs(teacher, ids, mask), mask).item() * ids.shape[0]
     return total / max(1, rows.numel())
 
 
@@ -293,7 +303,7 @@ def _set_soft(trees: list[FastFeedForward], temperature: float) -> None:
         tree.temperature = temperature
 
 
-def _outputs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[str, torch.Tensor]:
+def model_outputs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[str, torch.Tensor]:
     output = model(input_ids=ids, attention_mask=mask)
     logits = getattr(output, "logits", None)
     if logits is not None:
@@ -301,7 +311,7 @@ def _outputs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[s
     return "hidden", output.last_hidden_state.float()
 
 
-def _distance(student: tuple[str, torch.Tensor], teacher: tuple[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+def output_distance(student: tuple[str, torch.Tensor], teacher: tuple[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student) per token for logits; MSE over the teacher's variance for hidden states."""
     kind, predicted = student
     _, target = teacher

@@ -6,7 +6,7 @@ import copy
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -23,6 +23,7 @@ from .blocks import Block, dense_weights, find_blocks, install_tree, intermediat
 from .capture import calibration_windows, record_blocks
 from .distill import BlockResult, FFFSettings, check_depth, distill_end_to_end, fit_block, validate_settings
 from .quantizer import FFFConfig, attach_fff, tree_spec
+from .allocate import ModelProbe, candidate_shares, choose_shares, measure
 from .summary import DistillSummary, render_model_card
 
 MIN_CALIBRATION_TOKENS = 512
@@ -96,11 +97,13 @@ def distill_fff(
     observer.stage(f"recording {len(blocks)} FF blocks on {windows.tokens:,} calibration tokens", windows.input_ids.shape[0])
     records = record_blocks(network, blocks, windows, settings.device, advance=observer.advance)
 
+    shares = _block_shares(network, blocks, records, windows, settings, observer)
     results: list[BlockResult] = []
     specs: dict[str, dict] = {}
-    for block in blocks:
+    for block, share in zip(blocks, shares):
         observer.stage(f"{block.owner}: fitting a depth-{settings.depth} tree", settings.steps)
-        tree, result = fit_block(block.owner, block.index, dense_weights(network, block), records.pop(block.index), settings, observer.advance)
+        block_settings = replace(settings, neurons_per_token=share)
+        tree, result = fit_block(block.owner, block.index, dense_weights(network, block), records.pop(block.index), block_settings, observer.advance)
         specs[block.replaced_name] = tree_spec(block, tree, result.neurons)
         install_tree(network, block, tree)
         results.append(result)
@@ -155,6 +158,20 @@ def check_blocks(network: nn.Module, settings: FFFSettings) -> list[Block]:
 
 def _has_logits(model: nn.Module) -> bool:
     return model.get_output_embeddings() is not None
+
+
+def _block_shares(network: nn.Module, blocks, records, windows, settings: FFFSettings, observer) -> list[float | None]:
+    """The share of neurons each block keeps: the asked one everywhere, or measured and allocated (``allocate``)."""
+    if settings.neurons_per_token is None or not settings.allocate or len(blocks) < 2:
+        return [settings.neurons_per_token] * len(blocks)
+    options = len(candidate_shares(settings))
+    observer.stage(f"measuring the model with each of {len(blocks)} blocks as a tree at {options} shares", len(blocks) * options)
+    probe = ModelProbe(network, windows, settings.device)
+    measured = [
+        measure(network, block, dense_weights(network, block), records[block.index], settings, probe, observer.advance)
+        for block in blocks
+    ]
+    return choose_shares(measured, settings.neurons_per_token)
 
 
 def _write(folder: Path, network: nn.Module, tokenizer, config: FFFConfig, summary: DistillSummary, source: ModelSource) -> None:

@@ -23,6 +23,7 @@ def test_megabytes_never_round_a_small_size_to_zero(count, text):
 def test_which_way_a_size_went_is_said_in_words():
     assert smaller_or_larger(538, 76) == "(7.08x smaller)"
     assert smaller_or_larger(98, 166) == "(1.69x LARGER)"
+    assert smaller_or_larger(90_900, 90_930) == "(the same size)"
 
 
 def test_the_disk_line_and_the_warning_compare_against_the_input_as_given():
@@ -33,3 +34,4 @@ def test_the_disk_line_and_the_warning_compare_against_the_input_as_given():
     assert "166 MB" in warning and "98.4 MB" in warning and "larger on disk" in warning
     assert larger_than_input_warning(166_300_000, 98_400_000, "GGUF") is None
     assert larger_than_input_warning(None, 98_400_000, "GGUF") is None
+    assert larger_than_input_warning(90_900_000, 90_930_000, "weight files") is None  # routers beside an FFF block
