@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 MB = 1e6
+DEFAULT_INPUT_FORM = "weight files"  # how an input is named when the summary does not say (older reports)
 SAME_SIZE = 0.005  # sizes within half a percent are the same size (routers added to an FFF block, say)
 
 
@@ -66,8 +67,9 @@ def disk_sizes_line(input_bytes: int | None, output_bytes: int | None, input_lab
     )
 
 
-def larger_than_input_warning(input_bytes: int | None, output_bytes: int | None, input_label: str) -> str | None:
+def larger_than_input_warning(input_bytes: int | None, output_bytes: int | None, input_label: str | None) -> str | None:
     """Plain words when the result takes more disk than what the user started from (a quantized GGUF, say)."""
+    input_label = input_label or DEFAULT_INPUT_FORM
     if input_bytes is None or output_bytes is None or output_bytes <= input_bytes * (1 + SAME_SIZE):
         return None
     return (
@@ -81,5 +83,5 @@ def size_lines(
 ) -> list[str]:
     """The size lines of a method's summary: in memory, then on disk against the input as given (when saved)."""
     lines = [f"in memory: {megabytes(original_bytes)} -> {megabytes(result_bytes)} {smaller_or_larger(original_bytes, result_bytes)}"]
-    disk = disk_sizes_line(input_bytes, output_bytes, input_form or "weight files")
+    disk = disk_sizes_line(input_bytes, output_bytes, input_form or DEFAULT_INPUT_FORM)
     return lines + ([disk] if disk is not None else [])

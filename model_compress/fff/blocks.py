@@ -129,7 +129,11 @@ class DenseWeights:
         return self.activation(x @ self.w_gate.T) * pre if self.w_gate is not None else self.activation(pre)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.neuron_activations(x) @ self.w_out
+        return self.project(self.neuron_activations(x))
+
+    def project(self, activations: torch.Tensor) -> torch.Tensor:
+        """The block's output from its neurons' activations (the second half of ``forward``)."""
+        out = activations @ self.w_out
         return out + self.b_out if self.b_out is not None else out
 
 

@@ -69,7 +69,7 @@ def fff_distill(
 
     print_table_and_lines("FFF distillation", *table_rows(run.summary), totals_lines(run.summary))
     summary = run.summary
-    warning = larger_than_input_warning(summary.input_file_bytes, summary.output_file_bytes, summary.input_form or "weight files")
+    warning = larger_than_input_warning(summary.input_file_bytes, summary.output_file_bytes, summary.input_form)
     if warning:
         console.print(f"warning: {warning}", style="yellow", highlight=False, soft_wrap=True)
     console.print(

@@ -162,17 +162,16 @@ def fit_block(
     """Initialise a tree from ``dense`` and train it on ``record``; returns it (float32, eval mode) and its figures."""
     began = time.perf_counter()
     dense = on_device(dense, settings.device)
-    tree, report, fit_rows, held_x, held_y = initialised_tree(dense, record, settings)
+    tree, router_accuracy, fit_rows, held_x, held_y = initialised_tree(dense, record, settings)
     init_error = relative_error(tree, held_x, held_y)
     _train(tree, record, fit_rows, settings, advance)
     tree.eval()
     with torch.no_grad():
         counts = torch.bincount(tree.route(held_x), minlength=tree.num_leaves)
-        oracle = oracle_error(tree, dense, held_x, held_y)
+        oracle = oracle_error(tree, held_x, held_y)
     result = BlockResult(
         name, index, dense.width, settings.depth, tree.leaf_width, init_error, relative_error(tree, held_x, held_y),
-        counts.max().item() / max(1, held_x.shape[0]), time.perf_counter() - began, tree.shared_width, oracle,
-        report.router_accuracy,
+        counts.max().item() / max(1, held_x.shape[0]), time.perf_counter() - began, tree.shared_width, oracle, router_accuracy,
     )
     return tree, result
 
@@ -181,7 +180,7 @@ def fit_block(
 def initialised_tree(dense: DenseWeights, record: BlockRecord, settings: FFFSettings):
     """A tree built from ``dense`` on the record's fit rows (no training yet), in eval mode.
 
-    Returns (tree, init report, number of fit rows, held-out inputs, held-out outputs): the last share of
+    Returns (tree, router accuracy, number of fit rows, held-out inputs, held-out outputs): the last share of
     the rows (other documents) is held out for every error reported.
     """
     device = settings.device
@@ -191,8 +190,8 @@ def initialised_tree(dense: DenseWeights, record: BlockRecord, settings: FFFSett
     held_y = record.outputs[fit_rows:].to(device, torch.float32)
     tree = build_tree(dense, settings, device)
     init_rows = record.inputs[: min(fit_rows, INIT_ROWS)].to(device, torch.float32)
-    report = initialise_tree(tree, dense, init_rows, settings.seed, settings.refit)
-    return tree.eval(), report, fit_rows, held_x, held_y
+    router_accuracy = initialise_tree(tree, dense, init_rows, settings.seed, settings.refit)
+    return tree.eval(), router_accuracy, fit_rows, held_x, held_y
 
 
 def relative_error(tree: FastFeedForward, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -163,6 +163,12 @@ class FastFeedForward(nn.Module):
             out = out + self.out_bias
         return self._plus_shared(flat, out)
 
+    def leaf_activations(self, flat: torch.Tensor, leaf: int) -> torch.Tensor:
+        """(tokens, leaf_width): what one leaf's neurons pass to its output projection, for every row of ``flat``."""
+        bias = self.leaf_in_bias[leaf] if self.leaf_in_bias is not None else None
+        pre = F.linear(flat, self.leaf_in[leaf], bias)
+        return self._activate(pre, lambda: F.linear(flat, self.leaf_gate[leaf]))
+
     def shared_activations(self, flat: torch.Tensor) -> torch.Tensor:
         """(tokens, shared_width): what the always-on neurons pass to their output projection."""
         pre = F.linear(flat, self.shared_in, self.shared_in_bias)

@@ -18,13 +18,11 @@ What MoE conversions of pretrained FF blocks learned (MoEfication, CMoE, Deja Vu
    dense output minus the shared part: ridge regression towards the copied rows, so the leaf's error on
    those tokens can only fall (the copy is one of the solutions the fit weighs).
 
-The report gives the hard tree's error under the oracle routing (each token sent where its mass is) and
-under the learned routers, before the refit: the gap is what routing loses.
+The distillation's report gives the held-out error under the oracle routing (each token sent where its mass
+is) beside the learned routers' error, and the routers' agreement with their labels: what routing loses.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,41 +35,27 @@ ROUTER_ITERATIONS = 60
 REFIT_RIDGE = 1e-2  # relative to the mean diagonal of the leaf activations' second moment
 
 
-@dataclass
-class InitReport:
-    """Relative errors of the hard tree on the initialisation rows, by routing (before the refit) and after."""
-
-    oracle_error: float
-    routed_error: float
-    refit_error: float
-    router_accuracy: float  # share of (token, node) choices the routers make as the labels would
-
-
-def initialise_tree(tree: FastFeedForward, dense: DenseWeights, inputs: torch.Tensor, seed: int = 0, refit: bool = True) -> InitReport:
+def initialise_tree(tree: FastFeedForward, dense: DenseWeights, inputs: torch.Tensor, seed: int = 0, refit: bool = True) -> float:
     """Fill ``tree`` (float32, on ``inputs``' device) from ``dense`` and calibration ``inputs`` (tokens, hidden).
 
+    Returns the routers' accuracy: the share of (token, node) choices they make as the mass labels would.
     Without ``refit`` the leaves stay exact copies of the block's neurons (every leaf on: the dense block)."""
     x = inputs.float()
     with torch.no_grad():
         activations = dense.neuron_activations(x)
         mass = activations.abs() * dense.w_out.norm(dim=1)  # (tokens, width): each neuron's share of the output
-        target = dense.forward(x)
+        target = dense.project(activations)
         shared = torch.argsort(mass.mean(0), descending=True)[: tree.shared_width]
         rest = _complement(shared, dense.width, x.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # svd_lowrank's random start
             groups = _split(rest, mass, tree.depth)
         _copy_neurons(tree, dense, shared, groups, mass)
-        oracle = oracle_leaves(tree, x)
     accuracy = _fit_routers(tree, x, mass, groups)
-    with torch.no_grad():
-        oracle_error = _error(tree, x, target, oracle)
-        routed = tree.route(x)
-        routed_error = _error(tree, x, target, routed)
-        if refit:
-            _refit_outputs(tree, x, target, routed)
-        refit_error = _error(tree, x, target, routed)
-    return InitReport(oracle_error, routed_error, refit_error, accuracy)
+    if refit:
+        with torch.no_grad():
+            _refit_outputs(tree, x, target, tree.route(x))
+    return accuracy
 
 
 def _complement(chosen: torch.Tensor, width: int, device: torch.device) -> torch.Tensor:
@@ -112,7 +96,7 @@ def _node_groups(groups: list[torch.Tensor], depth: int, node: int) -> tuple[tor
 
 def oracle_leaves(tree: FastFeedForward, x: torch.Tensor) -> torch.Tensor:
     """Each token's leaf when every node sends it to the subtree whose neurons carry more of its activation mass."""
-    mass = torch.stack([_leaf_activations(tree, x, leaf).abs() @ tree.leaf_out[leaf].norm(dim=1) for leaf in range(tree.num_leaves)], 1)
+    mass = torch.stack([tree.leaf_activations(x, leaf).abs() @ tree.leaf_out[leaf].norm(dim=1) for leaf in range(tree.num_leaves)], 1)
     leaf = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     for level in range(tree.depth):
         span = 2 ** (tree.depth - level - 1)  # leaves under each child at this level
@@ -123,7 +107,7 @@ def oracle_leaves(tree: FastFeedForward, x: torch.Tensor) -> torch.Tensor:
     return leaf
 
 
-def oracle_error(tree: FastFeedForward, dense: DenseWeights, x: torch.Tensor, target: torch.Tensor) -> float:
+def oracle_error(tree: FastFeedForward, x: torch.Tensor, target: torch.Tensor) -> float:
     """The hard tree's relative error on ``x`` under oracle routing: what perfect routers would reach."""
     return _error(tree, x, target, oracle_leaves(tree, x))
 
@@ -210,19 +194,12 @@ def _refit_outputs(tree: FastFeedForward, x: torch.Tensor, target: torch.Tensor,
         tokens = leaves == leaf
         if tokens.sum() < 2:
             continue
-        hidden = _leaf_activations(tree, x[tokens], leaf)
+        hidden = tree.leaf_activations(x[tokens], leaf)
         gram = hidden.T @ hidden
         ridge = REFIT_RIDGE * gram.diagonal().mean().clamp_min(1e-12)
         start = tree.leaf_out[leaf]
         correction = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], device=x.device), hidden.T @ (residual[tokens] - hidden @ start))
         tree.leaf_out[leaf].add_(correction)
-
-
-def _leaf_activations(tree: FastFeedForward, x: torch.Tensor, leaf: int) -> torch.Tensor:
-    pre = x @ tree.leaf_in[leaf].T
-    if tree.leaf_in_bias is not None:
-        pre = pre + tree.leaf_in_bias[leaf]
-    return tree.activation(x @ tree.leaf_gate[leaf].T) * pre if tree.gated else tree.activation(pre)
 
 
 def _error(tree: FastFeedForward, x: torch.Tensor, target: torch.Tensor, leaves: torch.Tensor) -> float:

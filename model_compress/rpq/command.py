@@ -146,7 +146,7 @@ def rpq(
 
 def size_warnings(summary) -> list[str]:
     """The output bigger on disk than the input the user gave (a GGUF already quantized, say)."""
-    warning = larger_than_input_warning(summary.input_file_bytes, summary.output_file_bytes, summary.input_form or "weight files")
+    warning = larger_than_input_warning(summary.input_file_bytes, summary.output_file_bytes, summary.input_form)
     return [warning] if warning else []
 
 
