@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue 4 on the lent GPU, in three calls made back to back (the machine keeps /tmp while it stays warm):
+# FFF on a GPU machine, in three calls made back to back (the machine keeps /tmp while it stays warm):
 #   run(command="STAGE=block bash benchmarks/device/gpu_fff.sh", carry=[".device/evalA"])   # block benchmark + checks; stores SmolLM2 part a
 #   run(command="STAGE=smol bash benchmarks/device/gpu_fff.sh", carry=[".device/evalB"])    # SmolLM2-135M: fff-distill + eval at DEPTHS
+#     (or SMOL_VARIANTS="args|args|...": one `compress fff-distill` argument string per checkpoint)
 #   run(command="STAGE=minilm bash benchmarks/device/gpu_fff.sh", carry=[".device/minilm"]) # all-MiniLM-L6-v2: fff-distill + eval at DEPTHS
 #     (or VARIANTS_FILE=F: one line of `compress fff-distill` arguments per checkpoint)
 # benchmarks/README.md says how the carried folders are made. Logs and JSON go to $OUT.
@@ -18,8 +19,10 @@ if [ "${STAGE:-}" = smol ]; then
   cat /tmp/smol/smol.part-a .device/evalB/smol.part-b > "$GGUF"
   echo "$(cat .device/evalB/smol.sha256)  $GGUF" | sha256sum -c || exit 1
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/evalB/*.whl || exit 1
-  echo "== SmolLM2-135M: fff-distill at depths ${DEPTHS:-2 4 6}"
-  python3 benchmarks/fff/fff_curve.py "$GGUF" --depths ${DEPTHS:-2 4 6} --device cuda --workdir /tmp/fff-smol --out "$OUT/smol" \
+  if [ -n "${SMOL_VARIANTS:-}" ]; then IFS='|' read -ra CHOICE <<< "$SMOL_VARIANTS"; CHOICE=(--variants "${CHOICE[@]}")
+  else CHOICE=(--depths ${DEPTHS:-2 4 6}); fi
+  echo "== SmolLM2-135M: fff-distill, ${CHOICE[*]}"
+  python3 benchmarks/fff/fff_curve.py "$GGUF" "${CHOICE[@]}" --device cuda --workdir /tmp/fff-smol --out "$OUT/smol" \
     --repeats 3 --fff-args "${FFF_ARGS:-}" --eval-args "$EVAL_ARGS" 2>&1 | tee "$OUT/smol.log" | tail -14
   exit 0
 fi
@@ -35,8 +38,8 @@ if [ "${STAGE:-}" = minilm ]; then
 fi
 if [ "${STAGE:-}" = block ]; then
   cp .device/evalA/smol.part-a /tmp/smol/
-  echo "== FFF tests (CPU paths) and the block benchmark (checks the hard forward on CUDA first)"
-  python3 -m pytest -q -p no:cacheprovider tests/fff/test_fff.py 2>&1 | tail -2
+  echo "== FFF kernel and tree tests, then the block benchmark (checks the kernels on CUDA first)"
+  python3 -m pytest -q -p no:cacheprovider tests/fff/test_tree_kernels.py tests/fff/test_top_leaves.py tests/fff/test_fff.py 2>&1 | tail -15
   python3 benchmarks/fff/fff_block.py --device cuda 2>&1 | tee "$OUT/fff_block.md"
   exit 0
 fi

@@ -39,8 +39,8 @@ class Candidates:
 
 
 def candidate_shares(settings: FFFSettings) -> list[float]:
-    """Shares around the asked mean: never under one leaf alone (1 / 2**depth), never over the whole block."""
-    floor = 1 / 2**settings.depth
+    """Shares around the asked mean: never under the leaves alone (k / 2**depth), never over the whole block."""
+    floor = settings.leaves_per_token / 2**settings.depth
     return sorted({min(1.0, max(floor, settings.neurons_per_token * factor)) for factor in CANDIDATE_FACTORS})
 
 

@@ -42,8 +42,9 @@ class BlockRecord:
     outputs: torch.Tensor
 
 
-def calibration_windows(tokenizer, text: Text, seq_len: int, max_tokens: int, min_tokens: int) -> Calibration:
-    """Up to ``max_tokens`` tokens of ``text`` in windows of at most ``seq_len``, or a UserError if under ``min_tokens``."""
+def calibration_windows(tokenizer, text: Text, seq_len: int, max_tokens: int, min_tokens: int, why: str = "") -> Calibration:
+    """Up to ``max_tokens`` tokens of ``text`` in windows of at most ``seq_len``, or a UserError if under ``min_tokens``
+    (``why`` says what needs them)."""
     prefix, suffix = special_framing(tokenizer)
     special = len(prefix) + len(suffix)
     body = seq_len - special
@@ -60,7 +61,7 @@ def calibration_windows(tokenizer, text: Text, seq_len: int, max_tokens: int, mi
             windows.append(window)
             total += len(window)
     if total < min_tokens:
-        raise UserError(f"the calibration text '{text.name}' gives {total:,} tokens; at least {min_tokens:,} are needed (pass a longer --calib)")
+        raise UserError(f"the calibration text '{text.name}' gives {total:,} tokens; at least {min_tokens:,} are needed{why} (pass a longer --calib)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     longest = max(len(window) for window in windows)
     input_ids = torch.full((len(windows), longest), pad, dtype=torch.long)

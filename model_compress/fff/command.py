@@ -26,8 +26,11 @@ def fff_distill(
     depth: Annotated[int, typer.Option(help="Tree depth: 2**depth leaves, depth routers per token.")] = 3,
     neurons_per_token: Annotated[
         Optional[float],
-        typer.Option(help="Share of each block's neurons a token runs, in (0, 1]: the most used neurons always on, plus one leaf (default: 1/2**depth, one leaf alone)."),
+        typer.Option(help="Share of each block's neurons a token runs, in (0, 1]: the most used neurons always on, plus its leaves (default: the leaves alone, --leaves-per-token / 2**depth)."),
     ] = None,
+    leaves_per_token: Annotated[
+        int, typer.Option(help="Leaves each token runs, their outputs added: its route's leaf, then those whose paths overrule the routers least (2: a token unsure at one node gets both sides).")
+    ] = 1,
     leaf_width: Annotated[Optional[int], typer.Option(help="Neurons per leaf (default: the neurons beside the always-on part / 2**depth, keeping every neuron).")] = None,
     layers: Annotated[Optional[str], typer.Option(help="FF blocks to convert, by layer index: 0-11, 0-3,6 (default: all).")] = None,
     calib: Annotated[Optional[Path], typer.Option(help="A UTF-8 .txt file to calibrate on (default: the packaged calibration samples, web pages, code and several languages; never the eval text).")] = None,
@@ -54,7 +57,7 @@ def fff_distill(
     from .pipeline import distill_fff
 
     settings = FFFSettings(
-        depth=depth, neurons_per_token=neurons_per_token, leaf_width=leaf_width, refit=refit, allocate=allocate, layers=layers, steps=steps, batch_tokens=batch_tokens, lr=lr,
+        depth=depth, neurons_per_token=neurons_per_token, leaf_width=leaf_width, leaves_per_token=leaves_per_token, refit=refit, allocate=allocate, layers=layers, steps=steps, batch_tokens=batch_tokens, lr=lr,
         calib_tokens=calib_tokens, seq_len=seq_len, e2e_steps=e2e_steps, e2e_lr=e2e_lr, seed=seed, device=parse_device(device),
     )
     text = calibration_text(calib)

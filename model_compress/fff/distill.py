@@ -8,8 +8,9 @@ leaves under the hard routing they will run with. The error reported is the hard
 relative error on held-out rows (the last ``holdout`` share, from other documents).
 
 End-to-end stage (``e2e_steps``): the converted model learns to match the original's output
-distribution (KL on logits for LM heads, MSE on the final hidden states for bare encoders) on
-the calibration windows, training only the trees, at the final routing temperature.
+distribution (KL on logits for LM heads; for bare encoders, which are used through their pooled
+sentence embeddings, one minus the cosine of the mean-pooled final hidden states) on the calibration
+windows, training only the trees' leaves and shared neurons, under hard routing (``_set_hard`` says why).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class FFFSettings:
     depth: int = 3
     neurons_per_token: float | None = None  # share of the neurons a token runs (shared part + one leaf); None: 1/2**depth, no shared part
     leaf_width: int | None = None  # None: the neurons left after the shared part / 2**depth (every neuron kept)
+    leaves_per_token: int = 1  # k > 1: the k most probable leaves run, their outputs added
     refit: bool = True  # each leaf's output rows refitted in closed form on its tokens (off: exact copies)
     allocate: bool = False  # with neurons_per_token: shares per block from the model's loss, at that mean (measured: no gain)
     layers: str | None = None  # None: every FF block
@@ -59,13 +61,13 @@ class FFFSettings:
     device: torch.device = torch.device("cpu")
 
     def shared_width_for(self, neurons: int) -> int:
-        """Always-on neurons: what the budget leaves beside one leaf, S + (N - S) / 2**depth = F N."""
-        leaves = 2**self.depth
-        if self.neurons_per_token is None:
+        """Always-on neurons: what the budget leaves beside k leaves, S + k (N - S) / 2**depth = F N."""
+        leaves, k = 2**self.depth, self.leaves_per_token
+        if self.neurons_per_token is None or k >= leaves:
             return 0
         if self.leaf_width is not None:
-            return max(0, min(neurons - self.leaf_width, round(self.neurons_per_token * neurons) - self.leaf_width))
-        return max(0, round(neurons * (self.neurons_per_token * leaves - 1) / (leaves - 1)))
+            return max(0, min(neurons - self.leaf_width, round(self.neurons_per_token * neurons) - k * self.leaf_width))
+        return max(0, round(neurons * (self.neurons_per_token * leaves - k) / (leaves - k)))
 
     def leaf_width_for(self, neurons: int) -> int:
         if self.leaf_width is not None:
@@ -82,14 +84,17 @@ def validate_settings(settings: FFFSettings) -> None:
     """Everything that can be checked before a model is loaded."""
     if settings.depth < 1 or settings.depth > MAX_DEPTH:
         raise UserError(f"--depth must be between 1 and {MAX_DEPTH} (got {settings.depth})")
-    share = settings.neurons_per_token
+    share, k, leaves = settings.neurons_per_token, settings.leaves_per_token, 2**settings.depth
+    if not 1 <= k <= leaves:
+        raise UserError(f"--leaves-per-token must be between 1 and the {leaves} leaves of a depth-{settings.depth} tree (got {k})")
     if share is not None and not 0 < share <= 1:
         raise UserError(f"--neurons-per-token must be a fraction in (0, 1] (got {share:g})")
-    if share is not None and settings.leaf_width is None and share * 2**settings.depth < 1 - 1e-9:
-        needed = math.ceil(math.log2(1 / settings.neurons_per_token))
+    if share is not None and settings.leaf_width is None and share * leaves < k - 1e-9:
+        needed = math.ceil(math.log2(k / share))
+        what = "one leaf alone holds" if k == 1 else f"{k} leaves alone hold"
         raise UserError(
-            f"--neurons-per-token {settings.neurons_per_token:g} needs --depth {needed} or more: at depth {settings.depth} "
-            f"one leaf alone holds 1/{2**settings.depth} of the neurons"
+            f"--neurons-per-token {share:g} needs --depth {needed} or more: at depth {settings.depth} "
+            f"{what} {k}/{leaves} of the neurons"
         )
     if settings.leaf_width is not None and settings.leaf_width < 1:
         raise UserError(f"--leaf-width must be positive (got {settings.leaf_width})")
@@ -126,10 +131,11 @@ class BlockResult:
     shared_width: int = 0
     oracle_error: float | None = None  # held-out error with each token sent where its activation mass is
     router_accuracy: float | None = None  # share of the routers' choices that agree with those labels
+    leaves_per_token: int = 1
 
     @property
     def neurons_per_token(self) -> float:
-        return neurons_per_token(self.depth, self.leaf_width, self.neurons, self.shared_width)
+        return neurons_per_token(self.depth, self.leaf_width, self.neurons, self.shared_width, self.leaves_per_token)
 
     def to_json(self) -> dict:
         return dict(vars(self)) | {"neurons_per_token": self.neurons_per_token}
@@ -146,6 +152,7 @@ def build_tree(dense: DenseWeights, settings: FFFSettings, device: torch.device)
         in_bias=dense.b_in is not None,
         out_bias=dense.b_out is not None,
         shared_width=settings.shared_width_for(dense.width),
+        leaves_per_token=settings.leaves_per_token,
         dtype=torch.float32,
         device=device,
     )
@@ -167,11 +174,12 @@ def fit_block(
     _train(tree, record, fit_rows, settings, advance)
     tree.eval()
     with torch.no_grad():
-        counts = torch.bincount(tree.route(held_x), minlength=tree.num_leaves)
+        counts = torch.bincount(tree.routes(held_x).flatten(), minlength=tree.num_leaves)
         oracle = oracle_error(tree, held_x, held_y)
     result = BlockResult(
         name, index, dense.width, settings.depth, tree.leaf_width, init_error, relative_error(tree, held_x, held_y),
         counts.max().item() / max(1, held_x.shape[0]), time.perf_counter() - began, tree.shared_width, oracle, router_accuracy,
+        tree.leaves_per_token,
     )
     return tree, result
 
@@ -271,7 +279,7 @@ def distill_end_to_end(
         ids, mask = batch(rows)
         with torch.no_grad():
             target = model_outputs(teacher, ids, mask)
-        _set_soft(trees, settings.final_temperature)
+        _set_hard(trees)
         loss = output_distance(model_outputs(student, ids, mask), target, mask)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -296,10 +304,15 @@ def _held_out_loss(student, teacher, trees, batch, rows: torch.Tensor, settings:
     return total / max(1, rows.numel())
 
 
-def _set_soft(trees: list[FastFeedForward], temperature: float) -> None:
+def _set_hard(trees: list[FastFeedForward]) -> None:
+    """Train under the routing the model will run with: one (or k) leaves per token, exact, not the soft mix.
+
+    The soft forward weights every leaf by its path probability (they sum to one), which for leaves that
+    are disjoint parts of the block is another function than the hard one (k leaves at weight one each);
+    measured on all-MiniLM-L6-v2, e2e steps in soft mode did not carry over to the hard model. The
+    routers, classifiers fitted on the dense block's activation mass, get no gradient here and stay as fitted."""
     for tree in trees:
-        tree.train()
-        tree.temperature = temperature
+        tree.eval()
 
 
 def model_outputs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[str, torch.Tensor]:
@@ -311,10 +324,17 @@ def model_outputs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tu
 
 
 def output_distance(student: tuple[str, torch.Tensor], teacher: tuple[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) per token for logits; MSE over the teacher's variance for hidden states."""
+    """KL(teacher || student) per token for logits; for hidden states, 1 - cosine of the mean-pooled embeddings
+    (what sentence-embedding models are used through, and what `compress eval` reports for them)."""
     kind, predicted = student
     _, target = teacher
     keep = mask.bool()
     if kind == "logits":
         return F.kl_div(F.log_softmax(predicted[keep], -1), F.log_softmax(target[keep], -1), log_target=True, reduction="batchmean")
-    return F.mse_loss(predicted[keep], target[keep]) / target[keep].var().clamp_min(1e-12)
+    return 1 - F.cosine_similarity(mean_pooled(predicted, mask), mean_pooled(target, mask), dim=-1).mean()
+
+
+def mean_pooled(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(batch, hidden): the mean of each sequence's real tokens' states (sentence-transformers' pooling)."""
+    weights = mask.unsqueeze(-1).to(states.dtype)
+    return (states * weights).sum(1) / weights.sum(1).clamp_min(1)

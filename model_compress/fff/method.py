@@ -19,6 +19,8 @@ def _check_tree(name: str, spec: dict, headers: Headers) -> None:
     expected = {"router_weight": [leaves - 1, hidden], "leaf_in": [leaves, width, hidden], "leaf_out": [leaves, width, hidden]}
     if spec.get("gated"):
         expected["leaf_gate"] = [leaves, width, hidden]
+    if not 1 <= spec.get("leaves_per_token", 1) <= leaves:
+        raise UserError(f"'{name}' runs {spec['leaves_per_token']} leaves per token but has {leaves}: the config is corrupt")
     shared = spec.get("shared_width", 0)
     if shared:
         expected |= {"shared_in": [shared, hidden], "shared_out": [shared, hidden]}

@@ -27,6 +27,7 @@ from .allocate import ModelProbe, candidate_shares, choose_shares, measure
 from .summary import DistillSummary, render_model_card
 
 MIN_CALIBRATION_TOKENS = 512
+TOKENS_PER_LEAF = 16  # the calibration tokens each leaf needs at least: the last routers learn from two leaves' tokens
 
 
 class DistillObserver(Protocol):
@@ -91,8 +92,9 @@ def distill_fff(
 
     began = time.perf_counter()
     seq_len = min(settings.seq_len, context_length(network.config) or settings.seq_len)
-    needed = max(MIN_CALIBRATION_TOKENS, 8 * 2**settings.depth)
-    windows = calibration_windows(tokenizer, calibration, seq_len, max(settings.calib_tokens, needed), needed)
+    needed = max(MIN_CALIBRATION_TOKENS, TOKENS_PER_LEAF * 2**settings.depth)
+    why = f" ({TOKENS_PER_LEAF} per leaf of a depth-{settings.depth} tree, so that every router has tokens to learn from)" if needed > MIN_CALIBRATION_TOKENS else ""
+    windows = calibration_windows(tokenizer, calibration, seq_len, max(settings.calib_tokens, needed), needed, why)
     teacher = copy.deepcopy(network) if settings.e2e_steps > 0 else None
     observer.stage(f"recording {len(blocks)} FF blocks on {windows.tokens:,} calibration tokens", windows.input_ids.shape[0])
     records = record_blocks(network, blocks, windows, settings.device, advance=observer.advance)
@@ -119,7 +121,7 @@ def distill_fff(
         observer.stage("end-to-end distillation", settings.e2e_steps)
         trees = [network.get_submodule(name) for name in specs]
         summary.e2e_before, summary.e2e_after = distill_end_to_end(network, teacher, trees, windows, settings, observer.advance)
-        summary.e2e_loss = "KL(original || distilled) per token" if _has_logits(network) else "hidden-state MSE / variance"
+        summary.e2e_loss = "KL(original || distilled) per token" if _has_logits(network) else "1 - cosine of mean-pooled embeddings"
         del teacher
     network = nn.Module.to(network, "cpu", saved_dtype).eval()
     for parameter in network.parameters():

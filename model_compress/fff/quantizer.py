@@ -24,7 +24,7 @@ class FFFConfig(MethodConfig):
     """The ``quantization_config`` section of an FFF checkpoint.
 
     ``blocks`` maps the tree's module name to {owner, layout, index, hidden, neurons, depth, leaf_width, shared_width,
-    gated, in_bias, out_bias}; ``settings`` records the user's knobs, ``fit`` the calibration text and
+    leaves_per_token, gated, in_bias, out_bias}; ``settings`` records the user's knobs, ``fit`` the calibration text and
     figures, ``base_model`` where the original came from (for ``compress eval``).
     """
 
@@ -60,6 +60,7 @@ def tree_spec(block: Block, tree: FastFeedForward, neurons: int) -> dict[str, An
         "depth": tree.depth,
         "leaf_width": tree.leaf_width,
         "shared_width": tree.shared_width,
+        "leaves_per_token": tree.leaves_per_token,
         "gated": tree.gated,
         "in_bias": tree.leaf_in_bias is not None,
         "out_bias": tree.out_bias is not None,
@@ -75,7 +76,7 @@ def swap_in_trees(model: nn.Module, blocks: dict[str, dict[str, Any]]) -> None:
         tree = FastFeedForward(
             spec["hidden"], spec["depth"], spec["leaf_width"], block_activation(model, block),
             gated=spec["gated"], in_bias=spec["in_bias"], out_bias=spec["out_bias"], shared_width=spec.get("shared_width", 0),
-            dtype=like.dtype, device=like.device,
+            leaves_per_token=spec.get("leaves_per_token", 1), dtype=like.dtype, device=like.device,
         )
         install_tree(model, block, tree)
         skip_dense_initialisation(model, [block.replaced_name, *(block.path(part) for part in block.layout.passthrough)])

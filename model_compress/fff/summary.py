@@ -20,7 +20,7 @@ class DistillSummary:
     seconds: float
     e2e_before: float | None = None
     e2e_after: float | None = None
-    e2e_loss: str | None = None  # "KL(original || distilled) per token" or "hidden-state MSE / variance"
+    e2e_loss: str | None = None  # "KL(original || distilled) per token" or "1 - cosine of mean-pooled embeddings"
     warnings: list[str] = field(default_factory=list)
     input_file_bytes: int | None = None  # the input's weight files as the user gave them
     input_form: str | None = None  # "GGUF" or "weight files"
@@ -73,13 +73,20 @@ class DistillSummary:
 HEADER = ("block", "neurons", "tree", "neurons/token", "error at init", "error", "busiest leaf", "seconds")
 
 
+def _tree_shape(block: BlockResult) -> str:
+    """'depth 3: 96 + 8 x 168, top 2': the shared part, the leaves and how many a token runs."""
+    shared = f"{block.shared_width} + " if block.shared_width else ""
+    top = f", top {block.leaves_per_token}" if block.leaves_per_token > 1 else ""
+    return f"depth {block.depth}: {shared}{2**block.depth} x {block.leaf_width}{top}"
+
+
 def table_rows(summary: DistillSummary) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     """One row per block: shape, share of neurons a token uses, held-out relative error before / after training."""
     rows = [
         (
             b.name,
             str(b.neurons),
-            f"depth {b.depth}: {2**b.depth} x {b.leaf_width}",
+            _tree_shape(b),
             f"{b.neurons_per_token:.1%}",
             f"{b.init_error:.3f}",
             f"{b.final_error:.3f}",

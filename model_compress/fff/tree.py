@@ -12,12 +12,21 @@ Three forwards, one set of weights:
   than leaves (decoding) each token's leaf weights are gathered instead;
 - all leaves at weight 1: exactly the dense block the tree was cut from (the initialisation check).
 
+On CUDA in half precision the hard forward runs the Triton kernels of ``kernels`` (grouped GEMM over
+leaves; a three-launch path for decoding); the eager forward here is their reference and the CPU path.
+
 Leaf weights are stored neuron-major, (leaves, width, hidden) for both projections, so that the soft
 forward is one dense FF over all leaves' neurons with the path probabilities as a per-neuron scale.
 
 Beside the tree, ``shared_width`` neurons run for every token (the block's most used ones, as the
 shared experts of MoE conversions): the block is shared part + one leaf, and with every leaf on it
 is the dense block again. ``shared_width`` 0 is the plain tree.
+
+``leaves_per_token`` k > 1 runs the k leaves whose paths override the least router margin (the sum of
+|logit| over the nodes where a path goes against the router's sign: the hard routing's leaf scores 0,
+the runner-up turns the other way at the least certain node; the low-temperature limit of the path
+probabilities) and adds their outputs. Leaves are disjoint subsets of the block's neurons, so k leaves
+are k times the neurons of one, and a token unsure at one node gets both sides.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .kernels import fast_hard_forward
 
 
 class FastFeedForward(nn.Module):
@@ -45,6 +56,7 @@ class FastFeedForward(nn.Module):
         in_bias: bool = True,
         out_bias: bool = True,
         shared_width: int = 0,
+        leaves_per_token: int = 1,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -55,10 +67,13 @@ class FastFeedForward(nn.Module):
             raise ValueError(f"leaf width must be positive (got {leaf_width})")
         if shared_width < 0:
             raise ValueError(f"shared width cannot be negative (got {shared_width})")
+        if not 1 <= leaves_per_token <= 2**depth:
+            raise ValueError(f"leaves per token must be between 1 and the {2**depth} leaves (got {leaves_per_token})")
         self.hidden, self.depth, self.leaf_width, self.gated = hidden, depth, leaf_width, gated
-        self.shared_width = shared_width
+        self.shared_width, self.leaves_per_token = shared_width, leaves_per_token
         self.activation = activation
         self.temperature = 1.0
+        self.use_kernels = True  # the GPU kernels where they apply (``kernels``); False: always the eager reference
         leaves, nodes = 2**depth, 2**depth - 1
         options = {"dtype": dtype, "device": device}
         self.router_weight = nn.Parameter(torch.zeros(nodes, hidden, **options))
@@ -83,7 +98,7 @@ class FastFeedForward(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"hidden={self.hidden}, depth={self.depth}, leaves={self.num_leaves}, leaf_width={self.leaf_width}, "
-            f"shared_width={self.shared_width}, gated={self.gated}"
+            f"shared_width={self.shared_width}, leaves_per_token={self.leaves_per_token}, gated={self.gated}"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,6 +133,18 @@ class FastFeedForward(nn.Module):
         signs = torch.where(logits > 0, 1.0, -1.0).to(logits.dtype)
         return (signs @ self._paths(logits.device, logits.dtype)).argmax(1)
 
+    def routes(self, x: torch.Tensor) -> torch.Tensor:
+        """(tokens, leaves_per_token) leaves of each token, the hard route's leaf first (one leaf: ``route``)."""
+        if self.leaves_per_token == 1:
+            return self.route(x)[:, None]
+        return self.leaf_scores(x).topk(self.leaves_per_token, dim=1).indices
+
+    def leaf_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(tokens, leaves): minus the router margin each leaf's path overrides (0 on the sign path), two matmuls."""
+        logits = self.router_logits(x).float()
+        paths = self._paths(logits.device, torch.float32)
+        return -(F.relu(-logits) @ paths.clamp_min(0) + F.relu(logits) @ (-paths).clamp_min(0))
+
     def _paths(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """(nodes, leaves): +1 where a leaf's path turns right at a node, -1 left, 0 off the path (cached)."""
         key = (device, dtype)
@@ -149,19 +176,33 @@ class FastFeedForward(nn.Module):
         return self._plus_shared(flat, self._all_leaves(flat, None)).reshape(x.shape)
 
     def hard_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """One leaf per token: gathered weights for fewer tokens than leaves, else grouped by leaf."""
+        """``leaves_per_token`` leaves per token: gathered weights for fewer rows than leaves, else grouped by leaf."""
         flat = x.reshape(-1, self.hidden)
-        return self.routed_forward(flat, self.route(flat)).reshape(x.shape)
+        if self.use_kernels and not (torch.is_grad_enabled() and (flat.requires_grad or self.leaf_in.requires_grad)):
+            out = fast_hard_forward(self, flat)  # None where no kernel applies (CPU, float32, no Triton)
+            if out is not None:
+                return out.reshape(x.shape)
+        return self.routed_forward(flat, self.routes(flat)).reshape(x.shape)
 
     def routed_forward(self, flat: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
-        """(tokens, hidden) through the given leaf per token (the hard forward's second half; oracle routing)."""
-        if flat.shape[0] < self.num_leaves:
-            out = self._gathered_leaves(flat, leaf)
+        """(tokens, hidden) through the given leaves: ``leaf`` is (tokens,) or (tokens, k) (the hard forward's
+        second half; oracle routing)."""
+        if leaf.dim() == 2 and leaf.shape[1] == 1:
+            leaf = leaf[:, 0]
+        if leaf.dim() == 2:  # k leaves: each token's row once per leaf, the k outputs summed
+            rows = flat.repeat_interleave(leaf.shape[1], dim=0)
+            out = self._leaves_only(rows, leaf.reshape(-1)).view(flat.shape[0], leaf.shape[1], self.hidden).sum(1)
         else:
-            out = self._grouped_leaves(flat, leaf)
+            out = self._leaves_only(flat, leaf)
         if self.out_bias is not None:
             out = out + self.out_bias
         return self._plus_shared(flat, out)
+
+    def _leaves_only(self, rows: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+        """Each row through its leaf, no bias and no shared part."""
+        if rows.shape[0] < self.num_leaves:
+            return self._gathered_leaves(rows, leaf)
+        return self._grouped_leaves(rows, leaf)
 
     def leaf_activations(self, flat: torch.Tensor, leaf: int) -> torch.Tensor:
         """(tokens, leaf_width): what one leaf's neurons pass to its output projection, for every row of ``flat``."""
@@ -225,26 +266,18 @@ class FastFeedForward(nn.Module):
         return out
 
 
-def neurons_per_token(depth: int, leaf_width: int, dense_width: int, shared_width: int = 0) -> float:
-    """The fraction of the dense block's neurons a token evaluates: its path's routers, the shared part and one leaf."""
-    return (depth + shared_width + leaf_width) / dense_width
+def neurons_per_token(depth: int, leaf_width: int, dense_width: int, shared_width: int = 0, leaves_per_token: int = 1) -> float:
+    """The fraction of the dense block's neurons a token evaluates: its path's routers, the shared part and its leaves."""
+    return (depth + shared_width + leaves_per_token * leaf_width) / dense_width
 
 
 def per_token_reference(tree: FastFeedForward, x: torch.Tensor) -> torch.Tensor:
     """The plain reference for the fast paths: walk the tree node by node and run the one leaf, token by
-    token, in float32 (slow; tests and benchmarks check ``hard_forward`` against it)."""
+    token, in float32 (slow; tests and benchmarks check ``hard_forward`` against it). With several leaves per
+    token, each leaf's path is walked and the |logit| of every node it goes against summed; the least run."""
     rows = []
     for token in x.reshape(-1, tree.hidden).float():
-        node = 0
-        for _ in range(tree.depth):
-            logit = token @ tree.router_weight[node].float() + tree.router_bias[node].float()
-            node = 2 * node + (2 if logit > 0 else 1)
-        leaf = node - (tree.num_leaves - 1)
-        pre = tree.leaf_in[leaf].float() @ token
-        if tree.leaf_in_bias is not None:
-            pre = pre + tree.leaf_in_bias[leaf].float()
-        hidden = tree.activation(tree.leaf_gate[leaf].float() @ token) * pre if tree.gated else tree.activation(pre)
-        out = hidden @ tree.leaf_out[leaf].float()
+        out = sum(_reference_leaf(tree, token, leaf) for leaf in _reference_leaves(tree, token))
         if tree.shared_width:
             pre = tree.shared_in.float() @ token
             if tree.shared_in_bias is not None:
@@ -253,3 +286,33 @@ def per_token_reference(tree: FastFeedForward, x: torch.Tensor) -> torch.Tensor:
             out = out + shared @ tree.shared_out.float()
         rows.append(out + tree.out_bias.float() if tree.out_bias is not None else out)
     return torch.stack(rows)
+
+
+def _reference_leaves(tree: FastFeedForward, token: torch.Tensor) -> list[int]:
+    """The token's leaves, walking node by node: the sign path for one leaf, else the paths overriding least."""
+    def logit(node: int) -> torch.Tensor:
+        return token @ tree.router_weight[node].float() + tree.router_bias[node].float()
+
+    if tree.leaves_per_token == 1:
+        node = 0
+        for _ in range(tree.depth):
+            node = 2 * node + (2 if logit(node) > 0 else 1)
+        return [node - (tree.num_leaves - 1)]
+    overridden = []
+    for leaf in range(tree.num_leaves):
+        node, margin = leaf + tree.num_leaves - 1, 0.0
+        while node > 0:
+            parent = (node - 1) // 2
+            goes_right, value = node == 2 * parent + 2, logit(parent)
+            margin = margin + (value.clamp_min(0) if not goes_right else (-value).clamp_min(0))
+            node = parent
+        overridden.append(margin)
+    return torch.stack(overridden).topk(tree.leaves_per_token, largest=False).indices.tolist()
+
+
+def _reference_leaf(tree: FastFeedForward, token: torch.Tensor, leaf: int) -> torch.Tensor:
+    pre = tree.leaf_in[leaf].float() @ token
+    if tree.leaf_in_bias is not None:
+        pre = pre + tree.leaf_in_bias[leaf].float()
+    hidden = tree.activation(tree.leaf_gate[leaf].float() @ token) * pre if tree.gated else tree.activation(pre)
+    return hidden @ tree.leaf_out[leaf].float()

@@ -54,7 +54,7 @@ def initialise_tree(tree: FastFeedForward, dense: DenseWeights, inputs: torch.Te
     accuracy = _fit_routers(tree, x, mass, groups)
     if refit:
         with torch.no_grad():
-            _refit_outputs(tree, x, target, tree.route(x))
+            _refit_outputs(tree, x, target, tree.routes(x))
     return accuracy
 
 
@@ -95,8 +95,11 @@ def _node_groups(groups: list[torch.Tensor], depth: int, node: int) -> tuple[tor
 
 
 def oracle_leaves(tree: FastFeedForward, x: torch.Tensor) -> torch.Tensor:
-    """Each token's leaf when every node sends it to the subtree whose neurons carry more of its activation mass."""
+    """Each token's leaf when every node sends it to the subtree whose neurons carry more of its activation mass;
+    with k leaves per token, (tokens, k): the k leaves that carry the most."""
     mass = torch.stack([tree.leaf_activations(x, leaf).abs() @ tree.leaf_out[leaf].norm(dim=1) for leaf in range(tree.num_leaves)], 1)
+    if tree.leaves_per_token > 1:
+        return mass.topk(tree.leaves_per_token, dim=1).indices
     leaf = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     for level in range(tree.depth):
         span = 2 ** (tree.depth - level - 1)  # leaves under each child at this level
@@ -186,20 +189,22 @@ def _logistic_regression(x: torch.Tensor, labels: torch.Tensor, weights: torch.T
 
 
 def _refit_outputs(tree: FastFeedForward, x: torch.Tensor, target: torch.Tensor, leaves: torch.Tensor) -> None:
-    """Each leaf's output rows: ridge regression towards the copied rows on the tokens routed to it."""
-    residual = target - (tree.out_bias if tree.out_bias is not None else 0)
-    if tree.shared_width:
-        residual = residual - tree.shared_activations(x) @ tree.shared_out
+    """Each leaf's output rows: ridge regression towards the copied rows on the tokens routed to it.
+
+    ``leaves`` is (tokens,) or (tokens, k). With k leaves a token's other leaves stay as they are while one is
+    refitted (one pass of block coordinate descent), so every refit still only lowers the error."""
+    leaves = leaves[:, None] if leaves.dim() == 1 else leaves
+    residual = target - tree.routed_forward(x, leaves)  # what every token's output still misses
     for leaf in range(tree.num_leaves):
-        tokens = leaves == leaf
+        tokens = (leaves == leaf).any(1)
         if tokens.sum() < 2:
             continue
         hidden = tree.leaf_activations(x[tokens], leaf)
         gram = hidden.T @ hidden
         ridge = REFIT_RIDGE * gram.diagonal().mean().clamp_min(1e-12)
-        start = tree.leaf_out[leaf]
-        correction = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], device=x.device), hidden.T @ (residual[tokens] - hidden @ start))
+        correction = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], device=x.device), hidden.T @ residual[tokens])
         tree.leaf_out[leaf].add_(correction)
+        residual[tokens] -= hidden @ correction
 
 
 def _error(tree: FastFeedForward, x: torch.Tensor, target: torch.Tensor, leaves: torch.Tensor) -> float:

@@ -53,6 +53,8 @@ def test_bad_options_are_one_line_errors(tiny_folder, tmp_path):
     cases = [
         (("--depth", "0"), "--depth must be"),
         (("--depth", "9"), "too deep"),
+        (("--depth", "2", "--leaves-per-token", "5"), "--leaves-per-token must be between 1 and the 4 leaves"),
+        (("--depth", "2", "--neurons-per-token", "0.3", "--leaves-per-token", "2"), "needs --depth 3 or more"),
         (("--leaf-width", "0"), "--leaf-width must be positive"),
         (("--layers", "0-4"), "the model has FF blocks 0-1"),
         (("--calib", str(tmp_path / "missing.txt")), "--calib"),
