@@ -58,14 +58,6 @@ def random_tree(hidden: int, width: int, depth: int, top: int, gated: bool, dtyp
     return tree.eval()
 
 
-def eager(tree: FastFeedForward, x: torch.Tensor) -> torch.Tensor:
-    tree.use_kernels = False
-    try:
-        return tree.hard_forward(x)
-    finally:
-        tree.use_kernels = True
-
-
 def check(device: torch.device) -> None:
     """The kernels' largest error against the eager forward, relative to the output's largest value."""
     for dtype in (torch.float16, torch.bfloat16):
@@ -74,7 +66,7 @@ def check(device: torch.device) -> None:
                 tree = random_tree(256, 1024, 3 + top - 1, top, True, dtype, device)
                 x = torch.randn(tokens, 256, dtype=dtype, device=device)
                 with torch.inference_mode():
-                    got, expected = fast_hard_forward(tree, x), eager(tree, x)
+                    got, expected = fast_hard_forward(tree, x), tree.eager_hard_forward(x)
                 error = ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
                 limit = 4e-3 if dtype == torch.float16 else 3e-2
                 print(f"check {str(dtype)[6:]} leaves/token={top} tokens={tokens}: max error {error:.1e} of the largest output (limit {limit})")
@@ -113,7 +105,7 @@ def main() -> None:
                 for name, (depth, top) in TREES.items():
                     tree = random_tree(hidden, width, depth, top, gated, dtype, device)
                     kernel_ms = graphed_ms(lambda: tree.hard_forward(x), device, args.repeats)
-                    eager_ms = median_ms(lambda: eager(tree, x), device, 5, max(10, args.repeats // 5))  # host syncs: no graph
+                    eager_ms = median_ms(lambda: tree.eager_hard_forward(x), device, 5, max(10, args.repeats // 5))  # host syncs: no graph
                     busiest = torch.bincount(tree.routes(x).flatten(), minlength=tree.num_leaves).max().item() / tokens
                     print(f"| {label} | {tokens} | {dense_ms:.4f} | {name} | {tree.shared_width} + {tree.num_leaves} x {tree.leaf_width} | "
                           f"{kernel_ms:.4f} | {kernel_ms / dense_ms:.2f} | {eager_ms:.4f} | {eager_ms / dense_ms:.2f} | {busiest:.0%} |", flush=True)

@@ -176,12 +176,18 @@ class FastFeedForward(nn.Module):
         return self._plus_shared(flat, self._all_leaves(flat, None)).reshape(x.shape)
 
     def hard_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``leaves_per_token`` leaves per token: gathered weights for fewer rows than leaves, else grouped by leaf."""
+        """``leaves_per_token`` leaves per token: the GPU kernels where they apply, else ``eager_hard_forward``."""
         flat = x.reshape(-1, self.hidden)
         if self.use_kernels and not (torch.is_grad_enabled() and (flat.requires_grad or self.leaf_in.requires_grad)):
             out = fast_hard_forward(self, flat)  # None where no kernel applies (CPU, float32, no Triton)
             if out is not None:
                 return out.reshape(x.shape)
+        return self.eager_hard_forward(x)
+
+    def eager_hard_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The hard forward in PyTorch (the kernels' reference, and what trains): gathered weights for fewer rows
+        than leaves, else grouped by leaf."""
+        flat = x.reshape(-1, self.hidden)
         return self.routed_forward(flat, self.routes(flat)).reshape(x.shape)
 
     def routed_forward(self, flat: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
@@ -279,11 +285,7 @@ def per_token_reference(tree: FastFeedForward, x: torch.Tensor) -> torch.Tensor:
     for token in x.reshape(-1, tree.hidden).float():
         out = sum(_reference_leaf(tree, token, leaf) for leaf in _reference_leaves(tree, token))
         if tree.shared_width:
-            pre = tree.shared_in.float() @ token
-            if tree.shared_in_bias is not None:
-                pre = pre + tree.shared_in_bias.float()
-            shared = tree.activation(tree.shared_gate.float() @ token) * pre if tree.gated else tree.activation(pre)
-            out = out + shared @ tree.shared_out.float()
+            out = out + _reference_neurons(tree, token, tree.shared_in, tree.shared_in_bias, tree.shared_gate, tree.shared_out)
         rows.append(out + tree.out_bias.float() if tree.out_bias is not None else out)
     return torch.stack(rows)
 
@@ -311,8 +313,15 @@ def _reference_leaves(tree: FastFeedForward, token: torch.Tensor) -> list[int]:
 
 
 def _reference_leaf(tree: FastFeedForward, token: torch.Tensor, leaf: int) -> torch.Tensor:
-    pre = tree.leaf_in[leaf].float() @ token
-    if tree.leaf_in_bias is not None:
-        pre = pre + tree.leaf_in_bias[leaf].float()
-    hidden = tree.activation(tree.leaf_gate[leaf].float() @ token) * pre if tree.gated else tree.activation(pre)
-    return hidden @ tree.leaf_out[leaf].float()
+    bias = tree.leaf_in_bias[leaf] if tree.leaf_in_bias is not None else None
+    gate = tree.leaf_gate[leaf] if tree.gated else None
+    return _reference_neurons(tree, token, tree.leaf_in[leaf], bias, gate, tree.leaf_out[leaf])
+
+
+def _reference_neurons(tree: FastFeedForward, token: torch.Tensor, w_in, b_in, w_gate, w_out) -> torch.Tensor:
+    """One group of neurons (a leaf or the shared part) on one float32 token."""
+    pre = w_in.float() @ token
+    if b_in is not None:
+        pre = pre + b_in.float()
+    hidden = tree.activation(w_gate.float() @ token) * pre if tree.gated else tree.activation(pre)
+    return hidden @ w_out.float()

@@ -43,14 +43,6 @@ def _tree(hidden, depth, width, activation, gated, shared, top, dtype):
     return tree.eval()
 
 
-def _eager(tree, x):
-    tree.use_kernels = False
-    try:
-        return tree.hard_forward(x)
-    finally:
-        tree.use_kernels = True
-
-
 CASES = [  # hidden, depth, leaf width, activation, gated, shared, leaves per token
     (72, 3, 37, nn.SiLU(), True, 19, 1),
     (64, 1, 48, nn.GELU(), False, 0, 1),
@@ -71,7 +63,7 @@ def test_kernels_equal_the_eager_forward_and_the_reference(dtype, tokens, case):
     x = torch.randn(tokens, hidden, dtype=dtype, device="cuda")
     with torch.inference_mode():
         fast = fast_hard_forward(tree, x)
-        eager = _eager(tree, x)
+        eager = tree.eager_hard_forward(x)
         reference = per_token_reference(tree, x[: min(tokens, 64)]).to(dtype)
     assert fast is not None and fast.dtype == dtype and fast.shape == (tokens, hidden)
     scale = eager.float().abs().max().item()
@@ -94,7 +86,7 @@ def test_the_kernels_run_inside_a_cuda_graph(tokens):
         for seed in range(3):  # new inputs, new routes: the replay follows them
             static.copy_(torch.randn(tokens, 128, dtype=torch.float16, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)))
             graph.replay()
-            eager = _eager(tree, static)
+            eager = tree.eager_hard_forward(static)
             assert (out.float() - eager.float()).abs().max().item() <= 2e-3 * eager.float().abs().max().item() + 1e-3
 
 
