@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import UserError
+from ..core.pooling import mean_pooled
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 MIN_WORDS = 4
@@ -86,8 +87,7 @@ def embed(model: nn.Module, batches: SentenceBatch, on_batch: Callable[[int], No
     with torch.inference_mode():
         for ids, mask in zip(batches.input_ids, batches.attention_mask):
             states = model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state.float().cpu()
-            weights = mask.unsqueeze(-1).float()
-            pooled.append((states * weights).sum(1) / weights.sum(1).clamp(min=1))
+            pooled.append(mean_pooled(states, mask))
             hidden.append(states[mask.bool()])
             if on_batch is not None:
                 on_batch(ids.shape[0])

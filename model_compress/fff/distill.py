@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import UserError
+from ..core.pooling import mean_pooled
 from .blocks import DenseWeights
 from .capture import BlockRecord, Calibration
 from .tree import FastFeedForward, neurons_per_token
@@ -42,7 +43,7 @@ class FFFSettings:
     depth: int = 3
     neurons_per_token: float | None = None  # share of the neurons a token runs (shared part + one leaf); None: 1/2**depth, no shared part
     leaf_width: int | None = None  # None: the neurons left after the shared part / 2**depth (every neuron kept)
-    leaves_per_token: int = 1  # k > 1: the k most probable leaves run, their outputs added
+    leaves_per_token: int = 1  # k > 1: the route's leaf and the k - 1 that overrule the routers least, outputs added
     refit: bool = True  # each leaf's output rows refitted in closed form on its tokens (off: exact copies)
     allocate: bool = False  # with neurons_per_token: shares per block from the model's loss, at that mean (measured: no gain)
     layers: str | None = None  # None: every FF block
@@ -333,8 +334,3 @@ def output_distance(student: tuple[str, torch.Tensor], teacher: tuple[str, torch
         return F.kl_div(F.log_softmax(predicted[keep], -1), F.log_softmax(target[keep], -1), log_target=True, reduction="batchmean")
     return 1 - F.cosine_similarity(mean_pooled(predicted, mask), mean_pooled(target, mask), dim=-1).mean()
 
-
-def mean_pooled(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(batch, hidden): the mean of each sequence's real tokens' states (sentence-transformers' pooling)."""
-    weights = mask.unsqueeze(-1).to(states.dtype)
-    return (states * weights).sum(1) / weights.sum(1).clamp_min(1)
