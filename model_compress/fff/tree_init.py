@@ -4,14 +4,17 @@ What MoE conversions of pretrained FF blocks learned (MoEfication, CMoE, Deja Vu
 
 1. **Shared neurons.** The ``shared_width`` neurons that carry the most activation mass on calibration
    tokens (|activation| times the norm of their output row, averaged) run for every token.
-2. **Exact-subset leaves.** The other neurons are split recursively into balanced halves along the main
-   direction of their co-activation (the first principal component of each neuron's mass profile over
-   tokens), so neurons that fire together share a subtree; a leaf is its group, copied unchanged. With
-   every leaf on, shared part + leaves is the dense block exactly.
+2. **Exact-subset leaves.** The other neurons are split recursively into balanced halves by co-clustering
+   tokens and neurons: start from the main direction of their co-activation (the first principal component
+   of each neuron's mass profile over tokens), then alternate sending each token to the half that holds
+   more of its squared mass and giving each half the neurons its tokens use most, which can only raise the
+   squared mass the tokens keep (what a dropped neuron costs the output is its squared contribution when
+   the dropped ones point in unrelated directions). Each half then splits on the tokens that went to it. A
+   leaf is its group, copied unchanged; with every leaf on, shared part + leaves is the dense block exactly.
 3. **Routers as classifiers.** At each node, a token's label is the half of the node's neurons that holds
-   more of its activation mass (the output contribution, not only a count); the router is a logistic
-   regression on the tokens that reach the node under the routers above it, each token weighted by how
-   much mass the choice decides. It is fitted in torch (L-BFGS, on the device the rows are on) rather than
+   more of its squared activation mass (the output contribution, not only a count; squared as in the split);
+   the router is a logistic regression on the tokens that reach the node under the routers above it, each
+   token weighted by how much squared mass the choice decides. It is fitted in torch (L-BFGS, on the device the rows are on) rather than
    with scikit-learn's ``LogisticRegression``: the rows are on the GPU already and one node's fit is a few
    dozen matrix products there.
 4. **Refit.** Each leaf's output projection is refitted in closed form on the tokens routed to it, to the
@@ -33,6 +36,8 @@ from .tree import FastFeedForward
 ROUTER_L2 = 1e-3  # logistic regression's L2 penalty on standardised inputs, per token
 ROUTER_ITERATIONS = 60
 REFIT_RIDGE = 1e-2  # relative to the mean diagonal of the leaf activations' second moment
+COCLUSTER_ROUNDS = 10  # token/neuron alternations per split; measured to settle in fewer
+MIN_SPLIT_TOKENS = 8  # a node that fewer calibration tokens reach splits on all of them
 
 
 def initialise_tree(tree: FastFeedForward, dense: DenseWeights, inputs: torch.Tensor, seed: int = 0, refit: bool = True) -> float:
@@ -51,7 +56,7 @@ def initialise_tree(tree: FastFeedForward, dense: DenseWeights, inputs: torch.Te
             torch.manual_seed(seed)  # svd_lowrank's random start
             groups = _split(rest, mass, tree.depth)
         _copy_neurons(tree, dense, shared, groups, mass)
-    accuracy = _fit_routers(tree, x, mass, groups)
+    accuracy = _fit_routers(tree, x, mass.square(), groups)
     if refit:
         with torch.no_grad():
             _refit_outputs(tree, x, target, tree.routes(x))
@@ -65,23 +70,44 @@ def _complement(chosen: torch.Tensor, width: int, device: torch.device) -> torch
 
 
 def _split(neurons: torch.Tensor, mass: torch.Tensor, depth: int) -> list[torch.Tensor]:
-    """Leaf groups in heap order: ``neurons`` halved ``depth`` times along their co-activation."""
-    groups = [neurons]
+    """Leaf groups in heap order: ``neurons`` halved ``depth`` times, each half on the tokens sent to it."""
+    energy = mass.square()  # what a token loses when a neuron is dropped
+    groups = [(neurons, torch.ones(mass.shape[0], dtype=torch.bool, device=mass.device))]
     for _ in range(depth):
-        groups = [half for group in groups for half in _halve(mass[:, group], group)]
-    return groups
+        halves = []
+        for group, tokens in groups:
+            if tokens.sum() < MIN_SPLIT_TOKENS:  # too few tokens came here to say anything: split on all of them
+                tokens = torch.ones_like(tokens)
+            right = _halve(energy[tokens][:, group])
+            goes_right = energy[:, group[right]].sum(1) > energy[:, group[~right]].sum(1)
+            halves += [(group[~right], tokens & ~goes_right), (group[right], tokens & goes_right)]
+        groups = halves
+    return [group for group, _ in groups]
 
 
-def _halve(profiles: torch.Tensor, neurons: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two equal halves of ``neurons`` along the first principal component of their (tokens x neurons) profiles."""
-    if neurons.numel() < 2:
-        return neurons, neurons[:0]
-    columns = profiles / (profiles.norm(dim=0, keepdim=True) + 1e-12)
+def _halve(energy: torch.Tensor) -> torch.Tensor:
+    """Which of a node's neurons go right (a mask, half of them): co-clustering of its (tokens x neurons) energy.
+
+    Starts from the principal-component split of the neurons' profiles, then alternates between each token's
+    side (the half holding more of its energy) and each side's neurons (the half whose tokens use them most,
+    relative to the other side's tokens), until no neuron moves."""
+    count = energy.shape[1]
+    right = torch.zeros(count, dtype=torch.bool, device=energy.device)
+    if count < 2:
+        return right
+    columns = energy / (energy.norm(dim=0, keepdim=True) + 1e-12)
     centred = (columns - columns.mean(1, keepdim=True)).T  # one row per neuron
     _, _, directions = torch.svd_lowrank(centred, q=2, niter=4)
-    order = torch.argsort(centred @ directions[:, 0])
-    half = neurons.numel() // 2
-    return neurons[order[:half]], neurons[order[half:]]
+    right[torch.argsort(centred @ directions[:, 0])[count // 2 :]] = True
+    for _ in range(COCLUSTER_ROUNDS):
+        goes_right = energy[:, right].sum(1) > energy[:, ~right].sum(1)
+        preference = energy[goes_right].sum(0) - energy[~goes_right].sum(0)
+        moved = torch.zeros_like(right)
+        moved[torch.argsort(preference, descending=True)[: count - count // 2]] = True
+        if torch.equal(moved, right):
+            break
+        right = moved
+    return right
 
 
 def _node_groups(groups: list[torch.Tensor], depth: int, node: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,9 +121,9 @@ def _node_groups(groups: list[torch.Tensor], depth: int, node: int) -> tuple[tor
 
 
 def oracle_leaves(tree: FastFeedForward, x: torch.Tensor) -> torch.Tensor:
-    """Each token's leaf when every node sends it to the subtree whose neurons carry more of its activation mass;
-    with k leaves per token, (tokens, k): the k leaves that carry the most."""
-    mass = torch.stack([tree.leaf_activations(x, leaf).abs() @ tree.leaf_out[leaf].norm(dim=1) for leaf in range(tree.num_leaves)], 1)
+    """Each token's leaf when every node sends it to the subtree whose neurons carry more of its squared
+    activation mass (the routers' labels); with k leaves per token, (tokens, k): the k leaves that carry the most."""
+    mass = torch.stack([tree.leaf_activations(x, leaf).square() @ tree.leaf_out[leaf].square().sum(1) for leaf in range(tree.num_leaves)], 1)
     if tree.leaves_per_token > 1:
         return mass.topk(tree.leaves_per_token, dim=1).indices
     leaf = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
@@ -143,21 +169,23 @@ def _copy_rows(dense: DenseWeights, neurons: torch.Tensor, w_in, b_in, w_gate, w
         w_gate[:count] = dense.w_gate[neurons]
 
 
-def _fit_routers(tree: FastFeedForward, x: torch.Tensor, mass: torch.Tensor, groups: list[torch.Tensor]) -> float:
-    """Each router a weighted logistic regression on its node's labels; returns the share of choices made right."""
+def _fit_routers(tree: FastFeedForward, x: torch.Tensor, energy: torch.Tensor, groups: list[torch.Tensor]) -> float:
+    """Each router a weighted logistic regression on its node's labels (the side holding more of the token's
+    squared mass, as the split sent it; measured on all-MiniLM-L6-v2 at 25%: cosine 0.778 against 0.770 with
+    labels on the mass itself); returns the share of choices made right."""
     node_of_token = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     right_choices, choices = 0, 0
     for node in range(tree.num_leaves - 1):
         reaching = node_of_token == node
         left, right = _node_groups(groups, tree.depth, node)
         sample = reaching if reaching.sum() >= 2 else torch.ones_like(reaching)  # no tokens here: fit on all
-        difference = mass[sample][:, right].sum(1) - mass[sample][:, left].sum(1)
+        difference = energy[sample][:, right].sum(1) - energy[sample][:, left].sum(1)
         weight, bias = _logistic_regression(x[sample], difference > 0, difference.abs())
         with torch.no_grad():
             tree.router_weight[node].copy_(weight)
             tree.router_bias[node].copy_(bias)
             goes_right = (x[reaching] @ weight + bias) > 0
-            labels = (mass[reaching][:, right].sum(1) - mass[reaching][:, left].sum(1)) > 0
+            labels = (energy[reaching][:, right].sum(1) - energy[reaching][:, left].sum(1)) > 0
             right_choices += int((goes_right == labels).sum())
             choices += int(reaching.sum())
             node_of_token[reaching] = 2 * node + 1 + goes_right.long()

@@ -13,7 +13,7 @@ from model_compress.fff.allocate import Candidates, candidate_shares, choose_sha
 from model_compress.fff.distill import FFFSettings, validate_settings
 from model_compress.fff.pipeline import distill_fff
 from model_compress.fff.tree import FastFeedForward, per_token_reference
-from model_compress.fff.tree_init import _error, _refit_outputs, initialise_tree, oracle_leaves
+from model_compress.fff.tree_init import _error, _halve, _refit_outputs, _split, initialise_tree, oracle_leaves
 
 from ..conftest import ENGLISH
 from .test_fff import HIDDEN, WIDTH, random_dense
@@ -45,6 +45,43 @@ def test_the_shared_neurons_are_the_most_used_ones():
     mass = (dense.neuron_activations(x).abs() * dense.w_out.norm(dim=1)).mean(0)
     shared = [int(torch.nonzero((dense.w_in == row).all(1))[0]) for row in tree.shared_in.detach()]
     assert set(shared) == set(torch.argsort(mass, descending=True)[:16].tolist())
+
+
+def _planted_energy(tokens: int, neurons: int, groups: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Energy where each token uses one hidden group of neurons strongly and the rest faintly; and the groups."""
+    generator = torch.Generator().manual_seed(seed)
+    group_of_neuron = torch.randperm(neurons, generator=generator) % groups
+    group_of_token = torch.randint(0, groups, (tokens,), generator=generator)
+    faint = torch.rand(tokens, neurons, generator=generator) * 0.2
+    strong = (group_of_token[:, None] == group_of_neuron[None, :]).float() * (1 + torch.rand(tokens, neurons, generator=generator))
+    return faint + strong, group_of_neuron
+
+
+def test_the_split_recovers_planted_neuron_groups():
+    mass, planted = _planted_energy(3000, 64, 4)
+    groups = _split(torch.arange(64), mass, 2)
+    assert [g.numel() for g in groups] == [16] * 4
+    for group in groups:  # each leaf is exactly one planted group
+        assert planted[group].unique().numel() == 1
+
+
+def test_co_clustering_keeps_at_least_the_energy_of_its_principal_component_start():
+    torch.manual_seed(3)
+    energy = torch.rand(2000, 48).pow(3) * torch.rand(48)  # no planted structure: the refinement has work to do
+    torch.manual_seed(7)  # the same random start for svd_lowrank in both
+    right = _halve(energy)
+    assert int(right.sum()) == 24
+
+    def kept(side: torch.Tensor) -> float:
+        return torch.maximum(energy[:, side].sum(1), energy[:, ~side].sum(1)).sum().item()
+
+    columns = energy / energy.norm(dim=0, keepdim=True)
+    centred = (columns - columns.mean(1, keepdim=True)).T
+    torch.manual_seed(7)
+    _, _, directions = torch.svd_lowrank(centred, q=2, niter=4)
+    start = torch.zeros(48, dtype=torch.bool)
+    start[torch.argsort(centred @ directions[:, 0])[24:]] = True
+    assert kept(right) >= kept(start) - 1e-6
 
 
 def test_learned_routers_beat_random_routing_and_come_near_the_oracle():
