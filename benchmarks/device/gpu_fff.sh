@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # FFF on a GPU machine, in three calls made back to back (the machine keeps /tmp while it stays warm):
 #   run(command="STAGE=block bash benchmarks/device/gpu_fff.sh", carry=[".device/evalA"])   # block benchmark + checks; stores SmolLM2 part a
+#     (or STAGE=part-a: only store part a)
 #   run(command="STAGE=smol bash benchmarks/device/gpu_fff.sh", carry=[".device/evalB"])    # SmolLM2-135M: fff-distill + eval at DEPTHS
 #     (or SMOL_VARIANTS="args|args|...": one `compress fff-distill` argument string per checkpoint)
 #   run(command="STAGE=minilm bash benchmarks/device/gpu_fff.sh", carry=[".device/minilm"]) # all-MiniLM-L6-v2: fff-distill + eval at DEPTHS
 #     (or VARIANTS_FILE=F: one line of `compress fff-distill` arguments per checkpoint)
-# benchmarks/README.md says how the carried folders are made. Logs and JSON go to $OUT.
+# benchmarks/README.md says how the carried folders are made. Logs and JSON go to $OUT. EVAL_ARGS replaces the
+# `compress eval` options (default: MAX_TOKENS tokens, one-sequence decode of 64 new tokens).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-fff}
 mkdir -p "$OUT" /tmp/smol
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1
 GGUF=/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
-EVAL_ARGS="--max-tokens ${MAX_TOKENS:-65536} --decode-batch 1 --new-tokens 64"
+EVAL_ARGS=${EVAL_ARGS:-"--max-tokens ${MAX_TOKENS:-65536} --decode-batch 1 --new-tokens 64"}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/device.txt"
 
 # Carried folders stay on the machine between calls, so STAGE (not what was carried) picks the stage.
+if [ "${STAGE:-}" = part-a ]; then  # only store SmolLM2's part a, for a smol call right after
+  cp .device/evalA/smol.part-a /tmp/smol/ && echo "stored part a" && exit 0
+fi
 if [ "${STAGE:-}" = smol ]; then
   cat /tmp/smol/smol.part-a .device/evalB/smol.part-b > "$GGUF"
   echo "$(cat .device/evalB/smol.sha256)  $GGUF" | sha256sum -c || exit 1
@@ -32,7 +37,7 @@ if [ "${STAGE:-}" = minilm ]; then
   else CHOICE=(--depths ${DEPTHS:-2 3 4 5 6}); fi
   echo "== all-MiniLM-L6-v2 (float16 copy): fff-distill, ${CHOICE[*]}"
   python3 benchmarks/fff/fff_curve.py .device/minilm "${CHOICE[@]}" --device cuda --workdir /tmp/fff-minilm \
-    --out "$OUT/minilm" --repeats 3 --fff-args "${FFF_ARGS:-}" --eval-args "--max-tokens ${MAX_TOKENS:-65536}" 2>&1 \
+    --out "$OUT/minilm" --repeats 3 --fff-args "${FFF_ARGS:-}" --eval-args "${EVAL_ARGS/ --decode-batch 1 --new-tokens 64/}" 2>&1 \
     | tee "$OUT/minilm.log" | tail -14
   exit 0
 fi

@@ -43,6 +43,7 @@ def fff_distill(
     steps: Annotated[int, typer.Option(help="Training steps per block.")] = 400,
     batch_tokens: Annotated[int, typer.Option(help="Tokens per training step.")] = 1024,
     lr: Annotated[float, typer.Option(help="AdamW learning rate of the per-block training.")] = 1e-3,
+    hard_fraction: Annotated[float, typer.Option(help="Share of the per-block steps trained under the hard routing inference uses (the rest soft, all leaves weighted, temperature lowered).")] = 0.25,
     e2e_steps: Annotated[int, typer.Option(help="Steps of end-to-end distillation on the original's outputs afterwards (0: none).")] = 0,
     e2e_lr: Annotated[float, typer.Option(help="Learning rate of the end-to-end distillation.")] = 1e-5,
     device: Annotated[str, typer.Option(help="Where recording and training run: auto, cpu, cuda, cuda:N.")] = "auto",
@@ -57,7 +58,7 @@ def fff_distill(
     from .pipeline import distill_fff
 
     settings = FFFSettings(
-        depth=depth, neurons_per_token=neurons_per_token, leaf_width=leaf_width, leaves_per_token=leaves_per_token, refit=refit, allocate=allocate, layers=layers, steps=steps, batch_tokens=batch_tokens, lr=lr,
+        depth=depth, neurons_per_token=neurons_per_token, leaf_width=leaf_width, leaves_per_token=leaves_per_token, refit=refit, allocate=allocate, layers=layers, steps=steps, batch_tokens=batch_tokens, lr=lr, hard_fraction=hard_fraction,
         calib_tokens=calib_tokens, seq_len=seq_len, e2e_steps=e2e_steps, e2e_lr=e2e_lr, seed=seed, device=parse_device(device),
     )
     text = calibration_text(calib)

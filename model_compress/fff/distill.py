@@ -105,6 +105,8 @@ def validate_settings(settings: FFFSettings) -> None:
         raise UserError(f"--batch-tokens and --calib-tokens must be positive, --seq-len at least {MIN_SEQ_LEN}")
     if not 0 < settings.lr < 1 or not 0 <= settings.e2e_lr < 1:
         raise UserError("--lr must be in (0, 1)")
+    if not 0 <= settings.hard_fraction <= 1:
+        raise UserError(f"--hard-fraction must be a fraction in [0, 1] (got {settings.hard_fraction:g})")
 
 
 

@@ -56,6 +56,7 @@ def test_bad_options_are_one_line_errors(tiny_folder, tmp_path):
         (("--depth", "2", "--leaves-per-token", "5"), "--leaves-per-token must be between 1 and the 4 leaves"),
         (("--depth", "2", "--neurons-per-token", "0.3", "--leaves-per-token", "2"), "needs --depth 3 or more"),
         (("--leaf-width", "0"), "--leaf-width must be positive"),
+        (("--hard-fraction", "1.5"), "--hard-fraction must be a fraction in [0, 1]"),
         (("--layers", "0-4"), "the model has FF blocks 0-1"),
         (("--calib", str(tmp_path / "missing.txt")), "--calib"),
     ]
