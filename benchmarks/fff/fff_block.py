@@ -5,6 +5,8 @@ The trees spend a quarter of the block's neurons per token, as `compress fff-dis
 is timed on its kernels and on the eager PyTorch path (the reference, what runs without Triton). First
 the kernels are checked on this device against the eager forward (fp16, bf16, 1 / 7 / 300 tokens), then
 times are the median of --repeats replays of a captured graph (after warm-up), with the ratio to dense.
+The grouped kernels' routing and counting sort (what runs before their GEMMs) is also timed alone; at
+one token with one leaf the decode kernels run instead and need no sort.
 
 Random weights and random inputs: routing is then close to balanced (the busiest leaf's share is
 printed); distilled trees on real text route less evenly (fff_curve.py reports theirs).
@@ -74,6 +76,15 @@ def check(device: torch.device) -> None:
                     raise SystemExit("the kernels disagree with the eager forward")
 
 
+def route_and_sort(tree: FastFeedForward, x: torch.Tensor):
+    """What the grouped kernels run before their GEMMs: the router logits, each row's leaf, the counting sort."""
+    from model_compress.fff.kernels.triton_schedule import sort_by_leaf, sort_by_route
+
+    if tree.leaves_per_token == 1:
+        return sort_by_route(F.linear(x, tree.router_weight, tree.router_bias), tree.depth)
+    return sort_by_leaf(tree.routes(x).reshape(-1), tree.num_leaves, tree.leaves_per_token)
+
+
 def graphed_ms(call, device: torch.device, repeats: int) -> float:
     """Median ms of replaying ``call`` captured in a CUDA graph (the way decoding and serving run it)."""
     for _ in range(3):
@@ -94,8 +105,8 @@ def main() -> None:
     dtype = torch.float16
     check(device)
     print(torch.cuda.get_device_name(device), "torch", torch.__version__)
-    print("| block | tokens | dense ms | tree | shared + leaves x width | kernels ms | kernels / dense | eager ms | eager / dense | busiest leaf |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| block | tokens | dense ms | tree | shared + leaves x width | kernels ms | kernels / dense | of which routing + sort ms | eager ms | eager / dense | busiest leaf |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, (hidden, width, gated) in SHAPES.items():
         dense = DenseBlock(hidden, width, gated, dtype, device)
         for tokens in args.tokens:
@@ -105,10 +116,11 @@ def main() -> None:
                 for name, (depth, top) in TREES.items():
                     tree = random_tree(hidden, width, depth, top, gated, dtype, device)
                     kernel_ms = graphed_ms(lambda: tree.hard_forward(x), device, args.repeats)
+                    sort_ms = graphed_ms(lambda: route_and_sort(tree, x), device, args.repeats)
                     eager_ms = median_ms(lambda: tree.eager_hard_forward(x), device, 5, max(10, args.repeats // 5))  # host syncs: no graph
                     busiest = torch.bincount(tree.routes(x).flatten(), minlength=tree.num_leaves).max().item() / tokens
                     print(f"| {label} | {tokens} | {dense_ms:.4f} | {name} | {tree.shared_width} + {tree.num_leaves} x {tree.leaf_width} | "
-                          f"{kernel_ms:.4f} | {kernel_ms / dense_ms:.2f} | {eager_ms:.4f} | {eager_ms / dense_ms:.2f} | {busiest:.0%} |", flush=True)
+                          f"{kernel_ms:.4f} | {kernel_ms / dense_ms:.2f} | {sort_ms:.4f} | {eager_ms:.4f} | {eager_ms / dense_ms:.2f} | {busiest:.0%} |", flush=True)
 
 
 if __name__ == "__main__":

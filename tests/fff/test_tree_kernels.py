@@ -73,6 +73,41 @@ def test_kernels_equal_the_eager_forward_and_the_reference(dtype, tokens, case):
 
 
 @needs_cuda
+@pytest.mark.parametrize("tokens, top", [(1, 1), (100, 1), (5000, 1), (7, 3), (3000, 2)])
+def test_the_counting_sort_puts_every_row_once_in_leaf_order(tokens, top):
+    from model_compress.fff.kernels.triton_schedule import sort_by_leaf, sort_by_route
+
+    tree = _tree(64, 4, 16, nn.GELU(), False, 8, top, torch.float16)
+    x = torch.randn(tokens, 64, dtype=torch.float16, device="cuda")
+    with torch.inference_mode():
+        if top == 1:
+            leaf = tree.route(x)
+            order, token_of_row, counts = sort_by_route(torch.nn.functional.linear(x, tree.router_weight, tree.router_bias), 4)
+        else:
+            leaf = tree.routes(x).reshape(-1)
+            order, token_of_row, counts = sort_by_leaf(leaf, tree.num_leaves, top)
+    order = order.long()
+    assert torch.equal(counts.long(), torch.bincount(leaf, minlength=tree.num_leaves))
+    assert torch.equal(order.sort().values, torch.arange(leaf.numel(), device="cuda"))
+    assert torch.equal(leaf[order], leaf.sort().values)
+    assert torch.equal(token_of_row.long(), order // top)
+
+
+@needs_cuda
+@pytest.mark.parametrize("tokens", [5, 100, 2048])
+def test_the_grouped_kernels_when_every_token_takes_one_leaf(tokens):
+    """The other leaves get no rows: the tile tables' empty leaves and spare tiles."""
+    tree = _tree(96, 3, 32, nn.SiLU(), True, 16, 1, torch.float16)
+    with torch.no_grad():
+        tree.router_bias.copy_(torch.tensor([50.0, 0, -50.0, 0, 0, -50.0, 0]))  # right, left, left: leaf 4
+    x = torch.randn(tokens, 96, dtype=torch.float16, device="cuda")
+    with torch.inference_mode():
+        assert set(tree.route(x).tolist()) == {4}
+        fast, eager = fast_hard_forward(tree, x), tree.eager_hard_forward(x)
+    assert (fast.float() - eager.float()).abs().max().item() <= 2e-3 * eager.float().abs().max().item() + 1e-3
+
+
+@needs_cuda
 @pytest.mark.parametrize("tokens", [1, 300])
 def test_the_kernels_run_inside_a_cuda_graph(tokens):
     tree = _tree(128, 3, 40, nn.SiLU(), True, 24, 1, torch.float16)

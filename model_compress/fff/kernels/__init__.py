@@ -3,8 +3,8 @@
 ``fast_hard_forward`` picks, for CUDA half-precision inputs whose activation the kernels know:
 - one leaf per token and at most ``triton_decode.MAX_TOKENS`` tokens: the decode kernels (each token
   walks the tree in registers, reads its leaf's contiguous slice; four launches);
-- otherwise the grouped kernels: the router logits in one matmul, each token's leaves, a stable
-  counting sort of the rows by leaf, a grouped GEMM over leaves for in/gate with the activation (and
+- otherwise the grouped kernels: the router logits in one matmul, each token's leaves and a counting
+  sort of the rows by leaf (``triton_schedule``: a memset and two launches), a grouped GEMM over leaves for in/gate with the activation (and
   SwiGLU's product) fused, and one for the output projection that adds the shared neurons' part (dense:
   cuBLAS) and stores back in token order.
 Neither waits on the host, so both can be captured in a CUDA graph. Anything else returns None and the
@@ -43,4 +43,4 @@ def fast_hard_forward(tree, flat: torch.Tensor) -> torch.Tensor | None:
     flat = flat.contiguous()
     if tree.leaves_per_token == 1 and flat.shape[0] <= decode.MAX_TOKENS:
         return decode.decode_forward(tree, flat, act)
-    return grouped.grouped_forward(tree, flat, tree.routes(flat), act)
+    return grouped.grouped_forward(tree, flat, act)

@@ -1,8 +1,7 @@
-"""What the tree kernels share: the activations, the leaf a tile belongs to, the launch schedule."""
+"""What the tree kernels share: the activations, a token's leaf, the leaf a row tile belongs to."""
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -22,27 +21,34 @@ def activate(v, ACT: tl.constexpr):
 
 
 @triton.jit
-def tile_rows(pid_m, tile_start_ptr, row_start_ptr, counts_ptr, NUM_LEAVES, BLOCK_M: tl.constexpr, LEAVES_P2: tl.constexpr):
-    """(leaf, first sorted row, rows' end, valid) of the row tile ``pid_m``: tiles are numbered leaf after leaf."""
+def leaf_of(logits_ptr, token, mask, DEPTH: tl.constexpr):
+    """The leaf of ``token`` (a scalar or a vector): from the root, right where the router's logit is positive
+    (ties go left, as ``FastFeedForward.route``); ``logits_ptr`` holds (tokens, nodes) logits."""
+    nodes = (1 << DEPTH) - 1
+    row = token.to(tl.int64) * nodes
+    node = token * 0
+    for _ in tl.static_range(DEPTH):
+        logit = tl.load(logits_ptr + row + node, mask=mask, other=0.0).to(tl.float32)
+        node = 2 * node + 1 + (logit > 0).to(tl.int32)
+    return node - nodes
+
+
+@triton.jit
+def tile_rows(pid_m, counts_ptr, NUM_LEAVES, BLOCK_M: tl.constexpr, LEAVES_P2: tl.constexpr):
+    """(leaf, first sorted row, rows' end, valid) of the row tile ``pid_m``, from the rows per leaf alone.
+
+    Tiles are numbered leaf after leaf (a leaf of n rows has ceil(n / BLOCK_M) of them), rows are sorted by
+    leaf. A spare tile (``valid`` false: the grid is sized for any split of the rows) gets leaf 0 and ``end``
+    0, so ``rows < end`` masks all its rows."""
     leaves = tl.arange(0, LEAVES_P2)
-    starts = tl.load(tile_start_ptr + leaves, mask=leaves < NUM_LEAVES, other=2**30)
-    leaf = tl.sum((starts <= pid_m).to(tl.int32), axis=0) - 1
-    total = tl.load(tile_start_ptr + NUM_LEAVES)
-    first = tl.load(row_start_ptr + leaf) + (pid_m - tl.load(tile_start_ptr + leaf)) * BLOCK_M
-    end = tl.load(row_start_ptr + leaf) + tl.load(counts_ptr + leaf)
-    return leaf, first, end, pid_m < total
-
-
-def schedule(pair_leaf: torch.Tensor, num_leaves: int, block_m: int):
-    """Rows sorted by leaf (a stable counting sort) and the tile tables the kernels read; no host sync.
-
-    Returns (order: sorted position -> pair, tile_start: (leaves + 1) first tile of each leaf then the total,
-    row_start: first sorted row of each leaf, counts: rows per leaf)."""
-    order = torch.argsort(pair_leaf, stable=True)
-    counts = torch.zeros(num_leaves, dtype=torch.int32, device=pair_leaf.device)
-    counts.scatter_add_(0, pair_leaf, torch.ones_like(pair_leaf, dtype=torch.int32))
-    tiles = (counts + block_m - 1) // block_m
-    tile_start = torch.zeros(num_leaves + 1, dtype=torch.int32, device=pair_leaf.device)
-    tile_start[1:] = torch.cumsum(tiles, 0)
-    row_start = (torch.cumsum(counts, 0) - counts).to(torch.int32)
-    return order, tile_start, row_start, counts
+    counts = tl.load(counts_ptr + leaves, mask=leaves < NUM_LEAVES, other=0)
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles, 0)
+    row_end = tl.cumsum(counts, 0)
+    leaf = tl.sum((tile_end <= pid_m).to(tl.int32), axis=0)
+    valid = pid_m < tl.sum(tiles, axis=0)
+    mine = leaves == leaf
+    first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), axis=0)
+    row_start = tl.sum(tl.where(mine, row_end - counts, 0), axis=0)
+    end = tl.where(valid, tl.sum(tl.where(mine, row_end, 0), axis=0), 0)
+    return tl.where(valid, leaf, 0), row_start + (pid_m - first_tile) * BLOCK_M, end, valid

@@ -14,20 +14,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_common import activate
+from .triton_common import activate, leaf_of
 
 MAX_TOKENS = 8  # beyond this the grouped kernels read each leaf once for all its tokens
-
-
-@triton.jit
-def _leaf_of(logits_ptr, token, DEPTH: tl.constexpr):
-    """The token's leaf: from the root, right where the router's logit is positive (ties go left)."""
-    nodes = (1 << DEPTH) - 1
-    node = 0
-    for _ in tl.static_range(DEPTH):
-        logit = tl.load(logits_ptr + token * nodes + node).to(tl.float32)
-        node = 2 * node + 1 + (logit > 0).to(tl.int32)
-    return node - nodes
 
 
 @triton.jit
@@ -40,7 +29,7 @@ def _decode_up_kernel(
     token, pid_n = tl.program_id(0), tl.program_id(1)
     leaf_blocks = tl.cdiv(WIDTH, BLOCK_N)
     if pid_n < leaf_blocks:
-        leaf = _leaf_of(logits_ptr, token, DEPTH).to(tl.int64)
+        leaf = leaf_of(logits_ptr, token, token >= 0, DEPTH).to(tl.int64)
         neurons = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         count = WIDTH
         column = neurons
@@ -89,7 +78,7 @@ def _decode_down_kernel(
     columns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     column_ok = columns < HIDDEN
     if pid_k < leaf_chunks:
-        leaf = _leaf_of(logits_ptr, token, DEPTH).to(tl.int64)
+        leaf = leaf_of(logits_ptr, token, token >= 0, DEPTH).to(tl.int64)
         k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = k < WIDTH
         weights = out_w_ptr + leaf * WIDTH * HIDDEN

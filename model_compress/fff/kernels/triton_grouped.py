@@ -14,28 +14,29 @@ With several leaves per token the pairs' outputs are summed per token and the ad
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_common import activate, schedule, tile_rows
+from .triton_common import activate, tile_rows
+from .triton_schedule import sort_by_leaf, sort_by_route
 
 
 @triton.jit
 def _up_kernel(
     x_ptr, token_ptr, in_ptr, gate_ptr, in_bias_ptr, h_ptr,
-    tile_start_ptr, row_start_ptr, counts_ptr,
+    counts_ptr,
     HIDDEN, WIDTH, NUM_LEAVES,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LEAVES_P2: tl.constexpr,
 ):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    leaf, first, end, valid = tile_rows(pid_m, tile_start_ptr, row_start_ptr, counts_ptr, NUM_LEAVES, BLOCK_M, LEAVES_P2)
+    leaf, first, end, valid = tile_rows(pid_m, counts_ptr, NUM_LEAVES, BLOCK_M, LEAVES_P2)
     rows = first + tl.arange(0, BLOCK_M)
-    row_ok = (rows < end) & valid
+    row_ok = rows < end
     tokens = tl.load(token_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     neurons = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     neuron_ok = neurons < WIDTH
-    leaf = tl.where(valid, leaf, 0)
     leaf_offset = leaf.to(tl.int64) * WIDTH * HIDDEN
     ks = tl.arange(0, BLOCK_K)
     up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -62,19 +63,18 @@ def _up_kernel(
 @triton.jit
 def _down_kernel(
     h_ptr, pair_ptr, out_w_ptr, addend_ptr, out_ptr,
-    tile_start_ptr, row_start_ptr, counts_ptr,
+    counts_ptr,
     HIDDEN, WIDTH, NUM_LEAVES,
     HAS_ADDEND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LEAVES_P2: tl.constexpr,
 ):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    leaf, first, end, valid = tile_rows(pid_m, tile_start_ptr, row_start_ptr, counts_ptr, NUM_LEAVES, BLOCK_M, LEAVES_P2)
+    leaf, first, end, valid = tile_rows(pid_m, counts_ptr, NUM_LEAVES, BLOCK_M, LEAVES_P2)
     rows = first + tl.arange(0, BLOCK_M)
-    row_ok = (rows < end) & valid
+    row_ok = rows < end
     columns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     column_ok = columns < HIDDEN
     h_rows = h_ptr + rows.to(tl.int64)[:, None] * WIDTH
-    leaf = tl.where(valid, leaf, 0)
     w_leaf = out_w_ptr + leaf.to(tl.int64) * WIDTH * HIDDEN
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -102,36 +102,38 @@ def _tiles(rows: int, leaves: int) -> dict:
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
 
 
-def grouped_forward(tree, x: torch.Tensor, leaves: torch.Tensor, act: int) -> torch.Tensor:
-    """(tokens, hidden) through ``leaves`` (tokens, k) of ``tree``, shared part and bias included."""
-    tokens, k = leaves.shape
+def grouped_forward(tree, x: torch.Tensor, act: int) -> torch.Tensor:
+    """(tokens, hidden) through ``tree``'s leaves for each token (its route, or its top leaves), shared part and
+    bias included."""
+    tokens, k = x.shape[0], tree.leaves_per_token
     hidden, width, num_leaves = tree.hidden, tree.leaf_width, tree.num_leaves
+    if k == 1:  # the route read straight from the logits
+        order, token_of_row, counts = sort_by_route(F.linear(x, tree.router_weight, tree.router_bias), tree.depth)
+    else:
+        order, token_of_row, counts = sort_by_leaf(tree.routes(x).reshape(-1), num_leaves, k)
     addend = tree.out_bias.expand(tokens, hidden) if tree.out_bias is not None else None
     if tree.shared_width:  # dense neurons: cuBLAS
         shared = tree.shared_activations(x)
         addend = torch.addmm(tree.out_bias, shared, tree.shared_out) if addend is not None else shared @ tree.shared_out
-    pair_leaf = leaves.reshape(-1)
-    rows = pair_leaf.numel()
+    rows = tokens * k
     tiles = _tiles(rows, num_leaves)
     block_m = tiles["BLOCK_M"]
-    order, tile_start, row_start, counts = schedule(pair_leaf, num_leaves, block_m)
-    token_of_row = torch.div(order, k, rounding_mode="floor") if k > 1 else order
     h = torch.empty(rows, width, device=x.device, dtype=x.dtype)
     out = torch.empty(rows, hidden, device=x.device, dtype=x.dtype)
     max_tiles = triton.cdiv(rows, block_m) + num_leaves
-    leaves_p2 = triton.next_power_of_2(num_leaves + 1)
+    leaves_p2 = triton.next_power_of_2(num_leaves)
     gated, has_bias = tree.leaf_gate is not None, tree.leaf_in_bias is not None
     dummy = tree.leaf_in
     up_tiles = dict(tiles, BLOCK_N=min(tiles["BLOCK_N"], 64) if gated else tiles["BLOCK_N"])  # two accumulators
     _up_kernel[(max_tiles, triton.cdiv(width, up_tiles["BLOCK_N"]))](
         x, token_of_row, tree.leaf_in, tree.leaf_gate if gated else dummy, tree.leaf_in_bias if has_bias else dummy, h,
-        tile_start, row_start, counts, hidden, width, num_leaves,
+        counts, hidden, width, num_leaves,
         GATED=gated, HAS_BIAS=has_bias, ACT=act, LEAVES_P2=leaves_p2, **up_tiles,
     )
     fuse_addend = k == 1 and addend is not None
     addend_in = addend.contiguous() if fuse_addend else dummy
     _down_kernel[(max_tiles, triton.cdiv(hidden, tiles["BLOCK_N"]))](
-        h, order, tree.leaf_out, addend_in, out, tile_start, row_start, counts, hidden, width, num_leaves,
+        h, order, tree.leaf_out, addend_in, out, counts, hidden, width, num_leaves,
         HAS_ADDEND=fuse_addend, LEAVES_P2=leaves_p2, **tiles,
     )
     if k == 1:
