@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # FFF on a GPU machine, in three calls made back to back (the machine keeps /tmp while it stays warm):
-#   run(command="STAGE=block bash benchmarks/device/gpu_fff.sh", carry=[".device/evalA"])   # checks, block benchmark, decode crossover; stores part a
+#   run(command="STAGE=block bash benchmarks/device/gpu_fff.sh", carry=[".device/evalA"])   # checks, block benchmarks; stores part a
 #     (or STAGE=part-a: only store part a)
 #   run(command="STAGE=smol bash benchmarks/device/gpu_fff.sh", carry=[".device/evalB"])    # SmolLM2-135M: fff-distill + eval at DEPTHS
 #     (or SMOL_VARIANTS="args|args|...": one `compress fff-distill` argument string per checkpoint)
@@ -47,6 +47,7 @@ if [ "${STAGE:-}" = block ]; then
   python3 -m pytest -q -p no:cacheprovider tests/fff/test_tree_kernels.py tests/fff/test_top_leaves.py tests/fff/test_fff.py 2>&1 | tail -15
   python3 benchmarks/fff/fff_block.py --device cuda 2>&1 | tee "$OUT/fff_block.md"
   python3 benchmarks/fff/decode_crossover.py --device cuda 2>&1 | tee "$OUT/decode_crossover.md"
+  python3 benchmarks/fff/grouped_rate.py --device cuda --sweep 2>&1 | tee "$OUT/grouped_rate.md"
   exit 0
 fi
 echo "error: set STAGE to block, smol or minilm" >&2

@@ -36,6 +36,16 @@ MIN_SEQ_LEN = 32
 INIT_ROWS = 8192  # calibration rows the initialisation looks at (PCA and router regressions)
 
 
+SHARED_ALIGN = 16  # the shared part runs as dense GEMMs (cuBLAS): an odd width such as 1170 misaligns their rows
+
+
+def aligned_width(exact: float, neurons: int) -> int:
+    """``exact`` rounded to a multiple of SHARED_ALIGN where that moves the budget by under 1% of the block's
+    neurons (a real block), else to the nearest neuron (a tiny one, where 16 neurons are a large share)."""
+    aligned = round(exact / SHARED_ALIGN) * SHARED_ALIGN
+    return aligned if abs(aligned - exact) <= 0.01 * neurons else round(exact)
+
+
 @dataclass
 class FFFSettings:
     """The user's knobs for `compress fff-distill` (CLI defaults)."""
@@ -67,8 +77,10 @@ class FFFSettings:
         if self.neurons_per_token is None or k >= leaves:
             return 0
         if self.leaf_width is not None:
-            return max(0, min(neurons - self.leaf_width, round(self.neurons_per_token * neurons) - k * self.leaf_width))
-        return max(0, round(neurons * (self.neurons_per_token * leaves - k) / (leaves - k)))
+            exact = max(0, min(neurons - self.leaf_width, self.neurons_per_token * neurons - k * self.leaf_width))
+        else:
+            exact = max(0, neurons * (self.neurons_per_token * leaves - k) / (leaves - k))
+        return aligned_width(exact, neurons)
 
     def leaf_width_for(self, neurons: int) -> int:
         if self.leaf_width is not None:

@@ -94,6 +94,20 @@ def test_the_shared_part_makes_room_for_the_leaves():
     assert FFFSettings(depth=3, neurons_per_token=0.25, leaves_per_token=2).shared_width_for(1536) == 0
 
 
+@pytest.mark.parametrize("neurons", [1536, 3072, 4864, 8192])
+@pytest.mark.parametrize("share, depth, top", [(0.25, 3, 1), (0.5, 3, 1), (0.125, 4, 1), (0.25, 4, 2), (0.375, 5, 4)])
+def test_a_real_blocks_shared_part_is_a_multiple_of_16_and_keeps_the_budget(neurons, share, depth, top):
+    settings = FFFSettings(depth=depth, neurons_per_token=share, leaves_per_token=top)
+    shared, width = settings.shared_width_for(neurons), settings.leaf_width_for(neurons)
+    assert shared % 16 == 0
+    assert abs(shared + top * width - share * neurons) <= 0.01 * neurons + top * 2**depth  # rounding of the leaves too
+
+
+def test_a_tiny_blocks_shared_part_is_not_rounded_to_16():
+    settings = FFFSettings(depth=3, neurons_per_token=0.25)
+    assert settings.shared_width_for(64) == 9  # 64 (0.25 * 8 - 1) / 7 = 9.1: 16 or 0 would move the budget by 11%
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [

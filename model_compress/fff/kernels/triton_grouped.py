@@ -26,7 +26,7 @@ from .triton_schedule import sort_by_leaf, sort_by_route
 def _up_kernel(
     x_ptr, token_ptr, in_ptr, gate_ptr, in_bias_ptr, h_ptr,
     counts_ptr,
-    HIDDEN, WIDTH, NUM_LEAVES,
+    HIDDEN, WIDTH, H_STRIDE, NUM_LEAVES,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LEAVES_P2: tl.constexpr,
 ):
@@ -56,7 +56,7 @@ def _up_kernel(
         hidden = activate(gate, ACT) * up
     else:
         hidden = activate(up, ACT)
-    tl.store(h_ptr + rows.to(tl.int64)[:, None] * WIDTH + neurons[None, :], hidden.to(h_ptr.dtype.element_ty),
+    tl.store(h_ptr + rows.to(tl.int64)[:, None] * H_STRIDE + neurons[None, :], hidden.to(h_ptr.dtype.element_ty),
              mask=row_ok[:, None] & neuron_ok[None, :])
 
 
@@ -64,7 +64,7 @@ def _up_kernel(
 def _down_kernel(
     h_ptr, pair_ptr, out_w_ptr, addend_ptr, out_ptr,
     counts_ptr,
-    HIDDEN, WIDTH, NUM_LEAVES,
+    HIDDEN, WIDTH, H_STRIDE, NUM_LEAVES,
     HAS_ADDEND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LEAVES_P2: tl.constexpr,
 ):
@@ -74,7 +74,7 @@ def _down_kernel(
     row_ok = rows < end
     columns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     column_ok = columns < HIDDEN
-    h_rows = h_ptr + rows.to(tl.int64)[:, None] * WIDTH
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * H_STRIDE
     w_leaf = out_w_ptr + leaf.to(tl.int64) * WIDTH * HIDDEN
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -118,7 +118,10 @@ def grouped_forward(tree, x: torch.Tensor, act: int) -> torch.Tensor:
     rows = tokens * k
     tiles = _tiles(rows, num_leaves)
     block_m = tiles["BLOCK_M"]
-    h = torch.empty(rows, width, device=x.device, dtype=x.dtype)
+    # h's rows padded to 16 elements: a leaf width such as 877 would misalign every row after the first, and
+    # Triton vectorizes the loads and stores of a row only when it knows the stride is a multiple of 16
+    h_stride = triton.cdiv(width, 16) * 16
+    h = torch.empty(rows, h_stride, device=x.device, dtype=x.dtype)
     out = torch.empty(rows, hidden, device=x.device, dtype=x.dtype)
     max_tiles = triton.cdiv(rows, block_m) + num_leaves
     leaves_p2 = triton.next_power_of_2(num_leaves)
@@ -127,13 +130,13 @@ def grouped_forward(tree, x: torch.Tensor, act: int) -> torch.Tensor:
     up_tiles = dict(tiles, BLOCK_N=min(tiles["BLOCK_N"], 64) if gated else tiles["BLOCK_N"])  # two accumulators
     _up_kernel[(max_tiles, triton.cdiv(width, up_tiles["BLOCK_N"]))](
         x, token_of_row, tree.leaf_in, tree.leaf_gate if gated else dummy, tree.leaf_in_bias if has_bias else dummy, h,
-        counts, hidden, width, num_leaves,
+        counts, hidden, width, h_stride, num_leaves,
         GATED=gated, HAS_BIAS=has_bias, ACT=act, LEAVES_P2=leaves_p2, **up_tiles,
     )
     fuse_addend = k == 1 and addend is not None
     addend_in = addend.contiguous() if fuse_addend else dummy
     _down_kernel[(max_tiles, triton.cdiv(hidden, tiles["BLOCK_N"]))](
-        h, order, tree.leaf_out, addend_in, out, counts, hidden, width, num_leaves,
+        h, order, tree.leaf_out, addend_in, out, counts, hidden, width, h_stride, num_leaves,
         HAS_ADDEND=fuse_addend, LEAVES_P2=leaves_p2, **tiles,
     )
     if k == 1:
