@@ -68,7 +68,8 @@ def main() -> None:
     records = record_blocks(model, blocks, windows, torch.device("cpu"))
     trees = [tuple(int(v) for v in pair.split(":")) for pair in args.trees]
     head = " | ".join(f"d{d} k{k}: learned / oracle" for d, k in trees)
-    print(f"{source.label}, {args.share:g} of the neurons per token, {windows.tokens:,} calibration tokens (10% held out), "
+    name = "SmolLM2-135M-Instruct (GGUF, dequantized)" if args.smollm2 else "all-MiniLM-L6-v2"
+    print(f"{name}, {args.share:g} of the neurons per token, {windows.tokens:,} calibration tokens (10% held out), "
           f"leaves {'refitted to the learned routes' if args.refit else 'exact copies'}\n")
     print(f"| block | neuron oracle | static | {head} |")
     print("|---" * (3 + len(trees)) + "|")

@@ -47,19 +47,21 @@ def fff_distill(
     e2e_steps: Annotated[int, typer.Option(help="Steps of end-to-end distillation on the original's outputs afterwards (0: none).")] = 0,
     e2e_lr: Annotated[float, typer.Option(help="Learning rate of the end-to-end distillation.")] = 1e-5,
     device: Annotated[str, typer.Option(help="Where recording and training run: auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Dtype of the saved weights: auto (the checkpoint's; float32 for a GGUF file), float32, float16, bfloat16. Fitting runs in float32 either way.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the initialisation and the training batches.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")] = False,
     debug: Debug = False,
 ) -> None:
     """Replace feed-forward blocks by Fast FeedForward trees distilled from them (one leaf per token at inference)."""
     from ..core.text import calibration_text
-    from ..core.sources import parse_device
+    from ..core.sources import parse_device, parse_dtype
     from .distill import FFFSettings
     from .pipeline import distill_fff
 
     settings = FFFSettings(
         depth=depth, neurons_per_token=neurons_per_token, leaf_width=leaf_width, leaves_per_token=leaves_per_token, refit=refit, allocate=allocate, layers=layers, steps=steps, batch_tokens=batch_tokens, lr=lr, hard_fraction=hard_fraction,
         calib_tokens=calib_tokens, seq_len=seq_len, e2e_steps=e2e_steps, e2e_lr=e2e_lr, seed=seed, device=parse_device(device),
+        saved_dtype=parse_dtype(dtype),
     )
     text = calibration_text(calib)
     quiet_transformers()

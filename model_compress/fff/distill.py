@@ -70,6 +70,7 @@ class FFFSettings:
     e2e_batch: int = 4
     seed: int = 0
     device: torch.device = torch.device("cpu")
+    saved_dtype: torch.dtype | None = None  # the saved weights' dtype; None: the checkpoint's (fitting is float32)
 
     def shared_width_for(self, neurons: int) -> int:
         """Always-on neurons: what the budget leaves beside k leaves, S + k (N - S) / 2**depth = F N."""
@@ -90,6 +91,7 @@ class FFFSettings:
     def to_json(self) -> dict:
         values = dict(vars(self))
         values["device"] = str(self.device)
+        values["saved_dtype"] = str(self.saved_dtype).removeprefix("torch.") if self.saved_dtype is not None else None
         return values
 
 

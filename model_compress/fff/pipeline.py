@@ -85,7 +85,7 @@ def distill_fff(
         raise UserError(f"'{source.label}' has no tokenizer, which the calibration text needs")
     if on_loaded is not None:
         on_loaded(source)
-    saved_dtype = next(network.parameters()).dtype
+    saved_dtype = settings.saved_dtype or next(network.parameters()).dtype
     params, original_bytes = model_params(network), model_bytes(network)
     # nn.Module.to, not the model's own: transformers refuses .float() on a GGUF-loaded (dequantized) model
     network = nn.Module.to(network, settings.device, torch.float32)

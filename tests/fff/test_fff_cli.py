@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 import transformers
 
 from ..conftest import ENGLISH, assert_one_line_error, real_model_folder, run_cli, tiny_tokenizer
@@ -39,6 +40,24 @@ def test_fff_distill_writes_a_checkpoint_that_inspect_and_eval_read(tiny_folder,
         assert latency["ff_blocks"] == 2 and 0 < latency["ff_prefill_share"] < 1
 
 
+def test_dtype_sets_the_saved_weights_dtype(tiny_folder, tmp_path):
+    from safetensors import safe_open
+
+    import model_compress
+
+    out = tmp_path / "out"
+    result = run_cli("fff-distill", str(tiny_folder("llama")), "-o", str(out), "--depth", "2", "--calib", str(calib_file(tmp_path)),
+                     "--dtype", "float16", *FAST)
+    assert result.exit_code == 0, result.output
+    dtypes = set()
+    for file in out.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            dtypes |= {handle.get_slice(name).get_dtype() for name in handle.keys()}
+    assert dtypes == {"F16"}
+    loaded = model_compress.load(out)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float16}
+
+
 def test_existing_output_needs_force(tiny_folder, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -59,6 +78,7 @@ def test_bad_options_are_one_line_errors(tiny_folder, tmp_path):
         (("--hard-fraction", "1.5"), "--hard-fraction must be a fraction in [0, 1]"),
         (("--layers", "0-4"), "the model has FF blocks 0-1"),
         (("--calib", str(tmp_path / "missing.txt")), "--calib"),
+        (("--dtype", "int8"), "unknown --dtype 'int8'"),
     ]
     for options, message in cases:
         assert_one_line_error(run_cli("fff-distill", folder, "-o", out, *FAST, "--calib", calib, *options), message)
