@@ -76,15 +76,6 @@ def check(device: torch.device) -> None:
                     raise SystemExit("the kernels disagree with the eager forward")
 
 
-def route_and_sort(tree: FastFeedForward, x: torch.Tensor):
-    """What the grouped kernels run before their GEMMs: the router logits, each row's leaf, the counting sort."""
-    from model_compress.fff.kernels.triton_schedule import sort_by_leaf, sort_by_route
-
-    if tree.leaves_per_token == 1:
-        return sort_by_route(F.linear(x, tree.router_weight, tree.router_bias), tree.depth)
-    return sort_by_leaf(tree.routes(x).reshape(-1), tree.num_leaves, tree.leaves_per_token)
-
-
 def graphed_ms(call, device: torch.device, repeats: int) -> float:
     """Median ms of replaying ``call`` captured in a CUDA graph (the way decoding and serving run it)."""
     for _ in range(3):
@@ -103,6 +94,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.float16
+    from model_compress.fff.kernels.triton_schedule import sort_rows  # Triton: a GPU machine
+
     check(device)
     print(torch.cuda.get_device_name(device), "torch", torch.__version__)
     print("| block | tokens | dense ms | tree | shared + leaves x width | kernels ms | kernels / dense | of which routing + sort ms | eager ms | eager / dense | busiest leaf |")
@@ -116,7 +109,7 @@ def main() -> None:
                 for name, (depth, top) in TREES.items():
                     tree = random_tree(hidden, width, depth, top, gated, dtype, device)
                     kernel_ms = graphed_ms(lambda: tree.hard_forward(x), device, args.repeats)
-                    sort_ms = graphed_ms(lambda: route_and_sort(tree, x), device, args.repeats)
+                    sort_ms = graphed_ms(lambda: sort_rows(tree, x), device, args.repeats)
                     eager_ms = median_ms(lambda: tree.eager_hard_forward(x), device, 5, max(10, args.repeats // 5))  # host syncs: no graph
                     busiest = torch.bincount(tree.routes(x).flatten(), minlength=tree.num_leaves).max().item() / tokens
                     print(f"| {label} | {tokens} | {dense_ms:.4f} | {name} | {tree.shared_width} + {tree.num_leaves} x {tree.leaf_width} | "

@@ -18,9 +18,10 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from fff_block import SHAPES, SHARE, graphed_ms, route_and_sort
+from fff_block import SHAPES, SHARE, graphed_ms
 from model_compress.fff.distill import FFFSettings
 from model_compress.fff.kernels import triton_grouped
+from model_compress.fff.kernels.triton_schedule import sort_rows
 from model_compress.fff.tree import FastFeedForward
 
 
@@ -74,7 +75,7 @@ def main() -> None:
 
             with torch.inference_mode():
                 tree_ms = graphed_ms(lambda: tree.hard_forward(x), device, args.repeats)
-                sort_ms = graphed_ms(lambda: route_and_sort(tree, x), device, args.repeats)
+                sort_ms = graphed_ms(lambda: sort_rows(tree, x), device, args.repeats)
                 bmm_ms = graphed_ms(batched, device, args.repeats)
             flops = 2 * tokens * hidden * leaf_width * (3 if gated else 2)
             gemm_ms = tree_ms - sort_ms

@@ -82,7 +82,7 @@ def test_the_counting_sort_puts_every_row_once_in_leaf_order(tokens, top):
     with torch.inference_mode():
         if top == 1:
             leaf = tree.route(x)
-            order, token_of_row, counts = sort_by_route(torch.nn.functional.linear(x, tree.router_weight, tree.router_bias), 4)
+            order, token_of_row, counts = sort_by_route(tree.router_logits(x), 4)
         else:
             leaf = tree.routes(x).reshape(-1)
             order, token_of_row, counts = sort_by_leaf(leaf, tree.num_leaves, top)
@@ -96,7 +96,7 @@ def test_the_counting_sort_puts_every_row_once_in_leaf_order(tokens, top):
 @needs_cuda
 @pytest.mark.parametrize("tokens", [5, 100, 2048])
 def test_the_grouped_kernels_when_every_token_takes_one_leaf(tokens):
-    """The other leaves get no rows: the tile tables' empty leaves and spare tiles."""
+    """The other leaves get no rows: empty leaves among the counts, and spare tiles."""
     tree = _tree(96, 3, 32, nn.SiLU(), True, 16, 1, torch.float16)
     with torch.no_grad():
         tree.router_bias.copy_(torch.tensor([50.0, 0, -50.0, 0, 0, -50.0, 0]))  # right, left, left: leaf 4

@@ -10,7 +10,6 @@ for one program per output block to fill the GPU); the last launch casts the sum
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -96,7 +95,7 @@ def _decode_down_kernel(
 def decode_forward(tree, x: torch.Tensor, act: int) -> torch.Tensor:
     """(tokens, hidden) through one leaf per token, for a few tokens: three launches, no sort."""
     tokens, hidden, width, shared = x.shape[0], tree.hidden, tree.leaf_width, tree.shared_width
-    logits = F.linear(x, tree.router_weight, tree.router_bias).contiguous()
+    logits = tree.router_logits(x).contiguous()
     h = torch.empty(tokens, width + shared, device=x.device, dtype=x.dtype)
     if tree.out_bias is not None:  # the float32 sum the down kernel's programs add into starts at the bias
         out = tree.out_bias.float().expand(tokens, hidden).contiguous()

@@ -14,12 +14,11 @@ With several leaves per token the pairs' outputs are summed per token and the ad
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .triton_common import activate, tile_rows
-from .triton_schedule import sort_by_leaf, sort_by_route
+from .triton_schedule import sort_rows
 
 
 @triton.jit
@@ -107,10 +106,7 @@ def grouped_forward(tree, x: torch.Tensor, act: int) -> torch.Tensor:
     bias included."""
     tokens, k = x.shape[0], tree.leaves_per_token
     hidden, width, num_leaves = tree.hidden, tree.leaf_width, tree.num_leaves
-    if k == 1:  # the route read straight from the logits
-        order, token_of_row, counts = sort_by_route(F.linear(x, tree.router_weight, tree.router_bias), tree.depth)
-    else:
-        order, token_of_row, counts = sort_by_leaf(tree.routes(x).reshape(-1), num_leaves, k)
+    order, token_of_row, counts = sort_rows(tree, x)
     addend = tree.out_bias.expand(tokens, hidden) if tree.out_bias is not None else None
     if tree.shared_width:  # dense neurons: cuBLAS
         shared = tree.shared_activations(x)

@@ -82,3 +82,11 @@ def sort_by_route(logits: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch
 def sort_by_leaf(pair_leaf: torch.Tensor, num_leaves: int, per_token: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows given by their (tokens * per_token,) leaves: (order: sorted row -> pair, its token, counts)."""
     return _sort(None, pair_leaf.contiguous(), pair_leaf.numel(), num_leaves, 0, per_token)
+
+
+def sort_rows(tree, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``tree``'s rows for (tokens, hidden) ``x``, sorted: one leaf per token walked from the router logits, or
+    each token's ``leaves_per_token`` top leaves (chosen in torch). Returns (order, token of each row, counts)."""
+    if tree.leaves_per_token == 1:
+        return sort_by_route(tree.router_logits(x), tree.depth)
+    return sort_by_leaf(tree.routes(x).reshape(-1), tree.num_leaves, tree.leaves_per_token)
