@@ -16,7 +16,12 @@ Baselines (benchmark code, not the product): per-group scalar quantization, asym
 128 along the input, 4 and 3 bits (4.25 / 3.25 bits per weight with a float16 scale and zero per
 group), by round-to-nearest and by GPTQ (Frantar et al.; columns in order, 1% damping), on the same
 layers, the same calibration windows and the same sequential scheme. Tables are round-to-nearest in
-both (a lookup table has no input statistics) except a tied head, which GPTQ fits as the head.
+both (a lookup table has no input statistics) except a tied head, which GPTQ fits as the head. With
+``--baseline-rotation hadamard`` they quantize W R (against R^T H R) with the rotation RPQ uses, each
+layer then holding Q(W R) R^T, so the comparison with a rotated RPQ is fair.
+
+``--finetune-variants 400:1e-4 800:2e-4`` fine-tunes a copy of each budget's conversion once per
+STEPS:LR pair (one conversion, one teacher), to choose the fine-tuning defaults.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from model_compress.rpq.fit.finetune import FinetuneSettings, Teacher, finetune
 from model_compress.rpq.fit.hessian import prepare
 from model_compress.rpq.fit.passes import Batches, run_pass
 from model_compress.rpq.fit.stack import find_stack
+from model_compress.rpq.kernels.rotation import block_for, random_signs, rotate, rotate_hessian, unrotate
+from model_compress.rpq.fit.defaults import DEFAULT_ROTATION_BLOCK
 from model_compress.core.sizes import model_bytes, model_params
 
 GROUP = 128
@@ -127,8 +134,18 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int) -> torch.Tensor
     return quantized
 
 
-def baseline(model: nn.Module, method: str, bits: int, calibration, device: torch.device) -> nn.Module:
-    """A copy of ``model`` with every Linear / Conv1D / embedding weight quantized by ``method`` in place."""
+def rotated(quantize, width: int, rotation_block: int | None, device: torch.device):
+    """``quantize`` applied to W R and the result turned back (Q(W R) R^T), or ``quantize`` itself unrotated."""
+    block = block_for(width, rotation_block) if rotation_block else None
+    if block is None:
+        return quantize, lambda h: h
+    signs = random_signs(width, 0).to(device)
+    return (lambda w: unrotate(quantize(rotate(w, signs, block)), signs, block)), (lambda h: rotate_hessian(h, signs, block))
+
+
+def baseline(model: nn.Module, method: str, bits: int, calibration, device: torch.device, rotation_block: int | None = None) -> nn.Module:
+    """A copy of ``model`` with every Linear / Conv1D / embedding weight quantized by ``method`` in place, in the
+    rotated basis where ``rotation_block`` is given."""
     model = copy.deepcopy(model)
     layers = find_layers(model)
     linears = {l.name: model.get_submodule(l.name) for l in layers if l.kind in ("linear", "conv1d", "tied_head")}
@@ -136,18 +153,24 @@ def baseline(model: nn.Module, method: str, bits: int, calibration, device: torc
         for layer in layers:
             if layer.kind == "embedding" and not any(l.tied_to == layer.name for l in layers):
                 table = model.get_submodule(layer.name).weight
-                table.copy_(rtn(table.to(device), bits).to(table.dtype).cpu())
+                quantize, _ = rotated(lambda w: rtn(w, bits), table.shape[1], rotation_block, device)
+                table.copy_(quantize(table.to(device).float()).to(table.dtype).cpu())
         if method == "rtn":
             for name, module in linears.items():
-                module.weight.copy_(_quantize_module(module, lambda w: rtn(w, bits), device))
+                width = module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.weight.shape[1]
+                quantize, _ = rotated(lambda w: rtn(w, bits), width, rotation_block, device)
+                module.weight.copy_(_quantize_module(module, quantize, device))
             return model
 
         def fit(stage, index, statistics):
             for group in statistics.groups():
                 hessian = statistics.hessian(group[0]).to(device)
+                _, rotate_h = rotated(None, hessian.shape[0], rotation_block, device)
+                h = rotate_h(hessian)
+                quantize, _ = rotated(lambda w: gptq(w, h, bits), hessian.shape[0], rotation_block, device)
                 for name in group:
                     module = model.get_submodule(name)
-                    module.weight.copy_(_quantize_module(module, lambda w: gptq(w, hessian, bits), device))
+                    module.weight.copy_(_quantize_module(module, quantize, device))
             return True
 
         windows = calibration.fit
@@ -180,6 +203,12 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=None)
     parser.add_argument("--finetune-lr", type=float, default=FinetuneSettings.lr)
     parser.add_argument("--baselines", action="store_true", help="also RTN and GPTQ at 4 and 3 bits, groups of 128")
+    parser.add_argument("--rotation", choices=("hadamard", "none"), default=None, help="RPQ's --rotation (default: the product's)")
+    parser.add_argument("--rotation-block", type=int, default=None, help="RPQ's --rotation-block (default: the product's)")
+    parser.add_argument("--baseline-rotation", choices=("hadamard", "none"), nargs="+", default=["none"],
+                        help="run the baselines unrotated, rotated (the product's default block), or both")
+    parser.add_argument("--finetune-variants", nargs="+", default=None, metavar="STEPS:LR",
+                        help="fine-tune a copy of each conversion once per pair, instead of once at --finetune-steps/--finetune-lr")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -214,36 +243,51 @@ def main() -> None:
     results["original"]["seconds"] = time.perf_counter() - start
     print("original", results["original"], flush=True)
 
+    variants = [tuple(v.split(":")) for v in args.finetune_variants] if args.finetune_variants else [(steps, args.finetune_lr)]
+    variants = [(int(s), float(lr)) for s, lr in variants]
     for budget in args.budgets:
         model = copy.deepcopy(original)
         teacher = Teacher()
         start = time.perf_counter()
         bits = converted_budget(model, budget, params)
-        convert_model(model, RPQSettings(bits=bits, device=device), calibration, on_output=teacher.record)
+        settings = RPQSettings(bits=bits, device=device, rotation=args.rotation, rotation_block=args.rotation_block)
+        conversion = convert_model(model, settings, calibration, on_output=teacher.record)
         fit_seconds = time.perf_counter() - start
-        run = {"method": "rpq", "budget": budget, "bits": bits, "bits_all_weights": all_weight_bits(model, params), "fit_seconds": fit_seconds}
+        run = {"method": "rpq", "budget": budget, "bits": bits, "bits_all_weights": all_weight_bits(model, params), "fit_seconds": fit_seconds,
+               "rotation": settings.rotation_kind, "rotation_block": settings.wanted_block,
+               "bits_converted": sum(o.plan.code_bytes + o.plan.codebook_bytes for o in conversion.outcomes if hasattr(o, "plan")) * 8
+               / max(1, sum(o.plan.layer.numel for o in conversion.outcomes if hasattr(o, "plan") and o.plan.layer.kind != "tied_head"))}
         run["fitted"] = evaluate(model, data, device, eval_dtype)
-        if steps:
-            report = finetune(model, calibration.fit, calibration.held_out, teacher, FinetuneSettings(steps=steps, lr=args.finetune_lr), device)
-            run["finetune"] = report.to_json()
-            run["finetuned"] = evaluate(model, data, device, eval_dtype)
-        run["seconds"] = time.perf_counter() - start
-        results["runs"].append(run)
         print(json.dumps(run), flush=True)
+        tuned_runs = [(n, lr) for n, lr in variants if n]
+        for variant_steps, lr in tuned_runs:
+            tuned = copy.deepcopy(model)
+            report = finetune(tuned, calibration.fit, calibration.held_out, teacher, FinetuneSettings(steps=variant_steps, lr=lr), device)
+            entry = {**run, "finetune": report.to_json(), "finetuned": evaluate(tuned, data, device, eval_dtype)}
+            entry["seconds"] = time.perf_counter() - start
+            results["runs"].append(entry)
+            print(json.dumps({k: v for k, v in entry.items() if k != "finetune"} | {"steps": variant_steps, "lr": lr,
+                              "held_out_kl": [report.held_out_kl_before, report.held_out_kl_after]}), flush=True)
+            del tuned
+        if not tuned_runs:
+            results["runs"].append({**run, "seconds": time.perf_counter() - start})
         args.out.write_text(json.dumps(results, indent=2))
         del model, teacher
 
     if args.baselines:
-        for method in ("rtn", "gptq"):
-            for bits in (4, 3):
-                start = time.perf_counter()
-                model = baseline(original, method, bits, calibration, device)
-                run = {"method": method, "bits": bits, "bits_all_weights": bits + 32 / GROUP, "fit_seconds": time.perf_counter() - start}
-                run["fitted"] = evaluate(model, data, device, eval_dtype)
-                results["runs"].append(run)
-                print(json.dumps(run), flush=True)
-                args.out.write_text(json.dumps(results, indent=2))
-                del model
+        for rotation in args.baseline_rotation:
+            block = (args.rotation_block or DEFAULT_ROTATION_BLOCK) if rotation == "hadamard" else None
+            for method in ("rtn", "gptq"):
+                for bits in (4, 3):
+                    start = time.perf_counter()
+                    model = baseline(original, method, bits, calibration, device, block)
+                    run = {"method": method, "bits": bits, "rotation": rotation, "bits_all_weights": bits + 32 / GROUP,
+                           "fit_seconds": time.perf_counter() - start}
+                    run["fitted"] = evaluate(model, data, device, eval_dtype)
+                    results["runs"].append(run)
+                    print(json.dumps(run), flush=True)
+                    args.out.write_text(json.dumps(results, indent=2))
+                    del model
     args.out.write_text(json.dumps(results, indent=2))
     print_table(results)
 
@@ -256,7 +300,12 @@ def print_table(results: dict) -> None:
     print("|---|---|---|---|---|---|---|---|")
     print(f"| original | 16 (as float16) | {reference:.4g} | 1 | | | | |")
     for run in results["runs"]:
-        name = f"RPQ --bits {run['budget']:g}" if run["method"] == "rpq" else f"{run['method'].upper()} {run['bits']}-bit g{GROUP}"
+        if run["method"] == "rpq":
+            name = f"RPQ --bits {run['budget']:g}" + ("" if run.get("rotation", "none") == "hadamard" else " --rotation none")
+            if "finetune" in run:
+                name += f" (fine-tuning {run['finetune']['steps']} steps, lr {run['finetune']['lr']:g})"
+        else:
+            name = f"{run['method'].upper()} {run['bits']}-bit g{GROUP}" + (" rotated" if run.get("rotation") == "hadamard" else "")
         fitted = run["fitted"][metric]
         tuned = run.get("finetuned", {}).get(metric)
         ft_seconds = run.get("finetune", {}).get("seconds")

@@ -10,7 +10,7 @@ from rich.progress import Progress
 
 from ..core.sizes import larger_than_input_warning
 from ..core.terminal import Debug, PlainLog, console, LoadingStatus, print_table_and_lines, progress_bars, quiet_transformers, reports_user_errors
-from .fit.defaults import CALIBRATION_TOKENS, DEFAULT_BITS, DEFAULT_ROUNDS, FINETUNE_STEPS
+from .fit.defaults import CALIBRATION_TOKENS, DEFAULT_BITS, DEFAULT_ROTATION_BLOCK, DEFAULT_ROUNDS, FINETUNE_STEPS
 
 
 def add_command(app: typer.Typer) -> None:
@@ -75,6 +75,14 @@ def rpq(
     codebooks: Annotated[Optional[int], typer.Option("--codebooks", "-m", help="Fixed M for every layer: codebooks per layer (pieces each weight column is cut into). Instead of --bits.")] = None,
     codebook_size: Annotated[Optional[int], typer.Option("--codebook-size", "-k", help="Fixed K for every layer: codes per codebook (2-65536; default 256 with --codebooks). Instead of --bits.")] = None,
     codebook_bits: Annotated[Optional[int], typer.Option(help="Codebook storage: 8 (int8 + one scale per codebook) or 16. Default: chosen per layer with --bits, the model's dtype with --codebooks.")] = None,
+    rotation: Annotated[
+        Optional[str],
+        typer.Option(help="Input rotation before coding: hadamard (random signs times a block Hadamard matrix; outliers spread, better quality at the same bits) or none. Default: hadamard with --bits, none with --codebooks (rpq-pytorch's form)."),
+    ] = None,
+    rotation_block: Annotated[
+        Optional[int],
+        typer.Option(help=f"Hadamard block of the rotation: a power of two from 16 to 512 (default {DEFAULT_ROTATION_BLOCK}); a width it does not divide takes the largest power of two that does."),
+    ] = None,
     calib: Annotated[
         Optional[str],
         typer.Option(help="UTF-8 text file to calibrate on (default: the packaged calibration samples, web pages, code and several languages; never the eval text), or 'none' to fit the weights alone."),
@@ -105,6 +113,7 @@ def rpq(
     target = parse_device(device)
     settings = RPQSettings(
         bits=bits, num_codebooks=codebooks, codebook_size=codebook_size, codebook_bits=codebook_bits,
+        rotation=rotation.lower() if rotation is not None else None, rotation_block=rotation_block,
         skip=list(skip or []), rounds=rounds, seed=seed, device=target,
     )
     no_calibration = calib is not None and calib.lower() == "none"

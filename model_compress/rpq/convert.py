@@ -27,13 +27,14 @@ from .fit.codebooks import CodebookSet
 from .fit.formats import CodeFormat, budget_candidates
 from .fit.groups import FitSettings, FittedLayer, fit_cols, fit_rows_group, measure_cols, measure_rows_group, tied_metric
 from .fit.passes import Batches, OnOutput, Statistics, run_pass
-from .fit.sensitivity import output_sensitivities
+from .fit.sensitivity import Sensitivity, output_sensitivities
 from .fit.stack import find_stack
 from .fit.statistics import count_tokens
-from .fit.defaults import DEFAULT_BITS, DEFAULT_ROUNDS, SENSITIVITY_WINDOWS, for_device
+from .fit.defaults import DEFAULT_BITS, DEFAULT_ROTATION_BLOCK, DEFAULT_ROUNDS, SENSITIVITY_WINDOWS, for_device
 from .layers.direct_reads import weights_read_directly
 from .layers.modules import KIND_CONV1D, KIND_EMBEDDING, KIND_LINEAR, KIND_TIED_HEAD, RPQEmbedding, build_rpq_module, embedding_needs_dense
 from .kernels.layout import EMBEDDING, INT8, LINEAR, MAX_CODEBOOK_SIZE, dtype_name, pack_codes, split_dim
+from .kernels.rotation import BLOCK_SIZES, HADAMARD, NONE, ROTATIONS, block_for, random_signs, rotate, rotate_hessian
 
 DEFAULT_CODEBOOK_SIZE = 256  # with --codebooks: rpq-pytorch's K
 BITS_RANGE = (1.0, 16.0)  # --bits must lie in (low, high]
@@ -49,13 +50,17 @@ class RPQSettings:
     ``bits`` (the budget, bits per converted weight, everything stored counted) applies when neither
     ``num_codebooks`` nor ``codebook_size`` is given; those two fix M and K for every layer
     (rpq-pytorch's settings). ``codebook_bits``: 8 (int8 + one scale per codebook) or 16; None lets
-    the budget choose per layer, and keeps the model's dtype with fixed settings.
+    the budget choose per layer, and keeps the model's dtype with fixed settings. ``rotation``: "hadamard"
+    or "none"; None rotates with a budget and not with fixed settings (rpq-pytorch's form, which its
+    fast kernels read). ``rotation_block``: the Hadamard block wanted (None: the measured default).
     """
 
     bits: float | None = None
     num_codebooks: int | None = None
     codebook_size: int | None = None
     codebook_bits: int | None = None
+    rotation: str | None = None
+    rotation_block: int | None = None
     skip: list[str] = field(default_factory=list)
     rounds: int | None = None  # None: the device's default (defaults.DEFAULT_ROUNDS)
     seed: int = 0
@@ -74,6 +79,21 @@ class RPQSettings:
         if self.rounds is not None:
             return self.rounds
         return for_device(DEFAULT_ROUNDS, self.device)
+
+    @property
+    def rotation_kind(self) -> str:
+        """The rotation in effect: the one asked for, else Hadamard with a budget and none with fixed settings."""
+        if self.rotation is not None:
+            return self.rotation
+        return NONE if self.fixed else HADAMARD
+
+    @property
+    def wanted_block(self) -> int:
+        return self.rotation_block if self.rotation_block is not None else DEFAULT_ROTATION_BLOCK
+
+    def block_for(self, width: int) -> int | None:
+        """The rotation block of a ``width``-wide input under these settings (None: not rotated)."""
+        return block_for(width, self.wanted_block) if self.rotation_kind == HADAMARD else None
 
 
 @dataclass
@@ -107,6 +127,7 @@ class LayerPlan:
     layer: LayerInfo
     format: CodeFormat | None = None
     dense_reason: str | None = None
+    rotation_block: int | None = None  # the Hadamard block of its input rotation (a tied head: its embedding's)
 
     @property
     def converted(self) -> bool:
@@ -270,7 +291,7 @@ def plan_layers(layers: list[LayerInfo], settings: RPQSettings) -> list[LayerPla
     for layer in layers:
         if layer.kind == KIND_TIED_HEAD:
             continue
-        plan = LayerPlan(layer)
+        plan = LayerPlan(layer, rotation_block=settings.block_for(layer.shape[1]))  # the input's width, or a table's
         smallest = _fixed_format(layer, settings) if settings.fixed else _cheapest_candidate(layer, settings)
         if settings.fixed:
             plan.format = smallest
@@ -286,7 +307,7 @@ def plan_layers(layers: list[LayerInfo], settings: RPQSettings) -> list[LayerPla
             continue
         # One set of codes serves both ends of a tie, so the two are converted together or not at all.
         source = plans[layer.tied_to]
-        plan = LayerPlan(layer, source.format)
+        plan = LayerPlan(layer, source.format, rotation_block=source.rotation_block)
         if layer.name in skipped and source.converted:
             source.dense_reason = f"--skip on its tied head {layer.name}"
         if not source.converted:
@@ -370,9 +391,10 @@ class _ModelFitter:
         float_name = dtype_name(dtype) if settings.fixed and settings.codebook_bits is None else float_codebook_dtype(dtype)
         self.fit_settings = FitSettings(rounds=settings.fit_rounds, seed=settings.seed, float_dtype=getattr(torch, float_name))
         self.results: dict[str, LayerResult] = {}
-        self.sensitivity: dict[str, float] = {}
+        self.sensitivity: dict[str, Sensitivity] = {}
         self.measured: dict[str, list[float]] = {}
         self.candidates: dict[str, list[CodeFormat]] = {}
+        self.signs: dict[int, Tensor] = {}
         names = [name for name, plan in self.plans.items() if plan.layer.kind in (KIND_LINEAR, KIND_CONV1D, KIND_TIED_HEAD)]
         self.stack = find_stack(model, names)
         self.linears = {name: model.get_submodule(name) for name in names}
@@ -432,7 +454,7 @@ class _ModelFitter:
 
     def _measure_statistics(self, stage: str, index: int | None, statistics: Statistics) -> bool:
         for group in statistics.groups():
-            hessian = statistics.hessian(group[0]).to(self.device)
+            hessian = self._hessian(group[0], statistics)
             for name in group:
                 if self.plans[name].layer.kind == KIND_TIED_HEAD:
                     embedding = self.plans[name].layer.tied_to
@@ -447,7 +469,7 @@ class _ModelFitter:
 
     def _fit_statistics(self, stage: str, index: int | None, statistics: Statistics) -> bool:
         for group in statistics.groups():
-            hessian = statistics.hessian(group[0]).to(self.device)
+            hessian = self._hessian(group[0], statistics)
             for name in group:
                 if self.plans[name].layer.kind == KIND_TIED_HEAD:
                     self._fit_tied(name, hessian)
@@ -494,7 +516,8 @@ class _ModelFitter:
 
     def _swap(self, name: str, fitted: FittedLayer, with_data: bool, seconds: float) -> None:
         plan = self.plans[name]
-        replacement = replace_layer(self.model, name, plan.layer.kind, plan.format, fitted)
+        signs = self._signs(plan.layer.shape[1]) if plan.rotation_block else None
+        replacement = replace_layer(self.model, name, plan.layer.kind, plan.format, fitted, plan.rotation_block, signs)
         if name in self.linears:
             self.linears[name] = replacement
         result = LayerResult(plan, fitted.weight_error, fitted.output_error if with_data else None, fitted.rounds, seconds)
@@ -532,23 +555,29 @@ class _ModelFitter:
         return Allocation(self.settings.budget, dict(zip(names, options)), dict(zip(names, chosen)), total, weights)
 
     def _loss_weight(self, name: str) -> float:
-        """What a unit of ``name``'s relative output error costs the model (1 for every layer without weights).
+        """What a unit of ``name``'s relative output error costs the model: the predicted KL (``fit.sensitivity``);
+        1 for every layer where nothing was weighed (no calibration, or no logits).
 
         A tied table's measured error is its two jobs' weighted mean, so it costs their sum.
         """
-        known = sorted(self.sensitivity.values())
+        known = sorted(self._weights().values())
         if not known:
             return 2.0 if self._tied_head_of(name) else 1.0
         typical = known[len(known) // 2]
+        weights = self._weights()
         head = self._tied_head_of(name)
-        own = self.sensitivity.get(name, typical)
-        return own + self.sensitivity.get(head, typical) if head else own
+        own = weights.get(name, typical)
+        return own + weights.get(head, typical) if head else own
+
+    def _weights(self) -> dict[str, float]:
+        return {name: s.isotropic_weight for name, s in self.sensitivity.items()}
 
     def _tie_weights(self, head: str) -> tuple[float, float]:
         """(head, input embedding) weights of a tied table's two jobs; equal where nothing weighed them."""
         embedding = self.plans[head].layer.tied_to
-        if head in self.sensitivity and embedding in self.sensitivity:
-            return self.sensitivity[head], self.sensitivity[embedding]
+        weights = self._weights()
+        if head in weights and embedding in weights:
+            return weights[head], weights[embedding]
         return 1.0, 1.0
 
     def _measure_without_data(self, name: str) -> list[float]:
@@ -558,10 +587,25 @@ class _ModelFitter:
         return measure_rows_group([self._weight(name)], [self.candidates[name]], None, self.fit_settings)[0]
 
     def _weight(self, name: str) -> Tensor:
-        """The layer's weight in RPQ terms, float32 on the fitting device: (out, in), or (rows, dim)."""
+        """The layer's weight in RPQ terms, float32 on the fitting device: (out, in), or (rows, dim); W R where rotated."""
         module = self.model.get_submodule(name)
         weight = module.weight.t() if self.plans[name].layer.kind == KIND_CONV1D else module.weight
-        return weight.detach().to(self.device, torch.float32)
+        weight = weight.detach().to(self.device, torch.float32)
+        block = self.plans[name].rotation_block
+        return weight if block is None else rotate(weight, self._signs(weight.shape[1]), block)
+
+    def _hessian(self, name: str, statistics: Statistics) -> Tensor:
+        """The input second moment of ``name``'s group on the fitting device: R^T H R where the group is rotated
+        (one rotation per input width, so every member of a group shares it)."""
+        hessian = statistics.hessian(name).to(self.device)
+        block = self.plans[name].rotation_block
+        return hessian if block is None else rotate_hessian(hessian, self._signs(hessian.shape[0]), block)
+
+    def _signs(self, width: int) -> Tensor:
+        """The rotation signs of every ``width``-wide input of the model (one draw per width and seed)."""
+        if width not in self.signs:
+            self.signs[width] = random_signs(width, self.settings.seed).to(self.device)
+        return self.signs[width]
 
     def _row_weights(self, name: str) -> Tensor | None:
         """Token frequencies (+1) for the model's token embedding; None (every row alike) for other tables."""
@@ -580,18 +624,33 @@ class _ModelFitter:
         return Batches(batches(self.calibration.fit), batches(self.calibration.held_out))
 
 
-def replace_layer(model: nn.Module, name: str, kind: str, fmt: CodeFormat, fitted: FittedLayer) -> nn.Module:
-    """Swap layer ``name`` of ``model`` for an RPQ module of ``kind`` holding ``fitted``'s codes; returns it."""
+def replace_layer(
+    model: nn.Module,
+    name: str,
+    kind: str,
+    fmt: CodeFormat,
+    fitted: FittedLayer,
+    rotation_block: int | None = None,
+    signs: Tensor | None = None,
+) -> nn.Module:
+    """Swap layer ``name`` of ``model`` for an RPQ module of ``kind`` holding ``fitted``'s codes; returns it.
+
+    ``rotation_block`` and ``signs``: the input rotation the codes were fitted in (None: none).
+    """
     original = model.get_submodule(name)
-    replacement = build_rpq_module(original, kind, fmt.num_codebooks, fmt.codebook_size, codebook_dtype=fmt.codebook_dtype)
-    fill_codes(replacement, fitted.codes, fitted.codebooks)
+    replacement = build_rpq_module(
+        original, kind, fmt.num_codebooks, fmt.codebook_size, codebook_dtype=fmt.codebook_dtype, rotation_block=rotation_block
+    )
+    fill_codes(replacement, fitted.codes, fitted.codebooks, signs)
     model.set_submodule(name, replacement)
     return replacement
 
 
-def fill_codes(module: nn.Module, codes: Tensor, codebooks: CodebookSet) -> None:
-    """Write fitted codes (packed) and codebooks (as the module stores them) into an empty RPQ module."""
+def fill_codes(module: nn.Module, codes: Tensor, codebooks: CodebookSet, signs: Tensor | None = None) -> None:
+    """Write fitted codes (packed), codebooks (as the module stores them) and rotation signs into an empty RPQ module."""
     with torch.no_grad():
+        if module.rotation_signs is not None:
+            module.rotation_signs.copy_(signs)
         if module.codebook_scales is not None:
             levels, scales = codebooks.int8_parts()
             module.codebooks.copy_(levels)
@@ -666,6 +725,10 @@ def validate_settings(settings: RPQSettings) -> None:
         raise UserError(f"--codebook-bits must be 8 or 16, got {settings.codebook_bits}")
     if settings.rounds is not None and settings.rounds < 1:
         raise UserError(f"--rounds must be a positive integer, got {settings.rounds}")
+    if settings.rotation is not None and settings.rotation not in ROTATIONS:
+        raise UserError(f"--rotation must be one of {', '.join(ROTATIONS)}, got {settings.rotation!r}")
+    if settings.rotation_block is not None and settings.rotation_block not in BLOCK_SIZES:
+        raise UserError(f"--rotation-block must be one of {', '.join(map(str, BLOCK_SIZES))}, got {settings.rotation_block}")
 
 
 def _check_settings(layers: list[LayerInfo], settings: RPQSettings) -> None:

@@ -5,14 +5,37 @@ from __future__ import annotations
 from ..core.errors import UserError
 from ..core.methods import Headers, Method, register
 from .kernels.layout import INT8, code_bits, packed_width
-from .quantizer import QUANT_METHOD, RPQConfig, RPQHfQuantizer
+from .quantizer import FORMAT_VERSION, QUANT_METHOD, RPQConfig, RPQHfQuantizer
 
 
 def check_tensors(section: dict, headers: Headers) -> None:
-    """Every RPQ layer the section names has its codebooks, codes (and int8 scales) in the shapes it records."""
+    """Every RPQ layer the section names has its codebooks, codes (int8 scales, rotation signs) in the shapes it records."""
+    version = section.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(
+            f"the checkpoint's RPQ format version {version} is newer than this model-compress reads ({FORMAT_VERSION}): "
+            "upgrade model-compress"
+        )
     for layer, spec in section.get("layers", {}).items():
         if spec.get("kind") != "tied_head":  # a tied head reads its embedding's codes
             _check_codes(layer, spec, headers)
+            _check_rotation(layer, spec, headers)
+
+
+def _check_rotation(layer: str, spec: dict, headers: Headers) -> None:
+    """A rotated layer's signs: one int8 per input feature (per table column), the width its block divides."""
+    block = spec.get("rotation_block")
+    if block is None:
+        return
+    name = f"{layer}.rotation_signs"
+    if name not in headers:
+        raise UserError(f"the checkpoint has no tensor '{name}': the layer's rotation data is missing")
+    shape, dtype = headers[name]
+    width = spec["shape"][1] if "shape" in spec else None
+    if dtype != "I8" or len(shape) != 1 or (width is not None and shape[0] != width):
+        raise UserError(f"'{name}' is {dtype} {shape}; the config needs I8 [{width}] (one sign per input feature)")
+    if not isinstance(block, int) or block < 1 or block & (block - 1) or shape[0] % block:
+        raise UserError(f"'{layer}': rotation block {block} is not a power of two dividing the width {shape[0]}")
 
 
 def _check_codes(layer: str, spec: dict, headers: Headers) -> None:
@@ -39,7 +62,9 @@ def _check_codes(layer: str, spec: dict, headers: Headers) -> None:
 
 def describe(section: dict) -> str:
     settings = f"--bits {section['bits']:g}" if section.get("bits") is not None else f"M={section['num_codebooks']} K={section['codebook_size']}"
-    return f"RPQ {settings}, {len(section['layers'])} RPQ layers, {len(section['dense'])} dense"
+    rotated = sum(1 for spec in section["layers"].values() if spec.get("rotation_block"))
+    rotation = f", {rotated} with a Hadamard input rotation" if rotated else ""
+    return f"RPQ {settings}, {len(section['layers'])} RPQ layers{rotation}, {len(section['dense'])} dense"
 
 
 def summary_table(summary: dict):

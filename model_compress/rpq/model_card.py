@@ -15,6 +15,17 @@ def settings_line(config: RPQConfig) -> str:
     return f"fixed for every layer: `--codebooks` (M) {config.num_codebooks}, `--codebook-size` (K) {config.codebook_size}"
 
 
+def rotation_line(config: RPQConfig) -> str:
+    """What the rotation setting was and where it applied (the table's rotation column says per layer type)."""
+    if config.rotation in (None, "none"):
+        return "none"
+    rotated = sum(1 for spec in config.layers.values() if spec.get("rotation_block"))
+    return (
+        f"Hadamard (random signs times blocks of up to {config.rotation_block}); {rotated} of {len(config.layers)} layers "
+        "store W R and compute with x R"
+    )
+
+
 def render_model_card(config: RPQConfig, summary: ConversionSummary) -> str:
     """Markdown: base model, settings, how to load, the per-type table, totals and the fine-tuning curve."""
     table = markdown_table(*table_rows(summary))
@@ -23,6 +34,7 @@ def render_model_card(config: RPQConfig, summary: ConversionSummary) -> str:
         f"- base model: `{config.base_model.get('label', 'unknown')}`",
         "- method: reverse product quantization (RPQ), layout of rpq-pytorch 0.0.2 (codes packed at ceil(log2 K) bits)",
         f"- format: {settings_line(config)}",
+        f"- input rotation: {rotation_line(config)}",
         f"- `--skip`: {', '.join(f'`{p}`' for p in config.skip) or 'none'}",
         f"- fitting: {fit.get('algorithm')}; at most {fit.get('rounds')} round{'' if fit.get('rounds') == 1 else 's'} of sweep + refit, seed {fit.get('seed')}, "
         f"on {fit.get('device')} in {summary.seconds:.1f} s",

@@ -20,7 +20,7 @@ from .fit.defaults import CALIBRATION_TOKENS, CALIBRATION_WINDOW, FINETUNE_STEPS
 from .convert import Conversion, ConversionObserver, LayerResult, RPQSettings, convert_model, planned_layers, validate_settings
 from .fit.calibration import CalibrationSet, calibration_set
 from .fit.finetune import FinetuneReport, FinetuneSettings, Teacher, finetune
-from .quantizer import RPQConfig, attach_quantizer
+from .quantizer import FORMAT_VERSION, RPQConfig, attach_quantizer
 from .layers.modules import KIND_TIED_HEAD
 from .model_card import render_model_card
 from ..core.sizes import model_bytes, model_params
@@ -159,6 +159,8 @@ def _config_section(
             spec = {"kind": plan.layer.kind, "shape": list(plan.layer.shape), **plan.format.to_json()}
             if plan.layer.kind == KIND_TIED_HEAD:
                 spec["tied_to"] = plan.layer.tied_to
+            if plan.rotation_block is not None:
+                spec["rotation_block"] = plan.rotation_block
             layers[plan.layer.name] = spec
     dense = {o.layer.name: o.dense_reason for o in conversion.outcomes if not isinstance(o, LayerResult)}
     return RPQConfig(
@@ -167,6 +169,9 @@ def _config_section(
         num_codebooks=settings.num_codebooks,
         codebook_size=settings.codebook_size,
         codebook_bits=settings.codebook_bits,
+        rotation=settings.rotation_kind,
+        rotation_block=settings.wanted_block if settings.rotation_kind != "none" else None,
+        format_version=FORMAT_VERSION,
         skip=list(settings.skip),
         dense=dense,
         fit={

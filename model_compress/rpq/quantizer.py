@@ -23,12 +23,16 @@ from .layers.modules import KIND_TIED_HEAD, build_rpq_module
 from .fusions import apply_fusions
 
 QUANT_METHOD = "rpq"
+# The checkpoint layout's version: 1 before input rotations, 2 adds ``rotation_block`` and ``rotation_signs``.
+# A loader reads every version up to its own; a newer one gets one clear line.
+FORMAT_VERSION = 2
 
 
 class RPQConfig(MethodConfig):
     """The ``quantization_config`` section of an RPQ checkpoint.
 
-    ``layers`` maps a module name to {kind, shape, num_codebooks, codebook_size, codebook_dtype[, tied_to]};
+    ``layers`` maps a module name to {kind, shape, num_codebooks, codebook_size, codebook_dtype[, tied_to]
+    [, rotation_block]} (``rotation_block``: the layer's input is rotated, its signs saved with its codes);
     ``dense`` maps the supported layers left dense to the reason; ``base_model`` says where the
     original came from (for ``compress eval``); ``bits`` is the budget asked for (None with fixed
     ``num_codebooks`` / ``codebook_size``); the rest records the user's settings and the tool.
@@ -45,6 +49,9 @@ class RPQConfig(MethodConfig):
         codebook_bits: int | None = None,
         skip: list[str] | None = None,
         dense: dict[str, str] | None = None,
+        rotation: str | None = None,
+        rotation_block: int | None = None,
+        format_version: int = 1,
         fit: dict[str, Any] | None = None,
         tool: dict[str, str] | None = None,
         base_model: dict[str, Any] | None = None,
@@ -58,6 +65,9 @@ class RPQConfig(MethodConfig):
         self.codebook_bits = codebook_bits
         self.skip = skip or []
         self.dense = dense or {}
+        self.rotation = rotation
+        self.rotation_block = rotation_block
+        self.format_version = format_version
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +76,9 @@ class RPQConfig(MethodConfig):
             "num_codebooks": self.num_codebooks,
             "codebook_size": self.codebook_size,
             "codebook_bits": self.codebook_bits,
+            "rotation": self.rotation,
+            "rotation_block": self.rotation_block,
+            "format_version": self.format_version,
             "skip": list(self.skip),
             **self.provenance(),
             "dense": dict(self.dense),
@@ -88,6 +101,10 @@ class RPQHfQuantizer(LoaderOnlyQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         super()._process_model_after_weight_loading(model, **kwargs)
+        for name in self.quantization_config.layers:
+            module = model.get_submodule(name)
+            if hasattr(module, "rotation_is_valid") and not module.rotation_is_valid():
+                raise ValueError(f"'{name}.rotation_signs' must hold only +1 and -1: the checkpoint's rotation data is damaged")
         apply_fusions(model)
 
 
@@ -98,7 +115,8 @@ def swap_in_rpq_modules(model: nn.Module, layers: dict[str, dict[str, Any]]) -> 
         original = model.get_submodule(name)
         tied = model.get_submodule(spec["tied_to"]) if spec["kind"] == KIND_TIED_HEAD else None
         module = build_rpq_module(
-            original, spec["kind"], spec["num_codebooks"], spec["codebook_size"], tied, spec.get("codebook_dtype")
+            original, spec["kind"], spec["num_codebooks"], spec["codebook_size"], tied, spec.get("codebook_dtype"),
+            spec.get("rotation_block"),
         )
         model.set_submodule(name, module)
 

@@ -38,6 +38,7 @@ class TypeSummary:
     error_worst: float
     output_error_mean: float | None = None
     output_error_worst: float | None = None
+    rotations: list[str] = field(default_factory=list)  # "H64" (a Hadamard block of 64) or "none", each distinct one
 
     @property
     def code_bits(self) -> float:
@@ -128,6 +129,11 @@ def layer_pattern(name: str) -> str:
     return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
 
 
+def rotation_label(plan: LayerPlan) -> str:
+    """``H64`` for a Hadamard input rotation of blocks of 64, ``none`` for an unrotated layer."""
+    return "none" if plan.rotation_block is None else f"H{plan.rotation_block}"
+
+
 def format_label(plan: LayerPlan) -> str:
     """``D=1 K=16 int8``: weights per code, codes per codebook, codebook storage."""
     fmt = plan.format
@@ -185,6 +191,7 @@ def _type_summary(pattern: str, members: list[LayerResult]) -> TypeSummary:
         error_worst=max(errors),
         output_error_mean=sum(outputs) / len(outputs) if outputs else None,
         output_error_worst=max(outputs) if outputs else None,
+        rotations=sorted({rotation_label(m.plan) for m in members}),
     )
 
 
@@ -200,6 +207,7 @@ def _layer_row(result: LayerResult) -> dict:
         "piece": plan.format.piece(layer.shape, layer.layout),
         "codebook_size": plan.codebook_size,
         "codebook_dtype": plan.codebook_dtype,
+        "rotation_block": plan.rotation_block,
         "tied_to": layer.tied_to,
         "code_bytes": plan.code_bytes,
         "codebook_bytes": plan.codebook_bytes,
@@ -231,7 +239,7 @@ def _errors(mean: float | None, worst: float | None) -> str:
 
 def table_rows(summary: ConversionSummary) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the per-type table (shared by the Rich table and the model card)."""
-    header = ["layer type", "n", "format", "params", "MB dense -> RPQ", "bpw = codes + codebooks", "weight err mean / max", "output err mean / max"]
+    header = ["layer type", "n", "format", "rotation", "params", "MB dense -> RPQ", "bpw = codes + codebooks", "weight err mean / max", "output err mean / max"]
     labels = short_labels([t.pattern for t in summary.types])
     rows = []
     for t in summary.types:
@@ -241,6 +249,7 @@ def table_rows(summary: ConversionSummary) -> tuple[list[str], list[list[str]]]:
                 labels[t.pattern] + (" (tied)" if tied else ""),
                 str(t.count),
                 ", ".join(t.formats),
+                ", ".join(t.rotations) or "none",
                 "shared" if tied else f"{t.params / 1e6:.2f}M",
                 "shared" if tied else f"{t.dense_bytes / MB:.1f} -> {(t.code_bytes + t.codebook_bytes) / MB:.1f}",
                 "shared" if tied else f"{t.code_bits + t.codebook_bits:.2f} = {t.code_bits:.2f} + {t.codebook_bits:.2f}",

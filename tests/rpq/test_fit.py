@@ -65,6 +65,22 @@ def test_column_sweep_lowers_the_output_error_against_nearest_codes(minilm_layer
     assert fitted.history[-1] <= feedback and fitted.history == sorted(fitted.history, reverse=True)
 
 
+def test_fitting_in_the_rotated_basis_lowers_the_output_error(minilm_layer):
+    """W R against R^T H R, one 16-entry table per row: the rotation spreads the outlier input columns.
+
+    Measured: relative output error 0.0039 unrotated, 0.0031 with blocks of 128 (seed 0)."""
+    from model_compress.rpq.fit.formats import CodeFormat
+    from model_compress.rpq.fit.groups import FitSettings, fit_rows_group
+    from model_compress.rpq.kernels.rotation import block_for, random_signs, rotate, rotate_hessian
+
+    weight, hessian = minilm_layer
+    fmt = [CodeFormat(weight.shape[0], 16, "int8")]
+    plain = fit_rows_group([weight], fmt, hessian, FitSettings(rounds=1))[0]
+    signs, block = random_signs(weight.shape[1], 0), block_for(weight.shape[1], 128)
+    rotated = fit_rows_group([rotate(weight, signs, block)], fmt, rotate_hessian(hessian, signs, block), FitSettings(rounds=1))[0]
+    assert rotated.output_error < 0.9 * plain.output_error, (rotated.output_error, plain.output_error)
+
+
 @pytest.mark.parametrize("orientation,bound", [(ROWS, 0.97), (COLS, 0.5)])
 def test_sweep_of_a_vector_layout_beats_nearest_codes(orientation, bound):
     """D = 2 pieces: along the output dimension (a Linear) and along the input (a table used as a head).
@@ -155,6 +171,28 @@ def test_allocation_meets_the_budget_and_prefers_the_lower_error():
     assert sum(o.bits for o in roomy) <= 1000.0 and roomy[0].choice in ("a4", "a6") and roomy[1].choice != "b2"
     with pytest.raises(BudgetError):
         allocate([steep, flat], budget_bits=399.0)
+
+
+def test_allocation_spends_the_budget_around_a_dominant_table():
+    """A table of 80% of the weights whose 4-bit option lies above its convex hull (3 -> 5 bits buys more per bit
+    than 3 -> 4): the price of a bit jumps it from 3 to 5, a fifth of the budget would stay unspent (3.6 of 4.0
+    bits per weight); trying the table's options fixed spends it, and the total error is lower."""
+    table = [Option(f"t{b}", 800.0 * b, e) for b, e in ((3, 1.0), (4, 0.5), (5, 0.1))]
+    small = [[Option(f"s{b}", 10.0 * b, 0.05 * 4.0 ** (3 - b)) for b in range(2, 7)] for _ in range(20)]
+    for budget in (4.0, 4.1):
+        chosen = allocate([table, *small], budget_bits=budget * 1000)
+        spent = sum(o.bits for o in chosen) / 1000
+        assert budget - 0.05 <= spent <= budget and chosen[0].choice == "t4", (budget, spent)
+
+
+def test_allocation_prefers_to_spend_bits_on_the_layer_that_hurts_the_model_more():
+    """Equal layers, equal relative errors, one weighted ten times as heavily (its error reaches the logits): the
+    budget's extra bits go to it (3 + 3 bits would cost 1.1, 2 + 4 costs 0.65)."""
+    curve = [(2, 0.4), (3, 0.1), (4, 0.025)]
+    light = [Option(f"light{b}", 100.0 * b, e) for b, e in curve]
+    heavy = [Option(f"heavy{b}", 100.0 * b, 10 * e) for b, e in curve]
+    chosen = allocate([light, heavy], budget_bits=600.0)
+    assert [o.choice for o in chosen] == ["light2", "heavy4"]
 
 
 def test_allocation_matches_exhaustive_search_on_random_cases():

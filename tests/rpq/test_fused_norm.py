@@ -52,7 +52,7 @@ def test_pre_norms_are_deferred_and_logits_stay_the_same(arch, kind):
         after = model(ids).logits
     assert list(model.state_dict()) == keys
     assert torch.equal(before, after)  # CPU: every consumer calls the norm's own forward
-    assert normed.norm._output is None  # nothing kept past the layer
+    assert not normed.norm.holding  # nothing kept past the layer
 
 
 def test_norm_output_computed_once_for_its_consumers(monkeypatch):
@@ -60,9 +60,9 @@ def test_norm_output_computed_once_for_its_consumers(monkeypatch):
     defer_norms(model)
     layer = model.model.layers[0]
     calls = []
-    deferred = layer.self_attn.q_proj.__dict__["_normed_input"].norm
-    forward = deferred._forward
-    monkeypatch.setattr(deferred, "_forward", lambda x: calls.append(1) or forward(x))
+    once = layer.self_attn.q_proj.__dict__["_normed_input"].norm._once  # fusions.once.OncePerInput
+    forward = once.compute
+    monkeypatch.setattr(once, "compute", lambda x: calls.append(1) or forward(x))
     x = torch.randn(1, 4, model.config.hidden_size)
     with torch.inference_mode():
         for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):

@@ -7,6 +7,11 @@ is taken to cost the model about the same (exllamav2's measure-then-optimise sch
 same assumption with its per-layer accuracies). Solved by Lagrangian relaxation (each layer takes
 argmin error + lambda * bits for a lambda found by bisection), then the bits left over are spent
 greedily on the upgrades that buy the most error per bit.
+
+A layer that holds a large share of the bits (a big embedding table) moves the total in coarse steps: with it
+one step below the budget's share, no single upgrade of a small layer may fit the bits left, and a fifth of a
+bit per weight stays unspent. So each such layer's every option is also tried fixed, the others solved again
+for the bits it leaves, and the best whole allocation kept.
 """
 
 from __future__ import annotations
@@ -34,11 +39,38 @@ class BudgetError(ValueError):
         self.needed = needed
 
 
+# A layer whose dearest option takes at least this share of the budget is also tried at each of its options
+# with the rest solved again (see the module's docstring).
+LARGE_SHARE = 0.05
+
+
 def allocate(options: list[list[Option]], budget_bits: float, iterations: int = 60) -> list[Option]:
     """One option per layer, total bits <= ``budget_bits``, least total error found."""
     cheapest = [min(layer, key=lambda o: (o.bits, o.error)) for layer in options]
     if sum(o.bits for o in cheapest) > budget_bits * (1 + 1e-12):
         raise BudgetError(sum(o.bits for o in cheapest))
+    best = _relaxed(options, budget_bits, iterations)
+    for index, layer in enumerate(options):
+        if max(o.bits for o in layer) < LARGE_SHARE * budget_bits:
+            continue
+        rest = options[:index] + options[index + 1 :]
+        for fixed in layer:
+            left = budget_bits - fixed.bits
+            if not rest or sum(o.bits for o in cheapest) - cheapest[index].bits > left * (1 + 1e-12):
+                continue
+            others = _relaxed(rest, left, iterations)
+            candidate = others[:index] + [fixed] + others[index:]
+            if _total_error(candidate) < _total_error(best):
+                best = candidate
+    return best
+
+
+def _total_error(chosen: list[Option]) -> float:
+    return sum(o.error for o in chosen)
+
+
+def _relaxed(options: list[list[Option]], budget_bits: float, iterations: int) -> list[Option]:
+    """Lagrangian relaxation (bisection on the price of a bit), then the leftover spent greedily."""
     low, high = 0.0, 1.0
     while sum(o.bits for o in _pick(options, high)) > budget_bits and high < 1e30:
         high *= 4

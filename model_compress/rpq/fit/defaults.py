@@ -13,6 +13,9 @@ tokens) keep the default model's conversion near ten minutes on two cores.
 """
 
 DEFAULT_BITS = 4.5
+# The Hadamard block of the input rotation: a width it does not divide takes the largest power of two that
+# does (SmolLM2's 576 takes 64). Chosen by benchmarks/rpq/rotation_blocks.py (benchmarks/RESULTS.md).
+DEFAULT_ROTATION_BLOCK = 64
 # Rounds of code sweep + least-squares refit per layer: the first refit lowers a layer's output error by a
 # third to a half, the second round by about 1%, a third by under 1% (SmolLM2-135M, every layer type). On
 # a CPU, where the refit's products take most of the fitting time, one round.

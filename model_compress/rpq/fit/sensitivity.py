@@ -1,46 +1,87 @@
 """How much each layer's output error costs the model: the weights a bit budget compares layers with.
 
-A layer's relative output error says how far its own output moved, not what that does to the model:
-an error in the head lands on the logits, one in a value projection is diluted by the residual stream.
-To second order, a perturbation d of a layer's output y raises the loss by about d^T F d / 2, F the
-Fisher matrix of the loss in y; for a perturbation of relative size e spread over y's directions
-that is e * E|y|^2 * E|g|^2 / dim(y) / 2 with g the loss's gradient in y (HAWQ-V2 and SqueezeLLM
-weigh layers by the same Fisher information). So one forward and backward pass of the original
-model on a few calibration windows (the next-token loss) gives every layer its weight
-s = E|y|^2 * E|g|^2 / dim(y), and the allocation minimises the sum of s * e.
+A layer's relative output error says how far its own output moved, not what that does to the model: an
+error in the head lands on the logits, one in a value projection is diluted by the residual stream. To
+second order, a perturbation d of a layer's output y (per token) raises the KL divergence of the model's
+next-token distribution from the original's by d^T F d / 2, F the Fisher information of that distribution
+in y. Taking F diagonal, an error that moves output channel j by r_j = E[d_j^2] costs
 
-A tied embedding / head gets two: as the input embedding (its output) and as the head (the logits).
-Models without a language-model loss (a bare encoder) get no weights: every layer then counts alike.
+    KL ~ 1/2 * sum_j F_jj * r_j,      F_jj = E[g_j^2],
+
+g the gradient of log q(y') in the layer's output with y' drawn from the model's own prediction q (so
+E[g g^T] is the true Fisher, the Hessian of the KL at the original, not the empirical one of the text's
+next tokens). One forward and backward pass of the original model on a few calibration windows gives every
+layer its F_jj and E[y_j^2] per output channel (HAWQ-V2 and SqueezeLLM weigh layers by the same Fisher
+information). A format's cost is then its Fisher-weighted relative error (sum_j F_jj r_j / sum_j F_jj E[y_j^2],
+measured on the layer's calibration inputs) times the layer's weight 1/2 sum_j F_jj E[y_j^2]: the predicted
+KL in nats per token. ``benchmarks/rpq/sensitivity_check.py`` checks the prediction against the KL measured
+with one layer at a time quantized.
+
+A tied embedding / head gets two weights: as the input embedding (its output) and as the head (the logits).
+Models without a language-model head (a bare encoder) get none: every layer then counts alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from .stack import call_model
 
+LABEL_SEED = 0  # the labels drawn from the model's own prediction: the same draw on every run
 
-class _Moments:
-    """Running E|y|^2 and E|g|^2 (per token) of one module's output."""
 
-    def __init__(self) -> None:
-        self.output = 0.0
-        self.gradient = 0.0
-        self.tokens = 0
-        self.width = 0
+@dataclass
+class Sensitivity:
+    """Per output channel of one module: the Fisher diagonal E[g_j^2] and the output energy E[y_j^2] (per token)."""
+
+    fisher: Tensor
+    energy: Tensor
 
     @property
     def weight(self) -> float:
-        if not self.tokens:
-            return 0.0
-        return (self.output / self.tokens) * (self.gradient / self.tokens) / max(1, self.width)
+        """1/2 sum_j F_jj E[y_j^2]: the predicted KL (nats per token) of a Fisher-weighted relative error of 1."""
+        return 0.5 * float((self.fisher * self.energy).sum())
+
+    @property
+    def isotropic_weight(self) -> float:
+        """1/2 mean_j F_jj sum_j E[y_j^2]: the same for an error spread over the channels like the output itself
+        (what a plain relative error measures)."""
+        return 0.5 * float(self.fisher.mean() * self.energy.sum())
+
+    def to_json(self) -> dict:
+        return {"weight": self.weight, "isotropic_weight": self.isotropic_weight, "output_energy": float(self.energy.sum())}
 
 
-def output_sensitivities(model: nn.Module, modules: dict[str, nn.Module], windows: Iterable[Tensor], device: torch.device) -> dict[str, float]:
-    """s per named module from the next-token loss of ``model`` on ``windows`` (one window per pass); {} without a loss."""
+class _Moments:
+    """Running sums of g_j^2 and y_j^2 over the tokens of one module's output."""
+
+    def __init__(self) -> None:
+        self.output: Tensor | None = None
+        self.gradient: Tensor | None = None
+        self.tokens = 0
+
+    def add(self, output: Tensor, gradient: Tensor) -> None:
+        width = output.shape[-1]
+        y = output.detach().float().reshape(-1, width)
+        g = gradient.float().reshape(-1, width)
+        if self.output is None:
+            self.output, self.gradient = y.new_zeros(width), y.new_zeros(width)
+        self.output += y.pow(2).sum(0)
+        self.gradient += g.pow(2).sum(0)
+        self.tokens += y.shape[0]
+
+    def sensitivity(self) -> Sensitivity:
+        return Sensitivity((self.gradient / self.tokens).cpu(), (self.output / self.tokens).cpu())
+
+
+def output_sensitivities(
+    model: nn.Module, modules: dict[str, nn.Module], windows: Iterable[Tensor], device: torch.device
+) -> dict[str, Sensitivity]:
+    """F_jj and E[y_j^2] per output channel of each named module, from ``windows`` (one per pass); {} without logits."""
     moments = {name: _Moments() for name in modules}
     captured: list[tuple[str, Tensor]] = []
 
@@ -54,6 +95,7 @@ def output_sensitivities(model: nn.Module, modules: dict[str, nn.Module], window
     home = next(model.parameters()).device
     needs = {p: p.requires_grad for p in model.parameters()}
     handles = [module.register_forward_hook(keep(name)) for name, module in modules.items()]
+    generator = torch.Generator(device=device).manual_seed(LABEL_SEED)
     model.to(device)
     try:
         for parameter in model.parameters():
@@ -65,18 +107,16 @@ def output_sensitivities(model: nn.Module, modules: dict[str, nn.Module], window
                 logits = getattr(output, "logits", None)
                 if logits is None:
                     return {}
-                loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), window[:, 1:].flatten().to(device))
+                flat = logits.flatten(0, 1).float()
+                with torch.no_grad():  # labels from the model's own prediction: E[g g^T] is then the true Fisher
+                    labels = torch.multinomial(torch.softmax(flat, dim=-1), 1, generator=generator).squeeze(1)
+                # summed over tokens: each token's gradient is its own log-likelihood's
+                loss = nn.functional.cross_entropy(flat, labels, reduction="sum")
                 gradients = torch.autograd.grad(loss, [t for _, t in captured], allow_unused=True)
-                terms = window[:, 1:].numel()  # the loss is their mean: a token's own gradient is terms times this
                 for (name, tensor), gradient in zip(captured, gradients):
-                    if gradient is None:
-                        continue
-                    entry = moments[name]
-                    entry.output += float(tensor.detach().float().pow(2).sum())
-                    entry.gradient += float((gradient.float() * terms).pow(2).sum())
-                    entry.tokens += tensor.numel() // tensor.shape[-1]
-                    entry.width = tensor.shape[-1]
-                del output, logits, loss, gradients
+                    if gradient is not None:
+                        moments[name].add(tensor, gradient)
+                del output, logits, flat, loss, gradients
     finally:
         for handle in handles:
             handle.remove()
@@ -84,4 +124,4 @@ def output_sensitivities(model: nn.Module, modules: dict[str, nn.Module], window
             parameter.requires_grad_(needed)
         captured.clear()
         model.to(home)
-    return {name: entry.weight for name, entry in moments.items() if entry.tokens}
+    return {name: entry.sensitivity() for name, entry in moments.items() if entry.tokens}

@@ -1,4 +1,4 @@
-"""Fusions of RPQ layers with their neighbours (shared input, pre-norm, SiLU gate), at one token.
+"""Fusions of RPQ layers with their neighbours (shared input, shared rotation, pre-norm, SiLU gate).
 
 ``apply_fusions`` is the one call: the loader makes it after the weights arrive, and ``compress_rpq``
 after converting, so a model runs the same whether it was just made or loaded. None of them changes
@@ -12,12 +12,14 @@ from torch import nn
 from .glu import fuse_gated_mlps
 from .norm import defer_norms
 from .shared_input import group_shared_inputs
+from .shared_rotation import share_rotations
 
 
 def apply_fusions(model: nn.Module) -> dict[str, int]:
     """Every fusion the options allow, in the order they build on each other; how many places each took."""
     return {
         "shared_input": group_shared_inputs(model),
+        "shared_rotation": share_rotations(model),
         "norm": defer_norms(model),
         "glu": fuse_gated_mlps(model),
     }

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels import forward as kernels
+from .once import OncePerInput
 from ..layers.modules import RPQLinear
 from ..kernels.config.norm_spec import LAYER_NORM, RMS_NORM, NormSpec
 from ..kernels.config import options
@@ -49,24 +50,15 @@ class DeferredNorm:
     def __init__(self, spec: NormSpec, forward: Callable[[Tensor], Tensor], consumers: int) -> None:
         self.spec = spec
         self.consumers = consumers
-        self._forward = forward  # the module's own forward, for every path that does not fuse
-        self._input: Tensor | None = None
-        self._version: int | None = None
-        self._output: Tensor | None = None
-        self._left = 0
+        self._once = OncePerInput(forward, consumers)  # the module's own forward, for every path that does not fuse
 
     def normalized(self, x: Tensor) -> Tensor:
         """The norm's output for ``x``: computed by the first consumer, kept only until the others took it."""
-        version = None if x.is_inference() else x._version
-        if x is self._input and version == self._version and self._left > 0:
-            self._left -= 1
-            out = self._output
-        else:
-            out = self._forward(x)
-            self._left, self._input, self._version, self._output = self.consumers - 1, x, version, out
-        if self._left == 0:
-            self._input = self._output = None  # an activation kept past its layer would add to the peak
-        return out
+        return self._once(x)
+
+    @property
+    def holding(self) -> bool:
+        return self._once.holding
 
 
 class NormedInput:

@@ -6,9 +6,13 @@ trainable Parameter in a float dtype, or an ``int8`` buffer with ``codebook_scal
 scale per codebook (a float16 value, kept in the model dtype so the layer computes in it). The modules hold no dense weight; ``dequantize()`` builds one on
 request (for export, inspection or the reference forward).
 
-The "native" form (8-bit codes, float codebooks: what rpq-pytorch stores) runs every fast path,
-the Triton kernels included; every other form unpacks its codes and runs the torch paths of
+The "native" form (8-bit codes, float codebooks, no input rotation: what rpq-pytorch stores) runs every
+fast path, the Triton kernels included; every other form unpacks its codes and runs the torch paths of
 ``kernels`` (decode + GEMM, or a per-code histogram for a few tokens).
+
+A module may carry an input rotation (``kernels/rotation.py``): ``rotation_signs`` (an int8 +-1 per input
+feature, saved) and ``rotation_block`` (in the config). Its codes then encode W R; a Linear or a tied head
+computes with x R, an embedding turns its decoded rows back with R^T.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import Tensor, nn
 
 from .direct_reads import own_forward_sources
 from ..kernels import forward as kernels
+from ..kernels import rotation
 from ..kernels.layout import CODEBOOK_DTYPES, EMBEDDING, INT8, LINEAR, code_bins, code_bits, decode, dtype_name, packed_width, unpack_codes
 
 
@@ -32,8 +37,11 @@ def _register_codes(
     dtype,
     what: str,
     codebook_dtype: str | None = None,
+    rotation_block: int | None = None,
+    rotation_width: int | None = None,
 ) -> None:
-    """Give ``module`` its code storage: ``codebooks`` (M, K, split / M), packed ``indices``, int8 scales if any.
+    """Give ``module`` its code storage: ``codebooks`` (M, K, split / M), packed ``indices``, int8 scales if any,
+    and the signs of its input rotation when ``rotation_block`` is given (``rotation_width`` of them).
 
     ``codebook_dtype``: "int8", a float dtype name, or None for ``dtype`` (the model's).
     """
@@ -56,6 +64,18 @@ def _register_codes(
         module.codebook_scales = None
     width = packed_width(columns, module.code_bits)
     module.register_buffer("indices", torch.zeros(num_codebooks, width, dtype=torch.uint8, device=device))
+    _register_rotation(module, rotation_block, rotation_width, device)
+
+
+def _register_rotation(module: nn.Module, block: int | None, width: int | None, device) -> None:
+    """``rotation_signs`` (width,) int8 and ``rotation_block`` where the layer is rotated; None for both otherwise."""
+    module.rotation_block = block
+    if block is None:
+        module.rotation_signs = None
+        return
+    if block < 1 or block & (block - 1) or width % block:
+        raise ValueError(f"a rotation block must be a power of two dividing the width {width}, got {block}")
+    module.register_buffer("rotation_signs", torch.ones(width, dtype=torch.int8, device=device))
 
 
 class _Codes:
@@ -67,11 +87,32 @@ class _Codes:
     code_bits: int
     columns: int
     compute_dtype: torch.dtype
+    rotation_signs: Tensor | None
+    rotation_block: int | None
 
     @property
     def native(self) -> bool:
-        """One byte per code and float codebooks: the rpq-pytorch form, which the Triton kernels read."""
-        return self.code_bits == 8 and self.codebook_scales is None
+        """One byte per code, float codebooks, no rotation: the rpq-pytorch form, which the Triton kernels read."""
+        return self.code_bits == 8 and self.codebook_scales is None and self.rotation_block is None
+
+    @property
+    def rotated(self) -> bool:
+        return self.rotation_block is not None
+
+    def rotate_input(self, x: Tensor) -> Tensor:
+        """x R, the input the codes multiply (x itself without a rotation); computed once for siblings that share it."""
+        if self.rotation_block is None:
+            return x
+        shared = self.__dict__.get("_shared_rotation")  # fusions.shared_rotation: q/k/v rotate their input once
+        return shared(x) if shared is not None else self.rotate_alone(x)
+
+    def rotate_alone(self, x: Tensor) -> Tensor:
+        """x R with this layer's own signs (as they are now: a ``.to()`` replaces the buffer)."""
+        return rotation.rotate(x, self.rotation_signs, self.rotation_block)
+
+    def rotation_is_valid(self) -> bool:
+        """Whether the rotation (if any) is +-1 signs, as every conversion writes them (a damaged file's may not be)."""
+        return self.rotation_signs is None or bool((self.rotation_signs.abs() == 1).all())
 
     @property
     def codebook_dtype(self) -> str:
@@ -118,16 +159,23 @@ class RPQLinear(_Codes, nn.Module):
         device=None,
         dtype=None,
         codebook_dtype: str | None = None,
+        rotation_block: int | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        _register_codes(self, out_features, in_features, num_codebooks, codebook_size, device, dtype, "out_features", codebook_dtype)
+        _register_codes(
+            self, out_features, in_features, num_codebooks, codebook_size, device, dtype, "out_features", codebook_dtype,
+            rotation_block, in_features,
+        )
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     def dequantize(self) -> Tensor:
-        """The dense (out, in) weight these codes stand for."""
-        return decode(self.codebook_values(), self.codes(), LINEAR)
+        """The dense (out, in) weight these codes stand for (W = W' R^T in float32 where the input is rotated)."""
+        if self.rotation_block is None:
+            return decode(self.codebook_values(), self.codes(), LINEAR)
+        weight = decode(self.codebook_values(torch.float32), self.codes(), LINEAR)
+        return rotation.unrotate(weight, self.rotation_signs, self.rotation_block)
 
     def code_bins(self) -> tuple[Tensor, Tensor]:
         """``layout.code_bins`` of the codes, for the GPU's binned kernel: made on first use, again if the codes change.
@@ -145,7 +193,7 @@ class RPQLinear(_Codes, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.native:
-            return kernels.linear_torch(x, self.codebook_values(x.dtype), self.codes(), self.bias)
+            return kernels.linear_torch(self.rotate_input(x), self.codebook_values(x.dtype), self.codes(), self.bias)
         group = self.__dict__.get("_shared_input")  # shared_input.SharedInputGroup: q/k/v in one launch
         if group is not None:
             out = group.output(self, x)
@@ -166,8 +214,12 @@ class RPQLinear(_Codes, nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, "
-            f"codebooks={self.codebook_dtype}, bias={self.bias is not None}"
+            f"codebooks={self.codebook_dtype}, bias={self.bias is not None}{_rotation_repr(self)}"
         )
+
+
+def _rotation_repr(module: _Codes) -> str:
+    return "" if module.rotation_block is None else f", rotation=hadamard({module.rotation_block})"
 
 
 class RPQEmbedding(_Codes, nn.Embedding):
@@ -188,6 +240,7 @@ class RPQEmbedding(_Codes, nn.Embedding):
         device=None,
         dtype=None,
         codebook_dtype: str | None = None,
+        rotation_block: int | None = None,
     ) -> None:
         nn.Module.__init__(self)  # nn.Embedding.__init__ would allocate the dense table
         self.num_embeddings = num_embeddings
@@ -198,16 +251,24 @@ class RPQEmbedding(_Codes, nn.Embedding):
         self.scale_grad_by_freq = False
         self.sparse = False
         _register_codes(
-            self, embedding_dim, num_embeddings, num_codebooks, codebook_size, device, dtype, "embedding_dim", codebook_dtype
+            self, embedding_dim, num_embeddings, num_codebooks, codebook_size, device, dtype, "embedding_dim", codebook_dtype,
+            rotation_block, embedding_dim,
         )
 
     def dequantize(self) -> Tensor:
-        """The dense (num_embeddings, embedding_dim) table these codes stand for."""
-        return decode(self.codebook_values(), self.codes(), EMBEDDING)
+        """The dense (num_embeddings, embedding_dim) table these codes stand for (E = E' R^T in float32 where rotated)."""
+        if self.rotation_block is None:
+            return decode(self.codebook_values(), self.codes(), EMBEDDING)
+        return self.unrotate_rows(decode(self.codebook_values(torch.float32), self.codes(), EMBEDDING))
+
+    def unrotate_rows(self, rows: Tensor) -> Tensor:
+        """Decoded rows of E' = E R back to rows of E (unchanged without a rotation)."""
+        return rows if self.rotation_block is None else rotation.unrotate(rows, self.rotation_signs, self.rotation_block)
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Embedding's argument name
         if not self.native:
-            return kernels.embedding_torch(input, self.codebook_values(self.value_dtype), self.codes(input))
+            rows = kernels.embedding_torch(input, self.codebook_values(self.value_dtype), self.codes(input))
+            return self.unrotate_rows(rows)
         return kernels.embedding_forward(input, self.codebooks, self.indices).to(self.compute_dtype)
 
     def reset_parameters(self) -> None:
@@ -216,7 +277,7 @@ class RPQEmbedding(_Codes, nn.Embedding):
     def extra_repr(self) -> str:
         return (
             f"{self.num_embeddings}, {self.embedding_dim}, num_codebooks={self.num_codebooks}, "
-            f"codebook_size={self.codebook_size}, codebooks={self.codebook_dtype}"
+            f"codebook_size={self.codebook_size}, codebooks={self.codebook_dtype}{_rotation_repr(self)}"
         )
 
 
@@ -248,7 +309,7 @@ class RPQTiedHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         embedding = self._embedding
         if not embedding.native:
-            return kernels.tied_head_torch(x, embedding.codebook_values(x.dtype), embedding.codes(), self.bias)
+            return kernels.tied_head_torch(embedding.rotate_input(x), embedding.codebook_values(x.dtype), embedding.codes(), self.bias)
         return kernels.tied_head_forward(x, embedding.codebooks, embedding.indices, self.bias)
 
     def extra_repr(self) -> str:
@@ -308,7 +369,13 @@ def rpq_embedding_class(original: type, stand_in: type | None = None) -> type:
 
 
 def build_rpq_embedding(
-    original: nn.Embedding, num_codebooks: int, codebook_size: int, device=None, dtype=None, codebook_dtype: str | None = None
+    original: nn.Embedding,
+    num_codebooks: int,
+    codebook_size: int,
+    device=None,
+    dtype=None,
+    codebook_dtype: str | None = None,
+    rotation_block: int | None = None,
 ) -> RPQEmbedding:
     """An empty RPQ module of the same class family as ``original``, keeping its extra state.
 
@@ -328,6 +395,7 @@ def build_rpq_embedding(
         device=device,
         dtype=dtype,
         codebook_dtype=codebook_dtype,
+        rotation_block=rotation_block,
     )
     for name, value in vars(original).items():
         if not name.startswith("_") and name not in vars(module):
@@ -352,10 +420,13 @@ def build_rpq_module(
     codebook_size: int,
     tied_embedding: RPQEmbedding | None = None,
     codebook_dtype: str | None = None,
+    rotation_block: int | None = None,
 ) -> nn.Module:
     """An RPQ module shaped like ``original`` (same device and dtype), codes not yet filled in.
 
     ``codebook_dtype``: how its codebooks are stored ("int8", a float dtype name; None: the model's dtype).
+    ``rotation_block``: the Hadamard block of its input rotation (None: not rotated; a tied head uses its
+    embedding's).
 
     Used both when converting (the fit fills the codes) and when loading a checkpoint (the loader
     fills them, on the meta device first). A bias is copied when ``original`` holds real values.
@@ -370,14 +441,15 @@ def build_rpq_module(
     elif kind == KIND_EMBEDDING:
         weight = original.weight
         return build_rpq_embedding(
-            original, num_codebooks, codebook_size, device=weight.device, dtype=weight.dtype, codebook_dtype=codebook_dtype
+            original, num_codebooks, codebook_size, device=weight.device, dtype=weight.dtype, codebook_dtype=codebook_dtype,
+            rotation_block=rotation_block,
         )
     elif kind in (KIND_LINEAR, KIND_CONV1D):
         weight, bias = original.weight, original.bias
         in_features, out_features = (original.nx, original.nf) if kind == KIND_CONV1D else (original.in_features, original.out_features)
         module = RPQLinear(
             in_features, out_features, num_codebooks, codebook_size, bias=bias is not None, device=weight.device,
-            dtype=weight.dtype, codebook_dtype=codebook_dtype,
+            dtype=weight.dtype, codebook_dtype=codebook_dtype, rotation_block=rotation_block,
         )
     else:
         raise ValueError(f"unknown RPQ layer kind {kind!r}")

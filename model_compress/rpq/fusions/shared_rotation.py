@@ -1,0 +1,49 @@
+"""Sibling RPQ layers with the same input rotation (q/k/v, gate/up) rotate their shared input once.
+
+A conversion draws one rotation per input width, so layers that read the same tensor carry equal signs and
+blocks. Here each set of such siblings gets one ``OncePerInput``: the first member called with a tensor computes
+x R, the others take it. Members called on different tensors each compute their own, so a model that calls them
+differently stays correct. Nothing is saved with the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers.modules import RPQLinear
+from .once import OncePerInput
+from .shared_input import SIBLING_NAMES
+
+
+def share_rotations(model: nn.Module) -> int:
+    """Give each set of sibling RPQ Linears with equal rotations one shared x R; returns how many sets."""
+    shared = 0
+    for parent in model.modules():
+        for names in SIBLING_NAMES:
+            layers = [getattr(parent, name, None) for name in names]
+            sets: list[list[RPQLinear]] = []
+            for layer in layers:
+                if not isinstance(layer, RPQLinear) or not layer.rotated:
+                    continue
+                match = next((s for s in sets if _same_rotation(s[0], layer)), None)
+                if match is None:
+                    sets.append([layer])
+                else:
+                    match.append(layer)
+            for members in sets:
+                if len(members) > 1:
+                    once = OncePerInput(members[0].rotate_alone, len(members))
+                    for layer in members:
+                        layer.__dict__["_shared_rotation"] = once
+                    shared += 1
+    return shared
+
+
+def _same_rotation(a: RPQLinear, b: RPQLinear) -> bool:
+    return (
+        a.rotation_block == b.rotation_block
+        and a.rotation_signs.shape == b.rotation_signs.shape
+        and a.rotation_signs.device == b.rotation_signs.device
+        and bool(torch.equal(a.rotation_signs, b.rotation_signs))
+    )
