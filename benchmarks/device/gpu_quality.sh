@@ -9,7 +9,9 @@
 #                                       calibrate on the C4 sample alone (the default is the packaged mix); rpq_quality.py on SmolLM2 (BUDGETS, BASELINES=1)
 #   STAGE=minilm  carry .device/minilm  rpq_quality.py on all-MiniLM-L6-v2 at 4.5 bits
 #   STAGE=opt     (no carry)            opt-1.3b architecture (random fp16) `compress rpq --bits 4`, timed
-#   STAGE=default (no carry)            the default model: `compress rpq -o out/` timed end to end on CUDA
+#   STAGE=default (no carry)            the default model: `compress rpq -o out/` timed end to end on CUDA, then
+#                                       `compress eval` of it (EVAL_ARGS) against the original
+#   STAGE=cost    (no carry)            what the input rotation costs on the torch path (rotation_cost.py)
 # benchmarks/README.md says how the carried folders are made. Results land in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-quality}
@@ -63,6 +65,12 @@ case "$stage" in
   default)
     install_wheels /tmp/smol
     python3 benchmarks/rpq/timed_cli.py rpq "$GGUF" -o /tmp/default-out --device cuda --force ${RPQ_ARGS:-} 2>&1 | tee "$OUT/default.log" | tail -30
+    python3 -m model_compress.cli.app eval /tmp/default-out --device cuda --force ${EVAL_ARGS:-} 2>&1 | tee "$OUT/default_eval.log" | tail -30
+    cp /tmp/default-out/eval_report.json "$OUT/default_eval.json" 2>/dev/null; cp /tmp/default-out/compression_report.json "$OUT/default_report.json" 2>/dev/null
+    ;;
+  cost)
+    install_wheels /tmp/smol
+    python3 benchmarks/rpq/rotation_cost.py --device cuda 2>&1 | tee "$OUT/rotation_cost.md"
     ;;
 esac
 done

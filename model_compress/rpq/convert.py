@@ -34,7 +34,7 @@ from .fit.defaults import DEFAULT_BITS, DEFAULT_ROTATION_BLOCK, DEFAULT_ROUNDS, 
 from .layers.direct_reads import weights_read_directly
 from .layers.modules import KIND_CONV1D, KIND_EMBEDDING, KIND_LINEAR, KIND_TIED_HEAD, RPQEmbedding, build_rpq_module, embedding_needs_dense
 from .kernels.layout import EMBEDDING, INT8, LINEAR, MAX_CODEBOOK_SIZE, dtype_name, pack_codes, split_dim
-from .kernels.rotation import BLOCK_SIZES, HADAMARD, NONE, ROTATIONS, block_for, random_signs, rotate, rotate_hessian
+from .kernels.rotation import BLOCK_SIZES, HADAMARD, NONE, ROTATIONS, block_for, packed_bytes, random_signs, rotate, rotate_hessian
 
 DEFAULT_CODEBOOK_SIZE = 256  # with --codebooks: rpq-pytorch's K
 BITS_RANGE = (1.0, 16.0)  # --bits must lie in (low, high]
@@ -153,9 +153,16 @@ class LayerPlan:
 
     @property
     def codebook_bytes(self) -> int:
+        """What the layer stores beside its codes: codebooks, their scales, its rotation's sign bits."""
         if self.layer.kind == KIND_TIED_HEAD or self.format is None:
             return 0
-        return self.format.codebook_bytes(self.layer.shape, self.layer.layout)
+        return self.format.codebook_bytes(self.layer.shape, self.layer.layout) + self.rotation_bytes
+
+    @property
+    def rotation_bytes(self) -> int:
+        if self.layer.kind == KIND_TIED_HEAD or self.rotation_block is None:
+            return 0
+        return packed_bytes(self.layer.shape[1])
 
 
 @dataclass
@@ -171,6 +178,16 @@ class LayerResult:
     output_error: float | None
     rounds: int
     seconds: float
+    loss_weight: float | None = None  # predicted KL (nats per token) of a relative output error of 1 (fit.sensitivity)
+    weighted_error: float | None = None  # the output error with its channels weighed by the Fisher diagonal (Linears)
+
+    @property
+    def estimated_kl(self) -> float | None:
+        """The KL to the original this layer's output error alone predicts (second order, nats per token)."""
+        error = self.weighted_error if self.weighted_error is not None else self.output_error
+        if self.loss_weight is None or error is None:
+            return None
+        return self.loss_weight * error
 
 
 @dataclass
@@ -182,6 +199,7 @@ class Allocation:
     chosen: dict[str, Option]
     weights: int  # how many weights the budget is spread over
     loss_weights: dict[str, float]
+    sensitivity: dict[str, dict] = field(default_factory=dict)  # per weighed module: Sensitivity.to_json()
 
     def usable_bits(self, threshold: float, step: float = 0.25) -> float | None:
         """The smallest budget (in ``step`` increments above this one) whose allocation keeps the mean
@@ -203,7 +221,10 @@ class Allocation:
     def to_json(self) -> dict:
         return {
             "budget_bits": self.budget,
-            "objective": "sum over layers of loss weight x relative output error, subject to the stored bits",
+            "objective": "sum over layers of loss weight x relative output error, subject to the stored bits; a loss "
+            "weight is the KL to the original (nats per token) that a relative output error of 1 predicts, from the "
+            "Fisher information of the model's output in the layer's output (1 where nothing was weighed)",
+            "sensitivity": self.sensitivity,
             "layers": {
                 name: {
                     "chosen": self.chosen[name].choice.to_json(),
@@ -463,7 +484,10 @@ class _ModelFitter:
                     self.measured[embedding] = measure_cols(weight, self.candidates[embedding], metric, rows, self.fit_settings)
             rows = [name for name in group if self.plans[name].layer.kind != KIND_TIED_HEAD]
             if rows:
-                errors = measure_rows_group([self._weight(n) for n in rows], [self.candidates[n] for n in rows], hessian, self.fit_settings)
+                errors = measure_rows_group(
+                    [self._weight(n) for n in rows], [self.candidates[n] for n in rows], hessian, self.fit_settings,
+                    [self._fisher(n) for n in rows],
+                )
                 self.measured.update(zip(rows, errors))
         return False
 
@@ -484,7 +508,10 @@ class _ModelFitter:
         start = time.perf_counter()
         for name in names:
             self.observer.layer_started(self.plans[name])
-        fitted = fit_rows_group([self._weight(n) for n in names], [self.plans[n].format for n in names], hessian, self.fit_settings)
+        fitted = fit_rows_group(
+            [self._weight(n) for n in names], [self.plans[n].format for n in names], hessian, self.fit_settings,
+            [self._fisher(n) for n in names],
+        )
         seconds = (time.perf_counter() - start) / len(names)
         for name, layer in zip(names, fitted):
             self._swap(name, layer, hessian is not None, seconds)
@@ -510,7 +537,7 @@ class _ModelFitter:
         replacement = build_rpq_module(original, KIND_TIED_HEAD, 0, 0, self.model.get_submodule(embedding))
         self.model.set_submodule(head, replacement)
         source = self.results[embedding]
-        result = LayerResult(plan, source.weight_error, source.output_error, 0, time.perf_counter() - start)
+        result = LayerResult(plan, source.weight_error, source.output_error, 0, time.perf_counter() - start)  # counted with its table
         self.results[head] = result
         self.observer.layer_finished(result)
 
@@ -520,7 +547,11 @@ class _ModelFitter:
         replacement = replace_layer(self.model, name, plan.layer.kind, plan.format, fitted, plan.rotation_block, signs)
         if name in self.linears:
             self.linears[name] = replacement
-        result = LayerResult(plan, fitted.weight_error, fitted.output_error if with_data else None, fitted.rounds, seconds)
+        weight = self._loss_weight(name) if self.sensitivity else None
+        result = LayerResult(
+            plan, fitted.weight_error, fitted.output_error if with_data else None, fitted.rounds, seconds, weight,
+            fitted.weighted_error if with_data else None,
+        )
         self.results[name] = result
         self.observer.layer_finished(result)
 
@@ -532,9 +563,10 @@ class _ModelFitter:
         for name in names:
             layer = self.plans[name].layer
             weight = self._loss_weight(name)
+            rotation = self.plans[name].rotation_bytes  # the same for every format: counted, it changes no choice
             options.append(
                 [
-                    Option(fmt, fmt.stored_bytes(layer.shape, layer.layout) * 8.0, error * weight)
+                    Option(fmt, (fmt.stored_bytes(layer.shape, layer.layout) + rotation) * 8.0, error * weight)
                     for fmt, error in zip(self.candidates[name], self.measured[name])
                 ]
             )
@@ -552,7 +584,8 @@ class _ModelFitter:
             if head:
                 self.plans[head].format = option.choice
         weights = {name: self._loss_weight(name) for name in names}
-        return Allocation(self.settings.budget, dict(zip(names, options)), dict(zip(names, chosen)), total, weights)
+        sensitivity = {name: s.to_json() for name, s in self.sensitivity.items()}
+        return Allocation(self.settings.budget, dict(zip(names, options)), dict(zip(names, chosen)), total, weights, sensitivity)
 
     def _loss_weight(self, name: str) -> float:
         """What a unit of ``name``'s relative output error costs the model: the predicted KL (``fit.sensitivity``);
@@ -570,7 +603,23 @@ class _ModelFitter:
         return own + weights.get(head, typical) if head else own
 
     def _weights(self) -> dict[str, float]:
-        return {name: s.isotropic_weight for name, s in self.sensitivity.items()}
+        """Each weighed module's loss weight: per output channel for a Linear (its measured error is Fisher-weighted,
+        ``_fisher``), as if spread like the output for a table (whose error is measured per row)."""
+        return {
+            name: s.weight if self._weighs_channels(name) else s.isotropic_weight
+            for name, s in self.sensitivity.items()
+        }
+
+    def _weighs_channels(self, name: str) -> bool:
+        plan = self.plans.get(name)
+        return plan is not None and plan.layer.kind in (KIND_LINEAR, KIND_CONV1D)
+
+    def _fisher(self, name: str) -> Tensor | None:
+        """The Fisher diagonal of the model's output in each of ``name``'s output channels, where it was weighed."""
+        sensitivity = self.sensitivity.get(name)
+        if sensitivity is None or not self._weighs_channels(name):
+            return None
+        return sensitivity.fisher.to(self.device)
 
     def _tie_weights(self, head: str) -> tuple[float, float]:
         """(head, input embedding) weights of a tied table's two jobs; equal where nothing weighed them."""
@@ -650,7 +699,7 @@ def fill_codes(module: nn.Module, codes: Tensor, codebooks: CodebookSet, signs: 
     """Write fitted codes (packed), codebooks (as the module stores them) and rotation signs into an empty RPQ module."""
     with torch.no_grad():
         if module.rotation_signs is not None:
-            module.rotation_signs.copy_(signs)
+            module.set_signs(signs)
         if module.codebook_scales is not None:
             levels, scales = codebooks.int8_parts()
             module.codebooks.copy_(levels)

@@ -23,7 +23,8 @@ def check_tensors(section: dict, headers: Headers) -> None:
 
 
 def _check_rotation(layer: str, spec: dict, headers: Headers) -> None:
-    """A rotated layer's signs: one int8 per input feature (per table column), the width its block divides."""
+    """A rotated layer's signs: one bit per input feature (per table column) packed into uint8, the width its
+    block divides."""
     block = spec.get("rotation_block")
     if block is None:
         return
@@ -31,11 +32,11 @@ def _check_rotation(layer: str, spec: dict, headers: Headers) -> None:
     if name not in headers:
         raise UserError(f"the checkpoint has no tensor '{name}': the layer's rotation data is missing")
     shape, dtype = headers[name]
-    width = spec["shape"][1] if "shape" in spec else None
-    if dtype != "I8" or len(shape) != 1 or (width is not None and shape[0] != width):
-        raise UserError(f"'{name}' is {dtype} {shape}; the config needs I8 [{width}] (one sign per input feature)")
-    if not isinstance(block, int) or block < 1 or block & (block - 1) or shape[0] % block:
-        raise UserError(f"'{layer}': rotation block {block} is not a power of two dividing the width {shape[0]}")
+    width = spec["shape"][1] if "shape" in spec else 8 * shape[0]
+    if dtype != "U8" or len(shape) != 1 or shape[0] * 8 != width:
+        raise UserError(f"'{name}' is {dtype} {shape}; the config needs U8 [{width // 8}] (one sign bit per input feature)")
+    if not isinstance(block, int) or block < 8 or block & (block - 1) or width % block:
+        raise UserError(f"'{layer}': rotation block {block} is not a power of two of at least 8 dividing the width {width}")
 
 
 def _check_codes(layer: str, spec: dict, headers: Headers) -> None:

@@ -101,10 +101,6 @@ class RPQHfQuantizer(LoaderOnlyQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         super()._process_model_after_weight_loading(model, **kwargs)
-        for name in self.quantization_config.layers:
-            module = model.get_submodule(name)
-            if hasattr(module, "rotation_is_valid") and not module.rotation_is_valid():
-                raise ValueError(f"'{name}.rotation_signs' must hold only +1 and -1: the checkpoint's rotation data is damaged")
         apply_fusions(model)
 
 

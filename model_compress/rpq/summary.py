@@ -39,6 +39,7 @@ class TypeSummary:
     output_error_mean: float | None = None
     output_error_worst: float | None = None
     rotations: list[str] = field(default_factory=list)  # "H64" (a Hadamard block of 64) or "none", each distinct one
+    estimated_kl: float | None = None  # sum over the type's layers of the KL their output errors predict
 
     @property
     def code_bits(self) -> float:
@@ -94,6 +95,12 @@ class ConversionSummary:
         return sum(errors) / len(errors) if errors else None
 
     @property
+    def estimated_kl(self) -> float | None:
+        """The KL to the original the layers' output errors predict, summed (None where nothing was weighed)."""
+        known = [t.estimated_kl for t in self.types if t.estimated_kl is not None]
+        return sum(known) if known else None
+
+    @property
     def ratio(self) -> float:
         return self.original_bytes / self.compressed_bytes
 
@@ -120,6 +127,7 @@ class ConversionSummary:
             size_ratio=self.ratio,
             weight_error_mean=self.error_mean,
             output_error_mean=self.output_error_mean,
+            estimated_kl=self.estimated_kl,
         )
         return data
 
@@ -192,6 +200,7 @@ def _type_summary(pattern: str, members: list[LayerResult]) -> TypeSummary:
         output_error_mean=sum(outputs) / len(outputs) if outputs else None,
         output_error_worst=max(outputs) if outputs else None,
         rotations=sorted({rotation_label(m.plan) for m in members}),
+        estimated_kl=sum(estimates) if (estimates := [m.estimated_kl for m in members if m.estimated_kl is not None]) else None,
     )
 
 
@@ -215,6 +224,8 @@ def _layer_row(result: LayerResult) -> dict:
         "bits_per_weight": None if tied else 8 * (plan.code_bytes + plan.codebook_bytes) / layer.numel,
         "weight_error": result.weight_error,
         "output_error": result.output_error,
+        "loss_weight": result.loss_weight,
+        "estimated_kl": result.estimated_kl,
         "rounds": result.rounds,
         "seconds": result.seconds,
     }
@@ -239,7 +250,10 @@ def _errors(mean: float | None, worst: float | None) -> str:
 
 def table_rows(summary: ConversionSummary) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the per-type table (shared by the Rich table and the model card)."""
-    header = ["layer type", "n", "format", "rotation", "params", "MB dense -> RPQ", "bpw = codes + codebooks", "weight err mean / max", "output err mean / max"]
+    header = [
+        "layer type", "n", "format", "rotation", "params", "MB dense -> RPQ", "bpw = codes + codebooks", "weight err mean / max",
+        "output err mean / max", "est. loss",
+    ]
     labels = short_labels([t.pattern for t in summary.types])
     rows = []
     for t in summary.types:
@@ -255,6 +269,7 @@ def table_rows(summary: ConversionSummary) -> tuple[list[str], list[list[str]]]:
                 "shared" if tied else f"{t.code_bits + t.codebook_bits:.2f} = {t.code_bits:.2f} + {t.codebook_bits:.2f}",
                 f"{t.error_mean:.3f} / {t.error_worst:.3f}",
                 _errors(t.output_error_mean, t.output_error_worst),
+                "-" if t.estimated_kl is None else f"{t.estimated_kl:.4f}",
             ]
         )
     return header, rows
@@ -280,6 +295,12 @@ def totals_lines(summary: ConversionSummary) -> list[str]:
         )
     else:
         lines.append("calibration: none (codebooks fitted to the weights alone)")
+    if summary.estimated_kl is not None:
+        lines.append(
+            f"est. loss: {summary.estimated_kl:.4f}, what the layers' output errors predict, each weighed by the Fisher "
+            "information of the model's output and summed (KL to the original in nats per token with a language-model "
+            "head, 1 - cosine of the pooled embedding without)"
+        )
     if summary.finetune and summary.finetune.get("steps"):
         f = summary.finetune
         lines.append(

@@ -308,3 +308,45 @@ def test_finetuning_backs_off_a_learning_rate_that_overshoots(tiny_folder):
     factors = [point["lr_factor"] for point in report.curve[1:]]
     assert factors[0] == 1.0 and factors == sorted(factors, reverse=True) and min(factors) <= BACKOFF**2
     assert report.held_out_kl_after <= report.held_out_kl_before * 1.01
+
+
+class _TwoPaths(nn.Module):
+    """logits = head(big(x) + 0.01 * small(x)): an error in ``small``'s output reaches the logits 100x weaker."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(50, 16)
+        self.big, self.small, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 50)
+
+    def forward(self, input_ids, **kwargs):
+        x = self.embed(input_ids)
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.head(self.big(x) + 0.01 * self.small(x)))
+
+
+def test_the_fisher_weights_see_what_reaches_the_output():
+    """The per-channel Fisher of a path scaled by 0.01 is 1e-4 of the other's: the weights measure what an error
+    does to the model's output distribution, not how large it is against the layer's own output."""
+    from model_compress.rpq.fit.sensitivity import output_sensitivities
+
+    model = _TwoPaths()
+    windows = torch.randint(0, 50, (4, 1, 12)).unbind(0)
+    found = output_sensitivities(model, {"big": model.big, "small": model.small}, windows, torch.device("cpu"))
+    ratio = float(found["small"].fisher.sum() / found["big"].fisher.sum())
+    assert ratio == pytest.approx(1e-4, rel=1e-3)
+    assert found["big"].weight > 0 and found["big"].energy.shape == (16,)
+
+
+def test_an_encoder_without_a_head_is_weighed_through_its_pooled_embedding():
+    import transformers
+
+    from model_compress.rpq.fit.sensitivity import output_sensitivities
+
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    modules = {"query0": model.encoder.layer[0].attention.self.query, "output1": model.encoder.layer[1].output.dense}
+    found = output_sensitivities(model, modules, torch.randint(0, 100, (2, 1, 16)).unbind(0), torch.device("cpu"))
+    assert set(found) == set(modules) and all(s.weight > 0 for s in found.values())

@@ -15,7 +15,9 @@ import model_compress
 from model_compress.core.errors import UserError
 from model_compress.rpq.convert import RPQSettings
 from model_compress.rpq.fusions import apply_fusions
-from model_compress.rpq.kernels.rotation import block_for, dense_matrix, hadamard, random_signs, rotate, rotate_hessian, unrotate
+from model_compress.rpq.kernels.rotation import (
+    block_for, dense_matrix, hadamard, pack_signs, random_signs, rotate, rotate_hessian, unpack_signs, unrotate,
+)
 from model_compress.rpq.layers.modules import RPQEmbedding, RPQLinear, RPQTiedHead
 from model_compress.rpq.pipeline import CalibrationOptions, compress_rpq
 
@@ -45,9 +47,13 @@ def test_blocks_fall_back_to_the_largest_power_of_two_that_divides_the_width():
         hadamard(48, torch.device("cpu"), torch.float32)
 
 
-def test_signs_are_the_same_draw_on_every_call_and_differ_by_seed():
+def test_signs_are_the_same_draw_on_every_call_and_pack_to_one_bit_each():
     assert torch.equal(random_signs(576, 0), random_signs(576, 0))
     assert not torch.equal(random_signs(576, 0), random_signs(576, 1))
+    packed = pack_signs(random_signs(576, 0))
+    assert packed.dtype == torch.uint8 and packed.shape == (72,)
+    assert torch.equal(unpack_signs(packed), random_signs(576, 0))
+    assert pack_signs(torch.tensor([-1, 1, 1, 1, 1, 1, 1, -1], dtype=torch.int8)).item() == 0b10000001
 
 
 def test_a_rotated_dense_layer_gives_the_original_outputs():
@@ -62,12 +68,12 @@ def test_rotated_rpq_modules_compute_with_their_decoded_weights():
     """Linear: x R times the codes' W' equals x times dequantize() (= W' R^T); embedding rows come back unrotated;
     a tied head rotates its input with its embedding's signs."""
     linear = filled(RPQLinear(128, 32, num_codebooks=32, codebook_size=16, codebook_dtype="int8", rotation_block=64))
+    linear.set_signs(random_signs(128, 1))
     with torch.no_grad():
-        linear.rotation_signs.copy_(random_signs(128, 1))
         x = torch.randn(3, 5, 128)
         torch.testing.assert_close(linear(x), F.linear(x, linear.dequantize(), linear.bias), rtol=1e-5, atol=1e-5)
         table = filled(RPQEmbedding(300, 64, num_codebooks=64, codebook_size=16, rotation_block=32, dtype=torch.float32))
-        table.rotation_signs.copy_(random_signs(64, 2))
+        table.set_signs(random_signs(64, 2))
         ids = torch.randint(0, 300, (2, 6))
         torch.testing.assert_close(table(ids), table.dequantize()[ids], rtol=1e-5, atol=1e-5)
         head = RPQTiedHead(table)
@@ -84,8 +90,7 @@ def test_siblings_rotate_their_shared_input_once(monkeypatch):
     for name in ("q_proj", "k_proj", "v_proj"):
         dense = getattr(attention, name)
         layer = filled(RPQLinear(64, dense.out_features, dense.out_features, 16, bias=False, rotation_block=64, dtype=torch.float32))
-        with torch.no_grad():
-            layer.rotation_signs.copy_(signs)
+        layer.set_signs(signs)
         setattr(attention, name, layer)
     assert apply_fusions(model)["shared_rotation"] == 1
     calls = []
@@ -125,9 +130,10 @@ def test_a_budget_rotates_every_layer_and_the_checkpoint_rebuilds_r_bit_for_bit(
     loaded = model_compress.load(out, dtype=torch.float32)
     for name, module in loaded.named_modules():
         if isinstance(module, (RPQLinear, RPQEmbedding)):
-            width = module.rotation_signs.numel()
-            assert torch.equal(module.rotation_signs, random_signs(width, 0)), name
-            assert torch.equal(dense_matrix(module.rotation_signs, 32), dense_matrix(run.model.get_submodule(name).rotation_signs, 32))
+            width = module.signs().numel()
+            assert module.rotation_signs.dtype == torch.uint8 and module.rotation_signs.numel() * 8 == width
+            assert torch.equal(module.signs(), random_signs(width, 0)), name
+            assert torch.equal(dense_matrix(module.signs(), 32), dense_matrix(run.model.get_submodule(name).signs(), 32))
     assert "hadamard" in (out / "README.md").read_text().lower() and "H32" in (out / "README.md").read_text()
     ids = torch.randint(0, 300, (2, 9))
     with torch.no_grad():
@@ -170,7 +176,7 @@ def test_an_unknown_rotation_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("damage,fragment", [("drop", "rotation data is missing"), ("shape", "one sign per input feature"), ("values", "only +1 and -1")])
+@pytest.mark.parametrize("damage,fragment", [("drop", "rotation data is missing"), ("shape", "one sign bit per input feature"), ("dtype", "U8")])
 def test_a_damaged_rotation_is_one_clear_line_at_load(rotated_checkpoint, tmp_path, damage, fragment):
     import shutil
 
@@ -182,9 +188,9 @@ def test_a_damaged_rotation_is_one_clear_line_at_load(rotated_checkpoint, tmp_pa
     if damage == "drop":
         del tensors[name]
     elif damage == "shape":
-        tensors[name] = tensors[name][:64].clone()
+        tensors[name] = tensors[name][:8].clone()
     else:
-        tensors[name] = torch.full_like(tensors[name], 3)
+        tensors[name] = tensors[name].to(torch.int8)
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises((UserError, ValueError), match=re.escape(fragment)):
         model_compress.load(broken)

@@ -6,8 +6,9 @@ codebooks of every RPQ layer, the norms' weights and biases, and the RPQ layers'
 stay as fitted, as in AQLM's and VPTQ's fine-tuning), by KL divergence to the original model's
 next-token distributions on the calibration windows (encoders without a head: one minus the
 cosine of the final hidden states). The original's distributions are kept small: its top
-``TOP_K`` log-probabilities per token plus the mass of the rest. Training runs in float32, int8
-codebooks as floats, all rounded back to their storage at the end; the held-out windows decide
+``TOP_K`` log-probabilities per token plus the mass of the rest. Training keeps float32 weights (int8
+codebooks as floats) and, on CUDA, computes its steps under bfloat16 autocast; all is rounded back to its
+storage at the end; the held-out windows decide
 which state is kept (the one with the lowest held-out loss, the fit before training included).
 
 A learning rate that suits one model can overshoot on another (1e-4 suits SmolLM2-135M; on
@@ -18,6 +19,7 @@ starts afresh and the learning rate halves (the schedule's shape kept).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -161,7 +163,7 @@ def finetune(
             if len(order) < settings.windows_per_step:
                 order += torch.randperm(fit_windows.shape[0], generator=generator).tolist()
             chosen, order = order[: settings.windows_per_step], order[settings.windows_per_step :]
-            with torch.enable_grad():
+            with torch.enable_grad(), _mixed_precision(device):
                 output = call_model(model, fit_windows[chosen].to(device))
                 loss = distillation_loss(output, [teacher.fit[i] for i in chosen])
                 optimizer.zero_grad(set_to_none=True)
@@ -196,6 +198,14 @@ def finetune(
     after = held_out_loss(_place(model, device), judge, judge_teacher, device) if settings.steps else before
     _place(model, home)
     return FinetuneReport(settings.steps, settings.lr, before, after, best[1], time.perf_counter() - start, curve, backoffs)
+
+
+def _mixed_precision(device: torch.device):
+    """bfloat16 autocast for the training steps on CUDA (the weights, Adam's state and the loss stay float32; the
+    held-out checks that choose the kept state run in float32); nothing elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _warmup_cosine(steps: int) -> Callable[[int], float]:

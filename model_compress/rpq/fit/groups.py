@@ -39,17 +39,32 @@ class FitSettings:
 
 @dataclass
 class FittedLayer:
-    """One layer's fit: codes (M, columns) int64 and codebooks (float32 values as stored), with its errors."""
+    """One layer's fit: codes (M, columns) int64 and codebooks (float32 values as stored), with its errors.
+
+    ``weighted_error``: the relative output error with each output row weighed by its ``row_weights`` (the Fisher
+    diagonal of the model's output in that channel, ``sensitivity``), where those were given.
+    """
 
     codes: Tensor
     codebooks: CodebookSet
     weight_error: float
     output_error: float
     rounds: int
+    weighted_error: float | None = None
 
 
-def fit_rows_group(weights: list[Tensor], formats: list[CodeFormat], hessian: Tensor | None, settings: FitSettings) -> list[FittedLayer]:
-    """Fit Linear weights (out, in) that share ``hessian`` (None: plain k-means), each in its own format."""
+def fit_rows_group(
+    weights: list[Tensor],
+    formats: list[CodeFormat],
+    hessian: Tensor | None,
+    settings: FitSettings,
+    row_weights: list[Tensor | None] | None = None,
+) -> list[FittedLayer]:
+    """Fit Linear weights (out, in) that share ``hessian`` (None: plain k-means), each in its own format.
+
+    ``row_weights`` (one per layer, (out,) or None) only weigh the ``weighted_error`` reported; the fit is the same.
+    """
+    row_weights = row_weights or [None] * len(weights)
     results: list[FittedLayer | None] = [None] * len(weights)
     for piece, members in _by_piece(weights, formats).items():
         problem, books, slices = _stacked(weights, formats, members, piece, hessian, settings)
@@ -64,19 +79,27 @@ def fit_rows_group(weights: list[Tensor], formats: list[CodeFormat], hessian: Te
                 _weight_error(problem.weight[rows], decoded[rows]),
                 _relative(result.row_errors[rows], energy[rows]),
                 len(result.history),
+                None if row_weights[member] is None else _weighted(result.row_errors[rows], energy[rows], row_weights[member]),
             )
     return results
 
 
 def measure_rows_group(
-    weights: list[Tensor], candidates: list[list[CodeFormat]], hessian: Tensor | None, settings: FitSettings
+    weights: list[Tensor],
+    candidates: list[list[CodeFormat]],
+    hessian: Tensor | None,
+    settings: FitSettings,
+    row_weights: list[Tensor | None] | None = None,
 ) -> list[list[float]]:
     """Relative output error of every candidate format of every layer (same order as ``candidates``).
 
     Each (D, K) is fitted once, one round (k-means start, sweep, refit) with 16-bit codebooks, on a
     sample of the layer's rows (MEASURE_ROWS: on SmolLM2 within 4% of the whole layer's error); the
-    same codes with the codebooks rounded to int8 price the int8 storage of that (D, K).
+    same codes with the codebooks rounded to int8 price the int8 storage of that (D, K). With ``row_weights``
+    (one per layer, (out,) or None) each row's error and energy are weighed by its weight (the Fisher diagonal
+    of the model's output in that channel): the error a budget compares is then what the model feels.
     """
+    row_weights = row_weights or [None] * len(weights)
     trials: list[tuple[int, CodeFormat]] = []  # (layer, 16-bit version of a candidate), each (D, K) once
     for layer, formats in enumerate(candidates):
         for fmt in sorted({_float_version(f, settings) for f in formats}, key=lambda f: (f.num_codebooks, f.codebook_size)):
@@ -84,16 +107,18 @@ def measure_rows_group(
     scores: dict[tuple[int, CodeFormat], float] = {}
     for piece, members in _by_piece([weights[layer] for layer, _ in trials], [fmt for _, fmt in trials]).items():
         chosen = [trials[m] for m in members]
-        samples = [_sample_rows(weights[layer], piece, MEASURE_ROWS, settings.seed) for layer, _ in chosen]
+        picks = [_sampled_rows(weights[layer].shape[0], piece, MEASURE_ROWS, settings.seed) for layer, _ in chosen]
+        samples = [weights[layer] if rows is None else weights[layer][rows.to(weights[layer].device)] for (layer, _), rows in zip(chosen, picks)]
+        sample_weights = [_picked(row_weights[layer], rows) for (layer, _), rows in zip(chosen, picks)]
         sampled_formats = [replace(f, num_codebooks=w.shape[0] // piece) for w, (_, f) in zip(samples, chosen)]
         problem, books, slices = _stacked(samples, sampled_formats, range(len(chosen)), piece, hessian, settings)
         result = fit(problem, books, rounds=1)
         energy = problem.row_energy()
         as_int8 = CodebookSet(result.codebooks.values, result.codebooks.sizes, torch.ones_like(result.codebooks.int8), settings.float_dtype)
         int8_errors = problem.row_errors(decode_fit(problem, result.codes, as_int8.project()))
-        for (layer, fmt), rows in zip(chosen, slices):
-            scores[(layer, fmt)] = _relative(result.row_errors[rows], energy[rows])
-            scores[(layer, _int8_version(fmt))] = _relative(int8_errors[rows], energy[rows])
+        for (layer, fmt), rows, weighing in zip(chosen, slices, sample_weights):
+            scores[(layer, fmt)] = _weighted(result.row_errors[rows], energy[rows], weighing)
+            scores[(layer, _int8_version(fmt))] = _weighted(int8_errors[rows], energy[rows], weighing)
     return [[scores[(layer, _canonical(f, settings))] for f in formats] for layer, formats in enumerate(candidates)]
 
 
@@ -169,15 +194,21 @@ def _stacked(
     return FitProblem(stacked_weight, ROWS, hessian), stack(books), slices
 
 
-def _sample_rows(weight: Tensor, piece: int, most: int, seed: int) -> Tensor:
-    """At most ``most`` rows of ``weight``: whole groups of ``piece`` rows, drawn at random (seeded)."""
-    groups = weight.shape[0] // piece
+def _sampled_rows(rows: int, piece: int, most: int, seed: int) -> Tensor | None:
+    """At most ``most`` of ``rows`` rows: whole groups of ``piece`` rows, drawn at random (seeded), in order; None: all."""
+    groups = rows // piece
     keep = max(1, most // piece)
     if groups <= keep:
-        return weight
+        return None
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    picked = torch.randperm(groups, generator=generator)[:keep].sort().values.to(weight.device)
-    return weight.reshape(groups, piece, -1)[picked].reshape(keep * piece, -1)
+    picked = torch.randperm(groups, generator=generator)[:keep].sort().values
+    return (picked[:, None] * piece + torch.arange(piece)).reshape(-1)
+
+
+def _picked(values: Tensor | None, rows: Tensor | None) -> Tensor | None:
+    if values is None or rows is None:
+        return values
+    return values[rows.to(values.device)]
 
 
 def _by_piece(weights: list[Tensor], formats: list[CodeFormat]) -> dict[int, list[int]]:
@@ -210,3 +241,11 @@ def _weight_error(weight: Tensor, decoded: Tensor) -> float:
 
 def _relative(errors: Tensor, energy: Tensor) -> float:
     return float(errors.sum()) / max(float(energy.sum()), 1e-30)
+
+
+def _weighted(errors: Tensor, energy: Tensor, weights: Tensor | None) -> float | None:
+    """The relative error with each row weighed by ``weights`` (the plain one where none are given)."""
+    if weights is None:
+        return _relative(errors, energy)
+    weights = weights.to(errors.device, errors.dtype)
+    return _relative(errors * weights, energy * weights)

@@ -18,7 +18,12 @@ KL in nats per token. ``benchmarks/rpq/sensitivity_check.py`` checks the predict
 with one layer at a time quantized.
 
 A tied embedding / head gets two weights: as the input embedding (its output) and as the head (the logits).
-Models without a language-model head (a bare encoder) get none: every layer then counts alike.
+
+A model without a language-model head (a sentence encoder) is judged by its mean-pooled, normalised embedding
+o, and 1 - cos(o, o') ~ |o - o'|^2 / 2: its second-order cost is the Gauss-Newton term, J^T J with J the
+Jacobian of o in the layer's output. The same backward pass estimates its diagonal: the gradient of v^T o for
+a random Gaussian v has E[g g^T] = J^T J (Hutchinson's estimator), one draw of v per window; the weights then
+predict 1 - cos of the pooled embedding instead of a KL.
 """
 
 from __future__ import annotations
@@ -104,19 +109,14 @@ def output_sensitivities(
             for window in windows:
                 captured.clear()
                 output = call_model(model, window.to(device))
-                logits = getattr(output, "logits", None)
-                if logits is None:
+                loss = _probe(output, generator)
+                if loss is None:
                     return {}
-                flat = logits.flatten(0, 1).float()
-                with torch.no_grad():  # labels from the model's own prediction: E[g g^T] is then the true Fisher
-                    labels = torch.multinomial(torch.softmax(flat, dim=-1), 1, generator=generator).squeeze(1)
-                # summed over tokens: each token's gradient is its own log-likelihood's
-                loss = nn.functional.cross_entropy(flat, labels, reduction="sum")
                 gradients = torch.autograd.grad(loss, [t for _, t in captured], allow_unused=True)
                 for (name, tensor), gradient in zip(captured, gradients):
                     if gradient is not None:
                         moments[name].add(tensor, gradient)
-                del output, logits, flat, loss, gradients
+                del output, loss, gradients
     finally:
         for handle in handles:
             handle.remove()
@@ -125,3 +125,24 @@ def output_sensitivities(
         captured.clear()
         model.to(home)
     return {name: entry.sensitivity() for name, entry in moments.items() if entry.tokens}
+
+
+def _probe(output, generator: torch.Generator) -> Tensor | None:
+    """The scalar whose gradients' second moments are the Fisher (or Gauss-Newton) diagonal; None when the output
+    has neither logits nor hidden states."""
+    logits = getattr(output, "logits", None)
+    if logits is not None:
+        flat = logits.flatten(0, 1).float()
+        with torch.no_grad():  # labels from the model's own prediction: E[g g^T] is then the true Fisher
+            labels = torch.multinomial(torch.softmax(flat, dim=-1), 1, generator=generator).squeeze(1)
+        # summed over tokens: each token's gradient is its own log-likelihood's
+        return nn.functional.cross_entropy(flat, labels, reduction="sum")
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        hidden = output[0]
+    if hidden is None or hidden.dim() != 3:
+        return None
+    pooled = nn.functional.normalize(hidden.float().mean(1), dim=-1)  # calibration windows have no padding
+    direction = torch.randn(pooled.shape, generator=generator, device=pooled.device)
+    # times sqrt(tokens): a window's 1 - cos sums its tokens' terms, and the moments are kept per token
+    return (pooled * direction).sum() * hidden.shape[1] ** 0.5

@@ -45,5 +45,5 @@ def _same_rotation(a: RPQLinear, b: RPQLinear) -> bool:
         a.rotation_block == b.rotation_block
         and a.rotation_signs.shape == b.rotation_signs.shape
         and a.rotation_signs.device == b.rotation_signs.device
-        and bool(torch.equal(a.rotation_signs, b.rotation_signs))
+        and bool(torch.equal(a.rotation_signs, b.rotation_signs))  # the packed bits: equal bits, equal signs
     )

@@ -10,8 +10,9 @@ Everything is written for row vectors (the last dimension), as a Linear sees its
   ``unrotate``  y -> y R^T = (y @ B) * signs      a table's decoded rows back to the original basis
   ``rotate_hessian``  H -> R^T H R                the input statistics of a rotated layer
 with B the block-diagonal Hadamard matrix (symmetric). Each is one elementwise product and one batched
-(b x b) matrix product, no Python loop over blocks. The signs are stored with the layer (an int8 per input
-feature) and the block size in its config: both rebuild R bit for bit.
+(b x b) matrix product, no Python loop over blocks. The signs are stored with the layer, one bit per input
+feature (``pack_signs``: bit i of byte j set where feature 8j + i is negative), and the block size in its
+config: both rebuild R bit for bit.
 """
 
 from __future__ import annotations
@@ -55,6 +56,24 @@ def random_signs(width: int, seed: int) -> Tensor:
     """(width,) int8 of +-1, the same for the same (width, seed) on every machine (torch's CPU generator)."""
     generator = torch.Generator(device="cpu").manual_seed(zlib.crc32(f"rotation:{width}:{seed}".encode()))
     return (torch.randint(0, 2, (width,), generator=generator, dtype=torch.int8) * 2 - 1).to(torch.int8)
+
+
+def pack_signs(signs: Tensor) -> Tensor:
+    """(width,) +-1 -> (width / 8,) uint8, one bit per sign (set where negative); width a multiple of 8."""
+    bits = (signs.reshape(-1, 8) < 0).to(torch.int32)
+    weights = 1 << torch.arange(8, dtype=torch.int32, device=signs.device)
+    return (bits * weights).sum(1).to(torch.uint8)
+
+
+def unpack_signs(packed: Tensor) -> Tensor:
+    """(width / 8,) uint8 -> (width,) int8 +-1: the inverse of ``pack_signs``."""
+    bits = (packed.to(torch.int32)[:, None] >> torch.arange(8, dtype=torch.int32, device=packed.device)) & 1
+    return (1 - 2 * bits).to(torch.int8).reshape(-1)
+
+
+def packed_bytes(width: int) -> int:
+    """What a layer's signs take in the checkpoint: one bit per input feature."""
+    return width // 8
 
 
 def _blocks(x: Tensor, block: int) -> Tensor:

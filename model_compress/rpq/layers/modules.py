@@ -10,8 +10,8 @@ The "native" form (8-bit codes, float codebooks, no input rotation: what rpq-pyt
 fast path, the Triton kernels included; every other form unpacks its codes and runs the torch paths of
 ``kernels`` (decode + GEMM, or a per-code histogram for a few tokens).
 
-A module may carry an input rotation (``kernels/rotation.py``): ``rotation_signs`` (an int8 +-1 per input
-feature, saved) and ``rotation_block`` (in the config). Its codes then encode W R; a Linear or a tied head
+A module may carry an input rotation (``kernels/rotation.py``): ``rotation_signs`` (one bit per input
+feature, packed into uint8, saved) and ``rotation_block`` (in the config). Its codes then encode W R; a Linear or a tied head
 computes with x R, an embedding turns its decoded rows back with R^T.
 """
 
@@ -68,14 +68,15 @@ def _register_codes(
 
 
 def _register_rotation(module: nn.Module, block: int | None, width: int | None, device) -> None:
-    """``rotation_signs`` (width,) int8 and ``rotation_block`` where the layer is rotated; None for both otherwise."""
+    """``rotation_signs`` (width / 8,) uint8 (packed bits) and ``rotation_block`` where the layer is rotated; None for
+    both otherwise."""
     module.rotation_block = block
     if block is None:
         module.rotation_signs = None
         return
-    if block < 1 or block & (block - 1) or width % block:
-        raise ValueError(f"a rotation block must be a power of two dividing the width {width}, got {block}")
-    module.register_buffer("rotation_signs", torch.ones(width, dtype=torch.int8, device=device))
+    if block < 8 or block & (block - 1) or width % block:
+        raise ValueError(f"a rotation block must be a power of two of at least 8 dividing the width {width}, got {block}")
+    module.register_buffer("rotation_signs", torch.zeros(rotation.packed_bytes(width), dtype=torch.uint8, device=device))
 
 
 class _Codes:
@@ -107,12 +108,24 @@ class _Codes:
         return shared(x) if shared is not None else self.rotate_alone(x)
 
     def rotate_alone(self, x: Tensor) -> Tensor:
-        """x R with this layer's own signs (as they are now: a ``.to()`` replaces the buffer)."""
-        return rotation.rotate(x, self.rotation_signs, self.rotation_block)
+        """x R with this layer's own signs."""
+        return rotation.rotate(x, self.signs(), self.rotation_block)
 
-    def rotation_is_valid(self) -> bool:
-        """Whether the rotation (if any) is +-1 signs, as every conversion writes them (a damaged file's may not be)."""
-        return self.rotation_signs is None or bool((self.rotation_signs.abs() == 1).all())
+    def signs(self) -> Tensor:
+        """The rotation's +-1 signs (int8, one per input feature), unpacked from the saved bits on first use and kept
+        (derived data, never saved) until the buffer changes (a ``.to()``, a load)."""
+        packed = self.rotation_signs
+        key = (packed.data_ptr(), packed.device, packed._version)
+        cached = self.__dict__.get("_signs")
+        if cached is None or cached[0] != key:
+            cached = (key, rotation.unpack_signs(packed))
+            self.__dict__["_signs"] = cached
+        return cached[1]
+
+    def set_signs(self, signs: Tensor) -> None:
+        """Store +-1 ``signs`` (one per input feature) as the layer's rotation."""
+        with torch.no_grad():
+            self.rotation_signs.copy_(rotation.pack_signs(signs.to(self.rotation_signs.device)))
 
     @property
     def codebook_dtype(self) -> str:
@@ -175,7 +188,7 @@ class RPQLinear(_Codes, nn.Module):
         if self.rotation_block is None:
             return decode(self.codebook_values(), self.codes(), LINEAR)
         weight = decode(self.codebook_values(torch.float32), self.codes(), LINEAR)
-        return rotation.unrotate(weight, self.rotation_signs, self.rotation_block)
+        return rotation.unrotate(weight, self.signs(), self.rotation_block)
 
     def code_bins(self) -> tuple[Tensor, Tensor]:
         """``layout.code_bins`` of the codes, for the GPU's binned kernel: made on first use, again if the codes change.
@@ -263,7 +276,7 @@ class RPQEmbedding(_Codes, nn.Embedding):
 
     def unrotate_rows(self, rows: Tensor) -> Tensor:
         """Decoded rows of E' = E R back to rows of E (unchanged without a rotation)."""
-        return rows if self.rotation_block is None else rotation.unrotate(rows, self.rotation_signs, self.rotation_block)
+        return rows if self.rotation_block is None else rotation.unrotate(rows, self.signs(), self.rotation_block)
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Embedding's argument name
         if not self.native:
