@@ -22,9 +22,10 @@ from model_compress.rpq.layers.modules import RPQTiedHead
 from .conftest import real_model_folder
 
 SENTENCE = "The river flooded the valley after three days of heavy rain, and the villagers moved their animals to higher ground."
-# The stated bound on the eval text's first 2,048 tokens, in windows of 512. With the CPU defaults (6
-# calibration windows, one round, no fine-tuning) the ratio measured 1.22 (16.1 -> 19.7) on 2026-12-02
-# (benchmarks/RESULTS.md); the bound leaves room for other CPUs' float arithmetic choosing other codes.
+# The stated bound on the eval text's first 2,048 tokens, in windows of 512. With 6 calibration windows, one
+# round and no fine-tuning the ratio measured 1.22 (16.1 -> 19.7) on 2026-12-02 before the input rotation, and
+# 1.18 on the first 32,768 tokens with it (2026-12-06, benchmarks/RESULTS.md); the bound leaves room for other
+# CPUs' float arithmetic choosing other codes.
 PERPLEXITY_BOUND = 1.35
 
 
@@ -47,7 +48,9 @@ def test_default_model_compresses_reloads_and_stays_close(original, tmp_path):
     real_model_folder("exllamav2", "exllamav2==0.3.2")  # the calibration and evaluation texts
     ids, reference = original
     out = tmp_path / "smollm-rpq"
-    result = CliRunner().invoke(app, ["rpq", "-o", str(out), "--device", "cpu"])
+    # half the CPU default's calibration (6 windows, not 12): the same path in two thirds of the time, which CI's
+    # time limit needs (6.6 against 9.3 minutes on two cores; 1.18x against 1.16x on 32,768 Wikipedia tokens)
+    result = CliRunner().invoke(app, ["rpq", "-o", str(out), "--device", "cpu", "--calib-tokens", "12288"])
     assert result.exit_code == 0, result.output
     assert "embed_tokens" in result.stdout and "lm_head (tied)" in result.stdout and "calibration: " in result.stdout
     report = json.loads((out / "compression_report.json").read_text())["summary"]

@@ -13,35 +13,15 @@ not seven.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
+from model_compress.eval.latency import median_ms
 from model_compress.rpq.kernels.rotation import block_for, random_signs, rotate
 from model_compress.rpq.layers.modules import RPQLinear
 
 SHAPES = ((576, 576), (576, 1536), (1536, 576))
-
-
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn()``."""
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end) / 1000)
-        else:
-            begin = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - begin)
-    return statistics.median(samples)
 
 
 def layer(in_features: int, out_features: int, block: int | None, device, dtype) -> RPQLinear:
@@ -76,11 +56,11 @@ def main() -> None:
             signs = rotated.signs()
             for tokens in (1, 512):
                 x = torch.randn(1, tokens, in_features, device=device, dtype=dtype)
-                t_plain = timed(lambda: plain(x), device, args.repeats)
-                t_rotated = timed(lambda: rotated(x), device, args.repeats)
-                t_rotation = timed(lambda: rotate(x, signs, block), device, args.repeats)
-                print(f"| {in_features} -> {out_features} | {tokens} | {t_plain * 1e3:.4f} | {t_rotated * 1e3:.4f} | "
-                      f"{t_rotation * 1e3:.4f} | {t_rotated / t_plain:.3f} |", flush=True)
+                t_plain = median_ms(lambda: plain(x), device, 3, args.repeats)
+                t_rotated = median_ms(lambda: rotated(x), device, 3, args.repeats)
+                t_rotation = median_ms(lambda: rotate(x, signs, block), device, 3, args.repeats)
+                print(f"| {in_features} -> {out_features} | {tokens} | {t_plain:.4f} | {t_rotated:.4f} | "
+                      f"{t_rotation:.4f} | {t_rotated / t_plain:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
