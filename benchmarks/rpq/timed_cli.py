@@ -13,10 +13,12 @@ CHILD = """
 import json, resource, sys, time
 start = time.perf_counter()
 from model_compress.cli.app import app
+code = 1
 try:
-    app(sys.argv[1:], standalone_mode=False)
+    code = app(sys.argv[1:], standalone_mode=False) or 0  # the command's exit code (not raised in this mode)
 finally:
-    figures = {"wall_s": time.perf_counter() - start, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    figures = {"wall_s": time.perf_counter() - start, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "exit_code": code}
     import torch
     if torch.cuda.is_initialized():
         figures["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -31,12 +33,13 @@ def run_timed_cli(*args: str, echo: bool = False) -> dict:
     ``echo`` prints the command's own output (its table) before the figures.
     """
     done = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True)
-    if done.returncode != 0:
+    line = next((l for l in done.stdout.splitlines() if l.startswith("BENCH ")), None)
+    figures = json.loads(line[len("BENCH ") :]) if line else {}
+    if done.returncode != 0 or figures.get("exit_code", 0) != 0:
         raise RuntimeError(f"compress {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     if echo:
         print("\n".join(l for l in done.stdout.splitlines() if not l.startswith("BENCH ")))
-    line = next(l for l in done.stdout.splitlines() if l.startswith("BENCH "))
-    return json.loads(line[len("BENCH ") :])
+    return figures
 
 
 if __name__ == "__main__":  # python benchmarks/rpq/timed_cli.py rpq -o out/ ...: the command's output, then its figures

@@ -223,7 +223,8 @@ class Allocation:
             "budget_bits": self.budget,
             "objective": "sum over layers of loss weight x relative output error, subject to the stored bits; a loss "
             "weight is the KL to the original (nats per token) that a relative output error of 1 predicts, from the "
-            "Fisher information of the model's output in the layer's output (1 where nothing was weighed)",
+            "Fisher information of the model's output in the layer's output (1 where nothing was weighed); a Linear's "
+            "errors (candidates' output_error) weigh each output channel by its Fisher diagonal",
             "sensitivity": self.sensitivity,
             "layers": {
                 name: {
@@ -589,15 +590,15 @@ class _ModelFitter:
 
     def _loss_weight(self, name: str) -> float:
         """What a unit of ``name``'s relative output error costs the model: the predicted KL (``fit.sensitivity``);
-        1 for every layer where nothing was weighed (no calibration, or no logits).
+        1 for every layer where nothing was weighed (no calibration, or a model output with neither logits nor states).
 
         A tied table's measured error is its two jobs' weighted mean, so it costs their sum.
         """
-        known = sorted(self._weights().values())
+        weights = self._weights()
+        known = sorted(weights.values())
         if not known:
             return 2.0 if self._tied_head_of(name) else 1.0
         typical = known[len(known) // 2]
-        weights = self._weights()
         head = self._tied_head_of(name)
         own = weights.get(name, typical)
         return own + weights.get(head, typical) if head else own

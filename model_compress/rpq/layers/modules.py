@@ -109,18 +109,19 @@ class _Codes:
 
     def rotate_alone(self, x: Tensor) -> Tensor:
         """x R with this layer's own signs."""
-        return rotation.rotate(x, self.signs(), self.rotation_block)
+        return rotation.rotate(x, self.signs(x.dtype), self.rotation_block)
 
-    def signs(self) -> Tensor:
-        """The rotation's +-1 signs (int8, one per input feature), unpacked from the saved bits on first use and kept
-        (derived data, never saved) until the buffer changes (a ``.to()``, a load)."""
+    def signs(self, dtype: torch.dtype = torch.int8) -> Tensor:
+        """The rotation's +-1 signs (one per input feature) in ``dtype``, unpacked from the saved bits on first use and
+        kept (derived data, never saved) until the buffer changes (a ``.to()``, a load): no cast on every call."""
         packed = self.rotation_signs
-        key = (packed.data_ptr(), packed.device, packed._version)
-        cached = self.__dict__.get("_signs")
-        if cached is None or cached[0] != key:
-            cached = (key, rotation.unpack_signs(packed))
-            self.__dict__["_signs"] = cached
-        return cached[1]
+        key = (packed.data_ptr(), packed.device, packed._version, dtype)
+        cached = self.__dict__.setdefault("_signs", {})
+        if key not in cached:
+            if any(k[:3] != key[:3] for k in cached):  # the buffer moved or changed: the old copies are stale
+                cached.clear()
+            cached[key] = rotation.unpack_signs(packed).to(dtype)
+        return cached[key]
 
     def set_signs(self, signs: Tensor) -> None:
         """Store +-1 ``signs`` (one per input feature) as the layer's rotation."""
