@@ -9,8 +9,9 @@
 #                                       calibrate on the C4 sample alone (the default is the packaged mix); rpq_quality.py on SmolLM2 (BUDGETS, BASELINES=1)
 #   STAGE=minilm  carry .device/minilm  rpq_quality.py on all-MiniLM-L6-v2 at 4.5 bits
 #   STAGE=opt     (no carry)            opt-1.3b architecture (random fp16) `compress rpq --bits 4`, timed
-#   STAGE=default (no carry)            the default model: `compress rpq -o out/` timed end to end on CUDA, then
-#                                       `compress eval` of it (EVAL_ARGS) against the original
+#   STAGE=default (evalB, or no carry)  the default model: `compress rpq -o out/` (RPQ_ARGS) timed end to end on CUDA,
+#                                       then `compress eval` of it (EVAL_ARGS) against the original; RUN_NAME names the run
+#   STAGE=minilm-cli (.device/minilm)   the same for all-MiniLM-L6-v2 (a later call on the machine needs no carry)
 #   STAGE=cost    (no carry)            what the input rotation costs on the torch path (rotation_cost.py)
 # benchmarks/README.md says how the carried folders are made. Results land in $OUT.
 set -uo pipefail
@@ -26,6 +27,23 @@ install_wheels() {  # transformers >= 5.24, gguf, exllamav2 (for its texts) wher
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
 }
 
+join_gguf() {  # part a (stored by STAGE=tests) + part b (carried now, or joined by an earlier call) -> $GGUF
+  [ -f /tmp/smol/smol.part-a ] || { echo "error: /tmp/smol/smol.part-a is missing (the machine was given back); start again with STAGE=tests" >&2; exit 2; }
+  if [ -f .device/evalB/smol.part-b ]; then
+    cat /tmp/smol/smol.part-a .device/evalB/smol.part-b > "$GGUF"
+    cp .device/evalB/smol.sha256 .device/evalB/*.whl /tmp/smol/
+  fi
+  echo "$(cat /tmp/smol/smol.sha256)  $GGUF" | sha256sum -c || exit 1
+}
+
+product_e2e() {  # NAME MODEL: `compress rpq MODEL` timed (RPQ_ARGS), then `compress eval` of it (EVAL_ARGS) against the original
+  local name=$1 model=$2
+  python3 -m model_compress.cli.app --help > /dev/null || { echo "error: the CLI does not start on this image" >&2; return 1; }
+  python3 benchmarks/rpq/timed_cli.py rpq "$model" -o "/tmp/$name-out" --device cuda --force ${RPQ_ARGS:-} 2>&1 | tee "$OUT/$name.log" | tail -30
+  python3 -m model_compress.cli.app eval "/tmp/$name-out" --device cuda --force ${EVAL_ARGS:-} 2>&1 | tee "$OUT/${name}_eval.log" | tail -30
+  cp "/tmp/$name-out/eval_report.json" "$OUT/${name}_eval.json" 2>/dev/null; cp "/tmp/$name-out/compression_report.json" "$OUT/${name}_report.json" 2>/dev/null
+}
+
 for stage in ${STAGE:-tests}; do  # several stages in one call: STAGE="smol minilm"
 case "$stage" in
   tests)
@@ -37,13 +55,7 @@ case "$stage" in
       > "$OUT/gpu_tests.log" 2>&1; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | grep -v " PASSED " | tail -30
     ;;
   smol)
-    [ -f /tmp/smol/smol.part-a ] || { echo "error: /tmp/smol/smol.part-a is missing (the machine was given back); start again with STAGE=tests" >&2; exit 2; }
-    if [ -f .device/evalB/smol.part-b ]; then  # a later call on the same machine finds the joined file in /tmp
-      cat /tmp/smol/smol.part-a .device/evalB/smol.part-b > "$GGUF"
-      echo "$(cat .device/evalB/smol.sha256)  $GGUF" | sha256sum -c || exit 1
-      cp .device/evalB/smol.sha256 /tmp/smol/
-    fi
-    echo "$(cat /tmp/smol/smol.sha256)  $GGUF" | sha256sum -c || exit 1
+    join_gguf
     install_wheels /tmp/smol
     calib=()
     if [ -n "${CALIB_C4:-}" ]; then  # the C4 sample alone, for comparison with the default mix
@@ -63,10 +75,14 @@ case "$stage" in
     python3 benchmarks/rpq/rpq_opt13b.py --workdir /tmp/opt13b --bits 4 --tokenizer "$GGUF" 2>&1 | tee "$OUT/opt13b.log" | tail -6
     ;;
   default)
+    join_gguf
     install_wheels /tmp/smol
-    python3 benchmarks/rpq/timed_cli.py rpq "$GGUF" -o /tmp/default-out --device cuda --force ${RPQ_ARGS:-} 2>&1 | tee "$OUT/default.log" | tail -30
-    python3 -m model_compress.cli.app eval /tmp/default-out --device cuda --force ${EVAL_ARGS:-} 2>&1 | tee "$OUT/default_eval.log" | tail -30
-    cp /tmp/default-out/eval_report.json "$OUT/default_eval.json" 2>/dev/null; cp /tmp/default-out/compression_report.json "$OUT/default_report.json" 2>/dev/null
+    product_e2e "default${RUN_NAME:+-$RUN_NAME}" "$GGUF"
+    ;;
+  minilm-cli)
+    install_wheels /tmp/smol .device/minilm
+    [ -d .device/minilm ] && rm -rf /tmp/minilm && cp -r .device/minilm /tmp/minilm && rm -f /tmp/minilm/*.whl
+    product_e2e "minilm${RUN_NAME:+-$RUN_NAME}" /tmp/minilm
     ;;
   cost)
     install_wheels /tmp/smol
