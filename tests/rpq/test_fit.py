@@ -11,7 +11,7 @@ from model_compress.rpq.fit.codebooks import CodebookSet
 from model_compress.rpq.fit.hessian import prepare
 from model_compress.rpq.fit.layer import COLS, ROWS, FitProblem, decode_fit, fit, initial_codebooks
 from model_compress.rpq.fit.passes import Batches, run_pass
-from model_compress.rpq.fit.refit import refit_cols, refit_rows
+from model_compress.rpq.fit.refit import _gram, refit_cols, refit_rows
 from model_compress.rpq.fit.stack import find_stack
 from model_compress.rpq.fit.sweep import nearest_codes, sweep_cols, sweep_rows
 from model_compress.rpq.kernels.layout import LINEAR, to_pieces
@@ -102,7 +102,7 @@ def test_sweep_of_a_vector_layout_beats_nearest_codes(orientation, bound):
 
 @pytest.mark.parametrize("sizes", [(16,), (4, 16, 16), (200,), (8, 100)])
 def test_least_squares_refit_never_raises_the_objective(sizes):
-    """Stacked codebooks of different K (one-hot Gram for small K, prefix sums for large K) each solve exactly."""
+    """Stacked codebooks of different K (one-hot Gram for small K, sums by code for large K) each solve exactly."""
     gen = torch.Generator().manual_seed(len(sizes))
     hessian = correlated_hessian(96, seed=1)
     rows = 4 * len(sizes)
@@ -123,6 +123,17 @@ def test_least_squares_refit_never_raises_the_objective(sizes):
         moved = refitted.values.clone()
         moved[0, int(codes[0, 0]), 0] += delta
         assert objective(problem, codes, refitted.with_values(moved)) >= after * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("size", [16, 100])
+def test_gram_of_the_codes_is_s_h_s_transposed(size):
+    """Both ways of building S H S^T (the one-hot GEMM, the sums by code) give the explicit product."""
+    gen = torch.Generator().manual_seed(size)
+    hessian = correlated_hessian(96, seed=4)
+    codes = torch.randint(0, size, (3, 96), generator=gen)
+    one_hot = torch.nn.functional.one_hot(codes, size).float()  # (m, in, K)
+    expected = one_hot.transpose(1, 2) @ hessian @ one_hot
+    torch.testing.assert_close(_gram(hessian, codes, size), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_refit_of_a_table_never_raises_the_objective():

@@ -37,7 +37,7 @@ def refit_rows(weight: Tensor, hessian: Tensor, codes: Tensor, codebooks: Codebo
     fitted = codebooks.values.clone()
     for size in codebooks.sizes.unique().tolist():
         books = (codebooks.sizes == size).nonzero().squeeze(1)
-        per_book = 8 * in_features * size if size <= ONE_HOT_CODES else 16 * in_features * in_features
+        per_book = 8 * in_features * size if size <= ONE_HOT_CODES else 4 * size * size
         for chunk in books.split(max(1, CHUNK_BYTES // per_book)):
             chunk_codes = codes[chunk]
             gram = _gram(hessian, chunk_codes, size)
@@ -50,16 +50,17 @@ def refit_rows(weight: Tensor, hessian: Tensor, codes: Tensor, codebooks: Codebo
     return codebooks.with_values(fitted)
 
 
-ONE_HOT_CODES = 64  # up to this K the Gram matrices come from one GEMM with the one-hot codes; above, from prefix sums
+ONE_HOT_CODES = 64  # up to this K the Gram matrices come from one GEMM with the one-hot codes; above, from sums by code
 
 
 def _gram(hessian: Tensor, codes: Tensor, size: int) -> Tensor:
     """S H S^T (m, K, K) for codes (m, in): H summed over every pair of codes.
 
     Small K: one GEMM of H with the one-hot matrix (m * in * in * K multiply-adds, fast on any device).
-    Large K: H permuted so each code's columns are contiguous, then 2-D prefix sums (in float64, so the
-    differences of large sums stay exact enough) read each (code, code) block's sum: m * in * in work
-    whatever K is.
+    Large K: per row of codes, H's rows summed by code (S H, contiguous row adds: H is symmetric), then
+    that product's columns summed by code: m * in * in additions whatever K is, and no (in, in) temporary
+    per row (a 4864-wide down_proj at K=256: 0.12 s a row on two CPU cores, where permuted prefix sums
+    took 1.5 s).
     """
     count, in_features = codes.shape
     if size <= ONE_HOT_CODES:
@@ -68,15 +69,12 @@ def _gram(hessian: Tensor, codes: Tensor, size: int) -> Tensor:
         h_one_hot = (hessian @ one_hot.reshape(in_features, count * size)).reshape(in_features, count, size).transpose(0, 1)
         gram = torch.zeros(count, size, size, device=codes.device)
         return gram.scatter_add_(1, codes[:, :, None].expand(-1, -1, size), h_one_hot)
-    sorted_codes, order = codes.sort(dim=1)
-    permuted = hessian.double()[order[:, :, None], order[:, None, :]]  # (m, in, in)
-    prefix = torch.nn.functional.pad(permuted.cumsum(1).cumsum(2), (1, 0, 1, 0))
-    counts = torch.zeros(count, size, dtype=torch.long, device=codes.device).scatter_add_(1, sorted_codes, torch.ones_like(sorted_codes))
-    ends = counts.cumsum(1)
-    starts = ends - counts
-    rows = torch.arange(count, device=codes.device)[:, None, None]
-    corner = lambda a, b: prefix[rows, a[:, :, None], b[:, None, :]]  # noqa: E731
-    return (corner(ends, ends) - corner(starts, ends) - corner(ends, starts) + corner(starts, starts)).float()
+    hessian = hessian.float()
+    gram = torch.empty(count, size, size, device=codes.device)
+    for row, row_codes in enumerate(codes):
+        summed_rows = torch.zeros(size, in_features, device=codes.device).index_add_(0, row_codes, hessian)
+        gram[row] = torch.zeros(size, size, device=codes.device).index_add_(1, row_codes, summed_rows)
+    return gram
 
 
 def refit_cols(
