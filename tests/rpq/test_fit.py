@@ -125,6 +125,19 @@ def test_least_squares_refit_never_raises_the_objective(sizes):
         assert objective(problem, codes, refitted.with_values(moved)) >= after * (1 - 1e-6)
 
 
+def test_nearest_codes_in_slices_match_the_whole_score_matrix(monkeypatch):
+    """A big table's nearest codes are scored a slice of rows at a time; the codes are those of one pass."""
+    import model_compress.rpq.fit.sweep as sweep
+
+    gen = torch.Generator().manual_seed(5)
+    points, books = torch.randn(6, 1000, 2, generator=gen), torch.randn(6, 32, 2, generator=gen)
+    padding = torch.zeros(6, 32)
+    padding[:, 24:] = float("inf")
+    expected = (torch.cdist(points, books) + padding[:, None, :].nan_to_num(posinf=1e30)).argmin(-1)
+    monkeypatch.setattr(sweep, "SCORE_BYTES", 4 * 6 * 32 * 77)  # slices of 77 points, the last one short
+    assert torch.equal(nearest_codes(points, books, padding), expected)
+
+
 @pytest.mark.parametrize("size", [16, 100])
 def test_gram_of_the_codes_is_s_h_s_transposed(size):
     """Both ways of building S H S^T (the one-hot GEMM, the sums by code) give the explicit product."""

@@ -34,10 +34,23 @@ def descending_order(hessian: Tensor, group: int = 1) -> Tensor:
     return (groups[:, None] * group + torch.arange(group, device=hessian.device)).reshape(-1)
 
 
+SCORE_BYTES = 256 * 1024 * 1024  # bound on nearest_codes' (M, n, K) scores: a big table's would take tens of GB at once
+
+
 def nearest_codes(points: Tensor, codebooks: Tensor, padding: Tensor) -> Tensor:
-    """Nearest code per codebook: ``points`` (M, n, D), ``codebooks`` (M, K, D), ``padding`` (M, K) -> (M, n)."""
-    scores = torch.baddbmm((codebooks.pow(2).sum(-1) + padding)[:, None, :], points, codebooks.transpose(1, 2), alpha=-2.0)
-    return scores.argmin(-1)
+    """Nearest code per codebook: ``points`` (M, n, D), ``codebooks`` (M, K, D), ``padding`` (M, K) -> (M, n).
+
+    Points are scored a slice of n at a time, so the scores stay under SCORE_BYTES (Qwen2.5's 151,936 x 896
+    table in pairs at K=64 would otherwise hold 17 GB of them).
+    """
+    num_books, count, _ = points.shape
+    norms = (codebooks.pow(2).sum(-1) + padding)[:, None, :]
+    step = max(1, SCORE_BYTES // (4 * num_books * codebooks.shape[1]))
+    codes = torch.empty(num_books, count, dtype=torch.long, device=points.device)
+    for start in range(0, count, step):
+        part = points[:, start : start + step]
+        codes[:, start : start + step] = torch.baddbmm(norms, part, codebooks.transpose(1, 2), alpha=-2.0).argmin(-1)
+    return codes
 
 
 def sweep_rows(weight: Tensor, factor: SweepFactor, codebooks: CodebookSet, order: Tensor | None = None) -> Tensor:
