@@ -115,13 +115,15 @@ class _Codes:
         """The rotation's +-1 signs (one per input feature) in ``dtype``, unpacked from the saved bits on first use and
         kept (derived data, never saved) until the buffer changes (a ``.to()``, a load): no cast on every call."""
         packed = self.rotation_signs
-        key = (packed.data_ptr(), packed.device, packed._version, dtype)
-        cached = self.__dict__.setdefault("_signs", {})
-        if key not in cached:
-            if any(k[:3] != key[:3] for k in cached):  # the buffer moved or changed: the old copies are stale
-                cached.clear()
-            cached[key] = rotation.unpack_signs(packed).to(dtype)
-        return cached[key]
+        buffer_key = (packed.data_ptr(), packed.device, packed._version)
+        state = self.__dict__.get("_signs")
+        if state is None or state[0] != buffer_key:  # first use, or the buffer moved or changed: old copies are stale
+            state = (buffer_key, {})
+            self.__dict__["_signs"] = state
+        by_dtype = state[1]
+        if dtype not in by_dtype:
+            by_dtype[dtype] = rotation.unpack_signs(packed).to(dtype)
+        return by_dtype[dtype]
 
     def set_signs(self, signs: Tensor) -> None:
         """Store +-1 ``signs`` (one per input feature) as the layer's rotation."""
