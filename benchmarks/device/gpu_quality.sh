@@ -12,6 +12,8 @@
 #   STAGE=default (evalB, or no carry)  the default model: `compress rpq -o out/` (RPQ_ARGS) timed end to end on CUDA,
 #                                       then `compress eval` of it (EVAL_ARGS) against the original; RUN_NAME names the run
 #   STAGE=minilm-cli (.device/minilm)   the same for all-MiniLM-L6-v2 (a later call on the machine needs no carry)
+#   STAGE=eval    (no carry)            `compress eval` again (EVAL_ARGS) on the folder an earlier `default` call left
+#   STAGE=packed  (no carry)            the packed-code kernels' CUDA tests and benchmarks/rpq/packed_kernels.py (PACKED_ARGS)
 #   STAGE=cost    (no carry)            what the input rotation costs on the torch path (rotation_cost.py)
 # benchmarks/README.md says how the carried folders are made. Results land in $OUT.
 set -uo pipefail
@@ -83,6 +85,20 @@ case "$stage" in
     install_wheels /tmp/smol .device/minilm
     [ -d .device/minilm ] && rm -rf /tmp/minilm && cp -r .device/minilm /tmp/minilm && rm -f /tmp/minilm/*.whl
     product_e2e "minilm${RUN_NAME:+-$RUN_NAME}" /tmp/minilm
+    ;;
+  eval)  # `compress eval` again on a folder an earlier `default` call left (EVAL_ARGS; RUN_NAME names both)
+    install_wheels /tmp/smol
+    name="default${RUN_NAME:+-$RUN_NAME}"
+    [ -d "/tmp/$name-out" ] || { echo "error: /tmp/$name-out is missing: run STAGE=default first on this machine" >&2; exit 2; }
+    python3 -m model_compress.cli.app eval "/tmp/$name-out" --device cuda --force --json "/tmp/$name-out/eval_again.json" ${EVAL_ARGS:-} \
+      2>&1 | tee "$OUT/${name}_eval_again.log" | tail -40
+    cp "/tmp/$name-out/eval_again.json" "$OUT/${name}_eval_again.json" 2>/dev/null
+    ;;
+  packed)  # the packed-code kernels: their CUDA tests, then one layer per format and token count (PACKED_ARGS)
+    install_wheels /tmp/smol
+    timeout "${TEST_SECONDS:-400}" python3 -m pytest -q --tb=short -rfE -p no:cacheprovider tests/rpq/test_packed_kernels.py \
+      > "$OUT/packed_tests.log" 2>&1; tail -15 "$OUT/packed_tests.log"
+    python3 benchmarks/rpq/packed_kernels.py ${PACKED_ARGS:---sweep} --json "$OUT/packed_kernels.json" 2>&1 | tee "$OUT/packed_kernels.log" | grep -v "^  sweep"
     ;;
   cost)
     install_wheels /tmp/smol

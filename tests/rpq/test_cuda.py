@@ -76,7 +76,7 @@ def test_data_aware_budget_fit_on_cuda_matches_the_cpu_in_quality(tiny_folder):
 
 @pytest.mark.parametrize("dtype,bound", [(torch.float16, 5e-3), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("codebook_size,codebook_dtype", [(16, "int8"), (300, None), (8, None)])
-def test_packed_layouts_on_cuda_take_the_torch_path(dtype, bound, codebook_size, codebook_dtype):
+def test_packed_layouts_on_cuda_match_their_dense_weight(dtype, bound, codebook_size, codebook_dtype):
     layer = filled(RPQLinear(576, 192, 192, codebook_size, codebook_dtype=codebook_dtype)).to(CUDA, dtype)
     assert not layer.native
     for tokens in (1, 64):

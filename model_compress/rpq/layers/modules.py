@@ -6,9 +6,10 @@ trainable Parameter in a float dtype, or an ``int8`` buffer with ``codebook_scal
 scale per codebook (a float16 value, kept in the model dtype so the layer computes in it). The modules hold no dense weight; ``dequantize()`` builds one on
 request (for export, inspection or the reference forward).
 
-The "native" form (8-bit codes, float codebooks, no input rotation: what rpq-pytorch stores) runs every
-fast path, the Triton kernels included; every other form unpacks its codes and runs the torch paths of
-``kernels`` (decode + GEMM, or a per-code histogram for a few tokens).
+The "native" form (8-bit codes, float codebooks, no input rotation: what rpq-pytorch stores) runs the Triton
+kernels of ``kernels/triton`` and their fusions; every other form (the ones a bit budget picks) runs the packed
+kernels of ``kernels/packed`` on CUDA (``kernels/packed_forward.py``) and the torch paths of ``kernels``
+elsewhere (decode + GEMM, or a per-code histogram for a few tokens).
 
 A module may carry an input rotation (``kernels/rotation.py``): ``rotation_signs`` (one bit per input
 feature, packed into uint8, saved) and ``rotation_block`` (in the config). Its codes then encode W R; a Linear or a tied head
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from .direct_reads import own_forward_sources
 from ..kernels import forward as kernels
+from ..kernels import packed_forward
 from ..kernels import rotation
 from ..kernels.layout import CODEBOOK_DTYPES, EMBEDDING, INT8, LINEAR, code_bins, code_bits, decode, dtype_name, packed_width, unpack_codes
 
@@ -108,8 +110,8 @@ class _Codes:
         return shared(x) if shared is not None else self.rotate_alone(x)
 
     def rotate_alone(self, x: Tensor) -> Tensor:
-        """x R with this layer's own signs."""
-        return rotation.rotate(x, self.signs(x.dtype), self.rotation_block)
+        """x R with this layer's own signs (one Triton launch on CUDA)."""
+        return packed_forward.rotate(x, self.signs(x.dtype), self.rotation_block)
 
     def signs(self, dtype: torch.dtype = torch.int8) -> Tensor:
         """The rotation's +-1 signs (one per input feature) in ``dtype``, unpacked from the saved bits on first use and
@@ -209,7 +211,9 @@ class RPQLinear(_Codes, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.native:
-            return kernels.linear_torch(self.rotate_input(x), self.codebook_values(x.dtype), self.codes(), self.bias)
+            return packed_forward.linear(
+                self.rotate_input(x), self.indices, self.codebooks, self.codebook_scales, self.bias, self.code_bits, self.in_features
+            )
         group = self.__dict__.get("_shared_input")  # shared_input.SharedInputGroup: q/k/v in one launch
         if group is not None:
             out = group.output(self, x)
@@ -279,11 +283,13 @@ class RPQEmbedding(_Codes, nn.Embedding):
 
     def unrotate_rows(self, rows: Tensor) -> Tensor:
         """Decoded rows of E' = E R back to rows of E (unchanged without a rotation)."""
-        return rows if self.rotation_block is None else rotation.unrotate(rows, self.signs(), self.rotation_block)
+        return rows if self.rotation_block is None else packed_forward.unrotate(rows, self.signs(rows.dtype), self.rotation_block)
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Embedding's argument name
         if not self.native:
-            rows = kernels.embedding_torch(input, self.codebook_values(self.value_dtype), self.codes(input))
+            rows = packed_forward.embedding_rows(
+                input, self.indices, self.codebooks, self.codebook_scales, self.code_bits, self.columns, self.value_dtype
+            )
             return self.unrotate_rows(rows)
         return kernels.embedding_forward(input, self.codebooks, self.indices).to(self.compute_dtype)
 
@@ -325,7 +331,10 @@ class RPQTiedHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         embedding = self._embedding
         if not embedding.native:
-            return kernels.tied_head_torch(embedding.rotate_input(x), embedding.codebook_values(x.dtype), embedding.codes(), self.bias)
+            return packed_forward.tied_head(
+                embedding.rotate_input(x), embedding.indices, embedding.codebooks, embedding.codebook_scales, self.bias,
+                embedding.code_bits, embedding.num_embeddings,
+            )
         return kernels.tied_head_forward(x, embedding.codebooks, embedding.indices, self.bias)
 
     def extra_repr(self) -> str:

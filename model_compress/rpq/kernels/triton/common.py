@@ -1,4 +1,5 @@
-"""What the RPQ Triton kernels share: L2 prefetch, size helpers, the device check, split-K arrival counters."""
+"""What the RPQ Triton kernels share: L2 prefetch, size helpers, the device check, split-K arrival counters and the
+tile accumulate / store steps."""
 
 from __future__ import annotations
 
@@ -79,3 +80,48 @@ def tile_counters(count: int, device: torch.device) -> Tensor:
     if not kept or kept[-1].numel() < count:
         kept.append(torch.zeros(max(128, _next_power_of_2(count)), device=device, dtype=torch.int32))
     return kept[-1]
+
+
+@triton.jit
+def _accumulate(acc, x, w, USE_DOT: tl.constexpr, DOT_IEEE: tl.constexpr):
+    """acc + x @ w: tensor cores from 16 rows on (IEEE float32 for float32 weights), else a broadcast multiply-sum."""
+    if USE_DOT and DOT_IEEE:
+        acc = tl.dot(x, w, acc, input_precision="ieee")
+    elif USE_DOT:
+        acc = tl.dot(x, w, acc)
+    else:
+        acc += tl.sum(x[:, :, None].to(tl.float32) * w[None, :, :].to(tl.float32), axis=1)
+    return acc
+
+
+@triton.jit
+def _store_tile(acc, partial_ptr, counter_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, tokens, out_features,
+                stride_out, split_k, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store a finished tile, or (split-K) leave a partial sum and let the tile's last program add them up.
+
+    The last program is found with an atomic counter that also orders the partial writes; it puts
+    the counter back to 0, so the counters need no reset between calls (or graph replays).
+    """
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    if SPLIT:
+        tile_offs = offs_m[:, None] * out_features + offs_n[None, :]
+        tl.store(partial_ptr + tl.program_id(2) * tokens * out_features + tile_offs, acc, mask=mask_mn)
+        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+        if arrived == split_k - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for part in range(0, split_k):
+                acc += tl.load(partial_ptr + part * tokens * out_features + tile_offs, mask=mask_mn, other=0.0, cache_modifier=".cg")
+            tl.store(counter_ptr + tile, 0)
+            _finish_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_n, mask_mn, stride_out, HAS_BIAS)
+    else:
+        _finish_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_n, mask_mn, stride_out, HAS_BIAS)
+
+
+@triton.jit
+def _finish_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_n, mask_mn, stride_out, HAS_BIAS: tl.constexpr):
+    """Add the bias and store the tile in the output dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_out + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_mn)

@@ -1,0 +1,46 @@
+"""Tiles of the packed-code kernels (``kernels/packed``) by token count: plain data, importable without Triton.
+
+One token takes the broadcast multiply-sum (BLOCK_M = 1); 2 to ``PACKED_MAX_TOKENS`` tokens take tensor cores on
+16 or more rows; more tokens decode W' into a temporary and call cuBLAS, where the GEMM's cost hides the decode.
+The tiles were chosen on an H100 by ``benchmarks/rpq/packed_kernels.py --sweep`` (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PackedTile:
+    """One launch shape of ``packed_linear``; ``max_split``: at most this many programs share one output tile."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+    max_split: int = 16
+
+    def describe(self) -> str:
+        return f"m{self.block_m} n{self.block_n} k{self.block_k} w{self.num_warps} s{self.num_stages} split<={self.max_split}"
+
+
+# (largest token count, tile); calls above the last bound decode W' and call cuBLAS.
+PACKED_ROUTES: tuple[tuple[int, PackedTile], ...] = (
+    (1, PackedTile(1, 32, 256, num_warps=4, num_stages=2, max_split=16)),
+    (16, PackedTile(16, 64, 64, num_warps=4, num_stages=3, max_split=8)),
+    (64, PackedTile(64, 64, 64, num_warps=4, num_stages=3, max_split=4)),
+)
+PROGRAMS_PER_SM = 2  # split-K until about this many programs per SM run
+# A tied head over a packed table scores codes per token up to this many tokens, then decodes its table in chunks
+# of at most HEAD_CHUNK_BYTES and calls cuBLAS (a chunk is alive only during its product).
+HEAD_SCORE_TOKENS = 16
+HEAD_CHUNK_BYTES = 32 * 1024 * 1024
+
+
+def packed_tile(tokens: int, routes: tuple[tuple[int, PackedTile], ...] = PACKED_ROUTES) -> PackedTile | None:
+    """The tile for a call of ``tokens`` rows, or None: decode W' and use cuBLAS."""
+    for largest, tile in routes:
+        if tokens <= largest:
+            return tile
+    return None

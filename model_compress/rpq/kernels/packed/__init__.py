@@ -1,0 +1,17 @@
+"""Triton kernels for the packed RPQ forms the bit budget picks: b-bit codes packed along the rows (1 to 16 bits),
+codebooks of D = 1, 2 or 4 values per code stored in int8 with one scale per codebook or in a float dtype, and
+the input rotation.
+
+``linear``: y = x W'^T + b with W' decoded tile by tile in registers (one token up to a few dozen). ``decode``:
+W' into a temporary for cuBLAS (prompts), rows of an embedding table, chunks of a tied head's table. ``head``:
+a tied head's logits from per-code scores, the table never decoded. ``rotate``: x R in one launch.
+"""
+
+from __future__ import annotations
+
+from .decode import decode_linear_weight, decode_table_rows
+from .head import packed_head
+from .linear import packed_linear
+from .rotate import rotate, unrotate
+
+__all__ = ["decode_linear_weight", "decode_table_rows", "packed_head", "packed_linear", "rotate", "unrotate"]

@@ -1,0 +1,92 @@
+"""Decoding packed codes into a buffer: rows of an embedding table (only the ids asked for), a Linear's W' for the
+prompt path (decode, then cuBLAS), a chunk of a tied head's table.
+
+Both layouts name an element by (column j, split index n): codebook h = n // D, piece d = n % D, value
+``codebooks[h, code[h, j], d] * scale[h]``. An embedding's columns are its rows (out[t, n] for j = ids[t]); a
+Linear's columns are its inputs (out[n, j]). One kernel writes either, through the output's two strides.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..triton.common import _cdiv
+from .codes import bytes_spanned, unpack
+
+
+@triton.jit
+def _packed_decode_kernel(
+    ids_ptr,
+    codes_ptr,
+    codebooks_ptr,
+    scales_ptr,
+    out_ptr,
+    first_column,
+    count,
+    split,
+    code_width,
+    stride_column,
+    stride_split,
+    CODEBOOK_SIZE: tl.constexpr,
+    PIECE: tl.constexpr,
+    BITS: tl.constexpr,
+    BYTES: tl.constexpr,
+    HAS_IDS: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_j = offs_j < count
+    mask_n = offs_n < split
+    if HAS_IDS:
+        columns = tl.load(ids_ptr + offs_j, mask=mask_j, other=0).to(tl.int64)
+    else:
+        columns = (first_column + offs_j).to(tl.int64)
+    heads = offs_n // PIECE
+    mask = mask_n[:, None] & mask_j[None, :]
+    codes = unpack(codes_ptr + heads.to(tl.int64)[:, None] * code_width, columns[None, :], code_width, mask, BITS, BYTES)
+    values = tl.load(codebooks_ptr + (heads * (CODEBOOK_SIZE * PIECE) + offs_n - heads * PIECE)[:, None] + codes * PIECE,
+                     mask=mask, other=0).to(tl.float32)
+    if HAS_SCALES:
+        values = values * tl.load(scales_ptr + heads, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    targets = out_ptr + offs_j.to(tl.int64)[None, :] * stride_column + offs_n.to(tl.int64)[:, None] * stride_split
+    tl.store(targets, values.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def decode_packed(
+    codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, out: Tensor, stride_column: int, stride_split: int,
+    count: int, ids: Tensor | None = None, first_column: int = 0,
+) -> Tensor:
+    """Decode ``count`` columns (``ids``, else ``first_column`` onwards) into ``out`` at the given strides, one kernel."""
+    num_codebooks, codebook_size, piece = codebooks.shape
+    split = num_codebooks * piece
+    if count:
+        block_j, block_n = 64, 64
+        _packed_decode_kernel[(_cdiv(count, block_j), _cdiv(split, block_n))](
+            ids if ids is not None else codes, codes, codebooks, scales if scales is not None else codebooks, out, first_column,
+            count, split, codes.shape[1], stride_column, stride_split, CODEBOOK_SIZE=codebook_size, PIECE=piece, BITS=bits,
+            BYTES=bytes_spanned(bits), HAS_IDS=ids is not None, HAS_SCALES=scales is not None, BLOCK_J=block_j, BLOCK_N=block_n,
+        )
+    return out
+
+
+def decode_linear_weight(codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, in_features: int,
+                         dtype: torch.dtype) -> Tensor:
+    """W' (out, in) of a packed Linear in ``dtype``, a new temporary."""
+    out_features = codebooks.shape[0] * codebooks.shape[2]
+    weight = torch.empty(out_features, in_features, device=codes.device, dtype=dtype)
+    return decode_packed(codes, codebooks, scales, bits, weight, 1, in_features, in_features)
+
+
+def decode_table_rows(codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, dtype: torch.dtype,
+                      ids: Tensor | None = None, first_row: int = 0, count: int | None = None) -> Tensor:
+    """Rows of a packed embedding table E' (``ids``, else ``count`` rows from ``first_row``), (rows, dim) in ``dtype``."""
+    dim = codebooks.shape[0] * codebooks.shape[2]
+    count = ids.numel() if ids is not None else count
+    out = torch.empty(count, dim, device=codes.device, dtype=dtype)
+    return decode_packed(codes, codebooks, scales, bits, out, dim, 1, count, ids=ids, first_column=first_row)

@@ -1,0 +1,121 @@
+"""y = x W'^T + b straight from packed codes (one token to a few dozen): each program decodes its (outputs x inputs)
+tile of W' in registers and multiplies it with x, never writing W'.
+
+W'[r, c] = codebooks[h, code[h, c], d] * scale[h] with h = r // D, d = r % D (``layout``'s LINEAR form): one small
+table per output row at D = 1, a table of D-row vectors otherwise. One token takes a broadcast multiply-sum, more
+take tensor cores (``tl.dot``, 16 rows and up). Split-K with arrival counters (``common._store_tile``) gives a
+narrow layer enough programs without another launch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..config.packed_routes import PackedTile
+from ..triton.common import _cdiv, _rows, _store_tile, tile_counters
+from .codes import bytes_spanned, unpack
+
+
+@triton.jit
+def _packed_linear_kernel(
+    x_ptr,
+    codes_ptr,
+    codebooks_ptr,
+    scales_ptr,
+    bias_ptr,
+    out_ptr,
+    partial_ptr,
+    counter_ptr,
+    tokens,
+    in_features,
+    out_features,
+    code_width,
+    stride_x,
+    stride_out,
+    split_k,
+    chunk_k,
+    CODEBOOK_SIZE: tl.constexpr,
+    PIECE: tl.constexpr,
+    BITS: tl.constexpr,
+    BYTES: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < tokens
+    mask_n = offs_n < out_features
+    heads = offs_n // PIECE
+    code_rows = codes_ptr + heads.to(tl.int64)[:, None] * code_width
+    value_rows = codebooks_ptr + (heads * (CODEBOOK_SIZE * PIECE) + (offs_n - heads * PIECE))[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_begin = pid_k * chunk_k
+    k_end = tl.minimum(k_begin + chunk_k, in_features)
+    for step in range(0, chunk_k, BLOCK_K):
+        offs_k = k_begin + step + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        mask_nk = mask_n[:, None] & mask_k[None, :]
+        codes = unpack(code_rows, offs_k[None, :], code_width, mask_nk, BITS, BYTES)
+        w = tl.load(value_rows + codes * PIECE, mask=mask_nk, other=0).to(x.dtype)
+        if USE_DOT and DOT_IEEE:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        elif USE_DOT:
+            acc = tl.dot(x, tl.trans(w), acc)
+        else:  # one token (or a few): rows of W' times x, summed along the inputs
+            acc += tl.sum(x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
+    if HAS_SCALES:  # int8 codebooks: one scale per codebook, applied once to the finished sums
+        acc = acc * tl.load(scales_ptr + heads, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    _store_tile(acc, partial_ptr, counter_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, tokens, out_features,
+                stride_out, split_k, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N)
+
+
+def packed_linear(
+    x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int, in_features: int,
+    tile: PackedTile, programs_wanted: int,
+) -> Tensor:
+    """x W'^T + b for x already in the layer's (rotated) basis; ``codes`` packed at ``bits`` (M, width) uint8.
+
+    ``programs_wanted``: split the inputs until about this many programs run (a few per SM), never below one
+    BLOCK_K slice per program.
+    """
+    num_codebooks, codebook_size, piece = codebooks.shape
+    out_features = num_codebooks * piece
+    rows = _rows(x, in_features)
+    if not rows.dtype.is_floating_point or rows.dtype == torch.float64:
+        rows = rows.float()
+    tokens = rows.shape[0]
+    out = torch.empty(tokens, out_features, device=x.device, dtype=x.dtype)
+    if not tokens:
+        return out.reshape(*x.shape[:-1], out_features)
+    tiles_n, tiles_m = _cdiv(out_features, tile.block_n), _cdiv(tokens, tile.block_m)
+    steps = _cdiv(in_features, tile.block_k)
+    split = max(1, min(steps, tile.max_split, programs_wanted // max(1, tiles_n * tiles_m)))
+    chunk = _cdiv(steps, split) * tile.block_k
+    split = _cdiv(in_features, chunk)
+    if split > 1:
+        partial = torch.empty(split * tokens * out_features, device=x.device, dtype=torch.float32)
+        counter = tile_counters(tiles_n * tiles_m, x.device)
+    else:
+        partial = counter = out
+    _packed_linear_kernel[(tiles_n, tiles_m, split)](
+        rows, codes, codebooks, scales if scales is not None else codebooks, bias if bias is not None else out, out, partial,
+        counter, tokens, in_features, out_features, codes.shape[1], rows.stride(0), out.stride(0), split, chunk,
+        CODEBOOK_SIZE=codebook_size, PIECE=piece, BITS=bits, BYTES=bytes_spanned(bits), HAS_SCALES=scales is not None,
+        HAS_BIAS=bias is not None, USE_DOT=tile.block_m >= 16, DOT_IEEE=rows.dtype == torch.float32,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT=split > 1,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    return out.reshape(*x.shape[:-1], out_features)

@@ -1,0 +1,121 @@
+"""Forward paths of the packed RPQ forms (b-bit codes, int8 or float codebooks, the input rotation): the Triton
+kernels of ``kernels/packed`` on CUDA, the torch forms of ``kernels/forward.py`` everywhere else.
+
+Each function takes plain tensors (the modules hand over their buffers), so the routing is testable without a
+model. On CUDA the weight is never decoded whole for a few tokens; prompts decode one layer's W' into a
+temporary, multiply it with cuBLAS and drop it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import forward as torch_forms
+from . import rotation
+from .config import options
+from .config.packed_routes import HEAD_CHUNK_BYTES, HEAD_SCORE_TOKENS, PROGRAMS_PER_SM, packed_tile
+from .layout import LINEAR, decode as decode_dense, unpack_codes
+
+
+@functools.cache
+def _imported_packed_kernels():
+    try:
+        from . import packed
+    except ImportError:
+        return None
+    return packed
+
+
+def packed_kernels(tensor: Tensor):
+    """The packed Triton kernels when ``tensor`` is on CUDA, Triton imports and the ``triton`` option is on; else None."""
+    if tensor.device.type != "cuda" or not options.current().triton:
+        return None
+    return _imported_packed_kernels()
+
+
+@functools.cache
+def _programs_wanted(device: torch.device) -> int:
+    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def rotate(x: Tensor, signs: Tensor, block: int) -> Tensor:
+    """x R: one Triton launch on CUDA, the torch form elsewhere. ``signs``: (width,) int8 +-1."""
+    kernels = packed_kernels(x)
+    if kernels is None:
+        return rotation.rotate(x, signs, block)
+    return kernels.rotate(x, signs, block)
+
+
+def unrotate(y: Tensor, signs: Tensor, block: int) -> Tensor:
+    """y R^T: one Triton launch on CUDA, the torch form elsewhere."""
+    kernels = packed_kernels(y)
+    if kernels is None:
+        return rotation.unrotate(y, signs, block)
+    return kernels.unrotate(y, signs, block)
+
+
+def codebook_values(codebooks: Tensor, scales: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """(M, K, D) values in ``dtype``: int8 codebooks times their scales (exact in float32, then cast)."""
+    if scales is None:
+        return codebooks.to(dtype)
+    return (codebooks.float() * scales.float()[:, None, None]).to(dtype)
+
+
+def linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int,
+           in_features: int) -> Tensor:
+    """x W'^T + b for x in the layer's (rotated) basis, from packed codes."""
+    kernels = packed_kernels(x)
+    if kernels is None:
+        values = codebook_values(codebooks, scales, x.dtype)
+        return torch_forms.linear_torch(x, values, unpack_codes(codes, bits, in_features), bias)
+    tokens = x.numel() // in_features
+    tile = packed_tile(tokens)
+    if tile is not None:
+        return kernels.packed_linear(x, codes, codebooks, scales, bias, bits, in_features, tile, _programs_wanted(x.device))
+    weight = kernels.decode_linear_weight(codes, codebooks, scales, bits, in_features, x.dtype)
+    return F.linear(x, weight, bias)
+
+
+def linear_reference(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int,
+                     in_features: int) -> Tensor:
+    """The definition the kernels are checked against: W' decoded whole in float32, one ``F.linear`` in float32."""
+    weight = decode_dense(codebook_values(codebooks, scales, torch.float32), unpack_codes(codes, bits, in_features), LINEAR)
+    out = F.linear(x.float(), weight, None if bias is None else bias.float())
+    return out.to(x.dtype)
+
+
+def embedding_rows(ids: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, rows: int,
+                   dtype: torch.dtype) -> Tensor:
+    """Rows ``ids`` of a packed table E' of ``rows`` rows (before any unrotation), (*ids.shape, dim) in ``dtype``."""
+    kernels = packed_kernels(codes)
+    if kernels is None:
+        return torch_forms.embedding_torch(ids, codebook_values(codebooks, scales, dtype), unpack_codes(codes, bits, rows, ids))
+    picked = kernels.decode_table_rows(codes, codebooks, scales, bits, dtype, ids=ids.reshape(-1))
+    return picked.reshape(*ids.shape, picked.shape[-1])
+
+
+def tied_head(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int,
+              vocab: int) -> Tensor:
+    """Logits of rotated hidden states against a packed table of ``vocab`` rows."""
+    kernels = packed_kernels(x)
+    if kernels is None:
+        values = codebook_values(codebooks, scales, x.dtype)
+        return torch_forms.tied_head_torch(x, values, unpack_codes(codes, bits, vocab), bias)
+    dim = x.shape[-1]
+    tokens = x.numel() // dim
+    if tokens <= HEAD_SCORE_TOKENS:
+        return kernels.packed_head(x, codes, codebook_values(codebooks, scales, torch.float32), bits, vocab, bias)
+    rows = x.reshape(tokens, dim)
+    out = torch.empty(tokens, vocab, device=x.device, dtype=x.dtype)
+    chunk = max(1, HEAD_CHUNK_BYTES // (dim * x.element_size()))
+    for first in range(0, vocab, chunk):
+        count = min(chunk, vocab - first)
+        table = kernels.decode_table_rows(codes, codebooks, scales, bits, x.dtype, first_row=first, count=count)
+        out[:, first:first + count] = rows @ table.T
+    if bias is not None:
+        out += bias
+    return out.reshape(*x.shape[:-1], vocab)

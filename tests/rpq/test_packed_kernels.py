@@ -1,0 +1,142 @@
+"""The packed-code Triton kernels (``kernels/packed``) against the float32 torch reference: every code width the
+formats use, D = 1, 2 and 4, int8 and float codebooks, fp16 / bf16 / fp32, odd widths, every token route, the
+rotation on and off, and a CUDA graph capture.
+
+CUDA only: CI has no GPU, so these skip there; benchmarks/device/gpu_packed.sh runs them on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_compress.rpq.kernels import packed_forward, rotation
+from model_compress.rpq.kernels.config.packed_routes import PACKED_ROUTES, PackedTile
+from model_compress.rpq.kernels.layout import EMBEDDING, code_bits, decode, pack_codes, unpack_codes
+from model_compress.rpq.layers.modules import RPQEmbedding, RPQLinear, RPQTiedHead
+
+from ..conftest import filled, rel_error
+
+packed = pytest.importorskip("model_compress.rpq.kernels.packed", reason="needs Triton")
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
+# Relative (Frobenius) error bounds against a float32 reference: output rounding plus fp32 accumulation.
+BOUNDS = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
+DTYPES = list(BOUNDS)
+# (in, out, D, K, codebook storage): the budget's per-row tables at 2-6 bits, vector codes, odd widths, 8 and 16 bits.
+FORMATS = [
+    (576, 576, 1, 16, "int8"),
+    (576, 192, 1, 8, "int8"),
+    (1536, 576, 1, 32, "int8"),
+    (576, 1536, 1, 4, "float16"),
+    (200, 96, 2, 64, "int8"),
+    (130, 40, 4, 128, "float16"),
+    (100, 72, 1, 256, "int8"),
+    (37, 13, 1, 1024, "float16"),
+]
+TOKENS = [1, 2, 5, 16, 17, 64, 65, 300]
+# Tiles beside the routed ones: split-K (the counters must come back to 0: each runs twice), uneven BLOCK_K.
+EXTRA_TILES = [PackedTile(1, 16, 64, max_split=8), PackedTile(16, 32, 32, max_split=3), PackedTile(32, 64, 128, num_warps=8)]
+
+
+def packed_layer(in_features: int, out_features: int, piece: int, size: int, storage: str, seed: int = 0):
+    """Random packed codes, codebooks (int8 with scales, or float) and a bias on the GPU."""
+    gen = torch.Generator().manual_seed(seed)
+    books = out_features // piece
+    codes = pack_codes(torch.randint(0, size, (books, in_features), generator=gen), code_bits(size)).to(CUDA)
+    if storage == "int8":
+        codebooks = torch.randint(-127, 128, (books, size, piece), generator=gen, dtype=torch.int8).to(CUDA)
+        scales = (torch.rand(books, generator=gen) / 64 + 1e-3).to(CUDA)
+    else:
+        codebooks, scales = torch.randn(books, size, piece, generator=gen).to(CUDA, getattr(torch, storage)), None
+    return codes, codebooks, scales, torch.randn(out_features, generator=gen).to(CUDA)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", FORMATS, ids=lambda s: "x".join(map(str, s)))
+def test_packed_linear_every_route_matches_reference(shape, dtype):
+    in_features, out_features, piece, size, storage = shape
+    codes, codebooks, scales, bias = packed_layer(*shape)
+    scales = None if scales is None else scales.to(dtype)
+    bits = code_bits(size)
+    for tokens in TOKENS:
+        x = torch.randn(tokens, in_features, device=CUDA, dtype=dtype)
+        ref = packed_forward.linear_reference(x.float(), codes, codebooks, scales, bias.float(), bits, in_features)
+        out = packed_forward.linear(x, codes, codebooks, scales, bias.to(dtype), bits, in_features)
+        assert out.dtype == dtype and out.shape == ref.shape
+        assert rel_error(out, ref) < BOUNDS[dtype], (tokens, "routed")
+        tiles = [tile for _, tile in PACKED_ROUTES] + EXTRA_TILES
+        for tile in tiles if tokens in (1, 17) else []:
+            for _ in range(2):
+                out = packed.packed_linear(x, codes, codebooks, scales, bias.to(dtype), bits, in_features, tile, 256)
+                assert rel_error(out, ref) < BOUNDS[dtype], (tokens, tile.describe())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decoded_weight_is_the_reference_weight(dtype):
+    codes, codebooks, scales, _ = packed_layer(200, 96, 2, 64, "int8")
+    weight = packed.decode_linear_weight(codes, codebooks, scales, 6, 200, dtype)
+    ref = decode(packed_forward.codebook_values(codebooks, scales, torch.float32), unpack_codes(codes, 6, 200), "linear")
+    assert rel_error(weight, ref) < BOUNDS[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", [16, 64, 128])
+def test_rotation_kernel_matches_the_torch_rotation(dtype, block):
+    signs = rotation.random_signs(256, 3).to(CUDA)
+    for tokens in (1, 7, 40):
+        x = torch.randn(tokens, 256, device=CUDA, dtype=dtype)
+        assert rel_error(packed.rotate(x, signs, block), rotation.rotate(x.double(), signs, block)) < BOUNDS[dtype]
+        assert rel_error(packed.unrotate(x, signs, block), rotation.unrotate(x.double(), signs, block)) < BOUNDS[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rotated", [False, True])
+def test_rpq_modules_on_packed_kernels_match_their_dense_weights(dtype, rotated):
+    block = 64 if rotated else None
+    linear = filled(RPQLinear(576, 192, 192, 16, codebook_dtype="int8", rotation_block=block))
+    table = filled(RPQEmbedding(1000, 576, 288, 128, codebook_dtype="int8", rotation_block=block))
+    if rotated:
+        linear.set_signs(rotation.random_signs(576, 1))
+        table.set_signs(rotation.random_signs(576, 2))
+    head = RPQTiedHead(table)
+    linear, table, head = (m.to(CUDA, dtype) for m in (linear, table, head))
+    assert not linear.native and not table.native
+    dense_linear, dense_table = linear.dequantize().double(), table.dequantize().double()
+    for tokens in (1, 3, 16, 40, 300):
+        x = torch.randn(tokens, 576, device=CUDA, dtype=dtype)
+        assert rel_error(linear(x), x.double() @ dense_linear.T + linear.bias.double()) < BOUNDS[dtype], tokens
+        assert rel_error(head(x), x.double() @ dense_table.T) < BOUNDS[dtype], tokens
+        ids = torch.randint(0, 1000, (2, tokens), device=CUDA)
+        assert rel_error(table(ids), dense_table[ids]) < BOUNDS[dtype], tokens
+
+
+def test_packed_head_reads_the_codes_at_every_width():
+    for size in (4, 8, 32, 128, 1024):
+        bits = code_bits(size)
+        codes, codebooks, scales, _ = packed_layer(777, 64, 2, size, "int8", seed=size)  # 777 rows of a 64-wide table
+        values = packed_forward.codebook_values(codebooks, scales, torch.float32)
+        table = decode(values, unpack_codes(codes, bits, 777), EMBEDDING)
+        x = torch.randn(5, 64, device=CUDA)
+        assert rel_error(packed.packed_head(x, codes, values, bits, 777, None), x @ table.T) < 1e-5, size
+
+
+def test_packed_linear_replays_in_a_cuda_graph():
+    layer = filled(RPQLinear(576, 1536, 1536, 16, codebook_dtype="int8", rotation_block=64)).to(CUDA, torch.float16)
+    layer.set_signs(rotation.random_signs(576, 4))
+    x = torch.randn(1, 576, device=CUDA, dtype=torch.float16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        layer(x)  # warm-up: compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x)
+    ref = x.double() @ layer.dequantize().double().T + layer.bias.double()
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = x.double() @ layer.dequantize().double().T + layer.bias.double()
+        assert rel_error(out, ref) < BOUNDS[torch.float16]
