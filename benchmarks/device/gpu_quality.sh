@@ -96,7 +96,7 @@ case "$stage" in
     ;;
   packed)  # the packed-code kernels: their CUDA tests, then one layer per format and token count (PACKED_ARGS)
     install_wheels /tmp/smol
-    timeout "${TEST_SECONDS:-400}" python3 -m pytest -q --tb=short -rfE -p no:cacheprovider tests/rpq/test_packed_kernels.py \
+    timeout "${TEST_SECONDS:-400}" python3 -m pytest -q --tb=short -rfE -p no:cacheprovider -n 4 tests/rpq/test_packed_kernels.py \
       > "$OUT/packed_tests.log" 2>&1; tail -15 "$OUT/packed_tests.log"
     python3 benchmarks/rpq/packed_kernels.py ${PACKED_ARGS:---sweep} --json "$OUT/packed_kernels.json" 2>&1 | tee "$OUT/packed_kernels.log" | grep -v "^  sweep"
     ;;

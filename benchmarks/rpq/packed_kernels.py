@@ -63,7 +63,7 @@ class PackedLayers:
 
     def tile_us(self, tokens: int, tile: PackedTile) -> float:
         x = self.input(tokens)
-        programs = packed_forward._programs_wanted(x.device)
+        programs = packed_forward.multiprocessors(x.device)
         return graph_us([lambda c=c: packed.packed_linear(x, *c, None, self.bits, self.shape[0], tile, programs) for c in self.copies])
 
 
@@ -100,12 +100,11 @@ def rotation_us(width: int, tokens: int) -> float:
 
 def sweep_candidates(tokens: int) -> list[PackedTile]:
     if tokens == 1:
-        return [PackedTile(1, n, k, num_warps=w, num_stages=s, max_split=split)
-                for n in (8, 16, 32, 64) for k in (128, 256, 512) for w in (2, 4) for s in (2,) for split in (16,)
-                if n * k <= 16384]
+        return [PackedTile(1, n, k, num_warps=w, num_stages=2, max_split=32, programs_per_sm=p)
+                for n, k in ((4, 512), (8, 256), (8, 512), (16, 256), (16, 512), (32, 256)) for w in (2, 4) for p in (8, 32)]
     block_m = 16 if tokens <= 16 else 64
-    return [PackedTile(block_m, n, k, num_warps=w, num_stages=3, max_split=split)
-            for n in (32, 64, 128) for k in (32, 64, 128) for w in (4, 8) for split in (8,) if n * k <= 8192]
+    return [PackedTile(block_m, n, k, num_warps=4, num_stages=3, max_split=16, programs_per_sm=p)
+            for n, k in ((32, 64), (32, 128), (64, 64), (64, 128)) for p in (4, 16)]
 
 
 def sweep(layers: dict, dense: dict) -> dict:

@@ -34,9 +34,10 @@ FORMATS = [
     (100, 72, 1, 256, "int8"),
     (37, 13, 1, 1024, "float16"),
 ]
-TOKENS = [1, 2, 5, 16, 17, 64, 65, 300]
+TOKENS = [1, 5, 17, 65, 300]  # one token (GEMV), each tensor-core route, decode + cuBLAS
 # Tiles beside the routed ones: split-K (the counters must come back to 0: each runs twice), uneven BLOCK_K.
-EXTRA_TILES = [PackedTile(1, 16, 64, max_split=8), PackedTile(16, 32, 32, max_split=3), PackedTile(32, 64, 128, num_warps=8)]
+EXTRA_TILES = [PackedTile(1, 16, 64, max_split=8, programs_per_sm=64), PackedTile(16, 32, 32, max_split=3, programs_per_sm=64),
+               PackedTile(32, 64, 128, num_warps=8)]
 
 
 def packed_layer(in_features: int, out_features: int, piece: int, size: int, storage: str, seed: int = 0):
@@ -66,9 +67,9 @@ def test_packed_linear_every_route_matches_reference(shape, dtype):
         assert out.dtype == dtype and out.shape == ref.shape
         assert rel_error(out, ref) < BOUNDS[dtype], (tokens, "routed")
         tiles = [tile for _, tile in PACKED_ROUTES] + EXTRA_TILES
-        for tile in tiles if tokens in (1, 17) else []:
+        for tile in tiles if tokens in (1, 17) and dtype == torch.float16 else []:
             for _ in range(2):
-                out = packed.packed_linear(x, codes, codebooks, scales, bias.to(dtype), bits, in_features, tile, 256)
+                out = packed.packed_linear(x, codes, codebooks, scales, bias.to(dtype), bits, in_features, tile, 132)
                 assert rel_error(out, ref) < BOUNDS[dtype], (tokens, tile.describe())
 
 

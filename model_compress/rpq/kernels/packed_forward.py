@@ -17,7 +17,7 @@ from torch import Tensor
 from . import forward as torch_forms
 from . import rotation
 from .config import options
-from .config.packed_routes import HEAD_CHUNK_BYTES, HEAD_SCORE_TOKENS, PROGRAMS_PER_SM, packed_tile
+from .config.packed_routes import HEAD_CHUNK_BYTES, HEAD_SCORE_TOKENS, packed_tile
 from .layout import LINEAR, decode as decode_dense, unpack_codes
 
 
@@ -30,16 +30,22 @@ def _imported_packed_kernels():
     return packed
 
 
-def packed_kernels(tensor: Tensor):
-    """The packed Triton kernels when ``tensor`` is on CUDA, Triton imports and the ``triton`` option is on; else None."""
+def packed_kernels(tensor: Tensor, *trained: Tensor | None):
+    """The packed Triton kernels when ``tensor`` is on CUDA, Triton imports and the ``triton`` option is on; else None.
+
+    The kernels have no backward: where autograd records (fine-tuning: grad on and any of ``tensor`` and
+    ``trained`` requiring it), the torch forms run instead.
+    """
     if tensor.device.type != "cuda" or not options.current().triton:
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (tensor, *trained)):
         return None
     return _imported_packed_kernels()
 
 
 @functools.cache
-def _programs_wanted(device: torch.device) -> int:
-    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+def multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def rotate(x: Tensor, signs: Tensor, block: int) -> Tensor:
@@ -68,14 +74,14 @@ def codebook_values(codebooks: Tensor, scales: Tensor | None, dtype: torch.dtype
 def linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int,
            in_features: int) -> Tensor:
     """x W'^T + b for x in the layer's (rotated) basis, from packed codes."""
-    kernels = packed_kernels(x)
+    kernels = packed_kernels(x, codebooks, scales, bias)
     if kernels is None:
         values = codebook_values(codebooks, scales, x.dtype)
         return torch_forms.linear_torch(x, values, unpack_codes(codes, bits, in_features), bias)
     tokens = x.numel() // in_features
     tile = packed_tile(tokens)
     if tile is not None:
-        return kernels.packed_linear(x, codes, codebooks, scales, bias, bits, in_features, tile, _programs_wanted(x.device))
+        return kernels.packed_linear(x, codes, codebooks, scales, bias, bits, in_features, tile, multiprocessors(x.device))
     weight = kernels.decode_linear_weight(codes, codebooks, scales, bits, in_features, x.dtype)
     return F.linear(x, weight, bias)
 
@@ -91,7 +97,7 @@ def linear_reference(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor
 def embedding_rows(ids: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, rows: int,
                    dtype: torch.dtype) -> Tensor:
     """Rows ``ids`` of a packed table E' of ``rows`` rows (before any unrotation), (*ids.shape, dim) in ``dtype``."""
-    kernels = packed_kernels(codes)
+    kernels = packed_kernels(codes, codebooks, scales)
     if kernels is None:
         return torch_forms.embedding_torch(ids, codebook_values(codebooks, scales, dtype), unpack_codes(codes, bits, rows, ids))
     picked = kernels.decode_table_rows(codes, codebooks, scales, bits, dtype, ids=ids.reshape(-1))
@@ -101,7 +107,7 @@ def embedding_rows(ids: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor
 def tied_head(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int,
               vocab: int) -> Tensor:
     """Logits of rotated hidden states against a packed table of ``vocab`` rows."""
-    kernels = packed_kernels(x)
+    kernels = packed_kernels(x, codebooks, scales, bias)
     if kernels is None:
         values = codebook_values(codebooks, scales, x.dtype)
         return torch_forms.tied_head_torch(x, values, unpack_codes(codes, bits, vocab), bias)
@@ -111,7 +117,7 @@ def tied_head(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None
         return kernels.packed_head(x, codes, codebook_values(codebooks, scales, torch.float32), bits, vocab, bias)
     rows = x.reshape(tokens, dim)
     out = torch.empty(tokens, vocab, device=x.device, dtype=x.dtype)
-    chunk = max(1, HEAD_CHUNK_BYTES // (dim * x.element_size()))
+    chunk = max(64, HEAD_CHUNK_BYTES // (dim * x.element_size()) // 64 * 64)  # whole byte tiles of codes per chunk
     for first in range(0, vocab, chunk):
         count = min(chunk, vocab - first)
         table = kernels.decode_table_rows(codes, codebooks, scales, bits, x.dtype, first_row=first, count=count)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class PackedTile:
-    """One launch shape of ``packed_linear``; ``max_split``: at most this many programs share one output tile."""
+    """One launch shape of ``packed_linear``. The inputs are split until about ``programs_per_sm`` programs run per
+    multiprocessor, at most ``max_split`` of them sharing one output tile."""
 
     block_m: int
     block_n: int
@@ -20,18 +21,19 @@ class PackedTile:
     num_warps: int = 4
     num_stages: int = 2
     max_split: int = 16
+    programs_per_sm: int = 8
 
     def describe(self) -> str:
-        return f"m{self.block_m} n{self.block_n} k{self.block_k} w{self.num_warps} s{self.num_stages} split<={self.max_split}"
+        return (f"m{self.block_m} n{self.block_n} k{self.block_k} w{self.num_warps} s{self.num_stages} split<={self.max_split}"
+                f" p{self.programs_per_sm}")
 
 
 # (largest token count, tile); calls above the last bound decode W' and call cuBLAS.
 PACKED_ROUTES: tuple[tuple[int, PackedTile], ...] = (
-    (1, PackedTile(1, 32, 256, num_warps=4, num_stages=2, max_split=16)),
+    (1, PackedTile(1, 8, 256, num_warps=2, num_stages=2, max_split=16)),
     (16, PackedTile(16, 64, 64, num_warps=4, num_stages=3, max_split=8)),
     (64, PackedTile(64, 64, 64, num_warps=4, num_stages=3, max_split=4)),
 )
-PROGRAMS_PER_SM = 2  # split-K until about this many programs per SM run
 # A tied head over a packed table scores codes per token up to this many tokens, then decodes its table in chunks
 # of at most HEAD_CHUNK_BYTES and calls cuBLAS (a chunk is alive only during its product).
 HEAD_SCORE_TOKENS = 16

@@ -30,3 +30,29 @@ def unpack(row_ptrs, columns, width, mask, BITS: tl.constexpr, BYTES: tl.constex
     if BITS % 8 != 0:
         word = word >> (start & 7)
     return word & ((1 << BITS) - 1)
+
+
+VECTOR_BITS = (1, 2, 4, 8)  # widths whose codes never straddle a byte: read as whole byte tiles, split in registers
+
+
+@triton.jit
+def unpack_tile(row_ptrs, first_column, width, mask_rows, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Codes ``first_column .. first_column + BLOCK_K`` of each packed row, for BITS in 1, 2, 4, 8.
+
+    One contiguous byte tile per row (vector loads), then the 8 / BITS codes of each byte split out with shifts and
+    put back in column order by ``tl.interleave`` (code c sits at bits c * BITS of the row's little-endian stream).
+    ``first_column * BITS`` must be a multiple of 8. Returns (rows, BLOCK_K) int32; bytes past ``width`` read as 0.
+    """
+    offs_b = (first_column * BITS) // 8 + tl.arange(0, BLOCK_K * BITS // 8)
+    raw = tl.load(row_ptrs + offs_b[None, :], mask=mask_rows[:, None] & (offs_b < width)[None, :], other=0).to(tl.int32)
+    if BITS == 8:
+        codes = raw
+    elif BITS == 4:
+        codes = tl.interleave(raw & 15, raw >> 4)
+    elif BITS == 2:
+        codes = tl.interleave(tl.interleave(raw & 3, (raw >> 4) & 3), tl.interleave((raw >> 2) & 3, raw >> 6))
+    else:
+        even = tl.interleave(tl.interleave(raw & 1, (raw >> 4) & 1), tl.interleave((raw >> 2) & 1, (raw >> 6) & 1))
+        odd = tl.interleave(tl.interleave((raw >> 1) & 1, (raw >> 5) & 1), tl.interleave((raw >> 3) & 1, raw >> 7))
+        codes = tl.interleave(even, odd)
+    return codes

@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..triton.common import _cdiv
-from .codes import bytes_spanned, unpack
+from .codes import VECTOR_BITS, bytes_spanned, unpack, unpack_tile
 
 
 @triton.jit
@@ -35,6 +35,7 @@ def _packed_decode_kernel(
     BITS: tl.constexpr,
     BYTES: tl.constexpr,
     HAS_IDS: tl.constexpr,
+    VECTOR: tl.constexpr,
     HAS_SCALES: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -49,7 +50,11 @@ def _packed_decode_kernel(
         columns = (first_column + offs_j).to(tl.int64)
     heads = offs_n // PIECE
     mask = mask_n[:, None] & mask_j[None, :]
-    codes = unpack(codes_ptr + heads.to(tl.int64)[:, None] * code_width, columns[None, :], code_width, mask, BITS, BYTES)
+    code_rows = codes_ptr + heads.to(tl.int64)[:, None] * code_width
+    if VECTOR:  # a contiguous run of columns: whole byte tiles
+        codes = unpack_tile(code_rows, first_column + tl.program_id(0) * BLOCK_J, code_width, mask_n, BITS, BLOCK_J)
+    else:
+        codes = unpack(code_rows, columns[None, :], code_width, mask, BITS, BYTES)
     values = tl.load(codebooks_ptr + (heads * (CODEBOOK_SIZE * PIECE) + offs_n - heads * PIECE)[:, None] + codes * PIECE,
                      mask=mask, other=0).to(tl.float32)
     if HAS_SCALES:
@@ -70,7 +75,9 @@ def decode_packed(
         _packed_decode_kernel[(_cdiv(count, block_j), _cdiv(split, block_n))](
             ids if ids is not None else codes, codes, codebooks, scales if scales is not None else codebooks, out, first_column,
             count, split, codes.shape[1], stride_column, stride_split, CODEBOOK_SIZE=codebook_size, PIECE=piece, BITS=bits,
-            BYTES=bytes_spanned(bits), HAS_IDS=ids is not None, HAS_SCALES=scales is not None, BLOCK_J=block_j, BLOCK_N=block_n,
+            BYTES=bytes_spanned(bits), HAS_IDS=ids is not None,
+            VECTOR=ids is None and bits in VECTOR_BITS and first_column * bits % 8 == 0, HAS_SCALES=scales is not None,
+            BLOCK_J=block_j, BLOCK_N=block_n,
         )
     return out
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..config.packed_routes import PackedTile
 from ..triton.common import _cdiv, _rows, _store_tile, tile_counters
-from .codes import bytes_spanned, unpack
+from .codes import VECTOR_BITS, bytes_spanned, unpack, unpack_tile
 
 
 @triton.jit
@@ -41,6 +41,7 @@ def _packed_linear_kernel(
     PIECE: tl.constexpr,
     BITS: tl.constexpr,
     BYTES: tl.constexpr,
+    VECTOR: tl.constexpr,
     HAS_SCALES: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     USE_DOT: tl.constexpr,
@@ -68,7 +69,10 @@ def _packed_linear_kernel(
         mask_k = offs_k < k_end
         x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         mask_nk = mask_n[:, None] & mask_k[None, :]
-        codes = unpack(code_rows, offs_k[None, :], code_width, mask_nk, BITS, BYTES)
+        if VECTOR:
+            codes = unpack_tile(code_rows, k_begin + step, code_width, mask_n, BITS, BLOCK_K)
+        else:
+            codes = unpack(code_rows, offs_k[None, :], code_width, mask_nk, BITS, BYTES)
         w = tl.load(value_rows + codes * PIECE, mask=mask_nk, other=0).to(x.dtype)
         if USE_DOT and DOT_IEEE:
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
@@ -82,14 +86,69 @@ def _packed_linear_kernel(
                 stride_out, split_k, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N)
 
 
+@triton.jit
+def _packed_gemv_kernel(
+    x_ptr,
+    codes_ptr,
+    codebooks_ptr,
+    scales_ptr,
+    bias_ptr,
+    out_ptr,
+    partial_ptr,
+    counter_ptr,
+    in_features,
+    out_features,
+    code_width,
+    split_k,
+    chunk_k,
+    CODEBOOK_SIZE: tl.constexpr,
+    PIECE: tl.constexpr,
+    BITS: tl.constexpr,
+    BYTES: tl.constexpr,
+    VECTOR: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """One token: products accumulate elementwise in a (BLOCK_N, BLOCK_K) tile and are summed across once, at the end."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(2)  # the grid is (tiles, 1, split), as _store_tile expects
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < out_features
+    heads = offs_n // PIECE
+    code_rows = codes_ptr + heads.to(tl.int64)[:, None] * code_width
+    value_rows = codebooks_ptr + (heads * (CODEBOOK_SIZE * PIECE) + (offs_n - heads * PIECE))[:, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    k_begin = pid_k * chunk_k
+    k_end = tl.minimum(k_begin + chunk_k, in_features)
+    for step in range(0, chunk_k, BLOCK_K):
+        offs_k = k_begin + step + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        mask_nk = mask_n[:, None] & mask_k[None, :]
+        if VECTOR:
+            codes = unpack_tile(code_rows, k_begin + step, code_width, mask_n, BITS, BLOCK_K)
+        else:
+            codes = unpack(code_rows, offs_k[None, :], code_width, mask_nk, BITS, BYTES)
+        acc += tl.load(value_rows + codes * PIECE, mask=mask_nk, other=0).to(tl.float32) * x[None, :]
+    sums = tl.sum(acc, axis=1)
+    if HAS_SCALES:
+        sums = sums * tl.load(scales_ptr + heads, mask=mask_n, other=0.0).to(tl.float32)
+    one = tl.arange(0, 1)
+    _store_tile(sums[None, :], partial_ptr, counter_ptr, bias_ptr, out_ptr, one, offs_n, one < 1, mask_n, 1, out_features,
+                out_features, split_k, HAS_BIAS, SPLIT, 1, BLOCK_N)
+
+
 def packed_linear(
     x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int, in_features: int,
-    tile: PackedTile, programs_wanted: int,
+    tile: PackedTile, multiprocessors: int,
 ) -> Tensor:
     """x W'^T + b for x already in the layer's (rotated) basis; ``codes`` packed at ``bits`` (M, width) uint8.
 
-    ``programs_wanted``: split the inputs until about this many programs run (a few per SM), never below one
-    BLOCK_K slice per program.
+    The inputs are split until about ``tile.programs_per_sm`` programs run per multiprocessor (latency hiding for
+    a narrow layer), never below one BLOCK_K slice per program. One token takes the GEMV kernel.
     """
     num_codebooks, codebook_size, piece = codebooks.shape
     out_features = num_codebooks * piece
@@ -102,7 +161,7 @@ def packed_linear(
         return out.reshape(*x.shape[:-1], out_features)
     tiles_n, tiles_m = _cdiv(out_features, tile.block_n), _cdiv(tokens, tile.block_m)
     steps = _cdiv(in_features, tile.block_k)
-    split = max(1, min(steps, tile.max_split, programs_wanted // max(1, tiles_n * tiles_m)))
+    split = max(1, min(steps, tile.max_split, tile.programs_per_sm * multiprocessors // max(1, tiles_n * tiles_m)))
     chunk = _cdiv(steps, split) * tile.block_k
     split = _cdiv(in_features, chunk)
     if split > 1:
@@ -110,10 +169,19 @@ def packed_linear(
         counter = tile_counters(tiles_n * tiles_m, x.device)
     else:
         partial = counter = out
+    vector = bits in VECTOR_BITS and tile.block_k * bits % 8 == 0
+    if tokens == 1 and tile.block_m == 1:
+        _packed_gemv_kernel[(tiles_n, 1, split)](
+            rows, codes, codebooks, scales if scales is not None else codebooks, bias if bias is not None else out, out, partial,
+            counter, in_features, out_features, codes.shape[1], split, chunk, CODEBOOK_SIZE=codebook_size, PIECE=piece,
+            BITS=bits, BYTES=bytes_spanned(bits), VECTOR=vector, HAS_SCALES=scales is not None, HAS_BIAS=bias is not None,
+            BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT=split > 1, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )
+        return out.reshape(*x.shape[:-1], out_features)
     _packed_linear_kernel[(tiles_n, tiles_m, split)](
         rows, codes, codebooks, scales if scales is not None else codebooks, bias if bias is not None else out, out, partial,
         counter, tokens, in_features, out_features, codes.shape[1], rows.stride(0), out.stride(0), split, chunk,
-        CODEBOOK_SIZE=codebook_size, PIECE=piece, BITS=bits, BYTES=bytes_spanned(bits), HAS_SCALES=scales is not None,
+        CODEBOOK_SIZE=codebook_size, PIECE=piece, BITS=bits, BYTES=bytes_spanned(bits), VECTOR=vector, HAS_SCALES=scales is not None,
         HAS_BIAS=bias is not None, USE_DOT=tile.block_m >= 16, DOT_IEEE=rows.dtype == torch.float32,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT=split > 1,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
