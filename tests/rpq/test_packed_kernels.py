@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from model_compress.rpq.kernels import packed_forward, rotation
+from model_compress.rpq.kernels.config.norm_spec import LAYER_NORM, RMS_NORM
 from model_compress.rpq.kernels.config.packed_routes import PACKED_ROUTES, PackedTile
 from model_compress.rpq.kernels.layout import EMBEDDING, code_bits, decode, pack_codes, unpack_codes
 from model_compress.rpq.layers.modules import RPQEmbedding, RPQLinear, RPQTiedHead
@@ -141,3 +142,39 @@ def test_packed_linear_replays_in_a_cuda_graph():
         torch.cuda.synchronize()
         ref = x.double() @ layer.dequantize().double().T + layer.bias.double()
         assert rel_error(out, ref) < BOUNDS[torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width,block", [(576, 64), (1536, 64), (896, 128), (4096, 128)])
+def test_norm_and_gate_prologues_write_the_rotated_input(dtype, width, block):
+    gen = torch.Generator().manual_seed(width)
+    signs = rotation.random_signs(width, block).to(CUDA)
+    weight, bias = (torch.randn(width, generator=gen).to(CUDA, dtype) for _ in range(2))
+    for tokens in (1, 7, 33):
+        x, up = (torch.randn(tokens, width, generator=gen).to(CUDA, dtype) for _ in range(2))
+        rms = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double()
+        layer = torch.nn.functional.layer_norm(x.double(), (width,), weight.double(), bias.double(), 1e-5)
+        glu = torch.nn.functional.silu(x.double()) * up.double()
+        cases = [
+            (packed.norm_rotate(x, weight, None, 1e-5, RMS_NORM, signs, block), rms),
+            (packed.norm_rotate(x, weight, bias, 1e-5, LAYER_NORM, signs, block), layer),
+            (packed.gated_silu_rotate(x, up, signs, block), glu),
+        ]
+        for out, ref in cases:
+            assert out.dtype == dtype
+            assert rel_error(out, rotation.rotate(ref, signs, block)) < BOUNDS[dtype], tokens
+
+
+def test_a_rotated_model_with_its_fusions_on_cuda_gives_the_cpu_logits():
+    from model_compress.rpq.fusions import apply_fusions
+
+    from .test_rotation import _rotated_llama
+
+    model = _rotated_llama()
+    apply_fusions(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        expected = model(ids).logits
+        model.to(CUDA)
+        for tokens in (1, 5, 40):
+            assert rel_error(model(ids[:, :tokens].to(CUDA)).logits.cpu(), expected[:, :tokens]) < 1e-4, tokens

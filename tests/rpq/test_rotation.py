@@ -195,3 +195,57 @@ def test_a_damaged_rotation_is_one_clear_line_at_load(rotated_checkpoint, tmp_pa
     with pytest.raises((UserError, ValueError), match=re.escape(fragment)):
         model_compress.load(broken)
     assert_one_line_error(run_cli("inspect", str(broken)), fragment)
+
+
+def _rotated_llama() -> torch.nn.Module:
+    """A tiny Llama whose every decoder Linear is a rotated packed RPQ layer (one set of signs per input width)."""
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    signs = {}
+    for layer in model.model.layers:
+        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                dense = getattr(parent, name)
+                rpq = filled(RPQLinear(dense.in_features, dense.out_features, dense.out_features, 16, bias=False,
+                                       codebook_dtype="int8", rotation_block=16, dtype=torch.float32), seed=len(signs))
+                rpq.set_signs(signs.setdefault(dense.in_features, random_signs(dense.in_features, dense.in_features)))
+                setattr(parent, name, rpq)
+    return model
+
+
+def test_norms_and_gates_that_write_the_rotated_input_give_the_same_logits():
+    """The pre-norms write norm(x) R and the MLPs (silu(gate) * up) R: consumers take it as it comes, same logits."""
+    import copy
+
+    plain = _rotated_llama()
+    fused = copy.deepcopy(plain)
+    counts = apply_fusions(fused)
+    layers = len(plain.model.layers)
+    assert counts["rotated_norm"] == 2 * layers and counts["rotated_glu"] == layers
+    assert "_rotated_by" in fused.model.layers[0].self_attn.q_proj.__dict__
+    assert "_rotated_by" not in fused.model.layers[0].self_attn.o_proj.__dict__  # its input comes from attention
+    ids = torch.randint(0, plain.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_norm_whose_readers_are_rotated_differently_is_left_alone():
+    model = _rotated_llama()
+    attention = model.model.layers[0].self_attn
+    attention.k_proj.set_signs(random_signs(attention.k_proj.in_features, 99))
+    counts = apply_fusions(model)
+    assert counts["rotated_norm"] == 2 * len(model.model.layers) - 1
+    assert "_rotated_by" not in attention.q_proj.__dict__
+
+
+def test_a_reader_of_a_rotating_norm_called_on_another_tensor_rotates_it_itself():
+    model = _rotated_llama()
+    apply_fusions(model)
+    decoder = model.model.layers[0]
+    x = torch.randn(1, 4, decoder.self_attn.q_proj.in_features)
+    with torch.no_grad():
+        written = decoder.input_layernorm(x)
+        q = decoder.self_attn.q_proj
+        expected = F.linear(x, q.dequantize())
+        torch.testing.assert_close(q(x), expected, rtol=1e-5, atol=1e-5)  # not the norm's tensor: rotated by the layer
+        unrotated_norm = unrotate(written, q.signs(torch.float32), q.rotation_block)
+        torch.testing.assert_close(q(written), F.linear(unrotated_norm, q.dequantize()), rtol=1e-4, atol=1e-4)

@@ -1,4 +1,5 @@
-"""Fusions of RPQ layers with their neighbours (shared input, shared rotation, pre-norm, SiLU gate).
+"""Fusions of RPQ layers with their neighbours (shared input, shared rotation, pre-norm, SiLU gate, the rotation
+written by the norm or the gate).
 
 ``apply_fusions`` is the one call: the loader makes it after the weights arrive, and ``compress_rpq``
 after converting, so a model runs the same whether it was just made or loaded. None of them changes
@@ -11,6 +12,7 @@ from torch import nn
 
 from .glu import fuse_gated_mlps
 from .norm import defer_norms
+from .rotated_inputs import rotate_in_gated_mlps, rotate_in_norms
 from .shared_input import group_shared_inputs
 from .shared_rotation import share_rotations
 
@@ -22,4 +24,6 @@ def apply_fusions(model: nn.Module) -> dict[str, int]:
         "shared_rotation": share_rotations(model),
         "norm": defer_norms(model),
         "glu": fuse_gated_mlps(model),
+        "rotated_norm": rotate_in_norms(model),
+        "rotated_glu": rotate_in_gated_mlps(model),
     }

@@ -26,7 +26,7 @@ def share_rotations(model: nn.Module) -> int:
             for layer in layers:
                 if not isinstance(layer, RPQLinear) or not layer.rotated:
                     continue
-                match = next((s for s in sets if _same_rotation(s[0], layer)), None)
+                match = next((s for s in sets if same_rotation(s[0], layer)), None)
                 if match is None:
                     sets.append([layer])
                 else:
@@ -40,7 +40,8 @@ def share_rotations(model: nn.Module) -> int:
     return shared
 
 
-def _same_rotation(a: RPQLinear, b: RPQLinear) -> bool:
+def same_rotation(a: RPQLinear, b: RPQLinear) -> bool:
+    """Equal blocks and equal signs on the same device: the two layers multiply the same x R."""
     return (
         a.rotation_block == b.rotation_block
         and a.rotation_signs.shape == b.rotation_signs.shape

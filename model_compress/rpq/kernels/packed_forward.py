@@ -64,6 +64,23 @@ def unrotate(y: Tensor, signs: Tensor, block: int) -> Tensor:
     return kernels.unrotate(y, signs, block)
 
 
+def norm_rotate(x: Tensor, norm_forward, weight: Tensor, bias: Tensor | None, eps: float, kind: int, signs: Tensor,
+                block: int) -> Tensor:
+    """norm(x) R: one Triton launch on CUDA; elsewhere the norm's own ``norm_forward``, then the torch rotation."""
+    kernels = packed_kernels(x, weight, bias)
+    if kernels is None:
+        return rotation.rotate(norm_forward(x), signs, block)
+    return kernels.norm_rotate(x, weight, bias, eps, kind, signs, block)
+
+
+def gated_silu_rotate(gate: Tensor, up: Tensor, act_fn, signs: Tensor, block: int) -> Tensor:
+    """(act_fn(gate) * up) R with act_fn SiLU: one Triton launch on CUDA; elsewhere the expression, then the rotation."""
+    kernels = packed_kernels(gate, up)
+    if kernels is None:
+        return rotation.rotate(act_fn(gate) * up, signs, block)
+    return kernels.gated_silu_rotate(gate, up, signs, block)
+
+
 def codebook_values(codebooks: Tensor, scales: Tensor | None, dtype: torch.dtype) -> Tensor:
     """(M, K, D) values in ``dtype``: int8 codebooks times their scales (exact in float32, then cast)."""
     if scales is None:

@@ -103,8 +103,14 @@ class _Codes:
         return self.rotation_block is not None
 
     def rotate_input(self, x: Tensor) -> Tensor:
-        """x R, the input the codes multiply (x itself without a rotation); computed once for siblings that share it."""
+        """x R, the input the codes multiply (x itself without a rotation); computed once for siblings that share it.
+
+        Behind a norm that writes x R itself (``fusions.rotated_inputs``), the tensor it wrote passes as it is.
+        """
         if self.rotation_block is None:
+            return x
+        written = self.__dict__.get("_rotated_by")
+        if written is not None and written.holds(x):
             return x
         shared = self.__dict__.get("_shared_rotation")  # fusions.shared_rotation: q/k/v rotate their input once
         return shared(x) if shared is not None else self.rotate_alone(x)
@@ -211,9 +217,7 @@ class RPQLinear(_Codes, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.native:
-            return packed_forward.linear(
-                self.rotate_input(x), self.indices, self.codebooks, self.codebook_scales, self.bias, self.code_bits, self.in_features
-            )
+            return self.forward_rotated(self.rotate_input(x))
         group = self.__dict__.get("_shared_input")  # shared_input.SharedInputGroup: q/k/v in one launch
         if group is not None:
             out = group.output(self, x)
@@ -221,6 +225,10 @@ class RPQLinear(_Codes, nn.Module):
                 return out
         norm = self.__dict__.get("_normed_input")  # fused_norm.NormedInput: x is the input of the norm before us
         return kernels.linear_forward(x, self.codebooks, self.indices, self.bias, self.code_bins, norm, self._route_store())
+
+    def forward_rotated(self, x: Tensor) -> Tensor:
+        """The layer on an input already in its rotated basis (x R), for the packed forms: what a fused prologue feeds."""
+        return packed_forward.linear(x, self.indices, self.codebooks, self.codebook_scales, self.bias, self.code_bits, self.in_features)
 
     def gated_forward(self, gate: Tensor, up: Tensor) -> Tensor | None:
         """``self(silu(gate) * up)`` in one kernel where the one-token binned route applies, else None (``fused_glu``)."""

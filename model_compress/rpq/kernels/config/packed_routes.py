@@ -2,7 +2,8 @@
 
 One token takes the broadcast multiply-sum (BLOCK_M = 1); 2 to ``PACKED_MAX_TOKENS`` tokens take tensor cores on
 16 or more rows; more tokens decode W' into a temporary and call cuBLAS, where the GEMM's cost hides the decode.
-The tiles were chosen on an H100 by ``benchmarks/rpq/packed_kernels.py --sweep`` (benchmarks/RESULTS.md).
+The tiles were chosen on an H100 by ``benchmarks/rpq/packed_kernels.py --sweep`` (benchmarks/RESULTS.md): the lowest
+mean time ratio to the dense cuBLAS layer over SmolLM2-135M's and Llama-2-7B's shapes, 4-bit codes.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ class PackedTile:
 
 # (largest token count, tile); calls above the last bound decode W' and call cuBLAS.
 PACKED_ROUTES: tuple[tuple[int, PackedTile], ...] = (
-    (1, PackedTile(1, 8, 256, num_warps=2, num_stages=2, max_split=16)),
-    (16, PackedTile(16, 64, 64, num_warps=4, num_stages=3, max_split=8)),
-    (64, PackedTile(64, 64, 64, num_warps=4, num_stages=3, max_split=4)),
+    (1, PackedTile(1, 4, 512, num_warps=2, num_stages=2, max_split=32, programs_per_sm=8)),
+    (16, PackedTile(16, 32, 128, num_warps=4, num_stages=3, max_split=16, programs_per_sm=4)),
+    (64, PackedTile(64, 64, 64, num_warps=4, num_stages=3, max_split=16, programs_per_sm=4)),
 )
 # A tied head over a packed table scores codes per token up to this many tokens, then decodes its table in chunks
 # of at most HEAD_CHUNK_BYTES and calls cuBLAS (a chunk is alive only during its product).

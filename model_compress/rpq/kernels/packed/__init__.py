@@ -4,7 +4,8 @@ the input rotation.
 
 ``linear``: y = x W'^T + b with W' decoded tile by tile in registers (one token up to a few dozen). ``decode``:
 W' into a temporary for cuBLAS (prompts), rows of an embedding table, chunks of a tied head's table. ``head``:
-a tied head's logits from per-code scores, the table never decoded. ``rotate``: x R in one launch.
+a tied head's logits from per-code scores, the table never decoded. ``rotate``: x R in one launch;
+``prologue``: x R written by the pre-norm or the SiLU gate that makes x.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 from .decode import decode_linear_weight, decode_table_rows
 from .head import packed_head
 from .linear import packed_linear
+from .prologue import gated_silu_rotate, norm_rotate
 from .rotate import rotate, unrotate
 
-__all__ = ["decode_linear_weight", "decode_table_rows", "packed_head", "packed_linear", "rotate", "unrotate"]
+__all__ = ["decode_linear_weight", "decode_table_rows", "gated_silu_rotate", "norm_rotate", "packed_head", "packed_linear", "rotate",
+           "unrotate"]

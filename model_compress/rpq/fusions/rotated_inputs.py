@@ -1,0 +1,111 @@
+"""Rotated layers' x R written by the kernel that makes x: the pre-norm in front of q/k/v (gate/up, fc1), the SiLU gate
+in front of down_proj.
+
+A packed RPQ layer with an input rotation multiplies x R. Where the structure is known (the pre-norm decoder layers
+of ``fusions.norm``, the SiLU-gated MLPs of ``fusions.glu``) and every reader of x is a rotated layer with the same
+rotation, the norm returns norm(x) R (one launch on CUDA, where eager HF RMSNorm is seven and the rotation one more)
+and its consumers take that tensor as it comes (any other tensor they are called with, they rotate themselves, so a
+direct call stays correct); the MLP forms (silu(gate) * up) R in one launch and hands it to
+down_proj. On the CPU the same happens with the torch forms (the norm's own forward, then the rotation), so every
+device computes the same function. The model's final norm is left alone: its output is the hidden state users
+read. Nothing is saved with the model. The ``fused_norm`` and ``fused_glu`` options switch these off too.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from ..kernels import packed_forward
+from ..kernels.config import options
+from ..layers.modules import RPQLinear
+from .glu import GATED_MLP_CLASSES, SILU_CLASSES
+from .norm import PRE_NORM_LAYERS, _norm_spec, _submodule
+from .shared_rotation import same_rotation
+
+
+class RotatedOutput:
+    """Which tensor a fused norm wrote last as norm(x) R: its readers take that very tensor (same object, not written
+    since) as it comes and rotate any other. A weak reference: the activation is not kept alive."""
+
+    def __init__(self) -> None:
+        self._ref: weakref.ref | None = None
+        self._version: int | None = None
+
+    def mark(self, out: Tensor) -> Tensor:
+        self._ref, self._version = weakref.ref(out), _version(out)
+        return out
+
+    def holds(self, x: Tensor) -> bool:
+        return self._ref is not None and self._ref() is x and self._version == _version(x)
+
+
+def _version(x: Tensor) -> int | None:
+    return None if x.is_inference() else x._version  # inference tensors keep no write counter
+
+
+def rotate_in_norms(model: nn.Module) -> int:
+    """Make every known pre-norm whose readers are all rotated packed layers (one rotation) write norm(x) R."""
+    if not options.current().fused_norm:
+        return 0
+    fused = 0
+    for layer in model.modules():
+        for norm_name, consumer_paths in PRE_NORM_LAYERS.get(type(layer).__name__, ()):
+            if type(layer).__name__ == "OPTDecoderLayer" and not getattr(layer, "do_layer_norm_before", False):
+                continue  # post-norm OPT: the norm output is the residual stream
+            norm = getattr(layer, norm_name, None)
+            consumers = [_submodule(layer, path) for path in consumer_paths]
+            spec = _norm_spec(norm) if norm is not None else None
+            if spec is None or norm._forward_hooks or norm._forward_pre_hooks or not _rotated_alike(consumers, spec.weight.numel()):
+                continue
+            written = RotatedOutput()
+            norm.forward = functools.partial(_rotated_norm_forward, norm.forward, spec, getattr(norm, "bias", None), consumers[0], written)
+            for consumer in consumers:
+                consumer.__dict__["_rotated_by"] = written
+            fused += 1
+    return fused
+
+
+def _rotated_alike(layers: list, width: int) -> bool:
+    """All packed RPQ Linears, rotated the same way, reading ``width`` features."""
+    return all(
+        isinstance(layer, RPQLinear) and not layer.native and layer.rotated and layer.in_features == width
+        and same_rotation(layers[0], layer)
+        for layer in layers
+    )
+
+
+def _rotated_norm_forward(own_forward: Callable[[Tensor], Tensor], spec, bias: Tensor | None, first: RPQLinear,
+                          written: RotatedOutput, x: Tensor) -> Tensor:
+    out = packed_forward.norm_rotate(x, own_forward, spec.weight, bias, spec.eps, spec.kind, first.signs(spec.weight.dtype),
+                                     first.rotation_block)
+    return written.mark(out)
+
+
+def rotate_in_gated_mlps(model: nn.Module) -> int:
+    """Route every SiLU-gated MLP whose down_proj is a rotated packed layer through ``rotated_gated_mlp_forward``."""
+    if not options.current().fused_glu:
+        return 0
+    fused = 0
+    for mlp in model.modules():
+        down = getattr(mlp, "down_proj", None)
+        if (
+            type(mlp).__name__ in GATED_MLP_CLASSES
+            and type(getattr(mlp, "act_fn", None)).__name__ in SILU_CLASSES
+            and _rotated_alike([down], getattr(getattr(mlp, "up_proj", None), "out_features", -1))
+        ):
+            mlp.forward = functools.partial(rotated_gated_mlp_forward, mlp)
+            fused += 1
+    return fused
+
+
+def rotated_gated_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
+    """down_proj(act_fn(gate_proj(x)) * up_proj(x)) with the product and down_proj's rotation made in one step."""
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    down = mlp.down_proj
+    if down._forward_hooks or down._forward_pre_hooks:  # a hook (offloading, tracing) must see down's own input
+        return down(mlp.act_fn(gate) * up)
+    return down.forward_rotated(packed_forward.gated_silu_rotate(gate, up, mlp.act_fn, down.signs(gate.dtype), down.rotation_block))

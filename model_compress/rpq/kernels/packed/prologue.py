@@ -1,0 +1,83 @@
+"""The input rotation fused into the kernel that makes the input: a pre-norm (RMSNorm, LayerNorm) or a SiLU gate.
+
+A rotated layer multiplies x R, so whatever writes x can write x R instead: one program per row computes the
+norm's statistics (or silu(gate) * up), multiplies by the signs, and applies the block Hadamard on tensor cores to
+the row seen as (blocks x b). Eager HF RMSNorm is seven launches and the rotation one more; this is one.
+The row is rounded to the output dtype before the Hadamard product, as the unfused path rounds the norm's output.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..config.norm_spec import LAYER_NORM, RMS_NORM
+from ..triton.common import _next_power_of_2, _rows
+from .rotate import _sign_matrix
+
+GATED_SILU = 3  # the prologue kind beside the norm kinds of config/norm_spec.py
+
+
+@triton.jit
+def _prologue_rotate_kernel(
+    a_ptr, b_ptr, weight_ptr, bias_ptr, signs_ptr, hadamard_ptr, out_ptr, width, stride_a, stride_b, stride_out, eps, scale,
+    KIND: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_W: tl.constexpr, DOT_IEEE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_W)
+    mask = offs < width
+    a = tl.load(a_ptr + row * stride_a + offs, mask=mask, other=0.0).to(tl.float32)
+    if KIND == 3:  # silu(gate) * up
+        up = tl.load(b_ptr + row * stride_b + offs, mask=mask, other=0.0).to(tl.float32)
+        value = a / (1.0 + tl.exp(-a)) * up
+    else:
+        weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if KIND == 2:  # RMSNorm
+            value = a * tl.rsqrt(tl.sum(a * a, axis=0) / width + eps) * weight
+        else:  # LayerNorm
+            centred = tl.where(mask, a - tl.sum(a, axis=0) / width, 0.0)
+            value = centred * tl.rsqrt(tl.sum(centred * centred, axis=0) / width + eps) * weight
+            if HAS_BIAS:
+                value += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    signs = tl.load(signs_ptr + offs, mask=mask, other=0).to(tl.float32)
+    value = (value * signs).to(out_ptr.dtype.element_ty)
+    inner = tl.arange(0, BLOCK)
+    hadamard = tl.load(hadamard_ptr + inner[:, None] * BLOCK + inner[None, :])
+    blocks = tl.reshape(value, (BLOCK_W // BLOCK, BLOCK))
+    if DOT_IEEE:
+        rotated = tl.dot(blocks, hadamard, input_precision="ieee")
+    else:
+        rotated = tl.dot(blocks, hadamard)
+    rotated = tl.reshape(rotated * scale, (BLOCK_W,))
+    tl.store(out_ptr + row * stride_out + offs, rotated.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(a: Tensor, b: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, kind: int, signs: Tensor,
+            block: int, out_dtype: torch.dtype) -> Tensor:
+    width = a.shape[-1]
+    rows_a = _rows(a, width)
+    rows_b = _rows(b, width) if b is not None else rows_a
+    out = torch.empty(rows_a.shape[0], width, device=a.device, dtype=out_dtype)
+    block_w = max(_next_power_of_2(width), 16 * block)  # tensor cores take 16 or more blocks
+    if rows_a.shape[0]:
+        _prologue_rotate_kernel[(rows_a.shape[0],)](
+            rows_a, rows_b, weight if weight is not None else rows_a, bias if bias is not None else rows_a, signs,
+            _sign_matrix(block, a.device, out_dtype), out, width, rows_a.stride(0), rows_b.stride(0), out.stride(0), eps,
+            block**-0.5, KIND=kind, HAS_BIAS=bias is not None, BLOCK=block, BLOCK_W=block_w,
+            DOT_IEEE=out_dtype == torch.float32, num_warps=4 if block_w <= 4096 else 8,
+        )
+    return out.reshape(a.shape)
+
+
+def norm_rotate(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, kind: int, signs: Tensor, block: int) -> Tensor:
+    """norm(x) R in one launch (``kind``: RMS_NORM or LAYER_NORM of config/norm_spec.py), in the norm weight's dtype."""
+    if kind not in (RMS_NORM, LAYER_NORM):
+        raise ValueError(f"unknown norm kind {kind}")
+    return _launch(x, None, weight, bias, eps, kind, signs, block, weight.dtype)
+
+
+def gated_silu_rotate(gate: Tensor, up: Tensor, signs: Tensor, block: int) -> Tensor:
+    """(silu(gate) * up) R in one launch, in gate's dtype."""
+    return _launch(gate, up, None, None, 0.0, GATED_SILU, signs, block, gate.dtype)
