@@ -187,6 +187,24 @@ def filled(module: nn.Module, seed: int = 0) -> nn.Module:
 
 
 
+def rotated_llama() -> torch.nn.Module:
+    """A tiny Llama whose every decoder Linear is a rotated packed RPQ layer (one set of signs per input width)."""
+    from model_compress.rpq.kernels.rotation import random_signs
+    from model_compress.rpq.layers.modules import RPQLinear
+
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    signs = {}
+    for layer in model.model.layers:
+        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                dense = getattr(parent, name)
+                rpq = filled(RPQLinear(dense.in_features, dense.out_features, dense.out_features, 16, bias=False,
+                                       codebook_dtype="int8", rotation_block=16, dtype=torch.float32), seed=len(signs))
+                rpq.set_signs(signs.setdefault(dense.in_features, random_signs(dense.in_features, dense.in_features)))
+                setattr(parent, name, rpq)
+    return model
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Tests marked ``gpu`` skip, with one reason, where there is no CUDA device (CI); a GPU machine runs them."""
     if torch.cuda.is_available():

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import UserError
@@ -36,6 +37,8 @@ class Method:
     summary_table: Callable[[dict], tuple[Any, list, list[str]]]  # report summary -> (header, rows, lines under it)
     release_workspaces: Callable[[], None] | None = None  # memory a method keeps between calls, freed between models
     ff_timing_spans: Callable[[nn.Module], list[tuple[nn.Module, nn.Module]]] | None = None  # FF blocks, to time them
+    # keep each layer's weight decoded beside its codes (plain matrix products, more memory); returns the bytes added
+    decode_weights: Callable[[nn.Module, torch.dtype], int] | None = None
     command: str | None = None  # the module whose add_command(app) puts the method's CLI command on `compress`
     rank: int = 100  # where that command is listed in `compress --help`, lower first
 
@@ -88,3 +91,8 @@ def ff_timing_spans(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
         if method.ff_timing_spans is not None and (spans := method.ff_timing_spans(model)):
             return spans
     return []
+
+
+def decode_weights(model: nn.Module, dtype: torch.dtype) -> int:
+    """Every method's layers keep their weight decoded in ``dtype`` beside their codes; the bytes that adds."""
+    return sum(method.decode_weights(model, dtype) for method in _METHODS.values() if method.decode_weights is not None)

@@ -20,7 +20,8 @@ import torch
 import transformers
 from torch import nn
 
-from ..core.checkpoint import REPORT_FILE, load, validate_checkpoint, weight_files
+from ..core import methods
+from ..core.checkpoint import REPORT_FILE, decoded_dtype, load, validate_checkpoint, weight_files
 from ..core.text import Text
 from ..core.errors import UserError
 from ..core.sources import context_length, disk_bytes, load_model, load_tokenizer, original_source
@@ -42,6 +43,7 @@ class EvalSettings:
     metric: str = "auto"
     seed: int = 0
     latency: LatencySettings | None = field(default_factory=LatencySettings)
+    decode_weights: bool = False  # the compressed layers keep their weights decoded in 16 bits (load's option)
 
 
 class EvalObserver(Protocol):
@@ -70,6 +72,7 @@ class Measurement:
     load_seconds: float
     quality: dict = field(default_factory=dict)
     latency: LatencyResult | None = None
+    decoded_bytes: int = 0  # weights kept decoded beside the codes (--decode-weights), part of weight_bytes
 
     @property
     def bits_per_weight(self) -> float:
@@ -81,6 +84,7 @@ class Measurement:
             "model_class": self.model_class,
             "params": self.params,
             "weight_bytes": self.weight_bytes,
+            "decoded_bytes": self.decoded_bytes,
             "bits_per_weight": self.bits_per_weight,
             "disk_bytes": self.disk_bytes,
             "load_seconds": self.load_seconds,
@@ -135,6 +139,7 @@ def evaluate(
     observer.stage("loading the compressed model", None)
     # On the CPU for now: the original is measured first, with the device to itself.
     compressed_model, load_seconds = _timed(lambda: load(checkpoint, dtype=dtype))
+    decoded_bytes = methods.decode_weights(compressed_model, decoded_dtype(compressed_model)) if settings.decode_weights else 0
     metric = choose_metric(compressed_model, settings.metric, use_baseline)
     seq_len = _sequence_length(settings.seq_len, config, metric)
     inputs = _Inputs(metric, text, seq_len, settings)
@@ -149,8 +154,12 @@ def evaluate(
             warnings.append(f"the original could not be measured ({error}); pass --no-baseline to skip it")
     compressed = Measurement(
         "compressed", str(checkpoint), type(compressed_model).__name__, _original_params(checkpoint, section),
-        model_bytes(compressed_model), sum(f.stat().st_size for f in weight_files(checkpoint)), load_seconds,
+        model_bytes(compressed_model) + decoded_bytes, sum(f.stat().st_size for f in weight_files(checkpoint)), load_seconds,
+        decoded_bytes=decoded_bytes,
     )
+    if decoded_bytes:
+        warnings.append(f"--decode-weights: the compressed layers keep their weights decoded ({decoded_bytes / 1e6:,.1f} MB, "
+                        "counted in its weights in memory) beside the codes")
     _measure_into(compressed, compressed_model.to(settings.device), inputs, settings, observer)
     if metric == "embedding" and original is not None:
         compressed.quality.update(similarity.compare(inputs.reference, inputs.outputs))

@@ -144,6 +144,7 @@ def _settings_json(result: EvalResult) -> dict | None:
         "max_tokens": settings.max_tokens,
         "batch_size": settings.batch_size,
         "seed": settings.seed,
+        "decode_weights": settings.decode_weights,
         "latency": None if latency is None else {
             "prompt_len": latency.prompt_len,
             "new_tokens": latency.new_tokens,

@@ -81,8 +81,16 @@ def release_workspaces() -> None:
     release()
 
 
+def decode_weights(model, dtype) -> int:
+    """Every RPQ Linear and table keeps its weight decoded in ``dtype`` (``_Codes.keep_decoded``); the bytes added."""
+    from .layers.modules import RPQEmbedding, RPQLinear
+
+    return sum(module.keep_decoded(dtype) for module in model.modules() if isinstance(module, (RPQLinear, RPQEmbedding)))
+
+
 register(Method(
     name=QUANT_METHOD, title="RPQ conversion", config_class=RPQConfig, quantizer_class=RPQHfQuantizer,
     check_tensors=check_tensors, describe=describe, summary_table=summary_table, release_workspaces=release_workspaces,
+    decode_weights=decode_weights,
     command=f"{__package__}.command", rank=0,
 ))

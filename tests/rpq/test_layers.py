@@ -379,3 +379,24 @@ def test_a_groups_route_is_chosen_once_per_token_count_and_kept(monkeypatch):
     for _ in range(2):
         kernels.gated_linear_forward(torch.zeros(1, 64), torch.zeros(1, 64), members[0][0], None, bins, gated_routes)
     assert asked == [1, 40, 1] and len(gated_routes) == 1
+
+
+def test_layers_that_keep_their_weights_decoded_compute_the_same_and_say_what_it_costs():
+    """keep_decoded: plain matrix products on a 16-bit copy (a non-persistent buffer), same outputs, codes kept."""
+    from model_compress.rpq.kernels.rotation import random_signs
+
+    linear = filled(RPQLinear(64, 48, 48, 16, codebook_dtype="int8", rotation_block=16))
+    linear.set_signs(random_signs(64, 0))
+    table = filled(RPQEmbedding(100, 64, 32, 128, codebook_dtype="int8", rotation_block=16), seed=1)
+    table.set_signs(random_signs(64, 1))
+    head = RPQTiedHead(table)
+    x, ids = torch.randn(3, 64), torch.tensor([[1, 99, 7]])
+    with torch.no_grad():
+        expected = linear(x), table(ids), head(x)
+        added = linear.keep_decoded(torch.float16) + table.keep_decoded(torch.float16)
+        assert added == 2 * (48 * 64 + 100 * 64)
+        assert "decoded_weight" not in linear.state_dict() and linear.decoded.dtype == torch.float16
+        for got, want in zip((linear(x), table(ids), head(x)), expected):
+            assert got.dtype == want.dtype and rel_error(got, want) < 2e-3  # float16 weights: their rounding
+        assert linear.keep_decoded(None) == 0 and linear.decoded is None
+        torch.testing.assert_close(linear(x), expected[0])

@@ -16,7 +16,7 @@ from model_compress.rpq.kernels.config.packed_routes import PACKED_ROUTES, Packe
 from model_compress.rpq.kernels.layout import EMBEDDING, code_bits, decode, pack_codes, unpack_codes
 from model_compress.rpq.layers.modules import RPQEmbedding, RPQLinear, RPQTiedHead
 
-from ..conftest import filled, rel_error
+from ..conftest import filled, rel_error, rotated_llama
 
 packed = pytest.importorskip("model_compress.rpq.kernels.packed", reason="needs Triton")
 pytestmark = pytest.mark.gpu
@@ -168,9 +168,7 @@ def test_norm_and_gate_prologues_write_the_rotated_input(dtype, width, block):
 def test_a_rotated_model_with_its_fusions_on_cuda_gives_the_cpu_logits():
     from model_compress.rpq.fusions import apply_fusions
 
-    from .test_rotation import _rotated_llama
-
-    model = _rotated_llama()
+    model = rotated_llama()
     apply_fusions(model)
     ids = torch.randint(0, model.config.vocab_size, (2, 40))
     with torch.no_grad():

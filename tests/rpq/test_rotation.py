@@ -21,7 +21,7 @@ from model_compress.rpq.kernels.rotation import (
 from model_compress.rpq.layers.modules import RPQEmbedding, RPQLinear, RPQTiedHead
 from model_compress.rpq.pipeline import CalibrationOptions, compress_rpq
 
-from ..conftest import assert_one_line_error, filled, run_cli, tiny_config
+from ..conftest import assert_one_line_error, filled, rotated_llama, run_cli, tiny_config
 
 QUICK = CalibrationOptions(tokens=1024)
 
@@ -142,6 +142,21 @@ def test_a_budget_rotates_every_layer_and_the_checkpoint_rebuilds_r_bit_for_bit(
         torch.testing.assert_close(loaded(ids).logits, run.model(ids).logits, rtol=0, atol=0)
 
 
+def test_a_checkpoint_loaded_with_decoded_weights_gives_the_same_logits(rotated_checkpoint):
+    """load(decode_weights=True): every layer multiplies a float16 copy of its decoded weight, kept beside the codes."""
+    out, _ = rotated_checkpoint
+    plain = model_compress.load(out, dtype=torch.float32)
+    decoded = model_compress.load(out, dtype=torch.float32, decode_weights=True)
+    layers = [m for m in decoded.modules() if isinstance(m, (RPQLinear, RPQEmbedding))]
+    assert layers and all(m.decoded is not None and m.decoded.dtype == torch.float16 for m in layers)
+    assert any(name.endswith("decoded_weight") for name, _ in decoded.named_buffers())
+    assert not any(key.endswith("decoded_weight") for key in decoded.state_dict())  # never saved
+    ids = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        want, got = plain(ids).logits, decoded(ids).logits
+    assert ((got - want).norm() / want.norm()).item() < 5e-3
+
+
 def test_rotation_none_and_fixed_settings_store_no_rotation(tmp_path, tiny_folder):
     folder = tiny_folder("llama")
     run = compress_rpq(str(folder), tmp_path / "none", RPQSettings(bits=4.0, rotation="none"), calibration=QUICK)
@@ -197,26 +212,11 @@ def test_a_damaged_rotation_is_one_clear_line_at_load(rotated_checkpoint, tmp_pa
     assert_one_line_error(run_cli("inspect", str(broken)), fragment)
 
 
-def _rotated_llama() -> torch.nn.Module:
-    """A tiny Llama whose every decoder Linear is a rotated packed RPQ layer (one set of signs per input width)."""
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
-    signs = {}
-    for layer in model.model.layers:
-        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
-            for name in names:
-                dense = getattr(parent, name)
-                rpq = filled(RPQLinear(dense.in_features, dense.out_features, dense.out_features, 16, bias=False,
-                                       codebook_dtype="int8", rotation_block=16, dtype=torch.float32), seed=len(signs))
-                rpq.set_signs(signs.setdefault(dense.in_features, random_signs(dense.in_features, dense.in_features)))
-                setattr(parent, name, rpq)
-    return model
-
-
 def test_norms_and_gates_that_write_the_rotated_input_give_the_same_logits():
     """The pre-norms write norm(x) R and the MLPs (silu(gate) * up) R: consumers take it as it comes, same logits."""
     import copy
 
-    plain = _rotated_llama()
+    plain = rotated_llama()
     fused = copy.deepcopy(plain)
     counts = apply_fusions(fused)
     layers = len(plain.model.layers)
@@ -229,7 +229,7 @@ def test_norms_and_gates_that_write_the_rotated_input_give_the_same_logits():
 
 
 def test_a_norm_whose_readers_are_rotated_differently_is_left_alone():
-    model = _rotated_llama()
+    model = rotated_llama()
     attention = model.model.layers[0].self_attn
     attention.k_proj.set_signs(random_signs(attention.k_proj.in_features, 99))
     counts = apply_fusions(model)
@@ -238,7 +238,7 @@ def test_a_norm_whose_readers_are_rotated_differently_is_left_alone():
 
 
 def test_a_reader_of_a_rotating_norm_called_on_another_tensor_rotates_it_itself():
-    model = _rotated_llama()
+    model = rotated_llama()
     apply_fusions(model)
     decoder = model.model.layers[0]
     x = torch.randn(1, 4, decoder.self_attn.q_proj.in_features)
@@ -249,3 +249,19 @@ def test_a_reader_of_a_rotating_norm_called_on_another_tensor_rotates_it_itself(
         torch.testing.assert_close(q(x), expected, rtol=1e-5, atol=1e-5)  # not the norm's tensor: rotated by the layer
         unrotated_norm = unrotate(written, q.signs(torch.float32), q.rotation_block)
         torch.testing.assert_close(q(written), F.linear(unrotated_norm, q.dequantize()), rtol=1e-4, atol=1e-4)
+
+
+def test_eval_with_decoded_weights_reports_their_memory_and_the_same_quality(rotated_checkpoint, tmp_path):
+    out, _ = rotated_checkpoint
+    reports = {}
+    for flag in ((), ("--decode-weights",)):
+        path = tmp_path / f"report{len(flag)}.json"
+        result = run_cli("eval", str(out), "--no-latency", "--max-tokens", "512", "--seq-len", "64", "--device", "cpu",
+                         "--json", str(path), *flag)
+        assert result.exit_code == 0, result.output
+        reports[bool(flag)] = json.loads(path.read_text())
+    plain, decoded = reports[False]["compressed"], reports[True]["compressed"]
+    assert reports[True]["settings"]["decode_weights"] and plain["decoded_bytes"] == 0 < decoded["decoded_bytes"]
+    assert decoded["weight_bytes"] == plain["weight_bytes"] + decoded["decoded_bytes"]
+    assert decoded["quality"]["perplexity"] == pytest.approx(plain["quality"]["perplexity"], rel=1e-2)
+    assert any("--decode-weights" in line for line in reports[True]["warnings"])

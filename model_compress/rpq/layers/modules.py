@@ -20,6 +20,7 @@ from __future__ import annotations
 
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .direct_reads import own_forward_sources
@@ -162,6 +163,24 @@ class _Codes:
         self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
         return result
 
+    @property
+    def decoded(self) -> Tensor | None:
+        """The weight decoded once by ``keep_decoded`` (in the rotated basis), or None: the layer computes from its codes."""
+        return self._buffers.get("decoded_weight")
+
+    def keep_decoded(self, dtype: torch.dtype | None) -> int:
+        """Keep the weight (W R for a rotated layer, as the codes give it) decoded in ``dtype`` and multiply with it: plain
+        matrix products, at the cost of the decoded weight's bytes (returned). A non-persistent buffer: it follows
+        ``.to()``, is never saved, and the codes stay. ``None`` drops it."""
+        if dtype is None:
+            self._buffers.pop("decoded_weight", None)
+            return 0
+        layout = EMBEDDING if isinstance(self, nn.Embedding) else LINEAR
+        with torch.no_grad():
+            weight = decode(self.codebook_values(torch.float32), self.codes(), layout).to(dtype)
+        self.register_buffer("decoded_weight", weight, persistent=False)
+        return weight.numel() * weight.element_size()
+
     def codes(self, select: Tensor | None = None) -> Tensor:
         """The codes (M, columns) as int64, or only the columns ``select``."""
         return unpack_codes(self.indices, self.code_bits, self.columns, select)
@@ -218,8 +237,11 @@ class RPQLinear(_Codes, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.native:
             return self.forward_rotated(self.rotate_input(x))
+        if self.decoded is not None:
+            norm = self.__dict__.get("_normed_input")  # fused_norm: x is the input of the norm before us
+            return self.forward_rotated(x if norm is None else norm.norm.normalized(x))
         group = self.__dict__.get("_shared_input")  # shared_input.SharedInputGroup: q/k/v in one launch
-        if group is not None:
+        if group is not None and not any(member.decoded is not None for member in group.members):
             out = group.output(self, x)
             if out is not None:
                 return out
@@ -228,10 +250,16 @@ class RPQLinear(_Codes, nn.Module):
 
     def forward_rotated(self, x: Tensor) -> Tensor:
         """The layer on an input already in its rotated basis (x R), for the packed forms: what a fused prologue feeds."""
+        decoded = self.decoded
+        if decoded is not None:
+            out = F.linear(x.to(decoded.dtype), decoded).to(x.dtype)
+            return out if self.bias is None else out + self.bias.to(out.dtype)
         return packed_forward.linear(x, self.indices, self.codebooks, self.codebook_scales, self.bias, self.code_bits, self.in_features)
 
     def gated_forward(self, gate: Tensor, up: Tensor) -> Tensor | None:
         """``self(silu(gate) * up)`` in one kernel where the one-token binned route applies, else None (``fused_glu``)."""
+        if self.decoded is not None:
+            return None
         return kernels.gated_linear_forward(gate, up, self.codebooks, self.bias, self.code_bins, self._route_store())
 
     def _route_store(self) -> dict:
@@ -294,6 +322,8 @@ class RPQEmbedding(_Codes, nn.Embedding):
         return rows if self.rotation_block is None else packed_forward.unrotate(rows, self.signs(rows.dtype), self.rotation_block)
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Embedding's argument name
+        if self.decoded is not None:
+            return self.unrotate_rows(self.decoded[input].to(self.value_dtype))
         if not self.native:
             rows = packed_forward.embedding_rows(
                 input, self.indices, self.codebooks, self.codebook_scales, self.code_bits, self.columns, self.value_dtype
@@ -338,6 +368,10 @@ class RPQTiedHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         embedding = self._embedding
+        table = embedding.decoded
+        if table is not None:
+            out = F.linear(embedding.rotate_input(x).to(table.dtype), table).to(x.dtype)
+            return out if self.bias is None else out + self.bias.to(out.dtype)
         if not embedding.native:
             return packed_forward.tied_head(
                 embedding.rotate_input(x), embedding.indices, embedding.codebooks, embedding.codebook_scales, self.bias,
