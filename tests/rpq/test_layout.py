@@ -81,3 +81,14 @@ def test_code_bits_by_codebook_size():
     assert [code_bits(k) for k in (2, 3, 4, 5, 255, 256, 257, 65536)] == [1, 2, 2, 3, 8, 8, 9, 16]
     with pytest.raises(ValueError):
         code_bits(65537)
+
+
+@pytest.mark.parametrize("shape,layout", [((576, 576), "linear"), ((192, 576), "linear"), ((576, 1536), "linear"),
+                                          ((4096, 11008), "linear"), ((49152, 576), "embedding"), ((384, 30522), "linear")])
+def test_every_format_a_budget_offers_has_a_packed_kernel(shape, layout):
+    from model_compress.rpq.fit.formats import budget_candidates
+    from model_compress.rpq.kernels.config.packed_routes import serves
+
+    candidates = budget_candidates(shape, layout, ("int8", "float16"), 1.0, 9.0)
+    assert candidates
+    assert all(serves(code_bits(f.codebook_size)) and f.codebook_dtype in ("int8", "float16") for f in candidates)

@@ -18,7 +18,7 @@ parameters are unchanged. ``MODEL_COMPRESS_FUSED_NORM=0`` leaves the norms alone
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -98,26 +98,32 @@ def _norm_spec(module: nn.Module) -> NormSpec | None:
     return None
 
 
+def known_pre_norms(model: nn.Module) -> Iterator[tuple[nn.Module, list[nn.Module | None], NormSpec | None]]:
+    """Each pre-norm of a known decoder layer of ``model``, the modules that read its output, and its kernel spec (None
+    for a norm the kernels do not reproduce). Post-norm OPT is skipped: there the norm's output is the residual."""
+    for layer in model.modules():
+        for norm_name, consumer_paths in PRE_NORM_LAYERS.get(type(layer).__name__, ()):
+            if type(layer).__name__ == "OPTDecoderLayer" and not getattr(layer, "do_layer_norm_before", False):
+                continue
+            norm = getattr(layer, norm_name, None)
+            if norm is not None:
+                yield norm, [_submodule(layer, path) for path in consumer_paths], _norm_spec(norm)
+
+
 def defer_norms(model: nn.Module) -> int:
     """Give the consumers of every known pre-norm a DeferredNorm and make the norm pass its input; returns how many."""
     if not options.current().fused_norm:
         return 0
     deferred = 0
-    for layer in model.modules():
-        for norm_name, consumer_paths in PRE_NORM_LAYERS.get(type(layer).__name__, ()):
-            if type(layer).__name__ == "OPTDecoderLayer" and not getattr(layer, "do_layer_norm_before", False):
-                continue  # post-norm OPT (350m): the norm output is the residual stream
-            module = getattr(layer, norm_name, None)
-            consumers = [_submodule(layer, path) for path in consumer_paths]
-            spec = _norm_spec(module) if module is not None else None
-            if spec is None or not all(isinstance(c, RPQLinear) and c.native and c.in_features == spec.weight.numel() for c in consumers):
-                continue
-            norm = DeferredNorm(spec, module.forward, len(consumers))
-            beta = getattr(module, "bias", None) if spec.kind == LAYER_NORM else None
-            for consumer in consumers:
-                consumer.__dict__["_normed_input"] = NormedInput(norm, consumer, beta)
-            module.forward = _pass_through
-            deferred += 1
+    for module, consumers, spec in known_pre_norms(model):
+        if spec is None or not all(isinstance(c, RPQLinear) and c.native and c.in_features == spec.weight.numel() for c in consumers):
+            continue
+        norm = DeferredNorm(spec, module.forward, len(consumers))
+        beta = getattr(module, "bias", None) if spec.kind == LAYER_NORM else None
+        for consumer in consumers:
+            consumer.__dict__["_normed_input"] = NormedInput(norm, consumer, beta)
+        module.forward = _pass_through
+        deferred += 1
     return deferred
 
 

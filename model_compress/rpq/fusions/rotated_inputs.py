@@ -23,7 +23,7 @@ from ..kernels import packed_forward
 from ..kernels.config import options
 from ..layers.modules import RPQLinear
 from .glu import GATED_MLP_CLASSES, SILU_CLASSES
-from .norm import PRE_NORM_LAYERS, _norm_spec, _submodule
+from .norm import known_pre_norms
 from .shared_rotation import same_rotation
 
 
@@ -52,20 +52,14 @@ def rotate_in_norms(model: nn.Module) -> int:
     if not options.current().fused_norm:
         return 0
     fused = 0
-    for layer in model.modules():
-        for norm_name, consumer_paths in PRE_NORM_LAYERS.get(type(layer).__name__, ()):
-            if type(layer).__name__ == "OPTDecoderLayer" and not getattr(layer, "do_layer_norm_before", False):
-                continue  # post-norm OPT: the norm output is the residual stream
-            norm = getattr(layer, norm_name, None)
-            consumers = [_submodule(layer, path) for path in consumer_paths]
-            spec = _norm_spec(norm) if norm is not None else None
-            if spec is None or norm._forward_hooks or norm._forward_pre_hooks or not _rotated_alike(consumers, spec.weight.numel()):
-                continue
-            written = RotatedOutput()
-            norm.forward = functools.partial(_rotated_norm_forward, norm.forward, spec, getattr(norm, "bias", None), consumers[0], written)
-            for consumer in consumers:
-                consumer.__dict__["_rotated_by"] = written
-            fused += 1
+    for norm, consumers, spec in known_pre_norms(model):
+        if spec is None or norm._forward_hooks or norm._forward_pre_hooks or not _rotated_alike(consumers, spec.weight.numel()):
+            continue
+        written = RotatedOutput()
+        norm.forward = functools.partial(_rotated_norm_forward, norm.forward, spec, getattr(norm, "bias", None), consumers[0], written)
+        for consumer in consumers:
+            consumer.__dict__["_rotated_by"] = written
+        fused += 1
     return fused
 
 

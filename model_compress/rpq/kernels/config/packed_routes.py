@@ -41,6 +41,16 @@ HEAD_SCORE_TOKENS = 16
 HEAD_CHUNK_BYTES = 32 * 1024 * 1024
 
 
+# What the packed kernels read: codes of 1 to 16 bits (1, 2, 4 and 8 as whole byte tiles, the rest code by code), any
+# number of values per code, int8 codebooks with a scale each or float ones. Every format a bit budget offers is one.
+SERVED_CODE_BITS = range(1, 17)
+
+
+def serves(code_bits: int) -> bool:
+    """Whether the packed kernels run a layer whose codes take ``code_bits`` bits."""
+    return code_bits in SERVED_CODE_BITS
+
+
 def packed_tile(tokens: int, routes: tuple[tuple[int, PackedTile], ...] = PACKED_ROUTES) -> PackedTile | None:
     """The tile for a call of ``tokens`` rows, or None: decode W' and use cuBLAS."""
     for largest, tile in routes:

@@ -56,3 +56,26 @@ def unpack_tile(row_ptrs, first_column, width, mask_rows, BITS: tl.constexpr, BL
         odd = tl.interleave(tl.interleave((raw >> 1) & 1, (raw >> 5) & 1), tl.interleave((raw >> 3) & 1, raw >> 7))
         codes = tl.interleave(even, odd)
     return codes
+
+
+@triton.jit
+def row_pointers(codes_ptr, codebooks_ptr, offs_n, code_width, CODEBOOK_SIZE: tl.constexpr, PIECE: tl.constexpr):
+    """For output rows ``offs_n`` of a LINEAR layout: their codebooks (heads), packed code rows and codebook value rows
+    (piece d = offs_n % PIECE of every code), as (rows, 1) pointers."""
+    heads = offs_n // PIECE
+    code_rows = codes_ptr + heads.to(tl.int64)[:, None] * code_width
+    value_rows = codebooks_ptr + (heads * (CODEBOOK_SIZE * PIECE) + (offs_n - heads * PIECE))[:, None]
+    return heads, code_rows, value_rows
+
+
+@triton.jit
+def weight_tile(code_rows, value_rows, first, offs_k, mask_n, mask_k, code_width, PIECE: tl.constexpr, BITS: tl.constexpr,
+                BYTES: tl.constexpr, VECTOR: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W'[rows, first .. first + BLOCK_K] as stored (int8 or float, before the scales): codes read (whole byte tiles where
+    VECTOR), then their codebook values gathered."""
+    mask = mask_n[:, None] & mask_k[None, :]
+    if VECTOR:
+        codes = unpack_tile(code_rows, first, code_width, mask_n, BITS, BLOCK_K)
+    else:
+        codes = unpack(code_rows, offs_k[None, :], code_width, mask, BITS, BYTES)
+    return tl.load(value_rows + codes * PIECE, mask=mask, other=0)

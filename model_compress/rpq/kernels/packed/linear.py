@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..config.packed_routes import PackedTile
 from ..triton.common import _cdiv, _rows, _store_tile, tile_counters
-from .codes import VECTOR_BITS, bytes_spanned, unpack, unpack_tile
+from .codes import VECTOR_BITS, bytes_spanned, row_pointers, weight_tile
 
 
 @triton.jit
@@ -58,9 +58,7 @@ def _packed_linear_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < tokens
     mask_n = offs_n < out_features
-    heads = offs_n // PIECE
-    code_rows = codes_ptr + heads.to(tl.int64)[:, None] * code_width
-    value_rows = codebooks_ptr + (heads * (CODEBOOK_SIZE * PIECE) + (offs_n - heads * PIECE))[:, None]
+    heads, code_rows, value_rows = row_pointers(codes_ptr, codebooks_ptr, offs_n, code_width, CODEBOOK_SIZE, PIECE)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_begin = pid_k * chunk_k
     k_end = tl.minimum(k_begin + chunk_k, in_features)
@@ -68,12 +66,8 @@ def _packed_linear_kernel(
         offs_k = k_begin + step + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        mask_nk = mask_n[:, None] & mask_k[None, :]
-        if VECTOR:
-            codes = unpack_tile(code_rows, k_begin + step, code_width, mask_n, BITS, BLOCK_K)
-        else:
-            codes = unpack(code_rows, offs_k[None, :], code_width, mask_nk, BITS, BYTES)
-        w = tl.load(value_rows + codes * PIECE, mask=mask_nk, other=0).to(x.dtype)
+        w = weight_tile(code_rows, value_rows, k_begin + step, offs_k, mask_n, mask_k, code_width, PIECE, BITS, BYTES, VECTOR,
+                        BLOCK_K).to(x.dtype)
         if USE_DOT and DOT_IEEE:
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         elif USE_DOT:
@@ -117,9 +111,7 @@ def _packed_gemv_kernel(
     pid_k = tl.program_id(2)  # the grid is (tiles, 1, split), as _store_tile expects
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < out_features
-    heads = offs_n // PIECE
-    code_rows = codes_ptr + heads.to(tl.int64)[:, None] * code_width
-    value_rows = codebooks_ptr + (heads * (CODEBOOK_SIZE * PIECE) + (offs_n - heads * PIECE))[:, None]
+    heads, code_rows, value_rows = row_pointers(codes_ptr, codebooks_ptr, offs_n, code_width, CODEBOOK_SIZE, PIECE)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_begin = pid_k * chunk_k
     k_end = tl.minimum(k_begin + chunk_k, in_features)
@@ -127,12 +119,9 @@ def _packed_gemv_kernel(
         offs_k = k_begin + step + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        mask_nk = mask_n[:, None] & mask_k[None, :]
-        if VECTOR:
-            codes = unpack_tile(code_rows, k_begin + step, code_width, mask_n, BITS, BLOCK_K)
-        else:
-            codes = unpack(code_rows, offs_k[None, :], code_width, mask_nk, BITS, BYTES)
-        acc += tl.load(value_rows + codes * PIECE, mask=mask_nk, other=0).to(tl.float32) * x[None, :]
+        w = weight_tile(code_rows, value_rows, k_begin + step, offs_k, mask_n, mask_k, code_width, PIECE, BITS, BYTES, VECTOR,
+                        BLOCK_K)
+        acc += w.to(tl.float32) * x[None, :]
     sums = tl.sum(acc, axis=1)
     if HAS_SCALES:
         sums = sums * tl.load(scales_ptr + heads, mask=mask_n, other=0.0).to(tl.float32)
