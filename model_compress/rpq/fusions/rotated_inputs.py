@@ -17,6 +17,7 @@ import functools
 import weakref
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from ..kernels import packed_forward
@@ -74,6 +75,8 @@ def _rotated_alike(layers: list, width: int) -> bool:
 
 def _rotated_norm_forward(own_forward: Callable[[Tensor], Tensor], spec, bias: Tensor | None, first: RPQLinear,
                           written: RotatedOutput, x: Tensor) -> Tensor:
+    if torch.compiler.is_compiling():  # traced: the plain norm, each reader rotates (the compiler merges those)
+        return own_forward(x)
     out = packed_forward.norm_rotate(x, own_forward, spec.weight, bias, spec.eps, spec.kind, first.signs(spec.weight.dtype),
                                      first.rotation_block)
     return written.mark(out)
@@ -100,6 +103,6 @@ def rotated_gated_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
     """down_proj(act_fn(gate_proj(x)) * up_proj(x)) with the product and down_proj's rotation made in one step."""
     gate, up = mlp.gate_proj(x), mlp.up_proj(x)
     down = mlp.down_proj
-    if down._forward_hooks or down._forward_pre_hooks:  # a hook (offloading, tracing) must see down's own input
+    if down._forward_hooks or down._forward_pre_hooks or torch.compiler.is_compiling():  # a hook must see down's input
         return down(mlp.act_fn(gate) * up)
     return down.forward_rotated(packed_forward.gated_silu_rotate(gate, up, mlp.act_fn, down.signs(gate.dtype), down.rotation_block))

@@ -110,6 +110,8 @@ class _Codes:
         """
         if self.rotation_block is None:
             return x
+        if torch.compiler.is_compiling():  # no identity tricks in a traced graph: the compiler merges equal rotations
+            return self.rotate_alone(x)
         written = self.__dict__.get("_rotated_by")
         if written is not None and written.holds(x):
             return x
@@ -124,6 +126,8 @@ class _Codes:
         """The rotation's +-1 signs (one per input feature) in ``dtype``, unpacked from the saved bits on first use and
         kept (derived data, never saved) until the buffer changes (a ``.to()``, a load): no cast on every call."""
         packed = self.rotation_signs
+        if torch.compiler.is_compiling():  # traced: plain ops on the buffer, which the compiler folds
+            return rotation.unpack_signs(packed).to(dtype)
         buffer_key = (packed.data_ptr(), packed.device, packed._version)
         state = self.__dict__.get("_signs")
         if state is None or state[0] != buffer_key:  # first use, or the buffer moved or changed: old copies are stale
