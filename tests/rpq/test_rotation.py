@@ -265,3 +265,17 @@ def test_eval_with_decoded_weights_reports_their_memory_and_the_same_quality(rot
     assert decoded["weight_bytes"] == plain["weight_bytes"] + decoded["decoded_bytes"]
     assert decoded["quality"]["perplexity"] == pytest.approx(plain["quality"]["perplexity"], rel=1e-2)
     assert any("--decode-weights" in line for line in reports[True]["warnings"])
+
+
+def test_decoded_weights_behind_rotating_norms_and_gates_give_the_same_logits():
+    """Decoded weights are in the model's basis: the fused norms and gates then hand over their plain outputs."""
+    from model_compress.core.methods import decode_weights
+
+    model = rotated_llama()
+    apply_fusions(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert decode_weights(model, torch.float16) > 0
+        got = model(ids).logits
+    assert ((got - expected).norm() / expected.norm()).item() < 5e-3

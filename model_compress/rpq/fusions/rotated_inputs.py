@@ -57,7 +57,7 @@ def rotate_in_norms(model: nn.Module) -> int:
         if spec is None or norm._forward_hooks or norm._forward_pre_hooks or not _rotated_alike(consumers, spec.weight.numel()):
             continue
         written = RotatedOutput()
-        norm.forward = functools.partial(_rotated_norm_forward, norm.forward, spec, getattr(norm, "bias", None), consumers[0], written)
+        norm.forward = functools.partial(_rotated_norm_forward, norm.forward, spec, getattr(norm, "bias", None), consumers, written)
         for consumer in consumers:
             consumer.__dict__["_rotated_by"] = written
         fused += 1
@@ -73,10 +73,12 @@ def _rotated_alike(layers: list, width: int) -> bool:
     )
 
 
-def _rotated_norm_forward(own_forward: Callable[[Tensor], Tensor], spec, bias: Tensor | None, first: RPQLinear,
+def _rotated_norm_forward(own_forward: Callable[[Tensor], Tensor], spec, bias: Tensor | None, readers: list[RPQLinear],
                           written: RotatedOutput, x: Tensor) -> Tensor:
-    if torch.compiler.is_compiling():  # traced: the plain norm, each reader rotates (the compiler merges those)
+    # traced: the plain norm, each reader rotates (the compiler merges those); decoded weights take the plain input
+    if torch.compiler.is_compiling() or any(reader.decoded is not None for reader in readers):
         return own_forward(x)
+    first = readers[0]
     out = packed_forward.norm_rotate(x, own_forward, spec.weight, bias, spec.eps, spec.kind, first.signs(spec.weight.dtype),
                                      first.rotation_block)
     return written.mark(out)
@@ -103,6 +105,7 @@ def rotated_gated_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
     """down_proj(act_fn(gate_proj(x)) * up_proj(x)) with the product and down_proj's rotation made in one step."""
     gate, up = mlp.gate_proj(x), mlp.up_proj(x)
     down = mlp.down_proj
-    if down._forward_hooks or down._forward_pre_hooks or torch.compiler.is_compiling():  # a hook must see down's input
+    # a hook must see down's own input; a decoded down_proj takes the plain product
+    if down._forward_hooks or down._forward_pre_hooks or torch.compiler.is_compiling() or down.decoded is not None:
         return down(mlp.act_fn(gate) * up)
     return down.forward_rotated(packed_forward.gated_silu_rotate(gate, up, mlp.act_fn, down.signs(gate.dtype), down.rotation_block))

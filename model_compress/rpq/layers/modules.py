@@ -169,19 +169,18 @@ class _Codes:
 
     @property
     def decoded(self) -> Tensor | None:
-        """The weight decoded once by ``keep_decoded`` (in the rotated basis), or None: the layer computes from its codes."""
+        """The weight decoded once by ``keep_decoded`` (in the model's basis), or None: the layer computes from its codes."""
         return self._buffers.get("decoded_weight")
 
     def keep_decoded(self, dtype: torch.dtype | None) -> int:
-        """Keep the weight (W R for a rotated layer, as the codes give it) decoded in ``dtype`` and multiply with it: plain
+        """Keep the weight decoded in ``dtype`` (rotation undone: the layer then needs no x R) and multiply with it: plain
         matrix products, at the cost of the decoded weight's bytes (returned). A non-persistent buffer: it follows
         ``.to()``, is never saved, and the codes stay. ``None`` drops it."""
         if dtype is None:
             self._buffers.pop("decoded_weight", None)
             return 0
-        layout = EMBEDDING if isinstance(self, nn.Embedding) else LINEAR
         with torch.no_grad():
-            weight = decode(self.codebook_values(torch.float32), self.codes(), layout).to(dtype)
+            weight = self.dequantize().to(dtype)
         self.register_buffer("decoded_weight", weight, persistent=False)
         return weight.numel() * weight.element_size()
 
@@ -239,11 +238,14 @@ class RPQLinear(_Codes, nn.Module):
         return cached[1]
 
     def forward(self, x: Tensor) -> Tensor:
+        decoded = self.decoded
+        if decoded is not None:  # keep_decoded: a plain product, in the model's basis
+            norm = self.__dict__.get("_normed_input")  # fused_norm: x is the input of the norm before us
+            x = x if norm is None else norm.norm.normalized(x)
+            out = F.linear(x.to(decoded.dtype), decoded).to(x.dtype)
+            return out if self.bias is None else out + self.bias.to(out.dtype)
         if not self.native:
             return self.forward_rotated(self.rotate_input(x))
-        if self.decoded is not None:
-            norm = self.__dict__.get("_normed_input")  # fused_norm: x is the input of the norm before us
-            return self.forward_rotated(x if norm is None else norm.norm.normalized(x))
         group = self.__dict__.get("_shared_input")  # shared_input.SharedInputGroup: q/k/v in one launch
         if group is not None and not any(member.decoded is not None for member in group.members):
             out = group.output(self, x)
@@ -254,10 +256,6 @@ class RPQLinear(_Codes, nn.Module):
 
     def forward_rotated(self, x: Tensor) -> Tensor:
         """The layer on an input already in its rotated basis (x R), for the packed forms: what a fused prologue feeds."""
-        decoded = self.decoded
-        if decoded is not None:
-            out = F.linear(x.to(decoded.dtype), decoded).to(x.dtype)
-            return out if self.bias is None else out + self.bias.to(out.dtype)
         return packed_forward.linear(x, self.indices, self.codebooks, self.codebook_scales, self.bias, self.code_bits, self.in_features)
 
     def gated_forward(self, gate: Tensor, up: Tensor) -> Tensor | None:
@@ -327,7 +325,7 @@ class RPQEmbedding(_Codes, nn.Embedding):
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Embedding's argument name
         if self.decoded is not None:
-            return self.unrotate_rows(self.decoded[input].to(self.value_dtype))
+            return self.decoded[input].to(self.value_dtype)
         if not self.native:
             rows = packed_forward.embedding_rows(
                 input, self.indices, self.codebooks, self.codebook_scales, self.code_bits, self.columns, self.value_dtype
@@ -374,7 +372,7 @@ class RPQTiedHead(nn.Module):
         embedding = self._embedding
         table = embedding.decoded
         if table is not None:
-            out = F.linear(embedding.rotate_input(x).to(table.dtype), table).to(x.dtype)
+            out = F.linear(x.to(table.dtype), table).to(x.dtype)
             return out if self.bias is None else out + self.bias.to(out.dtype)
         if not embedding.native:
             return packed_forward.tied_head(
