@@ -112,12 +112,15 @@ def sweep(layers: dict, dense: dict) -> dict:
     chosen = {}
     for tokens in (1, 16, 64):
         scores = []
+        shapes = SMALL_SHAPES + LARGE_SHAPES
         for tile in sweep_candidates(tokens):
-            ratios = [layers[(shape, "D1 K16 int8")].tile_us(tokens, tile) / dense[(shape, tokens)] for shape in SMALL_SHAPES + LARGE_SHAPES]
-            scores.append((statistics.mean(ratios), tile))
+            ratios = [layers[(shape, "D1 K16 int8")].tile_us(tokens, tile) / dense[(shape, tokens)] for shape in shapes]
+            scores.append((statistics.mean(ratios), tile, ratios))
             print(f"  sweep tokens={tokens} {tile.describe()}: mean ratio to dense {scores[-1][0]:.3f}", flush=True)
         best = min(scores, key=lambda s: s[0])
-        chosen[tokens] = {"tile": best[1].__dict__, "mean_ratio_to_dense": best[0]}
+        per_shape = {f"{a}x{b}": min(scores, key=lambda s: s[2][i])[1].describe() for i, (a, b) in enumerate(shapes)}
+        chosen[tokens] = {"tile": best[1].__dict__, "mean_ratio_to_dense": best[0], "best_per_shape": per_shape,
+                          "all": [(tile.__dict__, ratios) for _, tile, ratios in scores]}
         print(f"best tokens={tokens}: {best[1].describe()} ({best[0]:.3f} of dense)", flush=True)
     return chosen
 
