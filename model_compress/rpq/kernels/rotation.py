@@ -41,9 +41,20 @@ def block_for(width: int, wanted: int) -> int | None:
     return block if block >= MIN_BLOCK else None
 
 
-@functools.lru_cache(maxsize=64)
 def hadamard(block: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The (b, b) Walsh-Hadamard matrix divided by sqrt(b) (Sylvester's construction: b a power of two)."""
+    """The (b, b) Walsh-Hadamard matrix divided by sqrt(b) (Sylvester's construction: b a power of two); made once per
+    (block, device, dtype) and kept, except while ``torch.compile`` traces (the compiler folds the construction)."""
+    if torch.compiler.is_compiling():
+        return _sylvester(block, device, dtype)
+    return _kept_hadamard(block, device, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _kept_hadamard(block: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return _sylvester(block, device, dtype)
+
+
+def _sylvester(block: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     if block < 1 or block & (block - 1):
         raise ValueError(f"a Hadamard block must be a power of two, got {block}")
     matrix = torch.ones(1, 1, dtype=torch.float64)
