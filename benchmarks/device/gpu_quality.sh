@@ -13,7 +13,8 @@
 #                                       then `compress eval` of it (EVAL_ARGS) against the original; RUN_NAME names the run
 #   STAGE=minilm-cli (.device/minilm)   the same for all-MiniLM-L6-v2 (a later call on the machine needs no carry)
 #   STAGE=eval    (no carry)            `compress eval` again (EVAL_ARGS) on the folder an earlier `default` call left
-#   STAGE=packed  (no carry)            the packed-code kernels' CUDA tests and benchmarks/rpq/packed_kernels.py (PACKED_ARGS)
+#   STAGE=packed  (no carry)            the packed-code kernels' CUDA tests, benchmarks/rpq/packed_kernels.py (PACKED_ARGS) and
+#                                       benchmarks/experiments/odd_bit_planes.py (bit planes for 3-7-bit codes)
 #   STAGE=cost    (no carry)            what the input rotation costs on the torch path (rotation_cost.py)
 # benchmarks/README.md says how the carried folders are made. Results land in $OUT.
 set -uo pipefail
@@ -99,6 +100,7 @@ case "$stage" in
     timeout "${TEST_SECONDS:-400}" python3 -m pytest -q --tb=short -rfE -p no:cacheprovider -n 4 tests/rpq/test_packed_kernels.py \
       > "$OUT/packed_tests.log" 2>&1; tail -15 "$OUT/packed_tests.log"
     python3 benchmarks/rpq/packed_kernels.py ${PACKED_ARGS:---sweep} --json "$OUT/packed_kernels.json" 2>&1 | tee "$OUT/packed_kernels.log" | grep -v "^  sweep"
+    python3 benchmarks/experiments/odd_bit_planes.py --json "$OUT/odd_bit_planes.json" 2>&1 | tee "$OUT/odd_bit_planes.log"
     ;;
   cost)
     install_wheels /tmp/smol
