@@ -15,6 +15,7 @@
 #   STAGE=eval    (no carry)            `compress eval` again (EVAL_ARGS) on the folder an earlier `default` call left
 #   STAGE=packed  (no carry)            the packed-code kernels' CUDA tests, benchmarks/rpq/packed_kernels.py (PACKED_ARGS) and
 #                                       benchmarks/experiments/odd_bit_planes.py (bit planes for 3-7-bit codes)
+#   STAGE=7b      (no carry)            benchmarks/rpq/rpq_7b_speed.py (SPEED_ARGS): Llama-2-7B shapes, random weights, dense vs int4 vs RPQ
 #   STAGE=cost    (no carry)            what the input rotation costs on the torch path (rotation_cost.py)
 # benchmarks/README.md says how the carried folders are made. Results land in $OUT.
 set -uo pipefail
@@ -101,6 +102,10 @@ case "$stage" in
       > "$OUT/packed_tests.log" 2>&1; tail -15 "$OUT/packed_tests.log"
     python3 benchmarks/rpq/packed_kernels.py ${PACKED_ARGS:---sweep} --json "$OUT/packed_kernels.json" 2>&1 | tee "$OUT/packed_kernels.log" | grep -v "^  sweep"
     python3 benchmarks/experiments/odd_bit_planes.py --json "$OUT/odd_bit_planes.json" 2>&1 | tee "$OUT/odd_bit_planes.log"
+    ;;
+  7b)  # a 7B-class architecture (random weights): dense fp16, int4 weight-only, RPQ layers; graphed decode and prefill
+    install_wheels /tmp/smol
+    python3 benchmarks/rpq/rpq_7b_speed.py ${SPEED_ARGS:-} --json "$OUT/rpq_7b_speed.json" 2>&1 | tee "$OUT/rpq_7b_speed.log" | tail -40
     ;;
   cost)
     install_wheels /tmp/smol
