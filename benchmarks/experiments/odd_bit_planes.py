@@ -29,6 +29,7 @@ from model_compress.rpq.kernels import packed_forward  # noqa: E402
 from model_compress.rpq.kernels.config.packed_routes import packed_tile  # noqa: E402
 from model_compress.rpq.kernels.layout import pack_codes  # noqa: E402
 from model_compress.rpq.kernels.packed.codes import unpack_tile  # noqa: E402
+from model_compress.rpq.kernels.packed.linear import input_split  # noqa: E402
 from model_compress.rpq.kernels.triton.common import _cdiv, _store_tile, tile_counters  # noqa: E402
 
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (4096, 11008), (11008, 4096)]
@@ -90,10 +91,7 @@ def plane_gemv(x: torch.Tensor, planes: torch.Tensor, codebooks: torch.Tensor, s
     out_features, in_features = codebooks.shape[0], x.shape[-1]
     out = torch.empty(1, out_features, device=x.device, dtype=x.dtype)
     tiles = _cdiv(out_features, tile.block_n)
-    steps = _cdiv(in_features, tile.block_k)
-    split = max(1, min(steps, tile.max_split, tile.programs_per_sm * packed_forward.multiprocessors(x.device) // tiles))
-    chunk = _cdiv(steps, split) * tile.block_k
-    split = _cdiv(in_features, chunk)
+    split, chunk = input_split(in_features, tiles, tile, packed_forward.multiprocessors(x.device))
     partial = torch.empty(split * out_features, device=x.device, dtype=torch.float32) if split > 1 else out
     counter = tile_counters(tiles, x.device) if split > 1 else out
     widths = PLANES[bits] + (0,) * (3 - len(PLANES[bits]))

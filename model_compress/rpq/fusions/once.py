@@ -12,6 +12,11 @@ from collections.abc import Callable
 from torch import Tensor
 
 
+def write_version(x: Tensor) -> int | None:
+    """x's in-place write counter, None for inference tensors (they keep none: identity alone must do)."""
+    return None if x.is_inference() else x._version
+
+
 class OncePerInput:
     """``compute(x)`` for ``consumers`` calls with the same ``x`` (same tensor, not written in between), computed once."""
 
@@ -29,7 +34,7 @@ class OncePerInput:
         return self._output is not None
 
     def __call__(self, x: Tensor) -> Tensor:
-        version = None if x.is_inference() else x._version  # inference tensors keep no write counter
+        version = write_version(x)
         if x is self._input and version == self._version and self._left > 0:
             self._left -= 1
             out = self._output

@@ -25,6 +25,7 @@ from ..kernels.config import options
 from ..layers.modules import RPQLinear
 from .glu import GATED_MLP_CLASSES, SILU_CLASSES
 from .norm import known_pre_norms
+from .once import write_version
 from .shared_rotation import same_rotation
 
 
@@ -37,15 +38,11 @@ class RotatedOutput:
         self._version: int | None = None
 
     def mark(self, out: Tensor) -> Tensor:
-        self._ref, self._version = weakref.ref(out), _version(out)
+        self._ref, self._version = weakref.ref(out), write_version(out)
         return out
 
     def holds(self, x: Tensor) -> bool:
-        return self._ref is not None and self._ref() is x and self._version == _version(x)
-
-
-def _version(x: Tensor) -> int | None:
-    return None if x.is_inference() else x._version  # inference tensors keep no write counter
+        return self._ref is not None and self._ref() is x and self._version == write_version(x)
 
 
 def rotate_in_norms(model: nn.Module) -> int:

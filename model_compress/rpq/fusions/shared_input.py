@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..kernels import forward as kernels
 from ..layers.modules import RPQLinear
+from .once import write_version
 
 SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("gate_proj", "up_proj"))
 
@@ -31,7 +32,7 @@ class SharedInputGroup:
 
     def output(self, member: RPQLinear, x: Tensor) -> Tensor | None:
         """``member(x)`` if the group can give it (kept from a call on the same tensor, or computed now for all)."""
-        if x is self._input and self._version == _version(x) and id(member) in self._pending:
+        if x is self._input and self._version == write_version(x) and id(member) in self._pending:
             return self._pending.pop(id(member))
         self._input, self._pending = None, {}
         normed = [m.__dict__.get("_normed_input") for m in self.members]  # fused_norm: x is the norm's input
@@ -43,14 +44,9 @@ class SharedInputGroup:
         outputs = kernels.linear_group_forward(x, members, norm, routes=self._routes)
         if outputs is None:
             return None
-        self._input, self._version = x, _version(x)
+        self._input, self._version = x, write_version(x)
         self._pending = {id(m): out for m, out in zip(self.members, outputs) if m is not member}
         return outputs[self.members.index(member)]
-
-
-def _version(x: Tensor) -> int | None:
-    """The in-place write counter (inference tensors keep none: then identity alone must do)."""
-    return None if x.is_inference() else x._version
 
 
 def group_shared_inputs(model: nn.Module) -> int:

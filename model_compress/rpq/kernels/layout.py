@@ -81,6 +81,15 @@ def unpack_codes(packed: Tensor, bits: int, columns: int, select: Tensor | None 
     return ((word >> shift) & ((1 << bits) - 1)).long()
 
 
+def codebook_values(codebooks: Tensor, scales: Tensor | None, dtype: torch.dtype | None = None) -> Tensor:
+    """(M, K, D) codebook values: an int8 codebook times its scale (exact in float32: 8 + 11 significant bits), in
+    ``dtype``; None keeps float codebooks as stored and int8 ones in float32."""
+    if scales is None:
+        return codebooks if dtype is None else codebooks.to(dtype)
+    values = codebooks.float() * scales.float()[:, None, None]
+    return values if dtype is None else values.to(dtype)
+
+
 def to_pieces(weight: Tensor, num_codebooks: int, layout: str) -> Tensor:
     """Dense weight -> (M, n, D) pieces: n columns, each cut into M pieces of length D."""
     if layout == LINEAR:

@@ -18,7 +18,7 @@ from . import forward as torch_forms
 from . import rotation
 from .config import options
 from .config.packed_routes import HEAD_CHUNK_BYTES, HEAD_SCORE_TOKENS, packed_tile
-from .layout import LINEAR, decode as decode_dense, unpack_codes
+from .layout import LINEAR, codebook_values, decode as decode_dense, unpack_codes
 
 
 @functools.cache
@@ -79,13 +79,6 @@ def gated_silu_rotate(gate: Tensor, up: Tensor, act_fn, signs: Tensor, block: in
     if kernels is None:
         return rotation.rotate(act_fn(gate) * up, signs, block)
     return kernels.gated_silu_rotate(gate, up, signs, block)
-
-
-def codebook_values(codebooks: Tensor, scales: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """(M, K, D) values in ``dtype``: int8 codebooks times their scales (exact in float32, then cast)."""
-    if scales is None:
-        return codebooks.to(dtype)
-    return (codebooks.float() * scales.float()[:, None, None]).to(dtype)
 
 
 def linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int,

@@ -27,7 +27,9 @@ from .direct_reads import own_forward_sources
 from ..kernels import forward as kernels
 from ..kernels import packed_forward
 from ..kernels import rotation
-from ..kernels.layout import CODEBOOK_DTYPES, EMBEDDING, INT8, LINEAR, code_bins, code_bits, decode, dtype_name, packed_width, unpack_codes
+from ..kernels.layout import (
+    CODEBOOK_DTYPES, EMBEDDING, INT8, LINEAR, code_bins, code_bits, codebook_values, decode, dtype_name, packed_width, unpack_codes,
+)
 
 
 def _register_codes(
@@ -149,11 +151,7 @@ class _Codes:
 
     def codebook_values(self, dtype: torch.dtype | None = None) -> Tensor:
         """The codebooks (M, K, D) as float values (an int8 codebook times its scale, float32 by default), in ``dtype``."""
-        if self.codebook_scales is None:
-            return self.codebooks if dtype is None else self.codebooks.to(dtype)
-        # int8 times a 16-bit scale is exact in float32 (8 + 11 significant bits); None keeps it there
-        values = self.codebooks.float() * self.codebook_scales.float()[:, None, None]
-        return values if dtype is None else values.to(dtype)
+        return codebook_values(self.codebooks, self.codebook_scales, dtype)
 
     @property
     def value_dtype(self) -> torch.dtype:
@@ -238,12 +236,9 @@ class RPQLinear(_Codes, nn.Module):
         return cached[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        decoded = self.decoded
-        if decoded is not None:  # keep_decoded: a plain product, in the model's basis
+        if self.decoded is not None:  # keep_decoded: a plain product, in the model's basis
             norm = self.__dict__.get("_normed_input")  # fused_norm: x is the input of the norm before us
-            x = x if norm is None else norm.norm.normalized(x)
-            out = F.linear(x.to(decoded.dtype), decoded).to(x.dtype)
-            return out if self.bias is None else out + self.bias.to(out.dtype)
+            return _decoded_product(x if norm is None else norm.norm.normalized(x), self.decoded, self.bias)
         if not self.native:
             return self.forward_rotated(self.rotate_input(x))
         group = self.__dict__.get("_shared_input")  # shared_input.SharedInputGroup: q/k/v in one launch
@@ -274,6 +269,12 @@ class RPQLinear(_Codes, nn.Module):
             f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, "
             f"codebooks={self.codebook_dtype}, bias={self.bias is not None}{_rotation_repr(self)}"
         )
+
+
+def _decoded_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x W^T + b with a weight kept decoded (``keep_decoded``), computed in the weight's dtype, returned in x's."""
+    out = F.linear(x.to(weight.dtype), weight).to(x.dtype)
+    return out if bias is None else out + bias.to(out.dtype)
 
 
 def _rotation_repr(module: _Codes) -> str:
@@ -370,10 +371,8 @@ class RPQTiedHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         embedding = self._embedding
-        table = embedding.decoded
-        if table is not None:
-            out = F.linear(x.to(table.dtype), table).to(x.dtype)
-            return out if self.bias is None else out + self.bias.to(out.dtype)
+        if embedding.decoded is not None:
+            return _decoded_product(x, embedding.decoded, self.bias)
         if not embedding.native:
             return packed_forward.tied_head(
                 embedding.rotate_input(x), embedding.indices, embedding.codebooks, embedding.codebook_scales, self.bias,

@@ -130,6 +130,15 @@ def _packed_gemv_kernel(
                 out_features, split_k, HAS_BIAS, SPLIT, 1, BLOCK_N)
 
 
+def input_split(in_features: int, tiles: int, tile: PackedTile, multiprocessors: int) -> tuple[int, int]:
+    """(programs per output tile, inputs each covers): split until about ``tile.programs_per_sm`` programs run per
+    multiprocessor, at most ``tile.max_split``, each covering whole BLOCK_K slices."""
+    steps = _cdiv(in_features, tile.block_k)
+    split = max(1, min(steps, tile.max_split, tile.programs_per_sm * multiprocessors // max(1, tiles)))
+    chunk = _cdiv(steps, split) * tile.block_k
+    return _cdiv(in_features, chunk), chunk
+
+
 def packed_linear(
     x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int, in_features: int,
     tile: PackedTile, multiprocessors: int,
@@ -149,10 +158,7 @@ def packed_linear(
     if not tokens:
         return out.reshape(*x.shape[:-1], out_features)
     tiles_n, tiles_m = _cdiv(out_features, tile.block_n), _cdiv(tokens, tile.block_m)
-    steps = _cdiv(in_features, tile.block_k)
-    split = max(1, min(steps, tile.max_split, tile.programs_per_sm * multiprocessors // max(1, tiles_n * tiles_m)))
-    chunk = _cdiv(steps, split) * tile.block_k
-    split = _cdiv(in_features, chunk)
+    split, chunk = input_split(in_features, tiles_n * tiles_m, tile, multiprocessors)
     if split > 1:
         partial = torch.empty(split * tokens * out_features, device=x.device, dtype=torch.float32)
         counter = tile_counters(tiles_n * tiles_m, x.device)

@@ -45,7 +45,8 @@ def _rotate_kernel(
 
 @functools.lru_cache(maxsize=32)
 def _sign_matrix(block: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The +-1 Walsh-Hadamard matrix of order ``block`` (exact in any dtype)."""
+    """The +-1 Walsh-Hadamard matrix of order ``block`` (exact in any dtype). Built here, not taken from
+    ``kernels/rotation.py``: the kernel packages import nothing from their parent package's modules (no cycle)."""
     matrix = torch.ones(1, 1)
     while matrix.shape[0] < block:
         matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
