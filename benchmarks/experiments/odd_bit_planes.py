@@ -28,7 +28,7 @@ from rpq_kernels import graph_us  # noqa: E402
 from model_compress.rpq.kernels import packed_forward  # noqa: E402
 from model_compress.rpq.kernels.config.packed_routes import packed_tile  # noqa: E402
 from model_compress.rpq.kernels.layout import pack_codes  # noqa: E402
-from model_compress.rpq.kernels.packed.codes import unpack_tile  # noqa: E402
+from model_compress.rpq.kernels.packed.codes import row_pointers, unpack_tile  # noqa: E402
 from model_compress.rpq.kernels.packed.linear import input_split  # noqa: E402
 from model_compress.rpq.kernels.triton.common import _cdiv, _store_tile, tile_counters  # noqa: E402
 
@@ -67,8 +67,7 @@ def _plane_gemv_kernel(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, out_ptr, par
     pid_k = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < out_features
-    code_rows = codes_ptr + offs_n.to(tl.int64)[:, None] * code_width
-    value_rows = codebooks_ptr + (offs_n * CODEBOOK_SIZE)[:, None]
+    _, code_rows, value_rows = row_pointers(codes_ptr, codebooks_ptr, offs_n, code_width, CODEBOOK_SIZE, 1)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_begin = pid_k * chunk_k
     k_end = tl.minimum(k_begin + chunk_k, in_features)
