@@ -1,7 +1,8 @@
 """One packed RPQ Linear (the formats the bit budget picks) against the dense cuBLAS layer and torch's int4
-weight-only matmul, on the GPU, per token count; ``--sweep`` searches the tiles of ``config/packed_routes.py``.
+weight-only matmul, on the GPU, per token count; ``--sweep`` searches the tiles of ``config/packed_routes.py``,
+``--nibble-sweep`` those of the one-token byte-permute kernel (``NIBBLE_GEMV_TILE``).
 
-    python benchmarks/rpq/packed_kernels.py [--sweep] [--json FILE]
+    python benchmarks/rpq/packed_kernels.py [--sweep] [--nibble-sweep] [--json FILE]
 
 Shapes: SmolLM2-135M's (576->576, 576->192, 576->1536, 1536->576) and Llama-2-7B's (4096->4096, 4096->11008,
 11008->4096). Formats: one table of 16 int8 values per output row (4-bit codes, what the default budget picks most),
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from rpq_kernels import copy_bandwidth, graph_us, launch_floor_us
 
 from model_compress.rpq.kernels import packed, packed_forward, rotation
-from model_compress.rpq.kernels.config.packed_routes import PACKED_ROUTES, PackedTile, packed_tile
+from model_compress.rpq.kernels.config.packed_routes import NIBBLE_GEMV_TILE, PACKED_ROUTES, PackedTile, packed_tile
 from model_compress.rpq.kernels.layout import code_bits, pack_codes
 
 SMALL_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
@@ -60,6 +61,12 @@ class PackedLayers:
     def routed_us(self, tokens: int) -> float:
         x = self.input(tokens)
         return graph_us([lambda c=c: packed_forward.linear(x, *c, None, self.bits, self.shape[0]) for c in self.copies])
+
+    def nibble_us(self, tile: PackedTile) -> float:
+        """One fp16 token through the byte-permute GEMV (4-bit codes, 16-entry int8 tables) on ``tile``."""
+        x = self.input(1)
+        programs = packed_forward.multiprocessors(x.device)
+        return graph_us([lambda c=c: packed.nibble_gemv(x, *c, None, self.shape[0], tile, programs) for c in self.copies])
 
     def tile_us(self, tokens: int, tile: PackedTile) -> float:
         x = self.input(tokens)
@@ -125,9 +132,29 @@ def sweep(layers: dict, dense: dict) -> dict:
     return chosen
 
 
+def nibble_sweep(layers: dict, dense: dict) -> dict:
+    """The byte-permute GEMV's tiles at one token: the lowest mean time ratio to dense over every shape."""
+    shapes = SMALL_SHAPES + LARGE_SHAPES
+    scores = []
+    for n, k, w in ((4, 512, 4), (8, 256, 4), (8, 512, 4), (8, 1024, 4), (16, 256, 4), (16, 512, 4), (16, 512, 8),
+                    (32, 256, 8), (32, 512, 8), (16, 1024, 8), (4, 1024, 2), (8, 512, 2)):
+        for p in (4, 8, 16):
+            tile = PackedTile(1, n, k, num_warps=w, num_stages=2, max_split=32, programs_per_sm=p)
+            ratios = [layers[(shape, "D1 K16 int8")].nibble_us(tile) / dense[(shape, 1)] for shape in shapes]
+            scores.append((statistics.mean(ratios), tile, ratios))
+            print(f"  nibble sweep {tile.describe()}: mean ratio to dense {scores[-1][0]:.3f} "
+                  f"({' '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+    best = min(scores, key=lambda s: s[0])
+    print(f"best nibble tile: {best[1].describe()} ({best[0]:.3f} of dense)", flush=True)
+    return {"tile": best[1].__dict__, "mean_ratio_to_dense": best[0],
+            "best_per_shape": {f"{a}x{b}": min(scores, key=lambda s: s[2][i])[1].describe() for i, (a, b) in enumerate(shapes)},
+            "all": [(tile.__dict__, ratios) for _, tile, ratios in scores]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="search the tiles per token bucket first")
+    parser.add_argument("--nibble-sweep", action="store_true", help="search the one-token byte-permute kernel's tiles first")
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args()
     device = torch.cuda.get_device_properties(0)
@@ -140,6 +167,8 @@ def main() -> None:
     layers = {(shape, name): PackedLayers(*shape, *FORMATS[name]) for shape in shapes for name in FORMATS}
     if args.sweep:
         report["sweep"] = sweep(layers, dense)
+    if args.nibble_sweep:
+        report["nibble_sweep"] = nibble_sweep(layers, dense)
     for shape in shapes:
         for tokens in TOKENS:
             int4 = int4_us(shape, tokens) if shape in LARGE_SHAPES else None
@@ -154,10 +183,14 @@ def main() -> None:
                        "bandwidth_fraction": read / (us * 1e-6) / bandwidth, "int4_us": int4}
                 if isinstance(int4, float):
                     row["speed_vs_int4"] = int4 / us
+                if tokens == 1 and name == "D1 K16 int8":  # the byte-permute route against the general GEMV
+                    row["nibble_tile"] = NIBBLE_GEMV_TILE.describe()
+                    row["general_gemv_us"] = layer.tile_us(1, PACKED_ROUTES[0][1])
                 report["rows"].append(row)
                 extra = f" int4 {int4:8.1f} us ({int4 / us:4.2f}x)" if isinstance(int4, float) else (f" int4 {int4}" if int4 else "")
                 print(f"{shape[0]:>5}->{shape[1]:<5} t={tokens:<4} {name:13} dense {row['dense_us']:8.1f} us  rpq {us:8.1f} us "
-                      f"({row['speedup_vs_dense']:4.2f}x dense, {row['bandwidth_fraction']:4.0%} of copy bw)  rotation {rotate:5.1f} us{extra}",
+                      f"({row['speedup_vs_dense']:4.2f}x dense, {row['bandwidth_fraction']:4.0%} of copy bw)  rotation {rotate:5.1f} us{extra}"
+                      + (f"  general GEMV {row['general_gemv_us']:6.1f} us" if "general_gemv_us" in row else ""),
                       flush=True)
     if args.json:
         with open(args.json, "w") as handle:
