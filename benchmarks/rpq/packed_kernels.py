@@ -1,6 +1,6 @@
 """One packed RPQ Linear (the formats the bit budget picks) against the dense cuBLAS layer and torch's int4
 weight-only matmul, on the GPU, per token count; ``--sweep`` searches the tiles of ``config/packed_routes.py``,
-``--nibble-sweep`` those of the one-token byte-permute kernel (``NIBBLE_GEMV_TILE``).
+``--nibble-sweep`` those of the byte-permute kernels for 4-bit codes (``NIBBLE_ROUTES``).
 
     python benchmarks/rpq/packed_kernels.py [--sweep] [--nibble-sweep] [--json FILE]
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from rpq_kernels import copy_bandwidth, graph_us, launch_floor_us
 
 from model_compress.rpq.kernels import packed, packed_forward, rotation
-from model_compress.rpq.kernels.config.packed_routes import NIBBLE_GEMV_TILE, PACKED_ROUTES, PackedTile, packed_tile
+from model_compress.rpq.kernels.config.packed_routes import NIBBLE_ROUTES, PACKED_ROUTES, PackedTile, packed_tile
 from model_compress.rpq.kernels.layout import code_bits, pack_codes
 
 SMALL_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
@@ -62,11 +62,11 @@ class PackedLayers:
         x = self.input(tokens)
         return graph_us([lambda c=c: packed_forward.linear(x, *c, None, self.bits, self.shape[0]) for c in self.copies])
 
-    def nibble_us(self, tile: PackedTile) -> float:
-        """One fp16 token through the byte-permute GEMV (4-bit codes, 16-entry int8 tables) on ``tile``."""
-        x = self.input(1)
+    def nibble_us(self, tokens: int, tile: PackedTile) -> float:
+        """fp16 tokens through the byte-permute kernels (4-bit codes, 16-entry int8 tables) on ``tile``."""
+        x = self.input(tokens)
         programs = packed_forward.multiprocessors(x.device)
-        return graph_us([lambda c=c: packed.nibble_gemv(x, *c, None, self.shape[0], tile, programs) for c in self.copies])
+        return graph_us([lambda c=c: packed.nibble_linear(x, *c, None, self.shape[0], tile, programs) for c in self.copies])
 
     def tile_us(self, tokens: int, tile: PackedTile) -> float:
         x = self.input(tokens)
@@ -132,23 +132,37 @@ def sweep(layers: dict, dense: dict) -> dict:
     return chosen
 
 
+NIBBLE_CANDIDATES = {
+    1: [PackedTile(1, n, k, num_warps=w, num_stages=2, max_split=32, programs_per_sm=p)
+        for n, k, w in ((4, 512, 4), (8, 256, 4), (8, 512, 4), (8, 1024, 4), (16, 256, 4), (16, 512, 4), (16, 512, 8),
+                        (32, 256, 8), (32, 512, 8), (16, 1024, 8), (4, 1024, 2), (8, 512, 2)) for p in (4, 8, 16)],
+    16: [PackedTile(16, n, k, num_warps=w, num_stages=s, max_split=16, programs_per_sm=p)
+         for n, k, w, s in ((32, 256, 4, 2), (64, 128, 4, 2), (64, 256, 4, 2), (32, 512, 4, 2), (128, 128, 8, 2), (64, 256, 8, 3))
+         for p in (2, 4, 8)],
+    64: [PackedTile(64, n, k, num_warps=w, num_stages=2, max_split=16, programs_per_sm=p)
+         for n, k, w in ((64, 128, 4), (64, 256, 8), (128, 128, 8), (32, 256, 4)) for p in (2, 4)],
+}
+
+
 def nibble_sweep(layers: dict, dense: dict) -> dict:
-    """The byte-permute GEMV's tiles at one token: the lowest mean time ratio to dense over every shape."""
+    """The byte-permute kernels' tiles per token bucket: the lowest mean time ratio to dense over every shape."""
     shapes = SMALL_SHAPES + LARGE_SHAPES
-    scores = []
-    for n, k, w in ((4, 512, 4), (8, 256, 4), (8, 512, 4), (8, 1024, 4), (16, 256, 4), (16, 512, 4), (16, 512, 8),
-                    (32, 256, 8), (32, 512, 8), (16, 1024, 8), (4, 1024, 2), (8, 512, 2)):
-        for p in (4, 8, 16):
-            tile = PackedTile(1, n, k, num_warps=w, num_stages=2, max_split=32, programs_per_sm=p)
-            ratios = [layers[(shape, "D1 K16 int8")].nibble_us(tile) / dense[(shape, 1)] for shape in shapes]
+    chosen = {}
+    for tokens, candidates in NIBBLE_CANDIDATES.items():
+        scores = []
+        for tile in candidates:
+            ratios = [layers[(shape, "D1 K16 int8")].nibble_us(tokens, tile) / dense[(shape, tokens)] for shape in shapes]
             scores.append((statistics.mean(ratios), tile, ratios))
-            print(f"  nibble sweep {tile.describe()}: mean ratio to dense {scores[-1][0]:.3f} "
+            print(f"  nibble sweep t={tokens} {tile.describe()}: mean ratio to dense {scores[-1][0]:.3f} "
                   f"({' '.join(f'{r:.2f}' for r in ratios)})", flush=True)
-    best = min(scores, key=lambda s: s[0])
-    print(f"best nibble tile: {best[1].describe()} ({best[0]:.3f} of dense)", flush=True)
-    return {"tile": best[1].__dict__, "mean_ratio_to_dense": best[0],
-            "best_per_shape": {f"{a}x{b}": min(scores, key=lambda s: s[2][i])[1].describe() for i, (a, b) in enumerate(shapes)},
-            "all": [(tile.__dict__, ratios) for _, tile, ratios in scores]}
+        best = min(scores, key=lambda s: s[0])
+        print(f"best nibble tile t={tokens}: {best[1].describe()} ({best[0]:.3f} of dense; per shape "
+              f"{' '.join(f'{r:.2f}' for r in best[2])})", flush=True)
+        chosen[tokens] = {"tile": best[1].__dict__, "mean_ratio_to_dense": best[0],
+                          "best_per_shape": {f"{a}x{b}": min(scores, key=lambda s: s[2][i])[1].describe()
+                                             for i, (a, b) in enumerate(shapes)},
+                          "all": [(tile.__dict__, ratios) for _, tile, ratios in scores]}
+    return chosen
 
 
 def main() -> None:
@@ -183,14 +197,14 @@ def main() -> None:
                        "bandwidth_fraction": read / (us * 1e-6) / bandwidth, "int4_us": int4}
                 if isinstance(int4, float):
                     row["speed_vs_int4"] = int4 / us
-                if tokens == 1 and name == "D1 K16 int8":  # the byte-permute route against the general GEMV
-                    row["nibble_tile"] = NIBBLE_GEMV_TILE.describe()
-                    row["general_gemv_us"] = layer.tile_us(1, PACKED_ROUTES[0][1])
+                if tokens <= 64 and name == "D1 K16 int8":  # the byte-permute route against the general kernels
+                    row["route"] = "byte-permute " + packed_tile(tokens, NIBBLE_ROUTES).describe()
+                    row["general_us"] = layer.tile_us(tokens, packed_tile(tokens))
                 report["rows"].append(row)
                 extra = f" int4 {int4:8.1f} us ({int4 / us:4.2f}x)" if isinstance(int4, float) else (f" int4 {int4}" if int4 else "")
                 print(f"{shape[0]:>5}->{shape[1]:<5} t={tokens:<4} {name:13} dense {row['dense_us']:8.1f} us  rpq {us:8.1f} us "
                       f"({row['speedup_vs_dense']:4.2f}x dense, {row['bandwidth_fraction']:4.0%} of copy bw)  rotation {rotate:5.1f} us{extra}"
-                      + (f"  general GEMV {row['general_gemv_us']:6.1f} us" if "general_gemv_us" in row else ""),
+                      + (f"  general kernel {row['general_us']:6.1f} us" if "general_us" in row else ""),
                       flush=True)
     if args.json:
         with open(args.json, "w") as handle:

@@ -75,38 +75,41 @@ def test_packed_linear_every_route_matches_reference(shape, dtype):
 
 
 NIBBLE_TILES = [PackedTile(1, 8, 512), PackedTile(1, 16, 256, max_split=8, programs_per_sm=64), PackedTile(1, 4, 1024, num_warps=8),
-                PackedTile(1, 32, 512, num_warps=8, max_split=4, programs_per_sm=16)]
+                PackedTile(1, 32, 512, num_warps=8, max_split=4, programs_per_sm=16), PackedTile(16, 32, 256),
+                PackedTile(16, 64, 128, max_split=8, programs_per_sm=64), PackedTile(64, 64, 128, num_warps=8)]
 
 
 @pytest.mark.parametrize("in_features,out_features", [(576, 576), (4096, 100), (1536, 1000), (32, 7)])
-def test_nibble_gemv_matches_reference_on_every_tile(in_features, out_features):
-    """The byte-permute GEMV (4-bit codes, 16-entry int8 row tables, one fp16 token): routed and on each tile,
-    split-K included, uneven rows, activations large enough that a wrong scaling would overflow fp16."""
+def test_nibble_kernels_match_reference_on_every_tile(in_features, out_features):
+    """The byte-permute kernels (4-bit codes, 16-entry int8 row tables, fp16): routed and on each tile, one token and
+    several, split-K included, uneven rows, activations large enough that a wrong scaling would overflow fp16."""
     codes, codebooks, scales, bias = packed_layer(in_features, out_features, 1, 16, "int8", seed=in_features)
     scales = scales.half()
-    for scale in (1.0, 400.0):
-        x = torch.randn(1, in_features, device=CUDA, dtype=torch.float16) * scale
-        ref = packed_forward.linear_reference(x.float(), codes, codebooks, scales, bias.float(), 4, in_features)
-        assert packed.nibble_gemv_serves(x, codes, codebooks, scales, 4, in_features)
-        out = packed_forward.linear(x, codes, codebooks, scales, bias.half(), 4, in_features)
-        assert torch.isfinite(out).all() and rel_error(out, ref) < BOUNDS[torch.float16], ("routed", scale)
-        for tile in NIBBLE_TILES:
-            for _ in range(2):  # the split-K counters come back to 0
-                out = packed.nibble_gemv(x, codes, codebooks, scales, bias.half(), in_features, tile, 132)
-                assert rel_error(out, ref) < BOUNDS[torch.float16], (tile.describe(), scale)
-    no_bias = packed.nibble_gemv(x, codes, codebooks, scales, None, in_features, NIBBLE_TILES[0], 132)
+    for tokens in (1, 3, 16, 40):
+        for scale in (1.0, 400.0):
+            x = torch.randn(tokens, in_features, device=CUDA, dtype=torch.float16) * scale
+            ref = packed_forward.linear_reference(x.float(), codes, codebooks, scales, bias.float(), 4, in_features)
+            assert packed.nibble_serves(x, codes, codebooks, scales, 4, in_features)
+            out = packed_forward.linear(x, codes, codebooks, scales, bias.half(), 4, in_features)
+            assert torch.isfinite(out).all() and rel_error(out, ref) < BOUNDS[torch.float16], ("routed", tokens, scale)
+            for tile in [t for t in NIBBLE_TILES if (t.block_m == 1) == (tokens == 1)]:
+                for _ in range(2):  # the split-K counters come back to 0
+                    out = packed.nibble_linear(x, codes, codebooks, scales, bias.half(), in_features, tile, 132)
+                    assert rel_error(out, ref) < BOUNDS[torch.float16], (tile.describe(), tokens, scale)
+    no_bias = packed.nibble_linear(x, codes, codebooks, scales, None, in_features, NIBBLE_TILES[-1], 132)
     assert rel_error(no_bias + bias.half(), ref) < BOUNDS[torch.float16]
 
 
-def test_nibble_gemv_declines_what_it_cannot_read():
-    """Misaligned activations, bf16, two tokens, widths off whole 16-byte code vectors: the general kernels serve them."""
+def test_nibble_kernels_decline_what_they_cannot_read():
+    """A misaligned token, bf16, widths off whole 16-byte code vectors, 3- and 5-bit codes: the general kernels serve them."""
     codes, codebooks, scales, bias = packed_layer(576, 64, 1, 16, "int8")
     x = torch.randn(1, 577, device=CUDA, dtype=torch.float16)
-    assert not packed.nibble_gemv_serves(x[:, 1:], codes, codebooks, scales, 4, 576)
-    assert not packed.nibble_gemv_serves(x[:, :576].bfloat16(), codes, codebooks, scales, 4, 576)
-    assert not packed.nibble_gemv_serves(torch.randn(2, 576, device=CUDA, dtype=torch.float16), codes, codebooks, scales, 4, 576)
+    assert not packed.nibble_serves(x[:, 1:], codes, codebooks, scales, 4, 576)
+    assert not packed.nibble_serves(x[:, :576].bfloat16(), codes, codebooks, scales, 4, 576)
     odd = packed_layer(200, 64, 1, 16, "int8")
-    assert not packed.nibble_gemv_serves(torch.randn(1, 200, device=CUDA, dtype=torch.float16), odd[0], odd[1], odd[2], 4, 200)
+    assert not packed.nibble_serves(torch.randn(1, 200, device=CUDA, dtype=torch.float16), odd[0], odd[1], odd[2], 4, 200)
+    five = packed_layer(576, 64, 1, 32, "int8")
+    assert not packed.nibble_serves(x[:, :576], five[0], five[1], five[2], 5, 576)
     shifted = x[:, 1:]
     ref = packed_forward.linear_reference(shifted.float(), codes, codebooks, scales, bias.float(), 4, 576)
     out = packed_forward.linear(shifted, codes, codebooks, scales, bias.half(), 4, 576)

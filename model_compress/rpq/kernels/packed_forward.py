@@ -17,7 +17,7 @@ from torch import Tensor
 from . import forward as torch_forms
 from . import rotation
 from .config import options
-from .config.packed_routes import HEAD_CHUNK_BYTES, HEAD_SCORE_TOKENS, NIBBLE_GEMV_TILE, packed_tile
+from .config.packed_routes import HEAD_CHUNK_BYTES, HEAD_SCORE_TOKENS, NIBBLE_ROUTES, packed_tile
 from .layout import LINEAR, codebook_values, decode as decode_dense, unpack_codes
 
 
@@ -89,9 +89,10 @@ def linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, b
         values = codebook_values(codebooks, scales, x.dtype)
         return torch_forms.linear_torch(x, values, unpack_codes(codes, bits, in_features), bias)
     tokens = x.numel() // in_features
-    if tokens == 1 and kernels.nibble_gemv_serves(x, codes, codebooks, scales, bits, in_features):
-        return kernels.nibble_gemv(x, codes, codebooks, scales, bias, in_features, NIBBLE_GEMV_TILE, multiprocessors(x.device))
     tile = packed_tile(tokens)
+    if tile is not None and kernels.nibble_serves(x, codes, codebooks, scales, bits, in_features):
+        tile = packed_tile(tokens, NIBBLE_ROUTES)
+        return kernels.nibble_linear(x, codes, codebooks, scales, bias, in_features, tile, multiprocessors(x.device))
     if tile is not None:
         return kernels.packed_linear(x, codes, codebooks, scales, bias, bits, in_features, tile, multiprocessors(x.device))
     weight = kernels.decode_linear_weight(codes, codebooks, scales, bits, in_features, x.dtype)

@@ -35,9 +35,13 @@ PACKED_ROUTES: tuple[tuple[int, PackedTile], ...] = (
     (16, PackedTile(16, 32, 128, num_warps=4, num_stages=3, max_split=16, programs_per_sm=4)),
     (64, PackedTile(64, 64, 64, num_warps=4, num_stages=3, max_split=16, programs_per_sm=4)),
 )
-# One fp16 token through 4-bit codes and a 16-entry int8 table per output row: the byte-permute GEMV
-# (``packed/nibble_gemv.py``); block_k counts codes, 8 to a 32-bit word.
-NIBBLE_GEMV_TILE = PackedTile(1, 8, 512, num_warps=4, num_stages=2, max_split=32, programs_per_sm=8)
+# fp16 tokens through 4-bit codes and a 16-entry int8 table per output row: the byte-permute kernels
+# (``packed/nibble_tables.py``), the same buckets; block_k counts codes, 8 to a 32-bit word.
+NIBBLE_ROUTES: tuple[tuple[int, PackedTile], ...] = (
+    (1, PackedTile(1, 8, 512, num_warps=4, num_stages=2, max_split=32, programs_per_sm=8)),
+    (16, PackedTile(16, 32, 256, num_warps=4, num_stages=2, max_split=16, programs_per_sm=4)),
+    (64, PackedTile(64, 64, 128, num_warps=4, num_stages=2, max_split=16, programs_per_sm=4)),
+)
 # A tied head over a packed table scores codes per token up to this many tokens, then decodes its table in chunks
 # of at most HEAD_CHUNK_BYTES and calls cuBLAS (a chunk is alive only during its product).
 HEAD_SCORE_TOKENS = 16

@@ -3,7 +3,7 @@ codebooks of D = 1, 2 or 4 values per code stored in int8 with one scale per cod
 the input rotation.
 
 ``linear``: y = x W'^T + b with W' decoded tile by tile in registers (one token up to a few dozen);
-``nibble_gemv``: one fp16 token through 4-bit codes and 16-entry int8 row tables, looked up by byte permutes. ``decode``:
+``nibble_tables``: the same for 4-bit codes with 16-entry int8 row tables on fp16 tokens, looked up by byte permutes. ``decode``:
 W' into a temporary for cuBLAS (prompts), rows of an embedding table, chunks of a tied head's table. ``head``:
 a tied head's logits from per-code scores, the table never decoded. ``rotate``: x R in one launch;
 ``prologue``: x R written by the pre-norm or the SiLU gate that makes x.
@@ -14,9 +14,9 @@ from __future__ import annotations
 from .decode import decode_linear_weight, decode_table_rows
 from .head import packed_head
 from .linear import packed_linear
-from .nibble_gemv import nibble_gemv, nibble_gemv_serves
+from .nibble_tables import nibble_linear, nibble_serves
 from .prologue import gated_silu_rotate, norm_rotate
 from .rotate import rotate, unrotate
 
-__all__ = ["decode_linear_weight", "decode_table_rows", "gated_silu_rotate", "nibble_gemv", "nibble_gemv_serves", "norm_rotate",
+__all__ = ["decode_linear_weight", "decode_table_rows", "gated_silu_rotate", "nibble_linear", "nibble_serves", "norm_rotate",
            "packed_head", "packed_linear", "rotate", "unrotate"]
