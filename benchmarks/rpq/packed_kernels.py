@@ -134,13 +134,13 @@ def sweep(layers: dict, dense: dict) -> dict:
 
 NIBBLE_CANDIDATES = {
     1: [PackedTile(1, n, k, num_warps=w, num_stages=2, max_split=32, programs_per_sm=p)
-        for n, k, w in ((4, 512, 4), (8, 256, 4), (8, 512, 4), (8, 1024, 4), (16, 256, 4), (16, 512, 4), (16, 512, 8),
-                        (32, 256, 8), (32, 512, 8), (16, 1024, 8), (4, 1024, 2), (8, 512, 2)) for p in (4, 8, 16)],
+        for n, k, w, p in ((4, 512, 4, 8), (8, 256, 4, 8), (8, 512, 4, 8), (8, 512, 4, 16), (8, 1024, 4, 8), (16, 256, 4, 8),
+                           (16, 512, 4, 8), (16, 512, 8, 8), (32, 256, 8, 8), (32, 512, 8, 4), (4, 1024, 2, 16), (8, 512, 2, 16))],
     16: [PackedTile(16, n, k, num_warps=w, num_stages=s, max_split=16, programs_per_sm=p)
-         for n, k, w, s in ((32, 256, 4, 2), (64, 128, 4, 2), (64, 256, 4, 2), (32, 512, 4, 2), (128, 128, 8, 2), (64, 256, 8, 3))
-         for p in (2, 4, 8)],
-    64: [PackedTile(64, n, k, num_warps=w, num_stages=2, max_split=16, programs_per_sm=p)
-         for n, k, w in ((64, 128, 4), (64, 256, 8), (128, 128, 8), (32, 256, 4)) for p in (2, 4)],
+         for n, k, w, s, p in ((32, 256, 4, 2, 4), (64, 128, 4, 2, 4), (64, 256, 4, 2, 4), (32, 512, 4, 2, 4), (128, 128, 8, 2, 4),
+                               (64, 256, 8, 3, 2), (32, 256, 4, 2, 8))],
+    64: [PackedTile(64, n, k, num_warps=w, num_stages=2, max_split=16, programs_per_sm=4)
+         for n, k, w in ((64, 128, 4), (64, 256, 8), (128, 128, 8), (32, 256, 4))],
 }
 
 
