@@ -36,10 +36,11 @@ PACKED_ROUTES: tuple[tuple[int, PackedTile], ...] = (
     (64, PackedTile(64, 64, 64, num_warps=4, num_stages=3, max_split=16, programs_per_sm=4)),
 )
 # fp16 tokens through 4-bit codes and a 16-entry int8 table per output row: the byte-permute kernels
-# (``packed/nibble_tables.py``), the same buckets; block_k counts codes, 8 to a 32-bit word.
+# (``packed/nibble_tables.py``), the same buckets; block_k counts codes, 8 to a 32-bit word. Chosen on an H100 by
+# ``packed_kernels.py --nibble-sweep`` (benchmarks/RESULTS.md), the lowest mean time ratio to dense over the same shapes.
 NIBBLE_ROUTES: tuple[tuple[int, PackedTile], ...] = (
-    (1, PackedTile(1, 8, 512, num_warps=4, num_stages=2, max_split=32, programs_per_sm=8)),
-    (16, PackedTile(16, 32, 256, num_warps=4, num_stages=2, max_split=16, programs_per_sm=4)),
+    (1, PackedTile(1, 8, 1024, num_warps=4, num_stages=2, max_split=32, programs_per_sm=8)),
+    (16, PackedTile(16, 64, 128, num_warps=4, num_stages=2, max_split=16, programs_per_sm=4)),
     (64, PackedTile(64, 64, 128, num_warps=4, num_stages=2, max_split=16, programs_per_sm=4)),
 )
 # A tied head over a packed table scores codes per token up to this many tokens, then decodes its table in chunks

@@ -163,6 +163,13 @@ def _nibble_gemv_kernel(
 
 
 @triton.jit
+def _lookup_eight(words, t0, t1, t2, t3):
+    """The values v / 128 (fp16) of codes 8j .. 8j + 7 of each code word, eight tensors of its shape."""
+    return tl.inline_asm_elementwise(_EIGHT_CODES, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [words, t0, t1, t2, t3],
+                                     dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+
+
+@triton.jit
 def _nibble_linear_kernel(
     x_ptr,
     codes_ptr,
@@ -202,11 +209,10 @@ def _nibble_linear_kernel(
     for step in range(0, chunk_words, BLOCK_W):
         offs_w = w_begin + step + tl.arange(0, BLOCK_W)
         words = tl.load(code_rows + offs_w[None, :], mask=mask_n[:, None] & (offs_w < w_end)[None, :], other=0)
-        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
-            _EIGHT_CODES, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [words, t0, t1, t2, t3], dtype=(tl.float16,) * 8, is_pure=True,
-            pack=1)
-        w = tl.join(tl.join(tl.join(v0, v1), tl.join(v2, v3)), tl.join(tl.join(v4, v5), tl.join(v6, v7)))
-        w = tl.reshape(w, (BLOCK_N, BLOCK_W * 8))  # column 8 j + e holds code 8 j + e
+        v0, v1, v2, v3, v4, v5, v6, v7 = _lookup_eight(words, t0, t1, t2, t3)
+        # each join adds the minor axis, so the last join picks the lowest bit of e: column 8 j + e holds code 8 j + e
+        w = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+        w = tl.reshape(w, (BLOCK_N, BLOCK_W * 8))
         offs_k = (w_begin + step) * 8 + tl.arange(0, BLOCK_W * 8)
         x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & (offs_k < w_end * 8)[None, :],
                     other=0.0)
