@@ -144,6 +144,11 @@ NIBBLE_CANDIDATES = {
 }
 
 
+# Prompts on the byte-permute tensor-core kernel instead of decode + cuBLAS: each M tile decodes W' again.
+PROMPT_TILES = [PackedTile(64, 64, 128, num_warps=4, max_split=1), PackedTile(128, 64, 128, num_warps=8, max_split=1),
+                PackedTile(128, 128, 64, num_warps=8, max_split=1), PackedTile(256, 64, 64, num_warps=8, max_split=1)]
+
+
 def nibble_sweep(layers: dict, dense: dict) -> dict:
     """The byte-permute kernels' tiles per token bucket: the lowest mean time ratio to dense over every shape."""
     shapes = SMALL_SHAPES + LARGE_SHAPES
@@ -169,6 +174,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="search the tiles per token bucket first")
     parser.add_argument("--nibble-sweep", action="store_true", help="search the one-token byte-permute kernel's tiles first")
+    parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS, help="token counts to time (default: all)")
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args()
     device = torch.cuda.get_device_properties(0)
@@ -177,14 +183,15 @@ def main() -> None:
               "launch_floor_us": launch_floor_us(), "routes": [(t, tile.__dict__) for t, tile in PACKED_ROUTES], "rows": []}
     print(f"{device.name}: copy bandwidth {bandwidth / 1e9:.0f} GB/s, launch floor {report['launch_floor_us']:.2f} us", flush=True)
     shapes = SMALL_SHAPES + LARGE_SHAPES
-    dense = {(shape, tokens): dense_us(shape, tokens) for shape in shapes for tokens in TOKENS}
+    tokens_timed = sorted(set(args.tokens) | ({1, 16, 64} if args.sweep or args.nibble_sweep else set()))
+    dense = {(shape, tokens): dense_us(shape, tokens) for shape in shapes for tokens in tokens_timed}
     layers = {(shape, name): PackedLayers(*shape, *FORMATS[name]) for shape in shapes for name in FORMATS}
     if args.sweep:
         report["sweep"] = sweep(layers, dense)
     if args.nibble_sweep:
         report["nibble_sweep"] = nibble_sweep(layers, dense)
     for shape in shapes:
-        for tokens in TOKENS:
+        for tokens in args.tokens:
             int4 = int4_us(shape, tokens) if shape in LARGE_SHAPES else None
             rotate = rotation_us(shape[0], tokens)
             for name in FORMATS:
@@ -200,11 +207,15 @@ def main() -> None:
                 if tokens <= 64 and name == "D1 K16 int8":  # the byte-permute route against the general kernels
                     row["route"] = "byte-permute " + packed_tile(tokens, NIBBLE_ROUTES).describe()
                     row["general_us"] = layer.tile_us(tokens, packed_tile(tokens))
+                elif name == "D1 K16 int8":  # prompts: byte-permute decode + cuBLAS (routed) against tensor-core tiles
+                    row["route"] = "byte-permute decode + cuBLAS"
+                    row["tensor_core_tiles_us"] = {tile.describe(): layer.nibble_us(tokens, tile) for tile in PROMPT_TILES}
                 report["rows"].append(row)
                 extra = f" int4 {int4:8.1f} us ({int4 / us:4.2f}x)" if isinstance(int4, float) else (f" int4 {int4}" if int4 else "")
                 print(f"{shape[0]:>5}->{shape[1]:<5} t={tokens:<4} {name:13} dense {row['dense_us']:8.1f} us  rpq {us:8.1f} us "
                       f"({row['speedup_vs_dense']:4.2f}x dense, {row['bandwidth_fraction']:4.0%} of copy bw)  rotation {rotate:5.1f} us{extra}"
-                      + (f"  general kernel {row['general_us']:6.1f} us" if "general_us" in row else ""),
+                      + (f"  general kernel {row['general_us']:6.1f} us" if "general_us" in row else "")
+                      + "".join(f"  {tile} {us:6.1f} us" for tile, us in row.get("tensor_core_tiles_us", {}).items()),
                       flush=True)
     if args.json:
         with open(args.json, "w") as handle:

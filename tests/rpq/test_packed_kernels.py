@@ -84,7 +84,7 @@ def test_nibble_kernels_match_reference_on_every_tile(in_features, out_features)
     """The byte-permute kernels (4-bit codes, 16-entry int8 row tables, fp16): routed and on each tile, one token and
     several, split-K included, uneven rows, activations large enough that a wrong scaling would overflow fp16."""
     codes, codebooks, row_scales, bias = packed_layer(in_features, out_features, 1, 16, "int8", seed=in_features)
-    for tokens in (1, 3, 16, 40):
+    for tokens in (1, 3, 16, 40, 100):  # 100: W' decoded by the byte-permute kernel, then cuBLAS
         for scale in (1.0, 400.0):  # |x| up to ~1600: eight products summed in fp16 stay finite; the outputs too
             x = torch.randn(tokens, in_features, device=CUDA, dtype=torch.float16) * scale
             scales = (row_scales / scale).half()
@@ -98,6 +98,15 @@ def test_nibble_kernels_match_reference_on_every_tile(in_features, out_features)
                     assert rel_error(out, ref) < BOUNDS[torch.float16], (tile.describe(), tokens, scale)
     no_bias = packed.nibble_linear(x, codes, codebooks, scales, None, in_features, NIBBLE_TILES[-1], 132)
     assert rel_error(no_bias + bias.half(), ref) < BOUNDS[torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nibble_decoded_weight_is_the_reference_weight(dtype):
+    codes, codebooks, scales, _ = packed_layer(544, 100, 1, 16, "int8")
+    weight = packed.nibble_decode_weight(codes, codebooks, scales.to(dtype), 544, dtype)
+    ref = decode(packed_forward.codebook_values(codebooks, scales.to(dtype), torch.float32), unpack_codes(codes, 4, 544), "linear")
+    assert weight.dtype == dtype and weight.shape == (100, 544)
+    assert rel_error(weight, ref) < BOUNDS[dtype]
 
 
 def test_nibble_kernels_decline_what_they_cannot_read():

@@ -95,7 +95,10 @@ def linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, b
         return kernels.nibble_linear(x, codes, codebooks, scales, bias, in_features, tile, multiprocessors(x.device))
     if tile is not None:
         return kernels.packed_linear(x, codes, codebooks, scales, bias, bits, in_features, tile, multiprocessors(x.device))
-    weight = kernels.decode_linear_weight(codes, codebooks, scales, bits, in_features, x.dtype)
+    if kernels.nibble_decode_serves(codes, codebooks, scales, bits, in_features):
+        weight = kernels.nibble_decode_weight(codes, codebooks, scales, in_features, x.dtype)
+    else:
+        weight = kernels.decode_linear_weight(codes, codebooks, scales, bits, in_features, x.dtype)
     return F.linear(x, weight, bias)
 
 

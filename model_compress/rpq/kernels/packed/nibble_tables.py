@@ -1,6 +1,6 @@
-"""Layers of 4-bit codes and one 16-entry int8 table per output row, on fp16 activations, with the table looked up
-in registers by byte permutes instead of loads: one token (a GEMV) and 2 to 64 tokens on tensor cores
-(both behind ``nibble_linear``).
+"""Layers of 4-bit codes and one 16-entry int8 table per output row, with the table looked up in registers by byte
+permutes instead of loads: one fp16 token (a GEMV) and 2 to 64 on tensor cores (both behind ``nibble_linear``),
+and W' decoded into a temporary for cuBLAS on prompts (``nibble_decode_weight``, any float dtype).
 
 Why a kernel of its own: the general GEMV (``linear.py``) gathers each code's value with a load and converts it
 to float32, so a large layer reaches about a fifth of the copy bandwidth. Here a row's table sits in four 32-bit
@@ -222,16 +222,59 @@ def _nibble_linear_kernel(
                 stride_out, split_k, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N)
 
 
+@triton.jit
+def _nibble_decode_kernel(codes_ptr, codebooks_ptr, scales_ptr, out_ptr, out_features, words_per_row, BLOCK_N: tl.constexpr,
+                          BLOCK_W: tl.constexpr):
+    """W'[rows, 8 j + e] for a (BLOCK_N, BLOCK_W words) tile: looked up, scaled in float32, stored in out's dtype."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    mask_n = offs_n < out_features
+    rows = tl.where(mask_n, offs_n, 0)
+    t0, t1, t2, t3 = _row_tables(codebooks_ptr, rows)
+    code_rows = tl.multiple_of(codes_ptr.to(tl.pointer_type(tl.int32)), 16) + rows.to(tl.int64)[:, None] * words_per_row
+    mask_w = offs_w < words_per_row
+    words = tl.load(code_rows + offs_w[None, :], mask=mask_n[:, None] & mask_w[None, :], other=0)
+    v0, v1, v2, v3, v4, v5, v6, v7 = _lookup_eight(words, t0, t1, t2, t3)
+    w = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))  # as in the tile kernel
+    w = tl.reshape(w, (BLOCK_N, BLOCK_W * 8)).to(tl.float32)
+    w = w * (tl.load(scales_ptr + rows, mask=mask_n, other=0.0).to(tl.float32) * 128.0)[:, None]
+    offs_k = tl.program_id(1) * BLOCK_W * 8 + tl.arange(0, BLOCK_W * 8)
+    in_features = words_per_row * 8
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * in_features + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=mask_n[:, None] & (offs_k < in_features)[None, :])
+
+
 def nibble_serves(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, in_features: int) -> bool:
     """Whether ``nibble_linear`` computes this call: fp16 tokens, 4-bit codes, one 16-entry int8 table per output row
     with its scale, whole 16-byte vectors of code words (in_features a multiple of 32) and aligned buffers (one token
     reads x as 8-byte pairs, so its x is aligned too)."""
     return (
-        x.dtype == torch.float16 and bits == 4 and scales is not None and codebooks.dtype == torch.int8
-        and codebooks.shape[1:] == (16, 1) and codebooks.is_contiguous() and in_features % 32 == 0 and codes.is_contiguous()
-        and codes.data_ptr() % 16 == 0 and codebooks.data_ptr() % 16 == 0
+        x.dtype == torch.float16 and nibble_decode_serves(codes, codebooks, scales, bits, in_features)
         and (x.numel() != in_features or (x.data_ptr() % 16 == 0 and x.stride(-1) == 1))
     )
+
+
+def nibble_decode_serves(codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, in_features: int) -> bool:
+    """Whether ``nibble_decode_weight`` decodes this layer: ``nibble_serves``'s format and alignment, any x dtype."""
+    return (
+        bits == 4 and scales is not None and codebooks.dtype == torch.int8 and codebooks.shape[1:] == (16, 1)
+        and codebooks.is_contiguous() and in_features % 32 == 0 and codes.is_contiguous() and codes.data_ptr() % 16 == 0
+        and codebooks.data_ptr() % 16 == 0
+    )
+
+
+NIBBLE_DECODE_ROWS, NIBBLE_DECODE_WORDS = 32, 32  # one program: 32 rows x 256 inputs
+
+
+def nibble_decode_weight(codes: Tensor, codebooks: Tensor, scales: Tensor, in_features: int, dtype: torch.dtype) -> Tensor:
+    """W' (out, in) in ``dtype``, a new temporary (``nibble_decode_serves``)."""
+    out_features = codebooks.shape[0]
+    weight = torch.empty(out_features, in_features, device=codes.device, dtype=dtype)
+    words_per_row = in_features // 8
+    grid = (_cdiv(out_features, NIBBLE_DECODE_ROWS), _cdiv(words_per_row, NIBBLE_DECODE_WORDS))
+    _nibble_decode_kernel[grid](codes, codebooks, scales, weight, out_features, words_per_row, BLOCK_N=NIBBLE_DECODE_ROWS,
+                                BLOCK_W=NIBBLE_DECODE_WORDS, num_warps=4)
+    return weight
 
 
 def nibble_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None, in_features: int,
