@@ -18,14 +18,15 @@ from typing import Any
 from torch import nn
 
 from ..core.hf import LoaderOnlyQuantizer, MethodConfig, mark_quantized, skip_dense_initialisation
-
-from .layers.modules import KIND_TIED_HEAD, build_rpq_module
+from .format_upgrade import upgrade_codes
 from .fusions import apply_fusions
+from .layers.modules import KIND_TIED_HEAD, build_rpq_module
 
 QUANT_METHOD = "rpq"
-# The checkpoint layout's version: 1 before input rotations, 2 adds ``rotation_block`` and ``rotation_signs``.
+# The checkpoint layout's version: 1 before input rotations, 2 adds ``rotation_block`` and ``rotation_signs``, 3 stores
+# 5-bit codes over a multiple of 32 columns as two planes (``layout.stored_as_planes``; ``format_upgrade`` repacks older).
 # A loader reads every version up to its own; a newer one gets one clear line.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 class RPQConfig(MethodConfig):
@@ -101,6 +102,8 @@ class RPQHfQuantizer(LoaderOnlyQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         super()._process_model_after_weight_loading(model, **kwargs)
+        upgrade_codes(model, self.quantization_config.format_version)
+        self.quantization_config.format_version = FORMAT_VERSION  # the codes in memory are this format's now
         apply_fusions(model)
 
 

@@ -124,7 +124,7 @@ def rotated_checkpoint(tmp_path_factory):
 def test_a_budget_rotates_every_layer_and_the_checkpoint_rebuilds_r_bit_for_bit(rotated_checkpoint):
     out, run = rotated_checkpoint
     config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert config["rotation"] == "hadamard" and config["rotation_block"] == 32 and config["format_version"] == 2
+    assert config["rotation"] == "hadamard" and config["rotation_block"] == 32 and config["format_version"] == 3
     specs = config["layers"]
     assert specs and all(spec["rotation_block"] == 32 for spec in specs.values())
     loaded = model_compress.load(out, dtype=torch.float32)

@@ -11,8 +11,11 @@ the (M, n, D) pieces that k-means clusters, and codebooks + indices back into th
 
 Stored codes take ceil(log2 K) bits each, packed little-endian along the columns into bytes
 (code c of a codebook occupies bits c*b .. c*b+b-1 of its row of bytes): at K = 256 that is one
-``uint8`` per code, exactly rpq-pytorch's (M, n) layout. Codebooks are stored in a float dtype,
-or as ``int8`` with one scale per codebook (``codebook_scales``, float16).
+``uint8`` per code, exactly rpq-pytorch's (M, n) layout. 5-bit codes over a multiple of 32 columns are
+stored as two planes instead (format version 3, ``stored_as_planes``): the low 4 bits packed as 4-bit
+codes, then the top bit packed as 1-bit codes, in the same number of bytes; both planes read in whole
+bytes, and the 4-bit plane is what the byte-permute kernels look up. Codebooks are stored in a float
+dtype, or as ``int8`` with one scale per codebook (``codebook_scales``, float16).
 """
 
 from __future__ import annotations
@@ -52,7 +55,36 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def stored_as_planes(bits: int, columns: int) -> bool:
+    """Whether codes of ``bits`` bits over ``columns`` columns are stored as a 4-bit and a 1-bit plane (format 3)."""
+    return bits == 5 and columns % 32 == 0
+
+
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """(M, n) integer codes below 2**bits -> (M, packed_width(n, bits)) uint8: the little-endian stream, or the
+    two planes where ``stored_as_planes``."""
+    if stored_as_planes(bits, codes.shape[1]):
+        codes = codes.long()
+        return torch.cat([pack_stream(codes & 15, 4), pack_stream(codes >> 4, 1)], dim=1)
+    return pack_stream(codes, bits)
+
+
+def unpack_codes(packed: Tensor, bits: int, columns: int, select: Tensor | None = None) -> Tensor:
+    """Packed codes (``pack_codes``) -> (M, n) int64 codes, or only the columns ``select`` (any shape of ids, flattened)."""
+    if stored_as_planes(bits, columns):
+        low = unpack_stream(packed[:, : columns // 2], 4, columns, select)
+        return low | (unpack_stream(packed[:, columns // 2 :], 1, columns, select) << 4)
+    return unpack_stream(packed, bits, columns, select)
+
+
+def planes_from_stream(packed: Tensor, bits: int, columns: int) -> Tensor:
+    """Codes a format-2 checkpoint stored as a stream, in this format's layout (a copy where it differs)."""
+    if not stored_as_planes(bits, columns):
+        return packed
+    return pack_codes(unpack_stream(packed, bits, columns), bits)
+
+
+def pack_stream(codes: Tensor, bits: int) -> Tensor:
     """(M, n) integer codes below 2**bits -> (M, packed_width(n, bits)) uint8, little-endian bit order."""
     codes = codes.long()
     if bits == 8:
@@ -66,8 +98,8 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     return (stream.view(num_books, width, 8) * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
 
 
-def unpack_codes(packed: Tensor, bits: int, columns: int, select: Tensor | None = None) -> Tensor:
-    """Packed codes -> (M, n) int64 codes, or only the columns ``select`` (any shape of ids, flattened)."""
+def unpack_stream(packed: Tensor, bits: int, columns: int, select: Tensor | None = None) -> Tensor:
+    """A little-endian stream of codes -> (M, n) int64 codes, or only the columns ``select``."""
     if bits == 8:
         codes = packed if select is None else packed[:, select.reshape(-1)]
         return codes.long()

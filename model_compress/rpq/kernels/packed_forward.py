@@ -116,7 +116,7 @@ def embedding_rows(ids: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor
     kernels = packed_kernels(codes, codebooks, scales)
     if kernels is None:
         return torch_forms.embedding_torch(ids, codebook_values(codebooks, scales, dtype), unpack_codes(codes, bits, rows, ids))
-    picked = kernels.decode_table_rows(codes, codebooks, scales, bits, dtype, ids=ids.reshape(-1))
+    picked = kernels.decode_table_rows(codes, codebooks, scales, bits, rows, dtype, ids=ids.reshape(-1))
     return picked.reshape(*ids.shape, picked.shape[-1])
 
 
@@ -136,7 +136,7 @@ def tied_head(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None
     chunk = max(64, HEAD_CHUNK_BYTES // (dim * x.element_size()) // 64 * 64)  # whole byte tiles of codes per chunk
     for first in range(0, vocab, chunk):
         count = min(chunk, vocab - first)
-        table = kernels.decode_table_rows(codes, codebooks, scales, bits, x.dtype, first_row=first, count=count)
+        table = kernels.decode_table_rows(codes, codebooks, scales, bits, vocab, x.dtype, first_row=first, count=count)
         out[:, first:first + count] = rows @ table.T
     if bias is not None:
         out += bias

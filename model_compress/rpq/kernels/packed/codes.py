@@ -16,11 +16,16 @@ def bytes_spanned(bits: int) -> int:
 
 
 @triton.jit
-def unpack(row_ptrs, columns, width, mask, BITS: tl.constexpr, BYTES: tl.constexpr):
+def unpack(row_ptrs, columns, width, mask, BITS: tl.constexpr, BYTES: tl.constexpr, PLANES: tl.constexpr):
     """The codes at ``columns`` of the packed rows ``row_ptrs`` (uint8 pointers, broadcast against ``columns``).
 
     ``width``: bytes per row; bytes past it are not read (the last code of a row may end inside its last byte).
+    PLANES (``layout.stored_as_planes``): 5-bit codes as a 4-bit plane of width * 4 / 5 bytes, then a 1-bit plane.
     """
+    if PLANES:
+        low = tl.load(row_ptrs + (columns >> 1), mask=mask, other=0).to(tl.int32)
+        high = tl.load(row_ptrs + (width * 4) // 5 + (columns >> 3), mask=mask, other=0).to(tl.int32)
+        return ((low >> ((columns & 1) * 4)) & 15) | (((high >> (columns & 7)) & 1) << 4)
     start = columns * BITS
     first = start >> 3
     word = tl.load(row_ptrs + first, mask=mask, other=0).to(tl.int32)
@@ -70,12 +75,12 @@ def row_pointers(codes_ptr, codebooks_ptr, offs_n, code_width, CODEBOOK_SIZE: tl
 
 @triton.jit
 def weight_tile(code_rows, value_rows, first, offs_k, mask_n, mask_k, code_width, PIECE: tl.constexpr, BITS: tl.constexpr,
-                BYTES: tl.constexpr, VECTOR: tl.constexpr, BLOCK_K: tl.constexpr):
+                BYTES: tl.constexpr, VECTOR: tl.constexpr, PLANES: tl.constexpr, BLOCK_K: tl.constexpr):
     """W'[rows, first .. first + BLOCK_K] as stored (int8 or float, before the scales): codes read (whole byte tiles where
     VECTOR), then their codebook values gathered."""
     mask = mask_n[:, None] & mask_k[None, :]
     if VECTOR:
         codes = unpack_tile(code_rows, first, code_width, mask_n, BITS, BLOCK_K)
     else:
-        codes = unpack(code_rows, offs_k[None, :], code_width, mask, BITS, BYTES)
+        codes = unpack(code_rows, offs_k[None, :], code_width, mask, BITS, BYTES, PLANES)
     return tl.load(value_rows + codes * PIECE, mask=mask, other=0)

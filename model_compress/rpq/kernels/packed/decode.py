@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..layout import stored_as_planes
 from ..triton.common import _cdiv
 from .codes import VECTOR_BITS, bytes_spanned, unpack, unpack_tile
 
@@ -36,6 +37,7 @@ def _packed_decode_kernel(
     BYTES: tl.constexpr,
     HAS_IDS: tl.constexpr,
     VECTOR: tl.constexpr,
+    PLANES: tl.constexpr,
     HAS_SCALES: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -54,7 +56,7 @@ def _packed_decode_kernel(
     if VECTOR:  # a contiguous run of columns: whole byte tiles
         codes = unpack_tile(code_rows, first_column + tl.program_id(0) * BLOCK_J, code_width, mask_n, BITS, BLOCK_J)
     else:
-        codes = unpack(code_rows, columns[None, :], code_width, mask, BITS, BYTES)
+        codes = unpack(code_rows, columns[None, :], code_width, mask, BITS, BYTES, PLANES)
     values = tl.load(codebooks_ptr + (heads * (CODEBOOK_SIZE * PIECE) + offs_n - heads * PIECE)[:, None] + codes * PIECE,
                      mask=mask, other=0).to(tl.float32)
     if HAS_SCALES:
@@ -64,10 +66,11 @@ def _packed_decode_kernel(
 
 
 def decode_packed(
-    codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, out: Tensor, stride_column: int, stride_split: int,
-    count: int, ids: Tensor | None = None, first_column: int = 0,
+    codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, columns: int, out: Tensor, stride_column: int,
+    stride_split: int, count: int, ids: Tensor | None = None, first_column: int = 0,
 ) -> Tensor:
-    """Decode ``count`` columns (``ids``, else ``first_column`` onwards) into ``out`` at the given strides, one kernel."""
+    """Decode ``count`` of the ``columns`` columns (``ids``, else ``first_column`` onwards) into ``out`` at the given
+    strides, one kernel."""
     num_codebooks, codebook_size, piece = codebooks.shape
     split = num_codebooks * piece
     if count:
@@ -76,7 +79,8 @@ def decode_packed(
             ids if ids is not None else codes, codes, codebooks, scales if scales is not None else codebooks, out, first_column,
             count, split, codes.shape[1], stride_column, stride_split, CODEBOOK_SIZE=codebook_size, PIECE=piece, BITS=bits,
             BYTES=bytes_spanned(bits), HAS_IDS=ids is not None,
-            VECTOR=ids is None and bits in VECTOR_BITS and first_column * bits % 8 == 0, HAS_SCALES=scales is not None,
+            VECTOR=ids is None and bits in VECTOR_BITS and first_column * bits % 8 == 0,
+            PLANES=stored_as_planes(bits, columns), HAS_SCALES=scales is not None,
             BLOCK_J=block_j, BLOCK_N=block_n,
         )
     return out
@@ -87,13 +91,14 @@ def decode_linear_weight(codes: Tensor, codebooks: Tensor, scales: Tensor | None
     """W' (out, in) of a packed Linear in ``dtype``, a new temporary."""
     out_features = codebooks.shape[0] * codebooks.shape[2]
     weight = torch.empty(out_features, in_features, device=codes.device, dtype=dtype)
-    return decode_packed(codes, codebooks, scales, bits, weight, 1, in_features, in_features)
+    return decode_packed(codes, codebooks, scales, bits, in_features, weight, 1, in_features, in_features)
 
 
-def decode_table_rows(codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, dtype: torch.dtype,
+def decode_table_rows(codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, rows: int, dtype: torch.dtype,
                       ids: Tensor | None = None, first_row: int = 0, count: int | None = None) -> Tensor:
-    """Rows of a packed embedding table E' (``ids``, else ``count`` rows from ``first_row``), (rows, dim) in ``dtype``."""
+    """Rows of a packed embedding table E' of ``rows`` rows (``ids``, else ``count`` rows from ``first_row``), (rows,
+    dim) in ``dtype``."""
     dim = codebooks.shape[0] * codebooks.shape[2]
     count = ids.numel() if ids is not None else count
     out = torch.empty(count, dim, device=codes.device, dtype=dtype)
-    return decode_packed(codes, codebooks, scales, bits, out, dim, 1, count, ids=ids, first_column=first_row)
+    return decode_packed(codes, codebooks, scales, bits, rows, out, dim, 1, count, ids=ids, first_column=first_row)

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..layout import stored_as_planes
 from ..triton.common import _cdiv, _next_power_of_2
 from .codes import bytes_spanned, unpack
 
@@ -33,6 +34,7 @@ def _packed_head_kernel(
     CODEBOOK_SIZE: tl.constexpr,
     BITS: tl.constexpr,
     BYTES: tl.constexpr,
+    PLANES: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -45,7 +47,7 @@ def _packed_head_kernel(
     token_scores = scores_ptr + offs_t[:, None] * (NUM_BOOKS * CODEBOOK_SIZE)
     acc = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
     for head in range(NUM_BOOKS):
-        codes = unpack(codes_ptr + head * code_width, offs_v, code_width, mask_v, BITS, BYTES)
+        codes = unpack(codes_ptr + head * code_width, offs_v, code_width, mask_v, BITS, BYTES, PLANES)
         acc += tl.load(token_scores + head * CODEBOOK_SIZE + codes[None, :], mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
@@ -69,6 +71,6 @@ def packed_head(x: Tensor, codes: Tensor, codebook_values: Tensor, bits: int, vo
         _packed_head_kernel[(_cdiv(vocab, HEAD_BLOCK_V),)](
             scores, codes, bias if bias is not None else out, out, tokens, vocab, codes.shape[1], out.stride(0),
             NUM_BOOKS=num_codebooks, CODEBOOK_SIZE=codebook_size, BITS=bits, BYTES=bytes_spanned(bits),
-            HAS_BIAS=bias is not None, BLOCK_T=max(1, _next_power_of_2(tokens)), BLOCK_V=HEAD_BLOCK_V,
+            PLANES=stored_as_planes(bits, vocab), HAS_BIAS=bias is not None, BLOCK_T=max(1, _next_power_of_2(tokens)), BLOCK_V=HEAD_BLOCK_V,
         )
     return out.reshape(*x.shape[:-1], vocab)

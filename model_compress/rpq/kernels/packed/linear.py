@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..config.packed_routes import PackedTile
+from ..layout import stored_as_planes
 from ..triton.common import _cdiv, _rows, _store_tile, tile_counters
 from .codes import VECTOR_BITS, bytes_spanned, row_pointers, weight_tile
 
@@ -42,6 +43,7 @@ def _packed_linear_kernel(
     BITS: tl.constexpr,
     BYTES: tl.constexpr,
     VECTOR: tl.constexpr,
+    PLANES: tl.constexpr,
     HAS_SCALES: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     USE_DOT: tl.constexpr,
@@ -67,7 +69,7 @@ def _packed_linear_kernel(
         mask_k = offs_k < k_end
         x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = weight_tile(code_rows, value_rows, k_begin + step, offs_k, mask_n, mask_k, code_width, PIECE, BITS, BYTES, VECTOR,
-                        BLOCK_K).to(x.dtype)
+                        PLANES, BLOCK_K).to(x.dtype)
         if USE_DOT and DOT_IEEE:
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         elif USE_DOT:
@@ -100,6 +102,7 @@ def _packed_gemv_kernel(
     BITS: tl.constexpr,
     BYTES: tl.constexpr,
     VECTOR: tl.constexpr,
+    PLANES: tl.constexpr,
     HAS_SCALES: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -120,7 +123,7 @@ def _packed_gemv_kernel(
         mask_k = offs_k < k_end
         x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         w = weight_tile(code_rows, value_rows, k_begin + step, offs_k, mask_n, mask_k, code_width, PIECE, BITS, BYTES, VECTOR,
-                        BLOCK_K)
+                        PLANES, BLOCK_K)
         acc += w.to(tl.float32) * x[None, :]
     sums = tl.sum(acc, axis=1)
     if HAS_SCALES:
@@ -165,18 +168,20 @@ def packed_linear(
     else:
         partial = counter = out
     vector = bits in VECTOR_BITS and tile.block_k * bits % 8 == 0
+    planes = stored_as_planes(bits, in_features)
     if tokens == 1 and tile.block_m == 1:
         _packed_gemv_kernel[(tiles_n, 1, split)](
             rows, codes, codebooks, scales if scales is not None else codebooks, bias if bias is not None else out, out, partial,
             counter, in_features, out_features, codes.shape[1], split, chunk, CODEBOOK_SIZE=codebook_size, PIECE=piece,
-            BITS=bits, BYTES=bytes_spanned(bits), VECTOR=vector, HAS_SCALES=scales is not None, HAS_BIAS=bias is not None,
-            BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT=split > 1, num_warps=tile.num_warps, num_stages=tile.num_stages,
+            BITS=bits, BYTES=bytes_spanned(bits), VECTOR=vector, PLANES=planes, HAS_SCALES=scales is not None,
+            HAS_BIAS=bias is not None, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT=split > 1, num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
         return out.reshape(*x.shape[:-1], out_features)
     _packed_linear_kernel[(tiles_n, tiles_m, split)](
         rows, codes, codebooks, scales if scales is not None else codebooks, bias if bias is not None else out, out, partial,
         counter, tokens, in_features, out_features, codes.shape[1], rows.stride(0), out.stride(0), split, chunk,
-        CODEBOOK_SIZE=codebook_size, PIECE=piece, BITS=bits, BYTES=bytes_spanned(bits), VECTOR=vector, HAS_SCALES=scales is not None,
+        CODEBOOK_SIZE=codebook_size, PIECE=piece, BITS=bits, BYTES=bytes_spanned(bits), VECTOR=vector, PLANES=planes,
+        HAS_SCALES=scales is not None,
         HAS_BIAS=bias is not None, USE_DOT=tile.block_m >= 16, DOT_IEEE=rows.dtype == torch.float32,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT=split > 1,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
