@@ -66,7 +66,7 @@ class PackedLayers:
         """fp16 tokens through the byte-permute kernels (4-bit codes, 16-entry int8 tables) on ``tile``."""
         x = self.input(tokens)
         programs = packed_forward.multiprocessors(x.device)
-        return graph_us([lambda c=c: packed.nibble_linear(x, *c, None, self.shape[0], tile, programs) for c in self.copies])
+        return graph_us([lambda c=c: packed.nibble_linear(x, *c, None, self.bits, self.shape[0], tile, programs) for c in self.copies])
 
     def tile_us(self, tokens: int, tile: PackedTile) -> float:
         x = self.input(tokens)

@@ -79,46 +79,52 @@ NIBBLE_TILES = [PackedTile(1, 8, 512), PackedTile(1, 16, 256, max_split=8, progr
                 PackedTile(16, 64, 128, max_split=8, programs_per_sm=64), PackedTile(64, 64, 128, num_warps=8)]
 
 
+@pytest.mark.parametrize("size", [16, 32])
 @pytest.mark.parametrize("in_features,out_features", [(576, 576), (4096, 100), (1536, 1000), (32, 7)])
-def test_nibble_kernels_match_reference_on_every_tile(in_features, out_features):
-    """The byte-permute kernels (4-bit codes, 16-entry int8 row tables, fp16): routed and on each tile, one token and
-    several, split-K included, uneven rows, activations large enough that a wrong scaling would overflow fp16."""
-    codes, codebooks, row_scales, bias = packed_layer(in_features, out_features, 1, 16, "int8", seed=in_features)
+def test_nibble_kernels_match_reference_on_every_tile(in_features, out_features, size):
+    """The byte-permute kernels (4- and 5-bit codes, 16- and 32-entry int8 row tables, fp16): routed and on each tile,
+    one token, several and a prompt, split-K included, uneven rows, activations large enough that a wrong scaling
+    would overflow fp16."""
+    bits = code_bits(size)
+    codes, codebooks, row_scales, bias = packed_layer(in_features, out_features, 1, size, "int8", seed=in_features)
     for tokens in (1, 3, 16, 40, 100):  # 100: W' decoded by the byte-permute kernel, then cuBLAS
         for scale in (1.0, 400.0):  # |x| up to ~1600: eight products summed in fp16 stay finite; the outputs too
             x = torch.randn(tokens, in_features, device=CUDA, dtype=torch.float16) * scale
             scales = (row_scales / scale).half()
-            ref = packed_forward.linear_reference(x.float(), codes, codebooks, scales, bias.float(), 4, in_features)
-            assert packed.nibble_serves(x, codes, codebooks, scales, 4, in_features)
-            out = packed_forward.linear(x, codes, codebooks, scales, bias.half(), 4, in_features)
+            ref = packed_forward.linear_reference(x.float(), codes, codebooks, scales, bias.float(), bits, in_features)
+            assert packed.nibble_serves(x, codes, codebooks, scales, bits, in_features)
+            out = packed_forward.linear(x, codes, codebooks, scales, bias.half(), bits, in_features)
             assert torch.isfinite(out).all() and rel_error(out, ref) < BOUNDS[torch.float16], ("routed", tokens, scale)
             for tile in [t for t in NIBBLE_TILES if (t.block_m == 1) == (tokens == 1)]:
                 for _ in range(2):  # the split-K counters come back to 0
-                    out = packed.nibble_linear(x, codes, codebooks, scales, bias.half(), in_features, tile, 132)
+                    out = packed.nibble_linear(x, codes, codebooks, scales, bias.half(), bits, in_features, tile, 132)
                     assert rel_error(out, ref) < BOUNDS[torch.float16], (tile.describe(), tokens, scale)
-    no_bias = packed.nibble_linear(x, codes, codebooks, scales, None, in_features, NIBBLE_TILES[-1], 132)
+    no_bias = packed.nibble_linear(x, codes, codebooks, scales, None, bits, in_features, NIBBLE_TILES[-1], 132)
     assert rel_error(no_bias + bias.half(), ref) < BOUNDS[torch.float16]
 
 
+@pytest.mark.parametrize("size", [16, 32])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_nibble_decoded_weight_is_the_reference_weight(dtype):
-    codes, codebooks, scales, _ = packed_layer(544, 100, 1, 16, "int8")
-    weight = packed.nibble_decode_weight(codes, codebooks, scales.to(dtype), 544, dtype)
-    ref = decode(packed_forward.codebook_values(codebooks, scales.to(dtype), torch.float32), unpack_codes(codes, 4, 544), "linear")
+def test_nibble_decoded_weight_is_the_reference_weight(dtype, size):
+    codes, codebooks, scales, _ = packed_layer(544, 100, 1, size, "int8")
+    weight = packed.nibble_decode_weight(codes, codebooks, scales.to(dtype), code_bits(size), 544, dtype)
+    ref = decode(packed_forward.codebook_values(codebooks, scales.to(dtype), torch.float32),
+                 unpack_codes(codes, code_bits(size), 544), "linear")
     assert weight.dtype == dtype and weight.shape == (100, 544)
     assert rel_error(weight, ref) < BOUNDS[dtype]
 
 
 def test_nibble_kernels_decline_what_they_cannot_read():
-    """A misaligned token, bf16, widths off whole 16-byte code vectors, 3- and 5-bit codes: the general kernels serve them."""
+    """A misaligned token, bf16, widths off whole 16-byte code vectors, 3- and 6-bit codes: the general kernels serve them."""
     codes, codebooks, scales, bias = packed_layer(576, 64, 1, 16, "int8")
     x = torch.randn(1, 577, device=CUDA, dtype=torch.float16)
     assert not packed.nibble_serves(x[:, 1:], codes, codebooks, scales, 4, 576)
     assert not packed.nibble_serves(x[:, :576].bfloat16(), codes, codebooks, scales, 4, 576)
     odd = packed_layer(200, 64, 1, 16, "int8")
     assert not packed.nibble_serves(torch.randn(1, 200, device=CUDA, dtype=torch.float16), odd[0], odd[1], odd[2], 4, 200)
-    five = packed_layer(576, 64, 1, 32, "int8")
-    assert not packed.nibble_serves(x[:, :576], five[0], five[1], five[2], 5, 576)
+    for size in (8, 64):
+        other = packed_layer(576, 64, 1, size, "int8")
+        assert not packed.nibble_serves(x[:, :576], other[0], other[1], other[2], code_bits(size), 576)
     shifted = x[:, 1:]
     ref = packed_forward.linear_reference(shifted.float(), codes, codebooks, scales, bias.float(), 4, 576)
     out = packed_forward.linear(shifted, codes, codebooks, scales, bias.half(), 4, 576)

@@ -92,11 +92,11 @@ def linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, b
     tile = packed_tile(tokens)
     if tile is not None and kernels.nibble_serves(x, codes, codebooks, scales, bits, in_features):
         tile = packed_tile(tokens, NIBBLE_ROUTES)
-        return kernels.nibble_linear(x, codes, codebooks, scales, bias, in_features, tile, multiprocessors(x.device))
+        return kernels.nibble_linear(x, codes, codebooks, scales, bias, bits, in_features, tile, multiprocessors(x.device))
     if tile is not None:
         return kernels.packed_linear(x, codes, codebooks, scales, bias, bits, in_features, tile, multiprocessors(x.device))
     if kernels.nibble_decode_serves(codes, codebooks, scales, bits, in_features):
-        weight = kernels.nibble_decode_weight(codes, codebooks, scales, in_features, x.dtype)
+        weight = kernels.nibble_decode_weight(codes, codebooks, scales, bits, in_features, x.dtype)
     else:
         weight = kernels.decode_linear_weight(codes, codebooks, scales, bits, in_features, x.dtype)
     return F.linear(x, weight, bias)

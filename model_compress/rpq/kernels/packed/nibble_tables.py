@@ -1,6 +1,6 @@
-"""Layers of 4-bit codes and one 16-entry int8 table per output row, with the table looked up in registers by byte
-permutes instead of loads: one fp16 token (a GEMV) and 2 to 64 on tensor cores (both behind ``nibble_linear``),
-and W' decoded into a temporary for cuBLAS on prompts (``nibble_decode_weight``, any float dtype).
+"""Layers of 4- or 5-bit codes and one 16- or 32-entry int8 table per output row, with the table looked up in
+registers by byte permutes instead of loads: one fp16 token (a GEMV) and 2 to 64 on tensor cores (both behind
+``nibble_linear``), and W' decoded into a temporary for cuBLAS on prompts (``nibble_decode_weight``, any float dtype).
 
 Why a kernel of its own: the general GEMV (``linear.py``) gathers each code's value with a load and converts it
 to float32, so a large layer reaches about a fifth of the copy bandwidth. Here a row's table sits in four 32-bit
@@ -12,11 +12,17 @@ under the exponent of 1024 (``0x64``), then v / 128 = h / 128 - 9 exactly; pairs
 (each at most |x|, so no overflow below |x| = 8192), added in float32; the row's scale times 128 comes last.
 For several tokens the same lookup hands the eight values v / 128 to ``tl.dot`` instead.
 
-The stored layout is ``layout.pack_codes`` at 4 bits: code c of a row at bit 4c, so code word j of a row holds
-codes 8j .. 8j + 7 and x[8j .. 8j + 7] is the 16 bytes next to it.
+A 32-entry table takes eight registers: entries 16-31 are looked up the same way, and the codes' fifth bits,
+spread to byte masks by one multiply and a sign-replicating permute, pick between the halves.
+
+The stored layout is ``layout.pack_codes``: at 4 bits code c of a row sits at bit 4c, so code word j of a row holds
+codes 8j .. 8j + 7 and x[8j .. 8j + 7] is the 16 bytes next to it; at 5 bits the same nibbles come first, then
+byte j of the top-bit plane holds the fifth bits of codes 8j .. 8j + 7 (``layout.stored_as_planes``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import triton
@@ -27,93 +33,134 @@ from ..config.packed_routes import PackedTile
 from ..triton.common import _cdiv, _rows, _store_tile, tile_counters
 from .linear import input_split
 
-# $0: float32 sum of the eight products; $1: eight 4-bit codes; $2-$5: the row's table (bytes are value + 128);
-# $6, $7: x[8j .. 8j + 3] and x[8j + 4 .. 8j + 7] as fp16 pairs.
-_EIGHT_CODES_TIMES_X = tl.constexpr("""
-{
-.reg .b32 sel, low, high, mask, shifted, bytes, pair0, pair1, acc, codes, inv128, minus9, x0, x1, x2, x3;
-.reg .b16 first, second;
-mov.b64 {x0, x1}, $6;
-mov.b64 {x2, x3}, $7;
-mov.b32 inv128, 0x20002000;
-mov.b32 minus9, 0xC880C880;
-mov.b32 codes, $1;
-and.b32 sel, codes, 0x7777;
-prmt.b32 low, $2, $3, sel;
-prmt.b32 high, $4, $5, sel;
-shl.b32 shifted, codes, 4;
-prmt.b32 mask, shifted, codes, 0xD9C8;
-lop3.b32 bytes, high, low, mask, 0xE4;
-prmt.b32 pair0, bytes, 0x64646464, 0x4140;
-prmt.b32 pair1, bytes, 0x64646464, 0x4342;
-fma.rn.f16x2 pair0, pair0, inv128, minus9;
-fma.rn.f16x2 pair1, pair1, inv128, minus9;
-mul.rn.f16x2 acc, pair0, x0;
-fma.rn.f16x2 acc, pair1, x1, acc;
-shr.u32 codes, codes, 16;
-and.b32 sel, codes, 0x7777;
-prmt.b32 low, $2, $3, sel;
-prmt.b32 high, $4, $5, sel;
-shl.b32 shifted, codes, 4;
-prmt.b32 mask, shifted, codes, 0xD9C8;
-lop3.b32 bytes, high, low, mask, 0xE4;
-prmt.b32 pair0, bytes, 0x64646464, 0x4140;
-prmt.b32 pair1, bytes, 0x64646464, 0x4342;
-fma.rn.f16x2 pair0, pair0, inv128, minus9;
-fma.rn.f16x2 pair1, pair1, inv128, minus9;
-fma.rn.f16x2 acc, pair0, x2, acc;
-fma.rn.f16x2 acc, pair1, x3, acc;
-mov.b32 {first, second}, acc;
-add.rn.f16 first, first, second;
-cvt.f32.f16 $0, first;
-}
-""")
-# The same lookup without x: $0-$7 the eight values v / 128 (fp16) of codes 8j .. 8j + 7; $8: the code word; $9-$12: table.
-_EIGHT_CODES = tl.constexpr("""
-{
-.reg .b32 sel, low, high, mask, shifted, bytes, pair, codes, inv128, minus9;
-mov.b32 inv128, 0x20002000;
-mov.b32 minus9, 0xC880C880;
-mov.b32 codes, $8;
-and.b32 sel, codes, 0x7777;
-prmt.b32 low, $9, $10, sel;
-prmt.b32 high, $11, $12, sel;
-shl.b32 shifted, codes, 4;
-prmt.b32 mask, shifted, codes, 0xD9C8;
-lop3.b32 bytes, high, low, mask, 0xE4;
-prmt.b32 pair, bytes, 0x64646464, 0x4140;
-fma.rn.f16x2 pair, pair, inv128, minus9;
-mov.b32 {$0, $1}, pair;
-prmt.b32 pair, bytes, 0x64646464, 0x4342;
-fma.rn.f16x2 pair, pair, inv128, minus9;
-mov.b32 {$2, $3}, pair;
-shr.u32 codes, codes, 16;
-and.b32 sel, codes, 0x7777;
-prmt.b32 low, $9, $10, sel;
-prmt.b32 high, $11, $12, sel;
-shl.b32 shifted, codes, 4;
-prmt.b32 mask, shifted, codes, 0xD9C8;
-lop3.b32 bytes, high, low, mask, 0xE4;
-prmt.b32 pair, bytes, 0x64646464, 0x4140;
-fma.rn.f16x2 pair, pair, inv128, minus9;
-mov.b32 {$4, $5}, pair;
-prmt.b32 pair, bytes, 0x64646464, 0x4342;
-fma.rn.f16x2 pair, pair, inv128, minus9;
-mov.b32 {$6, $7}, pair;
-}
-""")
-_UNSIGNED = tl.constexpr(-2139062144) # 0x80808080 as an int32: int8 value v becomes byte v + 128
+
+def _lookup_four(tables: list[str], high: str | None) -> str:
+    """PTX: the table bytes (value + 128) of the four codes whose low nibbles are the low 16 bits of ``codes``, into
+    ``bytes``; with ``high`` (5-bit codes), bit i of its low 4 bits is code i's top bit and ``tables`` has 8 words."""
+    ptx = [
+        "and.b32 sel, codes, 0x7777;",  # bit 3 of a selector nibble would ask prmt to replicate a sign
+        f"prmt.b32 low, {tables[0]}, {tables[1]}, sel;",  # entries 0-7
+        f"prmt.b32 high, {tables[2]}, {tables[3]}, sel;",  # entries 8-15
+        "shl.b32 shifted, codes, 4;",
+        "prmt.b32 mask, shifted, codes, 0xD9C8;",  # byte i: 0xFF where code i's bit 3 is set (sign of its nibble)
+        "lop3.b32 bytes, high, low, mask, 0xE4;",  # (high & mask) | (low & ~mask)
+    ]
+    if high is not None:
+        ptx += [
+            f"prmt.b32 low, {tables[4]}, {tables[5]}, sel;",  # entries 16-23
+            f"prmt.b32 high, {tables[6]}, {tables[7]}, sel;",  # entries 24-31
+            "lop3.b32 upper, high, low, mask, 0xE4;",
+            f"and.b32 spread, {high}, 15;",
+            "mul.lo.u32 spread, spread, 0x10204081;",  # bit i of the top bits lands on bit 8 i + 7
+            "prmt.b32 mask, spread, 0, 0xBA98;",  # byte i: 0xFF where code i's bit 4 is set
+            "lop3.b32 bytes, upper, bytes, mask, 0xE4;",
+        ]
+    return "\n".join(ptx)
+
+
+def _eight_codes_ptx(tables: list[str], word: str, high: str | None, per_pair: Callable[[int], str]) -> str:
+    """PTX for the eight codes of one code word: ``per_pair(p)`` runs with ``pair`` holding the fp16 values v / 128 of
+    codes 2p, 2p + 1. Bytes become fp16 under the exponent of 1024 (0x64XX is 1024 + XX), then h / 128 - 9 = v / 128
+    exactly."""
+    declared = ".reg .b32 sel, low, high, mask, shifted, bytes, pair, codes, inv128, minus9, upper, spread, top;"
+    ptx = [declared, "mov.b32 inv128, 0x20002000;", "mov.b32 minus9, 0xC880C880;", f"mov.b32 codes, {word};"]
+    if high is not None:
+        ptx.append(f"mov.b32 top, {high};")
+    for half in range(2):
+        if half:
+            ptx.append("shr.u32 codes, codes, 16;")
+            if high is not None:
+                ptx.append("shr.u32 top, top, 4;")
+        ptx.append(_lookup_four(tables, "top" if high is not None else None))
+        for pair, selector in enumerate(("0x4140", "0x4342")):
+            ptx += [f"prmt.b32 pair, bytes, 0x64646464, {selector};", "fma.rn.f16x2 pair, pair, inv128, minus9;",
+                    per_pair(2 * half + pair)]
+    return "{\n" + "\n".join(ptx) + "\n}"
+
+
+def _times_x_ptx(bits: int) -> str:
+    """$0: float32 sum of the eight products v / 128 * x; $1: eight codes' low nibbles; for 5 bits $2: their top bits;
+    then the row's table words; last two: x[8j .. 8j + 3] and x[8j + 4 .. 8j + 7] as fp16 pairs (64-bit)."""
+    first = 2 if bits == 4 else 3
+    tables = [f"${first + i}" for i in range(4 if bits == 4 else 8)]
+    x_low, x_high = f"${first + len(tables)}", f"${first + len(tables) + 1}"
+    body = _eight_codes_ptx(tables, "$1", None if bits == 4 else "$2", lambda p: f"fma.rn.f16x2 acc, pair, x{p}, acc;")
+    prologue = (".reg .b32 acc, x0, x1, x2, x3;\n.reg .b16 first, second;\n"
+                f"mov.b64 {{x0, x1}}, {x_low};\nmov.b64 {{x2, x3}}, {x_high};\nmov.b32 acc, 0;\n")
+    epilogue = "\nmov.b32 {first, second}, acc;\nadd.rn.f16 first, first, second;\ncvt.f32.f16 $0, first;\n"
+    return "{\n" + prologue + body + epilogue + "}"
+
+
+def _values_ptx(bits: int) -> str:
+    """$0-$7: the fp16 values v / 128 of codes 8j .. 8j + 7; $8: their low nibbles; for 5 bits $9: their top bits; then
+    the row's table words."""
+    first = 9 if bits == 4 else 10
+    tables = [f"${first + i}" for i in range(4 if bits == 4 else 8)]
+    return _eight_codes_ptx(tables, "$8", None if bits == 4 else "$9", lambda p: f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, pair;")
+
+
+_TIMES_X_4 = tl.constexpr(_times_x_ptx(4))
+_TIMES_X_5 = tl.constexpr(_times_x_ptx(5))
+_VALUES_4 = tl.constexpr(_values_ptx(4))
+_VALUES_5 = tl.constexpr(_values_ptx(5))
+_UNSIGNED = tl.constexpr(-2139062144)  # 0x80808080 as an int32: int8 value v becomes byte v + 128
 
 
 @triton.jit
-def _row_tables(codebooks_ptr, rows):
-    """The four 32-bit words of each row's 16-entry int8 table, bytes shifted to v + 128, as (rows, 1) tensors."""
-    tables = tl.multiple_of(codebooks_ptr.to(tl.pointer_type(tl.int32)), 16) + rows * 4  # 16-byte aligned (a cast forgets it)
+def _row_tables(codebooks_ptr, rows, BITS: tl.constexpr):
+    """The 32-bit words of each row's int8 table (4 words for 16 entries, 8 for 32), bytes shifted to v + 128, as
+    (rows, 1) tensors; a 16-entry table repeats its four words in the last four (never read)."""
+    words = 1 << (BITS - 2)
+    tables = tl.multiple_of(codebooks_ptr.to(tl.pointer_type(tl.int32)), 16) + rows * words  # a pointer cast forgets alignment
     t0 = (tl.load(tables) ^ _UNSIGNED)[:, None]
     t1 = (tl.load(tables + 1) ^ _UNSIGNED)[:, None]
     t2 = (tl.load(tables + 2) ^ _UNSIGNED)[:, None]
     t3 = (tl.load(tables + 3) ^ _UNSIGNED)[:, None]
-    return t0, t1, t2, t3
+    if BITS == 5:
+        t4 = (tl.load(tables + 4) ^ _UNSIGNED)[:, None]
+        t5 = (tl.load(tables + 5) ^ _UNSIGNED)[:, None]
+        t6 = (tl.load(tables + 6) ^ _UNSIGNED)[:, None]
+        t7 = (tl.load(tables + 7) ^ _UNSIGNED)[:, None]
+    else:
+        t4, t5, t6, t7 = t0, t1, t2, t3
+    return t0, t1, t2, t3, t4, t5, t6, t7
+
+
+@triton.jit
+def _code_rows(codes_ptr, rows, words_per_row, BITS: tl.constexpr):
+    """Each row's low nibbles as int32 words (word j: codes 8j .. 8j + 7), and for 5 bits its top-bit plane as bytes
+    (byte j: the top bits of the same eight codes), as (rows, 1) pointers."""
+    row_words = words_per_row if BITS == 4 else words_per_row * 5 // 4  # the 1-bit plane adds a quarter
+    first = rows.to(tl.int64)[:, None] * row_words
+    nibbles = tl.multiple_of(codes_ptr.to(tl.pointer_type(tl.int32)), 16) + first
+    return nibbles, codes_ptr + first * 4 + words_per_row * 4
+
+
+@triton.jit
+def _times_x(words, top, t0, t1, t2, t3, t4, t5, t6, t7, x_low, x_high, BITS: tl.constexpr):
+    """Float32 sums of the eight products v / 128 * x of each code word."""
+    if BITS == 4:
+        return tl.inline_asm_elementwise(_TIMES_X_4, "=r,r,r,r,r,r,l,l", [words, t0, t1, t2, t3, x_low, x_high],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(_TIMES_X_5, "=r,r,r,r,r,r,r,r,r,r,r,l,l",
+                                     [words, top, t0, t1, t2, t3, t4, t5, t6, t7, x_low, x_high], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _values(words, top, t0, t1, t2, t3, t4, t5, t6, t7, BITS: tl.constexpr):
+    """The values v / 128 (fp16) of codes 8j .. 8j + 7 of each code word, as one (rows, 8 words) tile: column 8 j + e
+    holds code 8 j + e (each join adds the minor axis, so the last join picks the lowest bit of e)."""
+    if BITS == 4:
+        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+            _VALUES_4, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [words, t0, t1, t2, t3], dtype=(tl.float16,) * 8, is_pure=True,
+            pack=1)
+    else:
+        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+            _VALUES_5, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r,r", [words, top, t0, t1, t2, t3, t4, t5, t6, t7],
+            dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    w = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+    return tl.reshape(w, (words.shape[0], words.shape[1] * 8))
 
 
 @triton.jit
@@ -130,6 +177,7 @@ def _nibble_gemv_kernel(
     words_per_row,
     split_k,
     chunk_words,
+    BITS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,
@@ -142,8 +190,8 @@ def _nibble_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < out_features
     rows = tl.where(mask_n, offs_n, 0)
-    t0, t1, t2, t3 = _row_tables(codebooks_ptr, rows)
-    code_rows = tl.multiple_of(codes_ptr.to(tl.pointer_type(tl.int32)), 16) + rows.to(tl.int64)[:, None] * words_per_row
+    t0, t1, t2, t3, t4, t5, t6, t7 = _row_tables(codebooks_ptr, rows, BITS)
+    nibbles, tops = _code_rows(codes_ptr, rows, words_per_row, BITS)
     x_pairs = tl.multiple_of(x_ptr.to(tl.pointer_type(tl.int64)), 16)
     acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
     w_begin = pid_k * chunk_words
@@ -151,22 +199,16 @@ def _nibble_gemv_kernel(
     for step in range(0, chunk_words, BLOCK_W):
         offs_w = w_begin + step + tl.arange(0, BLOCK_W)
         mask_w = offs_w < w_end
-        words = tl.load(code_rows + offs_w[None, :], mask=mask_n[:, None] & mask_w[None, :], other=0)
+        mask = mask_n[:, None] & mask_w[None, :]
+        words = tl.load(nibbles + offs_w[None, :], mask=mask, other=0)
+        top = tl.load(tops + offs_w[None, :], mask=mask, other=0).to(tl.int32) if BITS == 5 else words
         x_low = tl.load(x_pairs + 2 * offs_w, mask=mask_w, other=0)[None, :]
         x_high = tl.load(x_pairs + 2 * offs_w + 1, mask=mask_w, other=0)[None, :]
-        acc += tl.inline_asm_elementwise(_EIGHT_CODES_TIMES_X, "=r,r,r,r,r,r,l,l", [words, t0, t1, t2, t3, x_low, x_high],
-                                         dtype=tl.float32, is_pure=True, pack=1)
+        acc += _times_x(words, top, t0, t1, t2, t3, t4, t5, t6, t7, x_low, x_high, BITS)
     sums = tl.sum(acc, axis=1) * (tl.load(scales_ptr + rows, mask=mask_n, other=0.0).to(tl.float32) * 128.0)
     one = tl.arange(0, 1)
     _store_tile(sums[None, :], partial_ptr, counter_ptr, bias_ptr, out_ptr, one, offs_n, one < 1, mask_n, 1, out_features,
                 out_features, split_k, HAS_BIAS, SPLIT, 1, BLOCK_N)
-
-
-@triton.jit
-def _lookup_eight(words, t0, t1, t2, t3):
-    """The values v / 128 (fp16) of codes 8j .. 8j + 7 of each code word, eight tensors of its shape."""
-    return tl.inline_asm_elementwise(_EIGHT_CODES, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [words, t0, t1, t2, t3],
-                                     dtype=(tl.float16,) * 8, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -186,6 +228,7 @@ def _nibble_linear_kernel(
     stride_out,
     split_k,
     chunk_words,
+    BITS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -201,18 +244,17 @@ def _nibble_linear_kernel(
     mask_m = offs_m < tokens
     mask_n = offs_n < out_features
     rows = tl.where(mask_n, offs_n, 0)
-    t0, t1, t2, t3 = _row_tables(codebooks_ptr, rows)
-    code_rows = tl.multiple_of(codes_ptr.to(tl.pointer_type(tl.int32)), 16) + rows.to(tl.int64)[:, None] * words_per_row
+    t0, t1, t2, t3, t4, t5, t6, t7 = _row_tables(codebooks_ptr, rows, BITS)
+    nibbles, tops = _code_rows(codes_ptr, rows, words_per_row, BITS)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     w_begin = pid_k * chunk_words
     w_end = tl.minimum(w_begin + chunk_words, words_per_row)
     for step in range(0, chunk_words, BLOCK_W):
         offs_w = w_begin + step + tl.arange(0, BLOCK_W)
-        words = tl.load(code_rows + offs_w[None, :], mask=mask_n[:, None] & (offs_w < w_end)[None, :], other=0)
-        v0, v1, v2, v3, v4, v5, v6, v7 = _lookup_eight(words, t0, t1, t2, t3)
-        # each join adds the minor axis, so the last join picks the lowest bit of e: column 8 j + e holds code 8 j + e
-        w = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
-        w = tl.reshape(w, (BLOCK_N, BLOCK_W * 8))
+        mask = mask_n[:, None] & (offs_w < w_end)[None, :]
+        words = tl.load(nibbles + offs_w[None, :], mask=mask, other=0)
+        top = tl.load(tops + offs_w[None, :], mask=mask, other=0).to(tl.int32) if BITS == 5 else words
+        w = _values(words, top, t0, t1, t2, t3, t4, t5, t6, t7, BITS)
         offs_k = (w_begin + step) * 8 + tl.arange(0, BLOCK_W * 8)
         x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & (offs_k < w_end * 8)[None, :],
                     other=0.0)
@@ -223,20 +265,19 @@ def _nibble_linear_kernel(
 
 
 @triton.jit
-def _nibble_decode_kernel(codes_ptr, codebooks_ptr, scales_ptr, out_ptr, out_features, words_per_row, BLOCK_N: tl.constexpr,
-                          BLOCK_W: tl.constexpr):
+def _nibble_decode_kernel(codes_ptr, codebooks_ptr, scales_ptr, out_ptr, out_features, words_per_row, BITS: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
     """W'[rows, 8 j + e] for a (BLOCK_N, BLOCK_W words) tile: looked up, scaled in float32, stored in out's dtype."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     mask_n = offs_n < out_features
     rows = tl.where(mask_n, offs_n, 0)
-    t0, t1, t2, t3 = _row_tables(codebooks_ptr, rows)
-    code_rows = tl.multiple_of(codes_ptr.to(tl.pointer_type(tl.int32)), 16) + rows.to(tl.int64)[:, None] * words_per_row
-    mask_w = offs_w < words_per_row
-    words = tl.load(code_rows + offs_w[None, :], mask=mask_n[:, None] & mask_w[None, :], other=0)
-    v0, v1, v2, v3, v4, v5, v6, v7 = _lookup_eight(words, t0, t1, t2, t3)
-    w = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))  # as in the tile kernel
-    w = tl.reshape(w, (BLOCK_N, BLOCK_W * 8)).to(tl.float32)
+    t0, t1, t2, t3, t4, t5, t6, t7 = _row_tables(codebooks_ptr, rows, BITS)
+    nibbles, tops = _code_rows(codes_ptr, rows, words_per_row, BITS)
+    mask = mask_n[:, None] & (offs_w < words_per_row)[None, :]
+    words = tl.load(nibbles + offs_w[None, :], mask=mask, other=0)
+    top = tl.load(tops + offs_w[None, :], mask=mask, other=0).to(tl.int32) if BITS == 5 else words
+    w = _values(words, top, t0, t1, t2, t3, t4, t5, t6, t7, BITS).to(tl.float32)
     w = w * (tl.load(scales_ptr + rows, mask=mask_n, other=0.0).to(tl.float32) * 128.0)[:, None]
     offs_k = tl.program_id(1) * BLOCK_W * 8 + tl.arange(0, BLOCK_W * 8)
     in_features = words_per_row * 8
@@ -245,9 +286,9 @@ def _nibble_decode_kernel(codes_ptr, codebooks_ptr, scales_ptr, out_ptr, out_fea
 
 
 def nibble_serves(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, in_features: int) -> bool:
-    """Whether ``nibble_linear`` computes this call: fp16 tokens, 4-bit codes, one 16-entry int8 table per output row
-    with its scale, whole 16-byte vectors of code words (in_features a multiple of 32) and aligned buffers (one token
-    reads x as 8-byte pairs, so its x is aligned too)."""
+    """Whether ``nibble_linear`` computes this call: fp16 tokens, 4- or 5-bit codes (the latter as planes), one 16- or
+    32-entry int8 table per output row with its scale, whole 16-byte vectors of code words (in_features a multiple of
+    32) and aligned buffers (one token reads x as 8-byte pairs, so its x is aligned too)."""
     return (
         x.dtype == torch.float16 and nibble_decode_serves(codes, codebooks, scales, bits, in_features)
         and (x.numel() != in_features or (x.data_ptr() % 16 == 0 and x.stride(-1) == 1))
@@ -257,7 +298,7 @@ def nibble_serves(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | 
 def nibble_decode_serves(codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, in_features: int) -> bool:
     """Whether ``nibble_decode_weight`` decodes this layer: ``nibble_serves``'s format and alignment, any x dtype."""
     return (
-        bits == 4 and scales is not None and codebooks.dtype == torch.int8 and codebooks.shape[1:] == (16, 1)
+        bits in (4, 5) and scales is not None and codebooks.dtype == torch.int8 and codebooks.shape[1:] == (1 << bits, 1)
         and codebooks.is_contiguous() and in_features % 32 == 0 and codes.is_contiguous() and codes.data_ptr() % 16 == 0
         and codebooks.data_ptr() % 16 == 0
     )
@@ -266,19 +307,20 @@ def nibble_decode_serves(codes: Tensor, codebooks: Tensor, scales: Tensor | None
 NIBBLE_DECODE_ROWS, NIBBLE_DECODE_WORDS = 32, 32  # one program: 32 rows x 256 inputs
 
 
-def nibble_decode_weight(codes: Tensor, codebooks: Tensor, scales: Tensor, in_features: int, dtype: torch.dtype) -> Tensor:
+def nibble_decode_weight(codes: Tensor, codebooks: Tensor, scales: Tensor, bits: int, in_features: int,
+                         dtype: torch.dtype) -> Tensor:
     """W' (out, in) in ``dtype``, a new temporary (``nibble_decode_serves``)."""
     out_features = codebooks.shape[0]
     weight = torch.empty(out_features, in_features, device=codes.device, dtype=dtype)
     words_per_row = in_features // 8
     grid = (_cdiv(out_features, NIBBLE_DECODE_ROWS), _cdiv(words_per_row, NIBBLE_DECODE_WORDS))
-    _nibble_decode_kernel[grid](codes, codebooks, scales, weight, out_features, words_per_row, BLOCK_N=NIBBLE_DECODE_ROWS,
-                                BLOCK_W=NIBBLE_DECODE_WORDS, num_warps=4)
+    _nibble_decode_kernel[grid](codes, codebooks, scales, weight, out_features, words_per_row, BITS=bits,
+                                BLOCK_N=NIBBLE_DECODE_ROWS, BLOCK_W=NIBBLE_DECODE_WORDS, num_warps=4)
     return weight
 
 
-def nibble_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None, in_features: int,
-                  tile: PackedTile, multiprocessors: int) -> Tensor:
+def nibble_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None, bits: int,
+                  in_features: int, tile: PackedTile, multiprocessors: int) -> Tensor:
     """x W'^T + b (``nibble_serves``): one token on the GEMV, more on tensor cores; ``tile.block_k`` counts codes."""
     out_features = codebooks.shape[0]
     rows = _rows(x, in_features)
@@ -298,13 +340,13 @@ def nibble_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, b
     if tokens == 1 and tile.block_m == 1:
         _nibble_gemv_kernel[(tiles_n, 1, split)](
             rows, codes, codebooks, scales, bias_or_out, out, partial, counter, out_features, words_per_row, split, chunk // 8,
-            HAS_BIAS=bias is not None, BLOCK_N=tile.block_n, BLOCK_W=block_w, SPLIT=split > 1, num_warps=tile.num_warps,
+            BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=tile.block_n, BLOCK_W=block_w, SPLIT=split > 1, num_warps=tile.num_warps,
             num_stages=tile.num_stages,
         )
     else:
         _nibble_linear_kernel[(tiles_n, tiles_m, split)](
             rows, codes, codebooks, scales, bias_or_out, out, partial, counter, tokens, out_features, words_per_row,
-            rows.stride(0), out.stride(0), split, chunk // 8, HAS_BIAS=bias is not None, BLOCK_M=tile.block_m,
+            rows.stride(0), out.stride(0), split, chunk // 8, BITS=bits, HAS_BIAS=bias is not None, BLOCK_M=tile.block_m,
             BLOCK_N=tile.block_n, BLOCK_W=block_w, SPLIT=split > 1, num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
     return out.reshape(*x.shape[:-1], out_features)
