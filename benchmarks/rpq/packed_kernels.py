@@ -207,6 +207,8 @@ def main() -> None:
                 if tokens <= 64 and name == "D1 K16 int8":  # the byte-permute route against the general kernels
                     row["route"] = "byte-permute " + packed_tile(tokens, NIBBLE_ROUTES).describe()
                     row["general_us"] = layer.tile_us(tokens, packed_tile(tokens))
+                elif name == "D1 K32 int8" and tokens <= 64:  # the 5-bit byte-permute kernels beside the routed ones
+                    row["byte_permute_us"] = layer.nibble_us(tokens, packed_tile(tokens, NIBBLE_ROUTES))
                 elif name == "D1 K16 int8":  # prompts: byte-permute decode + cuBLAS (routed) against tensor-core tiles
                     row["route"] = "byte-permute decode + cuBLAS"
                     row["tensor_core_tiles_us"] = {tile.describe(): layer.nibble_us(tokens, tile) for tile in PROMPT_TILES}
@@ -215,6 +217,7 @@ def main() -> None:
                 print(f"{shape[0]:>5}->{shape[1]:<5} t={tokens:<4} {name:13} dense {row['dense_us']:8.1f} us  rpq {us:8.1f} us "
                       f"({row['speedup_vs_dense']:4.2f}x dense, {row['bandwidth_fraction']:4.0%} of copy bw)  rotation {rotate:5.1f} us{extra}"
                       + (f"  general kernel {row['general_us']:6.1f} us" if "general_us" in row else "")
+                      + (f"  byte-permute {row['byte_permute_us']:6.1f} us" if "byte_permute_us" in row else "")
                       + "".join(f"  {tile} {us:6.1f} us" for tile, us in row.get("tensor_core_tiles_us", {}).items()),
                       flush=True)
     if args.json:

@@ -17,7 +17,7 @@ from torch import Tensor
 from . import forward as torch_forms
 from . import rotation
 from .config import options
-from .config.packed_routes import HEAD_CHUNK_BYTES, HEAD_SCORE_TOKENS, NIBBLE_ROUTES, packed_tile
+from .config.packed_routes import HEAD_CHUNK_BYTES, HEAD_SCORE_TOKENS, NIBBLE_ROUTED_BITS, NIBBLE_ROUTES, packed_tile
 from .layout import LINEAR, codebook_values, decode as decode_dense, unpack_codes
 
 
@@ -90,12 +90,13 @@ def linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, b
         return torch_forms.linear_torch(x, values, unpack_codes(codes, bits, in_features), bias)
     tokens = x.numel() // in_features
     tile = packed_tile(tokens)
-    if tile is not None and kernels.nibble_serves(x, codes, codebooks, scales, bits, in_features):
+    nibbles = bits in NIBBLE_ROUTED_BITS
+    if tile is not None and nibbles and kernels.nibble_serves(x, codes, codebooks, scales, bits, in_features):
         tile = packed_tile(tokens, NIBBLE_ROUTES)
         return kernels.nibble_linear(x, codes, codebooks, scales, bias, bits, in_features, tile, multiprocessors(x.device))
     if tile is not None:
         return kernels.packed_linear(x, codes, codebooks, scales, bias, bits, in_features, tile, multiprocessors(x.device))
-    if kernels.nibble_decode_serves(codes, codebooks, scales, bits, in_features):
+    if nibbles and kernels.nibble_decode_serves(codes, codebooks, scales, bits, in_features):
         weight = kernels.nibble_decode_weight(codes, codebooks, scales, bits, in_features, x.dtype)
     else:
         weight = kernels.decode_linear_weight(codes, codebooks, scales, bits, in_features, x.dtype)
