@@ -127,6 +127,14 @@ def evaluate(
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per decode measurement.")] = 128,
     decode_batch: Annotated[Optional[list[int]], typer.Option(help="Decode batch sizes; repeatable (default 1 and 16).")] = None,
     repeats: Annotated[int, typer.Option(help="Timed repeats per figure (the median is reported), after 2 warm-up runs.")] = 5,
+    compile_models: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="Also time decoding with both models under torch.compile (static cache; CUDA graphs on CUDA) and count "
+            "the graph breaks. Compiling takes a minute or more per model and batch size.",
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed of the masked-LM masking.")] = 0,
     decode_weights: Annotated[
         bool,
@@ -162,7 +170,10 @@ def evaluate(
             raise UserError(f"'{path}' already exists; pass --force to replace it (or choose --json / --plot)")
     if baseline is not None and no_baseline:
         raise UserError("give either --baseline or --no-baseline, not both")
-    timing = LatencySettings(prompt_len, new_tokens, tuple(decode_batch or (1, 16)), repeats=repeats) if latency else None
+    if compile_models and not latency:
+        raise UserError("--compile times decoding: it needs --latency")
+    timing = (LatencySettings(prompt_len, new_tokens, tuple(decode_batch or (1, 16)), repeats=repeats, compiled=compile_models)
+              if latency else None)
     settings = EvalSettings(
         device=parse_device(device), dtype=parse_dtype(dtype), seq_len=seq_len, max_tokens=max_tokens,
         batch_size=batch_size, metric=metric, seed=seed, latency=timing, decode_weights=decode_weights,

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..core.sources import context_length
 from ..core.methods import ff_timing_spans, release_workspaces
+from .compiled_decode import compiled_decode
 from .graph_decode import graphed_decode
 
 DECODE_PROMPT = 32
@@ -40,6 +41,7 @@ class LatencySettings:
     decode_batches: tuple[int, ...] = (1, 16)
     warmup: int = 2
     repeats: int = 5
+    compiled: bool = False  # also time decoding with the model under torch.compile (compiled_decode)
 
 
 @dataclass
@@ -57,6 +59,9 @@ class LatencyResult:
     ff_share: float | None = None  # ... over that run's whole forward time
     graph_decode_tokens_per_s: dict[int, float | None] = field(default_factory=dict)
     graph_decode_errors: dict[int, str] = field(default_factory=dict)
+    compiled_decode_tokens_per_s: dict[int, float | None] = field(default_factory=dict)
+    compiled_decode_graph_breaks: dict[int, int | None] = field(default_factory=dict)
+    compiled_decode_errors: dict[int, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -70,6 +75,9 @@ class LatencyResult:
             "decode_tokens_per_s": {str(batch): value for batch, value in self.decode_tokens_per_s.items()},
             "graph_decode_tokens_per_s": {str(batch): value for batch, value in self.graph_decode_tokens_per_s.items()},
             "graph_decode_errors": {str(batch): value for batch, value in self.graph_decode_errors.items()},
+            "compiled_decode_tokens_per_s": {str(batch): value for batch, value in self.compiled_decode_tokens_per_s.items()},
+            "compiled_decode_graph_breaks": {str(batch): value for batch, value in self.compiled_decode_graph_breaks.items()},
+            "compiled_decode_errors": {str(batch): value for batch, value in self.compiled_decode_errors.items()},
             "peak_memory_bytes": self.peak_memory,
         }
 
@@ -178,6 +186,13 @@ def measure(
             result.peak_memory[f"graph_decode_batch_{batch}"] = graphed.peak_memory
             if graphed.error:
                 result.graph_decode_errors[batch] = graphed.error
+        if settings.compiled:
+            compiled = compiled_decode(model, prompt, new_tokens, settings.repeats)
+            result.compiled_decode_tokens_per_s[batch] = compiled.tokens_per_s
+            result.compiled_decode_graph_breaks[batch] = compiled.graph_breaks
+            result.peak_memory[f"compiled_decode_batch_{batch}"] = compiled.peak_memory
+            if compiled.error:
+                result.compiled_decode_errors[batch] = compiled.error
         on_step(f"decode batch {batch}")
     return result
 

@@ -61,6 +61,9 @@ _ROW_SPECS = [
     ("decode, batch 16", "tok/s", "higher", ("latency", "decode", 16)),
     ("decode, batch 1, CUDA graph", "tok/s", "higher", ("latency", "graph_decode", 1)),
     ("decode, batch 16, CUDA graph", "tok/s", "higher", ("latency", "graph_decode", 16)),
+    ("decode, batch 1, compiled", "tok/s", "higher", ("latency", "compiled_decode", 1)),
+    ("decode, batch 16, compiled", "tok/s", "higher", ("latency", "compiled_decode", 16)),
+    ("graph breaks, compiled decode batch 1", "", "lower", ("latency", "compiled_breaks", 1)),
     ("peak memory, quality pass", "MB", "lower", ("quality", "peak_memory_bytes")),
     ("peak memory, prefill", "MB", "lower", ("latency", "peak", "prefill")),
     ("peak memory, decode batch 1", "MB", "lower", ("latency", "peak", "decode_batch_1")),
@@ -92,6 +95,10 @@ def _figure(measurement: Measurement | None, key: tuple) -> float | None:
             return latency.decode_tokens_per_s.get(key[2])
         if key[1] == "graph_decode":
             return latency.graph_decode_tokens_per_s.get(key[2])
+        if key[1] == "compiled_decode":
+            return latency.compiled_decode_tokens_per_s.get(key[2])
+        if key[1] == "compiled_breaks":
+            return latency.compiled_decode_graph_breaks.get(key[2])
         value = latency.peak_memory.get(key[2])
         return value / MB if value is not None else None
     if key[0] == "bits_per_weight":

@@ -123,6 +123,7 @@ def test_eval_names_the_report_files_it_wrote(tiny_folder, tmp_path):
     result = run_cli("eval", str(out), "--no-latency", "--max-tokens", "512", "--seq-len", "64")
     assert result.exit_code == 0, result.output
     assert f"saved {out / 'eval_report.json'} and {out / 'eval_report.png'}" in result.stdout
+    assert_one_line_error(run_cli("eval", str(out), "--no-latency", "--compile", "--force"), "--compile", "--latency")
 
 
 def test_help_renders_options_and_arguments_the_usual_way():

@@ -25,6 +25,8 @@ import math
 import torch
 from torch import Tensor
 
+from .config.code_planes import stored_as_planes
+
 LINEAR = "linear"
 EMBEDDING = "embedding"
 
@@ -53,11 +55,6 @@ def codebook_bits(codebook_dtype: str) -> int:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def stored_as_planes(bits: int, columns: int) -> bool:
-    """Whether codes of ``bits`` bits over ``columns`` columns are stored as a 4-bit and a 1-bit plane (format 3)."""
-    return bits == 5 and columns % 32 == 0
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .direct_reads import own_forward_sources
 from ..kernels import forward as kernels
-from ..kernels import packed_forward
+from ..kernels import packed_forward, packed_ops
 from ..kernels import rotation
 from ..kernels.layout import (
     CODEBOOK_DTYPES, EMBEDDING, INT8, LINEAR, code_bins, code_bits, codebook_values, decode, dtype_name, packed_width, unpack_codes,
@@ -84,6 +84,11 @@ def _register_rotation(module: nn.Module, block: int | None, width: int | None, 
     module.register_buffer("rotation_signs", torch.zeros(rotation.packed_bytes(width), dtype=torch.uint8, device=device))
 
 
+def _packed_paths():
+    """The packed forward paths: as custom ops while ``torch.compile`` traces (``packed_ops``), else called directly."""
+    return packed_ops if torch.compiler.is_compiling() else packed_forward
+
+
 class _Codes:
     """What every RPQ module with its own codes offers: the codes unpacked, the codebooks as floats."""
 
@@ -122,7 +127,7 @@ class _Codes:
 
     def rotate_alone(self, x: Tensor) -> Tensor:
         """x R with this layer's own signs (one Triton launch on CUDA)."""
-        return packed_forward.rotate(x, self.signs(x.dtype), self.rotation_block)
+        return _packed_paths().rotate(x, self.signs(x.dtype), self.rotation_block)
 
     def signs(self, dtype: torch.dtype = torch.int8) -> Tensor:
         """The rotation's +-1 signs (one per input feature) in ``dtype``, unpacked from the saved bits on first use and
@@ -251,7 +256,8 @@ class RPQLinear(_Codes, nn.Module):
 
     def forward_rotated(self, x: Tensor) -> Tensor:
         """The layer on an input already in its rotated basis (x R), for the packed forms: what a fused prologue feeds."""
-        return packed_forward.linear(x, self.indices, self.codebooks, self.codebook_scales, self.bias, self.code_bits, self.in_features)
+        return _packed_paths().linear(x, self.indices, self.codebooks, self.codebook_scales, self.bias, self.code_bits,
+                                      self.in_features)
 
     def gated_forward(self, gate: Tensor, up: Tensor) -> Tensor | None:
         """``self(silu(gate) * up)`` in one kernel where the one-token binned route applies, else None (``fused_glu``)."""
@@ -322,13 +328,13 @@ class RPQEmbedding(_Codes, nn.Embedding):
 
     def unrotate_rows(self, rows: Tensor) -> Tensor:
         """Decoded rows of E' = E R back to rows of E (unchanged without a rotation)."""
-        return rows if self.rotation_block is None else packed_forward.unrotate(rows, self.signs(rows.dtype), self.rotation_block)
+        return rows if self.rotation_block is None else _packed_paths().unrotate(rows, self.signs(rows.dtype), self.rotation_block)
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Embedding's argument name
         if self.decoded is not None:
             return self.decoded[input].to(self.value_dtype)
         if not self.native:
-            rows = packed_forward.embedding_rows(
+            rows = _packed_paths().embedding_rows(
                 input, self.indices, self.codebooks, self.codebook_scales, self.code_bits, self.columns, self.value_dtype
             )
             return self.unrotate_rows(rows)
@@ -374,7 +380,7 @@ class RPQTiedHead(nn.Module):
         if embedding.decoded is not None:
             return _decoded_product(x, embedding.decoded, self.bias)
         if not embedding.native:
-            return packed_forward.tied_head(
+            return _packed_paths().tied_head(
                 embedding.rotate_input(x), embedding.indices, embedding.codebooks, embedding.codebook_scales, self.bias,
                 embedding.code_bits, embedding.num_embeddings,
             )

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..layout import stored_as_planes
+from ..config.code_planes import stored_as_planes
 from ..triton.common import _cdiv
 from .codes import VECTOR_BITS, bytes_spanned, unpack, unpack_tile
 

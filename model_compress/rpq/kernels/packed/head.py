@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..layout import stored_as_planes
+from ..config.code_planes import stored_as_planes
 from ..triton.common import _cdiv, _next_power_of_2
 from .codes import bytes_spanned, unpack
 

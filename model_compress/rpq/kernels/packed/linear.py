@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..config.code_planes import stored_as_planes
 from ..config.packed_routes import PackedTile
-from ..layout import stored_as_planes
 from ..triton.common import _cdiv, _rows, _store_tile, tile_counters
 from .codes import VECTOR_BITS, bytes_spanned, row_pointers, weight_tile
 
