@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..config.code_planes import stored_as_planes
 from ..config.packed_routes import PackedTile
-from ..triton.common import _cdiv, _rows, _store_tile, tile_counters
+from ..triton.common import _cdiv, _rows, _store_tile, _tile_rows, tile_counters
 from .codes import VECTOR_BITS, bytes_spanned, row_pointers, weight_tile
 
 
@@ -53,13 +53,8 @@ def _packed_linear_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < tokens
-    mask_n = offs_n < out_features
+    offs_m, offs_n, mask_m, mask_n = _tile_rows(tokens, out_features, BLOCK_M, BLOCK_N)
     heads, code_rows, value_rows = row_pointers(codes_ptr, codebooks_ptr, offs_n, code_width, CODEBOOK_SIZE, PIECE)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_begin = pid_k * chunk_k

@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..config.packed_routes import PackedTile
-from ..triton.common import _cdiv, _rows, _store_tile, tile_counters
+from ..triton.common import _cdiv, _rows, _store_tile, _tile_rows, tile_counters
 from .linear import input_split
 
 
@@ -236,13 +236,8 @@ def _nibble_linear_kernel(
     SPLIT: tl.constexpr,
 ):
     """2 to 64 tokens: each (BLOCK_N, 8 BLOCK_W) tile of W' / 128 looked up in registers, then ``tl.dot`` with x."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < tokens
-    mask_n = offs_n < out_features
+    offs_m, offs_n, mask_m, mask_n = _tile_rows(tokens, out_features, BLOCK_M, BLOCK_N)
     rows = tl.where(mask_n, offs_n, 0)
     t0, t1, t2, t3, t4, t5, t6, t7 = _row_tables(codebooks_ptr, rows, BITS)
     nibbles, tops = _code_rows(codes_ptr, rows, words_per_row, BITS)

@@ -83,6 +83,14 @@ def tile_counters(count: int, device: torch.device) -> Tensor:
 
 
 @triton.jit
+def _tile_rows(tokens, out_features, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's token rows (grid axis 1) and output rows (axis 0), with their masks."""
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < tokens, offs_n < out_features
+
+
+@triton.jit
 def _accumulate(acc, x, w, USE_DOT: tl.constexpr, DOT_IEEE: tl.constexpr):
     """acc + x @ w: tensor cores from 16 rows on (IEEE float32 for float32 weights), else a broadcast multiply-sum."""
     if USE_DOT and DOT_IEEE:
