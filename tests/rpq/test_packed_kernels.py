@@ -114,6 +114,42 @@ def test_nibble_decoded_weight_is_the_reference_weight(dtype, size):
     assert rel_error(weight, ref) < BOUNDS[dtype]
 
 
+@pytest.mark.parametrize("size", [16, 32])
+@pytest.mark.parametrize("outs,with_bias", [((576, 192, 192), False), ((1536, 1536), True), ((100, 37, 64), True)])
+def test_nibble_group_gemv_gives_each_member_its_reference_output(outs, with_bias, size):
+    """Two or three layers on one token in one launch (q/k/v, gate/up): each output its layer's, split-K included."""
+    bits, in_features = code_bits(size), 576
+    layers = [packed_layer(in_features, out, 1, size, "int8", seed=i) for i, out in enumerate(outs)]
+    x = torch.randn(1, in_features, device=CUDA, dtype=torch.float16)
+    members = [(codes, codebooks, scales.half()) for codes, codebooks, scales, _ in layers]
+    bias = torch.cat([b.half() for *_, b in layers]) if with_bias else None
+    refs = [packed_forward.linear_reference(x.float(), c, b, s, layer[3].float() if with_bias else None, bits, in_features)
+            for (c, b, s), layer in zip(members, layers)]
+    for tile in [t for t in NIBBLE_TILES if t.block_m == 1]:
+        for _ in range(2):  # the split-K counters come back to 0
+            outputs = packed.nibble_group_gemv(x, members, bias, bits, in_features, tile, 132)
+            assert [o.shape[-1] for o in outputs] == list(outs)
+            for out, ref in zip(outputs, refs):
+                assert rel_error(out, ref) < BOUNDS[torch.float16], tile.describe()
+
+
+def test_a_model_with_grouped_siblings_on_cuda_gives_the_logits_it_gives_without(monkeypatch):
+    model = rotated_llama().to(CUDA, torch.float16)
+    ids = torch.randint(0, model.config.vocab_size, (1, 1), device=CUDA)
+    with torch.no_grad():
+        alone = model(ids).logits.float()
+        from model_compress.rpq.fusions import apply_fusions
+
+        apply_fusions(model)
+        monkeypatch.setattr(packed_forward, "NIBBLE_GROUPS", True)
+        calls = []
+        original = packed.nibble_group_gemv
+        monkeypatch.setattr(packed, "nibble_group_gemv", lambda *a, **k: calls.append(1) or original(*a, **k))
+        grouped = model(ids).logits.float()
+    assert len(calls) == 2 * len(model.model.layers)
+    assert rel_error(grouped, alone) < 1e-2
+
+
 def test_nibble_kernels_decline_what_they_cannot_read():
     """A misaligned token, bf16, widths off whole 16-byte code vectors, 3- and 6-bit codes: the general kernels serve them."""
     codes, codebooks, scales, bias = packed_layer(576, 64, 1, 16, "int8")

@@ -1,5 +1,5 @@
 """Fusions of RPQ layers with their neighbours (shared input, shared rotation, pre-norm, SiLU gate, the rotation
-written by the norm or the gate).
+written by the norm or the gate, packed siblings in one launch).
 
 ``apply_fusions`` is the one call: the loader makes it after the weights arrive, and ``compress_rpq``
 after converting, so a model runs the same whether it was just made or loaded. None of them changes
@@ -12,6 +12,7 @@ from torch import nn
 
 from .glu import fuse_gated_mlps
 from .norm import defer_norms
+from .packed_groups import group_packed_siblings
 from .rotated_inputs import rotate_in_gated_mlps, rotate_in_norms
 from .shared_input import group_shared_inputs
 from .shared_rotation import share_rotations
@@ -26,4 +27,5 @@ def apply_fusions(model: nn.Module) -> dict[str, int]:
         "glu": fuse_gated_mlps(model),
         "rotated_norm": rotate_in_norms(model),
         "rotated_glu": rotate_in_gated_mlps(model),
+        "packed_group": group_packed_siblings(model),
     }

@@ -17,7 +17,7 @@ from torch import Tensor
 from . import forward as torch_forms
 from . import rotation
 from .config import options
-from .config.packed_routes import HEAD_CHUNK_BYTES, HEAD_SCORE_TOKENS, NIBBLE_ROUTED_BITS, NIBBLE_ROUTES, packed_tile
+from .config.packed_routes import HEAD_CHUNK_BYTES, HEAD_SCORE_TOKENS, NIBBLE_GROUPS, NIBBLE_ROUTED_BITS, NIBBLE_ROUTES, packed_tile
 from .layout import LINEAR, codebook_values, decode as decode_dense, unpack_codes
 
 
@@ -101,6 +101,20 @@ def linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, b
     else:
         weight = kernels.decode_linear_weight(codes, codebooks, scales, bits, in_features, x.dtype)
     return F.linear(x, weight, bias)
+
+
+def linear_group(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | None]], bias: Tensor | None, bits: int,
+                 in_features: int) -> list[Tensor] | None:
+    """Each member's (codes, codebooks, scales) times the same token x, plus ``bias`` (the members' biases end to end),
+    in one launch; None where that launch does not apply (not one fp16 token on CUDA, a member the byte-permute kernels
+    do not read), and the members then compute alone."""
+    if not NIBBLE_GROUPS or bits not in NIBBLE_ROUTED_BITS or x.numel() != in_features:
+        return None
+    kernels = packed_kernels(x, bias, *[t for member in members for t in member])
+    if kernels is None or not all(kernels.nibble_serves(x, c, b, s, bits, in_features) for c, b, s in members):
+        return None
+    return kernels.nibble_group_gemv(x, members, bias, bits, in_features, packed_tile(1, NIBBLE_ROUTES),
+                                     multiprocessors(x.device))
 
 
 def linear_reference(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int,

@@ -245,7 +245,10 @@ class RPQLinear(_Codes, nn.Module):
             norm = self.__dict__.get("_normed_input")  # fused_norm: x is the input of the norm before us
             return _decoded_product(x if norm is None else norm.norm.normalized(x), self.decoded, self.bias)
         if not self.native:
-            return self.forward_rotated(self.rotate_input(x))
+            rotated = self.rotate_input(x)
+            group = self.__dict__.get("_packed_group")  # fusions.packed_groups: q/k/v in one launch at one token
+            out = None if group is None or torch.compiler.is_compiling() else group.output(self, rotated)
+            return self.forward_rotated(rotated) if out is None else out
         group = self.__dict__.get("_shared_input")  # shared_input.SharedInputGroup: q/k/v in one launch
         if group is not None and not any(member.decoded is not None for member in group.members):
             out = group.output(self, x)

@@ -41,6 +41,9 @@ PACKED_ROUTES: tuple[tuple[int, PackedTile], ...] = (
 # Code widths routed to them: 5-bit codes (32-entry tables, the top bits as a plane) have the kernels too, checked
 # against an emulation of their PTX and in Triton's interpreter; they are routed once their CUDA tests pass on a GPU.
 NIBBLE_ROUTED_BITS = (4,)
+# Sibling layers that read one token (q/k/v, gate/up) in one byte-permute launch (``packed/nibble_groups.py``,
+# ``fusions/packed_groups.py``): checked in Triton's interpreter; on once its CUDA tests pass on a GPU.
+NIBBLE_GROUPS = False
 NIBBLE_ROUTES: tuple[tuple[int, PackedTile], ...] = (
     (1, PackedTile(1, 8, 1024, num_warps=4, num_stages=2, max_split=32, programs_per_sm=8)),
     (16, PackedTile(16, 64, 128, num_warps=4, num_stages=2, max_split=16, programs_per_sm=4)),

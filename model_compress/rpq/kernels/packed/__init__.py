@@ -14,9 +14,10 @@ from __future__ import annotations
 from .decode import decode_linear_weight, decode_table_rows
 from .head import packed_head
 from .linear import packed_linear
+from .nibble_groups import nibble_group_gemv
 from .nibble_tables import nibble_decode_serves, nibble_decode_weight, nibble_linear, nibble_serves
 from .prologue import gated_silu_rotate, norm_rotate
 from .rotate import rotate, unrotate
 
 __all__ = ["decode_linear_weight", "decode_table_rows", "gated_silu_rotate", "nibble_decode_serves", "nibble_decode_weight",
-           "nibble_linear", "nibble_serves", "norm_rotate", "packed_head", "packed_linear", "rotate", "unrotate"]
+           "nibble_group_gemv", "nibble_linear", "nibble_serves", "norm_rotate", "packed_head", "packed_linear", "rotate", "unrotate"]

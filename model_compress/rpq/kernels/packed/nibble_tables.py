@@ -164,6 +164,31 @@ def _values(words, top, t0, t1, t2, t3, t4, t5, t6, t7, BITS: tl.constexpr):
 
 
 @triton.jit
+def _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_n, mask_n, words_per_row, chunk_words, BITS: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """One token: rows ``offs_n`` of W' x over this program's slice of the inputs (grid axis 2), float32."""
+    words_per_row = tl.multiple_of(words_per_row, 4)  # nibble_serves: in_features % 32 == 0
+    chunk_words = tl.multiple_of(chunk_words, BLOCK_W)  # input_split hands out whole BLOCK_K slices
+    rows = tl.where(mask_n, offs_n, 0)
+    t0, t1, t2, t3, t4, t5, t6, t7 = _row_tables(codebooks_ptr, rows, BITS)
+    nibbles, tops = _code_rows(codes_ptr, rows, words_per_row, BITS)
+    x_pairs = tl.multiple_of(x_ptr.to(tl.pointer_type(tl.int64)), 16)
+    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    w_begin = tl.program_id(2) * chunk_words
+    w_end = tl.multiple_of(tl.minimum(w_begin + chunk_words, words_per_row), 4)  # masks whole 16-byte vectors
+    for step in range(0, chunk_words, BLOCK_W):
+        offs_w = w_begin + step + tl.arange(0, BLOCK_W)
+        mask_w = offs_w < w_end
+        mask = mask_n[:, None] & mask_w[None, :]
+        words = tl.load(nibbles + offs_w[None, :], mask=mask, other=0)
+        top = tl.load(tops + offs_w[None, :], mask=mask, other=0).to(tl.int32) if BITS == 5 else words
+        x_low = tl.load(x_pairs + 2 * offs_w, mask=mask_w, other=0)[None, :]
+        x_high = tl.load(x_pairs + 2 * offs_w + 1, mask=mask_w, other=0)[None, :]
+        acc += _times_x(words, top, t0, t1, t2, t3, t4, t5, t6, t7, x_low, x_high, BITS)
+    return tl.sum(acc, axis=1) * (tl.load(scales_ptr + rows, mask=mask_n, other=0.0).to(tl.float32) * 128.0)
+
+
+@triton.jit
 def _nibble_gemv_kernel(
     x_ptr,
     codes_ptr,
@@ -183,29 +208,10 @@ def _nibble_gemv_kernel(
     BLOCK_W: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(2)  # the grid is (tiles, 1, split), as _store_tile expects
-    words_per_row = tl.multiple_of(words_per_row, 4)  # nibble_serves: in_features % 32 == 0
-    chunk_words = tl.multiple_of(chunk_words, BLOCK_W)  # input_split hands out whole BLOCK_K slices
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # the grid is (tiles, 1, split), as _store_tile expects
     mask_n = offs_n < out_features
-    rows = tl.where(mask_n, offs_n, 0)
-    t0, t1, t2, t3, t4, t5, t6, t7 = _row_tables(codebooks_ptr, rows, BITS)
-    nibbles, tops = _code_rows(codes_ptr, rows, words_per_row, BITS)
-    x_pairs = tl.multiple_of(x_ptr.to(tl.pointer_type(tl.int64)), 16)
-    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
-    w_begin = pid_k * chunk_words
-    w_end = tl.multiple_of(tl.minimum(w_begin + chunk_words, words_per_row), 4)  # masks whole 16-byte vectors
-    for step in range(0, chunk_words, BLOCK_W):
-        offs_w = w_begin + step + tl.arange(0, BLOCK_W)
-        mask_w = offs_w < w_end
-        mask = mask_n[:, None] & mask_w[None, :]
-        words = tl.load(nibbles + offs_w[None, :], mask=mask, other=0)
-        top = tl.load(tops + offs_w[None, :], mask=mask, other=0).to(tl.int32) if BITS == 5 else words
-        x_low = tl.load(x_pairs + 2 * offs_w, mask=mask_w, other=0)[None, :]
-        x_high = tl.load(x_pairs + 2 * offs_w + 1, mask=mask_w, other=0)[None, :]
-        acc += _times_x(words, top, t0, t1, t2, t3, t4, t5, t6, t7, x_low, x_high, BITS)
-    sums = tl.sum(acc, axis=1) * (tl.load(scales_ptr + rows, mask=mask_n, other=0.0).to(tl.float32) * 128.0)
+    sums = _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_n, mask_n, words_per_row, chunk_words, BITS, BLOCK_N,
+                     BLOCK_W)
     one = tl.arange(0, 1)
     _store_tile(sums[None, :], partial_ptr, counter_ptr, bias_ptr, out_ptr, one, offs_n, one < 1, mask_n, 1, out_features,
                 out_features, split_k, HAS_BIAS, SPLIT, 1, BLOCK_N)

@@ -1,0 +1,80 @@
+"""Sibling packed RPQ Linears that read the same rotated token (q/k/v, gate/up) computed in one launch.
+
+Siblings with equal rotations already share x R (``shared_rotation``, or the pre-norm writes it); when they also
+take the same code width, the first member called with that tensor computes every member's output in one
+byte-permute launch (``packed_forward.linear_group``) and the others take theirs (``OncePerInput``). Where the
+launch does not apply (several tokens, a CPU, a format it does not read), each member computes alone, as before.
+Nothing is saved with the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..kernels import packed_forward
+from ..layers.modules import RPQLinear
+from .once import OncePerInput
+from .shared_input import SIBLING_NAMES
+from .shared_rotation import same_rotation
+
+
+class PackedGroup:
+    """The members' outputs for one rotated token, computed together; None for a call the launch does not serve."""
+
+    def __init__(self, members: list[RPQLinear]) -> None:
+        self.members = members
+        self.once = OncePerInput(self._outputs, len(members))
+        self._bias: tuple[tuple, Tensor | None] | None = None
+
+    def output(self, member: RPQLinear, rotated: Tensor) -> Tensor | None:
+        outputs = self.once(rotated)
+        return None if outputs is None else outputs[self.members.index(member)]
+
+    def _outputs(self, rotated: Tensor) -> list[Tensor] | None:
+        first = self.members[0]
+        members = [(m.indices, m.codebooks, m.codebook_scales) for m in self.members]
+        return packed_forward.linear_group(rotated, members, self._joined_bias(), first.code_bits, first.in_features)
+
+    def _joined_bias(self) -> Tensor | None:
+        """The members' biases end to end, joined again only when one of them changed."""
+        biases = [m.bias for m in self.members]
+        if biases[0] is None:
+            return None
+        key = tuple((b.data_ptr(), b.device, b._version) for b in biases)
+        if self._bias is None or self._bias[0] != key:
+            self._bias = (key, torch.cat([b.detach() for b in biases]))
+        return self._bias[1]
+
+
+def group_packed_siblings(model: nn.Module) -> int:
+    """Give each set of rotated packed siblings with equal rotations, code widths and bias presence one PackedGroup."""
+    groups = 0
+    for parent in model.modules():
+        for names in SIBLING_NAMES:
+            sets: list[list[RPQLinear]] = []
+            for layer in (getattr(parent, name, None) for name in names):
+                if not isinstance(layer, RPQLinear) or layer.native or not layer.rotated:
+                    continue
+                match = next((s for s in sets if _same_launch(s[0], layer)), None)
+                if match is None:
+                    sets.append([layer])
+                else:
+                    match.append(layer)
+            for members in sets:
+                if len(members) > 1:
+                    group = PackedGroup(members)
+                    for layer in members:
+                        layer.__dict__["_packed_group"] = group
+                    groups += 1
+    return groups
+
+
+def _same_launch(a: RPQLinear, b: RPQLinear) -> bool:
+    """Whether one launch can compute both: the same x R, code width, table shape and storage, bias or not."""
+    return (
+        same_rotation(a, b) and a.code_bits == b.code_bits and a.codebooks.shape[1:] == b.codebooks.shape[1:]
+        and a.codebooks.dtype == b.codebooks.dtype and (a.codebook_scales is None) == (b.codebook_scales is None)
+        and (a.codebook_scales is None or a.codebook_scales.dtype == b.codebook_scales.dtype)
+        and (a.bias is None) == (b.bias is None)
+    )

@@ -1,0 +1,94 @@
+"""Two or three byte-permute layers that read the same token (q/k/v, gate/up) in one launch.
+
+At one token a 4096x4096 layer of 4-bit codes reads 8 MB in about 8 us, of which launching and draining the grid
+is a good part; q, k and v in one grid of their rows together read like one 12288x4096 layer. Each program owns a
+block of one member's rows: the member is picked from the program's index by two comparisons, its buffers by a
+branch, and its outputs land in one buffer that the members' outputs are views of.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..config.packed_routes import PackedTile
+from ..triton.common import _cdiv, _store_tile, tile_counters
+from .linear import input_split
+from .nibble_tables import _row_sums
+
+
+@triton.jit
+def _nibble_group_gemv_kernel(
+    x_ptr,
+    codes_a,
+    codebooks_a,
+    scales_a,
+    codes_b,
+    codebooks_b,
+    scales_b,
+    codes_c,
+    codebooks_c,
+    scales_c,
+    bias_ptr,
+    out_ptr,
+    partial_ptr,
+    counter_ptr,
+    rows_a,
+    rows_b,
+    rows_c,
+    tiles_a,
+    tiles_ab,
+    words_per_row,
+    split_k,
+    chunk_words,
+    BITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    if tile < tiles_a:
+        codes_ptr, codebooks_ptr, scales_ptr, local, count, first = codes_a, codebooks_a, scales_a, tile, rows_a, 0
+    elif tile < tiles_ab:
+        codes_ptr, codebooks_ptr, scales_ptr, local, count, first = codes_b, codebooks_b, scales_b, tile - tiles_a, rows_b, rows_a
+    else:
+        codes_ptr, codebooks_ptr, scales_ptr = codes_c, codebooks_c, scales_c
+        local, count, first = tile - tiles_ab, rows_c, rows_a + rows_b
+    offs_local = local * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_local < count
+    sums = _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_local, mask_n, words_per_row, chunk_words, BITS,
+                     BLOCK_N, BLOCK_W)
+    total = rows_a + rows_b + rows_c
+    one = tl.arange(0, 1)
+    _store_tile(sums[None, :], partial_ptr, counter_ptr, bias_ptr, out_ptr, one, first + offs_local, one < 1, mask_n, 1, total,
+                total, split_k, HAS_BIAS, SPLIT, 1, BLOCK_N)
+
+
+def nibble_group_gemv(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], bias: Tensor | None, bits: int,
+                      in_features: int, tile: PackedTile, multiprocessors: int) -> list[Tensor]:
+    """Each member's (codes, codebooks, scales) times one fp16 token x, all in one launch (``nibble_serves`` for each);
+    ``bias``: the members' biases end to end, or None. Returns views of one output buffer, in the members' order."""
+    if not 2 <= len(members) <= 3:
+        raise ValueError(f"a group has 2 or 3 members, got {len(members)}")
+    counts = [codebooks.shape[0] for _, codebooks, _ in members]
+    padded = list(members) + [members[-1]] * (3 - len(members))  # a pair's third member owns no tile
+    rows = counts + [0] * (3 - len(counts))
+    tiles = [_cdiv(count, tile.block_n) for count in rows]
+    total = sum(counts)
+    out = torch.empty(*x.shape[:-1], total, device=x.device, dtype=x.dtype)
+    split, chunk = input_split(in_features, sum(tiles), tile, multiprocessors)
+    if split > 1:
+        partial = torch.empty(split * total, device=x.device, dtype=torch.float32)
+        counter = tile_counters(sum(tiles), x.device)
+    else:
+        partial = counter = out
+    _nibble_group_gemv_kernel[(sum(tiles), 1, split)](
+        x, *padded[0], *padded[1], *padded[2], bias if bias is not None else out, out, partial, counter, *rows, tiles[0],
+        tiles[0] + tiles[1], in_features // 8, split, chunk // 8, BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=tile.block_n,
+        BLOCK_W=tile.block_k // 8, SPLIT=split > 1, num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    starts = [0, counts[0], counts[0] + counts[1]]
+    return [out[..., start:start + count] for start, count in zip(starts, counts)]
