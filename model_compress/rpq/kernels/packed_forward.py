@@ -17,7 +17,8 @@ from torch import Tensor
 from . import forward as torch_forms
 from . import rotation
 from .config import options
-from .config.packed_routes import HEAD_CHUNK_BYTES, HEAD_SCORE_TOKENS, NIBBLE_GROUPS, NIBBLE_ROUTED_BITS, NIBBLE_ROUTES, packed_tile
+from .config.packed_routes import (HEAD_CHUNK_BYTES, HEAD_SCORE_TOKENS, NIBBLE_GROUPS, NIBBLE_ROUTED_BITS, NIBBLE_ROUTES,
+                                   packed_tile)
 from .layout import LINEAR, codebook_values, decode as decode_dense, unpack_codes
 
 

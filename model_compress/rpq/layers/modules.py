@@ -331,7 +331,9 @@ class RPQEmbedding(_Codes, nn.Embedding):
 
     def unrotate_rows(self, rows: Tensor) -> Tensor:
         """Decoded rows of E' = E R back to rows of E (unchanged without a rotation)."""
-        return rows if self.rotation_block is None else _packed_paths().unrotate(rows, self.signs(rows.dtype), self.rotation_block)
+        if self.rotation_block is None:
+            return rows
+        return _packed_paths().unrotate(rows, self.signs(rows.dtype), self.rotation_block)
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Embedding's argument name
         if self.decoded is not None:

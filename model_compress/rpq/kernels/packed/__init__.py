@@ -2,11 +2,12 @@
 codebooks of D = 1, 2 or 4 values per code stored in int8 with one scale per codebook or in a float dtype, and
 the input rotation.
 
-``linear``: y = x W'^T + b with W' decoded tile by tile in registers (one token up to a few dozen);
-``nibble_tables``: the same for 4-bit codes with 16-entry int8 row tables on fp16 tokens, looked up by byte permutes. ``decode``:
-W' into a temporary for cuBLAS (prompts), rows of an embedding table, chunks of a tied head's table. ``head``:
-a tied head's logits from per-code scores, the table never decoded. ``rotate``: x R in one launch;
-``prologue``: x R written by the pre-norm or the SiLU gate that makes x.
+``linear``: y = x W'^T + b with W' decoded tile by tile in registers (one token up to a few dozen).
+``nibble_tables``: the same, and W' for prompts, for 4- and 5-bit codes with 16- and 32-entry int8 row tables on
+fp16 tokens, looked up by byte permutes; ``nibble_groups``: siblings on one token in one launch. ``decode``: W' into
+a temporary for cuBLAS (prompts), rows of an embedding table, chunks of a tied head's table. ``head``: a tied head's
+logits from per-code scores, the table never decoded. ``rotate``: x R in one launch; ``prologue``: x R written by
+the pre-norm or the SiLU gate that makes x.
 """
 
 from __future__ import annotations
