@@ -164,12 +164,26 @@ def evaluate(
     if metric == "embedding" and original is not None:
         compressed.quality.update(similarity.compare(inputs.reference, inputs.outputs))
     warnings += inputs.notes
+    warnings += _decode_failures(original, compressed)
     if settings.device.type == "cpu" and settings.latency is not None:
         warnings.append("CPU timings are wall-clock and indicative only; measure speed with --device cuda")
     return EvalResult(
         checkpoint, metric, dtype, settings.device, inputs.describe(), compressed, original, original_error,
         section, warnings, settings,
     )
+
+
+def _decode_failures(*measurements: Measurement | None) -> list[str]:
+    """One line per decode measurement that could not run (a CUDA graph capture, a compile), with its reason."""
+    lines = []
+    for measurement in measurements:
+        latency = None if measurement is None else measurement.latency
+        if latency is None:
+            continue
+        for kind, errors in (("from a CUDA graph", latency.graph_decode_errors), ("compiled", latency.compiled_decode_errors)):
+            lines += [f"the {measurement.role} model's decode {kind} at batch {batch} did not run: {error}"
+                      for batch, error in errors.items()]
+    return lines
 
 
 def choose_metric(model: nn.Module, requested: str, use_baseline: bool) -> str:

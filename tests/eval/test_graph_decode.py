@@ -52,3 +52,15 @@ def test_decode_step_matches_generate_without_host_syncs(arch: str) -> None:
 def test_host_sync_check_catches_a_sync() -> None:
     with pytest.raises(AssertionError, match="host sync"), FailOnHostSync():
         torch.ones(3).sum().item()
+
+
+def test_a_decode_measurement_that_could_not_run_is_one_warning_line_naming_the_model_and_the_reason():
+    from model_compress.eval.compare import Measurement, _decode_failures
+    from model_compress.eval.latency import LatencyResult
+
+    latency = LatencyResult("cuda-events", 512, 1.0, graph_decode_errors={16: "capture failed"},
+                            compiled_decode_errors={1: "BackendCompilerFailed: no compiler"})
+    compressed = Measurement("compressed", "out", "LlamaForCausalLM", 1, 1, 1, 0.0, latency=latency)
+    lines = _decode_failures(None, compressed)
+    assert lines == ["the compressed model's decode from a CUDA graph at batch 16 did not run: capture failed",
+                     "the compressed model's decode compiled at batch 1 did not run: BackendCompilerFailed: no compiler"]
