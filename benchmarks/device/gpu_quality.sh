@@ -17,6 +17,8 @@
 #                                       benchmarks/experiments/odd_bit_planes.py (bit planes for 3-7-bit codes)
 #   STAGE=7b      (no carry)            benchmarks/rpq/rpq_7b_speed.py (SPEED_ARGS): Llama-2-7B shapes, random weights, dense vs int4 vs RPQ
 #   STAGE=cost    (no carry)            what the input rotation costs on the torch path (rotation_cost.py)
+#   STAGE=profile (no carry)            where a decode step's time goes, original vs the folder an earlier `default` call
+#                                       left (rpq_decode.py --folder): the linear layers' share of it
 # benchmarks/README.md says how the carried folders are made. Results land in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-quality}
@@ -106,6 +108,12 @@ case "$stage" in
   7b)  # a 7B-class architecture (random weights): dense fp16, int4 weight-only, RPQ layers; graphed decode and prefill
     install_wheels /tmp/smol
     python3 benchmarks/rpq/rpq_7b_speed.py ${SPEED_ARGS:-} --json "$OUT/rpq_7b_speed.json" 2>&1 | tee "$OUT/rpq_7b_speed.log" | tail -40
+    ;;
+  profile)  # the decode step's kernels, original vs compressed, on the folder an earlier `default` call left
+    install_wheels /tmp/smol
+    name="default${RUN_NAME:+-$RUN_NAME}"
+    [ -d "/tmp/$name-out" ] || { echo "error: /tmp/$name-out is missing: run STAGE=default first on this machine" >&2; exit 2; }
+    python3 benchmarks/rpq/rpq_decode.py "$GGUF" --folder "/tmp/$name-out" --out "$OUT" 2>&1 | tee "$OUT/profile_$name.log" | tail -40
     ;;
   cost)
     install_wheels /tmp/smol

@@ -6,15 +6,18 @@
 `compress rpq SOURCE --codebooks 32 --device cuda --dtype float16`, then `compress eval` on the
 folder (fp16, CUDA), whose JSON holds decode tokens/s at batch 1 and 16, eager (``generate``) and
 replayed from a CUDA graph, prefill time, and peak memory of each, for both models. This script
-reads that JSON and checks the issue's targets: graphed decode at batch 1 >= 1.5x the original;
-peak memory during it below the original's by at least the weight savings. ``--profile`` adds
-where the time of one decode step goes (torch profiler, eager step, both models).
+reads that JSON and checks the targets: graphed decode at batch 1 >= 1.5x the original; peak memory
+during it below the original's by at least the weight savings. ``--profile`` adds where the time of one
+decode step goes (torch profiler, eager step, both models), with the linear layers' share: how much faster
+a step could get if the layers took no time. ``--folder DIR`` profiles a folder made elsewhere (the
+default's ``compress rpq -o DIR``) and stops.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -24,6 +27,8 @@ from rpq_opt13b import OPT_1_3B, build
 from timed_cli import run_timed_cli
 
 TARGET_DECODE_RATIO = 1.5
+# Kernels that compute a Linear layer: cuBLAS GEMV / GEMM (by their names) and the RPQ layer kernels.
+LINEAR_KERNELS = re.compile(r"gemv|gemm|xmma|cutlass|_nibble|_packed_(linear|gemv|decode|head)|_binned|_gather", re.IGNORECASE)
 
 
 def save_tokenizer(folder: Path, vocab: int) -> None:
@@ -114,7 +119,13 @@ def profile(source: str, folder: Path, out: Path, steps: int = 3) -> None:
         events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
         total = sum(e.self_device_time_total for e in events)
         launches = sum(e.count for e in events)
+        linear = [e for e in events if LINEAR_KERNELS.search(e.key)]
+        linear_time = sum(e.self_device_time_total for e in linear)
         lines.append(f"== {role}: {total / steps / 1e3:.3f} ms of kernels per decode step, {launches / steps:.0f} kernels per step")
+        lines.append(
+            f"  linear layers' kernels: {linear_time / total:.1%} of the kernel time, {sum(e.count for e in linear) / steps:.0f} "
+            f"launches per step; with them at zero time a step would be {total / max(total - linear_time, 1e-9):.2f}x faster"
+        )
         for event in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
             lines.append(
                 f"  {event.self_device_time_total / total:6.1%} {event.self_device_time_total / steps:9.1f} us/step "
@@ -137,12 +148,17 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--folder", type=Path, default=None,
+                        help="profile this converted folder against MODEL and stop (no conversion, no eval)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="opt-1.3b: copy tokenizer files from this folder (vocab <= 50272)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     name = args.name or Path(args.model).stem
     source = source_for(args.model, args.workdir, args.tokenizer)
+    if args.folder is not None:  # where a decode step's time goes, for a checkpoint made elsewhere (the default's)
+        profile(source, args.folder, args.out)
+        return
     folder = args.workdir / f"{name}-rpq{args.codebooks}"
     convert = run_timed_cli(
         "rpq", source, "-o", str(folder), "--codebooks", str(args.codebooks), "--device", "cuda", "--dtype", "float16", "--force"
