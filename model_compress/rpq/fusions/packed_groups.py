@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..kernels import packed_forward
 from ..layers.modules import RPQLinear
 from .once import OncePerInput
-from .shared_input import SIBLING_NAMES
+from .shared_input import sibling_sets
 from .shared_rotation import same_rotation
 
 
@@ -50,23 +50,11 @@ class PackedGroup:
 def group_packed_siblings(model: nn.Module) -> int:
     """Give each set of rotated packed siblings with equal rotations, code widths and bias presence one PackedGroup."""
     groups = 0
-    for parent in model.modules():
-        for names in SIBLING_NAMES:
-            sets: list[list[RPQLinear]] = []
-            for layer in (getattr(parent, name, None) for name in names):
-                if not isinstance(layer, RPQLinear) or layer.native or not layer.rotated:
-                    continue
-                match = next((s for s in sets if _same_launch(s[0], layer)), None)
-                if match is None:
-                    sets.append([layer])
-                else:
-                    match.append(layer)
-            for members in sets:
-                if len(members) > 1:
-                    group = PackedGroup(members)
-                    for layer in members:
-                        layer.__dict__["_packed_group"] = group
-                    groups += 1
+    for members in sibling_sets(model, lambda layer: layer.rotated and not layer.native, _same_launch):
+        group = PackedGroup(members)
+        for layer in members:
+            layer.__dict__["_packed_group"] = group
+        groups += 1
     return groups
 
 

@@ -11,6 +11,8 @@ by shape; nothing is saved with the model.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from torch import Tensor, nn
 
 from ..kernels import forward as kernels
@@ -49,21 +51,34 @@ class SharedInputGroup:
         return outputs[self.members.index(member)]
 
 
+def sibling_sets(model: nn.Module, accepts: Callable[[RPQLinear], bool],
+                 together: Callable[[RPQLinear, RPQLinear], bool]) -> Iterator[list[RPQLinear]]:
+    """Each set of two or more sibling RPQ Linears (``SIBLING_NAMES`` of one parent) that ``accepts`` takes and that
+    ``together`` pairs with the set's first member, in the model's order."""
+    for parent in model.modules():
+        for names in SIBLING_NAMES:
+            sets: list[list[RPQLinear]] = []
+            for layer in (getattr(parent, name, None) for name in names):
+                if not isinstance(layer, RPQLinear) or not accepts(layer):
+                    continue
+                match = next((s for s in sets if together(s[0], layer)), None)
+                if match is None:
+                    sets.append([layer])
+                else:
+                    match.append(layer)
+            yield from (members for members in sets if len(members) > 1)
+
+
 def group_shared_inputs(model: nn.Module) -> int:
     """Give each set of sibling RPQ Linears of the same shape a SharedInputGroup; returns how many groups."""
     groups = 0
-    for parent in model.modules():
-        for names in SIBLING_NAMES:
-            layers = [getattr(parent, name, None) for name in names]
-            by_shape: dict[tuple, list[RPQLinear]] = {}
-            for layer in layers:
-                if isinstance(layer, RPQLinear) and layer.native:
-                    key = (layer.in_features, tuple(layer.codebooks.shape), layer.bias is not None)
-                    by_shape.setdefault(key, []).append(layer)
-            for members in by_shape.values():
-                if len(members) > 1:
-                    group = SharedInputGroup(members)
-                    for layer in members:
-                        layer.__dict__["_shared_input"] = group
-                    groups += 1
+    for members in sibling_sets(model, lambda layer: layer.native, lambda a, b: _shape(a) == _shape(b)):
+        group = SharedInputGroup(members)
+        for layer in members:
+            layer.__dict__["_shared_input"] = group
+        groups += 1
     return groups
+
+
+def _shape(layer: RPQLinear) -> tuple:
+    return layer.in_features, tuple(layer.codebooks.shape), layer.bias is not None

@@ -13,30 +13,17 @@ from torch import nn
 
 from ..layers.modules import RPQLinear
 from .once import OncePerInput
-from .shared_input import SIBLING_NAMES
+from .shared_input import sibling_sets
 
 
 def share_rotations(model: nn.Module) -> int:
     """Give each set of sibling RPQ Linears with equal rotations one shared x R; returns how many sets."""
     shared = 0
-    for parent in model.modules():
-        for names in SIBLING_NAMES:
-            layers = [getattr(parent, name, None) for name in names]
-            sets: list[list[RPQLinear]] = []
-            for layer in layers:
-                if not isinstance(layer, RPQLinear) or not layer.rotated:
-                    continue
-                match = next((s for s in sets if same_rotation(s[0], layer)), None)
-                if match is None:
-                    sets.append([layer])
-                else:
-                    match.append(layer)
-            for members in sets:
-                if len(members) > 1:
-                    once = OncePerInput(members[0].rotate_alone, len(members))
-                    for layer in members:
-                        layer.__dict__["_shared_rotation"] = once
-                    shared += 1
+    for members in sibling_sets(model, lambda layer: layer.rotated, same_rotation):
+        once = OncePerInput(members[0].rotate_alone, len(members))
+        for layer in members:
+            layer.__dict__["_shared_rotation"] = once
+        shared += 1
     return shared
 
 
