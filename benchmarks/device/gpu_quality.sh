@@ -13,8 +13,8 @@
 #                                       then `compress eval` of it (EVAL_ARGS) against the original; RUN_NAME names the run
 #   STAGE=minilm-cli (.device/minilm)   the same for all-MiniLM-L6-v2 (a later call on the machine needs no carry)
 #   STAGE=eval    (no carry)            `compress eval` again (EVAL_ARGS) on the folder an earlier `default` call left
-#   STAGE=packed  (no carry)            the packed-code kernels' CUDA tests, benchmarks/rpq/packed_kernels.py (PACKED_ARGS) and
-#                                       benchmarks/experiments/odd_bit_planes.py (bit planes for 3-7-bit codes)
+#   STAGE=packed  (no carry)            the packed-code kernels' CUDA tests (PACKED_TESTS=0: not), benchmarks/rpq/packed_kernels.py
+#                                       (PACKED_ARGS) and benchmarks/experiments/odd_bit_planes.py (bit planes for 3-7-bit codes; PLANES=0: not)
 #   STAGE=7b      (no carry)            benchmarks/rpq/rpq_7b_speed.py (SPEED_ARGS): Llama-2-7B shapes, random weights, dense vs int4 vs RPQ
 #   STAGE=cost    (no carry)            what the input rotation costs on the torch path (rotation_cost.py)
 #   STAGE=profile (no carry)            where a decode step's time goes, original vs the folder an earlier `default` call
@@ -100,10 +100,12 @@ case "$stage" in
     ;;
   packed)  # the packed-code kernels: their CUDA tests, then one layer per format and token count (PACKED_ARGS)
     install_wheels /tmp/smol
-    timeout "${TEST_SECONDS:-400}" python3 -m pytest -q --tb=short -rfE -p no:cacheprovider -n 4 tests/rpq/test_packed_kernels.py \
-      > "$OUT/packed_tests.log" 2>&1; tail -15 "$OUT/packed_tests.log"
+    if [ "${PACKED_TESTS:-1}" = 1 ]; then  # PACKED_TESTS=0 where STAGE=tests ran them already
+      timeout "${TEST_SECONDS:-400}" python3 -m pytest -q --tb=short -rfE -p no:cacheprovider -n 4 tests/rpq/test_packed_kernels.py \
+        > "$OUT/packed_tests.log" 2>&1; tail -15 "$OUT/packed_tests.log"
+    fi
     python3 benchmarks/rpq/packed_kernels.py ${PACKED_ARGS:---sweep} --json "$OUT/packed_kernels.json" 2>&1 | tee "$OUT/packed_kernels.log" | grep -v "^  sweep"
-    python3 benchmarks/experiments/odd_bit_planes.py --json "$OUT/odd_bit_planes.json" 2>&1 | tee "$OUT/odd_bit_planes.log"
+    [ "${PLANES:-1}" = 1 ] && python3 benchmarks/experiments/odd_bit_planes.py --json "$OUT/odd_bit_planes.json" 2>&1 | tee "$OUT/odd_bit_planes.log"
     ;;
   7b)  # a 7B-class architecture (random weights): dense fp16, int4 weight-only, RPQ layers; graphed decode and prefill
     install_wheels /tmp/smol

@@ -25,6 +25,7 @@ from torch import nn
 
 from model_compress.eval.graph_decode import graphed_decode
 from model_compress.rpq.fusions import apply_fusions
+from model_compress.rpq.kernels import packed_forward
 from model_compress.rpq.kernels.layout import code_bits, pack_codes
 from model_compress.rpq.kernels.rotation import random_signs
 from model_compress.rpq.layers.modules import RPQLinear
@@ -126,6 +127,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--codebook-size", type=int, default=16)
     parser.add_argument("--smoke", action="store_true", help="a tiny config on the CPU, no timing")
+    parser.add_argument("--sibling-launch", action="store_true",
+                        help="also time the RPQ model with q/k/v and gate/up of one token in one launch (not yet the default)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
@@ -145,6 +148,9 @@ def main() -> None:
     if not args.smoke:
         torch.cuda.empty_cache()
     results.append(measure(model, f"RPQ, one {args.codebook_size}-entry int8 table per row, rotated", vocab, device, args.smoke))
+    if args.sibling_launch:  # the routing switch a later release turns on, flipped here for this row only
+        packed_forward.NIBBLE_GROUPS = True
+        results.append(measure(model, "same, sibling layers of one token in one launch", vocab, device, args.smoke))
     base = results[0]
     for row in results[1:]:
         for key in ("graph_decode_b1_tok_s", "graph_decode_b16_tok_s"):
