@@ -38,12 +38,11 @@ PACKED_ROUTES: tuple[tuple[int, PackedTile], ...] = (
 # fp16 tokens through 4-bit codes and a 16-entry int8 table per output row: the byte-permute kernels
 # (``packed/nibble_tables.py``), the same buckets; block_k counts codes, 8 to a 32-bit word. Chosen on an H100 by
 # ``packed_kernels.py --nibble-sweep`` (benchmarks/RESULTS.md), the lowest mean time ratio to dense over the same shapes.
-# Code widths routed to them: 5-bit codes (32-entry tables, the top bits as a plane) have the kernels too, checked
-# against an emulation of their PTX and in Triton's interpreter; they are routed once their CUDA tests pass on a GPU.
-NIBBLE_ROUTED_BITS = (4,)
+# Code widths routed to them: 4-bit codes, and 5-bit codes (32-entry tables, the top bits as a plane).
+NIBBLE_ROUTED_BITS = (4, 5)
 # Sibling layers that read one token (q/k/v, gate/up) in one byte-permute launch (``packed/nibble_groups.py``,
-# ``fusions/packed_groups.py``): checked in Triton's interpreter; on once its CUDA tests pass on a GPU.
-NIBBLE_GROUPS = False
+# ``fusions/packed_groups.py``).
+NIBBLE_GROUPS = True
 NIBBLE_ROUTES: tuple[tuple[int, PackedTile], ...] = (
     (1, PackedTile(1, 8, 1024, num_warps=4, num_stages=2, max_split=32, programs_per_sm=8)),
     (16, PackedTile(16, 64, 128, num_warps=4, num_stages=2, max_split=16, programs_per_sm=4)),
