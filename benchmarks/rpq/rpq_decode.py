@@ -27,8 +27,8 @@ from rpq_opt13b import OPT_1_3B, build
 from timed_cli import run_timed_cli
 
 TARGET_DECODE_RATIO = 1.5
-# Kernels that compute a Linear layer: cuBLAS GEMV / GEMM (by their names) and the RPQ layer kernels.
-LINEAR_KERNELS = re.compile(r"gemv|gemm|xmma|cutlass|_nibble|_packed_(linear|gemv|decode|head)|_binned|_gather", re.IGNORECASE)
+# Kernels that compute a Linear layer: cuBLAS GEMV / GEMM by their names (nvjet: its Hopper kernels) and the RPQ layer kernels.
+LINEAR_KERNELS = re.compile(r"gemv|gemm|xmma|cutlass|nvjet|_nibble|_packed_(linear|gemv|decode|head)|_binned|_gather", re.IGNORECASE)
 
 
 def save_tokenizer(folder: Path, vocab: int) -> None:
