@@ -1,0 +1,74 @@
+"""A packed head (the tied embedding's format) at a few tokens: scoring codes in one kernel against decoding its table
+in chunks for cuBLAS, beside the dense head, on CUDA; which route ``HEAD_SCORE_TOKENS`` should pick.
+
+    python benchmarks/rpq/head_route.py [--json FILE]
+
+Shapes: SmolLM2-135M's tied head (49,152 x 576) and Qwen2.5-0.5B's (151,936 x 896), in the format the default
+budget gave SmolLM2's embedding (two-value vectors, 128-entry int8 tables: 7-bit codes) and in 256-entry ones
+(8-bit codes, whole bytes). Device time of one call in a CUDA graph over four copies (so that the codes do not sit
+in the L2 from the call before, as in a decode step), median of 3 (``rpq_kernels.graph_us``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from rpq_kernels import graph_us
+
+from model_compress.rpq.kernels import packed_forward
+from model_compress.rpq.kernels.layout import code_bits, pack_codes
+
+SHAPES = {"SmolLM2-135M": (49152, 576), "Qwen2.5-0.5B": (151936, 896)}
+FORMATS = {"D2 K128 int8": (2, 128), "D2 K256 int8": (2, 256)}
+TOKENS = (1, 4, 16)
+COPIES = 4
+
+
+def packed_table(vocab: int, dim: int, piece: int, size: int) -> tuple:
+    books = dim // piece
+    codes = pack_codes(torch.randint(0, size, (books, vocab), device="cuda"), code_bits(size))
+    codebooks = torch.randint(-127, 128, (books, size, piece), device="cuda", dtype=torch.int8)
+    return codes, codebooks, torch.rand(books, device="cuda", dtype=torch.float16) / 64
+
+
+def routed_us(tables: list, x: torch.Tensor, vocab: int, score_tokens: int) -> float:
+    """``packed_forward.tied_head`` with its score-or-decode bound set to ``score_tokens`` for this measurement."""
+    kept = packed_forward.HEAD_SCORE_TOKENS
+    packed_forward.HEAD_SCORE_TOKENS = score_tokens
+    try:
+        bits = code_bits(tables[0][1].shape[1])
+        return graph_us([lambda t=t: packed_forward.tied_head(x, t[0], t[1], t[2], None, bits, vocab) for t in tables])
+    finally:
+        packed_forward.HEAD_SCORE_TOKENS = kept
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+    rows = []
+    with torch.inference_mode():
+        for model, (vocab, dim) in SHAPES.items():
+            dense = [torch.randn(vocab, dim, device="cuda", dtype=torch.float16) for _ in range(COPIES)]
+            for name, (piece, size) in FORMATS.items():
+                tables = [packed_table(vocab, dim, piece, size) for _ in range(COPIES)]
+                for tokens in TOKENS:
+                    x = torch.randn(tokens, dim, device="cuda", dtype=torch.float16)
+                    row = {"model": model, "format": name, "tokens": tokens,
+                           "dense_us": graph_us([lambda w=w: x @ w.T for w in dense]),
+                           "score_codes_us": routed_us(tables, x, vocab, tokens),
+                           "decode_cublas_us": routed_us(tables, x, vocab, 0)}
+                    rows.append(row)
+                    print(f"{model:13s} {name:13s} t={tokens:<3d} dense {row['dense_us']:7.1f} us  scoring codes "
+                          f"{row['score_codes_us']:7.1f} us  decode + cuBLAS {row['decode_cublas_us']:7.1f} us", flush=True)
+                del tables
+            del dense
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
