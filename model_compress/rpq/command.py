@@ -75,6 +75,10 @@ def rpq(
     codebooks: Annotated[Optional[int], typer.Option("--codebooks", "-m", help="Fixed M for every layer: codebooks per layer (pieces each weight column is cut into). Instead of --bits.")] = None,
     codebook_size: Annotated[Optional[int], typer.Option("--codebook-size", "-k", help="Fixed K for every layer: codes per codebook (2-65536; default 256 with --codebooks). Instead of --bits.")] = None,
     codebook_bits: Annotated[Optional[int], typer.Option(help="Codebook storage: 8 (int8 + one scale per codebook) or 16. Default: chosen per layer with --bits, the model's dtype with --codebooks.")] = None,
+    any_format: Annotated[
+        bool,
+        typer.Option("--any-format", help="With --bits, also offer Linear layers the formats without a fast GPU kernel (3-bit and 16-bit tables, vectors): at 4.5 bits a little better quality, up to several times slower per layer on a GPU. By default they are offered only to layers where no fast format fits the budget."),
+    ] = False,
     rotation: Annotated[
         Optional[str],
         typer.Option(help="Input rotation before coding: hadamard (random signs times a block Hadamard matrix; outliers spread, better quality at the same bits) or none. Default: hadamard with --bits, none with --codebooks (rpq-pytorch's form)."),
@@ -114,7 +118,7 @@ def rpq(
     settings = RPQSettings(
         bits=bits, num_codebooks=codebooks, codebook_size=codebook_size, codebook_bits=codebook_bits,
         rotation=rotation.lower() if rotation is not None else None, rotation_block=rotation_block,
-        skip=list(skip or []), rounds=rounds, seed=seed, device=target,
+        any_format=any_format, skip=list(skip or []), rounds=rounds, seed=seed, device=target,
     )
     no_calibration = calib is not None and calib.lower() == "none"
     calibration = CalibrationOptions(

@@ -53,6 +53,8 @@ class RPQSettings:
     the budget choose per layer, and keeps the model's dtype with fixed settings. ``rotation``: "hadamard"
     or "none"; None rotates with a budget and not with fixed settings (rpq-pytorch's form, which its
     fast kernels read). ``rotation_block``: the Hadamard block wanted (None: the measured default).
+    ``any_format``: a budget also offers Linear layers the formats without a fast GPU kernel (3-bit tables, 16-bit
+    tables, vectors); by default they are offered only where no fast format fits the budget.
     """
 
     bits: float | None = None
@@ -61,6 +63,7 @@ class RPQSettings:
     codebook_bits: int | None = None
     rotation: str | None = None
     rotation_block: int | None = None
+    any_format: bool = False
     skip: list[str] = field(default_factory=list)
     rounds: int | None = None  # None: the device's default (defaults.DEFAULT_ROUNDS)
     seed: int = 0
@@ -716,15 +719,25 @@ def _candidates(layer: LayerInfo, settings: RPQSettings, fit_settings: FitSettin
     of all added where none near the budget is under it."""
     dtypes = _codebook_dtypes(settings, fit_settings)
     budget = settings.budget
-    scale = _scale_bytes(layer)
-    under = [c.bits_per_weight(layer.shape, layer.layout) for c in budget_candidates(layer.shape, layer.layout, dtypes, 0.0, budget, scale_bytes=scale)]
-    anchor = min(budget, max(under)) if under else budget
-    found = budget_candidates(layer.shape, layer.layout, dtypes, anchor - CANDIDATES_BELOW, anchor + CANDIDATES_ABOVE, anchor, scale)
+    fast_only = not settings.any_format and layer.layout == LINEAR
+    found = _candidates_near_budget(layer, dtypes, budget, fast_only)
+    if fast_only and not any(c.bits_per_weight(layer.shape, layer.layout) <= budget for c in found):
+        found = _candidates_near_budget(layer, dtypes, budget, False)  # a budget under every fast format: all formats
     if not any(c.bits_per_weight(layer.shape, layer.layout) <= budget for c in found):
         cheapest = _cheapest_candidate(layer, settings, fit_settings)
         if cheapest is not None:
             found.insert(0, cheapest)
     return found
+
+
+def _candidates_near_budget(layer: LayerInfo, dtypes: tuple[str, ...], budget: float, fast_only: bool) -> list[CodeFormat]:
+    """Formats around the budget, or around the dearest format under it (see ``_candidates``)."""
+    scale = _scale_bytes(layer)
+    under = [c.bits_per_weight(layer.shape, layer.layout)
+             for c in budget_candidates(layer.shape, layer.layout, dtypes, 0.0, budget, scale_bytes=scale, fast_only=fast_only)]
+    anchor = min(budget, max(under)) if under else budget
+    return budget_candidates(layer.shape, layer.layout, dtypes, anchor - CANDIDATES_BELOW, anchor + CANDIDATES_ABOVE, anchor,
+                             scale, fast_only)
 
 
 def _cheapest_candidate(layer: LayerInfo, settings: RPQSettings, fit_settings: FitSettings | None = None) -> CodeFormat | None:

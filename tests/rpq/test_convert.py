@@ -278,3 +278,43 @@ def test_rpq_layers_compute_in_the_model_dtype_whatever_their_codebooks_are_stor
     assert table(torch.tensor([[1, 2]])).dtype == torch.float16
     model.float()
     assert model(torch.tensor([[1, 2]])).dtype == torch.float32
+
+
+def _offered(layer, **settings) -> list:
+    """The formats a budget measures for ``layer`` under ``settings``."""
+    from model_compress.rpq.convert import _candidates
+    from model_compress.rpq.fit.groups import FitSettings
+
+    return _candidates(layer, RPQSettings(**settings), FitSettings())
+
+
+def test_a_budget_offers_linear_layers_only_formats_with_a_fast_kernel():
+    """By default a Linear is offered only formats the byte-permute kernels compute (one int8 table per row, 16 or
+    32 entries); --any-format offers the rest too; a budget under every fast format offers all; an embedding (and
+    so a tied head) is the documented exception."""
+    from model_compress.rpq.convert import LayerInfo
+    from model_compress.rpq.kernels.config.packed_routes import byte_permute_format
+    from model_compress.rpq.kernels.layout import LINEAR, column_count
+
+    def fast(fmt, layer):
+        piece = fmt.piece(layer.shape, layer.layout)
+        return byte_permute_format(piece, fmt.codebook_size, fmt.codebook_dtype, column_count(layer.shape, LINEAR))
+
+    linear = LayerInfo("mlp.up_proj", "linear", (1536, 576), torch.float16)
+    offered = _offered(linear, bits=4.5)
+    assert offered and all(fast(f, linear) for f in offered)
+    assert {f.codebook_size for f in offered} == {16, 32}
+    every = _offered(linear, bits=4.5, any_format=True)
+    assert len(every) > len(offered) and not all(fast(f, linear) for f in every)
+    low = _offered(linear, bits=3.0)  # 4.25 bits is the cheapest fast format here
+    assert any(f.bits_per_weight(linear.shape, linear.layout) <= 3.0 for f in low)
+    embedding = LayerInfo("embed_tokens", "embedding", (49152, 576), torch.float16)
+    assert any(f.piece(embedding.shape, embedding.layout) > 1 for f in _offered(embedding, bits=4.5))
+
+
+def test_the_default_budget_converts_wide_linears_into_fast_formats():
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512))
+    convert_model(model, RPQSettings(bits=4.5), None)
+    assert len(rpq_modules(model)) == 2
+    for layer in rpq_modules(model).values():
+        assert (layer.num_codebooks, layer.codebook_dtype) == (512, "int8") and layer.codebook_size in (16, 32)

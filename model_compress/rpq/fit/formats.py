@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..kernels.config.packed_routes import byte_permute_format
 from ..kernels.layout import INT8, code_bits, codebook_bits, column_count, packed_width, split_dim
 
 SCALE_BYTES = 2  # a 16-bit scale per int8 codebook (a float32 model stores 4: CodeFormat.scale_bytes)
@@ -62,12 +63,13 @@ class CodeFormat:
 
 def budget_candidates(
     shape: tuple[int, int], layout: str, codebook_dtypes: tuple[str, ...], low: float, high: float, target: float | None = None,
-    scale_bytes: int = SCALE_BYTES,
+    scale_bytes: int = SCALE_BYTES, fast_only: bool = False,
 ) -> list[CodeFormat]:
     """Formats with D in PIECES and K a power of two whose bits per weight lie in [low, high], cheapest first.
 
     ``codebook_dtypes``: which storages to offer ("int8" and/or a 16-bit float). With ``target``, at
-    most MOST_FITS (D, K) pairs are kept, those whose cheapest storage is closest to ``target``.
+    most MOST_FITS (D, K) pairs are kept, those whose cheapest storage is closest to ``target``. ``fast_only``:
+    only the formats the byte-permute kernels compute (``byte_permute_format``).
     """
     split, columns = split_dim(shape, layout), column_count(shape, layout)
     found: dict[tuple[int, int], list[CodeFormat]] = {}
@@ -79,6 +81,8 @@ def budget_candidates(
             if size > LARGEST_BUDGET_CODES or size > max(2, columns // POINTS_PER_CODE[piece]):
                 break
             for dtype in codebook_dtypes:
+                if fast_only and not byte_permute_format(piece, size, dtype, columns):
+                    continue
                 candidate = CodeFormat(split // piece, size, dtype, scale_bytes)
                 if low <= candidate.bits_per_weight(shape, layout) <= high:
                     found.setdefault((piece, size), []).append(candidate)

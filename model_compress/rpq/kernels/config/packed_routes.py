@@ -43,6 +43,17 @@ NIBBLE_ROUTED_BITS = (4, 5)
 # Sibling layers that read one token (q/k/v, gate/up) in one byte-permute launch (``packed/nibble_groups.py``,
 # ``fusions/packed_groups.py``).
 NIBBLE_GROUPS = True
+
+
+def byte_permute_format(piece: int, codebook_size: int, codebook_dtype: str, columns: int) -> bool:
+    """Whether the byte-permute kernels compute a Linear stored this way: one int8 table per output row (D = 1) of a
+    routed code width, over a multiple of 32 inputs. The other formats take the general kernels, which read a code
+    at a time: 3-bit tables at 0.3x the dense layer's speed at Llama-2-7B's shapes, 2-row vectors 0.9-1.1x
+    (benchmarks/RESULTS.md)."""
+    return (piece == 1 and codebook_dtype == "int8" and columns % 32 == 0
+            and any(codebook_size == 1 << bits for bits in NIBBLE_ROUTED_BITS))
+
+
 NIBBLE_ROUTES: tuple[tuple[int, PackedTile], ...] = (
     (1, PackedTile(1, 8, 1024, num_warps=4, num_stages=2, max_split=32, programs_per_sm=8)),
     (16, PackedTile(16, 64, 128, num_warps=4, num_stages=2, max_split=16, programs_per_sm=4)),
