@@ -77,7 +77,7 @@ def rpq(
     codebook_bits: Annotated[Optional[int], typer.Option(help="Codebook storage: 8 (int8 + one scale per codebook) or 16. Default: chosen per layer with --bits, the model's dtype with --codebooks.")] = None,
     any_format: Annotated[
         bool,
-        typer.Option("--any-format", help="With --bits, also offer Linear layers the formats without a fast GPU kernel (3-bit and 16-bit tables, vectors): at 4.5 bits a little better quality, up to several times slower per layer on a GPU. By default they are offered only to layers where no fast format fits the budget."),
+        typer.Option("--any-format", help="With --bits, also offer Linear layers the formats without a fast GPU kernel (3-bit and 16-bit tables, vectors): more choices for the budget, up to several times slower per layer on a GPU. By default they are offered only to layers where no fast format fits the budget."),
     ] = False,
     rotation: Annotated[
         Optional[str],
@@ -104,7 +104,7 @@ def rpq(
     ] = None,
     device: Annotated[str, typer.Option(help="Where calibration, fitting and fine-tuning run: auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Model dtype: auto (the checkpoint's), float32, float16, bfloat16.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Seed of k-means and fine-tuning; the same seed gives the same codes.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of k-means and fine-tuning; the same seed gives the same codes on a CPU (on CUDA, sums by code add in the order the GPU picks).")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")] = False,
     debug: Debug = False,
 ) -> None:

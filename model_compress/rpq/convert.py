@@ -54,7 +54,7 @@ class RPQSettings:
     or "none"; None rotates with a budget and not with fixed settings (rpq-pytorch's form, which its
     fast kernels read). ``rotation_block``: the Hadamard block wanted (None: the measured default).
     ``any_format``: a budget also offers Linear layers the formats without a fast GPU kernel (3-bit tables, 16-bit
-    tables, vectors); by default they are offered only where no fast format fits the budget.
+    tables, vectors); by default they are offered only where the budget lies outside the fast formats' costs.
     """
 
     bits: float | None = None
@@ -721,8 +721,10 @@ def _candidates(layer: LayerInfo, settings: RPQSettings, fit_settings: FitSettin
     budget = settings.budget
     fast_only = not settings.any_format and layer.layout == LINEAR
     found = _candidates_near_budget(layer, dtypes, budget, fast_only)
-    if fast_only and not any(c.bits_per_weight(layer.shape, layer.layout) <= budget for c in found):
-        found = _candidates_near_budget(layer, dtypes, budget, False)  # a budget under every fast format: all formats
+    if fast_only:
+        costs = [c.bits_per_weight(layer.shape, layer.layout) for c in found]
+        if not costs or min(costs) > budget or max(costs) < budget:  # a budget outside the fast formats: every format
+            found = _candidates_near_budget(layer, dtypes, budget, False)
     if not any(c.bits_per_weight(layer.shape, layer.layout) <= budget for c in found):
         cheapest = _cheapest_candidate(layer, settings, fit_settings)
         if cheapest is not None:

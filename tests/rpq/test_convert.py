@@ -290,8 +290,8 @@ def _offered(layer, **settings) -> list:
 
 def test_a_budget_offers_linear_layers_only_formats_with_a_fast_kernel():
     """By default a Linear is offered only formats the byte-permute kernels compute (one int8 table per row, 16 or
-    32 entries); --any-format offers the rest too; a budget under every fast format offers all; an embedding (and
-    so a tied head) is the documented exception."""
+    32 entries); --any-format offers the rest too; a budget under or above every fast format offers all; an embedding
+    (and so a tied head) is the documented exception."""
     from model_compress.rpq.convert import LayerInfo
     from model_compress.rpq.kernels.config.packed_routes import byte_permute_format
     from model_compress.rpq.kernels.layout import LINEAR, column_count
@@ -306,8 +306,10 @@ def test_a_budget_offers_linear_layers_only_formats_with_a_fast_kernel():
     assert {f.codebook_size for f in offered} == {16, 32}
     every = _offered(linear, bits=4.5, any_format=True)
     assert len(every) > len(offered) and not all(fast(f, linear) for f in every)
-    low = _offered(linear, bits=3.0)  # 4.25 bits is the cheapest fast format here
+    low = _offered(linear, bits=3.0)  # 4.25 bits is the cheapest fast format here, 5.47 the dearest
     assert any(f.bits_per_weight(linear.shape, linear.layout) <= 3.0 for f in low)
+    high = _offered(linear, bits=8.0)
+    assert any(f.bits_per_weight(linear.shape, linear.layout) > 6.0 for f in high)
     embedding = LayerInfo("embed_tokens", "embedding", (49152, 576), torch.float16)
     assert any(f.piece(embedding.shape, embedding.layout) > 1 for f in _offered(embedding, bits=4.5))
 
