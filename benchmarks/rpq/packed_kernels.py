@@ -29,6 +29,7 @@ from model_compress.rpq.kernels.layout import code_bits, pack_codes
 SMALL_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
 LARGE_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 FORMATS = {"D1 K16 int8": (1, 16), "D1 K8 int8": (1, 8), "D1 K32 int8": (1, 32), "D2 K256 int8": (2, 256)}
+BYTE_PERMUTE_FORMATS = ("D1 K16 int8", "D1 K32 int8")  # routed to the byte-permute kernels up to 64 tokens
 TOKENS = [1, 4, 16, 64, 512]
 L2_OVERFLOW_BYTES = 256 * 1024 * 1024  # the copies of one layer together: five times an H100's or H200's L2
 MAX_COPIES = 64
@@ -63,7 +64,7 @@ class PackedLayers:
         return graph_us([lambda c=c: packed_forward.linear(x, *c, None, self.bits, self.shape[0]) for c in self.copies])
 
     def nibble_us(self, tokens: int, tile: PackedTile) -> float:
-        """fp16 tokens through the byte-permute kernels (4-bit codes, 16-entry int8 tables) on ``tile``."""
+        """fp16 tokens through the byte-permute kernels (4- or 5-bit codes, 16- or 32-entry int8 tables) on ``tile``."""
         x = self.input(tokens)
         programs = packed_forward.multiprocessors(x.device)
         return graph_us([lambda c=c: packed.nibble_linear(x, *c, None, self.bits, self.shape[0], tile, programs) for c in self.copies])
@@ -204,11 +205,9 @@ def main() -> None:
                        "bandwidth_fraction": read / (us * 1e-6) / bandwidth, "int4_us": int4}
                 if isinstance(int4, float):
                     row["speed_vs_int4"] = int4 / us
-                if tokens <= 64 and name == "D1 K16 int8":  # the byte-permute route against the general kernels
+                if tokens <= 64 and name in BYTE_PERMUTE_FORMATS:  # the byte-permute route against the general kernels
                     row["route"] = "byte-permute " + packed_tile(tokens, NIBBLE_ROUTES).describe()
                     row["general_us"] = layer.tile_us(tokens, packed_tile(tokens))
-                elif name == "D1 K32 int8" and tokens <= 64:  # the 5-bit byte-permute kernels beside the routed ones
-                    row["byte_permute_us"] = layer.nibble_us(tokens, packed_tile(tokens, NIBBLE_ROUTES))
                 elif name == "D1 K16 int8":  # prompts: byte-permute decode + cuBLAS (routed) against tensor-core tiles
                     row["route"] = "byte-permute decode + cuBLAS"
                     row["tensor_core_tiles_us"] = {tile.describe(): layer.nibble_us(tokens, tile) for tile in PROMPT_TILES}
@@ -217,7 +216,6 @@ def main() -> None:
                 print(f"{shape[0]:>5}->{shape[1]:<5} t={tokens:<4} {name:13} dense {row['dense_us']:8.1f} us  rpq {us:8.1f} us "
                       f"({row['speedup_vs_dense']:4.2f}x dense, {row['bandwidth_fraction']:4.0%} of copy bw)  rotation {rotate:5.1f} us{extra}"
                       + (f"  general kernel {row['general_us']:6.1f} us" if "general_us" in row else "")
-                      + (f"  byte-permute {row['byte_permute_us']:6.1f} us" if "byte_permute_us" in row else "")
                       + "".join(f"  {tile} {us:6.1f} us" for tile, us in row.get("tensor_core_tiles_us", {}).items()),
                       flush=True)
     if args.json:
