@@ -77,7 +77,7 @@ def rpq(
     codebook_bits: Annotated[Optional[int], typer.Option(help="Codebook storage: 8 (int8 + one scale per codebook) or 16. Default: chosen per layer with --bits, the model's dtype with --codebooks.")] = None,
     any_format: Annotated[
         bool,
-        typer.Option("--any-format", help="With --bits, also offer Linear layers the formats without a fast GPU kernel (3-bit and 16-bit tables, vectors): more choices for the budget, up to several times slower per layer on a GPU. By default they are offered only to layers where no fast format fits the budget."),
+        typer.Option("--any-format", help="With --bits, also offer Linear layers the formats without a fast GPU kernel (3-bit and 16-bit tables, vectors): more choices for the budget, up to several times slower per layer on a GPU. By default they are offered only where the budget lies outside the fast formats' costs (under about 4 or over about 5.5 bits per weight)."),
     ] = False,
     rotation: Annotated[
         Optional[str],

@@ -716,7 +716,8 @@ def fill_codes(module: nn.Module, codes: Tensor, codebooks: CodebookSet, signs: 
 def _candidates(layer: LayerInfo, settings: RPQSettings, fit_settings: FitSettings) -> list[CodeFormat]:
     """The formats a budget measures for one layer: those near the budget, or near the dearest format under
     it where the budget is above every format this layer has (--bits 16 on a narrow layer), with the cheapest
-    of all added where none near the budget is under it."""
+    of all added where none near the budget is under it. A Linear gets only formats with a fast GPU kernel
+    (``byte_permute_format``) where the budget lies between their costs, unless ``settings.any_format``."""
     dtypes = _codebook_dtypes(settings, fit_settings)
     budget = settings.budget
     fast_only = not settings.any_format and layer.layout == LINEAR

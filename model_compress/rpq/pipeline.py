@@ -180,7 +180,7 @@ def _config_section(
             if conversion.calibration
             else "k-means of the weights (no calibration data)",
             "rounds": settings.fit_rounds,
-            "formats": "any" if settings.any_format else "fast GPU kernels where one fits the budget",
+            "formats": "any" if settings.any_format else "Linear layers: those with fast GPU kernels where the budget lies between their costs",
             "seed": settings.seed,
             "device": str(settings.device),
             "dtype": str(next(network.parameters()).dtype).removeprefix("torch."),
