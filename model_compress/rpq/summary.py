@@ -12,8 +12,13 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, fields
 
+from collections import Counter
+
 from ..core.sizes import MB, size_lines
 from .convert import KIND_TIED_HEAD, LayerPlan, LayerResult
+from .kernels.config.packed_routes import byte_permute_format
+from .kernels.layout import INT8, code_bits
+from .layers.modules import KIND_CONV1D, KIND_LINEAR
 
 # Mean relative output error (per layer) above which the summary warns of a large loss. SmolLM2-135M
 # averaged 0.004 at 4.5 bits (perplexity 1.18x its original's before fine-tuning, benchmarks/RESULTS.md)
@@ -147,6 +152,25 @@ def format_label(plan: LayerPlan) -> str:
     fmt = plan.format
     piece = fmt.piece(plan.layer.shape, plan.layer.layout)
     return f"D={piece} K={fmt.codebook_size} {fmt.codebook_dtype}"
+
+
+def kernel_line(layers: list[dict]) -> str | None:
+    """Which GPU kernels the converted Linear layers run on with fp16 inputs: a format without a fast kernel (a low
+    budget's 3-bit tables, ``--any-format``) is named here, not found later as a slow model."""
+    linear = [row for row in layers if row["kind"] in (KIND_LINEAR, KIND_CONV1D)]
+    if not linear:
+        return None
+    slow = Counter(f"D={row['piece']} K={row['codebook_size']} {row['codebook_dtype']}" for row in linear if not _has_fast_kernel(row))
+    line = f"GPU kernels (fp16): {len(linear) - sum(slow.values())} of {len(linear)} Linear layers in formats with fast kernels"
+    if slow:
+        line += "; " + ", ".join(f"{count} in {label}" for label, count in slow.most_common()) + " take the general kernels (slower)"
+    return line
+
+
+def _has_fast_kernel(row: dict) -> bool:
+    """The byte-permute kernels' formats, or rpq-pytorch's (8-bit codes, float codebooks, no rotation), which has its own."""
+    rpq_pytorch = code_bits(row["codebook_size"]) == 8 and row["codebook_dtype"] != INT8 and row["rotation_block"] is None
+    return rpq_pytorch or byte_permute_format(row["piece"], row["codebook_size"], row["codebook_dtype"], row["shape"][1])
 
 
 def summarize(
@@ -287,6 +311,9 @@ def totals_lines(summary: ConversionSummary) -> list[str]:
     lines[1:1] = size_lines(
         summary.original_bytes, summary.compressed_bytes, summary.input_file_bytes, summary.output_file_bytes, summary.input_form
     )
+    kernels = kernel_line(summary.layers)
+    if kernels:
+        lines.append(kernels)
     if summary.calibration:
         c = summary.calibration
         lines.append(

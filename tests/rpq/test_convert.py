@@ -320,3 +320,18 @@ def test_the_default_budget_converts_wide_linears_into_fast_formats():
     assert len(rpq_modules(model)) == 2
     for layer in rpq_modules(model).values():
         assert (layer.num_codebooks, layer.codebook_dtype) == (512, "int8") and layer.codebook_size in (16, 32)
+
+
+def test_the_summary_names_linear_formats_without_a_fast_kernel():
+    from model_compress.rpq.summary import kernel_line
+
+    def row(kind, size, dtype, piece=1, rotation=64, shape=(1536, 576)):
+        return {"kind": kind, "shape": list(shape), "piece": piece, "codebook_size": size, "codebook_dtype": dtype,
+                "rotation_block": rotation}
+
+    rows = [row("linear", 16, "int8"), row("linear", 32, "int8"), row("conv1d", 8, "int8"), row("linear", 32, "float16"),
+            row("linear", 8, "int8"), row("embedding", 128, "int8", piece=2), row("linear", 256, "float16", rotation=None)]
+    line = kernel_line(rows)
+    assert line.startswith("GPU kernels (fp16): 3 of 6 Linear layers in formats with fast kernels")
+    assert "2 in D=1 K=8 int8, 1 in D=1 K=32 float16 take the general kernels" in line
+    assert kernel_line([row("embedding", 128, "int8", piece=2)]) is None
