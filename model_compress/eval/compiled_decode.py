@@ -8,29 +8,19 @@ end of the prompt, and the graph breaks the compiler met are counted (0 means on
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .graph_decode import CAPTURE_WARMUP, DecodeStep
+from .graph_decode import CAPTURE_WARMUP, DecodeStep, GraphedDecode, median_ms_per_step
 
 
 @dataclass
-class CompiledDecode:
+class CompiledDecode(GraphedDecode):
     """Median time of one compiled decode step of the whole batch, the graph breaks met, or why there is none."""
 
-    batch: int
-    ms_per_step: float | None = None
-    peak_memory: int | None = None
     graph_breaks: int | None = None
-    error: str | None = None
-
-    @property
-    def tokens_per_s(self) -> float | None:
-        return None if self.ms_per_step is None else self.batch * 1e3 / self.ms_per_step
 
 
 def _graph_breaks() -> int:
@@ -57,23 +47,7 @@ def compiled_decode(model: nn.Module, prompt: torch.Tensor, steps: int, repeats:
             step.model = compiled
             for _ in range(CAPTURE_WARMUP):  # compiles, then records the CUDA graphs
                 step()
-            times = []
-            for _ in range(repeats + 1):  # the first block is a warm-up
-                step.rewind()
-                if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for _ in range(steps):
-                        step()
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end) / steps)
-                else:
-                    began = time.perf_counter()
-                    for _ in range(steps):
-                        step()
-                    times.append((time.perf_counter() - began) * 1e3 / steps)
-        result.ms_per_step = statistics.median(times[1:])
+            result.ms_per_step = median_ms_per_step(step, step.rewind, steps, repeats, device)
         result.peak_memory = torch.cuda.max_memory_allocated(device) if cuda else None
         result.graph_breaks = _graph_breaks() - breaks_before
     except Exception as error:  # noqa: BLE001 - a model the compiler cannot take: reported, the rest still measured

@@ -14,6 +14,7 @@ with that many new tokens.
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,28 @@ class DecodeStep:
         return self.token
 
 
+def median_ms_per_step(run_step, rewind, steps: int, repeats: int, device: torch.device) -> float:
+    """Median over ``repeats`` blocks (after one warm-up block) of ``steps`` calls of ``run_step``, each block from the
+    end of the prompt (``rewind``): CUDA events on a GPU, the wall clock elsewhere."""
+    times = []
+    for _ in range(repeats + 1):
+        rewind()
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                run_step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / steps)
+        else:
+            began = time.perf_counter()
+            for _ in range(steps):
+                run_step()
+            times.append((time.perf_counter() - began) * 1e3 / steps)
+    return statistics.median(times[1:])
+
+
 def graphed_decode(model: nn.Module, prompt: torch.Tensor, steps: int, repeats: int) -> GraphedDecode:
     """Capture one decode step of ``model`` (on CUDA) and time ``repeats`` blocks of ``steps`` replays."""
     device = prompt.device
@@ -116,17 +139,7 @@ def graphed_decode(model: nn.Module, prompt: torch.Tensor, steps: int, repeats: 
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 step()
-            times = []
-            for _ in range(repeats + 1):  # the first block is a warm-up
-                step.rewind()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(steps):
-                    graph.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / steps)
-        result.ms_per_step = statistics.median(times[1:])
+            result.ms_per_step = median_ms_per_step(graph.replay, step.rewind, steps, repeats, device)
         result.peak_memory = torch.cuda.max_memory_allocated(device)
         del graph, step
     except RuntimeError as error:  # a model whose forward syncs with the host cannot be captured
