@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..config.code_planes import stored_as_planes
 from ..config.packed_routes import PackedTile
-from ..triton.common import _cdiv, _rows, _store_tile, _tile_rows, tile_counters
+from ..triton.common import _cdiv, _rows, _store_tile, _tile_rows, split_buffers
 from .codes import VECTOR_BITS, bytes_spanned, row_pointers, weight_tile
 
 
@@ -157,11 +157,7 @@ def packed_linear(
         return out.reshape(*x.shape[:-1], out_features)
     tiles_n, tiles_m = _cdiv(out_features, tile.block_n), _cdiv(tokens, tile.block_m)
     split, chunk = input_split(in_features, tiles_n * tiles_m, tile, multiprocessors)
-    if split > 1:
-        partial = torch.empty(split * tokens * out_features, device=x.device, dtype=torch.float32)
-        counter = tile_counters(tiles_n * tiles_m, x.device)
-    else:
-        partial = counter = out
+    partial, counter = split_buffers(out, split, tiles_n * tiles_m)
     vector = bits in VECTOR_BITS and tile.block_k * bits % 8 == 0
     planes = stored_as_planes(bits, in_features)
     if tokens == 1 and tile.block_m == 1:

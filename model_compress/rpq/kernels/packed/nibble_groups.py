@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..config.packed_routes import PackedTile
-from ..triton.common import _cdiv, _store_tile, tile_counters
+from ..triton.common import _cdiv, _store_tile, split_buffers
 from .linear import input_split
 from .nibble_tables import _row_sums
 
@@ -80,11 +80,7 @@ def nibble_group_gemv(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], b
     total = sum(counts)
     out = torch.empty(*x.shape[:-1], total, device=x.device, dtype=x.dtype)
     split, chunk = input_split(in_features, sum(tiles), tile, multiprocessors)
-    if split > 1:
-        partial = torch.empty(split * total, device=x.device, dtype=torch.float32)
-        counter = tile_counters(sum(tiles), x.device)
-    else:
-        partial = counter = out
+    partial, counter = split_buffers(out, split, sum(tiles))
     _nibble_group_gemv_kernel[(sum(tiles), 1, split)](
         x, *padded[0], *padded[1], *padded[2], bias if bias is not None else out, out, partial, counter, *rows, tiles[0],
         tiles[0] + tiles[1], in_features // 8, split, chunk // 8, BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=tile.block_n,

@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..config.packed_routes import PackedTile
-from ..triton.common import _cdiv, _rows, _store_tile, _tile_rows, tile_counters
+from ..triton.common import _cdiv, _rows, _store_tile, _tile_rows, split_buffers
 from .linear import input_split
 
 
@@ -332,11 +332,7 @@ def nibble_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, b
     words_per_row, block_w = in_features // 8, tile.block_k // 8
     tiles_n, tiles_m = _cdiv(out_features, tile.block_n), _cdiv(tokens, tile.block_m)
     split, chunk = input_split(in_features, tiles_n * tiles_m, tile, multiprocessors)
-    if split > 1:
-        partial = torch.empty(split * tokens * out_features, device=x.device, dtype=torch.float32)
-        counter = tile_counters(tiles_n * tiles_m, x.device)
-    else:
-        partial = counter = out
+    partial, counter = split_buffers(out, split, tiles_n * tiles_m)
     bias_or_out = bias if bias is not None else out
     if tokens == 1 and tile.block_m == 1:
         _nibble_gemv_kernel[(tiles_n, 1, split)](

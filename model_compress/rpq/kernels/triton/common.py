@@ -82,6 +82,14 @@ def tile_counters(count: int, device: torch.device) -> Tensor:
     return kept[-1]
 
 
+def split_buffers(out: Tensor, split: int, tiles: int) -> tuple[Tensor, Tensor]:
+    """The float32 partial sums and arrival counters of a split-K launch over ``tiles`` output tiles into ``out``; with
+    no split the kernel never touches them, and ``out`` stands in for both."""
+    if split == 1:
+        return out, out
+    return torch.empty(split * out.numel(), device=out.device, dtype=torch.float32), tile_counters(tiles, out.device)
+
+
 @triton.jit
 def _tile_rows(tokens, out_features, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's token rows (grid axis 1) and output rows (axis 0), with their masks."""

@@ -10,7 +10,7 @@ from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..config.routes import TileConfig, heads_per_tile
-from .common import INTERPRETED, _accumulate, _cdiv, _hopper_or_later, _next_power_of_2, _prefetch_codebook_slice, _prefetch_l2, _rows, _store_tile, tile_counters
+from .common import INTERPRETED, _accumulate, _cdiv, _hopper_or_later, _next_power_of_2, _prefetch_codebook_slice, _prefetch_l2, _rows, _store_tile, split_buffers
 
 
 @triton.jit
@@ -144,11 +144,7 @@ def linear_fused(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | N
         split = max(1, min(config.split_k, _cdiv(in_features, config.block_k)))
         chunk = _cdiv(_cdiv(in_features, split), config.block_k) * config.block_k
         split = _cdiv(in_features, chunk)
-        if split > 1:
-            partial = torch.empty(split * tokens * out_features, device=x.device, dtype=torch.float32)
-            counter = tile_counters(tiles_n * tiles_m, x.device)
-        else:
-            partial = counter = out
+        partial, counter = split_buffers(out, split, tiles_n * tiles_m)
         common = (rows, indices, codebooks, bias if bias is not None else codebooks, out, partial, counter,
                   tokens, in_features, out_features, rows.stride(0), out.stride(0), split, chunk)
         sizes = dict(
