@@ -1,5 +1,5 @@
-"""A packed head (the tied embedding's format) at a few tokens: scoring codes in one kernel against decoding its table
-in chunks for cuBLAS, beside the dense head, on CUDA; which route ``HEAD_SCORE_TOKENS`` should pick.
+"""A packed head (the tied embedding's format) at a few tokens: rows decoded in registers in one kernel against decoding
+its table in chunks for cuBLAS, beside the dense head, on CUDA; which route ``HEAD_FUSED_TOKENS`` should pick.
 
     python benchmarks/rpq/head_route.py [--json FILE]
 
@@ -22,7 +22,7 @@ from model_compress.rpq.kernels.layout import code_bits, pack_codes
 
 SHAPES = {"SmolLM2-135M": (49152, 576), "Qwen2.5-0.5B": (151936, 896)}
 FORMATS = {"D2 K128 int8": (2, 128), "D2 K256 int8": (2, 256)}
-TOKENS = (1, 4, 16)
+TOKENS = (1, 4, 16, 64)
 COPIES = 4
 
 
@@ -33,15 +33,15 @@ def packed_table(vocab: int, dim: int, piece: int, size: int) -> tuple:
     return codes, codebooks, torch.rand(books, device="cuda", dtype=torch.float16) / 64
 
 
-def routed_us(tables: list, x: torch.Tensor, vocab: int, score_tokens: int) -> float:
-    """``packed_forward.tied_head`` with its score-or-decode bound set to ``score_tokens`` for this measurement."""
-    kept = packed_forward.HEAD_SCORE_TOKENS
-    packed_forward.HEAD_SCORE_TOKENS = score_tokens
+def routed_us(tables: list, x: torch.Tensor, vocab: int, fused_tokens: int) -> float:
+    """``packed_forward.tied_head`` with its fused-or-decode bound set to ``fused_tokens`` for this measurement."""
+    kept = packed_forward.HEAD_FUSED_TOKENS
+    packed_forward.HEAD_FUSED_TOKENS = fused_tokens
     try:
         bits = code_bits(tables[0][1].shape[1])
         return graph_us([lambda t=t: packed_forward.tied_head(x, t[0], t[1], t[2], None, bits, vocab) for t in tables])
     finally:
-        packed_forward.HEAD_SCORE_TOKENS = kept
+        packed_forward.HEAD_FUSED_TOKENS = kept
 
 
 def main() -> None:
@@ -58,11 +58,11 @@ def main() -> None:
                     x = torch.randn(tokens, dim, device="cuda", dtype=torch.float16)
                     row = {"model": model, "format": name, "tokens": tokens,
                            "dense_us": graph_us([lambda w=w: x @ w.T for w in dense]),
-                           "score_codes_us": routed_us(tables, x, vocab, tokens),
+                           "fused_us": routed_us(tables, x, vocab, tokens),
                            "decode_cublas_us": routed_us(tables, x, vocab, 0)}
                     rows.append(row)
-                    print(f"{model:13s} {name:13s} t={tokens:<3d} dense {row['dense_us']:7.1f} us  scoring codes "
-                          f"{row['score_codes_us']:7.1f} us  decode + cuBLAS {row['decode_cublas_us']:7.1f} us", flush=True)
+                    print(f"{model:13s} {name:13s} t={tokens:<3d} dense {row['dense_us']:7.1f} us  fused kernel "
+                          f"{row['fused_us']:7.1f} us  decode + cuBLAS {row['decode_cublas_us']:7.1f} us", flush=True)
                 del tables
             del dense
     if args.json:

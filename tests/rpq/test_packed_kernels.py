@@ -213,7 +213,26 @@ def test_packed_head_reads_the_codes_at_every_width():
         values = packed_forward.codebook_values(codebooks, scales, torch.float32)
         table = decode(values, unpack_codes(codes, bits, 777), EMBEDDING)
         x = torch.randn(5, 64, device=CUDA)
-        assert rel_error(packed.packed_head(x, codes, values, bits, 777, None), x @ table.T) < 1e-5, size
+        assert rel_error(packed.packed_head(x, codes, codebooks, scales, bits, 777, None), x @ table.T) < 1e-5, size
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("piece,size,storage", [(1, 16, "int8"), (2, 128, "int8"), (4, 256, "float16"), (2, 32, "int8")])
+def test_packed_head_matches_decoded_table(piece, size, storage, dtype):
+    """Every piece length, int8 and 16-bit codebooks, a width that is not a whole number of codebook steps (200 / D),
+    a vocabulary that is not a whole number of blocks, and the token counts that take this route, with a bias."""
+    bits = code_bits(size)
+    codes, codebooks, scales, _ = packed_layer(1001, 200, piece, size, storage, seed=piece * size)
+    bias = torch.randn(1001, device=CUDA, dtype=dtype)
+    scales = None if scales is None else scales.to(dtype)
+    values = packed_forward.codebook_values(codebooks, scales, torch.float32)
+    table = decode(values, unpack_codes(codes, bits, 1001), EMBEDDING).double()
+    for tokens in (1, 3, 16):
+        x = torch.randn(2, tokens, 200, device=CUDA, dtype=dtype)
+        out = packed.packed_head(x, codes, codebooks, scales, bits, 1001, bias)
+        ref = x.double() @ table.T + bias.double()
+        assert out.shape == (2, tokens, 1001) and out.dtype == dtype
+        assert rel_error(out, ref) < BOUNDS[dtype], tokens
 
 
 def test_packed_linear_replays_in_a_cuda_graph():

@@ -17,7 +17,7 @@ from torch import Tensor
 from . import forward as torch_forms
 from . import rotation
 from .config import options
-from .config.packed_routes import (HEAD_CHUNK_BYTES, HEAD_SCORE_TOKENS, NIBBLE_GROUPS, NIBBLE_ROUTED_BITS, NIBBLE_ROUTES,
+from .config.packed_routes import (HEAD_CHUNK_BYTES, HEAD_FUSED_TOKENS, NIBBLE_GROUPS, NIBBLE_ROUTED_BITS, NIBBLE_ROUTES,
                                    packed_tile)
 from .layout import LINEAR, codebook_values, decode as decode_dense, unpack_codes
 
@@ -145,8 +145,8 @@ def tied_head(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None
         return torch_forms.tied_head_torch(x, values, unpack_codes(codes, bits, vocab), bias)
     dim = x.shape[-1]
     tokens = x.numel() // dim
-    if tokens <= HEAD_SCORE_TOKENS:
-        return kernels.packed_head(x, codes, codebook_values(codebooks, scales, torch.float32), bits, vocab, bias)
+    if tokens <= HEAD_FUSED_TOKENS:
+        return kernels.packed_head(x, codes, codebooks, scales, bits, vocab, bias)
     rows = x.reshape(tokens, dim)
     out = torch.empty(tokens, vocab, device=x.device, dtype=x.dtype)
     chunk = max(64, HEAD_CHUNK_BYTES // (dim * x.element_size()) // 64 * 64)  # whole byte tiles of codes per chunk

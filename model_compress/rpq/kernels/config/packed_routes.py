@@ -59,9 +59,9 @@ NIBBLE_ROUTES: tuple[tuple[int, PackedTile], ...] = (
     (16, PackedTile(16, 64, 128, num_warps=4, num_stages=2, max_split=16, programs_per_sm=4)),
     (64, PackedTile(64, 64, 128, num_warps=4, num_stages=2, max_split=16, programs_per_sm=4)),
 )
-# A tied head over a packed table scores codes per token up to this many tokens, then decodes its table in chunks
-# of at most HEAD_CHUNK_BYTES and calls cuBLAS (a chunk is alive only during its product).
-HEAD_SCORE_TOKENS = 16
+# A tied head over a packed table decodes its rows in registers for up to this many tokens (``packed/head.py``),
+# then decodes its table in chunks of at most HEAD_CHUNK_BYTES and calls cuBLAS (a chunk is alive only during its product).
+HEAD_FUSED_TOKENS = 16
 HEAD_CHUNK_BYTES = 32 * 1024 * 1024
 
 

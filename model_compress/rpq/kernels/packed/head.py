@@ -1,9 +1,13 @@
-"""Logits of a tied head over a packed table without decoding it: score every code once, then sum each row's scores.
+"""Logits of a tied head over a packed table, each row decoded once in registers and never written.
 
-logits[t, v] = sum_h scores[t, h, code[h, v]], with scores[t, h, k] = x'_h . codebooks[h, k] * scale[h] (a small
-(tokens, M, K) float32 table made by one batched product). One program owns a block of vocabulary rows for every
-token: it reads each row's M packed codes once (the only traffic that grows with the vocabulary) and gathers the
-scores from on-chip caches.
+logits[t, v] = sum_h sum_d x'[t, h D + d] * scale[h] * codebooks[h, code[h, v], d]. One program owns a block of
+vocabulary rows for every token and walks the codebooks BLOCK_H at a time: it reads a (BLOCK_H, BLOCK_V) tile of
+packed codes (the only traffic that grows with the vocabulary), gathers each piece's int8 (or 16-bit) values from
+the small codebooks (on-chip after the first touch), and multiplies the tile by the tokens' pieces on tensor cores.
+
+Why not score codes per token (a (tokens, M, K) table, then one gather per row and codebook): the gathers of one
+codebook after another form a chain of dependent loads of 288 links for SmolLM2, and every extra token repeats
+them. Here a tile's gathers are all in flight at once, and tokens share them: 16 tokens cost about what one does.
 """
 
 from __future__ import annotations
@@ -18,59 +22,67 @@ from ..triton.common import _cdiv, _next_power_of_2
 from .codes import bytes_spanned, unpack
 
 HEAD_BLOCK_V = 128
+HEAD_BLOCK_H = 32  # codebooks per step: a tile of 32 x 128 codes keeps 4,096 gathers in flight per program
+MIN_DOT_ROWS = 16  # tensor cores take 16 or more token rows; fewer are padded with masked zeros
 
 
 @triton.jit
 def _packed_head_kernel(
-    scores_ptr,
-    codes_ptr,
-    bias_ptr,
-    out_ptr,
-    tokens,
-    vocab,
-    code_width,
-    stride_out,
-    NUM_BOOKS: tl.constexpr,
-    CODEBOOK_SIZE: tl.constexpr,
-    BITS: tl.constexpr,
-    BYTES: tl.constexpr,
-    PLANES: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    x_ptr, codes_ptr, codebooks_ptr, scales_ptr, bias_ptr, out_ptr, tokens, vocab, code_width, stride_x, stride_out,
+    NUM_BOOKS: tl.constexpr, CODEBOOK_SIZE: tl.constexpr, PIECE: tl.constexpr, BITS: tl.constexpr, BYTES: tl.constexpr,
+    PLANES: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_V: tl.constexpr, DOT_IEEE: tl.constexpr,
 ):
     offs_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     offs_t = tl.arange(0, BLOCK_T)
     mask_v = offs_v < vocab
     mask_t = offs_t < tokens
-    mask = mask_t[:, None] & mask_v[None, :]
-    token_scores = scores_ptr + offs_t[:, None] * (NUM_BOOKS * CODEBOOK_SIZE)
     acc = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
-    for head in range(NUM_BOOKS):
-        codes = unpack(codes_ptr + head * code_width, offs_v, code_width, mask_v, BITS, BYTES, PLANES)
-        acc += tl.load(token_scores + head * CODEBOOK_SIZE + codes[None, :], mask=mask, other=0.0)
+    for first in range(0, NUM_BOOKS, BLOCK_H):
+        heads = first + tl.arange(0, BLOCK_H)
+        mask_h = heads < NUM_BOOKS
+        mask = mask_h[:, None] & mask_v[None, :]
+        codes = unpack(codes_ptr + heads.to(tl.int64)[:, None] * code_width, offs_v[None, :], code_width, mask, BITS, BYTES,
+                       PLANES)
+        value_ptrs = codebooks_ptr + (heads * (CODEBOOK_SIZE * PIECE))[:, None] + codes * PIECE
+        x_ptrs = x_ptr + offs_t[:, None] * stride_x + (heads * PIECE)[None, :]
+        x_mask = mask_t[:, None] & mask_h[None, :]
+        for d in tl.static_range(PIECE):
+            piece = tl.load(x_ptrs + d, mask=x_mask, other=0.0).to(tl.float32)
+            if HAS_SCALES:
+                piece = piece * tl.load(scales_ptr + heads, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+            values = tl.load(value_ptrs + d, mask=mask, other=0)
+            if DOT_IEEE:
+                acc += tl.dot(piece, values.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(piece.to(x_ptr.dtype.element_ty), values.to(x_ptr.dtype.element_ty))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_t[:, None] * stride_out + offs_v[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs_t[:, None] * stride_out + offs_v[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask_t[:, None] & mask_v[None, :])
 
 
-def code_scores(x: Tensor, codebook_values: Tensor) -> Tensor:
-    """(tokens, M, K) float32: piece h of each (rotated) token against every code of codebook h."""
-    num_codebooks, _, piece = codebook_values.shape
-    pieces = x.reshape(-1, num_codebooks, piece).transpose(0, 1).float()  # (M, tokens, D)
-    return torch.bmm(pieces, codebook_values.float().transpose(1, 2)).transpose(0, 1).contiguous()
+def packed_head(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, vocab: int,
+                bias: Tensor | None) -> Tensor:
+    """Logits (..., vocab) of rotated hidden states ``x`` against a packed table (``vocab`` rows), for a few tokens.
 
-
-def packed_head(x: Tensor, codes: Tensor, codebook_values: Tensor, bits: int, vocab: int, bias: Tensor | None) -> Tensor:
-    """Logits (..., vocab) of rotated hidden states ``x`` against a packed table (``vocab`` rows), for a few tokens."""
-    num_codebooks, codebook_size, _ = codebook_values.shape
-    scores = code_scores(x, codebook_values)
-    tokens = scores.shape[0]
+    ``codebooks`` (M, K, D) int8 with ``scales`` (M,), or 16-bit / float32 without; x in float16, bfloat16 or float32
+    (the tensor-core product runs in x's dtype, float32 in IEEE precision).
+    """
+    num_codebooks, codebook_size, piece = codebooks.shape
+    dim = x.shape[-1]
+    rows = x.reshape(-1, dim)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    tokens = rows.shape[0]
     out = torch.empty(tokens, vocab, device=x.device, dtype=x.dtype)
     if tokens:
         _packed_head_kernel[(_cdiv(vocab, HEAD_BLOCK_V),)](
-            scores, codes, bias if bias is not None else out, out, tokens, vocab, codes.shape[1], out.stride(0),
-            NUM_BOOKS=num_codebooks, CODEBOOK_SIZE=codebook_size, BITS=bits, BYTES=bytes_spanned(bits),
-            PLANES=stored_as_planes(bits, vocab), HAS_BIAS=bias is not None, BLOCK_T=max(1, _next_power_of_2(tokens)), BLOCK_V=HEAD_BLOCK_V,
+            rows, codes, codebooks, scales if scales is not None else codebooks, bias if bias is not None else out, out,
+            tokens, vocab, codes.shape[1], rows.stride(0), out.stride(0),
+            NUM_BOOKS=num_codebooks, CODEBOOK_SIZE=codebook_size, PIECE=piece, BITS=bits, BYTES=bytes_spanned(bits),
+            PLANES=stored_as_planes(bits, vocab), HAS_SCALES=scales is not None, HAS_BIAS=bias is not None,
+            BLOCK_T=max(MIN_DOT_ROWS, _next_power_of_2(tokens)), BLOCK_H=HEAD_BLOCK_H, BLOCK_V=HEAD_BLOCK_V,
+            DOT_IEEE=x.dtype == torch.float32, num_warps=4 if tokens <= 16 else 8,
         )
     return out.reshape(*x.shape[:-1], vocab)
