@@ -59,10 +59,13 @@ NIBBLE_ROUTES: tuple[tuple[int, PackedTile], ...] = (
     (16, PackedTile(16, 64, 128, num_warps=4, num_stages=2, max_split=16, programs_per_sm=4)),
     (64, PackedTile(64, 64, 128, num_warps=4, num_stages=2, max_split=16, programs_per_sm=4)),
 )
-# A tied head over a packed table decodes its rows in registers for up to this many tokens (``packed/head.py``),
-# then decodes its table in chunks of at most HEAD_CHUNK_BYTES and calls cuBLAS (a chunk is alive only during its product).
-HEAD_FUSED_TOKENS = 16
-HEAD_CHUNK_BYTES = 32 * 1024 * 1024
+# A tied head over a packed table decodes its rows in registers for up to HEAD_FUSED_TOKENS tokens (``packed/head.py``),
+# else decodes its table in chunks of at most HEAD_CHUNK_BYTES and calls cuBLAS (a chunk is alive only during its
+# product). On an H100 (benchmarks/rpq/head_route.py) decode + cuBLAS was the faster at every token count, 1 to 64,
+# on SmolLM2's and Qwen2.5-0.5B's heads (SmolLM2, 7-bit codes, t=1: 70 us against 192), so the fused kernel is not
+# routed; a 16 MB chunk is what the faster route adds to the memory held while decoding.
+HEAD_FUSED_TOKENS = 0
+HEAD_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 # What the packed kernels read: codes of 1 to 16 bits (1, 2, 4 and 8 as whole byte tiles, the rest code by code), any

@@ -63,11 +63,12 @@ def _packed_head_kernel(
 
 
 def packed_head(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, vocab: int,
-                bias: Tensor | None) -> Tensor:
+                bias: Tensor | None, block_v: int = HEAD_BLOCK_V, block_h: int = HEAD_BLOCK_H) -> Tensor:
     """Logits (..., vocab) of rotated hidden states ``x`` against a packed table (``vocab`` rows), for a few tokens.
 
     ``codebooks`` (M, K, D) int8 with ``scales`` (M,), or 16-bit / float32 without; x in float16, bfloat16 or float32
-    (the tensor-core product runs in x's dtype, float32 in IEEE precision).
+    (the tensor-core product runs in x's dtype, float32 in IEEE precision). ``block_v`` rows by ``block_h``
+    codebooks per step (powers of two, ``block_h`` at least 16).
     """
     num_codebooks, codebook_size, piece = codebooks.shape
     dim = x.shape[-1]
@@ -77,12 +78,12 @@ def packed_head(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | No
     tokens = rows.shape[0]
     out = torch.empty(tokens, vocab, device=x.device, dtype=x.dtype)
     if tokens:
-        _packed_head_kernel[(_cdiv(vocab, HEAD_BLOCK_V),)](
+        _packed_head_kernel[(_cdiv(vocab, block_v),)](
             rows, codes, codebooks, scales if scales is not None else codebooks, bias if bias is not None else out, out,
             tokens, vocab, codes.shape[1], rows.stride(0), out.stride(0),
             NUM_BOOKS=num_codebooks, CODEBOOK_SIZE=codebook_size, PIECE=piece, BITS=bits, BYTES=bytes_spanned(bits),
             PLANES=stored_as_planes(bits, vocab), HAS_SCALES=scales is not None, HAS_BIAS=bias is not None,
-            BLOCK_T=max(MIN_DOT_ROWS, _next_power_of_2(tokens)), BLOCK_H=HEAD_BLOCK_H, BLOCK_V=HEAD_BLOCK_V,
+            BLOCK_T=max(MIN_DOT_ROWS, _next_power_of_2(tokens)), BLOCK_H=block_h, BLOCK_V=block_v,
             DOT_IEEE=x.dtype == torch.float32, num_warps=4 if tokens <= 16 else 8,
         )
     return out.reshape(*x.shape[:-1], vocab)
