@@ -249,11 +249,13 @@ def empty_model(config: transformers.PretrainedConfig, dtype: torch.dtype | None
     return model.eval()
 
 
-def load_model(source: ModelSource, dtype: torch.dtype | None = None) -> tuple[nn.Module, object | None]:
-    """Load model (on the CPU, in ``dtype`` or the checkpoint's) and its tokenizer (None if it has none)."""
+def load_model(source: ModelSource, dtype: torch.dtype | None = None, allow_pickle: bool = True) -> tuple[nn.Module, object | None]:
+    """Load model (on the CPU, in ``dtype`` or the checkpoint's) and its tokenizer (None if it has none);
+    ``allow_pickle`` False reads safetensors weights only (transformers' ``use_safetensors``)."""
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    weights_kwargs = kwargs if allow_pickle or source.gguf_file else {**kwargs, "use_safetensors": True}
     with hub_access(source):
-        model = from_pretrained(source.path, source.label, dtype, **kwargs)
+        model = from_pretrained(source.path, source.label, dtype, **weights_kwargs)
         tokenizer = load_tokenizer(source.path, **kwargs)
     return model, tokenizer
 

@@ -106,6 +106,14 @@ def rpq(
     dtype: Annotated[str, typer.Option(help="Model dtype: auto (the checkpoint's), float32, float16, bfloat16.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of k-means and fine-tuning; the same seed gives the same codes on a CPU (on CUDA, sums by code add in the order the GPU picks).")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option("--allow-pickle", help="Load a checkpoint whose weights are pickled .bin files (loading a pickle runs the code in it: only for checkpoints you trust). Without it such a checkpoint is refused."),
+    ] = False,
+    stream: Annotated[
+        bool,
+        typer.Option("--stream/--no-stream", help="Read a safetensors checkpoint one block at a time as the conversion reaches it (host memory does not grow with the model); --no-stream loads it whole first. GGUF files always load whole."),
+    ] = True,
     debug: Debug = False,
 ) -> None:
     """Reverse product quantization: every Linear / Embedding / Conv1D weight becomes codebooks + packed codes, fitted on calibration text."""
@@ -140,6 +148,8 @@ def rpq(
             finetuning=finetuning,
             dtype=torch_dtype,
             force=force,
+            allow_pickle=allow_pickle,
+            stream=stream,
             observer=observer,
             on_loading=status.started, on_loaded=status.finished,
             on_finetune_step=observer.finetune_step,

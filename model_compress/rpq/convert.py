@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from ..core.block_weights import BlockWeights
 from ..core.errors import UserError
 from .fit.allocate import BudgetError, Option, allocate
 from .fit.calibration import CalibrationSet
@@ -27,6 +28,7 @@ from .fit.codebooks import CodebookSet
 from .fit.formats import CodeFormat, budget_candidates
 from .fit.groups import FitSettings, FittedLayer, fit_cols, fit_rows_group, measure_cols, measure_rows_group, tied_metric
 from .fit.passes import Batches, OnOutput, Statistics, run_pass
+from .fit.blockwise_sensitivity import blockwise_sensitivities
 from .fit.sensitivity import Sensitivity, output_sensitivities
 from .fit.stack import find_stack
 from .fit.statistics import count_tokens
@@ -375,17 +377,26 @@ def convert_model(
     *,
     observer: ConversionObserver | None = None,
     on_output: OnOutput | None = None,
+    weights: BlockWeights | None = None,
 ) -> Conversion:
     """Replace every planned layer of ``model`` (in place) by its RPQ module, fitted on ``calibration``.
 
     ``calibration`` None fits without data (k-means of the weights: much lower quality).
     ``on_output(held_out, batch, output)`` sees the original model's outputs on the calibration
     windows (the teacher of fine-tuning): called in the measurement pass, or in a pass of its own.
+    ``weights``: where the blocks' weights come from (``core.block_weights``; None: the model holds them). A model
+    streamed from its checkpoint is read one block at a time where it has a stack of blocks and calibration data,
+    and whole otherwise; either way every tensor is in memory when this returns.
     """
     observer = observer or ConversionObserver()
     plans = planned_layers(model, settings)
     observer.started(plans)
-    fitter = _ModelFitter(model, plans, settings, calibration, observer)
+    weights = weights or BlockWeights()
+    fitter = _ModelFitter(model, plans, settings, calibration, observer, weights)
+    if fitter.stack is None or calibration is None:
+        weights.load_all(model)
+    else:
+        weights.load_outside(model, fitter.stack.prefix)
     allocation = None
     if calibration is not None:
         fitter.weigh_layers()
@@ -409,8 +420,10 @@ class _ModelFitter:
         settings: RPQSettings,
         calibration: CalibrationSet | None,
         observer: ConversionObserver,
+        weights: BlockWeights,
     ) -> None:
         self.model, self.settings, self.calibration, self.observer = model, settings, calibration, observer
+        self.weights = weights
         self.plans = {plan.layer.name: plan for plan in plans if plan.converted}
         dtype = next(iter(self.plans.values())).layer.dtype
         float_name = dtype_name(dtype) if settings.fixed and settings.codebook_bits is None else float_codebook_dtype(dtype)
@@ -432,8 +445,11 @@ class _ModelFitter:
     def weigh_layers(self) -> None:
         """What each layer's output error costs the model (``fit.sensitivity``), from the original model."""
         modules = {name: self.model.get_submodule(name) for name in self.plans}
-        windows = self.calibration.fit[: for_device(SENSITIVITY_WINDOWS, self.device)].split(1)
-        self.sensitivity = output_sensitivities(self.model, modules, windows, self.device)
+        windows = list(self.calibration.fit[: for_device(SENSITIVITY_WINDOWS, self.device)].split(1))
+        if self.stack is None:
+            self.sensitivity = output_sensitivities(self.model, modules, windows, self.device)
+        else:
+            self.sensitivity = blockwise_sensitivities(self.model, self.stack, modules, windows, self.device, self.weights)
 
     def measure_and_allocate(self, on_output: OnOutput | None) -> Allocation:
         """Candidates of every layer measured on the original model's states, then one format per layer."""
@@ -450,7 +466,7 @@ class _ModelFitter:
         else:
             run_pass(
                 self.model, self.stack, self.linears, self._batches(), self.device, self._measure_statistics,
-                sequential=False, on_output=on_output, on_block=self.observer.measuring,
+                sequential=False, on_output=on_output, on_block=self.observer.measuring, weights=self.weights,
             )
         for name in self.candidates:  # layers no calibration input reached: their weight error
             if name not in self.measured:
@@ -459,7 +475,8 @@ class _ModelFitter:
 
     def record_teacher(self, on_output: OnOutput) -> None:
         """The original model's outputs on the calibration windows, without measuring anything."""
-        run_pass(self.model, self.stack, {}, self._batches(), self.device, lambda *args: False, sequential=False, on_output=on_output)
+        run_pass(self.model, self.stack, {}, self._batches(), self.device, lambda *args: False, sequential=False,
+                 on_output=on_output, weights=self.weights)
 
     def fit_all(self) -> None:
         """Fit and swap every planned layer, in model order, each block after the compressed ones before it."""
@@ -467,7 +484,8 @@ class _ModelFitter:
             if plan.layer.kind == KIND_EMBEDDING and not self._tied_head_of(name):
                 self._fit_embedding(name, None)
         if self.calibration is not None:
-            run_pass(self.model, self.stack, self.linears, self._batches(), self.device, self._fit_statistics, sequential=True)
+            run_pass(self.model, self.stack, self.linears, self._batches(), self.device, self._fit_statistics, sequential=True,
+                     weights=self.weights)
         for name, plan in self.plans.items():  # what no calibration input reached (or no calibration at all)
             if name not in self.results:
                 if plan.layer.kind == KIND_TIED_HEAD:

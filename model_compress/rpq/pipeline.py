@@ -15,7 +15,8 @@ from ..core.version import __version__
 from ..core.checkpoint import CARD_FILE, MAX_SHARD_SIZE, REPORT_FILE, check_output_folder, weights_bytes, write_folder_atomically
 from ..core.text import Text, calibration_text
 from ..core.errors import UserError
-from ..core.sources import ModelSource, context_length, disk_bytes, empty_model, load_config, load_model, resolve_source, stored_form
+from ..core.sources import ModelSource, context_length, disk_bytes, empty_model, load_config, resolve_source, stored_form
+from ..core.streamed_load import open_model
 from .fit.defaults import CALIBRATION_TOKENS, CALIBRATION_WINDOW, FINETUNE_STEPS, for_device
 from .convert import Conversion, ConversionObserver, LayerResult, RPQSettings, convert_model, planned_layers, validate_settings
 from .fit.calibration import CalibrationSet, calibration_set
@@ -66,6 +67,8 @@ def compress_rpq(
     finetuning: FinetuneSettings | None = None,
     dtype: torch.dtype | None = None,
     force: bool = False,
+    allow_pickle: bool = False,
+    stream: bool = True,
     observer: ConversionObserver | None = None,
     on_loading: Callable[[ModelSource], None] | None = None,
     on_loaded: Callable[[ModelSource], None] | None = None,
@@ -76,7 +79,9 @@ def compress_rpq(
     The output folder, the settings and the calibration text are checked before the (long) work
     starts; the folder is written atomically at the end. ``finetuning`` None takes the device's
     default number of steps. ``on_loading(source)`` is called once the checks before the load passed, ``on_loaded(source)``
-    once the original is in memory.
+    once the original is open. A safetensors checkpoint is read block by block as the conversion reaches each block
+    (``core.streamed_load``; ``stream`` False loads it whole first); pickled ``.bin`` weights load only with
+    ``allow_pickle``.
     """
     calibration = calibration or CalibrationOptions()
     out = Path(output) if output is not None else None
@@ -90,7 +95,8 @@ def compress_rpq(
     planned_layers(empty_model(load_config(source), dtype), settings)  # from the config alone: before the weights load
     if on_loading is not None:
         on_loading(source)
-    network, tokenizer = load_model(source, dtype)
+    opened = open_model(source, dtype, allow_pickle, stream)
+    network, tokenizer = opened.model, opened.tokenizer
     if on_loaded is not None:
         on_loaded(source)
     params, original_bytes = model_params(network), model_bytes(network)
@@ -99,7 +105,8 @@ def compress_rpq(
     start = time.perf_counter()
     windows = _calibration(network, tokenizer, text, calibration, settings.device, finetuning.steps > 0) if text is not None else None
     teacher = Teacher() if windows is not None and finetuning.steps > 0 else None
-    conversion = convert_model(network, settings, windows, observer=observer, on_output=teacher.record if teacher else None)
+    conversion = convert_model(network, settings, windows, observer=observer, on_output=teacher.record if teacher else None,
+                               weights=opened.weights)
     report = None
     if teacher is not None:
         report = finetune(network, windows.fit, windows.held_out, teacher, finetuning, settings.device, on_finetune_step)

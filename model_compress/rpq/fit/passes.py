@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...core.block_weights import BlockWeights
 from .stack import BlockRun, BlockStack, call_model, capture_inputs, replay_tail, run_block
 from .statistics import InputStatistics, recording_inputs
 
@@ -71,11 +72,14 @@ def run_pass(
     sequential: bool,
     on_output: OnOutput | None = None,
     on_block: Callable[[int, int], None] | None = None,
+    weights: BlockWeights | None = None,
 ) -> None:
     """One pass over the model; ``layers`` are the converted Linear / Conv1D layers (name -> module) to record.
 
-    ``on_block(done, total)`` reports progress after each block.
+    ``on_block(done, total)`` reports progress after each block. ``weights``: where each block's weights come from
+    (None: memory); a ``sequential`` pass keeps each block after it ran, another lets it go.
     """
+    weights = weights or BlockWeights()
     if stack is None:
         _whole_model_pass(model, layers, batches, device, on_statistics, on_output)
         return
@@ -93,8 +97,7 @@ def run_pass(
     run = BlockRun([c.hidden for c in calls], False)
     held_run = BlockRun([c.hidden for c in held], False)
     for index, block in enumerate(stack.blocks):
-        home = _device_of(block)
-        block.to(device)
+        weights.enter(block, stack.block_name(index), device)
         prefix = stack.block_name(index) + "."
         own = {name[len(prefix) :]: model.get_submodule(name) for name in inside if name.startswith(prefix)}
         statistics = Statistics()
@@ -108,7 +111,7 @@ def run_pass(
             held_run = run_block(block, held)
             held = [c.with_hidden(o) for c, o in zip(held, held_run.outputs)]
         calls = [c.with_hidden(o) for c, o in zip(calls, run.outputs)]
-        block.to(home)
+        weights.leave(block, stack.block_name(index), keep=sequential)
         if on_block is not None:
             on_block(index + 1, len(stack.blocks))
 

@@ -78,17 +78,20 @@ class _Stop(Exception):
     """Raised by the capture hook: nothing after the first block needs to run."""
 
 
-def capture_inputs(model: nn.Module, stack: BlockStack, batches: list[Tensor], device: torch.device) -> list[BlockCall]:
-    """Each batch's arguments to the first block, produced by what runs before it (on ``device``)."""
+def capture_inputs(
+    model: nn.Module, stack: BlockStack, batches: list[Tensor], device: torch.device, keep_graph: bool = False
+) -> list[BlockCall]:
+    """Each batch's arguments to the first block, produced by what runs before it (on ``device``); ``keep_graph``:
+    with autograd on and the hidden states attached to it (a backward pass continues into the embeddings)."""
     calls: list[BlockCall] = []
 
     def keep(module, args, kwargs):
-        calls.append(BlockCall(_detached(args), _detached(kwargs)))
+        calls.append(BlockCall(args, kwargs) if keep_graph else BlockCall(_detached(args), _detached(kwargs)))
         raise _Stop
 
     handle = stack.blocks[0].register_forward_pre_hook(keep, with_kwargs=True)
     try:
-        with outside_on(model, stack, device), torch.no_grad():
+        with outside_on(model, stack, device), torch.set_grad_enabled(keep_graph):
             for batch in batches:
                 try:
                     call_model(model, batch.to(device))
@@ -129,12 +132,13 @@ def replay_tail(
     last_run: BlockRun,
     device: torch.device,
     on_output: Callable[[int, Any], None] | None = None,
+    with_grad: bool = False,
 ) -> None:
     """Run the model on each batch with every block stubbed: the last one returns ``finals[i]``.
 
     Hooks the caller placed on modules after the stack (the head) see the states the real blocks
     made (``last_run``: the last block's outputs); ``on_output(i, output)`` receives the model's
-    output for batch i.
+    output for batch i; ``with_grad``: autograd on (the output's gradient flows back to ``last_run``).
     """
     state = {"batch": 0}
     originals = list(stack.blocks)
@@ -151,7 +155,7 @@ def replay_tail(
     head = model.get_output_embeddings() if on_output is None and hasattr(model, "get_output_embeddings") else None
     stopper = head.register_forward_pre_hook(_stop) if isinstance(head, nn.Module) else None
     try:
-        with outside_on(model, stack, device), torch.no_grad():
+        with outside_on(model, stack, device), torch.set_grad_enabled(with_grad):
             for i, batch in enumerate(batches):
                 state["batch"] = i
                 try:

@@ -1,0 +1,123 @@
+"""Where a block's weights come from while a pass over the model runs it: memory, or the checkpoint on disk.
+
+A pass (``rpq/fit/passes.py``) calls ``enter`` before it runs a block and ``leave`` after. In memory, a block
+moves to the fitting device and back. Streamed, the model was built empty (accelerate's ``init_empty_weights``),
+and ``enter`` reads the block's tensors from the safetensors shards straight onto the device; ``leave`` either
+releases them (a pass that only measures: back to the meta device, no memory) or keeps the block on the CPU (the
+fitting pass: what is left of it after its layers were replaced). Host memory then holds the parts outside the
+blocks, one block, and the blocks already converted, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate.utils import set_module_tensor_to_device
+from torch import nn
+
+from .shards import SafetensorsCheckpoint
+
+META = torch.device("meta")
+
+
+class BlockWeights:
+    """The weights of a model held in memory: ``enter`` moves a block to the device, ``leave`` moves it back."""
+
+    def __init__(self) -> None:
+        self._homes: dict[str, torch.device] = {}
+
+    def enter(self, block: nn.Module, name: str, device: torch.device) -> None:
+        self._homes[name] = _device_of(block)
+        block.to(device)
+
+    def leave(self, block: nn.Module, name: str, keep: bool) -> None:
+        """After a block ran; ``keep`` False: nothing later needs its weights (in memory they stay anyway)."""
+        block.to(self._homes.pop(name, torch.device("cpu")))
+
+    def load_outside(self, model: nn.Module, stack_prefix: str) -> None:
+        """Make everything outside the stack usable (in memory: it already is)."""
+
+    def load_all(self, model: nn.Module) -> None:
+        """Make every tensor usable (in memory: it already is)."""
+
+
+class StreamedWeights(BlockWeights):
+    """The weights of an empty model read from a checkpoint block by block (``keys``: model tensor -> stored name)."""
+
+    def __init__(self, model: nn.Module, checkpoint: SafetensorsCheckpoint, keys: dict[str, str]) -> None:
+        super().__init__()
+        self.model, self.checkpoint, self.keys = model, checkpoint, keys
+
+    @classmethod
+    def match(cls, model: nn.Module, checkpoint: SafetensorsCheckpoint) -> StreamedWeights | None:
+        """Every parameter of ``model`` found in ``checkpoint`` (as named, or with or without the base model's
+        prefix; a tied copy needs only its first name); None where one is not, so the caller loads the model
+        whole through transformers, which knows each architecture's renamings."""
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        keys: dict[str, str] = {}
+        found: set[int] = set()
+        parameters = list(model.named_parameters(remove_duplicate=False))
+        for name, tensor in [*parameters, *model.named_buffers()]:
+            stored = _stored_name(name, prefix, checkpoint)
+            if stored is not None:
+                keys[name] = stored
+                found.add(id(tensor))
+        if any(id(tensor) not in found for _, tensor in parameters):
+            return None
+        return cls(model, checkpoint, keys)
+
+    def load(self, prefix: str, device: torch.device, skip: str | None = None) -> None:
+        """Read every tensor under ``prefix`` (a module name with its dot; "" for all) onto ``device``, in the dtype
+        the empty model gave it; tensors under ``skip`` are left alone."""
+        for name, stored in self.keys.items():
+            if not name.startswith(prefix) or (skip and name.startswith(skip)):
+                continue
+            current = self.model.get_parameter(name) if _is_parameter(self.model, name) else self.model.get_buffer(name)
+            set_module_tensor_to_device(self.model, name, device, value=self.checkpoint.read(stored), dtype=current.dtype,
+                                        clear_cache=False)
+
+    def release(self, prefix: str) -> None:
+        """Every parameter under ``prefix`` back to the meta device: no memory."""
+        for name, _ in list(self.model.named_parameters()):
+            if name.startswith(prefix):
+                set_module_tensor_to_device(self.model, name, META, clear_cache=False)
+
+    def load_outside(self, model: nn.Module, stack_prefix: str) -> None:
+        self.load("", torch.device("cpu"), skip=f"{stack_prefix}." if stack_prefix else None)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()  # a head tied to the embedding shares the tensor just read (it is stored once)
+
+    def load_all(self, model: nn.Module) -> None:
+        self.load("", torch.device("cpu"))
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+
+    def enter(self, block: nn.Module, name: str, device: torch.device) -> None:
+        if any(p.device == META for p in block.parameters()):
+            self.load(f"{name}.", device)
+        block.to(device)
+
+    def leave(self, block: nn.Module, name: str, keep: bool) -> None:
+        if keep:
+            block.to("cpu")
+        else:
+            self.release(f"{name}.")
+
+
+def _stored_name(name: str, prefix: str, checkpoint: SafetensorsCheckpoint) -> str | None:
+    candidates = [name]
+    if prefix:
+        candidates.append(f"{prefix}.{name}")
+        if name.startswith(f"{prefix}."):
+            candidates.append(name[len(prefix) + 1 :])
+    return next((c for c in candidates if c in checkpoint), None)
+
+
+def _is_parameter(model: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    return leaf in model.get_submodule(owner)._parameters
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in [*module.parameters(), *module.buffers()]:
+        return tensor.device
+    return torch.device("cpu")
