@@ -41,15 +41,17 @@ class SafetensorsCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor, on the CPU as stored (a memory-mapped read: only its bytes are paged in)."""
+    def read(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """One tensor, as stored, copied onto ``device`` from the memory-mapped shard (only its bytes are paged in):
+        a copy, so that nothing keeps the mapping once ``close`` drops it."""
         path = self.files[name]
         handle = self._handles.get(path)
         if handle is None:
             handle = self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-        return handle.get_tensor(name)
+        return handle.get_tensor(name).to(device, copy=True)
 
     def close(self) -> None:
+        """Unmap the shards read so far (their pages stop counting against the process)."""
         self._handles.clear()
 
 
