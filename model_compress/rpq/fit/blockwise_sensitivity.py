@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ...core.block_weights import BlockWeights
-from .sensitivity import LABEL_SEED, Sensitivity, _Moments, _probe
+from .sensitivity import LABEL_SEED, OutputMoments, Sensitivity, capturing_outputs, fisher_probe
 from .stack import BlockCall, BlockRun, BlockStack, capture_inputs, replay_tail
 
 
@@ -32,12 +32,12 @@ def blockwise_sensitivities(
     weights: BlockWeights,
 ) -> dict[str, Sensitivity]:
     """F_jj and E[y_j^2] per output channel of each named module, as ``output_sensitivities`` gives; {} without logits."""
-    moments = {name: _Moments() for name in modules}
+    moments = {name: OutputMoments() for name in modules}
     captured: list[tuple[str, Tensor]] = []
     head = f"{stack.prefix}." if stack.prefix else ""
     outside = [p for n, p in model.named_parameters() if not n.startswith(head)]
     generator = torch.Generator(device=device).manual_seed(LABEL_SEED)
-    with _capturing(modules, captured), _outside_needs_grad(outside):
+    with capturing_outputs(modules, captured), _outside_needs_grad(outside):
         calls, before = [], []
         for window in windows:  # the graph from each window's embeddings to its first block's input, kept
             calls += capture_inputs(model, stack, [window], device, keep_graph=True)
@@ -50,7 +50,7 @@ def blockwise_sensitivities(
             answers: list = []
             replay_tail(model, stack, [window], BlockRun([leaf], as_tuple), device, lambda i, out: answers.append(out),
                         with_grad=True)
-            loss = _probe(answers[0], generator)
+            loss = fisher_probe(answers[0], generator)
             if loss is None:
                 return {}
             gradients.append(_accumulate(list(captured), loss, None, moments, also=leaf))
@@ -87,7 +87,7 @@ def _forward(stack: BlockStack, calls: list[BlockCall], device: torch.device,
 
 
 def _block_backward(block: nn.Module, call: BlockCall, hidden: Tensor, gradient: Tensor,
-                    captured: list[tuple[str, Tensor]], moments: dict[str, _Moments]) -> Tensor:
+                    captured: list[tuple[str, Tensor]], moments: dict[str, OutputMoments]) -> Tensor:
     """One block rerun with autograd on its kept input; its layers' moments; the gradient at its input."""
     leaf = hidden.detach().requires_grad_(True)
     captured.clear()
@@ -100,7 +100,7 @@ def _block_backward(block: nn.Module, call: BlockCall, hidden: Tensor, gradient:
     return upstream
 
 
-def _accumulate(layers: list[tuple[str, Tensor]], output: Tensor, gradient: Tensor | None, moments: dict[str, _Moments],
+def _accumulate(layers: list[tuple[str, Tensor]], output: Tensor, gradient: Tensor | None, moments: dict[str, OutputMoments],
                 also: Tensor | None = None) -> Tensor | None:
     """Differentiate ``output`` (along ``gradient``; None for a scalar loss) into the captured layers' outputs, whose
     moments gain the result, and into ``also``, whose gradient is returned."""
@@ -112,26 +112,6 @@ def _accumulate(layers: list[tuple[str, Tensor]], output: Tensor, gradient: Tens
         if grad is not None:
             moments[name].add(tensor, grad)
     return found[-1] if also is not None else None
-
-
-@contextlib.contextmanager
-def _capturing(modules: dict[str, nn.Module], captured: list[tuple[str, Tensor]]) -> Iterator[None]:
-    """Forward hooks that keep every named module's output that autograd tracks."""
-
-    def keep(name: str):
-        def hook(module, args, output):
-            tensor = output[0] if isinstance(output, (tuple, list)) else output
-            if isinstance(tensor, Tensor) and tensor.requires_grad:
-                captured.append((name, tensor))
-        return hook
-
-    handles = [module.register_forward_hook(keep(name)) for name, module in modules.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        captured.clear()
 
 
 @contextlib.contextmanager

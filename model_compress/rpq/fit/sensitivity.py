@@ -28,7 +28,8 @@ predict 1 - cos of the pooled embedding instead of a KL.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +62,7 @@ class Sensitivity:
         return {"weight": self.weight, "isotropic_weight": self.isotropic_weight, "output_energy": float(self.energy.sum())}
 
 
-class _Moments:
+class OutputMoments:
     """Running sums of g_j^2 and y_j^2 over the tokens of one module's output."""
 
     def __init__(self) -> None:
@@ -83,12 +84,9 @@ class _Moments:
         return Sensitivity((self.gradient / self.tokens).cpu(), (self.output / self.tokens).cpu())
 
 
-def output_sensitivities(
-    model: nn.Module, modules: dict[str, nn.Module], windows: Iterable[Tensor], device: torch.device
-) -> dict[str, Sensitivity]:
-    """F_jj and E[y_j^2] per output channel of each named module, from ``windows`` (one per pass); {} without logits."""
-    moments = {name: _Moments() for name in modules}
-    captured: list[tuple[str, Tensor]] = []
+@contextlib.contextmanager
+def capturing_outputs(modules: dict[str, nn.Module], captured: list[tuple[str, Tensor]]) -> Iterator[None]:
+    """Forward hooks that append (name, output) for every named module's output that autograd tracks."""
 
     def keep(name: str):
         def hook(module, args, output):
@@ -97,19 +95,33 @@ def output_sensitivities(
                 captured.append((name, tensor))
         return hook
 
+    handles = [module.register_forward_hook(keep(name)) for name, module in modules.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        captured.clear()
+
+
+def output_sensitivities(
+    model: nn.Module, modules: dict[str, nn.Module], windows: Iterable[Tensor], device: torch.device
+) -> dict[str, Sensitivity]:
+    """F_jj and E[y_j^2] per output channel of each named module, from ``windows`` (one per pass); {} without logits."""
+    moments = {name: OutputMoments() for name in modules}
+    captured: list[tuple[str, Tensor]] = []
     home = next(model.parameters()).device
     needs = {p: p.requires_grad for p in model.parameters()}
-    handles = [module.register_forward_hook(keep(name)) for name, module in modules.items()]
     generator = torch.Generator(device=device).manual_seed(LABEL_SEED)
     model.to(device)
     try:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
-        with torch.enable_grad():
+        with capturing_outputs(modules, captured), torch.enable_grad():
             for window in windows:
                 captured.clear()
                 output = call_model(model, window.to(device))
-                loss = _probe(output, generator)
+                loss = fisher_probe(output, generator)
                 if loss is None:
                     return {}
                 gradients = torch.autograd.grad(loss, [t for _, t in captured], allow_unused=True)
@@ -118,16 +130,13 @@ def output_sensitivities(
                         moments[name].add(tensor, gradient)
                 del output, loss, gradients
     finally:
-        for handle in handles:
-            handle.remove()
         for parameter, needed in needs.items():
             parameter.requires_grad_(needed)
-        captured.clear()
         model.to(home)
     return {name: entry.sensitivity() for name, entry in moments.items() if entry.tokens}
 
 
-def _probe(output, generator: torch.Generator) -> Tensor | None:
+def fisher_probe(output, generator: torch.Generator) -> Tensor | None:
     """The scalar whose gradients' second moments are the Fisher (or Gauss-Newton) diagonal; None when the output
     has neither logits nor hidden states."""
     logits = getattr(output, "logits", None)
