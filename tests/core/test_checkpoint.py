@@ -95,7 +95,7 @@ def test_existing_output_is_refused_before_loading(tmp_path, monkeypatch):
     from model_compress.rpq import pipeline
 
     (tmp_path / "out").mkdir()
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded before checking the output"))
+    monkeypatch.setattr(pipeline, "open_model", lambda *a, **k: pytest.fail("loaded before checking the output"))
     with pytest.raises(UserError, match="already exists"):
         compress_rpq(None, tmp_path / "out", RPQSettings())
 

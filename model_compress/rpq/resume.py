@@ -1,0 +1,191 @@
+"""A conversion that can stop and go on: what it has done is saved as it is done, beside the output folder.
+
+``.OUT.resume/`` (a hidden sibling of the output folder) holds:
+  * ``state.json``: what the run was started with (its fingerprint: the source's files, every setting, the
+    calibration windows' digest, the tool version), the allocation (every layer's format and its candidates),
+    and each finished layer's figures and the file that holds its tensors;
+  * ``sensitivity.safetensors``: the layers' Fisher weights;
+  * ``layers-NNNNN.safetensors``: the converted layers' tensors, one file per block as each block finishes.
+A run that stops (Ctrl-C, a crash, a lost machine) keeps the folder; ``--resume`` checks that the fingerprint is the
+same (one line naming the first difference when it is not), puts the finished layers back, and fits the rest from
+the first unfinished block on, each block on what the finished ones produce: on a CPU, the same checkpoint bit for
+bit as a run that never stopped. The folder is removed once the output folder is complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..core.errors import UserError
+from .fit.allocate import Option
+from .fit.formats import CodeFormat
+from .fit.sensitivity import Sensitivity
+
+STATE_FILE = "state.json"
+SENSITIVITY_FILE = "sensitivity.safetensors"
+
+
+def resume_folder(out: Path) -> Path:
+    return out.parent / f".{out.name}.resume"
+
+
+def digest(tensor: Tensor) -> str:
+    """A short digest of a tensor's bytes (the calibration windows: same text, tokenizer and windows)."""
+    return hashlib.sha256(tensor.contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def source_files(path: Path) -> dict[str, list[int]]:
+    """Size and modification time of the source's files (a folder's weights and config, or one GGUF file)."""
+    files = [path] if path.is_file() else sorted(
+        p for pattern in ("*.safetensors", "*.gguf", "*.bin", "*.json") for p in path.glob(pattern)
+    )
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+
+
+class ResumeStore:
+    """The resume folder of one output folder: opened fresh, or reopened for ``--resume`` after checking it matches."""
+
+    def __init__(self, folder: Path, state: dict[str, Any]) -> None:
+        self.folder, self.state = folder, state
+
+    @classmethod
+    def open(cls, out: Path, fingerprint: dict[str, Any], resume: bool, force: bool) -> ResumeStore:
+        folder = resume_folder(out)
+        if folder.exists() and resume:
+            try:
+                state = json.loads((folder / STATE_FILE).read_text())
+            except (OSError, ValueError) as error:
+                raise UserError(f"--resume: cannot read '{folder / STATE_FILE}' ({error}); pass --force to start over") from None
+            difference = first_difference(state.get("fingerprint", {}), fingerprint)
+            if difference is not None:
+                raise UserError(f"--resume: {difference} differs from the stopped run's; rerun with its settings, or pass --force to start over")
+            return cls(folder, state)
+        if resume:
+            raise UserError(f"--resume: nothing to resume for '{out}' (no stopped conversion at '{folder}')")
+        if folder.exists():
+            if not force:
+                raise UserError(f"a stopped conversion into '{out}' is saved at '{folder}': pass --resume to go on with it, "
+                                "or --force to start over")
+            shutil.rmtree(folder)
+        store = cls(folder, {"fingerprint": fingerprint, "allocation": None, "layers": {}, "files": 0})
+        store._guarded(lambda: folder.mkdir(parents=True))
+        store._write_state()
+        return store
+
+    # -- what was done ------------------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> dict[str, dict[str, Any]]:
+        """Finished layers: name -> their figures (``LayerResult`` fields) and the file of their tensors."""
+        return self.state["layers"]
+
+    def sensitivity(self) -> dict[str, Sensitivity] | None:
+        path = self.folder / SENSITIVITY_FILE
+        if not path.is_file():
+            return None
+        tensors = load_file(str(path))
+        names = {key.rsplit(".", 1)[0] for key in tensors}
+        return {name: Sensitivity(tensors[f"{name}.fisher"], tensors[f"{name}.energy"]) for name in names}
+
+    def allocation(self) -> dict[str, Any] | None:
+        """The saved allocation: ``chosen`` (name -> CodeFormat), ``options`` (name -> list of Option) and the rest."""
+        saved = self.state["allocation"]
+        if saved is None:
+            return None
+        formats = {name: _format(spec) for name, spec in saved["chosen"].items()}
+        options = {name: [Option(_format(o["format"]), o["bits"], o["error"]) for o in entries]
+                   for name, entries in saved["options"].items()}
+        return {**saved, "chosen": formats, "options": options}
+
+    def layer_tensors(self, name: str) -> dict[str, Tensor]:
+        stored = load_file(str(self.folder / self.finished[name]["file"]))
+        prefix = f"{name}."
+        return {key[len(prefix):]: value for key, value in stored.items() if key.startswith(prefix)}
+
+    # -- saving as it goes --------------------------------------------------------------------------------
+
+    def save_sensitivity(self, sensitivity: dict[str, Sensitivity]) -> None:
+        tensors = {}
+        for name, entry in sensitivity.items():
+            tensors[f"{name}.fisher"], tensors[f"{name}.energy"] = entry.fisher.contiguous(), entry.energy.contiguous()
+        self._guarded(lambda: save_file(tensors, str(self.folder / SENSITIVITY_FILE)))
+
+    def save_allocation(self, chosen: dict[str, CodeFormat], options: dict[str, list[Option]], extra: dict[str, Any]) -> None:
+        self.state["allocation"] = {
+            "chosen": {name: _format_json(fmt) for name, fmt in chosen.items()},
+            "options": {name: [{"format": _format_json(o.choice), "bits": o.bits, "error": o.error} for o in entries]
+                        for name, entries in options.items()},
+            **extra,
+        }
+        self._write_state()
+
+    def save_layers(self, modules: dict[str, nn.Module], figures: dict[str, dict[str, Any]]) -> None:
+        """The tensors of newly finished layers in one file, then their figures in the state (in that order: a stop
+        between the two leaves an unlisted file, never a listed layer without its tensors)."""
+        if not modules:
+            return
+        name = f"layers-{self.state['files']:05d}.safetensors"
+        tensors = {f"{layer}.{key}": value.detach().cpu().contiguous()
+                   for layer, module in modules.items() for key, value in module.state_dict().items()}
+        self._guarded(lambda: save_file(tensors, str(self.folder / name)))
+        self.state["files"] += 1
+        for layer in modules:
+            self.finished[layer] = {**figures[layer], "file": name}
+        self._write_state()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _write_state(self) -> None:
+        def write() -> None:
+            partial = self.folder / f"{STATE_FILE}.partial"
+            partial.write_text(json.dumps(self.state, indent=1))
+            os.replace(partial, self.folder / STATE_FILE)
+        self._guarded(write)
+
+    def _guarded(self, write) -> None:
+        """Run a write; a full disk becomes one line that says the work so far is kept."""
+        try:
+            write()
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise UserError(f"the disk is full: the conversion so far is kept in '{self.folder}'; free some space "
+                                "and run the same command with --resume") from None
+            raise
+
+
+def first_difference(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """The first entry (in ``now``'s order) whose value differs, named for the user; None when all agree."""
+    for key, value in now.items():
+        if saved.get(key) != _jsonable(value):
+            return key.replace("_", " ")
+    extra = [key for key in saved if key not in now]
+    return extra[0].replace("_", " ") if extra else None
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _format_json(fmt: CodeFormat) -> dict[str, Any]:
+    return {**fmt.to_json(), "scale_bytes": fmt.scale_bytes}
+
+
+def _format(spec: dict[str, Any]) -> CodeFormat:
+    return CodeFormat(spec["num_codebooks"], spec["codebook_size"], spec["codebook_dtype"], spec["scale_bytes"])
+
+
+def restore_module(module: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Fill an empty RPQ module (possibly on the meta device) with saved tensors, as they were saved."""
+    module.load_state_dict({key: value for key, value in tensors.items()}, strict=True, assign=True)
+    torch.nn.Module.train(module, False)
