@@ -77,7 +77,11 @@ class StreamedWeights(BlockWeights):
         for name, stored in self.keys.items():
             if not name.startswith(prefix) or (skip and name.startswith(skip)):
                 continue
-            current = self.model.get_parameter(name) if _is_parameter(self.model, name) else self.model.get_buffer(name)
+            current = _current(self.model, name)
+            if current is None:  # its layer was replaced (a converted layer put back by a resumed run)
+                continue
+            if isinstance(current, nn.Parameter) and current.device != META:  # already read (or replaced)
+                continue
             set_module_tensor_to_device(self.model, name, device, value=self.checkpoint.read(stored, device),
                                         dtype=current.dtype, clear_cache=False)
         self.checkpoint.close()
@@ -138,9 +142,13 @@ def _stored_name(name: str, prefix: str, checkpoint: SafetensorsCheckpoint) -> s
     return next((c for c in candidates if c in checkpoint), None)
 
 
-def _is_parameter(model: nn.Module, name: str) -> bool:
-    owner, _, leaf = name.rpartition(".")
-    return leaf in model.get_submodule(owner)._parameters
+def _current(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The model's tensor of that name, or None where its module no longer has it."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if leaf in owner._parameters:
+        return owner._parameters[leaf]
+    return owner._buffers.get(leaf)
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -40,8 +40,8 @@ def reports_user_errors(command):
         except UserError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted: nothing was written", err=True)
+        except KeyboardInterrupt as interrupt:  # a command that kept its work says where, in the interrupt's message
+            typer.echo(f"interrupted: {interrupt.args[0] if interrupt.args else 'nothing was written'}", err=True)
             raise typer.Exit(130) from None
         except Exception as error:  # noqa: BLE001 - the one place every unexpected failure is turned into a line
             if kwargs.get("debug"):

@@ -114,6 +114,10 @@ def rpq(
         bool,
         typer.Option("--stream/--no-stream", help="Read a safetensors checkpoint one block at a time as the conversion reaches it (host memory does not grow with the model); --no-stream loads it whole first. GGUF files always load whole."),
     ] = True,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Go on with a conversion into the same output folder that stopped (Ctrl-C, a crash, a lost machine), from the last block it finished; the source and every setting must be the same as the stopped run's."),
+    ] = False,
     debug: Debug = False,
 ) -> None:
     """Reverse product quantization: every Linear / Embedding / Conv1D weight becomes codebooks + packed codes, fitted on calibration text."""
@@ -150,6 +154,7 @@ def rpq(
             force=force,
             allow_pickle=allow_pickle,
             stream=stream,
+            resume=resume,
             observer=observer,
             on_loading=status.started, on_loaded=status.finished,
             on_finetune_step=observer.finetune_step,

@@ -36,6 +36,7 @@ from .fit.defaults import DEFAULT_BITS, DEFAULT_ROTATION_BLOCK, DEFAULT_ROUNDS, 
 from .layers.direct_reads import weights_read_directly
 from .layers.modules import KIND_CONV1D, KIND_EMBEDDING, KIND_LINEAR, KIND_TIED_HEAD, RPQEmbedding, build_rpq_module, embedding_needs_dense
 from .kernels.layout import EMBEDDING, INT8, LINEAR, MAX_CODEBOOK_SIZE, dtype_name, pack_codes, split_dim
+from .resume import ResumeStore, restore_module
 from .kernels.rotation import BLOCK_SIZES, HADAMARD, NONE, ROTATIONS, block_for, packed_bytes, random_signs, rotate, rotate_hessian
 
 DEFAULT_CODEBOOK_SIZE = 256  # with --codebooks: rpq-pytorch's K
@@ -378,6 +379,7 @@ def convert_model(
     observer: ConversionObserver | None = None,
     on_output: OnOutput | None = None,
     weights: BlockWeights | None = None,
+    store: ResumeStore | None = None,
 ) -> Conversion:
     """Replace every planned layer of ``model`` (in place) by its RPQ module, fitted on ``calibration``.
 
@@ -386,13 +388,14 @@ def convert_model(
     windows (the teacher of fine-tuning): called in the measurement pass, or in a pass of its own.
     ``weights``: where the blocks' weights come from (``core.block_weights``; None: the model holds them). A model
     streamed from its checkpoint is read one block at a time where it has a stack of blocks and calibration data,
-    and whole otherwise; either way every tensor is in memory when this returns.
+    and whole otherwise; either way every tensor is in memory when this returns. ``store``: where what is done is
+    saved as it is done, and what a stopped run did is taken back from (``rpq.resume``).
     """
     observer = observer or ConversionObserver()
     plans = planned_layers(model, settings)
     observer.started(plans)
     weights = weights or BlockWeights()
-    fitter = _ModelFitter(model, plans, settings, calibration, observer, weights)
+    fitter = _ModelFitter(model, plans, settings, calibration, observer, weights, store)
     if fitter.stack is None or calibration is None:
         weights.load_all(model)
     else:
@@ -405,6 +408,7 @@ def convert_model(
             allocation = fitter.measure_and_allocate(on_output)
         elif on_output is not None and calibration is not None:
             fitter.record_teacher(on_output)
+        fitter.restore_finished()
         fitter.fit_all()
     outcomes = [fitter.results.get(plan.layer.name, plan) for plan in plans]
     return Conversion(outcomes, allocation, calibration.to_json() if calibration is not None else None)
@@ -421,9 +425,10 @@ class _ModelFitter:
         calibration: CalibrationSet | None,
         observer: ConversionObserver,
         weights: BlockWeights,
+        store: ResumeStore | None = None,
     ) -> None:
         self.model, self.settings, self.calibration, self.observer = model, settings, calibration, observer
-        self.weights = weights
+        self.weights, self.store = weights, store
         self.plans = {plan.layer.name: plan for plan in plans if plan.converted}
         dtype = next(iter(self.plans.values())).layer.dtype
         float_name = dtype_name(dtype) if settings.fixed and settings.codebook_bits is None else float_codebook_dtype(dtype)
@@ -444,15 +449,26 @@ class _ModelFitter:
 
     def weigh_layers(self) -> None:
         """What each layer's output error costs the model (``fit.sensitivity``), from the original model."""
+        saved = self.store.sensitivity() if self.store is not None else None
+        if saved is not None:
+            self.sensitivity = saved
+            return
         modules = {name: self.model.get_submodule(name) for name in self.plans}
         windows = list(self.calibration.fit[: for_device(SENSITIVITY_WINDOWS, self.device)].split(1))
         if self.stack is None:
             self.sensitivity = output_sensitivities(self.model, modules, windows, self.device)
         else:
             self.sensitivity = blockwise_sensitivities(self.model, self.stack, modules, windows, self.device, self.weights)
+        if self.store is not None:
+            self.store.save_sensitivity(self.sensitivity)
 
     def measure_and_allocate(self, on_output: OnOutput | None) -> Allocation:
         """Candidates of every layer measured on the original model's states, then one format per layer."""
+        saved = self.store.allocation() if self.store is not None else None
+        if saved is not None:  # a resumed run: the stopped run's allocation, and the teacher's outputs again
+            if on_output is not None and self.calibration is not None:
+                self.record_teacher(on_output)
+            return self._restore_allocation(saved)
         for name, plan in self.plans.items():
             if plan.layer.kind != KIND_TIED_HEAD:
                 self.candidates[name] = _candidates(plan.layer, self.settings, self.fit_settings)
@@ -471,7 +487,11 @@ class _ModelFitter:
         for name in self.candidates:  # layers no calibration input reached: their weight error
             if name not in self.measured:
                 self.measured[name] = self._measure_without_data(name)
-        return self._allocate()
+        allocation = self._allocate()
+        if self.store is not None:
+            self.store.save_allocation(allocation.chosen, allocation.options, {
+                "weights": allocation.weights, "loss_weights": allocation.loss_weights, "sensitivity": allocation.sensitivity})
+        return allocation
 
     def record_teacher(self, on_output: OnOutput) -> None:
         """The original model's outputs on the calibration windows, without measuring anything."""
@@ -479,19 +499,51 @@ class _ModelFitter:
                  on_output=on_output, weights=self.weights)
 
     def fit_all(self) -> None:
-        """Fit and swap every planned layer, in model order, each block after the compressed ones before it."""
+        """Fit and swap every planned layer, in model order, each block after the compressed ones before it; with a
+        store, the layers each block finished are saved when it finishes."""
         for name, plan in self.plans.items():
-            if plan.layer.kind == KIND_EMBEDDING and not self._tied_head_of(name):
+            if plan.layer.kind == KIND_EMBEDDING and not self._tied_head_of(name) and name not in self.results:
                 self._fit_embedding(name, None)
         if self.calibration is not None:
             run_pass(self.model, self.stack, self.linears, self._batches(), self.device, self._fit_statistics, sequential=True,
-                     weights=self.weights)
+                     weights=self.weights, on_block=lambda done, total: self._save_finished())
         for name, plan in self.plans.items():  # what no calibration input reached (or no calibration at all)
             if name not in self.results:
                 if plan.layer.kind == KIND_TIED_HEAD:
                     self._fit_tied(name, None)
                 elif plan.layer.kind in (KIND_LINEAR, KIND_CONV1D):
                     self._fit_linears([name], None)
+        self._save_finished()
+
+    def restore_finished(self) -> None:
+        """The layers a stopped run finished, swapped in from the store as they were saved (in model order: a tied
+        head after its embedding); the passes then record only the others."""
+        if self.store is None:
+            return
+        for name, plan in self.plans.items():
+            figures = self.store.finished.get(name)
+            if figures is None:
+                continue
+            tied = self.model.get_submodule(plan.layer.tied_to) if plan.layer.kind == KIND_TIED_HEAD else None
+            fmt = plan.format
+            module = build_rpq_module(self.model.get_submodule(name), plan.layer.kind, fmt.num_codebooks if tied is None else 0,
+                                      fmt.codebook_size if tied is None else 0, tied, fmt.codebook_dtype, plan.rotation_block)
+            restore_module(module, self.store.layer_tensors(name))
+            self.model.set_submodule(name, module)
+            self.linears.pop(name, None)
+            result = LayerResult(plan, **{key: value for key, value in figures.items() if key != "file"})
+            self.results[name] = result
+            self.observer.layer_finished(result)
+
+    def _save_finished(self) -> None:
+        """Save the layers finished since the last save (nothing without a store)."""
+        if self.store is None:
+            return
+        new = [name for name in self.results if name not in self.store.finished]
+        figures = {name: {"weight_error": r.weight_error, "output_error": r.output_error, "rounds": r.rounds,
+                          "seconds": r.seconds, "loss_weight": r.loss_weight, "weighted_error": r.weighted_error}
+                   for name, r in ((n, self.results[n]) for n in new)}
+        self.store.save_layers({name: self.model.get_submodule(name) for name in new}, figures)
 
     # -- callbacks of the passes --------------------------------------------------------------------
 
@@ -578,6 +630,16 @@ class _ModelFitter:
         self.observer.layer_finished(result)
 
     # -- helpers ----------------------------------------------------------------------------------
+
+    def _restore_allocation(self, saved: dict) -> Allocation:
+        """The formats a stopped run's budget chose, put back in the plans."""
+        for name, option in saved["chosen"].items():
+            self.plans[name].format = option.choice
+            head = self._tied_head_of(name)
+            if head:
+                self.plans[head].format = option.choice
+        return Allocation(self.settings.budget, saved["options"], saved["chosen"], saved["weights"], saved["loss_weights"],
+                          saved["sensitivity"])
 
     def _allocate(self) -> Allocation:
         names = list(self.candidates)

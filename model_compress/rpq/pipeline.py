@@ -20,6 +20,7 @@ from ..core.streamed_load import open_model
 from .fit.defaults import CALIBRATION_TOKENS, CALIBRATION_WINDOW, FINETUNE_STEPS, for_device
 from .convert import Conversion, ConversionObserver, LayerResult, RPQSettings, convert_model, planned_layers, validate_settings
 from .fit.calibration import CalibrationSet, calibration_set
+from .resume import ResumeStore, digest, source_files
 from .fit.finetune import FinetuneReport, FinetuneSettings, Teacher, finetune
 from .quantizer import FORMAT_VERSION, RPQConfig, attach_quantizer
 from .layers.modules import KIND_TIED_HEAD
@@ -69,6 +70,7 @@ def compress_rpq(
     force: bool = False,
     allow_pickle: bool = False,
     stream: bool = True,
+    resume: bool = False,
     observer: ConversionObserver | None = None,
     on_loading: Callable[[ModelSource], None] | None = None,
     on_loaded: Callable[[ModelSource], None] | None = None,
@@ -81,7 +83,8 @@ def compress_rpq(
     default number of steps. ``on_loading(source)`` is called once the checks before the load passed, ``on_loaded(source)``
     once the original is open. A safetensors checkpoint is read block by block as the conversion reaches each block
     (``core.streamed_load``; ``stream`` False loads it whole first); pickled ``.bin`` weights load only with
-    ``allow_pickle``.
+    ``allow_pickle``. With an output folder, what is done is saved as it is done beside it (``rpq.resume``), and
+    ``resume`` goes on from where a stopped run with the same source and settings stopped.
     """
     calibration = calibration or CalibrationOptions()
     out = Path(output) if output is not None else None
@@ -105,8 +108,17 @@ def compress_rpq(
     start = time.perf_counter()
     windows = _calibration(network, tokenizer, text, calibration, settings.device, finetuning.steps > 0) if text is not None else None
     teacher = Teacher() if windows is not None and finetuning.steps > 0 else None
-    conversion = convert_model(network, settings, windows, observer=observer, on_output=teacher.record if teacher else None,
-                               weights=opened.weights)
+    store = None
+    if out is not None:
+        store = ResumeStore.open(out, _fingerprint(source, settings, windows, finetuning, dtype), resume, force)
+    try:
+        conversion = convert_model(network, settings, windows, observer=observer, on_output=teacher.record if teacher else None,
+                                   weights=opened.weights, store=store)
+    except KeyboardInterrupt:
+        if store is None or not store.finished:
+            raise
+        raise KeyboardInterrupt(f"{len(store.finished)} layers done are kept in '{store.folder}': run the same command "
+                                "with --resume to go on") from None
     report = None
     if teacher is not None:
         report = finetune(network, windows.fit, windows.held_out, teacher, finetuning, settings.device, on_finetune_step)
@@ -126,8 +138,26 @@ def compress_rpq(
     attach_quantizer(network, config)
     if out is not None:
         write_folder_atomically(out, force, lambda tmp: _write(tmp, network, tokenizer, config, summary, conversion))
+        store.remove()
     apply_fusions(network)  # as the loader does: the model returned runs as the saved one loads
     return RPQRun(network, config, summary, source, out, conversion, report)
+
+
+def _fingerprint(source: ModelSource, settings: RPQSettings, windows: CalibrationSet | None, finetuning: FinetuneSettings,
+                 dtype: torch.dtype | None) -> dict:
+    """What a resumed run must share with the stopped one for the two to make the same checkpoint."""
+    location = Path(source.path) / source.gguf_file if source.gguf_file else Path(source.path)
+    return {
+        "source": source.label,
+        "source files": source_files(location) if location.exists() else None,
+        "settings": {key: str(value) if isinstance(value, torch.device) else value for key, value in vars(settings).items()},
+        "calibration windows": None if windows is None else digest(windows.fit),
+        "held-out windows": None if windows is None else digest(windows.held_out),
+        "fine-tuning": {"steps": finetuning.steps, "lr": finetuning.lr, "seed": finetuning.seed},
+        "dtype": str(dtype),
+        "tool version": __version__,
+        "format version": FORMAT_VERSION,
+    }
 
 
 def _validate_options(calibration: CalibrationOptions, finetuning: FinetuneSettings) -> None:

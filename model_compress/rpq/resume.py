@@ -22,7 +22,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -98,14 +97,13 @@ class ResumeStore:
         return {name: Sensitivity(tensors[f"{name}.fisher"], tensors[f"{name}.energy"]) for name in names}
 
     def allocation(self) -> dict[str, Any] | None:
-        """The saved allocation: ``chosen`` (name -> CodeFormat), ``options`` (name -> list of Option) and the rest."""
+        """The saved allocation: ``chosen`` (name -> Option), ``options`` (name -> list of Option) and the rest."""
         saved = self.state["allocation"]
         if saved is None:
             return None
-        formats = {name: _format(spec) for name, spec in saved["chosen"].items()}
-        options = {name: [Option(_format(o["format"]), o["bits"], o["error"]) for o in entries]
-                   for name, entries in saved["options"].items()}
-        return {**saved, "chosen": formats, "options": options}
+        chosen = {name: _option(entry) for name, entry in saved["chosen"].items()}
+        options = {name: [_option(entry) for entry in entries] for name, entries in saved["options"].items()}
+        return {**saved, "chosen": chosen, "options": options}
 
     def layer_tensors(self, name: str) -> dict[str, Tensor]:
         stored = load_file(str(self.folder / self.finished[name]["file"]))
@@ -120,11 +118,10 @@ class ResumeStore:
             tensors[f"{name}.fisher"], tensors[f"{name}.energy"] = entry.fisher.contiguous(), entry.energy.contiguous()
         self._guarded(lambda: save_file(tensors, str(self.folder / SENSITIVITY_FILE)))
 
-    def save_allocation(self, chosen: dict[str, CodeFormat], options: dict[str, list[Option]], extra: dict[str, Any]) -> None:
+    def save_allocation(self, chosen: dict[str, Option], options: dict[str, list[Option]], extra: dict[str, Any]) -> None:
         self.state["allocation"] = {
-            "chosen": {name: _format_json(fmt) for name, fmt in chosen.items()},
-            "options": {name: [{"format": _format_json(o.choice), "bits": o.bits, "error": o.error} for o in entries]
-                        for name, entries in options.items()},
+            "chosen": {name: _option_json(option) for name, option in chosen.items()},
+            "options": {name: [_option_json(option) for option in entries] for name, entries in options.items()},
             **extra,
         }
         self._write_state()
@@ -165,27 +162,42 @@ class ResumeStore:
 
 
 def first_difference(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
-    """The first entry (in ``now``'s order) whose value differs, named for the user; None when all agree."""
-    for key, value in now.items():
-        if saved.get(key) != _jsonable(value):
-            return key.replace("_", " ")
-    extra = [key for key in saved if key not in now]
-    return extra[0].replace("_", " ") if extra else None
+    """The first entry (in ``now``'s order, nested entries by their path) whose value differs, with both values;
+    None when all agree."""
+    then, current = _flat(saved), _flat(json.loads(json.dumps(now)))
+    for key in [*current, *(k for k in then if k not in current)]:
+        if then.get(key) != current.get(key):
+            return f"{key} ({_shown(then.get(key))} then, {_shown(current.get(key))} now)"
+    return None
 
 
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value))
+def _flat(value: Any, path: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        flat: dict[str, Any] = {}
+        for key, inner in value.items():
+            flat.update(_flat(inner, f"{path}.{key}" if path else str(key)))
+        return flat
+    return {path: value}
 
 
-def _format_json(fmt: CodeFormat) -> dict[str, Any]:
-    return {**fmt.to_json(), "scale_bytes": fmt.scale_bytes}
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _format(spec: dict[str, Any]) -> CodeFormat:
-    return CodeFormat(spec["num_codebooks"], spec["codebook_size"], spec["codebook_dtype"], spec["scale_bytes"])
+def _option_json(option: Option) -> dict[str, Any]:
+    """An option as saved: its format (with the scale's cost, which the allocation counted), bits and error. JSON
+    writes floats so that they read back the same."""
+    return {"format": {**option.choice.to_json(), "scale_bytes": option.choice.scale_bytes}, "bits": option.bits,
+            "error": option.error}
+
+
+def _option(entry: dict[str, Any]) -> Option:
+    spec = entry["format"]
+    return Option(CodeFormat(spec["num_codebooks"], spec["codebook_size"], spec["codebook_dtype"], spec["scale_bytes"]),
+                  entry["bits"], entry["error"])
 
 
 def restore_module(module: nn.Module, tensors: dict[str, Tensor]) -> None:
     """Fill an empty RPQ module (possibly on the meta device) with saved tensors, as they were saved."""
-    module.load_state_dict({key: value for key, value in tensors.items()}, strict=True, assign=True)
-    torch.nn.Module.train(module, False)
+    module.load_state_dict(tensors, strict=True, assign=True)
