@@ -98,6 +98,32 @@ class PlainLog:
             self.console.print(f"[{now - self.start:6.0f} s] {text}", highlight=False, soft_wrap=True)
 
 
+class Pace:
+    """Seconds per item of a loop since its first counted item, and the time left at that pace: for the plain lines
+    of long runs (a 7B conversion's blocks), where no bar shows an estimate."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.counted = 0
+
+    def tick(self) -> None:
+        """One item done (the first call only starts the clock)."""
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+        else:
+            self.counted += 1
+
+    def text(self, left: int, unit: str) -> str:
+        """'12.3 s per block, about 6 min left'; empty before two items."""
+        if self.first is None or not self.counted:
+            return ""
+        each = (time.monotonic() - self.first) / self.counted
+        remaining = each * left
+        when = f"{remaining / 60:.0f} min" if remaining >= 90 else f"{remaining:.0f} s"
+        return f", {each:.1f} s per {unit}, about {when} left"
+
+
 class RichStageProgress:
     """One Rich progress line per stage (implements EvalObserver and DistillObserver); plain lines off a terminal."""
 

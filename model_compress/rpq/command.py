@@ -9,7 +9,7 @@ import typer
 from rich.progress import Progress
 
 from ..core.sizes import larger_than_input_warning
-from ..core.terminal import Debug, PlainLog, console, LoadingStatus, print_table_and_lines, progress_bars, quiet_transformers, reports_user_errors
+from ..core.terminal import Debug, Pace, PlainLog, console, LoadingStatus, print_table_and_lines, progress_bars, quiet_transformers, reports_user_errors
 from .fit.defaults import CALIBRATION_TOKENS, DEFAULT_BITS, DEFAULT_ROTATION_BLOCK, DEFAULT_ROUNDS, FINETUNE_STEPS
 
 
@@ -32,6 +32,7 @@ class RichConversionProgress:
         self.started_layers = 0
         self.done = 0
         self.log = PlainLog(progress.console)
+        self.measure_pace, self.fit_pace = Pace(), Pace()
 
     def _task(self, key: str, description: str, total: int) -> int:
         if key not in self.tasks:
@@ -43,12 +44,16 @@ class RichConversionProgress:
 
     def measuring(self, done: int, total: int) -> None:
         self.progress.update(self._task("measure", "measuring candidate formats per block", total), completed=done)
-        self.log.line(f"measuring candidate formats: block {done} of {total}", always=True)
+        self.measure_pace.tick()  # the clock starts at the first block's end: that block's time includes the set-up
+        pace = self.measure_pace.text(total - done, "block")
+        self.log.line(f"measuring candidate formats: block {done} of {total}{pace}", always=True)
 
     def layer_started(self, plan) -> None:
         self.progress.update(self._task("fit", "fitting", self.total), description=f"fitting {plan.layer.name}")
         self.started_layers += 1
-        self.log.line(f"fitting {plan.layer.name}: layer {self.started_layers} of {self.total}", always=self.started_layers == 1)
+        self.fit_pace.tick()
+        pace = self.fit_pace.text(self.total - self.done, "layer")
+        self.log.line(f"fitting {plan.layer.name}: layer {self.done + 1} of {self.total}{pace}", always=self.started_layers == 1)
 
     def layer_finished(self, result) -> None:
         self.done += 1

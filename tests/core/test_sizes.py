@@ -35,3 +35,4 @@ def test_the_disk_line_and_the_warning_compare_against_the_input_as_given():
     assert larger_than_input_warning(166_300_000, 98_400_000, "GGUF") is None
     assert larger_than_input_warning(None, 98_400_000, "GGUF") is None
     assert larger_than_input_warning(90_900_000, 90_930_000, "weight files") is None  # routers beside an FFF block
+
