@@ -408,6 +408,8 @@ def convert_model(
             allocation = fitter.measure_and_allocate(on_output)
         elif on_output is not None and calibration is not None:
             fitter.record_teacher(on_output)
+        if store is not None and on_output is not None:
+            store.teacher_recorded()
         fitter.restore_finished()
         fitter.fit_all()
     outcomes = [fitter.results.get(plan.layer.name, plan) for plan in plans]

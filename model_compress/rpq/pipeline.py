@@ -111,8 +111,13 @@ def compress_rpq(
     store = None
     if out is not None:
         store = ResumeStore.open(out, _fingerprint(source, settings, windows, finetuning, dtype), resume, force)
+    record = teacher.record if teacher else None
+    if teacher is not None and store is not None:
+        saved = store.saved_teacher()  # a resumed run: the stopped run's, recorded already
+        teacher, record = (saved, None) if saved is not None else (teacher, record)
+        store.teacher = teacher
     try:
-        conversion = convert_model(network, settings, windows, observer=observer, on_output=teacher.record if teacher else None,
+        conversion = convert_model(network, settings, windows, observer=observer, on_output=record,
                                    weights=opened.weights, store=store)
     except KeyboardInterrupt:
         if store is None or not store.finished:

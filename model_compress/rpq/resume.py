@@ -5,6 +5,8 @@
     calibration windows' digest, the tool version), the allocation (every layer's format and its candidates),
     and each finished layer's figures and the file that holds its tensors;
   * ``sensitivity.safetensors``: the layers' Fisher weights;
+  * ``teacher.safetensors``: the original model's outputs on the calibration windows (top-k log-probabilities and
+    their ids per token), the targets of fine-tuning, saved once recorded so that a resumed run need not record them;
   * ``layers-NNNNN.safetensors``: the converted layers' tensors, one file per block as each block finishes.
 A run that stops (Ctrl-C, a crash, a lost machine) keeps the folder; ``--resume`` checks that the fingerprint is the
 same (one line naming the first difference when it is not), puts the finished layers back, and fits the rest from
@@ -27,11 +29,13 @@ from torch import Tensor, nn
 
 from ..core.errors import UserError
 from .fit.allocate import Option
+from .fit.finetune import Teacher
 from .fit.formats import CodeFormat
 from .fit.sensitivity import Sensitivity
 
 STATE_FILE = "state.json"
 SENSITIVITY_FILE = "sensitivity.safetensors"
+TEACHER_FILE = "teacher.safetensors"
 
 
 def resume_folder(out: Path) -> Path:
@@ -56,6 +60,7 @@ class ResumeStore:
 
     def __init__(self, folder: Path, state: dict[str, Any]) -> None:
         self.folder, self.state = folder, state
+        self.teacher: Teacher | None = None  # the run's teacher, saved by ``teacher_recorded``
 
     @classmethod
     def open(cls, out: Path, fingerprint: dict[str, Any], resume: bool, force: bool) -> ResumeStore:
@@ -105,6 +110,10 @@ class ResumeStore:
         options = {name: [_option(entry) for entry in entries] for name, entries in saved["options"].items()}
         return {**saved, "chosen": chosen, "options": options}
 
+    def saved_teacher(self) -> Teacher | None:
+        path = self.folder / TEACHER_FILE
+        return Teacher.from_tensors(load_file(str(path))) if path.is_file() else None
+
     def layer_tensors(self, name: str) -> dict[str, Tensor]:
         stored = load_file(str(self.folder / self.finished[name]["file"]))
         prefix = f"{name}."
@@ -117,6 +126,12 @@ class ResumeStore:
         for name, entry in sensitivity.items():
             tensors[f"{name}.fisher"], tensors[f"{name}.energy"] = entry.fisher.contiguous(), entry.energy.contiguous()
         self._guarded(lambda: save_file(tensors, str(self.folder / SENSITIVITY_FILE)))
+
+    def teacher_recorded(self) -> None:
+        """Called once the pass that records the teacher has run: save it (when the run has one)."""
+        if self.teacher is not None and not (self.folder / TEACHER_FILE).is_file():
+            tensors = self.teacher.tensors()
+            self._guarded(lambda: save_file(tensors, str(self.folder / TEACHER_FILE)))
 
     def save_allocation(self, chosen: dict[str, Option], options: dict[str, list[Option]], extra: dict[str, Any]) -> None:
         self.state["allocation"] = {

@@ -44,13 +44,20 @@ def source(tmp_path):
 
 
 @pytest.mark.parametrize("arch,stream,stop_after", [("llama", True, 9), ("gpt2", False, 6), ("bert", True, 12)])
-def test_a_resumed_conversion_equals_one_that_never_stopped(source, tmp_path, arch, stream, stop_after):
+def test_a_resumed_conversion_equals_one_that_never_stopped(source, tmp_path, monkeypatch, arch, stream, stop_after):
+    """Stopped in the fitting pass after the teacher's outputs were saved: the resumed run reads them back instead of
+    running the original again, fits the rest and fine-tunes to the same tensors."""
+    from model_compress.rpq import convert
+
     folder, options = source(arch)
     whole = compress_rpq(str(folder), tmp_path / "whole", RPQSettings(bits=4.5), stream=stream, **options).model.state_dict()
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt, match="--resume"):
         compress_rpq(str(folder), out, RPQSettings(bits=4.5), stream=stream, observer=StopAfter(stop_after), **options)
     assert resume_folder(out).is_dir() and not out.exists()
+    assert (resume_folder(out) / "teacher.safetensors").is_file()
+    monkeypatch.setattr(convert._ModelFitter, "record_teacher", lambda *a: pytest.fail("recorded the teacher again"))
+    monkeypatch.setattr(convert._ModelFitter, "_measure_statistics", lambda *a: pytest.fail("measured again"))
     resumed = compress_rpq(str(folder), out, RPQSettings(bits=4.5), stream=stream, resume=True, **options)
     state = resumed.model.state_dict()
     assert state.keys() == whole.keys()

@@ -63,6 +63,23 @@ class Teacher:
         for window in _targets(output, self.top_k):
             target.append(window)
 
+    def tensors(self) -> dict[str, Tensor]:
+        """Every window's targets by name ("fit.3.0": fit window 3, its first tensor), to be saved."""
+        return {f"{part}.{index}.{j}": tensor.contiguous() for part, windows in (("fit", self.fit), ("held_out", self.held_out))
+                for index, window in enumerate(windows) for j, tensor in enumerate(window)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], top_k: int = TOP_K) -> Teacher:
+        """The teacher ``tensors`` saved."""
+        teacher = cls(top_k)
+        for part in ("fit", "held_out"):
+            keys = sorted((tuple(int(n) for n in key.split(".")[1:]), key) for key in tensors if key.startswith(f"{part}."))
+            windows: dict[int, list[Tensor]] = {}
+            for (index, _), key in keys:
+                windows.setdefault(index, []).append(tensors[key])
+            setattr(teacher, part, [tuple(windows[index]) for index in sorted(windows)])
+        return teacher
+
 
 def _targets(output: Any, top_k: int) -> list[tuple[Tensor, ...]]:
     """Per window: (top log-probs, their ids) of a model with logits, else (final hidden states,)."""
