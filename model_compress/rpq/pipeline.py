@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,36 +117,43 @@ def compress_rpq(
         saved = store.saved_teacher()  # a resumed run: the stopped run's, recorded already
         teacher, record = (saved, None) if saved is not None else (teacher, record)
         store.teacher = teacher
-    try:
+    with _kept_on_interrupt(store):
         conversion = convert_model(network, settings, windows, observer=observer, on_output=record,
                                    weights=opened.weights, store=store)
+        report = None
+        if teacher is not None:
+            report = finetune(network, windows.fit, windows.held_out, teacher, finetuning, settings.device, on_finetune_step)
+        summary = summarize(
+            conversion.outcomes,
+            model_params=params,
+            original_bytes=original_bytes,
+            compressed_bytes=model_bytes(network),
+            seconds=time.perf_counter() - start,
+            budget_bits=None if settings.fixed else settings.budget,
+            calibration=conversion.calibration,
+            finetune=report.to_json() if report else None,
+            input_file_bytes=disk_bytes(source),
+            input_form=stored_form(source),
+        )
+        config = _config_section(conversion, settings, finetuning if report else None, source, network)
+        attach_quantizer(network, config)
+        if out is not None:
+            write_folder_atomically(out, force, lambda tmp: _write(tmp, network, tokenizer, config, summary, conversion))
+            store.remove()
+    apply_fusions(network)  # as the loader does: the model returned runs as the saved one loads
+    return RPQRun(network, config, summary, source, out, conversion, report)
+
+
+@contextlib.contextmanager
+def _kept_on_interrupt(store: ResumeStore | None) -> Iterator[None]:
+    """Ctrl-C once layers are done: the interrupt says where they are kept and how to go on."""
+    try:
+        yield
     except KeyboardInterrupt:
         if store is None or not store.finished:
             raise
         raise KeyboardInterrupt(f"{len(store.finished)} layers done are kept in '{store.folder}': run the same command "
                                 "with --resume to go on") from None
-    report = None
-    if teacher is not None:
-        report = finetune(network, windows.fit, windows.held_out, teacher, finetuning, settings.device, on_finetune_step)
-    summary = summarize(
-        conversion.outcomes,
-        model_params=params,
-        original_bytes=original_bytes,
-        compressed_bytes=model_bytes(network),
-        seconds=time.perf_counter() - start,
-        budget_bits=None if settings.fixed else settings.budget,
-        calibration=conversion.calibration,
-        finetune=report.to_json() if report else None,
-        input_file_bytes=disk_bytes(source),
-        input_form=stored_form(source),
-    )
-    config = _config_section(conversion, settings, finetuning if report else None, source, network)
-    attach_quantizer(network, config)
-    if out is not None:
-        write_folder_atomically(out, force, lambda tmp: _write(tmp, network, tokenizer, config, summary, conversion))
-        store.remove()
-    apply_fusions(network)  # as the loader does: the model returned runs as the saved one loads
-    return RPQRun(network, config, summary, source, out, conversion, report)
 
 
 def _fingerprint(source: ModelSource, settings: RPQSettings, windows: CalibrationSet | None, finetuning: FinetuneSettings,

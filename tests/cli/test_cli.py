@@ -155,6 +155,8 @@ def test_model_with_no_supported_layers(tmp_path, monkeypatch):
 
 
 def test_failure_during_conversion_leaves_no_folder(tiny_folder, tmp_path, monkeypatch):
+    """Ctrl-C while the folder is written: no output folder, half-written or not; the fitted layers are kept for
+    --resume in the hidden resume folder, and the line says so."""
     from model_compress.rpq import pipeline
 
     def explode(*args, **kwargs):
@@ -164,7 +166,12 @@ def test_failure_during_conversion_leaves_no_folder(tiny_folder, tmp_path, monke
     monkeypatch.setattr(pipeline, "render_model_card", explode)  # fails while the folder is being written
     result = run_cli("rpq", str(source), "-o", str(tmp_path / "o"), "-m", "8", "-k", "16", "--device", "cpu", *QUICK)
     assert result.exit_code == 130
-    assert sorted(p.name for p in tmp_path.iterdir()) == [source.name]
+    assert "--resume" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".o.resume", source.name]
+    monkeypatch.undo()
+    resumed = run_cli("rpq", str(source), "-o", str(tmp_path / "o"), "-m", "8", "-k", "16", "--device", "cpu", *QUICK, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", source.name]
 
 
 def test_corrupt_checkpoint_on_load(tiny_folder, tmp_path):
