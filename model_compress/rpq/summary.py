@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, field, fields
 from collections import Counter
 
 from ..core.sizes import MB, size_lines
-from .convert import KIND_TIED_HEAD, LayerPlan, LayerResult
+from .layers.modules import KIND_TIED_HEAD
+from .outcomes import LayerResult
+from .plan import LayerPlan
 from .kernels.config.packed_routes import byte_permute_format
 from .kernels.layout import INT8, code_bits
 from .layers.modules import KIND_CONV1D, KIND_LINEAR

@@ -282,10 +282,10 @@ def test_rpq_layers_compute_in_the_model_dtype_whatever_their_codebooks_are_stor
 
 def _offered(layer, **settings) -> list:
     """The formats a budget measures for ``layer`` under ``settings``."""
-    from model_compress.rpq.convert import _candidates
+    from model_compress.rpq.plan import candidates
     from model_compress.rpq.fit.groups import FitSettings
 
-    return _candidates(layer, RPQSettings(**settings), FitSettings())
+    return candidates(layer, RPQSettings(**settings), FitSettings())
 
 
 def test_a_budget_offers_linear_layers_only_formats_with_a_fast_kernel():

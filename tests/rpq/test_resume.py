@@ -47,7 +47,7 @@ def source(tmp_path):
 def test_a_resumed_conversion_equals_one_that_never_stopped(source, tmp_path, monkeypatch, arch, stream, stop_after):
     """Stopped in the fitting pass after the teacher's outputs were saved: the resumed run reads them back instead of
     running the original again, fits the rest and fine-tunes to the same tensors."""
-    from model_compress.rpq import convert
+    from model_compress.rpq import convert, layer_steps
 
     folder, options = source(arch)
     whole = compress_rpq(str(folder), tmp_path / "whole", RPQSettings(bits=4.5), stream=stream, **options).model.state_dict()
@@ -56,8 +56,14 @@ def test_a_resumed_conversion_equals_one_that_never_stopped(source, tmp_path, mo
         compress_rpq(str(folder), out, RPQSettings(bits=4.5), stream=stream, observer=StopAfter(stop_after), **options)
     assert resume_folder(out).is_dir() and not out.exists()
     assert (resume_folder(out) / "teacher.safetensors").is_file()
-    monkeypatch.setattr(convert._ModelFitter, "record_teacher", lambda *a: pytest.fail("recorded the teacher again"))
-    monkeypatch.setattr(convert._ModelFitter, "_measure_statistics", lambda *a: pytest.fail("measured again"))
+    real_pass = convert.run_pass
+
+    def no_teacher_pass(*args, **kwargs):
+        assert kwargs.get("on_output") is None, "recorded the teacher again"
+        return real_pass(*args, **kwargs)
+
+    monkeypatch.setattr(convert, "run_pass", no_teacher_pass)
+    monkeypatch.setattr(layer_steps.LayerSteps, "measure_statistics", lambda *a: pytest.fail("measured again"))
     resumed = compress_rpq(str(folder), out, RPQSettings(bits=4.5), stream=stream, resume=True, **options)
     state = resumed.model.state_dict()
     assert state.keys() == whole.keys()
