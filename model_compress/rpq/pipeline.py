@@ -146,14 +146,17 @@ def compress_rpq(
 
 @contextlib.contextmanager
 def _kept_on_interrupt(store: ResumeStore | None) -> Iterator[None]:
-    """Ctrl-C once layers are done: the interrupt says where they are kept and how to go on."""
+    """Ctrl-C: where the work so far is kept and how to go on; with nothing saved yet, the folder goes too."""
     try:
         yield
     except KeyboardInterrupt:
-        if store is None or not store.finished:
+        if store is None:
             raise
-        raise KeyboardInterrupt(f"{len(store.finished)} layers done are kept in '{store.folder}': run the same command "
-                                "with --resume to go on") from None
+        if not store.holds_work:
+            store.remove()
+            raise
+        raise KeyboardInterrupt(f"the work so far ({len(store.finished)} layers fitted) is kept in '{store.folder}': run the "
+                                "same command with --resume to go on") from None
 
 
 def _fingerprint(source: ModelSource, settings: RPQSettings, windows: CalibrationSet | None, finetuning: FinetuneSettings,

@@ -155,6 +155,12 @@ class ResumeStore:
             self.finished[layer] = {**figures[layer], "file": name}
         self._write_state()
 
+    @property
+    def holds_work(self) -> bool:
+        """Anything saved beyond the fingerprint: the Fisher weights, the allocation, the teacher or a layer."""
+        return bool(self.finished) or self.state["allocation"] is not None or any(
+            (self.folder / name).is_file() for name in (SENSITIVITY_FILE, TEACHER_FILE))
+
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
