@@ -78,8 +78,11 @@ def convert_model(
             if allocation is None:
                 steps.measure_outside_passes()
                 if calibration is not None:
-                    over_the_blocks(steps.linears, steps.measure_statistics, False, on_output=on_output,
-                                    on_block=observer.measuring)
+                    def measured(done: int, total: int) -> None:
+                        steps.measure_unreached(done - 1)
+                        observer.measuring(done, total)
+
+                    over_the_blocks(steps.linears, steps.measure_statistics, False, on_output=on_output, on_block=measured)
                     teacher_pending = False
                 allocation = steps.allocate()
         if teacher_pending:  # the original's outputs, where no measuring pass recorded them

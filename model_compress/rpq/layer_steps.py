@@ -104,6 +104,13 @@ class LayerSteps:
                 if name not in self.measured and self.plans[name].layer.kind != KIND_TIED_HEAD:
                     self.measured[name] = measure_rows_group([self._weight(name)], [self.candidates[name]], None, self.fit_settings)[0]
 
+    def measure_unreached(self, block: int) -> None:
+        """After block ``block`` ran in the measuring pass, while its weights are at hand: its layers that no
+        calibration input reached (a decoder's cross-attention run without an encoder), by their weight error."""
+        for name in self.candidates:
+            if name not in self.measured and self.stack is not None and self.stack.index_of(name) == block:
+                self.measured[name] = self._measure_without_data(name)
+
     def allocate(self) -> Allocation:
         """One format per layer for the budget, from every measured candidate (the weight error of layers no
         calibration input reached); saved for a resumed run."""

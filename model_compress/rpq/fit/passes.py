@@ -76,7 +76,7 @@ def run_pass(
 ) -> None:
     """One pass over the model; ``layers`` are the converted Linear / Conv1D layers (name -> module) to record.
 
-    ``on_block(done, total)`` reports progress after each block. ``weights``: where each block's weights come from
+    ``on_block(done, total)`` is called after each block has run, while its weights are still at hand. ``weights``: where each block's weights come from
     (None: memory); a ``sequential`` pass keeps each block after it ran, another lets it go.
     """
     weights = weights or BlockWeights()
@@ -111,9 +111,9 @@ def run_pass(
             held_run = run_block(block, held)
             held = [c.with_hidden(o) for c, o in zip(held, held_run.outputs)]
         calls = [c.with_hidden(o) for c, o in zip(calls, run.outputs)]
-        weights.leave(block, stack.block_name(index), keep=sequential)
-        if on_block is not None:
+        if on_block is not None:  # before the block is let go: a step may still read its weights
             on_block(index + 1, len(stack.blocks))
+        weights.leave(block, stack.block_name(index), keep=sequential)
 
     after_layers = {name: module for name, module in outside.items() if name not in seen_before}
     after = Statistics()
