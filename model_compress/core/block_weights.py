@@ -30,7 +30,7 @@ class BlockWeights:
         self._homes: dict[str, torch.device] = {}
 
     def enter(self, block: nn.Module, name: str, device: torch.device) -> None:
-        self._homes[name] = _device_of(block)
+        self._homes[name] = device_of(block)
         block.to(device)
 
     def leave(self, block: nn.Module, name: str, keep: bool) -> None:
@@ -151,7 +151,8 @@ def _current(model: nn.Module, name: str) -> torch.Tensor | None:
     return owner._buffers.get(leaf)
 
 
-def _device_of(module: nn.Module) -> torch.device:
+def device_of(module: nn.Module) -> torch.device:
+    """Where a module's first tensor lives (the CPU for a module without any)."""
     for tensor in [*module.parameters(), *module.buffers()]:
         return tensor.device
     return torch.device("cpu")

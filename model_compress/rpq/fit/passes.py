@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...core.block_weights import BlockWeights
+from ...core.block_weights import BlockWeights, device_of
 from .stack import BlockRun, BlockStack, call_model, capture_inputs, replay_tail, run_block
 from .statistics import InputStatistics, recording_inputs
 
@@ -134,7 +134,7 @@ def _whole_model_pass(
     on_output: OnOutput | None,
 ) -> None:
     """No stack: the whole model on ``device``, every layer recorded in one forward per batch."""
-    home = _device_of(model)
+    home = device_of(model)
     model.to(device)
     statistics = Statistics()
     try:
@@ -171,10 +171,4 @@ def _tagged(on_output: OnOutput | None, held_out: bool) -> Callable[[int, Any], 
     if on_output is None:
         return None
     return lambda index, output: on_output(held_out, index, output)
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for tensor in [*module.parameters(), *module.buffers()]:
-        return tensor.device
-    return torch.device("cpu")
 
