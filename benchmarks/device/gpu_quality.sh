@@ -16,7 +16,8 @@
 #   STAGE=packed  (no carry)            the packed-code kernels' CUDA tests (PACKED_TESTS=0: not), benchmarks/rpq/packed_kernels.py
 #                                       (PACKED_ARGS) and benchmarks/experiments/odd_bit_planes.py (bit planes for 3-7-bit codes; PLANES=0: not)
 #   STAGE=7b      (no carry)            benchmarks/rpq/rpq_7b_speed.py (SPEED_ARGS): Llama-2-7B shapes, random weights, dense vs int4 vs RPQ
-#   STAGE=host    (no carry)            host time per eager layer call (host_overhead.py) and the packed head's routes (head_route.py)
+#   STAGE=host    (no carry)            host time per eager layer call (host_overhead.py) and the packed head's routes
+#                                       (head_route.py; HEAD_ROUTE=0: not)
 #   STAGE=cost    (no carry)            what the input rotation costs on the torch path (rotation_cost.py)
 #   STAGE=profile (no carry)            where a decode step's time goes, original vs the folder an earlier `default` call
 #                                       left (rpq_decode.py --folder): the linear layers' share of it
@@ -121,7 +122,7 @@ case "$stage" in
   host)  # host time per eager layer call, and the packed head's two routes at a few tokens
     install_wheels /tmp/smol
     PYTHONPATH="$PYTHONPATH:$PWD/benchmarks/rpq" python3 benchmarks/rpq/host_overhead.py --json "$OUT/host_overhead.json" 2>&1 | tee "$OUT/host_overhead.log"
-    PYTHONPATH="$PYTHONPATH:$PWD/benchmarks/rpq" python3 benchmarks/rpq/head_route.py --json "$OUT/head_route.json" 2>&1 | tee "$OUT/head_route.log"
+    [ "${HEAD_ROUTE:-1}" = 1 ] && PYTHONPATH="$PYTHONPATH:$PWD/benchmarks/rpq" python3 benchmarks/rpq/head_route.py --json "$OUT/head_route.json" 2>&1 | tee "$OUT/head_route.log"
     ;;
   cost)
     install_wheels /tmp/smol

@@ -6,8 +6,9 @@ A small layer (SmolLM2-135M's 576->576, one token) takes a few microseconds of G
 synchronisation runs at the speed the host issues them: wall time per call is the host cost of that path. Rows,
 from the bare launch up to the module: an empty ``torch.empty`` (the allocator), the dense ``F.linear`` (cuBLAS,
 what the original pays), the byte-permute kernel launched through Triton's launcher (``packed.nibble_linear``),
-the routed call (``packed_forward.linear``: checks, tile choice, launch), the norm + rotation prologue, and the
-``RPQLinear`` module behind a rotation (what a decoder layer's o_proj costs).
+the routed call (``packed_forward.linear``: checks, tile choice, launch) and its kept plan (route decided once, the
+compiled kernel launched past the JIT), the norm + rotation prologue and its kept plan, and the ``RPQLinear`` module
+behind a rotation (what a decoder layer's o_proj costs), routed per call and on its kept plans.
 """
 
 from __future__ import annotations
@@ -61,19 +62,30 @@ def main() -> None:
                      random_signs(width, 0).to(device))
     norm_weight = torch.ones(width, device=device, dtype=torch.float16)
     signs = layer.signs()
+    layer.requires_grad_(False)
+    kept_linear = packed_forward.linear_plan(x, codes, books, scales, None, 4, width)
+    kept_prologue = packed.norm_rotate_plan(x, norm_weight, None, 1e-5, RMS_NORM, signs, 64)
+
+    def per_call_module():  # grad on (nothing requires it): the module routes every call, keeps no plan
+        with torch.enable_grad():
+            return layer(x)
+
     rows = {
         "torch.empty": lambda: torch.empty(1, width, device=device, dtype=torch.float16),
         "dense F.linear (cuBLAS)": lambda: F.linear(x, dense),
         "byte-permute kernel via Triton's launcher": lambda: packed.nibble_linear(x, codes, books, scales, None, 4, width, tile, sms),
         "routed call (packed_forward.linear)": lambda: packed_forward.linear(x, codes, books, scales, None, 4, width),
+        "kept plan of the routed call (direct launch)": lambda: kept_linear(x),
         "norm + rotation prologue": lambda: packed.norm_rotate(x, norm_weight, None, 1e-5, RMS_NORM, signs, 64),
-        "RPQLinear module, rotated input": lambda: layer(x),
+        "kept plan of the prologue (direct launch)": lambda: kept_prologue(x, None),
+        "RPQLinear module, rotated input, routed per call": per_call_module,
+        "RPQLinear module, rotated input, kept plans": lambda: layer(x),
     }
     results = {}
-    with torch.inference_mode():
+    with torch.no_grad():
         for name, call in rows.items():
             results[name] = per_call_us(call, args.calls)
-            print(f"{name:45s} {results[name]:7.2f} us per call", flush=True)
+            print(f"{name:50s} {results[name]:7.2f} us per call", flush=True)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "features": width,

@@ -28,11 +28,11 @@ def test_the_first_member_called_computes_all_and_each_gets_its_own(monkeypatch)
     group = PackedGroup([attention.q_proj, attention.k_proj, attention.v_proj])
     calls = []
 
-    def launch(x, members, bias, bits, in_features):
+    def plan(x, members, bias, bits, in_features):
         calls.append(len(members))
-        return [torch.full((1, codebooks.shape[0]), float(i)) for i, (_, codebooks, _) in enumerate(members)]
+        return lambda x: [torch.full((1, codebooks.shape[0]), float(i)) for i, (_, codebooks, _) in enumerate(members)]
 
-    monkeypatch.setattr(packed_forward, "linear_group", launch)
+    monkeypatch.setattr(packed_forward, "linear_group_plan", plan)
     rotated = torch.randn(1, attention.q_proj.in_features)
     outputs = [group.output(member, rotated) for member in group.members]
     assert calls == [3] and [int(out[0, 0]) for out in outputs] == [0, 1, 2]

@@ -288,3 +288,47 @@ def test_a_rotated_model_with_its_fusions_on_cuda_gives_the_cpu_logits():
         model.to(CUDA)
         for tokens in (1, 5, 40):
             assert rel_error(model(ids[:, :tokens].to(CUDA)).logits.cpu(), expected[:, :tokens]) < 1e-4, tokens
+
+
+def test_a_direct_launch_skips_the_jit_after_its_first_call_and_computes_the_same():
+    from model_compress.rpq.kernels.packed.rotate import _rotate_kernel, _sign_matrix
+    from model_compress.rpq.kernels.triton.direct_launch import DirectLaunch
+
+    signs = rotation.random_signs(256, 3).to(CUDA)
+    hadamard = _sign_matrix(64, CUDA, torch.float16)
+    launch = DirectLaunch(_rotate_kernel, (1, 4), BLOCK=64, BLOCK_T=16, SIGNS_FIRST=True, DOT_IEEE=False)
+    for call in range(3):
+        x = torch.randn(16, 256, device=CUDA, dtype=torch.float16)
+        out = torch.empty_like(x)
+        launch(x, signs, hadamard, out, 16, 256, 256, 64**-0.5)
+        assert launch.direct, call  # known after the first call: this Triton's compiled kernel launches directly
+        assert rel_error(out, rotation.rotate(x.double(), signs, 64)) < BOUNDS[torch.float16], call
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_kept_plans_decode_the_same_logits_call_after_call_and_in_a_cuda_graph(dtype):
+    """The layers' kept plans (the first call through Triton's JIT, later ones past it) against the CPU's logits, at
+    the token counts of each route, and a captured one-token step replayed on new ids."""
+    from model_compress.rpq.fusions import apply_fusions
+
+    model = rotated_llama()
+    apply_fusions(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 40))
+    bound = 1e-4 if dtype == torch.float32 else 2e-2
+    with torch.no_grad():
+        expected = model(ids).logits
+        model.to(CUDA, dtype)
+        for tokens in (1, 5, 40):
+            calls = [model(ids[:, :tokens].to(CUDA)).logits for _ in range(3)]
+            assert rel_error(calls[0].float().cpu(), expected[:, :tokens]) < bound, tokens
+            for later in calls[1:]:
+                assert torch.equal(later, calls[0]), tokens
+        step = ids[:, :1].to(CUDA)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = model(step).logits
+        for token in (3, 17):
+            step.fill_(token)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(captured, model(step).logits), token

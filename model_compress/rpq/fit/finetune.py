@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels.plans import invalidate_all
+
 from .codebooks import CodebookSet
 from .stack import call_model
 
@@ -278,6 +280,7 @@ def _restore_dtypes(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
             wanted = dtypes.get(name)
             if wanted is not None and tensor.dtype != wanted:
                 tensor.data = tensor.data.to(wanted)
+    invalidate_all()  # launch plans kept by the layers hold these tensors
     for name, module in model.named_modules():
         if f"{name}#compute" in dtypes:
             module.compute_dtype = dtypes[f"{name}#compute"]

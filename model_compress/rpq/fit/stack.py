@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..kernels.plans import invalidate_all
+
 
 @dataclass
 class BlockStack:
@@ -211,11 +213,13 @@ def outside_on(model: nn.Module, stack: BlockStack, device: torch.device) -> Ite
         seen.add(id(tensor))
         moved.append((tensor, tensor.device))
         tensor.data = tensor.data.to(device)
+    invalidate_all()  # launch plans kept by the layers hold these tensors
     try:
         yield
     finally:
         for tensor, where in moved:
             tensor.data = tensor.data.to(where)
+        invalidate_all()
 
 
 def _detached(value: Any) -> Any:

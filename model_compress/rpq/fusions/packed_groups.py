@@ -9,10 +9,13 @@ Nothing is saved with the model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
-from ..kernels import packed_forward
+from ..kernels import packed_forward, plans
+from ..kernels.plans import input_signature, plans_of
 from ..layers.modules import RPQLinear
 from .once import OncePerInput
 from .shared_input import sibling_sets
@@ -31,17 +34,32 @@ class PackedGroup:
         outputs = self.once(rotated)
         return None if outputs is None else outputs[self.members.index(member)]
 
-    def _outputs(self, rotated: Tensor) -> list[Tensor] | None:
+    def _outputs(self, rotated: Tensor) -> list[Tensor] | tuple[Tensor, ...] | None:
+        if plans.usable():  # the launch kept per input signature (and bias state: a trained bias is joined again)
+            key = (*input_signature(rotated), *self._bias_key())
+            plan = plans_of(self).get(key, lambda: self._group_plan(rotated))
+        else:
+            plan = self._group_plan(rotated)
+        return None if plan is None else plan(rotated)
+
+    def _group_plan(self, rotated: Tensor) -> Callable[[Tensor], tuple[Tensor, ...]] | None:
         first = self.members[0]
         members = [(m.indices, m.codebooks, m.codebook_scales) for m in self.members]
-        return packed_forward.linear_group(rotated, members, self._joined_bias(), first.code_bits, first.in_features)
+        return packed_forward.linear_group_plan(rotated, members, self._joined_bias(), first.code_bits, first.in_features)
+
+    def _bias_key(self) -> tuple:
+        """Where the members' biases are and how often they were written: () without biases."""
+        biases = [m.bias for m in self.members]
+        if biases[0] is None:
+            return ()
+        return tuple((b.data_ptr(), b.device, b._version) for b in biases)
 
     def _joined_bias(self) -> Tensor | None:
         """The members' biases end to end, joined again only when one of them changed."""
         biases = [m.bias for m in self.members]
         if biases[0] is None:
             return None
-        key = tuple((b.data_ptr(), b.device, b._version) for b in biases)
+        key = self._bias_key()
         if self._bias is None or self._bias[0] != key:
             self._bias = (key, torch.cat([b.detach() for b in biases]))
         return self._bias[1]

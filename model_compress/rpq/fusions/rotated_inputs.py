@@ -20,8 +20,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..kernels import packed_forward
+from ..kernels import packed_forward, plans
 from ..kernels.config import options
+from ..kernels.plans import input_signature, plans_of
 from ..layers.modules import RPQLinear
 from .glu import GATED_MLP_CLASSES, SILU_CLASSES
 from .norm import known_pre_norms
@@ -76,6 +77,10 @@ def _rotated_norm_forward(own_forward: Callable[[Tensor], Tensor], spec, bias: T
     if torch.compiler.is_compiling() or any(reader.decoded is not None for reader in readers):
         return own_forward(x)
     first = readers[0]
+    if plans.usable():
+        run = plans_of(written).get(input_signature(x), lambda: packed_forward.norm_rotate_plan(
+            x, own_forward, spec.weight, bias, spec.eps, spec.kind, first.signs(spec.weight.dtype), first.rotation_block))
+        return written.mark(run(x))
     out = packed_forward.norm_rotate(x, own_forward, spec.weight, bias, spec.eps, spec.kind, first.signs(spec.weight.dtype),
                                      first.rotation_block)
     return written.mark(out)
@@ -105,4 +110,8 @@ def rotated_gated_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
     # a hook must see down's own input; a decoded down_proj takes the plain product
     if down._forward_hooks or down._forward_pre_hooks or torch.compiler.is_compiling() or down.decoded is not None:
         return down(mlp.act_fn(gate) * up)
+    if plans.usable():
+        run = plans_of(down).get(("silu", *input_signature(gate), *input_signature(up)), lambda: packed_forward.gated_silu_rotate_plan(
+            gate, up, mlp.act_fn, down.signs(gate.dtype), down.rotation_block))
+        return down.forward_rotated(run(gate, up))
     return down.forward_rotated(packed_forward.gated_silu_rotate(gate, up, mlp.act_fn, down.signs(gate.dtype), down.rotation_block))

@@ -9,6 +9,7 @@ temporary, multiply it with cuBLAS and drop it.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,73 +50,109 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def rotate(x: Tensor, signs: Tensor, block: int) -> Tensor:
-    """x R: one Triton launch on CUDA, the torch form elsewhere. ``signs``: (width,) int8 +-1."""
+def rotate_plan(x: Tensor, signs: Tensor, block: int, signs_first: bool = True) -> Callable[[Tensor], Tensor]:
+    """x R (``signs_first``) or y R^T for inputs like ``x``: one Triton launch on CUDA, the torch form elsewhere.
+    ``signs``: (width,) int8 +-1."""
     kernels = packed_kernels(x)
     if kernels is None:
-        return rotation.rotate(x, signs, block)
-    return kernels.rotate(x, signs, block)
+        form = rotation.rotate if signs_first else rotation.unrotate
+        return lambda x: form(x, signs, block)
+    return kernels.rotate_plan(x, signs, block, signs_first)
+
+
+def rotate(x: Tensor, signs: Tensor, block: int) -> Tensor:
+    """x R: one Triton launch on CUDA, the torch form elsewhere. ``signs``: (width,) int8 +-1."""
+    return rotate_plan(x, signs, block)(x)
 
 
 def unrotate(y: Tensor, signs: Tensor, block: int) -> Tensor:
     """y R^T: one Triton launch on CUDA, the torch form elsewhere."""
-    kernels = packed_kernels(y)
+    return rotate_plan(y, signs, block, signs_first=False)(y)
+
+
+def norm_rotate_plan(x: Tensor, norm_forward, weight: Tensor, bias: Tensor | None, eps: float, kind: int, signs: Tensor,
+                     block: int) -> Callable[[Tensor], Tensor]:
+    """norm(x) R for inputs like ``x``: one Triton launch on CUDA; elsewhere the norm's own ``norm_forward``, then the
+    torch rotation."""
+    kernels = packed_kernels(x, weight, bias)
     if kernels is None:
-        return rotation.unrotate(y, signs, block)
-    return kernels.unrotate(y, signs, block)
+        return lambda x: rotation.rotate(norm_forward(x), signs, block)
+    run = kernels.norm_rotate_plan(x, weight, bias, eps, kind, signs, block)
+    return lambda x: run(x, None)
 
 
 def norm_rotate(x: Tensor, norm_forward, weight: Tensor, bias: Tensor | None, eps: float, kind: int, signs: Tensor,
                 block: int) -> Tensor:
     """norm(x) R: one Triton launch on CUDA; elsewhere the norm's own ``norm_forward``, then the torch rotation."""
-    kernels = packed_kernels(x, weight, bias)
+    return norm_rotate_plan(x, norm_forward, weight, bias, eps, kind, signs, block)(x)
+
+
+def gated_silu_rotate_plan(gate: Tensor, up: Tensor, act_fn, signs: Tensor, block: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """(act_fn(gate) * up) R with act_fn SiLU for inputs like ``gate`` and ``up``: one Triton launch on CUDA; elsewhere
+    the expression, then the rotation."""
+    kernels = packed_kernels(gate, up)
     if kernels is None:
-        return rotation.rotate(norm_forward(x), signs, block)
-    return kernels.norm_rotate(x, weight, bias, eps, kind, signs, block)
+        return lambda gate, up: rotation.rotate(act_fn(gate) * up, signs, block)
+    return kernels.gated_silu_rotate_plan(gate, up, signs, block)
 
 
 def gated_silu_rotate(gate: Tensor, up: Tensor, act_fn, signs: Tensor, block: int) -> Tensor:
     """(act_fn(gate) * up) R with act_fn SiLU: one Triton launch on CUDA; elsewhere the expression, then the rotation."""
-    kernels = packed_kernels(gate, up)
+    return gated_silu_rotate_plan(gate, up, act_fn, signs, block)(gate, up)
+
+
+def linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int,
+                in_features: int) -> Callable[[Tensor], Tensor]:
+    """x W'^T + b for inputs like ``x`` (in the layer's rotated basis), from packed codes: the route (kernel and tile by
+    token count, or decode + cuBLAS) picked here, once."""
+    kernels = packed_kernels(x, codebooks, scales, bias)
     if kernels is None:
-        return rotation.rotate(act_fn(gate) * up, signs, block)
-    return kernels.gated_silu_rotate(gate, up, signs, block)
+        def torch_form(x: Tensor) -> Tensor:
+            values = codebook_values(codebooks, scales, x.dtype)
+            return torch_forms.linear_torch(x, values, unpack_codes(codes, bits, in_features), bias)
+
+        return torch_form
+    tokens = x.numel() // in_features
+    tile = packed_tile(tokens)
+    nibbles = bits in NIBBLE_ROUTED_BITS
+    sms = multiprocessors(x.device)
+    if tile is not None and nibbles and kernels.nibble_serves(x, codes, codebooks, scales, bits, in_features):
+        return kernels.nibble_linear_plan(x, codes, codebooks, scales, bias, bits, in_features,
+                                          packed_tile(tokens, NIBBLE_ROUTES), sms)
+    if tile is not None:
+        return kernels.packed_linear_plan(x, codes, codebooks, scales, bias, bits, in_features, tile, sms)
+    if nibbles and kernels.nibble_decode_serves(codes, codebooks, scales, bits, in_features):
+        weight = kernels.nibble_decode_plan(codes, codebooks, scales, bits, in_features, x.dtype)
+    else:
+        weight = kernels.decode_linear_plan(codes, codebooks, scales, bits, in_features, x.dtype)
+    return lambda x: F.linear(x, weight(), bias)
 
 
 def linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int,
            in_features: int) -> Tensor:
     """x W'^T + b for x in the layer's (rotated) basis, from packed codes."""
-    kernels = packed_kernels(x, codebooks, scales, bias)
-    if kernels is None:
-        values = codebook_values(codebooks, scales, x.dtype)
-        return torch_forms.linear_torch(x, values, unpack_codes(codes, bits, in_features), bias)
-    tokens = x.numel() // in_features
-    tile = packed_tile(tokens)
-    nibbles = bits in NIBBLE_ROUTED_BITS
-    if tile is not None and nibbles and kernels.nibble_serves(x, codes, codebooks, scales, bits, in_features):
-        tile = packed_tile(tokens, NIBBLE_ROUTES)
-        return kernels.nibble_linear(x, codes, codebooks, scales, bias, bits, in_features, tile, multiprocessors(x.device))
-    if tile is not None:
-        return kernels.packed_linear(x, codes, codebooks, scales, bias, bits, in_features, tile, multiprocessors(x.device))
-    if nibbles and kernels.nibble_decode_serves(codes, codebooks, scales, bits, in_features):
-        weight = kernels.nibble_decode_weight(codes, codebooks, scales, bits, in_features, x.dtype)
-    else:
-        weight = kernels.decode_linear_weight(codes, codebooks, scales, bits, in_features, x.dtype)
-    return F.linear(x, weight, bias)
+    return linear_plan(x, codes, codebooks, scales, bias, bits, in_features)(x)
 
 
-def linear_group(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | None]], bias: Tensor | None, bits: int,
-                 in_features: int) -> list[Tensor] | None:
-    """Each member's (codes, codebooks, scales) times the same token x, plus ``bias`` (the members' biases end to end),
-    in one launch; None where that launch does not apply (not one fp16 token on CUDA, a member the byte-permute kernels
-    do not read), and the members then compute alone."""
+def linear_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | None]], bias: Tensor | None, bits: int,
+                      in_features: int) -> Callable[[Tensor], tuple[Tensor, ...]] | None:
+    """Each member's (codes, codebooks, scales) times tokens like ``x`` in one launch, plus ``bias`` (the members'
+    biases end to end); None where that launch does not apply (not one fp16 token on CUDA, a member the byte-permute
+    kernels do not read), and the members then compute alone."""
     if not NIBBLE_GROUPS or bits not in NIBBLE_ROUTED_BITS or x.numel() != in_features:
         return None
     kernels = packed_kernels(x, bias, *[t for member in members for t in member])
     if kernels is None or not all(kernels.nibble_serves(x, c, b, s, bits, in_features) for c, b, s in members):
         return None
-    return kernels.nibble_group_gemv(x, members, bias, bits, in_features, packed_tile(1, NIBBLE_ROUTES),
+    return kernels.nibble_group_plan(x, members, bias, bits, in_features, packed_tile(1, NIBBLE_ROUTES),
                                      multiprocessors(x.device))
+
+
+def linear_group(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | None]], bias: Tensor | None, bits: int,
+                 in_features: int) -> list[Tensor] | None:
+    """``linear_group_plan`` for this one call: the members' outputs, or None where the one launch does not apply."""
+    plan = linear_group_plan(x, members, bias, bits, in_features)
+    return None if plan is None else list(plan(x))
 
 
 def linear_reference(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int,
@@ -126,34 +163,69 @@ def linear_reference(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor
     return out.to(x.dtype)
 
 
+def embedding_rows_plan(ids: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, rows: int,
+                        dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    """Rows of a packed table E' of ``rows`` rows (before any unrotation) for ids shaped like ``ids``, (*ids.shape, dim)
+    in ``dtype``."""
+    kernels = packed_kernels(codes, codebooks, scales)
+    if kernels is None:
+        return lambda ids: torch_forms.embedding_torch(ids, codebook_values(codebooks, scales, dtype),
+                                                       unpack_codes(codes, bits, rows, ids))
+    dim = codebooks.shape[0] * codebooks.shape[2]
+    count, shape, device = ids.numel(), (*ids.shape, dim), codes.device
+    decode = kernels.decode_plan(codes, codebooks, scales, bits, rows, dim, 1, count, has_ids=True)
+
+    def picked(ids: Tensor) -> Tensor:
+        out = torch.empty(shape, device=device, dtype=dtype)
+        decode(out, ids.reshape(-1))
+        return out
+
+    return picked
+
+
 def embedding_rows(ids: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, rows: int,
                    dtype: torch.dtype) -> Tensor:
     """Rows ``ids`` of a packed table E' of ``rows`` rows (before any unrotation), (*ids.shape, dim) in ``dtype``."""
-    kernels = packed_kernels(codes, codebooks, scales)
+    return embedding_rows_plan(ids, codes, codebooks, scales, bits, rows, dtype)(ids)
+
+
+def tied_head_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int,
+                   vocab: int) -> Callable[[Tensor], Tensor]:
+    """Logits of rotated hidden states shaped like ``x`` against a packed table of ``vocab`` rows: on CUDA the table
+    decoded in chunks of at most ``HEAD_CHUNK_BYTES`` for cuBLAS (one chunk alive at a time), or the fused kernel up
+    to ``HEAD_FUSED_TOKENS`` tokens."""
+    kernels = packed_kernels(x, codebooks, scales, bias)
     if kernels is None:
-        return torch_forms.embedding_torch(ids, codebook_values(codebooks, scales, dtype), unpack_codes(codes, bits, rows, ids))
-    picked = kernels.decode_table_rows(codes, codebooks, scales, bits, rows, dtype, ids=ids.reshape(-1))
-    return picked.reshape(*ids.shape, picked.shape[-1])
+        def torch_form(x: Tensor) -> Tensor:
+            return torch_forms.tied_head_torch(x, codebook_values(codebooks, scales, x.dtype), unpack_codes(codes, bits, vocab),
+                                               bias)
+
+        return torch_form
+    dim = x.shape[-1]
+    tokens = x.numel() // dim
+    if tokens <= HEAD_FUSED_TOKENS:
+        return lambda x: kernels.packed_head(x, codes, codebooks, scales, bits, vocab, bias)
+    device, dtype, shape = x.device, x.dtype, (*x.shape[:-1], vocab)
+    chunk = max(64, HEAD_CHUNK_BYTES // (dim * x.element_size()) // 64 * 64)  # whole byte tiles of codes per chunk
+    chunks = [(first, min(chunk, vocab - first),
+               kernels.decode_plan(codes, codebooks, scales, bits, vocab, dim, 1, min(chunk, vocab - first), first_column=first))
+              for first in range(0, vocab, chunk)]
+
+    def logits(x: Tensor) -> Tensor:
+        rows = x.reshape(tokens, dim)
+        out = torch.empty(tokens, vocab, device=device, dtype=dtype)
+        for first, count, decode in chunks:
+            table = torch.empty(count, dim, device=device, dtype=dtype)
+            decode(table, None)
+            torch.mm(rows, table.T, out=out[:, first:first + count])
+        if bias is not None:
+            out += bias
+        return out.view(shape)
+
+    return logits
 
 
 def tied_head(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int,
               vocab: int) -> Tensor:
     """Logits of rotated hidden states against a packed table of ``vocab`` rows."""
-    kernels = packed_kernels(x, codebooks, scales, bias)
-    if kernels is None:
-        values = codebook_values(codebooks, scales, x.dtype)
-        return torch_forms.tied_head_torch(x, values, unpack_codes(codes, bits, vocab), bias)
-    dim = x.shape[-1]
-    tokens = x.numel() // dim
-    if tokens <= HEAD_FUSED_TOKENS:
-        return kernels.packed_head(x, codes, codebooks, scales, bits, vocab, bias)
-    rows = x.reshape(tokens, dim)
-    out = torch.empty(tokens, vocab, device=x.device, dtype=x.dtype)
-    chunk = max(64, HEAD_CHUNK_BYTES // (dim * x.element_size()) // 64 * 64)  # whole byte tiles of codes per chunk
-    for first in range(0, vocab, chunk):
-        count = min(chunk, vocab - first)
-        table = kernels.decode_table_rows(codes, codebooks, scales, bits, vocab, x.dtype, first_row=first, count=count)
-        out[:, first:first + count] = rows @ table.T
-    if bias is not None:
-        out += bias
-    return out.reshape(*x.shape[:-1], vocab)
+    return tied_head_plan(x, codes, codebooks, scales, bias, bits, vocab)(x)

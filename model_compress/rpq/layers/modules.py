@@ -25,8 +25,9 @@ from torch import Tensor, nn
 
 from .direct_reads import own_forward_sources
 from ..kernels import forward as kernels
-from ..kernels import packed_forward, packed_ops
+from ..kernels import packed_forward, packed_ops, plans
 from ..kernels import rotation
+from ..kernels.plans import input_signature, plans_of
 from ..kernels.layout import (
     CODEBOOK_DTYPES, EMBEDDING, INT8, LINEAR, code_bins, code_bits, codebook_values, decode, dtype_name, packed_width, unpack_codes,
 )
@@ -89,6 +90,9 @@ def _packed_paths():
     return packed_ops if torch.compiler.is_compiling() else packed_forward
 
 
+_PLANNED_TENSORS = frozenset({"codebooks", "codebook_scales", "indices", "bias", "rotation_signs", "decoded_weight"})
+
+
 class _Codes:
     """What every RPQ module with its own codes offers: the codes unpacked, the codebooks as floats."""
 
@@ -127,6 +131,9 @@ class _Codes:
 
     def rotate_alone(self, x: Tensor) -> Tensor:
         """x R with this layer's own signs (one Triton launch on CUDA)."""
+        if plans.usable():
+            return plans_of(self).get(("rotate", *input_signature(x)),
+                                      lambda: packed_forward.rotate_plan(x, self.signs(x.dtype), self.rotation_block))(x)
         return _packed_paths().rotate(x, self.signs(x.dtype), self.rotation_block)
 
     def signs(self, dtype: torch.dtype = torch.int8) -> Tensor:
@@ -149,6 +156,7 @@ class _Codes:
         """Store +-1 ``signs`` (one per input feature) as the layer's rotation."""
         with torch.no_grad():
             self.rotation_signs.copy_(rotation.pack_signs(signs.to(self.rotation_signs.device)))
+        plans.invalidate_all()  # kept launch plans hold the signs unpacked
 
     @property
     def codebook_dtype(self) -> str:
@@ -168,7 +176,23 @@ class _Codes:
         """``.to()``, ``.half()`` and the rest: the compute dtype follows what the cast does to a float tensor."""
         result = super()._apply(fn, recurse)
         self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
+        plans.invalidate_all()  # kept launch plans hold the tensors as they were
         return result
+
+    def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003 - nn.Module's signature
+        """A load replaces or overwrites the codes, tables and signs that kept launch plans hold."""
+        plans.invalidate_all()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def __setattr__(self, name: str, value) -> None:  # noqa: ANN001 - nn.Module's signature
+        if name in _PLANNED_TENSORS:  # a tensor kept launch plans hold is replaced
+            plans.invalidate_all()
+        super().__setattr__(name, value)
+
+    def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
+        if name in _PLANNED_TENSORS:
+            plans.invalidate_all()
+        super().register_buffer(name, tensor, persistent)
 
     @property
     def decoded(self) -> Tensor | None:
@@ -258,7 +282,11 @@ class RPQLinear(_Codes, nn.Module):
         return kernels.linear_forward(x, self.codebooks, self.indices, self.bias, self.code_bins, norm, self._route_store())
 
     def forward_rotated(self, x: Tensor) -> Tensor:
-        """The layer on an input already in its rotated basis (x R), for the packed forms: what a fused prologue feeds."""
+        """The layer on an input already in its rotated basis (x R), for the packed forms: what a fused prologue feeds.
+        Eager inference keeps the route per input signature (``kernels/plans.py``)."""
+        if plans.usable():
+            return plans_of(self).get(("linear", *input_signature(x)), lambda: packed_forward.linear_plan(
+                x, self.indices, self.codebooks, self.codebook_scales, self.bias, self.code_bits, self.in_features))(x)
         return _packed_paths().linear(x, self.indices, self.codebooks, self.codebook_scales, self.bias, self.code_bits,
                                       self.in_features)
 
@@ -339,11 +367,24 @@ class RPQEmbedding(_Codes, nn.Embedding):
         if self.decoded is not None:
             return self.decoded[input].to(self.value_dtype)
         if not self.native:
+            if plans.usable():
+                return plans_of(self).get(("rows", *input_signature(input), self.value_dtype), lambda: self._rows_plan(input))(input)
             rows = _packed_paths().embedding_rows(
                 input, self.indices, self.codebooks, self.codebook_scales, self.code_bits, self.columns, self.value_dtype
             )
             return self.unrotate_rows(rows)
         return kernels.embedding_forward(input, self.codebooks, self.indices).to(self.compute_dtype)
+
+    def _rows_plan(self, ids: Tensor):
+        """The lookup (rows decoded, then turned back with R^T) for ids shaped like ``ids``, worked out once."""
+        dtype = self.value_dtype
+        rows = packed_forward.embedding_rows_plan(ids, self.indices, self.codebooks, self.codebook_scales, self.code_bits,
+                                                  self.columns, dtype)
+        if self.rotation_block is None:
+            return rows
+        template = torch.empty(*ids.shape, self.embedding_dim, device=self.indices.device, dtype=dtype)
+        unrotate = packed_forward.rotate_plan(template, self.signs(dtype), self.rotation_block, signs_first=False)
+        return lambda ids: unrotate(rows(ids))
 
     def reset_parameters(self) -> None:
         """Nothing to reset: the codes come from a fitted checkpoint (nn.Embedding would touch ``weight``)."""
@@ -376,6 +417,7 @@ class RPQTiedHead(nn.Module):
     def tie_to(self, embedding: RPQEmbedding) -> None:
         """Point at another embedding module (after loading, the model's own)."""
         object.__setattr__(self, "_embedding", embedding)
+        plans.invalidate_all()
 
     def dequantize(self) -> Tensor:
         return self._embedding.dequantize()
@@ -385,11 +427,22 @@ class RPQTiedHead(nn.Module):
         if embedding.decoded is not None:
             return _decoded_product(x, embedding.decoded, self.bias)
         if not embedding.native:
+            if plans.usable():
+                return plans_of(self).get(input_signature(x), lambda: self._logits_plan(x))(x)
             return _packed_paths().tied_head(
                 embedding.rotate_input(x), embedding.indices, embedding.codebooks, embedding.codebook_scales, self.bias,
                 embedding.code_bits, embedding.num_embeddings,
             )
         return kernels.tied_head_forward(x, embedding.codebooks, embedding.indices, self.bias)
+
+    def _logits_plan(self, x: Tensor):
+        """Rotation, then the packed head, for hidden states shaped like ``x``, worked out once."""
+        embedding = self._embedding
+        rotate = (lambda x: x) if embedding.rotation_block is None else embedding.rotate_alone
+        template = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        head = packed_forward.tied_head_plan(template, embedding.indices, embedding.codebooks, embedding.codebook_scales,
+                                             self.bias, embedding.code_bits, embedding.num_embeddings)
+        return lambda x: head(rotate(x))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tied to an RPQEmbedding"

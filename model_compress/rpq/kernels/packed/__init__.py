@@ -2,6 +2,11 @@
 codebooks of D = 1, 2 or 4 values per code stored in int8 with one scale per codebook or in a float dtype, and
 the input rotation.
 
+Each launching function has a ``*_plan`` form: the same work as a call for inputs shaped like the one given, with the
+grid, split and constants worked out once and the kernel launched past Triton's JIT after its first call
+(``triton/direct_launch.py``); the layers keep their plans (``kernels/plans.py``) so eager decoding pays the host
+cost of a launch, not of the routing.
+
 ``linear``: y = x W'^T + b with W' decoded tile by tile in registers (one token up to a few dozen).
 ``nibble_tables``: the same, and W' for prompts, for 4- and 5-bit codes with 16- and 32-entry int8 row tables on
 fp16 tokens, looked up by byte permutes; ``nibble_groups``: siblings on one token in one launch. ``decode``: W' into
@@ -12,13 +17,16 @@ the pre-norm or the SiLU gate that makes x.
 
 from __future__ import annotations
 
-from .decode import decode_linear_weight, decode_table_rows
+from .decode import decode_linear_plan, decode_linear_weight, decode_plan, decode_table_rows
 from .head import packed_head
-from .linear import packed_linear
-from .nibble_groups import nibble_group_gemv
-from .nibble_tables import nibble_decode_serves, nibble_decode_weight, nibble_linear, nibble_serves
-from .prologue import gated_silu_rotate, norm_rotate
-from .rotate import rotate, unrotate
+from .linear import packed_linear, packed_linear_plan
+from .nibble_groups import nibble_group_gemv, nibble_group_plan
+from .nibble_tables import (nibble_decode_plan, nibble_decode_serves, nibble_decode_weight, nibble_linear, nibble_linear_plan,
+                            nibble_serves)
+from .prologue import gated_silu_rotate, gated_silu_rotate_plan, norm_rotate, norm_rotate_plan
+from .rotate import rotate, rotate_plan, unrotate
 
-__all__ = ["decode_linear_weight", "decode_table_rows", "gated_silu_rotate", "nibble_decode_serves", "nibble_decode_weight",
-           "nibble_group_gemv", "nibble_linear", "nibble_serves", "norm_rotate", "packed_head", "packed_linear", "rotate", "unrotate"]
+__all__ = ["decode_linear_plan", "decode_linear_weight", "decode_plan", "decode_table_rows", "gated_silu_rotate", "gated_silu_rotate_plan",
+           "nibble_decode_plan", "nibble_decode_serves", "nibble_decode_weight", "nibble_group_gemv", "nibble_group_plan",
+           "nibble_linear", "nibble_linear_plan", "nibble_serves", "norm_rotate", "norm_rotate_plan", "packed_head",
+           "packed_linear", "packed_linear_plan", "rotate", "rotate_plan", "unrotate"]

@@ -8,6 +8,8 @@ Linear's columns are its inputs (out[n, j]). One kernel writes either, through t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -15,6 +17,7 @@ from torch import Tensor
 
 from ..config.code_planes import stored_as_planes
 from ..triton.common import _cdiv
+from ..triton.direct_launch import DirectLaunch
 from .codes import VECTOR_BITS, bytes_spanned, unpack, unpack_tile
 
 
@@ -65,33 +68,62 @@ def _packed_decode_kernel(
     tl.store(targets, values.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def decode_plan(
+    codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, columns: int, stride_column: int, stride_split: int,
+    count: int, has_ids: bool = False, first_column: int = 0,
+) -> Callable[[Tensor, Tensor | None], None]:
+    """A call ``(out, ids)`` that decodes ``count`` of the ``columns`` columns (``ids``, else ``first_column`` onwards)
+    into ``out`` at the given strides, one kernel; the grid and constants worked out once."""
+    num_codebooks, codebook_size, piece = codebooks.shape
+    split = num_codebooks * piece
+    if not count:
+        return lambda out, ids: None
+    block_j, block_n = 64, 64
+    launch = DirectLaunch(
+        _packed_decode_kernel, (_cdiv(count, block_j), _cdiv(split, block_n)), CODEBOOK_SIZE=codebook_size, PIECE=piece,
+        BITS=bits, BYTES=bytes_spanned(bits), HAS_IDS=has_ids,
+        VECTOR=not has_ids and bits in VECTOR_BITS and first_column * bits % 8 == 0, PLANES=stored_as_planes(bits, columns),
+        HAS_SCALES=scales is not None, BLOCK_J=block_j, BLOCK_N=block_n,
+    )
+    scales_or_books = scales if scales is not None else codebooks
+    width = codes.shape[1]
+
+    def decode(out: Tensor, ids: Tensor | None) -> None:
+        launch(ids if ids is not None else codes, codes, codebooks, scales_or_books, out, first_column, count, split, width,
+               stride_column, stride_split)
+
+    return decode
+
+
 def decode_packed(
     codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, columns: int, out: Tensor, stride_column: int,
     stride_split: int, count: int, ids: Tensor | None = None, first_column: int = 0,
 ) -> Tensor:
     """Decode ``count`` of the ``columns`` columns (``ids``, else ``first_column`` onwards) into ``out`` at the given
     strides, one kernel."""
-    num_codebooks, codebook_size, piece = codebooks.shape
-    split = num_codebooks * piece
-    if count:
-        block_j, block_n = 64, 64
-        _packed_decode_kernel[(_cdiv(count, block_j), _cdiv(split, block_n))](
-            ids if ids is not None else codes, codes, codebooks, scales if scales is not None else codebooks, out, first_column,
-            count, split, codes.shape[1], stride_column, stride_split, CODEBOOK_SIZE=codebook_size, PIECE=piece, BITS=bits,
-            BYTES=bytes_spanned(bits), HAS_IDS=ids is not None,
-            VECTOR=ids is None and bits in VECTOR_BITS and first_column * bits % 8 == 0,
-            PLANES=stored_as_planes(bits, columns), HAS_SCALES=scales is not None,
-            BLOCK_J=block_j, BLOCK_N=block_n,
-        )
+    decode_plan(codes, codebooks, scales, bits, columns, stride_column, stride_split, count, ids is not None, first_column)(out, ids)
     return out
+
+
+def decode_linear_plan(codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, in_features: int,
+                       dtype: torch.dtype) -> Callable[[], Tensor]:
+    """A call that returns W' (out, in) of a packed Linear in ``dtype``, a new temporary each time."""
+    out_features = codebooks.shape[0] * codebooks.shape[2]
+    decode = decode_plan(codes, codebooks, scales, bits, in_features, 1, in_features, in_features)
+    device = codes.device
+
+    def weight() -> Tensor:
+        out = torch.empty(out_features, in_features, device=device, dtype=dtype)
+        decode(out, None)
+        return out
+
+    return weight
 
 
 def decode_linear_weight(codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, in_features: int,
                          dtype: torch.dtype) -> Tensor:
     """W' (out, in) of a packed Linear in ``dtype``, a new temporary."""
-    out_features = codebooks.shape[0] * codebooks.shape[2]
-    weight = torch.empty(out_features, in_features, device=codes.device, dtype=dtype)
-    return decode_packed(codes, codebooks, scales, bits, in_features, weight, 1, in_features, in_features)
+    return decode_linear_plan(codes, codebooks, scales, bits, in_features, dtype)()
 
 
 def decode_table_rows(codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, rows: int, dtype: torch.dtype,

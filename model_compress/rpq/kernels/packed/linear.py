@@ -9,6 +9,8 @@ narrow layer enough programs without another launch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -16,7 +18,8 @@ from torch import Tensor
 
 from ..config.code_planes import stored_as_planes
 from ..config.packed_routes import PackedTile
-from ..triton.common import _cdiv, _rows, _store_tile, _tile_rows, split_buffers
+from ..triton.common import _cdiv, _rows, _store_tile, _tile_rows, tile_counters
+from ..triton.direct_launch import DirectLaunch
 from .codes import VECTOR_BITS, bytes_spanned, row_pointers, weight_tile
 
 
@@ -137,6 +140,66 @@ def input_split(in_features: int, tiles: int, tile: PackedTile, multiprocessors:
     return _cdiv(in_features, chunk), chunk
 
 
+def packed_linear_plan(
+    x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int, in_features: int,
+    tile: PackedTile, multiprocessors: int,
+) -> Callable[[Tensor], Tensor]:
+    """``packed_linear`` as a call for inputs shaped, strided, typed and aligned like ``x``: grid, split and constants
+    worked out once."""
+    num_codebooks, codebook_size, piece = codebooks.shape
+    out_features = num_codebooks * piece
+    rows = _rows(x, in_features)
+    cast = not rows.dtype.is_floating_point or rows.dtype == torch.float64
+    tokens = rows.shape[0]
+    out_shape = (*x.shape[:-1], out_features)
+    device, dtype = x.device, x.dtype
+    if not tokens:
+        return lambda x: torch.empty(out_shape, device=device, dtype=dtype)
+    as_rows = rows.data_ptr() == x.data_ptr() and not cast  # the kernel reads x itself at the rows' stride
+    stride_x = rows.stride(0) if not cast else in_features
+    tiles_n, tiles_m = _cdiv(out_features, tile.block_n), _cdiv(tokens, tile.block_m)
+    split, chunk = input_split(in_features, tiles_n * tiles_m, tile, multiprocessors)
+    counter = tile_counters(tiles_n * tiles_m, device) if split > 1 else None
+    scales_or_books = scales if scales is not None else codebooks
+    constants = dict(CODEBOOK_SIZE=codebook_size, PIECE=piece, BITS=bits, BYTES=bytes_spanned(bits),
+                     VECTOR=bits in VECTOR_BITS and tile.block_k * bits % 8 == 0, PLANES=stored_as_planes(bits, in_features),
+                     HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, BLOCK_K=tile.block_k, SPLIT=split > 1,
+                     BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages)
+
+    def inputs(x: Tensor) -> Tensor:
+        if as_rows:
+            return x
+        rows = _rows(x, in_features)
+        return rows.float() if cast else rows
+
+    def buffers() -> tuple[Tensor, Tensor, Tensor]:
+        out = torch.empty(out_shape, device=device, dtype=dtype)
+        if counter is None:
+            return out, out, out
+        return out, torch.empty(split * out.numel(), device=device, dtype=torch.float32), counter
+
+    if tokens == 1 and tile.block_m == 1:
+        gemv = DirectLaunch(_packed_gemv_kernel, (tiles_n, 1, split), **constants)
+
+        def run(x: Tensor) -> Tensor:
+            out, partial, counters = buffers()
+            gemv(inputs(x), codes, codebooks, scales_or_books, out if bias is None else bias, out, partial, counters,
+                 in_features, out_features, codes.shape[1], split, chunk)
+            return out
+
+        return run
+    linear = DirectLaunch(_packed_linear_kernel, (tiles_n, tiles_m, split), USE_DOT=tile.block_m >= 16,
+                          DOT_IEEE=rows.dtype == torch.float32 or cast, BLOCK_M=tile.block_m, **constants)
+
+    def run_tokens(x: Tensor) -> Tensor:
+        out, partial, counters = buffers()
+        linear(inputs(x), codes, codebooks, scales_or_books, out if bias is None else bias, out, partial, counters, tokens,
+               in_features, out_features, codes.shape[1], stride_x, out_features, split, chunk)
+        return out
+
+    return run_tokens
+
+
 def packed_linear(
     x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int, in_features: int,
     tile: PackedTile, multiprocessors: int,
@@ -146,35 +209,4 @@ def packed_linear(
     The inputs are split until about ``tile.programs_per_sm`` programs run per multiprocessor (latency hiding for
     a narrow layer), never below one BLOCK_K slice per program. One token takes the GEMV kernel.
     """
-    num_codebooks, codebook_size, piece = codebooks.shape
-    out_features = num_codebooks * piece
-    rows = _rows(x, in_features)
-    if not rows.dtype.is_floating_point or rows.dtype == torch.float64:
-        rows = rows.float()
-    tokens = rows.shape[0]
-    out = torch.empty(tokens, out_features, device=x.device, dtype=x.dtype)
-    if not tokens:
-        return out.reshape(*x.shape[:-1], out_features)
-    tiles_n, tiles_m = _cdiv(out_features, tile.block_n), _cdiv(tokens, tile.block_m)
-    split, chunk = input_split(in_features, tiles_n * tiles_m, tile, multiprocessors)
-    partial, counter = split_buffers(out, split, tiles_n * tiles_m)
-    vector = bits in VECTOR_BITS and tile.block_k * bits % 8 == 0
-    planes = stored_as_planes(bits, in_features)
-    if tokens == 1 and tile.block_m == 1:
-        _packed_gemv_kernel[(tiles_n, 1, split)](
-            rows, codes, codebooks, scales if scales is not None else codebooks, bias if bias is not None else out, out, partial,
-            counter, in_features, out_features, codes.shape[1], split, chunk, CODEBOOK_SIZE=codebook_size, PIECE=piece,
-            BITS=bits, BYTES=bytes_spanned(bits), VECTOR=vector, PLANES=planes, HAS_SCALES=scales is not None,
-            HAS_BIAS=bias is not None, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT=split > 1, num_warps=tile.num_warps, num_stages=tile.num_stages,
-        )
-        return out.reshape(*x.shape[:-1], out_features)
-    _packed_linear_kernel[(tiles_n, tiles_m, split)](
-        rows, codes, codebooks, scales if scales is not None else codebooks, bias if bias is not None else out, out, partial,
-        counter, tokens, in_features, out_features, codes.shape[1], rows.stride(0), out.stride(0), split, chunk,
-        CODEBOOK_SIZE=codebook_size, PIECE=piece, BITS=bits, BYTES=bytes_spanned(bits), VECTOR=vector, PLANES=planes,
-        HAS_SCALES=scales is not None,
-        HAS_BIAS=bias is not None, USE_DOT=tile.block_m >= 16, DOT_IEEE=rows.dtype == torch.float32,
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT=split > 1,
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
-    )
-    return out.reshape(*x.shape[:-1], out_features)
+    return packed_linear_plan(x, codes, codebooks, scales, bias, bits, in_features, tile, multiprocessors)(x)

@@ -8,13 +8,16 @@ branch, and its outputs land in one buffer that the members' outputs are views o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ..config.packed_routes import PackedTile
-from ..triton.common import _cdiv, _store_tile, split_buffers
+from ..triton.common import _cdiv, _store_tile, tile_counters
+from ..triton.direct_launch import DirectLaunch
 from .linear import input_split
 from .nibble_tables import _row_sums
 
@@ -67,10 +70,9 @@ def _nibble_group_gemv_kernel(
                 total, split_k, HAS_BIAS, SPLIT, 1, BLOCK_N)
 
 
-def nibble_group_gemv(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], bias: Tensor | None, bits: int,
-                      in_features: int, tile: PackedTile, multiprocessors: int) -> list[Tensor]:
-    """Each member's (codes, codebooks, scales) times one fp16 token x, all in one launch (``nibble_serves`` for each);
-    ``bias``: the members' biases end to end, or None. Returns views of one output buffer, in the members' order."""
+def nibble_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], bias: Tensor | None, bits: int,
+                      in_features: int, tile: PackedTile, multiprocessors: int) -> Callable[[Tensor], tuple[Tensor, ...]]:
+    """``nibble_group_gemv`` as a call for tokens shaped like ``x``: the grid, split and buffers worked out once."""
     if not 2 <= len(members) <= 3:
         raise ValueError(f"a group has 2 or 3 members, got {len(members)}")
     counts = [codebooks.shape[0] for _, codebooks, _ in members]
@@ -78,13 +80,28 @@ def nibble_group_gemv(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], b
     rows = counts + [0] * (3 - len(counts))
     tiles = [_cdiv(count, tile.block_n) for count in rows]
     total = sum(counts)
-    out = torch.empty(*x.shape[:-1], total, device=x.device, dtype=x.dtype)
+    out_shape = (*x.shape[:-1], total)
+    device, dtype = x.device, x.dtype
     split, chunk = input_split(in_features, sum(tiles), tile, multiprocessors)
-    partial, counter = split_buffers(out, split, sum(tiles))
-    _nibble_group_gemv_kernel[(sum(tiles), 1, split)](
-        x, *padded[0], *padded[1], *padded[2], bias if bias is not None else out, out, partial, counter, *rows, tiles[0],
-        tiles[0] + tiles[1], in_features // 8, split, chunk // 8, BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=tile.block_n,
-        BLOCK_W=tile.block_k // 8, SPLIT=split > 1, num_warps=tile.num_warps, num_stages=tile.num_stages,
-    )
-    starts = [0, counts[0], counts[0] + counts[1]]
-    return [out[..., start:start + count] for start, count in zip(starts, counts)]
+    counter = tile_counters(sum(tiles), device) if split > 1 else None
+    launch = DirectLaunch(_nibble_group_gemv_kernel, (sum(tiles), 1, split), BITS=bits, HAS_BIAS=bias is not None,
+                          BLOCK_N=tile.block_n, BLOCK_W=tile.block_k // 8, SPLIT=split > 1, num_warps=tile.num_warps,
+                          num_stages=tile.num_stages)
+    buffers = [t for member in padded for t in member]
+    sizes = (*counts,)
+
+    def run(x: Tensor) -> tuple[Tensor, ...]:
+        out = torch.empty(out_shape, device=device, dtype=dtype)
+        partial = out if counter is None else torch.empty(split * total, device=device, dtype=torch.float32)
+        launch(x, *buffers, out if bias is None else bias, out, partial, out if counter is None else counter, *rows, tiles[0],
+               tiles[0] + tiles[1], in_features // 8, split, chunk // 8)
+        return out.split(sizes, dim=-1)
+
+    return run
+
+
+def nibble_group_gemv(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], bias: Tensor | None, bits: int,
+                      in_features: int, tile: PackedTile, multiprocessors: int) -> list[Tensor]:
+    """Each member's (codes, codebooks, scales) times one fp16 token x, all in one launch (``nibble_serves`` for each);
+    ``bias``: the members' biases end to end, or None. Returns views of one output buffer, in the members' order."""
+    return list(nibble_group_plan(x, members, bias, bits, in_features, tile, multiprocessors)(x))

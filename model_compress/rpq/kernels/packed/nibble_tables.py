@@ -30,7 +30,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..config.packed_routes import PackedTile
-from ..triton.common import _cdiv, _rows, _store_tile, _tile_rows, split_buffers
+from ..triton.common import _cdiv, _rows, _store_tile, _tile_rows, tile_counters
+from ..triton.direct_launch import DirectLaunch
 from .linear import input_split
 
 
@@ -308,42 +309,74 @@ def nibble_decode_serves(codes: Tensor, codebooks: Tensor, scales: Tensor | None
 NIBBLE_DECODE_ROWS, NIBBLE_DECODE_WORDS = 32, 32  # one program: 32 rows x 256 inputs
 
 
+def nibble_decode_plan(codes: Tensor, codebooks: Tensor, scales: Tensor, bits: int, in_features: int,
+                       dtype: torch.dtype) -> Callable[[], Tensor]:
+    """A call that returns W' (out, in) in ``dtype``, a new temporary each time (``nibble_decode_serves``)."""
+    out_features = codebooks.shape[0]
+    words_per_row = in_features // 8
+    grid = (_cdiv(out_features, NIBBLE_DECODE_ROWS), _cdiv(words_per_row, NIBBLE_DECODE_WORDS))
+    launch = DirectLaunch(_nibble_decode_kernel, grid, BITS=bits, BLOCK_N=NIBBLE_DECODE_ROWS, BLOCK_W=NIBBLE_DECODE_WORDS,
+                          num_warps=4)
+    device = codes.device
+
+    def decode() -> Tensor:
+        weight = torch.empty(out_features, in_features, device=device, dtype=dtype)
+        launch(codes, codebooks, scales, weight, out_features, words_per_row)
+        return weight
+
+    return decode
+
+
 def nibble_decode_weight(codes: Tensor, codebooks: Tensor, scales: Tensor, bits: int, in_features: int,
                          dtype: torch.dtype) -> Tensor:
     """W' (out, in) in ``dtype``, a new temporary (``nibble_decode_serves``)."""
+    return nibble_decode_plan(codes, codebooks, scales, bits, in_features, dtype)()
+
+
+def nibble_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None, bits: int,
+                       in_features: int, tile: PackedTile, multiprocessors: int) -> Callable[[Tensor], Tensor]:
+    """x W'^T + b (``nibble_serves``) as a call for inputs shaped, strided, typed and aligned like ``x``: one token on
+    the GEMV, more on tensor cores; ``tile.block_k`` counts codes. Shapes, split and grid are worked out here, once."""
     out_features = codebooks.shape[0]
-    weight = torch.empty(out_features, in_features, device=codes.device, dtype=dtype)
-    words_per_row = in_features // 8
-    grid = (_cdiv(out_features, NIBBLE_DECODE_ROWS), _cdiv(words_per_row, NIBBLE_DECODE_WORDS))
-    _nibble_decode_kernel[grid](codes, codebooks, scales, weight, out_features, words_per_row, BITS=bits,
-                                BLOCK_N=NIBBLE_DECODE_ROWS, BLOCK_W=NIBBLE_DECODE_WORDS, num_warps=4)
-    return weight
+    rows = _rows(x, in_features)
+    tokens = rows.shape[0]
+    out_shape = (*x.shape[:-1], out_features)
+    device, dtype = x.device, x.dtype
+    if not tokens:
+        return lambda x: torch.empty(out_shape, device=device, dtype=dtype)
+    as_rows = rows.data_ptr() == x.data_ptr()  # a view: the kernel reads x itself at the rows' stride
+    stride_x = rows.stride(0)
+    words_per_row, block_w = in_features // 8, tile.block_k // 8
+    tiles_n, tiles_m = _cdiv(out_features, tile.block_n), _cdiv(tokens, tile.block_m)
+    split, chunk = input_split(in_features, tiles_n * tiles_m, tile, multiprocessors)
+    counter = tile_counters(tiles_n * tiles_m, device) if split > 1 else None
+    constants = dict(BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=tile.block_n, BLOCK_W=block_w, SPLIT=split > 1,
+                     num_warps=tile.num_warps, num_stages=tile.num_stages)
+    if tokens == 1 and tile.block_m == 1:
+        gemv = DirectLaunch(_nibble_gemv_kernel, (tiles_n, 1, split), **constants)
+
+        def run(x: Tensor) -> Tensor:
+            out = torch.empty(out_shape, device=device, dtype=dtype)
+            partial = out if counter is None else torch.empty(split * out_features, device=device, dtype=torch.float32)
+            gemv(x if as_rows else _rows(x, in_features), codes, codebooks, scales, out if bias is None else bias, out, partial,
+                 out if counter is None else counter, out_features, words_per_row, split, chunk // 8)
+            return out
+
+        return run
+    linear = DirectLaunch(_nibble_linear_kernel, (tiles_n, tiles_m, split), BLOCK_M=tile.block_m, **constants)
+
+    def run_tokens(x: Tensor) -> Tensor:
+        out = torch.empty(out_shape, device=device, dtype=dtype)
+        partial = out if counter is None else torch.empty(split * out.numel(), device=device, dtype=torch.float32)
+        linear(x if as_rows else _rows(x, in_features), codes, codebooks, scales, out if bias is None else bias, out, partial,
+               out if counter is None else counter, tokens, out_features, words_per_row, stride_x, out_features, split,
+               chunk // 8)
+        return out
+
+    return run_tokens
 
 
 def nibble_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None, bits: int,
                   in_features: int, tile: PackedTile, multiprocessors: int) -> Tensor:
     """x W'^T + b (``nibble_serves``): one token on the GEMV, more on tensor cores; ``tile.block_k`` counts codes."""
-    out_features = codebooks.shape[0]
-    rows = _rows(x, in_features)
-    tokens = rows.shape[0]
-    out = torch.empty(tokens, out_features, device=x.device, dtype=x.dtype)
-    if not tokens:
-        return out.reshape(*x.shape[:-1], out_features)
-    words_per_row, block_w = in_features // 8, tile.block_k // 8
-    tiles_n, tiles_m = _cdiv(out_features, tile.block_n), _cdiv(tokens, tile.block_m)
-    split, chunk = input_split(in_features, tiles_n * tiles_m, tile, multiprocessors)
-    partial, counter = split_buffers(out, split, tiles_n * tiles_m)
-    bias_or_out = bias if bias is not None else out
-    if tokens == 1 and tile.block_m == 1:
-        _nibble_gemv_kernel[(tiles_n, 1, split)](
-            rows, codes, codebooks, scales, bias_or_out, out, partial, counter, out_features, words_per_row, split, chunk // 8,
-            BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=tile.block_n, BLOCK_W=block_w, SPLIT=split > 1, num_warps=tile.num_warps,
-            num_stages=tile.num_stages,
-        )
-    else:
-        _nibble_linear_kernel[(tiles_n, tiles_m, split)](
-            rows, codes, codebooks, scales, bias_or_out, out, partial, counter, tokens, out_features, words_per_row,
-            rows.stride(0), out.stride(0), split, chunk // 8, BITS=bits, HAS_BIAS=bias is not None, BLOCK_M=tile.block_m,
-            BLOCK_N=tile.block_n, BLOCK_W=block_w, SPLIT=split > 1, num_warps=tile.num_warps, num_stages=tile.num_stages,
-        )
-    return out.reshape(*x.shape[:-1], out_features)
+    return nibble_linear_plan(x, codes, codebooks, scales, bias, bits, in_features, tile, multiprocessors)(x)

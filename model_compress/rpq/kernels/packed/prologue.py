@@ -8,6 +8,8 @@ The row is rounded to the output dtype before the Hadamard product, as the unfus
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -15,6 +17,7 @@ from torch import Tensor
 
 from ..config.norm_spec import LAYER_NORM, RMS_NORM
 from ..triton.common import _next_power_of_2, _rows
+from ..triton.direct_launch import DirectLaunch
 from .rotate import _sign_matrix
 
 GATED_SILU = 3  # the prologue kind beside the norm kinds of config/norm_spec.py
@@ -54,30 +57,55 @@ def _prologue_rotate_kernel(
     tl.store(out_ptr + row * stride_out + offs, rotated.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(a: Tensor, b: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, kind: int, signs: Tensor,
-            block: int, out_dtype: torch.dtype) -> Tensor:
+def prologue_plan(a: Tensor, b: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, kind: int,
+                  signs: Tensor, block: int, out_dtype: torch.dtype) -> Callable[[Tensor, Tensor | None], Tensor]:
+    """A call ``(a, b)`` for inputs shaped, strided and aligned like ``a`` and ``b`` (the SiLU prologue's up; None for a
+    norm): grid, constants and the Hadamard matrix worked out once."""
     width = a.shape[-1]
     rows_a = _rows(a, width)
     rows_b = _rows(b, width) if b is not None else rows_a
-    out = torch.empty(rows_a.shape[0], width, device=a.device, dtype=out_dtype)
+    count = rows_a.shape[0]
+    shape, device = a.shape, a.device
+    if not count:
+        return lambda a, b: torch.empty(shape, device=device, dtype=out_dtype)
+    a_as_rows = rows_a.data_ptr() == a.data_ptr()
+    b_as_rows = b is None or rows_b.data_ptr() == b.data_ptr()
+    stride_a, stride_b = rows_a.stride(0), rows_b.stride(0)
     block_w = max(_next_power_of_2(width), 16 * block)  # tensor cores take 16 or more blocks
-    if rows_a.shape[0]:
-        _prologue_rotate_kernel[(rows_a.shape[0],)](
-            rows_a, rows_b, weight if weight is not None else rows_a, bias if bias is not None else rows_a, signs,
-            _sign_matrix(block, a.device, out_dtype), out, width, rows_a.stride(0), rows_b.stride(0), out.stride(0), eps,
-            block**-0.5, KIND=kind, HAS_BIAS=bias is not None, BLOCK=block, BLOCK_W=block_w,
-            DOT_IEEE=out_dtype == torch.float32, num_warps=4 if block_w <= 4096 else 8,
-        )
-    return out.reshape(a.shape)
+    hadamard = _sign_matrix(block, device, out_dtype)
+    launch = DirectLaunch(_prologue_rotate_kernel, (count,), KIND=kind, HAS_BIAS=bias is not None, BLOCK=block,
+                          BLOCK_W=block_w, DOT_IEEE=out_dtype == torch.float32, num_warps=4 if block_w <= 4096 else 8)
+    scale = block**-0.5
+
+    def run(a: Tensor, b: Tensor | None) -> Tensor:
+        rows_a = a if a_as_rows else _rows(a, width)
+        rows_b = rows_a if b is None else (b if b_as_rows else _rows(b, width))
+        out = torch.empty(shape, device=device, dtype=out_dtype)
+        launch(rows_a, rows_b, weight if weight is not None else rows_a, bias if bias is not None else rows_a, signs, hadamard,
+               out, width, stride_a, stride_b, width, eps, scale)
+        return out
+
+    return run
+
+
+def norm_rotate_plan(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, kind: int, signs: Tensor,
+                     block: int) -> Callable[[Tensor, Tensor | None], Tensor]:
+    """``norm_rotate`` as a call ``(x, None)`` for inputs like ``x``."""
+    if kind not in (RMS_NORM, LAYER_NORM):
+        raise ValueError(f"unknown norm kind {kind}")
+    return prologue_plan(x, None, weight, bias, eps, kind, signs, block, weight.dtype)
+
+
+def gated_silu_rotate_plan(gate: Tensor, up: Tensor, signs: Tensor, block: int) -> Callable[[Tensor, Tensor | None], Tensor]:
+    """``gated_silu_rotate`` as a call ``(gate, up)`` for inputs like ``gate`` and ``up``."""
+    return prologue_plan(gate, up, None, None, 0.0, GATED_SILU, signs, block, gate.dtype)
 
 
 def norm_rotate(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, kind: int, signs: Tensor, block: int) -> Tensor:
     """norm(x) R in one launch (``kind``: RMS_NORM or LAYER_NORM of config/norm_spec.py), in the norm weight's dtype."""
-    if kind not in (RMS_NORM, LAYER_NORM):
-        raise ValueError(f"unknown norm kind {kind}")
-    return _launch(x, None, weight, bias, eps, kind, signs, block, weight.dtype)
+    return norm_rotate_plan(x, weight, bias, eps, kind, signs, block)(x, None)
 
 
 def gated_silu_rotate(gate: Tensor, up: Tensor, signs: Tensor, block: int) -> Tensor:
     """(silu(gate) * up) R in one launch, in gate's dtype."""
-    return _launch(gate, up, None, None, 0.0, GATED_SILU, signs, block, gate.dtype)
+    return gated_silu_rotate_plan(gate, up, signs, block)(gate, up)

@@ -8,6 +8,7 @@ dtype) and scales by 1/sqrt(b) in float32, rounding once. Rows past the input ar
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import triton
@@ -15,6 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..triton.common import _cdiv, _rows
+from ..triton.direct_launch import DirectLaunch
 
 ROWS_PER_PROGRAM = 16
 
@@ -53,25 +55,41 @@ def _sign_matrix(block: int, device: torch.device, dtype: torch.dtype) -> Tensor
     return matrix.to(device=device, dtype=dtype).contiguous()
 
 
-def _launch(x: Tensor, signs: Tensor, block: int, signs_first: bool) -> Tensor:
+def rotate_plan(x: Tensor, signs: Tensor, block: int, signs_first: bool = True) -> Callable[[Tensor], Tensor]:
+    """x R (``signs_first``) or y R^T as a call for inputs shaped, strided and typed like ``x``: grid and constants
+    worked out once."""
     width = x.shape[-1]
     rows = _rows(x, width)
-    if rows.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        rows = rows.float()
-    out = torch.empty_like(rows)
-    if rows.shape[0]:
-        _rotate_kernel[(_cdiv(rows.shape[0], ROWS_PER_PROGRAM), width // block)](
-            rows, signs, _sign_matrix(block, x.device, rows.dtype), out, rows.shape[0], rows.stride(0), out.stride(0),
-            block**-0.5, BLOCK=block, BLOCK_T=ROWS_PER_PROGRAM, SIGNS_FIRST=signs_first, DOT_IEEE=rows.dtype == torch.float32,
-        )
-    return out.reshape(x.shape)
+    cast = rows.dtype not in (torch.float16, torch.bfloat16, torch.float32)
+    dtype = torch.float32 if cast else rows.dtype
+    count = rows.shape[0]
+    if not count:
+        return lambda x: torch.empty(x.shape, device=x.device, dtype=dtype)
+    as_rows = rows.data_ptr() == x.data_ptr() and not cast
+    stride_x = rows.stride(0) if not cast else width
+    shape, device = x.shape, x.device
+    hadamard = _sign_matrix(block, device, dtype)
+    launch = DirectLaunch(_rotate_kernel, (_cdiv(count, ROWS_PER_PROGRAM), width // block), BLOCK=block,
+                          BLOCK_T=ROWS_PER_PROGRAM, SIGNS_FIRST=signs_first, DOT_IEEE=dtype == torch.float32)
+
+    def run(x: Tensor) -> Tensor:
+        if as_rows:
+            source = x
+        else:
+            source = _rows(x, width)
+            source = source.float() if cast else source
+        out = torch.empty(shape, device=device, dtype=dtype)
+        launch(source, signs, hadamard, out, count, stride_x, width, block**-0.5)
+        return out
+
+    return run
 
 
 def rotate(x: Tensor, signs: Tensor, block: int) -> Tensor:
     """x R along the last dimension; ``signs`` (width,) int8 +-1."""
-    return _launch(x, signs, block, signs_first=True)
+    return rotate_plan(x, signs, block, signs_first=True)(x)
 
 
 def unrotate(y: Tensor, signs: Tensor, block: int) -> Tensor:
     """y R^T along the last dimension (a decoded table row back to the model's basis)."""
-    return _launch(y, signs, block, signs_first=False)
+    return rotate_plan(y, signs, block, signs_first=False)(y)

@@ -1,0 +1,82 @@
+"""A Triton kernel whose launch shape is fixed, launched after its first call straight through its compiled launcher.
+
+``kernel[grid](*args)`` binds and specialises every argument, hashes a cache key, checks the kernel's globals and
+reads Triton's knobs on each call: on the hosts measured, 25-47 us of host time per launch where a cuBLAS call costs
+12-14 us (benchmarks/RESULTS.md). In eager decoding the GPU waits on that. A layer's launch repeats the same
+specialisation call after call: its weights, shapes and tiles do not change, only the activation and output
+buffers do, and those come from PyTorch's allocator with the same alignment. So the first call goes through the
+JIT (compiling if needed) and hands back the compiled kernel; later calls pass the arguments in the kernel's
+parameter order, constexprs included, to the compiled kernel's launcher, as the JIT itself does.
+
+The caller promises that every later call's arguments specialise as the first call's did: the same dtypes, the same
+integer values, pointers aligned alike (``plans.input_signature`` puts the activation's alignment in the key). Where
+the direct path does not apply (the CPU interpreter, launch hooks set by a profiler, a Triton whose compiled kernel
+is shaped otherwise), every call goes through the JIT.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+
+class DirectLaunch:
+    """``kernel[grid](*args, **constants)`` for one grid and one set of constexprs and launch options."""
+
+    __slots__ = ("_kernel", "_grid", "_constants", "_launch", "direct")
+
+    def __init__(self, kernel: Any, grid: tuple[int, ...], **constants: Any) -> None:
+        self._kernel = kernel
+        self._grid = grid
+        self._constants = constants  # constexpr parameters and launch options (num_warps, num_stages)
+        self._launch: Callable[..., None] | None = None
+        self.direct = False  # whether calls after the first skip the JIT
+
+    def __call__(self, *args: Any) -> None:
+        launch = self._launch
+        if launch is not None:
+            launch(*args)
+            return
+        compiled = self._kernel[self._grid](*args, **self._constants)
+        direct = compiled_launcher(self._kernel, compiled, self._grid, len(args), self._constants)
+        self.direct = direct is not None
+        self._launch = direct if direct is not None else self._through_jit
+
+    def _through_jit(self, *args: Any) -> None:
+        self._kernel[self._grid](*args, **self._constants)
+
+
+def _hooked(hook: Any) -> bool:
+    """Whether a Triton launch hook is set (a HookChain with calls in Triton 3.5+, a callable before)."""
+    return hook is not None and (not hasattr(hook, "calls") or bool(hook.calls))
+
+
+def compiled_launcher(kernel: Any, compiled: Any, grid: tuple[int, ...], positional: int,
+                      constants: dict[str, Any]) -> Callable[..., None] | None:
+    """A launch of ``compiled`` (what ``kernel[grid](...)`` returned) taking the ``positional`` runtime arguments, the
+    constexprs bound after them; None where that would not launch what the JIT launches."""
+    try:
+        from triton import knobs
+        from triton.runtime.driver import driver
+
+        if _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
+            return None
+        params = kernel.params
+        if len(params) < positional or any(param.is_constexpr for param in params[:positional]):
+            return None  # the runtime arguments must come first, as in every kernel of this package
+        tail = tuple(constants[param.name] if param.name in constants else param.default for param in params[positional:])
+        if any(value is inspect.Parameter.empty for value in tail):
+            return None
+        run, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
+        current_device, current_stream = driver.active.get_current_device, driver.active.get_current_stream
+    except (AttributeError, ImportError, KeyError, TypeError):
+        return None
+    if function is None:
+        return None
+    grid_x, grid_y, grid_z = (*grid, 1, 1)[:3]
+
+    def launch(*args: Any) -> None:
+        run(grid_x, grid_y, grid_z, current_stream(current_device()), function, metadata, None, None, None, *args, *tail)
+
+    return launch
