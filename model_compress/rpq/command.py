@@ -33,6 +33,7 @@ class RichConversionProgress:
         self.done = 0
         self.log = PlainLog(progress.console)
         self.measure_pace, self.fit_pace = Pace(), Pace()
+        self.states_said = False
 
     def _task(self, key: str, description: str, total: int) -> int:
         if key not in self.tasks:
@@ -47,6 +48,12 @@ class RichConversionProgress:
         self.measure_pace.tick()  # the clock starts at the first block's end: that block's time includes the set-up
         pace = self.measure_pace.text(total - done, "block")
         self.log.line(f"measuring candidate formats: block {done} of {total}{pace}", always=True)
+
+    def calibration_states(self, placement) -> None:
+        """On a GPU: where the states are kept, said at the first pass, and at every pass that keeps them in host memory."""
+        if placement.spilled or (placement.free_bytes is not None and not self.states_said):
+            self.states_said = True
+            self.progress.console.print(placement.describe(), highlight=False, soft_wrap=True)
 
     def layer_started(self, plan) -> None:
         self.progress.update(self._task("fit", "fitting", self.total), description=f"fitting {plan.layer.name}")

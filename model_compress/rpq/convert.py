@@ -18,6 +18,7 @@ from torch import nn
 from ..core.block_weights import BlockWeights
 from .fit.calibration import CalibrationSet
 from .fit.passes import OnOutput, run_pass
+from .fit.state_placement import StatePlacement
 from .layer_steps import LayerSteps, fill_codes, replace_layer
 from .outcomes import Allocation, Conversion, ConversionObserver, LayerResult
 from .plan import (CANDIDATES_ABOVE, CANDIDATES_BELOW, FIXED_DEFAULT_CODEBOOKS, LayerInfo, LayerPlan, candidates, find_layers,
@@ -63,10 +64,16 @@ def convert_model(
     else:
         weights.load_outside(model, steps.stack.prefix)
 
+    placements: list[StatePlacement] = []
+
+    def placed(placement: StatePlacement) -> None:
+        placements.append(placement)
+        observer.calibration_states(placement)
+
     def over_the_blocks(layers: dict, on_statistics, sequential: bool, **kwargs) -> None:
         """One pass: each block read, run on its inputs, its layers' statistics handed on, let go (kept if fitted)."""
         run_pass(model, steps.stack, layers, steps.batches(), settings.device, on_statistics, sequential=sequential,
-                 weights=weights, **kwargs)
+                 weights=weights, on_placement=placed, **kwargs)
 
     if calibration is not None:
         steps.weigh_layers()
@@ -96,4 +103,7 @@ def convert_model(
         steps.fit_the_rest()
         steps.save_finished()
     outcomes = [steps.results.get(plan.layer.name, plan) for plan in plans]
-    return Conversion(outcomes, allocation, calibration.to_json() if calibration is not None else None)
+    report = calibration.to_json() if calibration is not None else None
+    if report is not None and placements:
+        report["states"] = placements[-1].to_json()
+    return Conversion(outcomes, allocation, report)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .fit.allocate import BudgetError, Option, allocate
+from .fit.state_placement import StatePlacement
 from .plan import CANDIDATES_ABOVE, LayerPlan
 
 
@@ -102,6 +103,9 @@ class ConversionObserver:
 
     def measuring(self, done: int, total: int) -> None:
         """Candidate formats measured for ``done`` of ``total`` blocks (budget mode only)."""
+
+    def calibration_states(self, placement: StatePlacement) -> None:
+        """Where a pass keeps the blocks' inputs and outputs (GPU or host memory), decided at its start."""
 
     def layer_started(self, plan: LayerPlan) -> None:
         """Called before a layer is fitted."""

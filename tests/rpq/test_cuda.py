@@ -79,6 +79,20 @@ def test_data_aware_budget_fit_on_cuda_matches_the_cpu_in_quality(tiny_folder):
     assert all(p.device.type == "cpu" for p in runs["cuda"].model.parameters())
 
 
+def test_calibration_states_kept_in_host_memory_fit_as_well_as_states_kept_on_the_gpu(tiny_folder, monkeypatch):
+    from model_compress.rpq.fit import state_placement
+    from model_compress.rpq.pipeline import CalibrationOptions, compress_rpq
+
+    quick = CalibrationOptions(tokens=1024)
+    settings = RPQSettings(bits=4.0, device=CUDA)
+    kept = compress_rpq(str(tiny_folder("llama")), None, settings, calibration=quick)
+    monkeypatch.setattr(state_placement, "STATE_HEADROOM", 1e12)  # nothing fits: every pass keeps them in host memory
+    spilled = compress_rpq(str(tiny_folder("llama")), None, settings, calibration=quick)
+    assert spilled.conversion.calibration["states"]["spilled"] and not kept.conversion.calibration["states"]["spilled"]
+    errors = [run.summary.output_error_mean for run in (kept, spilled)]
+    assert errors[1] == pytest.approx(errors[0], rel=0.05), errors
+
+
 @pytest.mark.parametrize("dtype,bound", [(torch.float16, 5e-3), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("codebook_size,codebook_dtype", [(16, "int8"), (300, None), (8, None)])
 def test_packed_layouts_on_cuda_match_their_dense_weight(dtype, bound, codebook_size, codebook_dtype):

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ...core.block_weights import BlockWeights, device_of
 from .stack import BlockRun, BlockStack, call_model, capture_inputs, replay_tail, run_block
+from .state_placement import StatePlacement, StatePlacer
 from .statistics import InputStatistics, recording_inputs
 
 BEFORE, BLOCK, AFTER = "before the stack", "block", "after the stack"
@@ -73,11 +74,14 @@ def run_pass(
     on_output: OnOutput | None = None,
     on_block: Callable[[int, int], None] | None = None,
     weights: BlockWeights | None = None,
+    on_placement: Callable[[StatePlacement], None] | None = None,
 ) -> None:
     """One pass over the model; ``layers`` are the converted Linear / Conv1D layers (name -> module) to record.
 
     ``on_block(done, total)`` is called after each block has run, while its weights are still at hand. ``weights``: where each block's weights come from
-    (None: memory); a ``sequential`` pass keeps each block after it ran, another lets it go.
+    (None: memory); a ``sequential`` pass keeps each block after it ran, another lets it go. The blocks' inputs and
+    outputs are kept on ``device`` where they fit, else in host memory (``state_placement``; ``on_placement`` hears
+    the decision).
     """
     weights = weights or BlockWeights()
     if stack is None:
@@ -86,12 +90,15 @@ def run_pass(
     inside = {name for name in layers if stack.index_of(name) is not None}
     outside = {name: module for name, module in layers.items() if name not in inside}
 
+    placer = StatePlacer(device, len(batches.fit) + len(batches.held_out))
     before = Statistics()
     with _recording(outside, before, device):
-        calls = capture_inputs(model, stack, batches.fit, device)
+        calls = capture_inputs(model, stack, batches.fit, device, home_for=placer.home)
     if before.names() and on_statistics(BEFORE, None, before) and sequential:
-        calls = capture_inputs(model, stack, batches.fit, device)
-    held = capture_inputs(model, stack, batches.held_out, device) if batches.held_out else []
+        calls = capture_inputs(model, stack, batches.fit, device, home_for=placer.home)
+    held = capture_inputs(model, stack, batches.held_out, device, home_for=placer.home) if batches.held_out else []
+    if on_placement is not None and placer.decision is not None:
+        on_placement(placer.decision)
     seen_before = set(before.names())
 
     run = BlockRun([c.hidden for c in calls], False)
@@ -102,13 +109,13 @@ def run_pass(
         own = {name[len(prefix) :]: model.get_submodule(name) for name in inside if name.startswith(prefix)}
         statistics = Statistics()
         with _recording(own, statistics, device):
-            run = run_block(block, calls, statistics.inputs.end_call)
+            run = run_block(block, calls, statistics.inputs.end_call, run_on=device)
         statistics = _prefixed(statistics, prefix)
         replaced = bool(statistics.names()) and on_statistics(BLOCK, index, statistics)
         if replaced and sequential:
-            run = run_block(block, calls)
+            run = run_block(block, calls, run_on=device)
         if held:
-            held_run = run_block(block, held)
+            held_run = run_block(block, held, run_on=device)
             held = [c.with_hidden(o) for c, o in zip(held, held_run.outputs)]
         calls = [c.with_hidden(o) for c, o in zip(calls, run.outputs)]
         if on_block is not None:  # before the block is let go: a step may still read its weights

@@ -60,6 +60,16 @@ class BlockCall:
             return BlockCall((hidden, *self.args[1:]), self.kwargs)
         return BlockCall(self.args, {**self.kwargs, "hidden_states": hidden})
 
+    def to(self, device: torch.device) -> "BlockCall":
+        """The same call with every tensor on ``device`` (host copies pinned, so that moving back overlaps)."""
+        return BlockCall(_mapped(self.args, lambda t: _placed(t, device)), _mapped(self.kwargs, lambda t: _placed(t, device)))
+
+    def nbytes(self) -> int:
+        """Bytes of the call's tensors (what keeping it costs)."""
+        sizes: list[int] = []
+        _mapped((self.args, self.kwargs), lambda t: sizes.append(t.numel() * t.element_size()) or t)
+        return sum(sizes)
+
 
 def find_stack(model: nn.Module, layer_names: list[str]) -> BlockStack | None:
     """The ModuleList of same-class blocks that holds the most of ``layer_names`` (None when none holds two)."""
@@ -81,14 +91,17 @@ class _Stop(Exception):
 
 
 def capture_inputs(
-    model: nn.Module, stack: BlockStack, batches: list[Tensor], device: torch.device, keep_graph: bool = False
+    model: nn.Module, stack: BlockStack, batches: list[Tensor], device: torch.device, keep_graph: bool = False,
+    home_for: Callable[[int], torch.device] | None = None,
 ) -> list[BlockCall]:
     """Each batch's arguments to the first block, produced by what runs before it (on ``device``); ``keep_graph``:
-    with autograd on and the hidden states attached to it (a backward pass continues into the embeddings)."""
+    with autograd on and the hidden states attached to it (a backward pass continues into the embeddings).
+    ``home_for(bytes of one call)``: where to keep the calls (``state_placement``), asked as each is captured."""
     calls: list[BlockCall] = []
 
     def keep(module, args, kwargs):
-        calls.append(BlockCall(args, kwargs) if keep_graph else BlockCall(_detached(args), _detached(kwargs)))
+        call = BlockCall(args, kwargs) if keep_graph else BlockCall(_detached(args), _detached(kwargs))
+        calls.append(call if home_for is None else call.to(home_for(call.nbytes())))
         raise _Stop
 
     handle = stack.blocks[0].register_forward_pre_hook(keep, with_kwargs=True)
@@ -114,14 +127,20 @@ class BlockRun:
     as_tuple: bool
 
 
-def run_block(block: nn.Module, calls: list[BlockCall], after_call: Callable[[], None] | None = None) -> BlockRun:
-    """Call ``block`` (already on the calls' device) on every captured call."""
+def run_block(block: nn.Module, calls: list[BlockCall], after_call: Callable[[], None] | None = None,
+              run_on: torch.device | None = None) -> BlockRun:
+    """Call ``block`` on every captured call: on the calls' device, or on ``run_on`` with each call moved there and its
+    output moved back where the call was kept (calibration states kept in host memory, ``fit.state_placement``)."""
     outputs, as_tuple = [], False
     with torch.no_grad():
         for call in calls:
+            home = call.hidden.device
+            if run_on is not None and home != run_on:
+                call = call.to(run_on)
             out = block(*call.args, **call.kwargs)
             as_tuple = isinstance(out, (tuple, list))
-            outputs.append(out[0] if as_tuple else out)
+            hidden = out[0] if as_tuple else out
+            outputs.append(hidden if hidden.device == home else _placed(hidden, home))
             if after_call is not None:
                 after_call()
     return BlockRun(outputs, as_tuple)
@@ -147,7 +166,7 @@ def replay_tail(
     last = len(originals) - 1
 
     def stub(index: int) -> nn.Module:
-        answer = (lambda hidden: last_run.outputs[state["batch"]]) if index == last else (lambda hidden: hidden)
+        answer = (lambda hidden: last_run.outputs[state["batch"]].to(hidden.device)) if index == last else (lambda hidden: hidden)
         return _Stub(answer, last_run.as_tuple)
 
     for index in range(len(originals)):
@@ -224,12 +243,27 @@ def outside_on(model: nn.Module, stack: BlockStack, device: torch.device) -> Ite
 
 def _detached(value: Any) -> Any:
     """Tensors of a captured call, detached (a cache object or a plain value passes as it is)."""
+    return _mapped(value, Tensor.detach)
+
+
+def _mapped(value: Any, change: Callable[[Tensor], Tensor]) -> Any:
+    """``value`` with ``change`` applied to every tensor in it (through tuples, lists and dicts; anything else as is)."""
     if isinstance(value, Tensor):
-        return value.detach()
+        return change(value)
     if isinstance(value, tuple):
-        return tuple(_detached(v) for v in value)
+        return tuple(_mapped(v, change) for v in value)
     if isinstance(value, list):
-        return [_detached(v) for v in value]
+        return [_mapped(v, change) for v in value]
     if isinstance(value, dict):
-        return {k: _detached(v) for k, v in value.items()}
+        return {k: _mapped(v, change) for k, v in value.items()}
     return value
+
+
+def _placed(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor`` on ``device``; a copy from a GPU into host memory is pinned (the copy back is asynchronous)."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cpu" and tensor.device.type == "cuda":
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return host.copy_(tensor)
+    return tensor.to(device, non_blocking=tensor.is_pinned())
