@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One GPU call without the GGUF: the launch-plan and state-placement CUDA tests, host time per eager call
+# (host_overhead.py), then the product end to end on a random-weight model of SmolLM2-135M's architecture (speed only:
+# its perplexity means nothing): `compress rpq --device cuda` and `compress eval --device cuda` against it.
+# Carry .device/plans: the wheels the image lacks (as in .device/evalA) and SmolLM2's tokenizer files, made with
+#   mkdir -p .device/plans && cp .device/evalA/*.whl .device/plans/ && cp OUT/tokenizer.json OUT/tokenizer_config.json .device/plans/
+# (OUT: any `compress rpq` output of the default model). TESTS=0 skips the tests; RPQ_ARGS and EVAL_ARGS pass on.
+set -uo pipefail
+OUT=${OUT:-/tmp/plans-check}
+mkdir -p "$OUT" /tmp/site
+export PYTHONPATH="$PWD:$PWD/benchmarks:$PWD/benchmarks/rpq:/tmp/site" PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .device/plans/*.whl
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
+if [ "${TESTS:-1}" = 1 ]; then
+  timeout "${TEST_SECONDS:-240}" python3 -m pytest -q --tb=short -rfE -p no:cacheprovider -n 4 tests/rpq/test_launch_plans.py \
+    tests/rpq/test_packed_groups.py tests/rpq/test_state_placement.py \
+    "tests/rpq/test_packed_kernels.py::test_a_direct_launch_skips_the_jit_after_its_first_call_and_computes_the_same" \
+    "tests/rpq/test_packed_kernels.py::test_kept_plans_decode_the_same_logits_call_after_call_and_in_a_cuda_graph" \
+    "tests/rpq/test_cuda.py::test_calibration_states_kept_in_host_memory_fit_as_well_as_states_kept_on_the_gpu" \
+    ${MORE_TESTS:-} > "$OUT/gpu_tests.log" 2>&1; tail -8 "$OUT/gpu_tests.log"
+fi
+python3 benchmarks/rpq/host_overhead.py --json "$OUT/host_overhead.json" 2>&1 | tee "$OUT/host_overhead.log"
+python3 - <<'PY'
+import shutil, torch, transformers
+config = transformers.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                  num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
+                                  rms_norm_eps=1e-5, rope_theta=100000.0, bos_token_id=1, eos_token_id=2)
+torch.manual_seed(0)
+model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+model.save_pretrained("/tmp/rand-smol")
+for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    shutil.copy(f".device/plans/{name}", "/tmp/rand-smol/")
+print("random SmolLM2-shaped model written")
+PY
+python3 benchmarks/rpq/timed_cli.py rpq /tmp/rand-smol -o /tmp/rand-out --device cuda --force --finetune-steps 0 ${RPQ_ARGS:-} 2>&1 | tee "$OUT/rand_rpq.log" | tail -12
+python3 -m model_compress.cli.app eval /tmp/rand-out --device cuda --force --max-tokens 8192 ${EVAL_ARGS:-} 2>&1 | tee "$OUT/rand_eval.log" | tail -25
+cp /tmp/rand-out/eval_report.json "$OUT/rand_eval.json" 2>/dev/null; cp /tmp/rand-out/compression_report.json "$OUT/rand_report.json" 2>/dev/null
