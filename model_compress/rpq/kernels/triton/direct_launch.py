@@ -24,24 +24,33 @@ from typing import Any
 class DirectLaunch:
     """``kernel[grid](*args, **constants)`` for one grid and one set of constexprs and launch options."""
 
-    __slots__ = ("_kernel", "_grid", "_constants", "_launch", "direct")
+    __slots__ = ("_kernel", "_grid", "_constants", "_launch", "_tried", "direct")
 
     def __init__(self, kernel: Any, grid: tuple[int, ...], **constants: Any) -> None:
         self._kernel = kernel
         self._grid = grid
         self._constants = constants  # constexpr parameters and launch options (num_warps, num_stages)
         self._launch: Callable[..., None] | None = None
+        self._tried = False  # whether a direct launch has run once
         self.direct = False  # whether calls after the first skip the JIT
 
     def __call__(self, *args: Any) -> None:
         launch = self._launch
-        if launch is not None:
+        if launch is not None and self._tried:
             launch(*args)
             return
-        compiled = self._kernel[self._grid](*args, **self._constants)
-        direct = compiled_launcher(self._kernel, compiled, self._grid, len(args), self._constants)
-        self.direct = direct is not None
-        self._launch = direct if direct is not None else self._through_jit
+        if launch is None:
+            compiled = self._kernel[self._grid](*args, **self._constants)
+            direct = compiled_launcher(self._kernel, compiled, self._grid, len(args), self._constants)
+            self.direct = direct is not None
+            self._launch = direct if direct is not None else self._through_jit
+            return
+        self._tried = True
+        try:  # a launcher that parses its arguments otherwise refuses them before launching anything
+            launch(*args)
+        except (TypeError, ValueError, SystemError):
+            self.direct, self._launch = False, self._through_jit
+            self._through_jit(*args)
 
     def _through_jit(self, *args: Any) -> None:
         self._kernel[self._grid](*args, **self._constants)
@@ -70,7 +79,7 @@ def compiled_launcher(kernel: Any, compiled: Any, grid: tuple[int, ...], positio
             return None
         run, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
         current_device, current_stream = driver.active.get_current_device, driver.active.get_current_stream
-    except (AttributeError, ImportError, KeyError, TypeError):
+    except (AttributeError, ImportError, KeyError, RuntimeError, TypeError):  # RuntimeError: no GPU driver
         return None
     if function is None:
         return None
