@@ -4,7 +4,8 @@
 # its perplexity means nothing): `compress rpq --device cuda` and `compress eval --device cuda` against it.
 # Carry .device/plans: the wheels the image lacks (as in .device/evalA) and SmolLM2's tokenizer files, made with
 #   mkdir -p .device/plans && cp .device/evalA/*.whl .device/plans/ && cp OUT/tokenizer.json OUT/tokenizer_config.json .device/plans/
-# (OUT: any `compress rpq` output of the default model). TESTS=0 skips the tests; RPQ_ARGS and EVAL_ARGS pass on.
+# (OUT: any `compress rpq` output of the default model). TESTS=0 skips the tests, PRODUCT=0 the product run; RPQ_ARGS and
+# EVAL_ARGS pass on.
 set -uo pipefail
 OUT=${OUT:-/tmp/plans-check}
 mkdir -p "$OUT" /tmp/site
@@ -20,6 +21,7 @@ if [ "${TESTS:-1}" = 1 ]; then
     ${MORE_TESTS:-} > "$OUT/gpu_tests.log" 2>&1; tail -8 "$OUT/gpu_tests.log"
 fi
 python3 benchmarks/rpq/host_overhead.py --json "$OUT/host_overhead.json" 2>&1 | tee "$OUT/host_overhead.log"
+[ "${PRODUCT:-1}" = 1 ] || exit 0
 python3 - <<'PY'
 import shutil, torch, transformers
 config = transformers.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

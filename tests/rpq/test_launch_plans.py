@@ -123,3 +123,12 @@ def test_a_fused_model_decodes_the_same_logits_with_kept_plans():
             torch.testing.assert_close(model(ids).logits, expected, rtol=1e-6, atol=1e-6)
             for step in range(1, 3):  # one token at a time, as a decoding loop calls the layers
                 torch.testing.assert_close(model(ids[:, :step]).logits, expected[:, :step], rtol=1e-5, atol=1e-5)
+
+
+def test_the_launch_plans_option_switched_off_keeps_no_plan():
+    from model_compress.rpq.kernels.config import options
+
+    layer = rotated_linear()
+    with torch.no_grad(), options.using(launch_plans=False):
+        layer(torch.randn(2, 64))
+    assert len(plans.plans_of(layer)) == 0

@@ -32,8 +32,8 @@ def invalidate_all() -> None:
 
 
 def usable() -> bool:
-    """Whether plans may serve this call: no autograd recording, no tracing."""
-    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    """Whether plans may serve this call: no autograd recording, no tracing, and the ``launch_plans`` option on."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and options.current().launch_plans
 
 
 def input_signature(x: Tensor) -> tuple:
