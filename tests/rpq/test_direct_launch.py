@@ -1,7 +1,7 @@
 """``DirectLaunch``: the first call through Triton's JIT, later ones straight to the compiled kernel's launcher with
 the constexprs appended in parameter order; back to the JIT for good where that launcher refuses the arguments.
-Checked with stand-ins for the kernel, its compiled form and the driver (the real launch runs in
-``test_packed_kernels.py`` on a GPU)."""
+Checked with stand-ins for the kernel, its compiled form and Triton's runtime, so it runs without Triton (the real
+launch runs in ``test_packed_kernels.py`` on a GPU)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-triton_driver = pytest.importorskip("triton.runtime.driver", reason="needs Triton")
-
-from model_compress.rpq.kernels.triton.direct_launch import DirectLaunch  # noqa: E402
+from model_compress.rpq.kernels import direct_launch
+from model_compress.rpq.kernels.direct_launch import DirectLaunch
 
 
 class Param(SimpleNamespace):
@@ -48,9 +47,17 @@ class FakeKernel:
 
 @pytest.fixture
 def fake_driver(monkeypatch):
-    fake = SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda device: 99)
-    monkeypatch.setattr(triton_driver.driver, "_active", fake)
-    return fake
+    """No launch hooks, device 0, stream 99."""
+    monkeypatch.setattr(direct_launch, "_triton_runtime", lambda: ((None, None), lambda: 0, lambda device: 99))
+
+
+def test_a_launch_hook_keeps_the_jit(monkeypatch):
+    monkeypatch.setattr(direct_launch, "_triton_runtime", lambda: ((print, None), lambda: 0, lambda device: 99))
+    kernel = FakeKernel()
+    launch = DirectLaunch(kernel, (1,), BLOCK=8)
+    launch("a", 1)
+    launch("b", 1)
+    assert len(kernel.jit_calls) == 2 and not launch.direct
 
 
 def test_the_first_call_goes_through_the_jit_and_later_ones_to_the_launcher(fake_driver):

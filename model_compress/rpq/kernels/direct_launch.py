@@ -56,6 +56,15 @@ class DirectLaunch:
         self._kernel[self._grid](*args, **self._constants)
 
 
+def _triton_runtime() -> tuple[tuple[Any, Any], Callable[[], int], Callable[[int], int]]:
+    """Triton's launch hooks (enter, exit) and its driver's current device and stream, as the JIT reads them."""
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+    active = driver.active
+    return (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook), active.get_current_device, active.get_current_stream
+
+
 def _hooked(hook: Any) -> bool:
     """Whether a Triton launch hook is set (a HookChain with calls in Triton 3.5+, a callable before)."""
     return hook is not None and (not hasattr(hook, "calls") or bool(hook.calls))
@@ -66,10 +75,8 @@ def compiled_launcher(kernel: Any, compiled: Any, grid: tuple[int, ...], positio
     """A launch of ``compiled`` (what ``kernel[grid](...)`` returned) taking the ``positional`` runtime arguments, the
     constexprs bound after them; None where that would not launch what the JIT launches."""
     try:
-        from triton import knobs
-        from triton.runtime.driver import driver
-
-        if _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
+        hooks, current_device, current_stream = _triton_runtime()
+        if any(_hooked(hook) for hook in hooks):
             return None
         params = kernel.params
         if len(params) < positional or any(param.is_constexpr for param in params[:positional]):
@@ -78,7 +85,6 @@ def compiled_launcher(kernel: Any, compiled: Any, grid: tuple[int, ...], positio
         if any(value is inspect.Parameter.empty for value in tail):
             return None
         run, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
-        current_device, current_stream = driver.active.get_current_device, driver.active.get_current_stream
     except (AttributeError, ImportError, KeyError, RuntimeError, TypeError):  # RuntimeError: no GPU driver
         return None
     if function is None:
