@@ -4,7 +4,8 @@
 # its perplexity means nothing): `compress rpq --device cuda` and `compress eval --device cuda` against it.
 # Carry .device/plans: the wheels the image lacks (as in .device/evalA) and SmolLM2's tokenizer files, made with
 #   mkdir -p .device/plans && cp .device/evalA/*.whl .device/plans/ && cp OUT/tokenizer.json OUT/tokenizer_config.json .device/plans/
-# (OUT: any `compress rpq` output of the default model). TESTS=0 skips the tests, PRODUCT=0 the product run; RPQ_ARGS and
+# (OUT: any `compress rpq` output of the default model). TESTS=0 skips the tests, PRODUCT=0 the product run,
+# PLANS_OFF=0 its second eval with every call routed afresh (MODEL_COMPRESS_LAUNCH_PLANS=0); RPQ_ARGS and
 # EVAL_ARGS pass on.
 set -uo pipefail
 OUT=${OUT:-/tmp/plans-check}
@@ -37,3 +38,9 @@ PY
 python3 benchmarks/rpq/timed_cli.py rpq /tmp/rand-smol -o /tmp/rand-out --device cuda --force --finetune-steps 0 ${RPQ_ARGS:-} 2>&1 | tee "$OUT/rand_rpq.log" | tail -12
 python3 -m model_compress.cli.app eval /tmp/rand-out --device cuda --force --max-tokens 8192 ${EVAL_ARGS:-} 2>&1 | tee "$OUT/rand_eval.log" | tail -25
 cp /tmp/rand-out/eval_report.json "$OUT/rand_eval.json" 2>/dev/null; cp /tmp/rand-out/compression_report.json "$OUT/rand_report.json" 2>/dev/null
+# the same compressed folder with every call routed afresh (MODEL_COMPRESS_LAUNCH_PLANS=0): what the kept plans save
+if [ "${PLANS_OFF:-1}" = 1 ]; then
+  MODEL_COMPRESS_LAUNCH_PLANS=0 python3 -m model_compress.cli.app eval /tmp/rand-out --device cuda --no-baseline --force \
+    --json /tmp/rand-out/eval_plans_off.json --max-tokens 2048 ${EVAL_ARGS:-} 2>&1 | tee "$OUT/rand_eval_plans_off.log" | tail -14
+  cp /tmp/rand-out/eval_plans_off.json "$OUT/rand_eval_plans_off.json" 2>/dev/null
+fi
