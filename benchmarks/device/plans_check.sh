@@ -31,8 +31,10 @@ config = transformers.LlamaConfig(hidden_size=576, intermediate_size=1536, num_h
 torch.manual_seed(0)
 model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
 model.save_pretrained("/tmp/rand-smol")
+import pathlib
 for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-    shutil.copy(f".device/plans/{name}", "/tmp/rand-smol/")
+    if pathlib.Path(f".device/plans/{name}").exists():
+        shutil.copy(f".device/plans/{name}", "/tmp/rand-smol/")
 print("random SmolLM2-shaped model written")
 PY
 python3 benchmarks/rpq/timed_cli.py rpq /tmp/rand-smol -o /tmp/rand-out --device cuda --force --finetune-steps 0 ${RPQ_ARGS:-} 2>&1 | tee "$OUT/rand_rpq.log" | tail -12
