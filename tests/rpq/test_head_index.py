@@ -1,0 +1,93 @@
+"""The product-quantized head index: approximate scores are the decoded rows' scores, the certificate never accepts a
+shortlist that misses the dense argmax (adversarial rows included), data-aware clustering lowers the expected score
+error, and a certified head gives ``generate`` the same greedy tokens as the dense head."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from model_compress.rpq.head_index.index import build_index
+from model_compress.rpq.head_index.module import CertifiedHead
+from model_compress.rpq.head_index.search import certified_shortlists
+
+from ..conftest import tiny_config
+
+
+def dense_exact(weight: torch.Tensor, bias: torch.Tensor | None = None):
+    return lambda x, ids: weight[ids] @ x + (0 if bias is None else bias[ids])
+
+
+def test_approximate_scores_are_the_decoded_rows_scores_and_the_row_bound_holds():
+    weight = torch.randn(500, 64)
+    index = build_index(weight, subspaces=16, centroids=16)
+    x = torch.randn(7, 64)
+    torch.testing.assert_close(index.approximate_scores(x), x @ index.decoded_rows().T, rtol=1e-5, atol=1e-5)
+    gap = (x @ weight.T - index.approximate_scores(x)).abs()
+    assert (gap <= x.norm(dim=1, keepdim=True) * index.row_error + 1e-4).all()
+    torch.testing.assert_close(index.row_error, (weight - index.decoded_rows()).norm(dim=1))
+
+
+def test_the_certified_best_row_is_always_the_dense_argmax():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(3000, 32), torch.randn(3000)
+    index = build_index(weight, subspaces=8, centroids=16)  # coarse: large approximation errors, shortlists must widen
+    x = torch.randn(40, 32) * 3
+    lists = certified_shortlists(x, index, dense_exact(weight, bias), bias, first_rows=8)
+    dense = (x @ weight.T + bias).argmax(dim=1)
+    assert [shortlist.best for shortlist in lists] == dense.tolist()
+    assert any(len(shortlist.rows) > 8 for shortlist in lists)  # some had to widen
+
+
+def test_a_row_the_index_approximates_badly_is_still_found():
+    torch.manual_seed(1)
+    weight = torch.randn(2000, 32)
+    index = build_index(weight, subspaces=8, centroids=32)
+    x = torch.randn(32)
+    hidden = weight.clone()
+    target = int((x @ index.decoded_rows().T).argmin())  # the row the index ranks last
+    hidden[target] = x / x.norm() * (weight.norm(dim=1).max() * 1.5)  # now the best row by far, exactly
+    index.row_error = (hidden - index.decoded_rows()).norm(dim=1)  # its bound stays true
+    index.largest_row_norm = float(hidden.norm(dim=1).max())
+    (shortlist,) = certified_shortlists(x[None], index, dense_exact(hidden), None, first_rows=4)
+    assert shortlist.best == target
+
+
+def test_two_rows_within_rounding_of_each_other_do_not_certify_a_wrong_one():
+    weight = torch.randn(300, 16)
+    x = torch.randn(16)
+    weight[11] = x / x.norm() * 10
+    weight[12] = weight[11] * (1 + 1e-7)  # a near tie, decided by the exact products
+    index = build_index(weight, subspaces=4, centroids=8)
+    (shortlist,) = certified_shortlists(x[None], index, dense_exact(weight), None, first_rows=2)
+    assert shortlist.best == int((weight @ x).argmax())
+
+
+def test_data_aware_clustering_lowers_the_expected_score_error_on_anisotropic_hidden_states():
+    torch.manual_seed(2)
+    scales = torch.tensor([1.0, 3.0, 10.0, 30.0]).repeat(8)  # anisotropic within each subspace of 4
+    hidden = torch.randn(4000, 32) * scales
+    moment = hidden.T @ hidden / hidden.shape[0]
+    weight = torch.randn(1000, 32)
+    errors = {}
+    for name, given in (("plain", None), ("data-aware", moment)):
+        index = build_index(weight, subspaces=8, centroids=16, hidden_moment=given)
+        errors[name] = ((hidden[:500] @ (weight - index.decoded_rows()).T) ** 2).mean().item()
+    assert errors["data-aware"] < 0.8 * errors["plain"], errors
+
+
+def test_generate_with_a_certified_head_gives_the_dense_heads_greedy_tokens():
+    config = tiny_config("llama")
+    config.tie_word_embeddings = False
+    torch.manual_seed(3)
+    model = transformers.LlamaForCausalLM(config).eval()
+    prompt = torch.randint(0, config.vocab_size, (2, 5))
+    with torch.no_grad():
+        expected = model.generate(prompt, max_new_tokens=12, do_sample=False)
+        head = CertifiedHead(model.lm_head, build_index(model.lm_head.weight, subspaces=8, centroids=16), first_rows=4)
+        model.lm_head = head
+        got = model.generate(prompt, max_new_tokens=12, do_sample=False)
+        head.full_logits = True
+        assert torch.isfinite(model(prompt).logits).all()
+    assert torch.equal(got, expected)
+    assert head.positions > 0
