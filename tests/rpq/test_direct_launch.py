@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from model_compress.rpq.kernels import direct_launch
-from model_compress.rpq.kernels.direct_launch import DirectLaunch
+from model_compress.rpq.kernels.launch import direct_launch
+from model_compress.rpq.kernels.launch.direct_launch import DirectLaunch
 
 
 class Param(SimpleNamespace):

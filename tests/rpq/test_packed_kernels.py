@@ -292,7 +292,7 @@ def test_a_rotated_model_with_its_fusions_on_cuda_gives_the_cpu_logits():
 
 def test_a_direct_launch_skips_the_jit_after_its_first_call_and_computes_the_same():
     from model_compress.rpq.kernels.packed.rotate import _rotate_kernel, _sign_matrix
-    from model_compress.rpq.kernels.direct_launch import DirectLaunch
+    from model_compress.rpq.kernels.launch.direct_launch import DirectLaunch
 
     signs = rotation.random_signs(256, 3).to(CUDA)
     hadamard = _sign_matrix(64, CUDA, torch.float16)

@@ -4,7 +4,7 @@ A packed layer's call picks a route (kernel, tile, split, grid) from the token c
 and builds its constants: tens of microseconds of host time, on every call, for a decision that is the same at every
 decoding step. The ``*_plan`` functions of ``packed_forward`` make that decision once for inputs shaped, strided,
 typed and aligned like the one given and return a call that only allocates the output and launches (past Triton's JIT,
-``direct_launch.py``). Layers keep those calls here, one per signature.
+``launch/direct_launch.py``). Layers keep those calls here, one per signature.
 
 A plan holds the layer's tensors as they were: anything that replaces them (``.to()``, ``.half()``, a state-dict load,
 new rotation signs) calls ``invalidate_all``, and every kept plan is rebuilt on its next call. Plans are used only where

@@ -4,7 +4,7 @@ the input rotation.
 
 Each launching function has a ``*_plan`` form: the same work as a call for inputs shaped like the one given, with the
 grid, split and constants worked out once and the kernel launched past Triton's JIT after its first call
-(``direct_launch.py``); the layers keep their plans (``kernels/plans.py``) so eager decoding pays the host
+(``launch/direct_launch.py``); the layers keep their plans (``kernels/plans.py``) so eager decoding pays the host
 cost of a launch, not of the routing.
 
 ``linear``: y = x W'^T + b with W' decoded tile by tile in registers (one token up to a few dozen).

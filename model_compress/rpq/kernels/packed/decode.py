@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..config.code_planes import stored_as_planes
 from ..triton.common import _cdiv
-from ..direct_launch import DirectLaunch
+from ..launch.direct_launch import DirectLaunch
 from .codes import VECTOR_BITS, bytes_spanned, unpack, unpack_tile
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..config.code_planes import stored_as_planes
 from ..config.packed_routes import PackedTile
 from ..triton.common import _cdiv, _rows, _store_tile, _tile_rows, tile_counters
-from ..direct_launch import DirectLaunch
+from ..launch.direct_launch import DirectLaunch
 from .codes import VECTOR_BITS, bytes_spanned, row_pointers, weight_tile
 
 

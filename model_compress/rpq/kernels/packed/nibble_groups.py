@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..config.packed_routes import PackedTile
 from ..triton.common import _cdiv, _store_tile, tile_counters
-from ..direct_launch import DirectLaunch
+from ..launch.direct_launch import DirectLaunch
 from .linear import input_split
 from .nibble_tables import _row_sums
 

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..config.packed_routes import PackedTile
 from ..triton.common import _cdiv, _rows, _store_tile, _tile_rows, tile_counters
-from ..direct_launch import DirectLaunch
+from ..launch.direct_launch import DirectLaunch
 from .linear import input_split
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..config.norm_spec import LAYER_NORM, RMS_NORM
 from ..triton.common import _next_power_of_2, _rows
-from ..direct_launch import DirectLaunch
+from ..launch.direct_launch import DirectLaunch
 from .rotate import _sign_matrix
 
 GATED_SILU = 3  # the prologue kind beside the norm kinds of config/norm_spec.py

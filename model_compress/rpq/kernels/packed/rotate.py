@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..triton.common import _cdiv, _rows
-from ..direct_launch import DirectLaunch
+from ..launch.direct_launch import DirectLaunch
 
 ROWS_PER_PROGRAM = 16
 
