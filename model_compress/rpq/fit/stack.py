@@ -66,9 +66,7 @@ class BlockCall:
 
     def nbytes(self) -> int:
         """Bytes of the call's tensors (what keeping it costs)."""
-        sizes: list[int] = []
-        _mapped((self.args, self.kwargs), lambda t: sizes.append(t.numel() * t.element_size()) or t)
-        return sum(sizes)
+        return sum(t.numel() * t.element_size() for t in _tensors((self.args, self.kwargs)))
 
 
 def find_stack(model: nn.Module, layer_names: list[str]) -> BlockStack | None:
@@ -101,7 +99,8 @@ def capture_inputs(
 
     def keep(module, args, kwargs):
         call = BlockCall(args, kwargs) if keep_graph else BlockCall(_detached(args), _detached(kwargs))
-        calls.append(call if home_for is None else call.to(home_for(call.nbytes())))
+        home = None if home_for is None else home_for(call.nbytes())
+        calls.append(call if home is None or _same_device(call.hidden.device, home) else call.to(home))
         raise _Stop
 
     handle = stack.blocks[0].register_forward_pre_hook(keep, with_kwargs=True)
@@ -135,12 +134,12 @@ def run_block(block: nn.Module, calls: list[BlockCall], after_call: Callable[[],
     with torch.no_grad():
         for call in calls:
             home = call.hidden.device
-            if run_on is not None and home != run_on:
+            if run_on is not None and not _same_device(home, run_on):
                 call = call.to(run_on)
             out = block(*call.args, **call.kwargs)
             as_tuple = isinstance(out, (tuple, list))
             hidden = out[0] if as_tuple else out
-            outputs.append(hidden if hidden.device == home else _placed(hidden, home))
+            outputs.append(_placed(hidden, home))
             if after_call is not None:
                 after_call()
     return BlockRun(outputs, as_tuple)
@@ -259,9 +258,33 @@ def _mapped(value: Any, change: Callable[[Tensor], Tensor]) -> Any:
     return value
 
 
+def _tensors(value: Any) -> Iterator[Tensor]:
+    """Every tensor in ``value`` (through tuples, lists and dicts)."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` alike where 0 is the current device: the same memory, nothing to move."""
+    if a.type != b.type:
+        return False
+    if a.index == b.index:
+        return True
+    if a.type != "cuda":
+        return False  # a move is then a no-op .to(), never a wrong result
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
 def _placed(tensor: Tensor, device: torch.device) -> Tensor:
     """``tensor`` on ``device``; a copy from a GPU into host memory is pinned (the copy back is asynchronous)."""
-    if tensor.device == device:
+    if _same_device(tensor.device, device):
         return tensor
     if device.type == "cpu" and tensor.device.type == "cuda":
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)

@@ -436,11 +436,11 @@ class RPQTiedHead(nn.Module):
         return kernels.tied_head_forward(x, embedding.codebooks, embedding.indices, self.bias)
 
     def _logits_plan(self, x: Tensor):
-        """Rotation, then the packed head, for hidden states shaped like ``x``, worked out once."""
+        """Rotation, then the packed head, for hidden states shaped like ``x`` (x R has x's shape, dtype and device: all
+        the head's plan reads), worked out once."""
         embedding = self._embedding
         rotate = (lambda x: x) if embedding.rotation_block is None else embedding.rotate_alone
-        template = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-        head = packed_forward.tied_head_plan(template, embedding.indices, embedding.codebooks, embedding.codebook_scales,
+        head = packed_forward.tied_head_plan(x, embedding.indices, embedding.codebooks, embedding.codebook_scales,
                                              self.bias, embedding.code_bits, embedding.num_embeddings)
         return lambda x: head(rotate(x))
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..config.code_planes import stored_as_planes
 from ..config.packed_routes import PackedTile
-from ..triton.common import _cdiv, _rows, _store_tile, _tile_rows, tile_counters
+from ..triton.common import _cdiv, _rows, _store_tile, _tile_rows, split_scratch, tile_counters
 from ..launch.direct_launch import DirectLaunch
 from .codes import VECTOR_BITS, bytes_spanned, row_pointers, weight_tile
 
@@ -174,9 +174,7 @@ def packed_linear_plan(
 
     def buffers() -> tuple[Tensor, Tensor, Tensor]:
         out = torch.empty(out_shape, device=device, dtype=dtype)
-        if counter is None:
-            return out, out, out
-        return out, torch.empty(split * out.numel(), device=device, dtype=torch.float32), counter
+        return out, *split_scratch(out, split, counter)
 
     if tokens == 1 and tile.block_m == 1:
         gemv = DirectLaunch(_packed_gemv_kernel, (tiles_n, 1, split), **constants)

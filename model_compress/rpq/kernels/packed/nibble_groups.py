@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..config.packed_routes import PackedTile
-from ..triton.common import _cdiv, _store_tile, tile_counters
+from ..triton.common import _cdiv, _store_tile, split_scratch, tile_counters
 from ..launch.direct_launch import DirectLaunch
 from .linear import input_split
 from .nibble_tables import _row_sums
@@ -92,9 +92,9 @@ def nibble_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], b
 
     def run(x: Tensor) -> tuple[Tensor, ...]:
         out = torch.empty(out_shape, device=device, dtype=dtype)
-        partial = out if counter is None else torch.empty(split * total, device=device, dtype=torch.float32)
-        launch(x, *buffers, out if bias is None else bias, out, partial, out if counter is None else counter, *rows, tiles[0],
-               tiles[0] + tiles[1], in_features // 8, split, chunk // 8)
+        partial, counters = split_scratch(out, split, counter)
+        launch(x, *buffers, out if bias is None else bias, out, partial, counters, *rows, tiles[0], tiles[0] + tiles[1],
+               in_features // 8, split, chunk // 8)
         return out.split(sizes, dim=-1)
 
     return run

@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..config.packed_routes import PackedTile
-from ..triton.common import _cdiv, _rows, _store_tile, _tile_rows, tile_counters
+from ..triton.common import _cdiv, _rows, _store_tile, _tile_rows, split_scratch, tile_counters
 from ..launch.direct_launch import DirectLaunch
 from .linear import input_split
 
@@ -357,9 +357,9 @@ def nibble_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tens
 
         def run(x: Tensor) -> Tensor:
             out = torch.empty(out_shape, device=device, dtype=dtype)
-            partial = out if counter is None else torch.empty(split * out_features, device=device, dtype=torch.float32)
+            partial, counters = split_scratch(out, split, counter)
             gemv(x if as_rows else _rows(x, in_features), codes, codebooks, scales, out if bias is None else bias, out, partial,
-                 out if counter is None else counter, out_features, words_per_row, split, chunk // 8)
+                 counters, out_features, words_per_row, split, chunk // 8)
             return out
 
         return run
@@ -367,10 +367,9 @@ def nibble_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tens
 
     def run_tokens(x: Tensor) -> Tensor:
         out = torch.empty(out_shape, device=device, dtype=dtype)
-        partial = out if counter is None else torch.empty(split * out.numel(), device=device, dtype=torch.float32)
+        partial, counters = split_scratch(out, split, counter)
         linear(x if as_rows else _rows(x, in_features), codes, codebooks, scales, out if bias is None else bias, out, partial,
-               out if counter is None else counter, tokens, out_features, words_per_row, stride_x, out_features, split,
-               chunk // 8)
+               counters, tokens, out_features, words_per_row, stride_x, out_features, split, chunk // 8)
         return out
 
     return run_tokens

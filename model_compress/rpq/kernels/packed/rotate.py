@@ -68,7 +68,7 @@ def rotate_plan(x: Tensor, signs: Tensor, block: int, signs_first: bool = True) 
     as_rows = rows.data_ptr() == x.data_ptr() and not cast
     stride_x = rows.stride(0) if not cast else width
     shape, device = x.shape, x.device
-    hadamard = _sign_matrix(block, device, dtype)
+    hadamard, scale = _sign_matrix(block, device, dtype), block**-0.5
     launch = DirectLaunch(_rotate_kernel, (_cdiv(count, ROWS_PER_PROGRAM), width // block), BLOCK=block,
                           BLOCK_T=ROWS_PER_PROGRAM, SIGNS_FIRST=signs_first, DOT_IEEE=dtype == torch.float32)
 
@@ -79,7 +79,7 @@ def rotate_plan(x: Tensor, signs: Tensor, block: int, signs_first: bool = True) 
             source = _rows(x, width)
             source = source.float() if cast else source
         out = torch.empty(shape, device=device, dtype=dtype)
-        launch(source, signs, hadamard, out, count, stride_x, width, block**-0.5)
+        launch(source, signs, hadamard, out, count, stride_x, width, scale)
         return out
 
     return run

@@ -85,9 +85,15 @@ def tile_counters(count: int, device: torch.device) -> Tensor:
 def split_buffers(out: Tensor, split: int, tiles: int) -> tuple[Tensor, Tensor]:
     """The float32 partial sums and arrival counters of a split-K launch over ``tiles`` output tiles into ``out``; with
     no split the kernel never touches them, and ``out`` stands in for both."""
-    if split == 1:
+    return split_scratch(out, split, tile_counters(tiles, out.device) if split > 1 else None)
+
+
+def split_scratch(out: Tensor, split: int, counter: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``split_buffers`` with the counters already found (a kept launch plan holds them): a new partial-sum buffer
+    for this call where ``counter`` is given, else ``out`` for both."""
+    if counter is None:
         return out, out
-    return torch.empty(split * out.numel(), device=out.device, dtype=torch.float32), tile_counters(tiles, out.device)
+    return torch.empty(split * out.numel(), device=out.device, dtype=torch.float32), counter
 
 
 @triton.jit
