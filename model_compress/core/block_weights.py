@@ -3,9 +3,11 @@
 A pass (``rpq/fit/passes.py``) calls ``enter`` before it runs a block and ``leave`` after. In memory, a block
 moves to the fitting device and back. Streamed, the model was built empty (accelerate's ``init_empty_weights``),
 and ``enter`` reads the block's tensors from the safetensors shards straight onto the device; ``leave`` either
-releases them (a pass that only measures: back to the meta device, no memory) or keeps the block on the CPU (the
-fitting pass: what is left of it after its layers were replaced). Host memory then holds the parts outside the
-blocks, one block, and the blocks already converted, whatever the model's size.
+releases them (a pass that only measures: back to the meta device, no memory) or keeps the converted block (the
+fitting pass: what is left of it after its layers were replaced). A converted block stays on the GPU it was fitted on
+while that GPU keeps ``KEEP_FREE`` of its memory free after it (fine-tuning and the writer need it there anyway), and
+goes to host memory otherwise. Host memory then holds the parts outside the blocks, one block, and only the converted
+blocks the GPU could not keep: a 13B-class model converted at 4.5 bits is 7.3 GB, more than a small host should hold.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from torch import nn
 from .shards import SafetensorsCheckpoint
 
 META = torch.device("meta")
+KEEP_FREE = 0.25  # of the GPU's memory, left free after a converted block is kept there: the next block, its states
+# and fine-tuning's float32 copies of the codebooks need room beside the blocks kept
 
 
 class BlockWeights:
@@ -109,10 +113,19 @@ class StreamedWeights(BlockWeights):
 
     def leave(self, block: nn.Module, name: str, keep: bool) -> None:
         if keep:
-            block.to("cpu")
+            block.to(kept_home(device_of(block)))
         else:
             self.release(f"{name}.")
         return_freed_memory()
+
+
+def kept_home(device: torch.device, free_and_total: tuple[int, int] | None = None) -> torch.device:
+    """Where a converted block now on ``device`` is kept: that GPU, where ``KEEP_FREE`` of it stays free with the block
+    there (it is there already, so its bytes count as used), else host memory. ``free_and_total``: tests give them."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    free, total = free_and_total if free_and_total is not None else torch.cuda.mem_get_info(device)
+    return device if free >= KEEP_FREE * total else torch.device("cpu")
 
 
 def return_freed_memory() -> None:

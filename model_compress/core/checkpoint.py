@@ -28,7 +28,7 @@ REPORT_FILE = "compression_report.json"
 CARD_FILE = "README.md"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-MAX_SHARD_SIZE = "4GB"
+MAX_SHARD_SIZE = "2GB"  # safetensors builds a shard's bytes in host memory before writing it: this bounds that
 
 
 def check_output_folder(out: Path, force: bool) -> None:

@@ -76,7 +76,9 @@ def test_data_aware_budget_fit_on_cuda_matches_the_cpu_in_quality(tiny_folder):
     }
     errors = {device: run.summary.output_error_mean for device, run in runs.items()}
     assert errors["cuda"] == pytest.approx(errors["cpu"], rel=0.1), errors
-    assert all(p.device.type == "cpu" for p in runs["cuda"].model.parameters())
+    placed = {name: p.device.type for name, p in runs["cuda"].model.named_parameters()}
+    assert all(kind == "cuda" for name, kind in placed.items() if ".layers." in name)  # converted blocks kept on the GPU
+    assert all(kind == "cpu" for name, kind in placed.items() if ".layers." not in name)
 
 
 def test_calibration_states_kept_in_host_memory_fit_as_well_as_states_kept_on_the_gpu(tiny_folder, monkeypatch):
@@ -91,6 +93,22 @@ def test_calibration_states_kept_in_host_memory_fit_as_well_as_states_kept_on_th
     assert spilled.conversion.calibration["states"]["spilled"] and not kept.conversion.calibration["states"]["spilled"]
     errors = [run.summary.output_error_mean for run in (kept, spilled)]
     assert errors[1] == pytest.approx(errors[0], rel=0.05), errors
+
+
+def test_a_streamed_conversion_keeps_its_converted_blocks_on_the_gpu_and_writes_them_from_there(tiny_folder, tmp_path):
+    from model_compress import load
+    from model_compress.rpq.fit.finetune import FinetuneSettings
+    from model_compress.rpq.pipeline import CalibrationOptions, compress_rpq
+
+    run = compress_rpq(str(tiny_folder("llama")), tmp_path / "out", RPQSettings(bits=4.0, device=CUDA),
+                       calibration=CalibrationOptions(tokens=1024), finetuning=FinetuneSettings(steps=2), stream=True)
+    blocks = {t.device.type for name, t in run.model.state_dict().items() if ".layers." in name}
+    outside = {t.device.type for name, t in run.model.state_dict().items() if "embed_tokens" in name}
+    assert blocks == {"cuda"} and outside == {"cpu"}  # fine-tuning put each tensor back where it was
+    loaded = load(tmp_path / "out").state_dict()
+    kept = run.model.state_dict()
+    assert loaded.keys() == kept.keys()
+    assert all(torch.equal(loaded[name].cpu(), kept[name].cpu().to(loaded[name].dtype)) for name in loaded)  # as loaded
 
 
 @pytest.mark.parametrize("dtype,bound", [(torch.float16, 5e-3), (torch.bfloat16, 2e-2)])

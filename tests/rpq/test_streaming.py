@@ -111,3 +111,13 @@ def test_streamed_memory_does_not_grow_with_the_number_of_blocks(tmp_path):
     assert stored[12] - stored[4] > 300e6
     assert growth[12, "1"] - growth[4, "1"] < 0.25 * (stored[12] - stored[4]), (growth, stored)
     assert growth[12, "0"] - growth[12, "1"] > 0.6 * stored[12], (growth, stored)
+
+
+def test_a_converted_block_stays_on_its_gpu_only_while_a_quarter_of_it_stays_free():
+    from model_compress.core.block_weights import KEEP_FREE, kept_home
+
+    gpu = torch.device("cuda", 0)
+    total = 80 * 2**30
+    assert kept_home(gpu, (int(KEEP_FREE * total) + 1, total)) == gpu
+    assert kept_home(gpu, (int(KEEP_FREE * total) - 1, total)) == torch.device("cpu")
+    assert kept_home(torch.device("cpu")) == torch.device("cpu")  # fitted on the CPU: nothing to decide

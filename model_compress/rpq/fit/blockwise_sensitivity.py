@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ...core.block_weights import BlockWeights
 from .sensitivity import LABEL_SEED, OutputMoments, Sensitivity, capturing_outputs, fisher_probe
-from .stack import BlockCall, BlockRun, BlockStack, capture_inputs, replay_tail
+from .stack import BlockCall, BlockRun, BlockStack, capture_inputs, outside_on, replay_tail
 
 
 def blockwise_sensitivities(
@@ -37,7 +37,9 @@ def blockwise_sensitivities(
     head = f"{stack.prefix}." if stack.prefix else ""
     outside = [p for n, p in model.named_parameters() if not n.startswith(head)]
     generator = torch.Generator(device=device).manual_seed(LABEL_SEED)
-    with capturing_outputs(modules, captured), _outside_needs_grad(outside):
+    # the parts outside the stack stay on the device until the last backward: autograd keeps the parameters
+    # themselves (not copies), and one moved back to the host between forward and backward breaks the backward
+    with capturing_outputs(modules, captured), _outside_needs_grad(outside), outside_on(model, stack, device):
         calls, before = [], []
         for window in windows:  # the graph from each window's embeddings to its first block's input, kept
             calls += capture_inputs(model, stack, [window], device, keep_graph=True)

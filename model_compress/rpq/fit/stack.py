@@ -226,7 +226,7 @@ def outside_on(model: nn.Module, stack: BlockStack, device: torch.device) -> Ite
     moved: list[tuple[Tensor, torch.device]] = []
     seen: set[int] = set()
     for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        if name.startswith(head) or id(tensor) in seen or tensor.device == device:
+        if name.startswith(head) or id(tensor) in seen or _same_device(tensor.device, device):
             continue
         seen.add(id(tensor))
         moved.append((tensor, tensor.device))
