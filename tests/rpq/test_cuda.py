@@ -148,3 +148,18 @@ def test_eval_on_cuda_times_with_events_and_reports_peak_memory(tiny_folder, tmp
         assert all(peak > 0 for peak in latency["peak_memory_bytes"].values())
         assert report[side]["quality"]["peak_memory_bytes"] > 0
     assert "peak memory, decode batch 16" in result.stdout
+
+
+def test_head_index_scores_on_cuda_equal_the_torch_reference_and_certify_the_dense_argmax():
+    from model_compress.rpq.head_index.index import build_index
+    from model_compress.rpq.head_index.search import certified_shortlists
+
+    torch.manual_seed(0)
+    weight = torch.randn(5000, 128, device=CUDA).bfloat16()
+    calibration = torch.randn(2000, 128, device=CUDA) * torch.linspace(0.2, 5, 128, device=CUDA)
+    index = build_index(weight.float(), subspaces=64, centroids=256, hidden_states=calibration, value_dtype=torch.bfloat16)
+    x = (torch.randn(8, 128, device=CUDA) * torch.linspace(0.2, 5, 128, device=CUDA)).bfloat16()
+    torch.testing.assert_close(index.approximate_scores(x), index.reference_scores(x), rtol=1e-5, atol=1e-4)
+    exact = lambda row, ids: weight[ids].float() @ row.float()  # noqa: E731
+    lists = certified_shortlists(x, index, exact, first_rows=64)
+    assert [s.best for s in lists] == (x.float() @ weight.float().T).argmax(dim=1).tolist()

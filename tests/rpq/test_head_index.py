@@ -28,6 +28,21 @@ def test_approximate_scores_are_the_decoded_rows_scores_and_the_row_bound_holds(
     torch.testing.assert_close(index.row_error, (weight - index.decoded_rows()).norm(dim=1))
 
 
+def test_the_metric_bound_holds_for_any_hidden_state_and_is_tighter_on_states_like_the_calibrations():
+    torch.manual_seed(4)
+    scales = torch.tensor([0.3, 1.0, 3.0, 30.0]).repeat(8)
+    calibration = torch.randn(3000, 32) * scales
+    weight = torch.randn(800, 32)
+    index = build_index(weight, subspaces=8, centroids=16, hidden_states=calibration)
+    assert index.metric_inverse is not None
+    residual = weight - index.decoded_rows()
+    plain = lambda x: x.norm(dim=1, keepdim=True) * index.row_error[None]  # noqa: E731
+    for x in (torch.randn(200, 32) * scales, torch.randn(200, 32) * 30, torch.randn(200, 32) * scales.flip(0)):
+        assert ((x @ residual.T).abs() <= index.error_bounds(x) + 1e-4).all()  # like the calibration or not: a bound
+    alike = torch.randn(200, 32) * scales
+    assert index.error_bounds(alike).mean() < 0.7 * plain(alike).mean()
+
+
 def test_the_certified_best_row_is_always_the_dense_argmax():
     torch.manual_seed(0)
     weight, bias = torch.randn(3000, 32), torch.randn(3000)

@@ -1,12 +1,22 @@
-"""The index: each head row cut into S subspaces, each piece replaced by the nearest of K centroids of its subspace.
+"""The index: each head row cut into S pieces, each piece replaced by the nearest of K centroids of its subspace.
 
-Scoring a hidden state x against every row is then asymmetric distance computation: one (S, K) table of x's pieces
-against the centroids, and for each row a gather-sum of its S codes. Each row also keeps ``row_error`` = ||w - w_hat||,
-so that |x . w - x . w_hat| <= ||x|| * row_error (Cauchy-Schwarz): the bound the certificate rests on.
+Scoring a hidden state x against every row is then asymmetric distance computation: x's pieces against the centroids,
+and for each row a sum over its S codes (on CUDA one kernel, ``kernels/packed/head.py``, decodes each row's pieces in
+registers). Each row r = w - w_hat also keeps two bounds on its error, and |x . r| is at most the smaller of
 
-Data-aware: given the second moment H of the hidden states the head reads, each subspace is clustered after whitening
-by its block of H (pieces p become H_s^(1/2) p), which minimises the expected squared score error E[(x_s . (w_s -
-c))^2] instead of the plain distance; the centroids are mapped back, so the table is still x's pieces against them.
+* ``||x|| * row_error`` (Cauchy-Schwarz), and
+* ``||L^-1 x|| * metric_error``, with ``metric_error = ||L^T r||`` and M = L L^T = H + ridge * mean(diag H) * I, H the
+  second moment of the hidden states the head reads (Cauchy-Schwarz in M's inner product). The clustering makes r
+  small along the directions where x is large, which the plain bound cannot see; the ridge is picked on the calibration
+  hidden states (the smallest mean bound), and any ridge gives a true bound, so a hidden state unlike them only
+  loosens it.
+
+Both are exact bounds, not estimates: the certificate (``search.py``) rests on them. The centroids are stored in the
+dtype the kernel reads (``value_dtype``) and the errors measured against those stored values.
+
+Data-aware clustering: given H, each subspace is clustered after whitening by its block of H (pieces p become
+H_s^(1/2) p), which minimises the expected squared score error E[(x_s . (w_s - c))^2] instead of the plain distance;
+the centroids are mapped back, so the scores are still x's pieces against them.
 """
 
 from __future__ import annotations
@@ -17,17 +27,25 @@ import torch
 from torch import Tensor
 
 from ..fit.kmeans import kmeans
+from ..kernels.packed_forward import packed_kernels
+
+RIDGES = (0.03, 0.1, 0.3, 1.0, 3.0)  # of mean(diag H): the metric's candidates, tried on the calibration states
+SAMPLE_STATES = 256  # calibration states the ridge is chosen on
+METRIC_MARGIN = 1e-3  # relative: L and L^-1 are stored in float32, so the metric bound is widened by their rounding
 
 
 @dataclass
 class PQHeadIndex:
-    """Centroids (S, K, d) float32, codes (S, V) int64, row_error (V,) float32, the largest exact row norm (for the
-    certificate's rounding slack); width = S * d."""
+    """Centroids (S, K, d), codes (S, V) uint8 (K <= 256), row_error (V,) float32 (Euclidean), metric_error (V,) and
+    metric_inverse (width, width) L^-1 (None without hidden states), the largest exact row norm (for the certificate's
+    rounding slack); width = S * d."""
 
     centroids: Tensor
     codes: Tensor
     row_error: Tensor
     largest_row_norm: float = 0.0
+    metric_error: Tensor | None = None
+    metric_inverse: Tensor | None = None
 
     @property
     def subspaces(self) -> int:
@@ -43,36 +61,68 @@ class PQHeadIndex:
 
     def decoded_rows(self) -> Tensor:
         """w_hat (V, width) float32: every row's pieces replaced by their centroids."""
-        pieces = torch.gather(self.centroids, 1, self.codes[:, :, None].expand(-1, -1, self.centroids.shape[2]))
+        books = self.centroids.float()
+        pieces = torch.gather(books, 1, self.codes.long()[:, :, None].expand(-1, -1, books.shape[2]))
         return pieces.permute(1, 0, 2).reshape(self.vocab, self.width)
 
     def approximate_scores(self, x: Tensor) -> Tensor:
-        """x . w_hat for every row, (B, V) float32, from one table per subspace and a gather-sum of the codes."""
+        """x . w_hat for every row, (B, V) float32: on CUDA one kernel that decodes each row's pieces in registers
+        (``kernels/packed/head.py``, float32 sums of exact products: x is cast to the centroids' dtype, which must
+        hold it exactly: the model's own), elsewhere one table per subspace and a gather-sum of the codes."""
+        kernels = packed_kernels(x)
+        if kernels is not None and self.centroids.dtype in (torch.float16, torch.bfloat16) and self.codes.dtype == torch.uint8:
+            return kernels.packed_head(x.to(self.centroids.dtype), self.codes, self.centroids, None, 8, self.vocab, None,
+                                       out_dtype=torch.float32)
+        return self.reference_scores(x)
+
+    def reference_scores(self, x: Tensor) -> Tensor:
+        """The torch form of ``approximate_scores``: tables of x's pieces against the centroids, gathered by code."""
         pieces = x.float().reshape(x.shape[0], self.subspaces, -1)
-        tables = torch.einsum("bsd,skd->bsk", pieces, self.centroids)
+        tables = torch.einsum("bsd,skd->bsk", pieces, self.centroids.float())
         scores = torch.zeros(x.shape[0], self.vocab, device=x.device)
+        codes = self.codes.long()
         for subspace in range(self.subspaces):
-            scores += tables[:, subspace, self.codes[subspace]]
+            scores += tables[:, subspace, codes[subspace]]
         return scores
 
+    def error_bounds(self, x: Tensor) -> Tensor:
+        """(B, V): an upper bound on |x . (w - w_hat)| for every row, the smaller of the two bounds."""
+        x = x.float()
+        bounds = x.norm(dim=1, keepdim=True) * self.row_error[None]
+        if self.metric_inverse is not None:
+            whitened = (x @ self.metric_inverse.T).norm(dim=1, keepdim=True) * (1 + METRIC_MARGIN)
+            bounds = torch.minimum(bounds, whitened * self.metric_error[None])
+        return bounds
+
     def to(self, device: torch.device) -> PQHeadIndex:
-        return PQHeadIndex(self.centroids.to(device), self.codes.to(device), self.row_error.to(device), self.largest_row_norm)
+        moved = [None if t is None else t.to(device) for t in (self.metric_error, self.metric_inverse)]
+        return PQHeadIndex(self.centroids.to(device), self.codes.to(device), self.row_error.to(device),
+                           self.largest_row_norm, *moved)
 
 
 def build_index(weight: Tensor, subspaces: int, centroids: int = 256, hidden_moment: Tensor | None = None,
-                seed: int = 0, max_iter: int = 25) -> PQHeadIndex:
+                seed: int = 0, max_iter: int = 25, hidden_states: Tensor | None = None,
+                value_dtype: torch.dtype = torch.float32) -> PQHeadIndex:
     """Index the rows of ``weight`` (V, width): ``subspaces`` pieces per row (it must divide the width), ``centroids``
-    per subspace; ``hidden_moment`` (width, width): E[x x^T] of the hidden states, for data-aware clustering."""
+    per subspace. ``hidden_states`` (n, width): what the head reads on calibration text, for data-aware clustering and
+    the metric bound (``hidden_moment``, their E[x x^T], may be given instead; the ridge is then 1). ``value_dtype``:
+    the dtype the centroids are stored and scored in."""
     vocab, width = weight.shape
+    if centroids > 256:
+        raise ValueError(f"at most 256 centroids per subspace (one byte per code), not {centroids}")
     if width % subspaces:
         raise ValueError(f"{subspaces} subspaces do not divide the head's width {width}")
+    if hidden_states is not None:
+        states = hidden_states.detach().reshape(-1, width).float()
+        hidden_moment = states.T @ states / states.shape[0]
     piece = width // subspaces
     rows = weight.detach().float()
     points = rows.reshape(vocab, subspaces, piece).permute(1, 0, 2).contiguous()  # (S, V, d)
-    whiten = unwhiten = None
+    unwhiten = None
     if hidden_moment is not None:
-        blocks = torch.stack([hidden_moment[s * piece:(s + 1) * piece, s * piece:(s + 1) * piece] for s in range(subspaces)])
-        values, vectors = torch.linalg.eigh(blocks.double())
+        moment = hidden_moment.to(rows.device).double()
+        blocks = torch.stack([moment[s * piece:(s + 1) * piece, s * piece:(s + 1) * piece] for s in range(subspaces)])
+        values, vectors = torch.linalg.eigh(blocks)
         values = values.clamp_min(values.amax(-1, keepdim=True) * 1e-6)
         whiten = (vectors * values.sqrt()[:, None, :]) @ vectors.transpose(1, 2)  # H_s^(1/2)
         unwhiten = (vectors * values.rsqrt()[:, None, :]) @ vectors.transpose(1, 2)
@@ -81,6 +131,31 @@ def build_index(weight: Tensor, subspaces: int, centroids: int = 256, hidden_mom
     books = fitted.centroids
     if unwhiten is not None:
         books = torch.bmm(books.double(), unwhiten).float()
-    index = PQHeadIndex(books.contiguous(), fitted.codes, torch.zeros(vocab), float(rows.norm(dim=1).max()))
-    index.row_error = (rows - index.decoded_rows().to(rows.device)).norm(dim=1)
+    index = PQHeadIndex(books.to(value_dtype).contiguous(), fitted.codes.to(torch.uint8), torch.zeros(vocab), float(rows.norm(dim=1).max()))
+    residual = rows - index.decoded_rows().to(rows.device)
+    index.row_error = residual.norm(dim=1)
+    if hidden_moment is not None:
+        sample = None
+        if hidden_states is not None:  # a few hundred states spread over the text: the ridge's choice needs no more
+            sample = states[torch.linspace(0, states.shape[0] - 1, min(SAMPLE_STATES, states.shape[0])).long()]
+        index.metric_inverse, index.metric_error = _metric_bound(hidden_moment.to(rows.device).double(), residual, sample)
     return index
+
+
+def _metric_bound(moment: Tensor, residual: Tensor, sample: Tensor | None) -> tuple[Tensor, Tensor]:
+    """L^-1 (float32) and ||L^T r|| per row for M = H + ridge * mean(diag H) * I; the ridge of ``RIDGES`` whose bound,
+    the smaller of it and the plain one, is least on average over ``sample`` (without a sample: ridge 1)."""
+    scale = float(moment.diagonal().mean())
+    best = None
+    for ridge in RIDGES if sample is not None else (1.0,):
+        factor = torch.linalg.cholesky(moment + ridge * scale * torch.eye(moment.shape[0], dtype=moment.dtype, device=moment.device))
+        inverse = torch.linalg.solve_triangular(factor, torch.eye(moment.shape[0], dtype=moment.dtype, device=moment.device), upper=False)
+        errors = (residual.double() @ factor).norm(dim=1).float()
+        if sample is None:
+            return inverse.float(), errors
+        plain = sample.norm(dim=1, keepdim=True) * residual.norm(dim=1)[None]
+        metric = (sample.double() @ inverse.T).norm(dim=1, keepdim=True).float() * errors[None]
+        mean_bound = float(torch.minimum(plain, metric).mean())
+        if best is None or mean_bound < best[0]:
+            best = (mean_bound, inverse.float(), errors)
+    return best[1], best[2]

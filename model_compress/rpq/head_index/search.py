@@ -1,6 +1,7 @@
 """Shortlist, exact re-rank, certificate.
 
-For a hidden state x every row v has an upper bound on its exact logit: approx_v + b_v + ||x|| * row_error_v. Take the
+For a hidden state x every row v has an upper bound on its exact logit: approx_v + b_v + its error bound (``index.py``:
+the smaller of ||x|| ||w_v - w_hat_v|| and the metric bound). Take the
 k rows of highest bound, compute their exact logits, and call the best of them certified when it exceeds the (k+1)-th
 highest bound (by a slack for float rounding): no row outside the shortlist can then score higher, so the best is the
 dense argmax. Where it does not, the shortlist widens (k times ``WIDEN``) until it does; past ``max_rows`` the whole
@@ -18,7 +19,7 @@ from torch import Tensor
 from .index import PQHeadIndex
 
 WIDEN = 4
-SLACK = 1e-5  # of ||x|| * the largest row norm: float32 rounding in the table sums and the exact products
+FLOAT32_UNIT = 2.0**-24  # float32's unit roundoff
 
 
 @dataclass
@@ -34,6 +35,15 @@ class Shortlist:
         return int(self.rows[self.logits.argmax()])
 
 
+def rounding_slack(norms: Tensor, index: PQHeadIndex) -> Tensor:
+    """What float32 rounding can move a score by: a sum of n products is off by at most n * u * sum |terms| (u the unit
+    roundoff), and sum |terms| <= ||x|| * (largest row norm + largest error), for the approximate sums and the exact
+    logits alike; twice that, for the two."""
+    terms = index.width + 16  # the products of one score, and a few more operations (bias, bound)
+    largest = index.largest_row_norm + float(index.row_error.max())
+    return 2 * terms * FLOAT32_UNIT * norms * largest
+
+
 def certified_shortlists(x: Tensor, index: PQHeadIndex, exact_logits: Callable[[Tensor, Tensor], Tensor],
                          bias: Tensor | None = None, first_rows: int = 64, max_rows: int | None = None) -> list[Shortlist]:
     """A certified shortlist per row of ``x`` (B, width). ``exact_logits(x_row, ids)``: the exact logits of rows
@@ -43,13 +53,14 @@ def certified_shortlists(x: Tensor, index: PQHeadIndex, exact_logits: Callable[[
     if bias is not None:
         approx = approx + bias.float()
     norms = x.float().norm(dim=1)
-    slack = SLACK * norms * index.largest_row_norm
+    upper = approx + index.error_bounds(x)
+    slack = rounding_slack(norms, index)
     vocab = index.vocab
     limit = vocab if max_rows is None else min(max_rows, vocab)
     everything = torch.arange(vocab, device=x.device)
     lists = []
     for b in range(x.shape[0]):
-        bounds = approx[b] + norms[b] * index.row_error
+        bounds = upper[b]
         rows = min(first_rows, limit)
         while True:
             if rows >= vocab:  # the whole head, exactly: nothing is left outside

@@ -63,12 +63,14 @@ def _packed_head_kernel(
 
 
 def packed_head(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, vocab: int,
-                bias: Tensor | None, block_v: int = HEAD_BLOCK_V, block_h: int = HEAD_BLOCK_H) -> Tensor:
+                bias: Tensor | None, block_v: int = HEAD_BLOCK_V, block_h: int = HEAD_BLOCK_H,
+                out_dtype: torch.dtype | None = None) -> Tensor:
     """Logits (..., vocab) of rotated hidden states ``x`` against a packed table (``vocab`` rows), for a few tokens.
 
     ``codebooks`` (M, K, D) int8 with ``scales`` (M,), or 16-bit / float32 without; x in float16, bfloat16 or float32
     (the tensor-core product runs in x's dtype, float32 in IEEE precision). ``block_v`` rows by ``block_h``
-    codebooks per step (powers of two, ``block_h`` at least 16).
+    codebooks per step (powers of two, ``block_h`` at least 16). ``out_dtype``: the logits' dtype (x's by default;
+    float32 keeps the float32 sums unrounded, which the head index's certificate counts on).
     """
     num_codebooks, codebook_size, piece = codebooks.shape
     dim = x.shape[-1]
@@ -76,7 +78,7 @@ def packed_head(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | No
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     tokens = rows.shape[0]
-    out = torch.empty(tokens, vocab, device=x.device, dtype=x.dtype)
+    out = torch.empty(tokens, vocab, device=x.device, dtype=out_dtype or x.dtype)
     if tokens:
         _packed_head_kernel[(_cdiv(vocab, block_v),)](
             rows, codes, codebooks, scales if scales is not None else codebooks, bias if bias is not None else out, out,
