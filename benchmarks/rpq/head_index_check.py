@@ -1,10 +1,10 @@
 """The certified PQ head index on a real model's head and real hidden states (CPU; torch reference of the search).
 
-    python benchmarks/rpq/head_index_check.py [--model default|GGUF|FOLDER] [--subspaces 72] [--positions 512] [--json FILE]
+    python benchmarks/rpq/head_index_check.py [--model default|GGUF|FOLDER] [--piece 2] [--positions 512] [--json FILE]
 
 Loads the model (the embedded SmolLM2-135M by default), takes the hidden states its head reads on the first windows
 of the packaged Wikipedia sample (evaluation positions) and on the packaged calibration mix (the index's data-aware
-clustering: their second moment), builds the index (K = 256 per subspace), and reports, over ``--positions``
+clustering and the metric bound), builds the index (K = 256 per subspace, ``--piece`` values per code), and reports, over ``--positions``
 evaluation positions: how often the approximate top-1 and top-k hold the dense argmax, the certified shortlist's size
 (mean, largest), how often the whole head had to be computed (fallbacks), and that the certified token equals the dense
 argmax at every position. Times are the torch reference's on this machine's CPU, beside the dense head's product.
@@ -39,7 +39,7 @@ def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
-    parser.add_argument("--subspaces", type=int, default=72)
+    parser.add_argument("--piece", type=int, default=2, help="values per code (8-bit codes: 8 / piece bits per weight)")
     parser.add_argument("--positions", type=int, default=512)
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--first-rows", type=int, default=64)
@@ -58,7 +58,7 @@ def main() -> None:
     calib = final_hidden(model, tokens(calibration_text()))
     evaluation = final_hidden(model, tokens(default_text()))[: args.positions]
     start = time.perf_counter()
-    index = build_index(weight, args.subspaces, 256, hidden_moment=calib.T @ calib / calib.shape[0])
+    index = build_index(weight, weight.shape[1] // args.piece, 256, hidden_states=calib)
     build_s = time.perf_counter() - start
     dense = evaluation @ weight.T + (0 if bias is None else bias)
     truth = dense.argmax(dim=1)
@@ -79,10 +79,10 @@ def main() -> None:
     sizes = [len(shortlist.rows) for shortlist in lists]
     result = {
         "model": args.model, "vocab": index.vocab,
-        "width": index.width, "subspaces": args.subspaces, "positions": len(lists),
+        "width": index.width, "subspaces": index.subspaces, "positions": len(lists),
         "certified_equals_dense": sum(shortlist.best == int(t) for shortlist, t in zip(lists, truth)),
         "fallbacks": sum(shortlist.fallback for shortlist in lists), "shortlist_mean": sum(sizes) / len(sizes),
-        "shortlist_max": max(sizes), "approx_recall_of_argmax": recall, "build_s": build_s,
+        "shortlist_max": max(sizes), "shortlist_median": sorted(sizes)[len(sizes) // 2], "approx_recall_of_argmax": recall, "build_s": build_s,
         "search_ms_per_position_cpu": search_s / len(lists) * 1e3, "dense_ms_per_position_cpu": dense_s / len(lists) * 1e3,
     }
     print(json.dumps(result, indent=1))

@@ -20,6 +20,7 @@ from torch import nn
 from ..core.hf import LoaderOnlyQuantizer, MethodConfig, mark_quantized, skip_dense_initialisation
 from .format_upgrade import upgrade_codes
 from .fusions import apply_fusions
+from .head_index.attach import attach_stored
 from .layers.modules import KIND_TIED_HEAD, build_rpq_module
 
 QUANT_METHOD = "rpq"
@@ -105,6 +106,9 @@ class RPQHfQuantizer(LoaderOnlyQuantizer):
         upgrade_codes(model, self.quantization_config.format_version)
         self.quantization_config.format_version = FORMAT_VERSION  # the codes in memory are this format's now
         apply_fusions(model)
+        source = getattr(model.config, "_name_or_path", "")
+        if source and model.get_output_embeddings() is not None:
+            attach_stored(model, source)  # a head index saved beside the weights (``head_index/attach.py``)
 
 
 def swap_in_rpq_modules(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:

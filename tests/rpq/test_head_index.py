@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from model_compress.rpq.head_index.index import build_index
-from model_compress.rpq.head_index.module import CertifiedHead
+from model_compress.rpq.head_index.attach import attach, attach_stored, detach, index_head, save_index
 from model_compress.rpq.head_index.search import certified_shortlists
 
 from ..conftest import tiny_config
@@ -99,10 +99,43 @@ def test_generate_with_a_certified_head_gives_the_dense_heads_greedy_tokens():
     prompt = torch.randint(0, config.vocab_size, (2, 5))
     with torch.no_grad():
         expected = model.generate(prompt, max_new_tokens=12, do_sample=False)
-        head = CertifiedHead(model.lm_head, build_index(model.lm_head.weight, subspaces=8, centroids=16), first_rows=4)
-        model.lm_head = head
+        head = attach(model, build_index(model.lm_head.weight, subspaces=8, centroids=16), first_rows=4)
         got = model.generate(prompt, max_new_tokens=12, do_sample=False)
+        assert torch.isinf(model(prompt).logits).any()  # answered from shortlists
         head.full_logits = True
         assert torch.isfinite(model(prompt).logits).all()
     assert torch.equal(got, expected)
     assert head.positions > 0
+    assert set(model.state_dict()) == set(transformers.LlamaForCausalLM(config).state_dict())  # names unchanged
+
+
+def test_an_index_saved_beside_a_checkpoint_comes_back_with_model_compress_load(tmp_path):
+    import model_compress
+    from model_compress.rpq.convert import RPQSettings
+    from model_compress.rpq.pipeline import CalibrationOptions, compress_rpq
+
+    from ..conftest import tiny_model, tiny_tokenizer
+
+    source = tmp_path / "source"
+    tiny_model("llama").save_pretrained(source)
+    tiny_tokenizer("llama").save_pretrained(source)
+    run = compress_rpq(str(source), tmp_path / "out", RPQSettings(bits=4.5), calibration=CalibrationOptions(tokens=512))
+    model = run.model.eval()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 6))
+    hidden = []
+    grab = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: hidden.append(args[0].detach()))
+    with torch.no_grad():
+        model(prompt)
+    grab.remove()
+    certified = index_head(model, hidden[0].reshape(-1, hidden[0].shape[-1]), piece=2, first_rows=4)
+    save_index(tmp_path / "out", certified)
+    with torch.no_grad():
+        attached_logits = model(prompt).logits
+        detach(model)
+        dense = model(prompt).logits
+    loaded = model_compress.load(tmp_path / "out").eval()
+    assert attached_logits.argmax(-1).tolist() == dense.argmax(-1).tolist()
+    with torch.no_grad():
+        again = loaded(prompt).logits
+    assert torch.isinf(again).any() and again.argmax(-1).tolist() == dense.argmax(-1).tolist()
+    assert attach_stored(loaded, tmp_path / "source") is None  # no index there

@@ -1,43 +1,74 @@
-"""An LM head that answers from its certified shortlist: full-width logits, exact on the shortlist and -inf elsewhere,
-so greedy decoding picks the dense argmax and top-k / top-p sampling work within the shortlist. ``full_logits`` (and
-training) computes the whole head, for perplexity and fine-tuning. Fallbacks are counted."""
+"""The certified forward of an LM head: full-width logits, exact on the certified shortlist and -inf elsewhere, so
+greedy decoding picks the dense argmax and top-k / top-p sampling work within the shortlist. ``full_logits`` (and
+training, or anything autograd records) runs the head's own forward, for perplexity and fine-tuning.
+
+It is a plain callable set as the head module's ``forward`` (``attach.py``), not a module: the head keeps its
+parameters, names and ties, and nothing of the index enters the model's state dict.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
+from ..layers.modules import RPQEmbedding
 from .index import PQHeadIndex
 from .search import certified_shortlists
 
 
-class CertifiedHead(nn.Module):
-    """``head`` (a dense Linear; its weight is what the index approximates) with ``index`` in front of it."""
+class CertifiedForward:
+    """``head``'s forward through ``index``; counts the positions answered and those that needed the whole head."""
 
-    def __init__(self, head: nn.Linear, index: PQHeadIndex, first_rows: int = 64) -> None:
-        super().__init__()
+    def __init__(self, head: nn.Module, index: PQHeadIndex, first_rows: int = 64) -> None:
         self.head = head
         self.index = index
         self.first_rows = first_rows
         self.full_logits = False
         self.positions = 0
         self.fallbacks = 0
-        self.train(head.training)  # an eval-mode model's head answers from the index at once
+        self._placed: dict[torch.device, PQHeadIndex] = {}
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        if self.full_logits or self.training or torch.is_grad_enabled() and hidden.requires_grad:
-            return self.head(hidden)
+    def own_forward(self, hidden: Tensor) -> Tensor:
+        return type(self.head).forward(self.head, hidden)
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        if self.full_logits or self.head.training or torch.is_grad_enabled() and hidden.requires_grad:
+            return self.own_forward(hidden)
         rows = hidden.reshape(-1, hidden.shape[-1])
-        weight, bias = self.head.weight, self.head.bias
-
-        def exact(x: Tensor, ids: Tensor) -> Tensor:
-            out = weight[ids] @ x
-            return out if bias is None else out + bias[ids]
-
-        lists = certified_shortlists(rows, self.index, exact, bias, self.first_rows)
+        bias = getattr(self.head, "bias", None)
+        lists = certified_shortlists(rows, self.placed(rows.device), self.exact_logits, bias, self.first_rows)
         logits = torch.full((rows.shape[0], self.index.vocab), float("-inf"), device=hidden.device, dtype=hidden.dtype)
         for position, shortlist in enumerate(lists):
             logits[position, shortlist.rows] = shortlist.logits.to(logits.dtype)
         self.positions += len(lists)
         self.fallbacks += sum(shortlist.fallback for shortlist in lists)
         return logits.reshape(*hidden.shape[:-1], self.index.vocab)
+
+    def exact_logits(self, x: Tensor, ids: Tensor) -> Tensor:
+        """The exact logits (float32, bias included) of rows ``ids`` for one hidden state."""
+        rows = self.rows(ids).float()
+        out = rows @ x.float()
+        bias = getattr(self.head, "bias", None)
+        return out if bias is None else out + bias[ids].float()
+
+    def rows(self, ids: Tensor) -> Tensor:
+        """Rows ``ids`` of the head as it computes them: a Linear's weight rows, a tied RPQ head's embedding rows
+        (decoded only where asked), else the head's decoded weight, kept once."""
+        weight = getattr(self.head, "weight", None)
+        if isinstance(weight, Tensor) and weight.dim() == 2:
+            return weight[ids]
+        embedding = getattr(self.head, "embedding", None)
+        if isinstance(embedding, RPQEmbedding):  # the lookup itself, never a subclass's scaling (Gemma's embed_scale)
+            return RPQEmbedding.forward(embedding, ids)
+        decoded = self.__dict__.get("_decoded")
+        if decoded is None or decoded.device != ids.device:
+            decoded = self.__dict__["_decoded"] = self.head.dequantize().to(ids.device)
+        return decoded[ids]
+
+    def placed(self, device: torch.device) -> PQHeadIndex:
+        """The index on ``device`` (moved once per device)."""
+        found = self._placed.get(device)
+        if found is None:
+            found = self._placed[device] = self.index.to(device)
+        return found
+

@@ -4,8 +4,8 @@ For a hidden state x every row v has an upper bound on its exact logit: approx_v
 the smaller of ||x|| ||w_v - w_hat_v|| and the metric bound). Take the
 k rows of highest bound, compute their exact logits, and call the best of them certified when it exceeds the (k+1)-th
 highest bound (by a slack for float rounding): no row outside the shortlist can then score higher, so the best is the
-dense argmax. Where it does not, the shortlist widens (k times ``WIDEN``) until it does; past ``max_rows`` the whole
-head is computed (a fallback, counted).
+dense argmax. Where it does not, the shortlist widens to every row whose bound reaches the best exact logit found,
+which certifies (the best can only rise); past ``max_rows`` the whole head is computed (a fallback, counted).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from torch import Tensor
 
 from .index import PQHeadIndex
 
-WIDEN = 4
 FLOAT32_UNIT = 2.0**-24  # float32's unit roundoff
 
 
@@ -69,11 +68,14 @@ def certified_shortlists(x: Tensor, index: PQHeadIndex, exact_logits: Callable[[
             top = bounds.topk(rows + 1)
             ids = top.indices[:rows]
             logits = exact_logits(x[b], ids)
-            if logits.max().float() > top.values[rows] + slack[b]:  # above every bound outside: certified
+            best = logits.max().float()
+            if best > top.values[rows] + slack[b]:  # above every bound outside: certified
                 lists.append(Shortlist(ids, logits, False))
                 break
             if rows >= limit:  # the widest shortlist allowed is not certified: the whole head
                 lists.append(Shortlist(everything, exact_logits(x[b], everything), True))
                 break
-            rows = min(rows * WIDEN, limit)
+            # every row whose bound reaches the best exact logit so far: with them all in, the best can only rise,
+            # so the next shortlist certifies (a second round at most)
+            rows = min(max(int((bounds + slack[b] >= best).sum()), rows + 1), limit)
     return lists
