@@ -130,6 +130,10 @@ def rpq(
         bool,
         typer.Option("--resume", help="Go on with a conversion into the same output folder that stopped (Ctrl-C, a crash, a lost machine), from the last block it finished; the source and every setting must be the same as the stopped run's."),
     ] = False,
+    head_index: Annotated[
+        bool,
+        typer.Option("--head-index", help="Also give the LM head a certified product-quantized index (saved as head_index.safetensors beside the weights): each decoding step scores every vocabulary row approximately from 8-bit codes, computes exact logits for a shortlist, and certifies that no other row can beat its best, so the greedy token is always the dense head's (logits outside the shortlist are -inf). For large vocabularies; fitted on the calibration text's hidden states."),
+    ] = False,
     debug: Debug = False,
 ) -> None:
     """Reverse product quantization: every Linear / Embedding / Conv1D weight becomes codebooks + packed codes, fitted on calibration text."""
@@ -170,12 +174,17 @@ def rpq(
             observer=observer,
             on_loading=status.started, on_loaded=status.finished,
             on_finetune_step=observer.finetune_step,
+            head_index=head_index,
         )
     from .summary import table_rows, totals_lines
 
     print_table_and_lines("RPQ conversion", *table_rows(run.summary), totals_lines(run.summary))
     for warning in [*quality_warnings(run), *size_warnings(run.summary)]:
         console.print(f"warning: {warning}", style="yellow", highlight=False, soft_wrap=True)
+    if run.head_index is not None:
+        shape = run.head_index.describe()
+        console.print(f"head index: {shape['rows']:,} rows, {shape['subspaces']} codes of {shape['values_per_code']} values each "
+                      f"({shape['code_bits_per_weight']:g} bits per weight), {shape['bytes'] / 1e6:.1f} MB", highlight=False)
     what = f"--bits {settings.budget:g}" if not settings.fixed else f"M={run.config.num_codebooks}, K={run.config.codebook_size}"
     console.print(
         f"source {run.source.label}, {what}, fitted on {settings.device}, {run.summary.seconds:.1f} s; saved to {run.output}",

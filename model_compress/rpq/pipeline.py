@@ -28,6 +28,8 @@ from .layers.modules import KIND_TIED_HEAD
 from .model_card import render_model_card
 from ..core.sizes import model_bytes, model_params
 from .fusions import apply_fusions
+from .head_index.attach import calibrated_index, save_index
+from .head_index.module import CertifiedForward
 from .summary import ConversionSummary, summarize
 
 @dataclass
@@ -54,6 +56,7 @@ class RPQRun:
     output: Path | None
     conversion: Conversion
     finetune: FinetuneReport | None
+    head_index: CertifiedForward | None = None
 
 
 def default_finetune_steps(device: torch.device) -> int:
@@ -76,6 +79,7 @@ def compress_rpq(
     on_loading: Callable[[ModelSource], None] | None = None,
     on_loaded: Callable[[ModelSource], None] | None = None,
     on_finetune_step: Callable[[int, int], None] | None = None,
+    head_index: bool = False,
 ) -> RPQRun:
     """Load ``model`` (None: the embedded default), convert it, and save it to ``output`` (if given).
 
@@ -85,7 +89,10 @@ def compress_rpq(
     once the original is open. A safetensors checkpoint is read block by block as the conversion reaches each block
     (``core.streamed_load``; ``stream`` False loads it whole first); pickled ``.bin`` weights load only with
     ``allow_pickle``. With an output folder, what is done is saved as it is done beside it (``rpq.resume``), and
-    ``resume`` goes on from where a stopped run with the same source and settings stopped.
+    ``resume`` goes on from where a stopped run with the same source and settings stopped. ``head_index``: the
+    converted model's LM head also gets a certified product-quantized index (``head_index``), fitted on the hidden
+    states of the calibration windows and saved beside the weights. Streamed on a GPU, the converted blocks stay on
+    that GPU where it has room (the rest in host memory): ``.to()`` the returned model before running it elsewhere.
     """
     calibration = calibration or CalibrationOptions()
     out = Path(output) if output is not None else None
@@ -94,6 +101,8 @@ def compress_rpq(
     validate_settings(settings)
     finetuning = finetuning or FinetuneSettings(steps=default_finetune_steps(settings.device), seed=settings.seed)
     _validate_options(calibration, finetuning)
+    if head_index and not calibration.enabled:
+        raise UserError("--head-index fits the index on the hidden states of calibration text: drop --calib none")
     text = calibration_text(calibration.text) if calibration.enabled else None
     source = resolve_source(model)
     planned_layers(empty_model(load_config(source), dtype), settings)  # from the config alone: before the weights load
@@ -123,6 +132,7 @@ def compress_rpq(
         report = None
         if teacher is not None:
             report = finetune(network, windows.fit, windows.held_out, teacher, finetuning, settings.device, on_finetune_step)
+        certified = calibrated_index(network, windows.fit, settings.device) if head_index and windows is not None else None
         summary = summarize(
             conversion.outcomes,
             model_params=params,
@@ -138,10 +148,10 @@ def compress_rpq(
         config = _config_section(conversion, settings, finetuning if report else None, source, network)
         attach_quantizer(network, config)
         if out is not None:
-            write_folder_atomically(out, force, lambda tmp: _write(tmp, network, tokenizer, config, summary, conversion))
+            write_folder_atomically(out, force, lambda tmp: _write(tmp, network, tokenizer, config, summary, conversion, certified))
             store.remove()
     apply_fusions(network)  # as the loader does: the model returned runs as the saved one loads
-    return RPQRun(network, config, summary, source, out, conversion, report)
+    return RPQRun(network, config, summary, source, out, conversion, report, certified)
 
 
 @contextlib.contextmanager
@@ -245,8 +255,11 @@ def _config_section(
     )
 
 
-def _write(folder: Path, network: nn.Module, tokenizer, config: RPQConfig, summary: ConversionSummary, conversion: Conversion) -> None:
+def _write(folder: Path, network: nn.Module, tokenizer, config: RPQConfig, summary: ConversionSummary, conversion: Conversion,
+           certified: CertifiedForward | None = None) -> None:
     network.save_pretrained(folder, max_shard_size=MAX_SHARD_SIZE)
+    if certified is not None:
+        save_index(folder, certified)
     summary.output_file_bytes = weights_bytes(folder)  # the card and the report say what was written
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
@@ -255,5 +268,6 @@ def _write(folder: Path, network: nn.Module, tokenizer, config: RPQConfig, summa
         "settings": config.to_dict() | {"layers": None},
         "summary": summary.to_json(),
         "allocation": conversion.allocation.to_json() if conversion.allocation else None,
+        "head_index": certified.describe() if certified is not None else None,
     }
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...core.placement import return_tensors, tensor_devices
 from ..kernels.plans import invalidate_all
 
 from .codebooks import CodebookSet
@@ -158,7 +159,7 @@ def finetune(
 ) -> FinetuneReport:
     """Train codebooks, norms and RPQ biases for ``settings.steps`` steps; keep the best held-out state."""
     start = time.perf_counter()
-    homes = _devices(model)
+    homes = tensor_devices(model)
     thawed = _thaw_int8_codebooks(model)
     dtypes = _dtypes(model)
     _place(model, device, torch.float32)
@@ -212,10 +213,12 @@ def finetune(
         parameter.requires_grad_(False)
     _restore_dtypes(model, dtypes)
     _freeze_int8_codebooks(thawed)
-    _return_home(model, homes)
+    return_tensors(model, homes)
+    invalidate_all()  # launch plans kept by the layers hold these tensors
     model.train(was_training)
     after = held_out_loss(_place(model, device), judge, judge_teacher, device) if settings.steps else before
-    _return_home(model, homes)
+    return_tensors(model, homes)
+    invalidate_all()  # launch plans kept by the layers hold these tensors
     return FinetuneReport(settings.steps, settings.lr, before, after, best[1], time.perf_counter() - start, curve, backoffs)
 
 
@@ -264,22 +267,6 @@ def _place(model: nn.Module, device: torch.device, dtype: torch.dtype | None = N
     if dtype is not None:
         nn.Module.to(model, dtype)
     return model
-
-
-def _devices(model: nn.Module) -> dict[str, torch.device]:
-    """Every tensor's device: a streamed conversion keeps converted blocks on the GPU and the rest in host memory,
-    and each goes back where it was (the whole model moved to one device could overflow the host)."""
-    return {name: t.device for name, t in [*model.named_parameters(), *model.named_buffers()]}
-
-
-def _return_home(model: nn.Module, homes: dict[str, torch.device]) -> None:
-    """Every tensor back on the device ``_devices`` found it on (one at a time: never two copies of the model)."""
-    with torch.no_grad():
-        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            home = homes.get(name)
-            if home is not None and tensor.device != home:
-                tensor.data = tensor.data.to(home)
-    invalidate_all()  # launch plans kept by the layers hold these tensors
 
 
 def _dtypes(model: nn.Module) -> dict[str, torch.dtype]:

@@ -17,11 +17,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ...core.errors import UserError
+from ...core.placement import return_tensors, tensor_devices
+from ..fit.stack import call_model
+from ..kernels.plans import invalidate_all
 from .index import PQHeadIndex, build_index
 from .module import CertifiedForward
 
 INDEX_FILE = "head_index.safetensors"
 DEFAULT_PIECE = 2  # values per 8-bit code: 4 bits per weight, what certifies a real head's shortlists (RESULTS.md)
+MOST_STATES = 16384  # hidden states the index is fitted on: the clustering's and the metric's data
 
 
 def head_rows(head: nn.Module) -> Tensor:
@@ -46,6 +51,31 @@ def index_head(model: nn.Module, hidden_states: Tensor, piece: int = DEFAULT_PIE
     index = build_index(rows.to(hidden_states.device), width // piece, 256, hidden_states=hidden_states.float(), seed=seed,
                         value_dtype=dtype)
     return attach(model, index.to(torch.device("cpu")), first_rows)
+
+
+def calibrated_index(model: nn.Module, windows: Tensor, device: torch.device, piece: int = DEFAULT_PIECE,
+                     most_states: int = MOST_STATES) -> CertifiedForward:
+    """Index ``model``'s head on the hidden states it reads over calibration ``windows`` (n, seq) token ids, up to
+    ``most_states`` of them, on ``device``; attached, and every tensor of the model back where it was after."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise UserError("--head-index: this model has no language-model head to index")
+    homes = tensor_devices(model)
+    states: list[Tensor] = []
+    grab = head.register_forward_pre_hook(lambda module, args: states.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+    try:
+        nn.Module.to(model, device)
+        invalidate_all()  # launch plans kept by the layers hold the tensors just moved
+        with torch.no_grad():
+            for window in windows:
+                if sum(len(s) for s in states) >= most_states:
+                    break
+                call_model(model, window[None].to(device))
+        return index_head(model, torch.cat(states)[:most_states].float(), piece)
+    finally:
+        grab.remove()
+        return_tensors(model, homes)
+        invalidate_all()
 
 
 def attach(model: nn.Module, index: PQHeadIndex, first_rows: int = 64) -> CertifiedForward:

@@ -65,6 +65,15 @@ class CertifiedForward:
             decoded = self.__dict__["_decoded"] = self.head.dequantize().to(ids.device)
         return decoded[ids]
 
+    def describe(self) -> dict:
+        """The index's shape and size, for the report."""
+        index = self.index
+        stored = sum(t.numel() * t.element_size() for t in (index.centroids, index.codes, index.row_error,
+                                                              index.metric_error, index.metric_inverse) if t is not None)
+        piece = index.width // index.subspaces
+        return {"rows": index.vocab, "subspaces": index.subspaces, "values_per_code": piece, "centroids": index.centroids.shape[1],
+                "code_bits_per_weight": 8 / piece, "bytes": stored, "first_rows": self.first_rows}
+
     def placed(self, device: torch.device) -> PQHeadIndex:
         """The index on ``device`` (moved once per device)."""
         found = self._placed.get(device)
