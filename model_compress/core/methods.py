@@ -39,6 +39,10 @@ class Method:
     ff_timing_spans: Callable[[nn.Module], list[tuple[nn.Module, nn.Module]]] | None = None  # FF blocks, to time them
     # keep each layer's weight decoded beside its codes (plain matrix products, more memory); returns the bytes added
     decode_weights: Callable[[nn.Module, torch.dtype], int] | None = None
+    # a head that answers from a shortlist (an index) computes every logit (True) or answers from it again (False)
+    full_logits: Callable[[nn.Module, bool], None] | None = None
+    # that head's figures on the eval windows (model, windows of token ids, device): a dict, or None without one
+    head_figures: Callable[[nn.Module, torch.Tensor, torch.device], dict | None] | None = None
     command: str | None = None  # the module whose add_command(app) puts the method's CLI command on `compress`
     rank: int = 100  # where that command is listed in `compress --help`, lower first
 
@@ -96,3 +100,19 @@ def ff_timing_spans(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
 def decode_weights(model: nn.Module, dtype: torch.dtype) -> int:
     """Every method's layers keep their weight decoded in ``dtype`` beside their codes; the bytes that adds."""
     return sum(method.decode_weights(model, dtype) for method in _METHODS.values() if method.decode_weights is not None)
+
+
+def full_logits(model: nn.Module, on: bool) -> None:
+    """Heads that answer from a shortlist compute every logit (``on``: perplexity needs them all) or answer from it."""
+    for method in _METHODS.values():
+        if method.full_logits is not None:
+            method.full_logits(model, on)
+
+
+def head_figures(model: nn.Module, windows: torch.Tensor, device: torch.device) -> dict:
+    """The figures of any head that answers from a shortlist, measured on ``windows``; {} where none does."""
+    figures: dict = {}
+    for method in _METHODS.values():
+        if method.head_figures is not None:
+            figures.update(method.head_figures(model, windows, device) or {})
+    return figures

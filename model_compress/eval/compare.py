@@ -301,6 +301,7 @@ def _measure_into(target: Measurement, model: nn.Module, inputs: _Inputs, settin
     """Quality, then latency and memory, of ``model`` (already on the device)."""
     role = target.role
     observer.stage(f"{role}: {_metric_label(inputs.metric)}", inputs.count)
+    methods.full_logits(model, True)  # a head with an index: perplexity needs every logit
     with PeakMemory(settings.device) as peak:
         if inputs.metric == "perplexity":
             result = perplexity.causal_nll(model, inputs.windows, settings.batch_size, observer.advance)
@@ -314,6 +315,9 @@ def _measure_into(target: Measurement, model: nn.Module, inputs: _Inputs, settin
         key = "perplexity" if inputs.metric == "perplexity" else "mlm_perplexity"
         target.quality[key] = result.perplexity
     target.quality["peak_memory_bytes"] = peak.peak
+    methods.full_logits(model, False)  # decoding answers from the index, as a user's model does
+    if inputs.metric == "perplexity":
+        target.quality.update(methods.head_figures(model, inputs.windows, settings.device))
     if settings.latency is not None:
         generates = _can_generate(model)
         observer.stage(f"{role}: latency", 1 + (len(settings.latency.decode_batches) if generates else 0))

@@ -54,6 +54,13 @@ _ROW_SPECS = [
     ("embedding cosine to original, mean", "", "higher", ("quality", "cosine_mean")),
     ("embedding cosine to original, min", "", "higher", ("quality", "cosine_min")),
     ("final hidden state rel. error", "", "lower", ("quality", "hidden_rel_error")),
+    ("head index: greedy token = dense argmax", "%", "higher", ("quality", "head_index_agreement")),
+    ("head index: approx. top-1 holds it", "%", "higher", ("quality", "head_index_recall_top1")),
+    ("head index: approx. top-64 holds it", "%", "higher", ("quality", "head_index_recall_top64")),
+    ("head index: whole head computed", "%", "lower", ("quality", "head_index_fallback_rate")),
+    ("head index: shortlist, mean rows", "", "lower", ("quality", "head_index_shortlist_mean")),
+    ("LM head, one position, every row", "ms", "lower", ("quality", "head_ms_dense")),
+    ("LM head, one position, from the index", "ms", "lower", ("quality", "head_ms_index")),
     ("prefill / forward, batch 1", "ms", "lower", ("latency", "prefill_ms")),
     ("FF blocks within prefill (hooked)", "ms", "lower", ("latency", "ff_ms")),
     ("FF blocks' share of prefill", "%", "lower", ("latency", "ff_share")),
@@ -75,11 +82,16 @@ _ROW_SPECS = [
 ]
 
 
+_PERCENT = {"head_index_agreement", "head_index_recall_top1", "head_index_recall_top64", "head_index_fallback_rate"}
+
+
 def _figure(measurement: Measurement | None, key: tuple) -> float | None:
     if measurement is None:
         return None
     if key[0] == "quality":
         value = measurement.quality.get(key[1])
+        if value is not None and key[1] in _PERCENT:
+            return 100 * value
         return value / MB if value is not None and key[1] == "peak_memory_bytes" else value
     if key[0] == "latency":
         latency = measurement.latency

@@ -88,9 +88,21 @@ def decode_weights(model, dtype) -> int:
     return sum(module.keep_decoded(dtype) for module in model.modules() if isinstance(module, (RPQLinear, RPQEmbedding)))
 
 
+def full_logits(model, on: bool) -> None:
+    from .head_index.figures import full_logits as switch
+
+    switch(model, on)
+
+
+def head_figures(model, windows, device) -> dict | None:
+    from .head_index.figures import head_figures as figures
+
+    return figures(model, windows, device)
+
+
 register(Method(
     name=QUANT_METHOD, title="RPQ conversion", config_class=RPQConfig, quantizer_class=RPQHfQuantizer,
     check_tensors=check_tensors, describe=describe, summary_table=summary_table, release_workspaces=release_workspaces,
-    decode_weights=decode_weights,
+    decode_weights=decode_weights, full_logits=full_logits, head_figures=head_figures,
     command=f"{__package__}.command", rank=0,
 ))

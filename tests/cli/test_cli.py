@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -235,3 +236,15 @@ def test_rpq_head_index_is_saved_reported_and_attached_on_load(tiny_folder, tmp_
 def test_rpq_head_index_without_calibration_is_one_line(tiny_folder, tmp_path):
     result = run_cli("rpq", str(tiny_folder("llama")), "-o", str(tmp_path / "out"), "--calib", "none", "--head-index")
     assert_one_line_error(result, "--head-index")
+
+
+def test_eval_reports_the_head_index_beside_a_full_perplexity(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("rpq", str(tiny_folder("llama")), "-o", str(out), "--calib-tokens", "512", "--finetune-steps", "0",
+                   "--head-index").exit_code == 0
+    result = run_cli("eval", str(out), "--device", "cpu", "--max-tokens", "512", "--seq-len", "128", "--no-latency", "--no-baseline")
+    assert result.exit_code == 0, result.output
+    assert "greedy token = dense argmax" in result.output
+    quality = json.loads((out / "eval_report.json").read_text())["compressed"]["quality"]
+    assert quality["head_index_agreement"] == 1.0 and quality["head_index_positions"] > 0
+    assert math.isfinite(quality["perplexity"])  # scored on every logit, not the shortlists' -inf
