@@ -1,0 +1,38 @@
+"""The head index's scores through the packed head kernel (8-bit codes, float32 sums written unrounded), on Triton's
+CPU interpreter, against the index's torch reference. Needs Triton (CI's CPU wheel of torch comes without it, so
+this skips there); runs in a child process because ``TRITON_INTERPRET`` must be set before Triton is imported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton", reason="needs Triton (its interpreter)")
+
+CHECK = r'''
+import torch
+from model_compress.rpq.head_index.index import build_index
+from model_compress.rpq.kernels import packed
+
+torch.manual_seed(0)
+index = build_index(torch.randn(700, 64), subspaces=32, centroids=256, hidden_states=torch.randn(500, 64))
+worst = 0.0
+for tokens in (1, 3):
+    x = torch.randn(tokens, 64)
+    scores = packed.packed_head(x, index.codes, index.centroids, None, 8, index.vocab, None, out_dtype=torch.float32)
+    assert scores.dtype == torch.float32
+    reference = index.reference_scores(x).double()
+    worst = max(worst, ((scores.double() - reference).abs().max() / reference.abs().max()).item())
+print("worst", worst)
+'''
+
+
+def test_the_index_scores_through_the_packed_head_kernel_equal_the_torch_reference():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    child = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    worst = float(child.stdout.split()[-1])
+    assert worst < 1e-5, worst
