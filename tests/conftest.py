@@ -213,3 +213,23 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def interpreted_worst(script: str) -> float:
+    """Run ``script`` on Triton's CPU interpreter in a child process (``TRITON_INTERPRET`` must be set before Triton is
+    imported); it prints "worst <error>" last, which is returned. A failing child fails the test with its stderr."""
+    import subprocess
+    import sys
+
+    import numpy
+    import triton
+
+    numpy_version = tuple(int(part) for part in numpy.__version__.split(".")[:2])
+    triton_version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    if numpy_version >= (2, 4) and triton_version <= (3, 6):
+        pytest.skip(f"Triton {triton.__version__}'s interpreter turns size-1 arrays into ints in a way numpy "
+                    f"{numpy.__version__} refuses (it runs with numpy < 2.4)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    return float(child.stdout.split()[-1])

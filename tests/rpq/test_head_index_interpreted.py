@@ -4,11 +4,9 @@ this skips there); runs in a child process because ``TRITON_INTERPRET`` must be 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
+
+from ..conftest import interpreted_worst
 
 pytest.importorskip("triton", reason="needs Triton (its interpreter)")
 
@@ -31,8 +29,5 @@ print("worst", worst)
 
 
 def test_the_index_scores_through_the_packed_head_kernel_equal_the_torch_reference():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    child = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=600)
-    assert child.returncode == 0, child.stderr[-3000:]
-    worst = float(child.stdout.split()[-1])
+    worst = interpreted_worst(CHECK)
     assert worst < 1e-5, worst

@@ -10,11 +10,9 @@ Needs Triton (the CPU wheel of torch comes without it, so CI skips this file); r
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
+
+from ..conftest import interpreted_worst
 
 pytest.importorskip("triton", reason="needs Triton (its interpreter)")
 
@@ -84,8 +82,5 @@ print("worst", worst)
 
 
 def test_plans_on_the_interpreter_match_float64_references():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    child = subprocess.run([sys.executable, "-c", CHECKS], capture_output=True, text=True, env=env, timeout=600)
-    assert child.returncode == 0, child.stderr[-3000:]
-    worst = float(child.stdout.split()[-1])
+    worst = interpreted_worst(CHECKS)
     assert worst < 1e-6, worst
