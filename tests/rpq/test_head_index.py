@@ -54,6 +54,21 @@ def test_the_certified_best_row_is_always_the_dense_argmax():
     assert any(len(shortlist.rows) > 8 for shortlist in lists)  # some had to widen
 
 
+def test_a_batch_certified_at_once_gives_the_same_shortlists_as_one_position_at_a_time():
+    torch.manual_seed(5)
+    weight, bias = torch.randn(2000, 32), torch.randn(2000)
+    index = build_index(weight, subspaces=16, centroids=32, hidden_states=torch.randn(1000, 32))
+    x = torch.randn(12, 32) * 2
+
+    def batch(rows, ids):
+        return torch.einsum("bkd,bd->bk", weight[ids], rows) + bias[ids]
+
+    one_by_one = certified_shortlists(x, index, dense_exact(weight, bias), bias, first_rows=16)
+    at_once = certified_shortlists(x, index, dense_exact(weight, bias), bias, first_rows=16, exact_batch=batch)
+    assert [s.best for s in at_once] == [s.best for s in one_by_one] == (x @ weight.T + bias).argmax(dim=1).tolist()
+    assert [len(s.rows) for s in at_once] == [len(s.rows) for s in one_by_one]
+
+
 def test_a_row_the_index_approximates_badly_is_still_found():
     torch.manual_seed(1)
     weight = torch.randn(2000, 32)

@@ -44,7 +44,8 @@ def head_figures(model: nn.Module, windows: Tensor, device: torch.device) -> dic
         truth = dense.argmax(dim=1)
         del rows, dense
         approx = index.approximate_scores(hidden) + (0 if bias is None else bias.float())
-        lists = certified_shortlists(hidden, index, certified.exact_logits, bias, certified.first_rows)
+        lists = certified_shortlists(hidden, index, certified.exact_logits, bias, certified.first_rows,
+                                     exact_batch=certified.exact_batch)
     sizes = [len(shortlist.rows) for shortlist in lists]
     timed = hidden[:TIMED]
     dense_ms = _per_call_ms(lambda x: certified.own_forward(x), timed)

@@ -36,7 +36,8 @@ class CertifiedForward:
             return self.own_forward(hidden)
         rows = hidden.reshape(-1, hidden.shape[-1])
         bias = getattr(self.head, "bias", None)
-        lists = certified_shortlists(rows, self.placed(rows.device), self.exact_logits, bias, self.first_rows)
+        lists = certified_shortlists(rows, self.placed(rows.device), self.exact_logits, bias, self.first_rows,
+                                     exact_batch=self.exact_batch)
         logits = torch.full((rows.shape[0], self.index.vocab), float("-inf"), device=hidden.device, dtype=hidden.dtype)
         for position, shortlist in enumerate(lists):
             logits[position, shortlist.rows] = shortlist.logits.to(logits.dtype)
@@ -48,6 +49,13 @@ class CertifiedForward:
         """The exact logits (float32, bias included) of rows ``ids`` for one hidden state."""
         rows = self.rows(ids).float()
         out = rows @ x.float()
+        bias = getattr(self.head, "bias", None)
+        return out if bias is None else out + bias[ids].float()
+
+    def exact_batch(self, x: Tensor, ids: Tensor) -> Tensor:
+        """``exact_logits`` for every hidden state of ``x`` (B, width) and its own rows ``ids`` (B, k) at once."""
+        rows = self.rows(ids.reshape(-1)).reshape(*ids.shape, -1).float()
+        out = torch.einsum("bkd,bd->bk", rows, x.float())
         bias = getattr(self.head, "bias", None)
         return out if bias is None else out + bias[ids].float()
 

@@ -44,10 +44,13 @@ def rounding_slack(norms: Tensor, index: PQHeadIndex) -> Tensor:
 
 
 def certified_shortlists(x: Tensor, index: PQHeadIndex, exact_logits: Callable[[Tensor, Tensor], Tensor],
-                         bias: Tensor | None = None, first_rows: int = 64, max_rows: int | None = None) -> list[Shortlist]:
+                         bias: Tensor | None = None, first_rows: int = 64, max_rows: int | None = None,
+                         exact_batch: Callable[[Tensor, Tensor], Tensor] | None = None) -> list[Shortlist]:
     """A certified shortlist per row of ``x`` (B, width). ``exact_logits(x_row, ids)``: the exact logits of rows
-    ``ids`` for one hidden state (bias included); ``bias``: the head's bias, for the bounds; ``max_rows``: the widest
-    shortlist tried before the whole head (default: up to the whole head)."""
+    ``ids`` for one hidden state (bias included); ``exact_batch(x, ids)``, where given: the same for every row of
+    ``x`` at once (ids (B, k)), so that the first shortlists of a batch take one product and one host sync in all;
+    ``bias``: the head's bias, for the bounds; ``max_rows``: the widest shortlist tried before the whole head (default:
+    up to the whole head)."""
     approx = index.approximate_scores(x)
     if bias is not None:
         approx = approx + bias.float()
@@ -56,26 +59,37 @@ def certified_shortlists(x: Tensor, index: PQHeadIndex, exact_logits: Callable[[
     slack = rounding_slack(norms, index)
     vocab = index.vocab
     limit = vocab if max_rows is None else min(max_rows, vocab)
-    everything = torch.arange(vocab, device=x.device)
-    lists = []
+    first = min(first_rows, limit)
+    lists: list[Shortlist | None] = [None] * x.shape[0]
+    if exact_batch is not None and first < vocab:  # every position's first shortlist at once
+        top = upper.topk(first + 1, dim=1)
+        ids = top.indices[:, :first]
+        logits = exact_batch(x, ids)
+        certified = (logits.float().max(dim=1).values > top.values[:, first] + slack).tolist()
+        for b, done in enumerate(certified):
+            if done:
+                lists[b] = Shortlist(ids[b], logits[b], False)
     for b in range(x.shape[0]):
-        bounds = upper[b]
-        rows = min(first_rows, limit)
-        while True:
-            if rows >= vocab:  # the whole head, exactly: nothing is left outside
-                lists.append(Shortlist(everything, exact_logits(x[b], everything), True))
-                break
-            top = bounds.topk(rows + 1)
-            ids = top.indices[:rows]
-            logits = exact_logits(x[b], ids)
-            best = logits.max().float()
-            if best > top.values[rows] + slack[b]:  # above every bound outside: certified
-                lists.append(Shortlist(ids, logits, False))
-                break
-            if rows >= limit:  # the widest shortlist allowed is not certified: the whole head
-                lists.append(Shortlist(everything, exact_logits(x[b], everything), True))
-                break
-            # every row whose bound reaches the best exact logit so far: with them all in, the best can only rise,
-            # so the next shortlist certifies (a second round at most)
-            rows = min(max(int((bounds + slack[b] >= best).sum()), rows + 1), limit)
+        if lists[b] is None:
+            lists[b] = _widened(x[b], upper[b], float(slack[b]), exact_logits, first, limit, vocab)
     return lists
+
+
+def _widened(x: Tensor, bounds: Tensor, slack: float, exact_logits: Callable[[Tensor, Tensor], Tensor], rows: int,
+             limit: int, vocab: int) -> Shortlist:
+    """One position's certified shortlist, from ``rows`` rows up: widened to every row whose bound reaches the best
+    exact logit found (with them all in, the best can only rise, so that shortlist certifies: a second round at
+    most), else past ``limit`` the whole head."""
+    everything = torch.arange(vocab, device=x.device)
+    while True:
+        if rows >= vocab:  # the whole head, exactly: nothing is left outside
+            return Shortlist(everything, exact_logits(x, everything), True)
+        top = bounds.topk(rows + 1)
+        ids = top.indices[:rows]
+        logits = exact_logits(x, ids)
+        best = logits.max().float()
+        if best > top.values[rows] + slack:  # above every bound outside: certified
+            return Shortlist(ids, logits, False)
+        if rows >= limit:  # the widest shortlist allowed is not certified: the whole head
+            return Shortlist(everything, exact_logits(x, everything), True)
+        rows = min(max(int((bounds + slack >= best).sum()), rows + 1), limit)
