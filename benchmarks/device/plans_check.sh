@@ -4,7 +4,8 @@
 # its perplexity means nothing): `compress rpq --device cuda` and `compress eval --device cuda` against it.
 # Carry .device/plans: the wheels the image lacks (as in .device/evalA) and SmolLM2's tokenizer files, made with
 #   mkdir -p .device/plans && cp .device/evalA/*.whl .device/plans/ && cp OUT/tokenizer.json OUT/tokenizer_config.json .device/plans/
-# (OUT: any `compress rpq` output of the default model). TESTS=0 skips the tests, PRODUCT=0 the product run,
+# (OUT: any `compress rpq` output of the default model). TESTS=0 skips the tests, HEAD_INDEX=0 the head index's
+# speed (benchmarks/rpq/head_index_speed.py), PRODUCT=0 the product run,
 # PLANS_OFF=0 its second eval with every call routed afresh (MODEL_COMPRESS_LAUNCH_PLANS=0); RPQ_ARGS and
 # EVAL_ARGS pass on.
 set -uo pipefail
@@ -19,9 +20,13 @@ if [ "${TESTS:-1}" = 1 ]; then
     "tests/rpq/test_packed_kernels.py::test_a_direct_launch_skips_the_jit_after_its_first_call_and_computes_the_same" \
     "tests/rpq/test_packed_kernels.py::test_kept_plans_decode_the_same_logits_call_after_call_and_in_a_cuda_graph" \
     "tests/rpq/test_cuda.py::test_calibration_states_kept_in_host_memory_fit_as_well_as_states_kept_on_the_gpu" \
+    "tests/rpq/test_cuda.py::test_a_streamed_conversion_keeps_its_converted_blocks_on_the_gpu_and_writes_them_from_there" \
+    "tests/rpq/test_cuda.py::test_data_aware_budget_fit_on_cuda_matches_the_cpu_in_quality" \
+    "tests/rpq/test_cuda.py::test_head_index_scores_on_cuda_equal_the_torch_reference_and_certify_the_dense_argmax" \
     ${MORE_TESTS:-} > "$OUT/gpu_tests.log" 2>&1; tail -8 "$OUT/gpu_tests.log"
 fi
 python3 benchmarks/rpq/host_overhead.py --json "$OUT/host_overhead.json" 2>&1 | tee "$OUT/host_overhead.log"
+[ "${HEAD_INDEX:-1}" = 1 ] && timeout 150 python3 benchmarks/rpq/head_index_speed.py --json "$OUT/head_index_speed.json" 2>&1 | tee "$OUT/head_index_speed.log"
 [ "${PRODUCT:-1}" = 1 ] || exit 0
 python3 - <<'PY'
 import shutil, torch, transformers
