@@ -212,7 +212,12 @@ def test_a_budget_above_every_format_takes_the_dearest_and_no_warning(tmp_path):
     assert "expect a large loss of quality" not in high.output
 
 
-def test_rpq_head_index_is_saved_reported_and_attached_on_load(tiny_folder, tmp_path):
+def test_rpq_head_index_without_calibration_is_one_line(tiny_folder, tmp_path):
+    result = run_cli("rpq", str(tiny_folder("llama")), "-o", str(tmp_path / "out"), "--calib", "none", "--head-index")
+    assert_one_line_error(result, "--head-index")
+
+
+def test_rpq_head_index_is_saved_attached_on_load_and_reported_by_eval(tiny_folder, tmp_path):
     import model_compress
     from model_compress.rpq.head_index.attach import INDEX_FILE, attached
 
@@ -221,8 +226,7 @@ def test_rpq_head_index_is_saved_reported_and_attached_on_load(tiny_folder, tmp_
                      "--head-index")
     assert result.exit_code == 0, result.output
     assert "head index:" in result.output and (out / INDEX_FILE).is_file()
-    report = json.loads((out / "compression_report.json").read_text())
-    assert report["head_index"]["values_per_code"] == 2
+    assert json.loads((out / "compression_report.json").read_text())["head_index"]["values_per_code"] == 2
     model = model_compress.load(out).eval()
     assert attached(model) is not None
     prompt = torch.randint(0, model.config.vocab_size, (1, 5))
@@ -231,17 +235,6 @@ def test_rpq_head_index_is_saved_reported_and_attached_on_load(tiny_folder, tmp_
         attached(model).full_logits = True
         full = model(prompt).logits
     assert indexed.argmax(-1).tolist() == full.argmax(-1).tolist()
-
-
-def test_rpq_head_index_without_calibration_is_one_line(tiny_folder, tmp_path):
-    result = run_cli("rpq", str(tiny_folder("llama")), "-o", str(tmp_path / "out"), "--calib", "none", "--head-index")
-    assert_one_line_error(result, "--head-index")
-
-
-def test_eval_reports_the_head_index_beside_a_full_perplexity(tiny_folder, tmp_path):
-    out = tmp_path / "out"
-    assert run_cli("rpq", str(tiny_folder("llama")), "-o", str(out), "--calib-tokens", "512", "--finetune-steps", "0",
-                   "--head-index").exit_code == 0
     result = run_cli("eval", str(out), "--device", "cpu", "--max-tokens", "512", "--seq-len", "128", "--no-latency", "--no-baseline")
     assert result.exit_code == 0, result.output
     assert "greedy token = dense argmax" in result.output
