@@ -20,7 +20,6 @@ from torch import nn
 from ..core.hf import LoaderOnlyQuantizer, MethodConfig, mark_quantized, skip_dense_initialisation
 from .format_upgrade import upgrade_codes
 from .fusions import apply_fusions
-from .head_index.attach import attach_stored
 from .layers.modules import KIND_TIED_HEAD, build_rpq_module
 
 QUANT_METHOD = "rpq"
@@ -108,6 +107,8 @@ class RPQHfQuantizer(LoaderOnlyQuantizer):
         apply_fusions(model)
         source = getattr(model.config, "_name_or_path", "")
         if source and model.get_output_embeddings() is not None:
+            from .head_index.attach import attach_stored  # here, not at import: `import model_compress` stays light
+
             attach_stored(model, source)  # a head index saved beside the weights (``head_index/attach.py``)
 
 
