@@ -53,27 +53,41 @@ def index_head(model: nn.Module, hidden_states: Tensor, piece: int = DEFAULT_PIE
     return attach(model, index.to(torch.device("cpu")), first_rows)
 
 
+def head_inputs(model: nn.Module, windows: Tensor, device: torch.device, most: int) -> Tensor:
+    """What the head reads at the first ``most`` positions of ``windows`` (n, seq) token ids, the model on ``device``
+    (an attached index computes every logit meanwhile: its shortlists are not what is measured)."""
+    head = model.get_output_embeddings()
+    certified = attached(model)
+    states: list[Tensor] = []
+    grab = head.register_forward_pre_hook(lambda module, args: states.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+    kept = certified is not None and certified.full_logits
+    if certified is not None:
+        certified.full_logits = True
+    try:
+        with torch.no_grad():
+            for window in windows:
+                if sum(len(s) for s in states) >= most:
+                    break
+                call_model(model, window[None].to(device))
+    finally:
+        grab.remove()
+        if certified is not None:
+            certified.full_logits = kept
+    return torch.cat(states)[:most]
+
+
 def calibrated_index(model: nn.Module, windows: Tensor, device: torch.device, piece: int = DEFAULT_PIECE,
                      most_states: int = MOST_STATES) -> CertifiedForward:
     """Index ``model``'s head on the hidden states it reads over calibration ``windows`` (n, seq) token ids, up to
     ``most_states`` of them, on ``device``; attached, and every tensor of the model back where it was after."""
-    head = model.get_output_embeddings()
-    if head is None:
+    if model.get_output_embeddings() is None:
         raise UserError("--head-index: this model has no language-model head to index")
     homes = tensor_devices(model)
-    states: list[Tensor] = []
-    grab = head.register_forward_pre_hook(lambda module, args: states.append(args[0].detach().reshape(-1, args[0].shape[-1])))
     try:
         nn.Module.to(model, device)
         invalidate_all()  # launch plans kept by the layers hold the tensors just moved
-        with torch.no_grad():
-            for window in windows:
-                if sum(len(s) for s in states) >= most_states:
-                    break
-                call_model(model, window[None].to(device))
-        return index_head(model, torch.cat(states)[:most_states].float(), piece)
+        return index_head(model, head_inputs(model, windows, device, most_states).float(), piece)
     finally:
-        grab.remove()
         return_tensors(model, homes)
         invalidate_all()
 

@@ -13,8 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..fit.stack import call_model
-from .attach import attached
+from .attach import attached, head_inputs
 from .search import certified_shortlists
 
 POSITIONS = 512  # hidden states measured: enough for a rate to a fraction of a percent, quick on a CPU
@@ -35,7 +34,7 @@ def head_figures(model: nn.Module, windows: Tensor, device: torch.device) -> dic
     certified = attached(model)
     if certified is None:
         return None
-    hidden = _head_inputs(model, windows, device, certified)
+    hidden = head_inputs(model, windows, device, POSITIONS)
     index = certified.placed(hidden.device)
     bias = getattr(certified.head, "bias", None)
     with torch.no_grad():
@@ -45,7 +44,7 @@ def head_figures(model: nn.Module, windows: Tensor, device: torch.device) -> dic
         del rows, dense
         approx = index.approximate_scores(hidden) + (0 if bias is None else bias.float())
         lists = certified_shortlists(hidden, index, certified.exact_logits, bias, certified.first_rows,
-                                     exact_batch=certified.exact_batch)
+                                     exact_batch=certified.exact_batch, scores=approx)
     sizes = [len(shortlist.rows) for shortlist in lists]
     timed = hidden[:TIMED]
     dense_ms = _per_call_ms(lambda x: certified.own_forward(x), timed)
@@ -61,24 +60,6 @@ def head_figures(model: nn.Module, windows: Tensor, device: torch.device) -> dic
         "head_ms_dense": dense_ms,
         "head_ms_index": index_ms,
     }
-
-
-def _head_inputs(model: nn.Module, windows: Tensor, device: torch.device, certified) -> Tensor:
-    """What the head reads at the first ``POSITIONS`` positions of the windows (their own forward computing full logits)."""
-    head = model.get_output_embeddings()
-    states: list[Tensor] = []
-    grab = head.register_forward_pre_hook(lambda module, args: states.append(args[0].detach().reshape(-1, args[0].shape[-1])))
-    kept, certified.full_logits = certified.full_logits, True
-    try:
-        with torch.no_grad():
-            for window in windows:
-                if sum(len(s) for s in states) >= POSITIONS:
-                    break
-                call_model(model, window[None].to(device))
-    finally:
-        grab.remove()
-        certified.full_logits = kept
-    return torch.cat(states)[:POSITIONS]
 
 
 def _per_call_ms(call: Callable[[Tensor], Tensor], positions: Tensor) -> float:

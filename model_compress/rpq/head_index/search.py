@@ -45,15 +45,18 @@ def rounding_slack(norms: Tensor, index: PQHeadIndex) -> Tensor:
 
 def certified_shortlists(x: Tensor, index: PQHeadIndex, exact_logits: Callable[[Tensor, Tensor], Tensor],
                          bias: Tensor | None = None, first_rows: int = 64, max_rows: int | None = None,
-                         exact_batch: Callable[[Tensor, Tensor], Tensor] | None = None) -> list[Shortlist]:
+                         exact_batch: Callable[[Tensor, Tensor], Tensor] | None = None,
+                         scores: Tensor | None = None) -> list[Shortlist]:
     """A certified shortlist per row of ``x`` (B, width). ``exact_logits(x_row, ids)``: the exact logits of rows
     ``ids`` for one hidden state (bias included); ``exact_batch(x, ids)``, where given: the same for every row of
     ``x`` at once (ids (B, k)), so that the first shortlists of a batch take one product and one host sync in all;
     ``bias``: the head's bias, for the bounds; ``max_rows``: the widest shortlist tried before the whole head (default:
-    up to the whole head)."""
-    approx = index.approximate_scores(x)
-    if bias is not None:
-        approx = approx + bias.float()
+    up to the whole head); ``scores``: the approximate scores, bias included, where the caller has them already."""
+    approx = scores
+    if approx is None:
+        approx = index.approximate_scores(x)
+        if bias is not None:
+            approx = approx + bias.float()
     norms = x.float().norm(dim=1)
     upper = approx + index.error_bounds(x)
     slack = rounding_slack(norms, index)
