@@ -6,7 +6,7 @@
 #   mkdir -p .device/plans && cp .device/evalA/*.whl .device/plans/ && cp OUT/tokenizer.json OUT/tokenizer_config.json .device/plans/
 # (OUT: any `compress rpq` output of the default model). TESTS=0 skips the tests, HEAD_INDEX=0 the head index's
 # speed (benchmarks/rpq/head_index_speed.py), PRODUCT=0 the product run,
-# PLANS_OFF=0 its second eval with every call routed afresh (MODEL_COMPRESS_LAUNCH_PLANS=0); RPQ_ARGS and
+# HOST_PROFILE=0 the cProfile of eager generate (host_profile.py), PLANS_OFF=0 its second eval with every call routed afresh (MODEL_COMPRESS_LAUNCH_PLANS=0); RPQ_ARGS and
 # EVAL_ARGS pass on.
 set -uo pipefail
 OUT=${OUT:-/tmp/plans-check}
@@ -45,6 +45,11 @@ PY
 python3 benchmarks/rpq/timed_cli.py rpq /tmp/rand-smol -o /tmp/rand-out --device cuda --force --finetune-steps 0 ${RPQ_ARGS:-} 2>&1 | tee "$OUT/rand_rpq.log" | tail -12
 python3 -m model_compress.cli.app eval /tmp/rand-out --device cuda --force --max-tokens 8192 ${EVAL_ARGS:-} 2>&1 | tee "$OUT/rand_eval.log" | tail -25
 cp /tmp/rand-out/eval_report.json "$OUT/rand_eval.json" 2>/dev/null; cp /tmp/rand-out/compression_report.json "$OUT/rand_report.json" 2>/dev/null
+# where eager generate's host time goes, original vs compressed (benchmarks/rpq/host_profile.py)
+if [ "${HOST_PROFILE:-1}" = 1 ]; then
+  timeout 180 python3 benchmarks/rpq/host_profile.py /tmp/rand-out --source /tmp/rand-smol --tokens 48 --top 40 --out "$OUT" \
+    > "$OUT/host_profile.log" 2>&1; grep "^==" "$OUT/host_profile.log"
+fi
 # the same compressed folder with every call routed afresh (MODEL_COMPRESS_LAUNCH_PLANS=0): what the kept plans save
 if [ "${PLANS_OFF:-1}" = 1 ]; then
   MODEL_COMPRESS_LAUNCH_PLANS=0 python3 -m model_compress.cli.app eval /tmp/rand-out --device cuda --no-baseline --force \
