@@ -160,6 +160,9 @@ def test_head_index_scores_on_cuda_equal_the_torch_reference_and_certify_the_den
     index = build_index(weight.float(), subspaces=64, centroids=256, hidden_states=calibration, value_dtype=torch.bfloat16)
     x = (torch.randn(8, 128, device=CUDA) * torch.linspace(0.2, 5, 128, device=CUDA)).bfloat16()
     torch.testing.assert_close(index.approximate_scores(x), index.reference_scores(x), rtol=1e-5, atol=1e-4)
+    bias = torch.randn(5000, device=CUDA)
+    reference_upper = index.reference_scores(x) + bias + index.error_bounds(x)
+    torch.testing.assert_close(index.upper_bounds(x, bias), reference_upper, rtol=1e-5, atol=1e-4)
     exact = lambda row, ids: weight[ids].float() @ row.float()  # noqa: E731
     lists = certified_shortlists(x, index, exact, first_rows=64)
     assert [s.best for s in lists] == (x.float() @ weight.float().T).argmax(dim=1).tolist()

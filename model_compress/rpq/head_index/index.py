@@ -69,11 +69,34 @@ class PQHeadIndex:
         """x . w_hat for every row, (B, V) float32: on CUDA one kernel that decodes each row's pieces in registers
         (``kernels/packed/head.py``, float32 sums of exact products: x is cast to the centroids' dtype, which must
         hold it exactly: the model's own), elsewhere one table per subspace and a gather-sum of the codes."""
-        kernels = packed_kernels(x)
-        if kernels is not None and self.centroids.dtype in (torch.float16, torch.bfloat16) and self.codes.dtype == torch.uint8:
+        kernels = self._scoring_kernels(x)
+        if kernels is not None:
             return kernels.packed_head(x.to(self.centroids.dtype), self.codes, self.centroids, None, 8, self.vocab, None,
                                        out_dtype=torch.float32)
         return self.reference_scores(x)
+
+    def upper_bounds(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """(B, V) float32: every row's approximate score, plus ``bias``, plus its error bound: an upper bound on its exact
+        logit, what the shortlist's top-k reads. On CUDA the bound is added in the scoring kernel's epilogue, so this
+        is the one vocabulary-wide tensor written."""
+        token_scale, metric_scale = self._bound_scales(x)
+        kernels = self._scoring_kernels(x)
+        if kernels is not None:
+            metric_error = None if metric_scale is None else self.metric_error
+            bounds = kernels.RowBounds(token_scale, self.row_error, metric_scale, metric_error)
+            return kernels.packed_head(x.to(self.centroids.dtype), self.codes, self.centroids, None, 8, self.vocab, bias,
+                                       out_dtype=torch.float32, bounds=bounds)
+        scores = self.reference_scores(x)
+        if bias is not None:
+            scores = scores + bias.float()
+        return scores + self._bounds(token_scale, metric_scale)
+
+    def _scoring_kernels(self, x: Tensor):
+        """The packed kernels where they score this index (CUDA, 16-bit centroids, byte codes), else None."""
+        kernels = packed_kernels(x)
+        if kernels is not None and self.centroids.dtype in (torch.float16, torch.bfloat16) and self.codes.dtype == torch.uint8:
+            return kernels
+        return None
 
     def reference_scores(self, x: Tensor) -> Tensor:
         """The torch form of ``approximate_scores``: tables of x's pieces against the centroids, gathered by code."""
@@ -87,11 +110,20 @@ class PQHeadIndex:
 
     def error_bounds(self, x: Tensor) -> Tensor:
         """(B, V): an upper bound on |x . (w - w_hat)| for every row, the smaller of the two bounds."""
+        return self._bounds(*self._bound_scales(x))
+
+    def _bound_scales(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(B,) each: ||x||, and ||L^-1 x|| widened by the metric's rounding (None without the metric)."""
         x = x.float()
-        bounds = x.norm(dim=1, keepdim=True) * self.row_error[None]
+        metric = None
         if self.metric_inverse is not None:
-            whitened = (x @ self.metric_inverse.T).norm(dim=1, keepdim=True) * (1 + METRIC_MARGIN)
-            bounds = torch.minimum(bounds, whitened * self.metric_error[None])
+            metric = (x @ self.metric_inverse.T).norm(dim=1) * (1 + METRIC_MARGIN)
+        return x.norm(dim=1), metric
+
+    def _bounds(self, token_scale: Tensor, metric_scale: Tensor | None) -> Tensor:
+        bounds = token_scale[:, None] * self.row_error[None]
+        if metric_scale is not None:
+            bounds = torch.minimum(bounds, metric_scale[:, None] * self.metric_error[None])
         return bounds
 
     def to(self, device: torch.device) -> PQHeadIndex:

@@ -52,13 +52,8 @@ def certified_shortlists(x: Tensor, index: PQHeadIndex, exact_logits: Callable[[
     ``x`` at once (ids (B, k)), so that the first shortlists of a batch take one product and one host sync in all;
     ``bias``: the head's bias, for the bounds; ``max_rows``: the widest shortlist tried before the whole head (default:
     up to the whole head); ``scores``: the approximate scores, bias included, where the caller has them already."""
-    approx = scores
-    if approx is None:
-        approx = index.approximate_scores(x)
-        if bias is not None:
-            approx = approx + bias.float()
+    upper = index.upper_bounds(x, bias) if scores is None else scores + index.error_bounds(x)
     norms = x.float().norm(dim=1)
-    upper = approx + index.error_bounds(x)
     slack = rounding_slack(norms, index)
     vocab = index.vocab
     limit = vocab if max_rows is None else min(max_rows, vocab)
