@@ -6,7 +6,7 @@
 #   mkdir -p .device/plans && cp .device/evalA/*.whl .device/plans/ && cp OUT/tokenizer.json OUT/tokenizer_config.json .device/plans/
 # (OUT: any `compress rpq` output of the default model). TESTS=0 skips the tests, HEAD_INDEX=0 the head index's
 # speed (benchmarks/rpq/head_index_speed.py), PRODUCT=0 the product run,
-# HOST_PROFILE=0 the cProfile of eager generate (host_profile.py), PLANS_OFF=0 its second eval with every call routed afresh (MODEL_COMPRESS_LAUNCH_PLANS=0); RPQ_ARGS and
+# EVAL=0 the product's eval, HOST_PROFILE=0 the cProfile of eager generate (host_profile.py), PLANS_OFF=0 its second eval with every call routed afresh (MODEL_COMPRESS_LAUNCH_PLANS=0); RPQ_ARGS and
 # EVAL_ARGS pass on.
 set -uo pipefail
 OUT=${OUT:-/tmp/plans-check}
@@ -43,7 +43,7 @@ for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
 print("random SmolLM2-shaped model written")
 PY
 python3 benchmarks/rpq/timed_cli.py rpq /tmp/rand-smol -o /tmp/rand-out --device cuda --force --finetune-steps 0 ${RPQ_ARGS:-} 2>&1 | tee "$OUT/rand_rpq.log" | tail -12
-python3 -m model_compress.cli.app eval /tmp/rand-out --device cuda --force --max-tokens 8192 ${EVAL_ARGS:-} 2>&1 | tee "$OUT/rand_eval.log" | tail -25
+[ "${EVAL:-1}" = 1 ] && python3 -m model_compress.cli.app eval /tmp/rand-out --device cuda --force --max-tokens 8192 ${EVAL_ARGS:-} 2>&1 | tee "$OUT/rand_eval.log" | tail -25
 cp /tmp/rand-out/eval_report.json "$OUT/rand_eval.json" 2>/dev/null; cp /tmp/rand-out/compression_report.json "$OUT/rand_report.json" 2>/dev/null
 # where eager generate's host time goes, original vs compressed (benchmarks/rpq/host_profile.py)
 if [ "${HOST_PROFILE:-1}" = 1 ]; then
