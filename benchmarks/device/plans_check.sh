@@ -6,7 +6,7 @@
 #   mkdir -p .device/plans && cp .device/evalA/*.whl .device/plans/ && cp OUT/tokenizer.json OUT/tokenizer_config.json .device/plans/
 # (OUT: any `compress rpq` output of the default model). TESTS=0 skips the tests, HEAD_INDEX=0 the head index's
 # speed (benchmarks/rpq/head_index_speed.py), PRODUCT=0 the product run,
-# EVAL=0 the product's eval, HOST_PROFILE=0 the cProfile of eager generate (host_profile.py), PLANS_OFF=0 its second eval with every call routed afresh (MODEL_COMPRESS_LAUNCH_PLANS=0); RPQ_ARGS and
+# EVAL=0 the product's eval, HEAD_GRAPHED=0 the graphed decode with a head index (head_index_graphed.py), HOST_PROFILE=0 the cProfile of eager generate (host_profile.py), PLANS_OFF=0 its second eval with every call routed afresh (MODEL_COMPRESS_LAUNCH_PLANS=0); RPQ_ARGS and
 # EVAL_ARGS pass on.
 set -uo pipefail
 OUT=${OUT:-/tmp/plans-check}
@@ -45,6 +45,10 @@ PY
 python3 benchmarks/rpq/timed_cli.py rpq /tmp/rand-smol -o /tmp/rand-out --device cuda --force --finetune-steps 0 ${RPQ_ARGS:-} 2>&1 | tee "$OUT/rand_rpq.log" | tail -12
 [ "${EVAL:-1}" = 1 ] && python3 -m model_compress.cli.app eval /tmp/rand-out --device cuda --force --max-tokens 8192 ${EVAL_ARGS:-} 2>&1 | tee "$OUT/rand_eval.log" | tail -25
 cp /tmp/rand-out/eval_report.json "$OUT/rand_eval.json" 2>/dev/null; cp /tmp/rand-out/compression_report.json "$OUT/rand_report.json" 2>/dev/null
+# whole-model graphed decode with the head answering from an index built here, against the model's own head
+if [ "${HEAD_GRAPHED:-1}" = 1 ]; then
+  timeout 240 python3 benchmarks/rpq/head_index_graphed.py /tmp/rand-out --json "$OUT/head_index_graphed.json" 2>&1 | tail -4
+fi
 # where eager generate's host time goes, original vs compressed (benchmarks/rpq/host_profile.py)
 if [ "${HOST_PROFILE:-1}" = 1 ]; then
   timeout 180 python3 benchmarks/rpq/host_profile.py /tmp/rand-out --source /tmp/rand-smol --tokens 48 --top 40 --out "$OUT" \

@@ -41,6 +41,9 @@ class Method:
     decode_weights: Callable[[nn.Module, torch.dtype], int] | None = None
     # a head that answers from a shortlist (an index) computes every logit (True) or answers from it again (False)
     full_logits: Callable[[nn.Module, bool], None] | None = None
+    # that head answers from a fixed-size shortlist with no host sync, so a CUDA graph captures it (True), or as before
+    # (False, which returns {"positions": n, "uncertified": m} counted meanwhile, or None without such a head)
+    fixed_shortlists: Callable[[nn.Module, bool], dict | None] | None = None
     # that head's figures on the eval windows (model, windows of token ids, device): a dict, or None without one
     head_figures: Callable[[nn.Module, torch.Tensor, torch.device], dict | None] | None = None
     command: str | None = None  # the module whose add_command(app) puts the method's CLI command on `compress`
@@ -107,6 +110,18 @@ def full_logits(model: nn.Module, on: bool) -> None:
     for method in _METHODS.values():
         if method.full_logits is not None:
             method.full_logits(model, on)
+
+
+def fixed_shortlists(model: nn.Module, on: bool) -> dict | None:
+    """Heads that answer from a shortlist take one of a fixed size, capturable in a CUDA graph (``on``), or go back;
+    going back returns the positions answered meanwhile and how many of them were not certified (None: no such head)."""
+    counts = None
+    for method in _METHODS.values():
+        if method.fixed_shortlists is not None:
+            found = method.fixed_shortlists(model, on)
+            if found is not None:
+                counts = found
+    return counts
 
 
 def head_figures(model: nn.Module, windows: torch.Tensor, device: torch.device) -> dict:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..core.sources import context_length
-from ..core.methods import ff_timing_spans, release_workspaces
+from ..core.methods import ff_timing_spans, fixed_shortlists, release_workspaces
 from .compiled_decode import compiled_decode
 from .graph_decode import graphed_decode
 
@@ -62,6 +62,9 @@ class LatencyResult:
     compiled_decode_tokens_per_s: dict[int, float | None] = field(default_factory=dict)
     compiled_decode_graph_breaks: dict[int, int | None] = field(default_factory=dict)
     compiled_decode_errors: dict[int, str] = field(default_factory=dict)
+    # a head answering from an index: of the positions graphed or compiled decode answered from fixed shortlists, the
+    # share not certified (their token may differ from the dense argmax)
+    fixed_head_uncertified: dict[int, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -78,6 +81,7 @@ class LatencyResult:
             "compiled_decode_tokens_per_s": {str(batch): value for batch, value in self.compiled_decode_tokens_per_s.items()},
             "compiled_decode_graph_breaks": {str(batch): value for batch, value in self.compiled_decode_graph_breaks.items()},
             "compiled_decode_errors": {str(batch): value for batch, value in self.compiled_decode_errors.items()},
+            "fixed_head_uncertified": {str(batch): value for batch, value in self.fixed_head_uncertified.items()},
             "peak_memory_bytes": self.peak_memory,
         }
 
@@ -180,21 +184,33 @@ def measure(
             first = median_ms(lambda: _generate(model, prompt, 1), device, settings.warmup, settings.repeats)
         result.decode_tokens_per_s[batch] = batch * (new_tokens - 1) / max(full - first, 1e-6) * 1e3
         result.peak_memory[f"decode_batch_{batch}"] = peak.peak
-        if device.type == "cuda":
-            graphed = graphed_decode(model, prompt, new_tokens, settings.repeats)
-            result.graph_decode_tokens_per_s[batch] = graphed.tokens_per_s
-            result.peak_memory[f"graph_decode_batch_{batch}"] = graphed.peak_memory
-            if graphed.error:
-                result.graph_decode_errors[batch] = graphed.error
-        if settings.compiled:
-            compiled = compiled_decode(model, prompt, new_tokens, settings.repeats)
-            result.compiled_decode_tokens_per_s[batch] = compiled.tokens_per_s
-            result.compiled_decode_graph_breaks[batch] = compiled.graph_breaks
-            result.peak_memory[f"compiled_decode_batch_{batch}"] = compiled.peak_memory
-            if compiled.error:
-                result.compiled_decode_errors[batch] = compiled.error
+        fixed_shortlists(model, True)  # an indexed head: fixed shortlists, which graphs capture and compiling traces
+        try:
+            _graphed_and_compiled(model, prompt, new_tokens, batch, settings, device, result)
+        finally:
+            counts = fixed_shortlists(model, False)
+        if counts is not None and counts["positions"]:
+            result.fixed_head_uncertified[batch] = counts["uncertified"] / counts["positions"]
         on_step(f"decode batch {batch}")
     return result
+
+
+def _graphed_and_compiled(model: nn.Module, prompt: torch.Tensor, new_tokens: int, batch: int, settings: LatencySettings,
+                          device: torch.device, result: LatencyResult) -> None:
+    """Decode replayed from a CUDA graph (on CUDA) and compiled (when asked), into ``result``."""
+    if device.type == "cuda":
+        graphed = graphed_decode(model, prompt, new_tokens, settings.repeats)
+        result.graph_decode_tokens_per_s[batch] = graphed.tokens_per_s
+        result.peak_memory[f"graph_decode_batch_{batch}"] = graphed.peak_memory
+        if graphed.error:
+            result.graph_decode_errors[batch] = graphed.error
+    if settings.compiled:
+        compiled = compiled_decode(model, prompt, new_tokens, settings.repeats)
+        result.compiled_decode_tokens_per_s[batch] = compiled.tokens_per_s
+        result.compiled_decode_graph_breaks[batch] = compiled.graph_breaks
+        result.peak_memory[f"compiled_decode_batch_{batch}"] = compiled.peak_memory
+        if compiled.error:
+            result.compiled_decode_errors[batch] = compiled.error
 
 
 def block_time(

@@ -71,6 +71,8 @@ _ROW_SPECS = [
     ("decode, batch 1, compiled", "tok/s", "higher", ("latency", "compiled_decode", 1)),
     ("decode, batch 16, compiled", "tok/s", "higher", ("latency", "compiled_decode", 16)),
     ("graph breaks, compiled decode batch 1", "", "lower", ("latency", "compiled_breaks", 1)),
+    ("head index, graphed decode b1: not certified", "%", "lower", ("latency", "fixed_uncertified", 1)),
+    ("head index, graphed decode b16: not certified", "%", "lower", ("latency", "fixed_uncertified", 16)),
     ("peak memory, quality pass", "MB", "lower", ("quality", "peak_memory_bytes")),
     ("peak memory, prefill", "MB", "lower", ("latency", "peak", "prefill")),
     ("peak memory, decode batch 1", "MB", "lower", ("latency", "peak", "decode_batch_1")),
@@ -111,6 +113,9 @@ def _figure(measurement: Measurement | None, key: tuple) -> float | None:
             return latency.compiled_decode_tokens_per_s.get(key[2])
         if key[1] == "compiled_breaks":
             return latency.compiled_decode_graph_breaks.get(key[2])
+        if key[1] == "fixed_uncertified":
+            value = latency.fixed_head_uncertified.get(key[2])
+            return None if value is None else 100 * value
         value = latency.peak_memory.get(key[2])
         return value / MB if value is not None else None
     if key[0] == "bits_per_weight":

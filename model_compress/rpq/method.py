@@ -94,6 +94,12 @@ def full_logits(model, on: bool) -> None:
     switch(model, on)
 
 
+def fixed_shortlists(model, on: bool) -> dict | None:
+    from .head_index.figures import fixed_shortlists as switch
+
+    return switch(model, on)
+
+
 def head_figures(model, windows, device) -> dict | None:
     from .head_index.figures import head_figures as figures
 
@@ -103,6 +109,7 @@ def head_figures(model, windows, device) -> dict | None:
 register(Method(
     name=QUANT_METHOD, title="RPQ conversion", config_class=RPQConfig, quantizer_class=RPQHfQuantizer,
     check_tensors=check_tensors, describe=describe, summary_table=summary_table, release_workspaces=release_workspaces,
-    decode_weights=decode_weights, full_logits=full_logits, head_figures=head_figures,
+    decode_weights=decode_weights, full_logits=full_logits, fixed_shortlists=fixed_shortlists,
+    head_figures=head_figures,
     command=f"{__package__}.command", rank=0,
 ))

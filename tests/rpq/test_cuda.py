@@ -166,3 +166,46 @@ def test_head_index_scores_on_cuda_equal_the_torch_reference_and_certify_the_den
     exact = lambda row, ids: weight[ids].float() @ row.float()  # noqa: E731
     lists = certified_shortlists(x, index, exact, first_rows=64)
     assert [s.best for s in lists] == (x.float() @ weight.float().T).argmax(dim=1).tolist()
+
+
+def test_a_head_index_in_a_captured_decode_step_answers_from_fixed_shortlists_like_eager_greedy_decoding():
+    import transformers
+
+    from model_compress.eval.graph_decode import CAPTURE_WARMUP, DecodeStep
+    from model_compress.rpq.head_index.attach import attach
+    from model_compress.rpq.head_index.index import build_index
+
+    from ..conftest import tiny_config
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = False
+    torch.manual_seed(3)
+    model = transformers.LlamaForCausalLM(config).to(CUDA, torch.float16).eval()
+    prompt = torch.randint(0, config.vocab_size, (2, 6), device=CUDA)
+    steps = 6
+    with torch.inference_mode():
+        expected = model.generate(prompt, max_new_tokens=steps, do_sample=False)[:, prompt.shape[1]:]
+        index = build_index(model.lm_head.weight.float(), subspaces=8, centroids=16, value_dtype=torch.float16)
+        head = attach(model, index, first_rows=4)
+        head.fixed_rows = config.vocab_size  # every row: certified, so the tokens must be eager greedy decoding's
+        step = DecodeStep(model, prompt, steps)
+        step.prefill()
+        first = step.token.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(CAPTURE_WARMUP):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        step.rewind()
+        step.token.copy_(first)
+        tokens = [first]
+        for _ in range(steps - 1):
+            graph.replay()
+            tokens.append(step.token.clone())
+    positions, uncertified = head.fixed_counts()
+    assert positions > 0 and uncertified == 0
+    assert torch.equal(torch.cat(tokens, dim=1), expected)

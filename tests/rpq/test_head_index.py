@@ -154,3 +154,46 @@ def test_an_index_saved_beside_a_checkpoint_comes_back_with_model_compress_load(
         again = loaded(prompt).logits
     assert torch.isinf(again).any() and again.argmax(-1).tolist() == dense.argmax(-1).tolist()
     assert attach_stored(loaded, tmp_path / "source") is None  # no index there
+
+
+def test_a_fixed_shortlist_certifies_only_positions_whose_best_is_the_dense_argmax():
+    from model_compress.rpq.head_index.search import fixed_shortlists
+
+    torch.manual_seed(6)
+    weight, bias = torch.randn(3000, 32), torch.randn(3000)
+    index = build_index(weight, subspaces=8, centroids=16)  # coarse: a short fixed list often misses
+    x = torch.randn(200, 32) * 3
+
+    def batch(rows, ids):
+        return torch.einsum("bkd,bd->bk", weight[ids], rows) + bias[ids]
+
+    dense = (x @ weight.T + bias).argmax(dim=1)
+    outcomes = set()
+    for rows in (4, 64, 2999, 5000):
+        ids, logits, certified = fixed_shortlists(x, index, batch, rows, bias)
+        assert ids.shape == logits.shape == (200, min(rows, 3000))
+        found = ids.gather(1, logits.argmax(dim=1, keepdim=True))[:, 0]
+        assert (found[certified] == dense[certified]).all()  # a certified position is never wrong
+        outcomes.update(certified.tolist())
+    assert outcomes == {True, False}  # short lists leave some positions uncertified, longer ones certify
+
+
+def test_a_head_answering_from_fixed_shortlists_gives_full_width_logits_and_counts_what_it_did_not_certify():
+    config = tiny_config("llama")
+    config.tie_word_embeddings = False
+    torch.manual_seed(3)
+    model = transformers.LlamaForCausalLM(config).eval()
+    prompt = torch.randint(0, config.vocab_size, (2, 5))
+    with torch.no_grad():
+        expected = model.generate(prompt, max_new_tokens=8, do_sample=False)
+        head = attach(model, build_index(model.lm_head.weight, subspaces=8, centroids=16), first_rows=4)
+        head.fixed_rows = config.vocab_size  # every row: certified, so greedy decoding is the dense one's
+        assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False), expected)
+        positions, uncertified = head.fixed_counts()
+        assert positions > 0 and uncertified == 0
+        assert head.fixed_counts() == (0, 0)  # read and reset
+        head.fixed_rows = 1  # one row per position: rarely certified, and counted
+        logits = model(prompt).logits
+        assert logits.shape == (2, 5, config.vocab_size) and (torch.isfinite(logits).sum(-1) == 1).all()
+        positions, uncertified = head.fixed_counts()
+        assert positions == 10 and uncertified > 0

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .attach import attached, head_inputs
+from .module import FIXED_ROWS
 from .search import certified_shortlists
 
 POSITIONS = 512  # hidden states measured: enough for a rate to a fraction of a percent, quick on a CPU
@@ -26,6 +27,17 @@ def full_logits(model: nn.Module, on: bool) -> None:
     certified = attached(model)
     if certified is not None:
         certified.full_logits = on
+
+
+def fixed_shortlists(model: nn.Module, on: bool) -> dict | None:
+    """An indexed head answers from fixed shortlists (``on``: capturable in a CUDA graph) or as before; switching back
+    returns the positions answered meanwhile and how many were not certified. None without an index."""
+    certified = attached(model)
+    if certified is None:
+        return None
+    certified.fixed_rows = FIXED_ROWS if on else None
+    positions, uncertified = certified.fixed_counts()  # on: a fresh count; off: this one's
+    return {"positions": positions, "uncertified": uncertified}
 
 
 def head_figures(model: nn.Module, windows: Tensor, device: torch.device) -> dict | None:

@@ -21,6 +21,7 @@ the centroids are mapped back, so the scores are still x's pieces against them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,12 @@ class PQHeadIndex:
     largest_row_norm: float = 0.0
     metric_error: Tensor | None = None
     metric_inverse: Tensor | None = None
+
+    @functools.cached_property
+    def largest_row_error(self) -> float:
+        """The largest Euclidean row error, read once (the certificate's rounding slack needs it at every step, and a
+        read is a host sync, which a CUDA graph cannot capture)."""
+        return float(self.row_error.max())
 
     @property
     def subspaces(self) -> int:

@@ -4,6 +4,11 @@ training, or anything autograd records) runs the head's own forward, for perplex
 
 It is a plain callable set as the head module's ``forward`` (``attach.py``), not a module: the head keeps its
 parameters, names and ties, and nothing of the index enters the model's state dict.
+
+Widening a shortlist reads the certificate on the host. Where that cannot happen (a step captured in a CUDA graph,
+a ``torch.compile`` trace), and whenever ``fixed_rows`` is set, the head answers from a shortlist of a fixed size
+(``search.fixed_shortlists``) and counts on the device the positions it could not certify, whose token may then
+differ from the dense argmax: ``fixed_counts`` reads them afterwards.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from torch import Tensor, nn
 
 from ..layers.modules import RPQEmbedding
 from .index import PQHeadIndex
-from .search import certified_shortlists
+from .search import certified_shortlists, fixed_shortlists
+
+FIXED_ROWS = 1024  # a fixed shortlist's rows: SmolLM2's real head needed at most 6,124, at the median 433
 
 
 class CertifiedForward:
@@ -24,9 +31,11 @@ class CertifiedForward:
         self.index = index
         self.first_rows = first_rows
         self.full_logits = False
+        self.fixed_rows: int | None = None  # set: every call answers from a fixed shortlist of this many rows
         self.positions = 0
         self.fallbacks = 0
         self._placed: dict[torch.device, PQHeadIndex] = {}
+        self._fixed_counts: dict[torch.device, Tensor] = {}  # per device: (positions, uncertified), int64
 
     def own_forward(self, hidden: Tensor) -> Tensor:
         return type(self.head).forward(self.head, hidden)
@@ -36,6 +45,9 @@ class CertifiedForward:
             return self.own_forward(hidden)
         rows = hidden.reshape(-1, hidden.shape[-1])
         bias = getattr(self.head, "bias", None)
+        capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+        if self.fixed_rows is not None or capturing or torch.compiler.is_compiling():
+            return self._fixed(rows, bias).reshape(*hidden.shape[:-1], self.index.vocab)
         lists = certified_shortlists(rows, self.placed(rows.device), self.exact_logits, bias, self.first_rows,
                                      exact_batch=self.exact_batch)
         logits = torch.full((rows.shape[0], self.index.vocab), float("-inf"), device=hidden.device, dtype=hidden.dtype)
@@ -44,6 +56,26 @@ class CertifiedForward:
         self.positions += len(lists)
         self.fallbacks += sum(shortlist.fallback for shortlist in lists)
         return logits.reshape(*hidden.shape[:-1], self.index.vocab)
+
+    def _fixed(self, rows: Tensor, bias: Tensor | None) -> Tensor:
+        """Full-width logits from a fixed shortlist per position, the certificate counted on the device."""
+        ids, exact, certified = fixed_shortlists(rows, self.placed(rows.device), self.exact_batch,
+                                                 self.fixed_rows or FIXED_ROWS, bias)
+        counts = self._fixed_counts.get(rows.device)
+        if counts is None:
+            counts = self._fixed_counts[rows.device] = torch.zeros(2, dtype=torch.long, device=rows.device)
+        counts[0] += rows.shape[0]
+        counts[1] += (~certified).sum()
+        logits = torch.full((rows.shape[0], self.index.vocab), float("-inf"), device=rows.device, dtype=rows.dtype)
+        return logits.scatter_(1, ids, exact.to(logits.dtype))
+
+    def fixed_counts(self) -> tuple[int, int]:
+        """(positions answered from fixed shortlists, those not certified) since the last call; reads and resets."""
+        positions = uncertified = 0
+        for counts in self._fixed_counts.values():
+            positions, uncertified = positions + int(counts[0]), uncertified + int(counts[1])
+            counts.zero_()
+        return positions, uncertified
 
     def exact_logits(self, x: Tensor, ids: Tensor) -> Tensor:
         """The exact logits (float32, bias included) of rows ``ids`` for one hidden state."""

@@ -6,6 +6,10 @@ k rows of highest bound, compute their exact logits, and call the best of them c
 highest bound (by a slack for float rounding): no row outside the shortlist can then score higher, so the best is the
 dense argmax. Where it does not, the shortlist widens to every row whose bound reaches the best exact logit found,
 which certifies (the best can only rise); past ``max_rows`` the whole head is computed (a fallback, counted).
+
+Widening reads the certificate on the host, which a CUDA graph cannot capture. ``fixed_shortlists`` is the first
+round alone, with every shape fixed and no host sync: k rows per position and the certificate left on the device,
+for the caller to count (a position it does not certify may then miss the dense argmax).
 """
 
 from __future__ import annotations
@@ -39,8 +43,24 @@ def rounding_slack(norms: Tensor, index: PQHeadIndex) -> Tensor:
     roundoff), and sum |terms| <= ||x|| * (largest row norm + largest error), for the approximate sums and the exact
     logits alike; twice that, for the two."""
     terms = index.width + 16  # the products of one score, and a few more operations (bias, bound)
-    largest = index.largest_row_norm + float(index.row_error.max())
+    largest = index.largest_row_norm + index.largest_row_error
     return 2 * terms * FLOAT32_UNIT * norms * largest
+
+
+def fixed_shortlists(x: Tensor, index: PQHeadIndex, exact_batch: Callable[[Tensor, Tensor], Tensor], rows: int,
+                     bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """For every row of ``x`` (B, width): the ``rows`` rows of highest bound (B, rows), their exact logits (B, rows)
+    and whether the best of them is certified (B,) bool, all on the device, with no host sync."""
+    vocab = index.vocab
+    rows = min(rows, vocab)
+    top = index.upper_bounds(x, bias).topk(min(rows + 1, vocab), dim=1)
+    ids = top.indices[:, :rows]
+    logits = exact_batch(x, ids)
+    if rows == vocab:  # every row computed exactly: nothing outside to beat the best
+        return ids, logits, torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    slack = rounding_slack(x.float().norm(dim=1), index)
+    certified = logits.float().max(dim=1).values > top.values[:, rows] + slack
+    return ids, logits, certified
 
 
 def certified_shortlists(x: Tensor, index: PQHeadIndex, exact_logits: Callable[[Tensor, Tensor], Tensor],
