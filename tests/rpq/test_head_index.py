@@ -197,3 +197,15 @@ def test_a_head_answering_from_fixed_shortlists_gives_full_width_logits_and_coun
         assert logits.shape == (2, 5, config.vocab_size) and (torch.isfinite(logits).sum(-1) == 1).all()
         positions, uncertified = head.fixed_counts()
         assert positions == 10 and uncertified > 0
+
+
+def test_an_index_built_chunk_by_chunk_equals_one_built_whole(monkeypatch):
+    from model_compress.rpq.head_index import index as index_module
+
+    torch.manual_seed(7)
+    weight, calibration = torch.randn(500, 32), torch.randn(600, 32) * torch.linspace(0.5, 4, 32)
+    whole = build_index(weight, subspaces=8, centroids=16, hidden_states=calibration)
+    monkeypatch.setattr(index_module, "RESIDUAL_CHUNK_BYTES", 8 * 32 * 7)  # 7 rows at a time
+    chunked = build_index(weight, subspaces=8, centroids=16, hidden_states=calibration)
+    for name in ("codes", "row_error", "metric_error", "metric_inverse"):
+        assert torch.equal(getattr(chunked, name), getattr(whole, name)), name

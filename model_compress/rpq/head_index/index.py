@@ -22,6 +22,7 @@ the centroids are mapped back, so the scores are still x's pieces against them.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,8 @@ from ..kernels.packed_forward import packed_kernels
 
 RIDGES = (0.03, 0.1, 0.3, 1.0, 3.0)  # of mean(diag H): the metric's candidates, tried on the calibration states
 SAMPLE_STATES = 256  # calibration states the ridge is chosen on
+RESIDUAL_CHUNK_BYTES = 1 << 30  # rows' residuals w - w_hat are formed this many float64 bytes at a time: a 500k x 4096
+# head's whole residual in float64 would be 16 GB
 METRIC_MARGIN = 1e-3  # relative: L and L^-1 are stored in float32, so the metric bound is widened by their rounding
 
 
@@ -66,11 +69,12 @@ class PQHeadIndex:
     def width(self) -> int:
         return self.centroids.shape[0] * self.centroids.shape[2]
 
-    def decoded_rows(self) -> Tensor:
-        """w_hat (V, width) float32: every row's pieces replaced by their centroids."""
+    def decoded_rows(self, rows: slice = slice(None)) -> Tensor:
+        """w_hat (V, width) float32, or its ``rows``: every row's pieces replaced by their centroids."""
         books = self.centroids.float()
-        pieces = torch.gather(books, 1, self.codes.long()[:, :, None].expand(-1, -1, books.shape[2]))
-        return pieces.permute(1, 0, 2).reshape(self.vocab, self.width)
+        codes = self.codes[:, rows].long()
+        pieces = torch.gather(books, 1, codes[:, :, None].expand(-1, -1, books.shape[2]))
+        return pieces.permute(1, 0, 2).reshape(codes.shape[1], self.width)
 
     def approximate_scores(self, x: Tensor) -> Tensor:
         """x . w_hat for every row, (B, V) float32: on CUDA one kernel that decodes each row's pieces in registers
@@ -171,28 +175,38 @@ def build_index(weight: Tensor, subspaces: int, centroids: int = 256, hidden_mom
     if unwhiten is not None:
         books = torch.bmm(books.double(), unwhiten).float()
     index = PQHeadIndex(books.to(value_dtype).contiguous(), fitted.codes.to(torch.uint8), torch.zeros(vocab), float(rows.norm(dim=1).max()))
-    residual = rows - index.decoded_rows().to(rows.device)
-    index.row_error = residual.norm(dim=1)
+    chunks = _row_chunks(vocab, width)
+    residuals = lambda: ((rows[chunk] - index.decoded_rows(chunk).to(rows.device)) for chunk in chunks)  # noqa: E731
+    index.row_error = torch.cat([residual.norm(dim=1) for residual in residuals()])
     if hidden_moment is not None:
         sample = None
         if hidden_states is not None:  # a few hundred states spread over the text: the ridge's choice needs no more
             sample = states[torch.linspace(0, states.shape[0] - 1, min(SAMPLE_STATES, states.shape[0])).long()]
-        index.metric_inverse, index.metric_error = _metric_bound(hidden_moment.to(rows.device).double(), residual, sample)
+        index.metric_inverse, index.metric_error = _metric_bound(hidden_moment.to(rows.device).double(), residuals,
+                                                                 index.row_error, sample)
     return index
 
 
-def _metric_bound(moment: Tensor, residual: Tensor, sample: Tensor | None) -> tuple[Tensor, Tensor]:
+def _row_chunks(vocab: int, width: int) -> list[slice]:
+    """Slices of rows whose float64 residuals take about ``RESIDUAL_CHUNK_BYTES``."""
+    step = max(1, RESIDUAL_CHUNK_BYTES // (8 * width))
+    return [slice(start, min(start + step, vocab)) for start in range(0, vocab, step)]
+
+
+def _metric_bound(moment: Tensor, residuals: Callable[[], Iterator[Tensor]], row_error: Tensor,
+                  sample: Tensor | None) -> tuple[Tensor, Tensor]:
     """L^-1 (float32) and ||L^T r|| per row for M = H + ridge * mean(diag H) * I; the ridge of ``RIDGES`` whose bound,
-    the smaller of it and the plain one, is least on average over ``sample`` (without a sample: ridge 1)."""
+    the smaller of it and the plain one, is least on average over ``sample`` (without a sample: ridge 1).
+    ``residuals()``: the rows' residuals r, chunk by chunk in row order."""
     scale = float(moment.diagonal().mean())
     best = None
     for ridge in RIDGES if sample is not None else (1.0,):
         factor = torch.linalg.cholesky(moment + ridge * scale * torch.eye(moment.shape[0], dtype=moment.dtype, device=moment.device))
         inverse = torch.linalg.solve_triangular(factor, torch.eye(moment.shape[0], dtype=moment.dtype, device=moment.device), upper=False)
-        errors = (residual.double() @ factor).norm(dim=1).float()
+        errors = torch.cat([(residual.double() @ factor).norm(dim=1).float() for residual in residuals()])
         if sample is None:
             return inverse.float(), errors
-        plain = sample.norm(dim=1, keepdim=True) * residual.norm(dim=1)[None]
+        plain = sample.norm(dim=1, keepdim=True) * row_error[None]
         metric = (sample.double() @ inverse.T).norm(dim=1, keepdim=True).float() * errors[None]
         mean_bound = float(torch.minimum(plain, metric).mean())
         if best is None or mean_bound < best[0]:
