@@ -169,7 +169,10 @@ def build_index(weight: Tensor, subspaces: int, centroids: int = 256, hidden_mom
         values = values.clamp_min(values.amax(-1, keepdim=True) * 1e-6)
         whiten = (vectors * values.sqrt()[:, None, :]) @ vectors.transpose(1, 2)  # H_s^(1/2)
         unwhiten = (vectors * values.rsqrt()[:, None, :]) @ vectors.transpose(1, 2)
-        points = torch.bmm(points.double(), whiten).float()  # (H^(1/2) symmetric: p H^(1/2) = (H^(1/2) p)^T)
+        step = max(1, RESIDUAL_CHUNK_BYTES // (8 * vocab * piece))  # subspaces at a time, in float64
+        for first in range(0, subspaces, step):  # (H^(1/2) symmetric: p H^(1/2) = (H^(1/2) p)^T)
+            part = slice(first, first + step)
+            points[part] = torch.bmm(points[part].double(), whiten[part]).float()
     fitted = kmeans(points, min(centroids, vocab), seed=seed, max_iter=max_iter)
     books = fitted.centroids
     if unwhiten is not None:
