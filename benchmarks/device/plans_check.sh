@@ -6,7 +6,7 @@
 #   mkdir -p .device/plans && cp .device/evalA/*.whl .device/plans/ && cp OUT/tokenizer.json OUT/tokenizer_config.json .device/plans/
 # (OUT: any `compress rpq` output of the default model). TESTS=0 skips the tests, HEAD_INDEX=0 the head index's
 # speed (benchmarks/rpq/head_index_speed.py), PRODUCT=0 the product run,
-# HEAD_500K=0 the synthetic 500k-row head (head_index_500k.py), EVAL=0 the product's eval, HEAD_GRAPHED=0 the graphed decode with a head index (head_index_graphed.py), HOST_PROFILE=0 the cProfile of eager generate (host_profile.py), PLANS_OFF=0 its second eval with every call routed afresh (MODEL_COMPRESS_LAUNCH_PLANS=0); RPQ_ARGS and
+# HOST_OVERHEAD=0 host_overhead.py, HEAD_500K=0 the synthetic 500k-row head (head_index_500k.py), EVAL=0 the product's eval, HEAD_GRAPHED=0 the graphed decode with a head index (head_index_graphed.py), HOST_PROFILE=0 the cProfile of eager generate (host_profile.py), PLANS_OFF=0 its second eval with every call routed afresh (MODEL_COMPRESS_LAUNCH_PLANS=0); RPQ_ARGS and
 # EVAL_ARGS pass on.
 set -uo pipefail
 OUT=${OUT:-/tmp/plans-check}
@@ -25,8 +25,8 @@ if [ "${TESTS:-1}" = 1 ]; then
     "tests/rpq/test_cuda.py::test_head_index_scores_on_cuda_equal_the_torch_reference_and_certify_the_dense_argmax" \
     ${MORE_TESTS:-} > "$OUT/gpu_tests.log" 2>&1; tail -8 "$OUT/gpu_tests.log"
 fi
-python3 benchmarks/rpq/host_overhead.py --json "$OUT/host_overhead.json" 2>&1 | tee "$OUT/host_overhead.log"
-[ "${HEAD_INDEX:-1}" = 1 ] && timeout 150 python3 benchmarks/rpq/head_index_speed.py --json "$OUT/head_index_speed.json" 2>&1 | tee "$OUT/head_index_speed.log"
+[ "${HOST_OVERHEAD:-1}" = 1 ] && python3 benchmarks/rpq/host_overhead.py --json "$OUT/host_overhead.json" 2>&1 | tee "$OUT/host_overhead.log"
+[ "${HEAD_INDEX:-1}" = 1 ] && timeout 120 python3 benchmarks/rpq/head_index_speed.py --json "$OUT/head_index_speed.json" 2>&1 | tee "$OUT/head_index_speed.log"
 [ "${HEAD_500K:-1}" = 1 ] && timeout 200 python3 benchmarks/rpq/head_index_500k.py --json "$OUT/head_index_500k.json" 2>&1 | tee "$OUT/head_index_500k.log"
 [ "${PRODUCT:-1}" = 1 ] || exit 0
 python3 - <<'PY'
