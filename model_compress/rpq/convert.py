@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..core.block_weights import BlockWeights
+from ..core.workers import Workers
 from .fit.calibration import CalibrationSet
 from .fit.passes import OnOutput, run_pass
 from .fit.state_placement import StatePlacement
@@ -43,6 +44,7 @@ def convert_model(
     on_output: OnOutput | None = None,
     weights: BlockWeights | None = None,
     store: ResumeStore | None = None,
+    workers: Workers | None = None,
 ) -> Conversion:
     """Replace every planned layer of ``model`` (in place) by its RPQ module, fitted on ``calibration``.
 
@@ -52,13 +54,15 @@ def convert_model(
     ``weights``: where the blocks' weights come from (``core.block_weights``; None: the model holds them). A model
     streamed from its checkpoint is read one block at a time where it has a stack of blocks and calibration data,
     and whole otherwise; either way every tensor is in memory when this returns. ``store``: where what is done is
-    saved as it is done, and what a stopped run did is taken back from (``rpq.resume``).
+    saved as it is done, and what a stopped run did is taken back from (``rpq.resume``). ``workers``: the processes
+    the conversion is spread over (``core.workers``; each runs this with its own): each runs its share of the fit
+    batches (``on_output`` sees those), and every process ends with the same model.
     """
     observer = observer or ConversionObserver()
     plans = planned_layers(model, settings)
     observer.started(plans)
     weights = weights or BlockWeights()
-    steps = LayerSteps(model, plans, settings, calibration, observer, weights, store)
+    steps = LayerSteps(model, plans, settings, calibration, observer, weights, store, workers)
     if steps.stack is None or calibration is None:
         weights.load_all(model)
     else:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.block_weights import BlockWeights
+from ..core.workers import Workers
 from ..core.errors import UserError
 from .fit.allocate import BudgetError, Option, allocate
 from .fit.blockwise_sensitivity import blockwise_sensitivities
@@ -24,6 +25,7 @@ from .fit.formats import CodeFormat
 from .fit.groups import FitSettings, FittedLayer, fit_cols, fit_rows_group, measure_cols, measure_rows_group, tied_metric
 from .fit.passes import Batches, Statistics
 from .fit.sensitivity import Sensitivity, output_sensitivities
+from .fit.spread import Spread, summed
 from .fit.stack import find_stack
 from .fit.statistics import count_tokens
 from .kernels.layout import dtype_name, pack_codes
@@ -49,9 +51,12 @@ class LayerSteps:
         observer: ConversionObserver,
         weights: BlockWeights,
         store: ResumeStore | None = None,
+        workers: Workers | None = None,
     ) -> None:
         self.model, self.settings, self.calibration, self.observer = model, settings, calibration, observer
         self.weights, self.store = weights, store
+        self.workers = workers or Workers()
+        self.spread = Spread(self.workers)  # every measurement and fit by one process, its result handed to all
         self.plans = {plan.layer.name: plan for plan in plans if plan.converted}
         dtype = next(iter(self.plans.values())).layer.dtype
         float_name = dtype_name(dtype) if settings.fixed and settings.codebook_bits is None else float_codebook_dtype(dtype)
@@ -79,9 +84,10 @@ class LayerSteps:
         modules = {name: self.model.get_submodule(name) for name in self.plans}
         windows = list(self.calibration.fit[: for_device(SENSITIVITY_WINDOWS, self.device)].split(1))
         if self.stack is None:
-            self.sensitivity = output_sensitivities(self.model, modules, windows, self.device)
+            self.sensitivity = self.spread.run(lambda: output_sensitivities(self.model, modules, windows, self.device))
         else:
-            self.sensitivity = blockwise_sensitivities(self.model, self.stack, modules, windows, self.device, self.weights)
+            self.sensitivity = self.spread.run(
+                lambda: blockwise_sensitivities(self.model, self.stack, modules, windows, self.device, self.weights))
         if self.store is not None:
             self.store.save_sensitivity(self.sensitivity)
 
@@ -98,11 +104,12 @@ class LayerSteps:
                 self.candidates[name] = candidates(plan.layer, self.settings, self.fit_settings)
         for name, plan in self.plans.items():
             if plan.layer.kind == KIND_EMBEDDING and not self._tied_head_of(name):
-                self.measured[name] = measure_cols(self._weight(name), self.candidates[name], None, self._row_weights(name), self.fit_settings)
+                self.measured[name] = self.spread.run(lambda: measure_cols(
+                    self._weight(name), self.candidates[name], None, self._row_weights(name), self.fit_settings))
         if self.calibration is None:
             for name in self.linears:
                 if name not in self.measured and self.plans[name].layer.kind != KIND_TIED_HEAD:
-                    self.measured[name] = measure_rows_group([self._weight(name)], [self.candidates[name]], None, self.fit_settings)[0]
+                    self.measured[name] = self._measure_without_data(name)
 
     def measure_unreached(self, block: int) -> None:
         """After block ``block`` ran in the measuring pass, while its weights are at hand: its layers that no
@@ -173,24 +180,32 @@ class LayerSteps:
     # -- callbacks of the passes --------------------------------------------------------------------
 
     def measure_statistics(self, stage: str, index: int | None, statistics: Statistics) -> bool:
+        statistics = summed(statistics, self.workers)
         for group in statistics.groups():
             hessian = self._hessian(group[0], statistics)
-            for name in group:
-                if self.plans[name].layer.kind == KIND_TIED_HEAD:
-                    embedding = self.plans[name].layer.tied_to
-                    weight, rows = self._weight(embedding), self._row_weights(embedding)
-                    metric = tied_metric(weight, hessian, rows, *self._tie_weights(name))
-                    self.measured[embedding] = measure_cols(weight, self.candidates[embedding], metric, rows, self.fit_settings)
-            rows = [name for name in group if self.plans[name].layer.kind != KIND_TIED_HEAD]
-            if rows:
-                errors = measure_rows_group(
-                    [self._weight(n) for n in rows], [self.candidates[n] for n in rows], hessian, self.fit_settings,
-                    [self._fisher(n) for n in rows],
-                )
-                self.measured.update(zip(rows, errors))
+            self.measured.update(self.spread.run(lambda: self._measure_group(group, hessian)))
         return False
 
+    def _measure_group(self, group: list[str], hessian: Tensor) -> dict[str, list[float]]:
+        """The candidates' errors of the layers of one shared input (a tied head's: its table's, under both metrics)."""
+        measured = {}
+        for name in group:
+            if self.plans[name].layer.kind == KIND_TIED_HEAD:
+                embedding = self.plans[name].layer.tied_to
+                weight, rows = self._weight(embedding), self._row_weights(embedding)
+                metric = tied_metric(weight, hessian, rows, *self._tie_weights(name))
+                measured[embedding] = measure_cols(weight, self.candidates[embedding], metric, rows, self.fit_settings)
+        rows = [name for name in group if self.plans[name].layer.kind != KIND_TIED_HEAD]
+        if rows:
+            errors = measure_rows_group(
+                [self._weight(n) for n in rows], [self.candidates[n] for n in rows], hessian, self.fit_settings,
+                [self._fisher(n) for n in rows],
+            )
+            measured.update(zip(rows, errors))
+        return measured
+
     def fit_statistics(self, stage: str, index: int | None, statistics: Statistics) -> bool:
+        statistics = summed(statistics, self.workers)
         for group in statistics.groups():
             hessian = self._hessian(group[0], statistics)
             for name in group:
@@ -204,23 +219,32 @@ class LayerSteps:
     # -- fitting and swapping ---------------------------------------------------------------------
 
     def _fit_linears(self, names: list[str], hessian: Tensor | None) -> None:
-        start = time.perf_counter()
         for name in names:
             self.observer.layer_started(self.plans[name])
-        fitted = fit_rows_group(
-            [self._weight(n) for n in names], [self.plans[n].format for n in names], hessian, self.fit_settings,
-            [self._fisher(n) for n in names],
-        )
-        seconds = (time.perf_counter() - start) / len(names)
+
+        def fit() -> tuple[list[FittedLayer], float]:
+            start = time.perf_counter()
+            fitted = fit_rows_group(
+                [self._weight(n) for n in names], [self.plans[n].format for n in names], hessian, self.fit_settings,
+                [self._fisher(n) for n in names],
+            )
+            return fitted, (time.perf_counter() - start) / len(names)
+
+        fitted, seconds = self.spread.run(fit)
         for name, layer in zip(names, fitted):
             self._swap(name, layer, hessian is not None, seconds)
 
     def _fit_embedding(self, name: str, hessian: Tensor | None) -> None:
-        start = time.perf_counter()
         plan = self.plans[name]
         self.observer.layer_started(plan)
-        fitted = fit_cols(self._weight(name), plan.format, hessian, self._row_weights(name), self.fit_settings)
-        self._swap(name, fitted, True, time.perf_counter() - start)
+
+        def fit() -> tuple[FittedLayer, float]:
+            start = time.perf_counter()
+            fitted = fit_cols(self._weight(name), plan.format, hessian, self._row_weights(name), self.fit_settings)
+            return fitted, time.perf_counter() - start
+
+        fitted, seconds = self.spread.run(fit)
+        self._swap(name, fitted, True, seconds)
 
     def _fit_tied(self, head: str, hessian: Tensor | None) -> None:
         """The table under both its jobs' metric (``fit.groups.tied_metric``), then the head as an RPQTiedHead over its codes."""
@@ -341,8 +365,10 @@ class LayerSteps:
     def _measure_without_data(self, name: str) -> list[float]:
         plan = self.plans[name]
         if plan.layer.kind == KIND_EMBEDDING:
-            return measure_cols(self._weight(name), self.candidates[name], None, self._row_weights(name), self.fit_settings)
-        return measure_rows_group([self._weight(name)], [self.candidates[name]], None, self.fit_settings)[0]
+            return self.spread.run(lambda: measure_cols(self._weight(name), self.candidates[name], None,
+                                                        self._row_weights(name), self.fit_settings))
+        return self.spread.run(lambda: measure_rows_group([self._weight(name)], [self.candidates[name]], None,
+                                                          self.fit_settings)[0])
 
     def _weight(self, name: str) -> Tensor:
         """The layer's weight in RPQ terms, float32 on the fitting device: (out, in), or (rows, dim); W R where rotated."""
@@ -379,7 +405,9 @@ class LayerSteps:
         seq_len = self.calibration.seq_len
         size = max(1, CALIBRATION_TOKENS_PER_BATCH // seq_len)
         batches = lambda windows: [b for b in windows.split(size) if b.shape[0]]  # noqa: E731
-        return Batches(batches(self.calibration.fit), batches(self.calibration.held_out))
+        # spread over processes: each runs its share of the fit batches (whole batches: each computed as alone) and
+        # every held-out one (their outputs are the fine-tuning's, which runs in the leader)
+        return Batches(self.workers.share(batches(self.calibration.fit)), batches(self.calibration.held_out))
 
 
 

@@ -1,0 +1,85 @@
+"""A conversion spread over two processes (torch.distributed, gloo on the CPU) sums the same second moments and fits
+the same model as one process alone: each process runs half the calibration batches, the statistics are summed
+across them, and each layer group is fitted by one process and handed to the other."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from model_compress.core.text import Text
+from model_compress.core.workers import Workers, from_launcher
+from model_compress.rpq import layer_steps
+from model_compress.rpq.convert import RPQSettings, convert_model
+from model_compress.rpq.fit.calibration import CalibrationSet
+
+from ..conftest import VOCAB, tiny_model
+
+SEQ = 32
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _convert(rank: int, world: int, port: int, out: str) -> None:
+    """One process's conversion of the same tiny model on the same windows; its model and the summed moments saved."""
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    layer_steps.CALIBRATION_TOKENS_PER_BATCH = 2 * SEQ  # two windows a batch: 6 batches, 3 for each of two processes
+    moments: list[dict[str, torch.Tensor]] = []
+    summed = layer_steps.summed
+
+    def recording(statistics, workers):
+        result = summed(statistics, workers)
+        moments.append({name: moment.sum.clone() for name, moment in result.inputs.moments.items()})
+        return result
+
+    layer_steps.summed = recording
+    generator = torch.Generator().manual_seed(0)
+    windows = CalibrationSet(torch.randint(3, VOCAB, (12, SEQ), generator=generator), torch.empty(0, SEQ, dtype=torch.long),
+                             Text("random", "test", []), 12 * SEQ)
+    model = tiny_model("llama")
+    convert_model(model, RPQSettings(bits=4.5), windows, workers=Workers(rank, world))
+    torch.save({"state": model.state_dict(), "moments": moments}, Path(out) / f"rank{rank}.pt")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _run(world: int, out: Path) -> list[dict]:
+    mp.spawn(_convert, args=(world, _free_port(), str(out)), nprocs=world, join=True)
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(world)]
+
+
+def test_two_processes_sum_the_same_moments_and_fit_the_same_model_as_one(tmp_path):
+    (alone_dir := tmp_path / "one").mkdir()
+    (spread_dir := tmp_path / "two").mkdir()
+    (alone,) = _run(1, alone_dir)
+    first, second = _run(2, spread_dir)
+    assert len(alone["moments"]) == len(first["moments"]) > 0
+    for one, *two in zip(alone["moments"], first["moments"], second["moments"]):
+        assert one.keys() == two[0].keys() == two[1].keys()
+        for name in one:
+            # float64 sums of the same float32 batch products, added in another order
+            torch.testing.assert_close(two[0][name], one[name], rtol=1e-12, atol=0)
+            assert torch.equal(two[0][name], two[1][name])
+    for name, tensor in alone["state"].items():
+        assert torch.equal(first["state"][name], tensor), name
+        assert torch.equal(second["state"][name], tensor), name
+
+
+def test_a_process_not_started_by_torchrun_works_alone():
+    workers = from_launcher({})
+    assert workers == Workers() and workers.leader and not workers.spread
+    assert workers.share([1, 2, 3]) == [1, 2, 3] and workers.gather(5) == [5] and workers.broadcast(7, 0) == 7
+    assert [Workers(1, 3).owner(n) for n in range(4)] == [0, 1, 2, 0]
+    assert Workers(1, 3).share(list(range(8))) == [1, 4, 7]
