@@ -137,12 +137,21 @@ def rpq(
     debug: Debug = False,
 ) -> None:
     """Reverse product quantization: every Linear / Embedding / Conv1D weight becomes codebooks + packed codes, fitted on calibration text."""
+    import torch
+
+    from ..core.errors import UserError
     from ..core.sources import parse_device, parse_dtype
+    from ..core.workers import from_launcher
     from .convert import RPQSettings
     from .fit.finetune import FinetuneSettings
     from .pipeline import CalibrationOptions, compress_rpq, default_finetune_steps
 
     target = parse_device(device)
+    workers = from_launcher(device=target.type)  # started by torchrun: one process per GPU, each on its own
+    if workers.spread and target.type == "cuda":
+        if target.index is not None:
+            raise UserError(f"--device {device}: with several processes each takes its own GPU: pass --device cuda")
+        target = torch.device("cuda", torch.cuda.current_device())
     settings = RPQSettings(
         bits=bits, num_codebooks=codebooks, codebook_size=codebook_size, codebook_bits=codebook_bits,
         rotation=rotation.lower() if rotation is not None else None, rotation_block=rotation_block,
@@ -157,6 +166,10 @@ def rpq(
     finetuning = FinetuneSettings(steps=steps, lr=finetune_lr, seed=seed)
     torch_dtype = parse_dtype(dtype)
     quiet_transformers()
+    if not workers.leader:  # the leader speaks for all and writes the output; the others work quietly
+        compress_rpq(model, output, settings, calibration=calibration, finetuning=finetuning, dtype=torch_dtype, force=force,
+                     allow_pickle=allow_pickle, stream=stream, head_index=head_index, workers=workers)
+        return
     with progress_bars() as progress:
         status = LoadingStatus(progress)
         observer = RichConversionProgress(progress)
@@ -175,6 +188,7 @@ def rpq(
             on_loading=status.started, on_loaded=status.finished,
             on_finetune_step=observer.finetune_step,
             head_index=head_index,
+            workers=workers,
         )
     from .summary import table_rows, totals_lines
 

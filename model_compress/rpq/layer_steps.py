@@ -57,6 +57,11 @@ class LayerSteps:
         self.weights, self.store = weights, store
         self.workers = workers or Workers()
         self.spread = Spread(self.workers)  # every measurement and fit by one process, its result handed to all
+        if calibration is not None and self.workers.spread:
+            batches = -(-calibration.fit.shape[0] // windows_per_batch(calibration.seq_len))
+            if batches < self.workers.world:  # a process without a batch would miss the layers' statistics
+                raise UserError(f"the calibration windows make {batches} batch(es), fewer than the {self.workers.world} "
+                                "processes: use fewer processes, or more --calib-tokens")
         self.plans = {plan.layer.name: plan for plan in plans if plan.converted}
         dtype = next(iter(self.plans.values())).layer.dtype
         float_name = dtype_name(dtype) if settings.fixed and settings.codebook_bits is None else float_codebook_dtype(dtype)
@@ -402,13 +407,17 @@ class LayerSteps:
         return next((n for n, p in self.plans.items() if p.layer.kind == KIND_TIED_HEAD and p.layer.tied_to == embedding), None)
 
     def batches(self) -> Batches:
-        seq_len = self.calibration.seq_len
-        size = max(1, CALIBRATION_TOKENS_PER_BATCH // seq_len)
+        size = windows_per_batch(self.calibration.seq_len)
         batches = lambda windows: [b for b in windows.split(size) if b.shape[0]]  # noqa: E731
         # spread over processes: each runs its share of the fit batches (whole batches: each computed as alone) and
         # every held-out one (their outputs are the fine-tuning's, which runs in the leader)
         return Batches(self.workers.share(batches(self.calibration.fit)), batches(self.calibration.held_out))
 
+
+
+def windows_per_batch(seq_len: int) -> int:
+    """Calibration windows run through a block together: about ``CALIBRATION_TOKENS_PER_BATCH`` tokens."""
+    return max(1, CALIBRATION_TOKENS_PER_BATCH // seq_len)
 
 
 def replace_layer(

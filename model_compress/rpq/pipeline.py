@@ -18,6 +18,7 @@ from ..core.text import Text, calibration_text
 from ..core.errors import UserError
 from ..core.sources import ModelSource, context_length, disk_bytes, empty_model, load_config, resolve_source, stored_form
 from ..core.streamed_load import open_model
+from ..core.workers import Workers
 from .fit.defaults import CALIBRATION_TOKENS, CALIBRATION_WINDOW, FINETUNE_STEPS, for_device
 from .convert import Conversion, ConversionObserver, LayerResult, RPQSettings, convert_model, planned_layers, validate_settings
 from .fit.calibration import CalibrationSet, calibration_set
@@ -28,6 +29,7 @@ from .layers.modules import KIND_TIED_HEAD
 from .model_card import render_model_card
 from ..core.sizes import model_bytes, model_params
 from .fusions import apply_fusions
+from .layer_steps import windows_per_batch
 from .head_index.attach import calibrated_index, save_index
 from .head_index.module import CertifiedForward
 from .summary import ConversionSummary, summarize
@@ -80,6 +82,7 @@ def compress_rpq(
     on_loaded: Callable[[ModelSource], None] | None = None,
     on_finetune_step: Callable[[int, int], None] | None = None,
     head_index: bool = False,
+    workers: Workers | None = None,
 ) -> RPQRun:
     """Load ``model`` (None: the embedded default), convert it, and save it to ``output`` (if given).
 
@@ -93,7 +96,13 @@ def compress_rpq(
     converted model's LM head also gets a certified product-quantized index (``head_index``), fitted on the hidden
     states of the calibration windows and saved beside the weights. Streamed on a GPU, the converted blocks stay on
     that GPU where it has room (the rest in host memory): ``.to()`` the returned model before running it elsewhere.
+    ``workers``: the processes the conversion is spread over (``core.workers``; every one of them calls this): they
+    share the calibration and the fitting; the leader alone fine-tunes, indexes the head and writes the output, and
+    the others return their converted model (not fine-tuned) with ``output`` None.
     """
+    workers = workers or Workers()
+    if workers.spread and resume:
+        raise UserError("--resume: a conversion spread over several processes cannot be resumed yet; run it again")
     calibration = calibration or CalibrationOptions()
     out = Path(output) if output is not None else None
     if out is not None:
@@ -119,7 +128,7 @@ def compress_rpq(
     windows = _calibration(network, tokenizer, text, calibration, settings.device, finetuning.steps > 0) if text is not None else None
     teacher = Teacher() if windows is not None and finetuning.steps > 0 else None
     store = None
-    if out is not None:
+    if out is not None and workers.leader:
         store = ResumeStore.open(out, _fingerprint(source, settings, windows, finetuning, dtype), resume, force)
     record = teacher.record if teacher else None
     if teacher is not None and store is not None:
@@ -128,7 +137,13 @@ def compress_rpq(
         store.teacher = teacher
     with _kept_on_interrupt(store):
         conversion = convert_model(network, settings, windows, observer=observer, on_output=record,
-                                   weights=opened.weights, store=store)
+                                   weights=opened.weights, store=store, workers=workers)
+        if workers.spread:  # each process saw its share of the fit windows: the leader joins their outputs
+            parts = workers.gather(teacher)
+            if not workers.leader:
+                return _converted_only(network, settings, conversion, source)
+            if teacher is not None:
+                teacher = Teacher.joined(parts, windows.fit.shape[0], windows_per_batch(windows.seq_len))
         report = None
         if teacher is not None:
             report = finetune(network, windows.fit, windows.held_out, teacher, finetuning, settings.device, on_finetune_step)
@@ -152,6 +167,15 @@ def compress_rpq(
             store.remove()
     apply_fusions(network)  # as the loader does: the model returned runs as the saved one loads
     return RPQRun(network, config, summary, source, out, conversion, report, certified)
+
+
+def _converted_only(network: nn.Module, settings: RPQSettings, conversion: Conversion, source: ModelSource) -> RPQRun:
+    """What a process other than the leader returns: its converted model (the same as the leader's before fine-tuning)."""
+    summary = summarize(conversion.outcomes, model_params=model_params(network), original_bytes=0,
+                        compressed_bytes=model_bytes(network), seconds=0.0, budget_bits=None if settings.fixed else settings.budget,
+                        calibration=conversion.calibration, finetune=None, input_file_bytes=disk_bytes(source),
+                        input_form=stored_form(source))
+    return RPQRun(network, _config_section(conversion, settings, None, source, network), summary, source, None, conversion, None)
 
 
 @contextlib.contextmanager

@@ -83,3 +83,27 @@ def test_a_process_not_started_by_torchrun_works_alone():
     assert workers.share([1, 2, 3]) == [1, 2, 3] and workers.gather(5) == [5] and workers.broadcast(7, 0) == 7
     assert [Workers(1, 3).owner(n) for n in range(4)] == [0, 1, 2, 0]
     assert Workers(1, 3).share(list(range(8))) == [1, 4, 7]
+
+
+def test_compress_rpq_under_torchrun_writes_the_checkpoint_one_process_writes(tiny_folder, tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    folder = tiny_folder("llama")
+    # 20,000 tokens in windows of 32: three batches of 256 windows, two for the first process and one for the second;
+    # fine-tuning runs in the leader on the teacher outputs both recorded
+    common = ["rpq", str(folder), "--device", "cpu", "--calib-tokens", "20000", "--calib-seq-len", "32", "--finetune-steps", "3"]
+    alone = subprocess.run([sys.executable, "-m", "model_compress.cli.app", *common, "-o", str(tmp_path / "one")],
+                           capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    spread = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "model_compress.cli.app", *common, "-o", str(tmp_path / "two")],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert spread.returncode == 0, spread.stderr[-2000:]
+    assert spread.stdout.count("RPQ conversion") == 1  # the leader's table alone
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert one.keys() == two.keys()
+    for name, tensor in one.items():
+        assert torch.equal(two[name], tensor), name

@@ -66,6 +66,21 @@ class Teacher:
         for window in _targets(output, self.top_k):
             target.append(window)
 
+    @classmethod
+    def joined(cls, parts: list[Teacher], windows: int, per_batch: int) -> Teacher:
+        """One teacher from the parts of processes that recorded every ``len(parts)``-th batch of ``per_batch`` fit
+        windows each (``core.workers.Workers.share``; ``windows`` in all), in window order; the held-out windows
+        from the first (every process ran them all)."""
+        teacher = cls(parts[0].top_k)
+        taken = [0] * len(parts)
+        for batch, start in enumerate(range(0, windows, per_batch)):
+            part = batch % len(parts)
+            count = min(per_batch, windows - start)
+            teacher.fit += parts[part].fit[taken[part]:taken[part] + count]
+            taken[part] += count
+        teacher.held_out = list(parts[0].held_out)
+        return teacher
+
     def tensors(self) -> dict[str, Tensor]:
         """Every window's targets by name ("fit.3.0": fit window 3, its first tensor), to be saved."""
         return {f"{part}.{index}.{j}": tensor.contiguous() for part, windows in (("fit", self.fit), ("held_out", self.held_out))
