@@ -97,8 +97,8 @@ def compress_rpq(
     states of the calibration windows and saved beside the weights. Streamed on a GPU, the converted blocks stay on
     that GPU where it has room (the rest in host memory): ``.to()`` the returned model before running it elsewhere.
     ``workers``: the processes the conversion is spread over (``core.workers``; every one of them calls this): they
-    share the calibration and the fitting; the leader alone fine-tunes, indexes the head and writes the output, and
-    the others return their converted model (not fine-tuned) with ``output`` None.
+    share the calibration, the fitting and the fine-tuning's windows; the leader alone indexes the head and writes the
+    output, and the others return their model (the same) with ``output`` None.
     """
     workers = workers or Workers()
     if workers.spread and resume:
@@ -138,15 +138,14 @@ def compress_rpq(
     with _kept_on_interrupt(store):
         conversion = convert_model(network, settings, windows, observer=observer, on_output=record,
                                    weights=opened.weights, store=store, workers=workers)
-        if workers.spread:  # each process saw its share of the fit windows: the leader joins their outputs
-            parts = workers.gather(teacher)
-            if not workers.leader:
-                return _converted_only(network, settings, conversion, source)
-            if teacher is not None:
-                teacher = Teacher.joined(parts, windows.fit.shape[0], windows_per_batch(windows.seq_len))
+        if workers.spread and teacher is not None:  # each process saw its share of the fit windows: joined for all
+            teacher = Teacher.joined(workers.gather(teacher), windows.fit.shape[0], windows_per_batch(windows.seq_len))
         report = None
         if teacher is not None:
-            report = finetune(network, windows.fit, windows.held_out, teacher, finetuning, settings.device, on_finetune_step)
+            report = finetune(network, windows.fit, windows.held_out, teacher, finetuning, settings.device, on_finetune_step,
+                              workers)
+        if not workers.leader:
+            return _converted_only(network, settings, conversion, source)
         certified = calibrated_index(network, windows.fit, settings.device) if head_index and windows is not None else None
         summary = summarize(
             conversion.outcomes,
@@ -170,7 +169,8 @@ def compress_rpq(
 
 
 def _converted_only(network: nn.Module, settings: RPQSettings, conversion: Conversion, source: ModelSource) -> RPQRun:
-    """What a process other than the leader returns: its converted model (the same as the leader's before fine-tuning)."""
+    """What a process other than the leader returns: its model (the leader's, to float rounding), without the figures
+    the leader reports."""
     summary = summarize(conversion.outcomes, model_params=model_params(network), original_bytes=0,
                         compressed_bytes=model_bytes(network), seconds=0.0, budget_bits=None if settings.fixed else settings.budget,
                         calibration=conversion.calibration, finetune=None, input_file_bytes=disk_bytes(source),

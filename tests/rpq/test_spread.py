@@ -4,6 +4,7 @@ across them, and each layer group is fitted by one process and handed to the oth
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -93,7 +94,8 @@ def test_compress_rpq_under_torchrun_writes_the_checkpoint_one_process_writes(ti
 
     folder = tiny_folder("llama")
     # 20,000 tokens in windows of 32: three batches of 256 windows, two for the first process and one for the second;
-    # fine-tuning runs in the leader on the teacher outputs both recorded
+    # fine-tuning splits each step's windows between them and sums the gradients (here the sums round to the same
+    # weights: Adam's steps are far below the weights' float32 spacing of the difference)
     common = ["rpq", str(folder), "--device", "cpu", "--calib-tokens", "20000", "--calib-seq-len", "32", "--finetune-steps", "3"]
     alone = subprocess.run([sys.executable, "-m", "model_compress.cli.app", *common, "-o", str(tmp_path / "one")],
                            capture_output=True, text=True, timeout=600)
@@ -103,6 +105,8 @@ def test_compress_rpq_under_torchrun_writes_the_checkpoint_one_process_writes(ti
                             capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert spread.returncode == 0, spread.stderr[-2000:]
     assert spread.stdout.count("RPQ conversion") == 1  # the leader's table alone
+    finetuned = json.loads((tmp_path / "two" / "compression_report.json").read_text())["summary"]["finetune"]
+    assert finetuned["best_step"] > 0  # a trained state was kept: the data-parallel steps are in what is compared
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert one.keys() == two.keys()
     for name, tensor in one.items():

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core.placement import return_tensors, tensor_devices
+from ...core.workers import Workers
 from ..kernels.plans import invalidate_all
 
 from .codebooks import CodebookSet
@@ -171,8 +172,14 @@ def finetune(
     settings: FinetuneSettings,
     device: torch.device,
     on_step: Callable[[int, int], None] | None = None,
+    workers: Workers | None = None,
 ) -> FinetuneReport:
-    """Train codebooks, norms and RPQ biases for ``settings.steps`` steps; keep the best held-out state."""
+    """Train codebooks, norms and RPQ biases for ``settings.steps`` steps; keep the best held-out state.
+
+    ``workers``: processes that each run this on the same model (``core.workers``): every step's windows are split
+    among them and the gradients summed (data parallel), so each takes the same step a lone process would (to
+    float rounding); the leader's held-out figures decide the state kept, for all."""
+    workers = workers or Workers()
     start = time.perf_counter()
     homes = tensor_devices(model)
     thawed = _thaw_int8_codebooks(model)
@@ -183,7 +190,7 @@ def finetune(
     judge_teacher = teacher.held_out if held_windows.shape[0] else teacher.fit[:1]
     was_training = model.training
     model.eval()  # no dropout: the student should match the teacher's deterministic outputs
-    before = held_out_loss(model, judge, judge_teacher, device)
+    before = workers.broadcast(held_out_loss(model, judge, judge_teacher, device), 0)
     best = (before, 0, [p.detach().clone() for p in trainable])
     curve: list[dict] = [{"step": 0, "held_out": before}]
     backoffs = 0
@@ -198,17 +205,23 @@ def finetune(
             if len(order) < settings.windows_per_step:
                 order += torch.randperm(fit_windows.shape[0], generator=generator).tolist()
             chosen, order = order[: settings.windows_per_step], order[settings.windows_per_step :]
-            with torch.enable_grad(), _mixed_precision(device):
-                output = call_model(model, fit_windows[chosen].to(device))
-                loss = distillation_loss(output, [teacher.fit[i] for i in chosen])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+            mine = workers.share(chosen)  # all of them alone
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.zeros((), device=device)
+            if mine:
+                with torch.enable_grad(), _mixed_precision(device):
+                    output = call_model(model, fit_windows[mine].to(device))
+                    # this share's part of the mean over every chosen window (windows are equally long)
+                    loss = distillation_loss(output, [teacher.fit[i] for i in mine]) * (len(mine) / len(chosen))
+                    loss.backward()
+            if workers.spread:
+                loss = _summed_step(trainable, loss.detach().float(), workers)
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * BACKOFF**backoffs * shape(step - 1)
             optimizer.step()
             running, counted = running + float(loss.detach()), counted + 1
             if step in checkpoints:
-                score = held_out_loss(model, judge, judge_teacher, device)
+                score = workers.broadcast(held_out_loss(model, judge, judge_teacher, device), 0)
                 curve.append({"step": step, "train": running / counted, "held_out": score, "lr_factor": BACKOFF**backoffs})
                 running, counted = 0.0, 0
                 if score < best[0]:
@@ -235,6 +248,20 @@ def finetune(
     return_tensors(model, homes)
     invalidate_all()  # launch plans kept by the layers hold these tensors
     return FinetuneReport(settings.steps, settings.lr, before, after, best[1], time.perf_counter() - start, curve, backoffs)
+
+
+def _summed_step(trainable: list[nn.Parameter], loss: Tensor, workers: Workers) -> Tensor:
+    """The gradients (and the loss) of every process's share summed in one collective, in place; the summed loss."""
+    for parameter in trainable:
+        if parameter.grad is None:  # a process without windows this step adds nothing
+            parameter.grad = torch.zeros_like(parameter)
+    flat = workers.sum_(torch.cat([loss.reshape(1), *(parameter.grad.float().reshape(-1) for parameter in trainable)]))
+    offset = 1
+    for parameter in trainable:
+        count = parameter.grad.numel()
+        parameter.grad.copy_(flat[offset:offset + count].view_as(parameter.grad))
+        offset += count
+    return flat[0]
 
 
 def _mixed_precision(device: torch.device):
