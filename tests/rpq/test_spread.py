@@ -94,8 +94,9 @@ def test_compress_rpq_under_torchrun_writes_the_checkpoint_one_process_writes(ti
 
     folder = tiny_folder("llama")
     # 20,000 tokens in windows of 32: three batches of 256 windows, two for the first process and one for the second;
-    # fine-tuning splits each step's windows between them and sums the gradients (here the sums round to the same
-    # weights: Adam's steps are far below the weights' float32 spacing of the difference)
+    # fine-tuning splits each step's windows between them and sums the gradients, which differ from one process's in
+    # float rounding only; Adam's steps move each weight by about the learning rate, so those differences fall below
+    # the weights' float32 spacing and the checkpoints come out the same
     common = ["rpq", str(folder), "--device", "cpu", "--calib-tokens", "20000", "--calib-seq-len", "32", "--finetune-steps", "3"]
     alone = subprocess.run([sys.executable, "-m", "model_compress.cli.app", *common, "-o", str(tmp_path / "one")],
                            capture_output=True, text=True, timeout=600)
