@@ -106,12 +106,17 @@ def test_data_aware_clustering_lowers_the_expected_score_error_on_anisotropic_hi
     assert errors["data-aware"] < 0.8 * errors["plain"], errors
 
 
-def test_generate_with_a_certified_head_gives_the_dense_heads_greedy_tokens():
+def untied_model_and_prompt():
+    """A tiny Llama with its own head (seeded) and a prompt of two rows."""
     config = tiny_config("llama")
     config.tie_word_embeddings = False
     torch.manual_seed(3)
-    model = transformers.LlamaForCausalLM(config).eval()
-    prompt = torch.randint(0, config.vocab_size, (2, 5))
+    return transformers.LlamaForCausalLM(config).eval(), torch.randint(0, config.vocab_size, (2, 5))
+
+
+def test_generate_with_a_certified_head_gives_the_dense_heads_greedy_tokens():
+    model, prompt = untied_model_and_prompt()
+    config = model.config
     with torch.no_grad():
         expected = model.generate(prompt, max_new_tokens=12, do_sample=False)
         head = attach(model, build_index(model.lm_head.weight, subspaces=8, centroids=16), first_rows=4)
@@ -179,11 +184,8 @@ def test_a_fixed_shortlist_certifies_only_positions_whose_best_is_the_dense_argm
 
 
 def test_a_head_answering_from_fixed_shortlists_gives_full_width_logits_and_counts_what_it_did_not_certify():
-    config = tiny_config("llama")
-    config.tie_word_embeddings = False
-    torch.manual_seed(3)
-    model = transformers.LlamaForCausalLM(config).eval()
-    prompt = torch.randint(0, config.vocab_size, (2, 5))
+    model, prompt = untied_model_and_prompt()
+    config = model.config
     with torch.no_grad():
         expected = model.generate(prompt, max_new_tokens=8, do_sample=False)
         head = attach(model, build_index(model.lm_head.weight, subspaces=8, centroids=16), first_rows=4)
