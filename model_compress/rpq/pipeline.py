@@ -128,7 +128,7 @@ def compress_rpq(
     windows = _calibration(network, tokenizer, text, calibration, settings.device, finetuning.steps > 0) if text is not None else None
     teacher = Teacher() if windows is not None and finetuning.steps > 0 else None
     store = None
-    if out is not None and workers.leader:
+    if out is not None and not workers.spread:  # a spread run cannot be resumed: nothing kept for it
         store = ResumeStore.open(out, _fingerprint(source, settings, windows, finetuning, dtype), resume, force)
     record = teacher.record if teacher else None
     if teacher is not None and store is not None:
@@ -163,7 +163,8 @@ def compress_rpq(
         attach_quantizer(network, config)
         if out is not None:
             write_folder_atomically(out, force, lambda tmp: _write(tmp, network, tokenizer, config, summary, conversion, certified))
-            store.remove()
+            if store is not None:
+                store.remove()
     apply_fusions(network)  # as the loader does: the model returned runs as the saved one loads
     return RPQRun(network, config, summary, source, out, conversion, report, certified)
 
