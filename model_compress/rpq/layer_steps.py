@@ -9,6 +9,7 @@ in, putting back what a stopped run finished and saving what this one finishes. 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +26,7 @@ from .fit.formats import CodeFormat
 from .fit.groups import FitSettings, FittedLayer, fit_cols, fit_rows_group, measure_cols, measure_rows_group, tied_metric
 from .fit.passes import Batches, Statistics
 from .fit.sensitivity import Sensitivity, output_sensitivities
-from .fit.spread import Spread, summed
+from .fit.spread import Job, Spread, summed
 from .fit.stack import find_stack
 from .fit.statistics import count_tokens
 from .kernels.layout import dtype_name, pack_codes
@@ -139,18 +140,19 @@ class LayerSteps:
 
     def fit_embeddings(self) -> None:
         """Tables without a tied head, before the blocks (their statistics are token counts, not a pass's)."""
-        for name, plan in self.plans.items():
-            if plan.layer.kind == KIND_EMBEDDING and not self._tied_head_of(name) and name not in self.results:
-                self._fit_embedding(name, None)
+        self.spread.run_all([self._embedding_job(name, None) for name, plan in self.plans.items()
+                             if plan.layer.kind == KIND_EMBEDDING and not self._tied_head_of(name) and name not in self.results])
 
     def fit_the_rest(self) -> None:
         """What no calibration input reached (or every layer, without calibration), fitted on its weights alone."""
+        jobs: list[Job] = []
         for name, plan in self.plans.items():
             if name not in self.results:
                 if plan.layer.kind == KIND_TIED_HEAD:
-                    self._fit_tied(name, None)
+                    jobs.append(self._tied_job(name, None))
                 elif plan.layer.kind in (KIND_LINEAR, KIND_CONV1D):
-                    self._fit_linears([name], None)
+                    jobs.append(self._linears_job([name], None))
+        self.spread.run_all(jobs)
 
     def restore_finished(self) -> None:
         """The layers a stopped run finished, swapped in from the store as they were saved (in model order: a tied
@@ -186,9 +188,11 @@ class LayerSteps:
 
     def measure_statistics(self, stage: str, index: int | None, statistics: Statistics) -> bool:
         statistics = summed(statistics, self.workers)
+        jobs = []
         for group in statistics.groups():
             hessian = self._hessian(group[0], statistics)
-            self.measured.update(self.spread.run(lambda: self._measure_group(group, hessian)))
+            jobs.append((lambda group=group, hessian=hessian: self._measure_group(group, hessian), self.measured.update))
+        self.spread.run_all(jobs)
         return False
 
     def _measure_group(self, group: list[str], hessian: Tensor) -> dict[str, list[float]]:
@@ -211,23 +215,24 @@ class LayerSteps:
 
     def fit_statistics(self, stage: str, index: int | None, statistics: Statistics) -> bool:
         statistics = summed(statistics, self.workers)
-        for group in statistics.groups():
+        jobs: list[Job] = []
+        for group in statistics.groups():  # independent fits: spread, each process fitting its groups at once
             hessian = self._hessian(group[0], statistics)
-            for name in group:
-                if self.plans[name].layer.kind == KIND_TIED_HEAD:
-                    self._fit_tied(name, hessian)
+            jobs += [self._tied_job(name, hessian) for name in group if self.plans[name].layer.kind == KIND_TIED_HEAD]
             rows = [name for name in group if self.plans[name].layer.kind != KIND_TIED_HEAD]
             if rows:
-                self._fit_linears(rows, hessian)
+                jobs.append(self._linears_job(rows, hessian))
+        self.spread.run_all(jobs)
         return True
 
     # -- fitting and swapping ---------------------------------------------------------------------
 
-    def _fit_linears(self, names: list[str], hessian: Tensor | None) -> None:
-        for name in names:
-            self.observer.layer_started(self.plans[name])
+    def _linears_job(self, names: list[str], hessian: Tensor | None) -> Job:
+        """Fitting Linear layers that share ``hessian``, and swapping them in."""
 
         def fit() -> tuple[list[FittedLayer], float]:
+            for name in names:  # said by the process that fits them (spread: the leader says its own)
+                self.observer.layer_started(self.plans[name])
             start = time.perf_counter()
             fitted = fit_rows_group(
                 [self._weight(n) for n in names], [self.plans[n].format for n in names], hessian, self.fit_settings,
@@ -235,29 +240,40 @@ class LayerSteps:
             )
             return fitted, (time.perf_counter() - start) / len(names)
 
-        fitted, seconds = self.spread.run(fit)
-        for name, layer in zip(names, fitted):
-            self._swap(name, layer, hessian is not None, seconds)
+        def swap(result: tuple[list[FittedLayer], float]) -> None:
+            fitted, seconds = result
+            for name, layer in zip(names, fitted):
+                self._swap(name, layer, hessian is not None, seconds)
 
-    def _fit_embedding(self, name: str, hessian: Tensor | None) -> None:
+        return fit, swap
+
+    def _embedding_job(self, name: str, hessian: Tensor | None, then: Callable[[], None] | None = None) -> Job:
+        """Fitting an embedding table (under ``hessian``, its metric), swapping it in, then ``then()``."""
         plan = self.plans[name]
-        self.observer.layer_started(plan)
 
         def fit() -> tuple[FittedLayer, float]:
+            self.observer.layer_started(plan)
             start = time.perf_counter()
             fitted = fit_cols(self._weight(name), plan.format, hessian, self._row_weights(name), self.fit_settings)
             return fitted, time.perf_counter() - start
 
-        fitted, seconds = self.spread.run(fit)
-        self._swap(name, fitted, True, seconds)
+        def swap(result: tuple[FittedLayer, float]) -> None:
+            self._swap(name, result[0], True, result[1])
+            if then is not None:
+                then()
 
-    def _fit_tied(self, head: str, hessian: Tensor | None) -> None:
+        return fit, swap
+
+    def _tied_job(self, head: str, hessian: Tensor | None) -> Job:
         """The table under both its jobs' metric (``fit.groups.tied_metric``), then the head as an RPQTiedHead over its codes."""
         embedding = self.plans[head].layer.tied_to
         metric = None
         if hessian is not None:
             metric = tied_metric(self._weight(embedding), hessian, self._row_weights(embedding), *self._tie_weights(head))
-        self._fit_embedding(embedding, metric)
+        return self._embedding_job(embedding, metric, then=lambda: self._tie_head(head, embedding))
+
+    def _tie_head(self, head: str, embedding: str) -> None:
+        """The head as an RPQTiedHead over its fitted table's codes."""
         start = time.perf_counter()
         plan = self.plans[head]
         self.observer.layer_started(plan)

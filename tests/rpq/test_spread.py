@@ -46,12 +46,15 @@ def _convert(rank: int, world: int, port: int, out: str) -> None:
         return result
 
     layer_steps.summed = recording
+    fits = []  # the Linear groups this process fitted itself
+    fit_rows_group = layer_steps.fit_rows_group
+    layer_steps.fit_rows_group = lambda weights, *args: fits.append(len(weights)) or fit_rows_group(weights, *args)
     generator = torch.Generator().manual_seed(0)
     windows = CalibrationSet(torch.randint(3, VOCAB, (12, SEQ), generator=generator), torch.empty(0, SEQ, dtype=torch.long),
                              Text("random", "test", []), 12 * SEQ)
     model = tiny_model("llama")
     convert_model(model, RPQSettings(bits=4.5), windows, workers=Workers(rank, world))
-    torch.save({"state": model.state_dict(), "moments": moments}, Path(out) / f"rank{rank}.pt")
+    torch.save({"state": model.state_dict(), "moments": moments, "fits": fits}, Path(out) / f"rank{rank}.pt")
     if world > 1:
         dist.destroy_process_group()
 
@@ -76,6 +79,8 @@ def test_two_processes_sum_the_same_moments_and_fit_the_same_model_as_one(tmp_pa
     for name, tensor in alone["state"].items():
         assert torch.equal(first["state"][name], tensor), name
         assert torch.equal(second["state"][name], tensor), name
+    # the fits were shared out: each process fitted some groups, together every group once
+    assert first["fits"] and second["fits"] and sum(first["fits"] + second["fits"]) == sum(alone["fits"])
 
 
 def test_a_process_not_started_by_torchrun_works_alone():

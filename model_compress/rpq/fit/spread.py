@@ -4,7 +4,8 @@ and handed to all, so that every process holds the same model after each block, 
 Each process runs its share of the calibration batches through a block; ``summed`` adds the second moments up
 across processes, so every process sees the statistics of all the batches. ``spread`` then gives each work item
 (a group of layers sharing an input, an embedding table) to one process, which computes it; its result is sent to
-all (on the host: a tensor pickled on one GPU would come back on that GPU's number elsewhere).
+all (on the host: a tensor pickled on one GPU would come back on that GPU's number elsewhere). Items that do not
+depend on each other (the groups of one block) are computed first, each process its own, and handed over after.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def summed(statistics: Statistics, workers: Workers) -> Statistics:
     return statistics
 
 
+Job = tuple[Callable[[], Any], Callable[[Any], None]]  # (compute, apply): computed by one process, applied by all
+
+
 class Spread:
     """Work items handed out in turn, over every call: item n is done by process n mod world."""
 
@@ -42,12 +46,27 @@ class Spread:
 
     def run(self, compute: Callable[[], T]) -> T:
         """``compute()`` on this item's process, its result on every process (on the same kind of device)."""
-        owner = self.workers.owner(self._turn)
-        self._turn += 1
+        results: list[T] = []
+        self.run_all([(compute, results.append)])
+        return results[0]
+
+    def run_all(self, jobs: list[Job]) -> None:
+        """Independent jobs: each process computes the ones it owns, all of them first (so the processes work at
+        once), then every result is handed to all and applied in order. Alone: each computed and applied in turn."""
         if not self.workers.spread:
-            return compute()
+            for compute, apply in jobs:
+                apply(compute())
+            return
+        owners = [self.workers.owner(self._turn + position) for position in range(len(jobs))]
+        self._turn += len(jobs)
+        mine = {position: compute() for position, ((compute, _), owner) in enumerate(zip(jobs, owners))
+                if owner == self.workers.rank}
+        for position, ((_, apply), owner) in enumerate(zip(jobs, owners)):
+            apply(self._handed(mine.pop(position, None), owner))
+
+    def _handed(self, result: Any, owner: int) -> Any:
+        """``owner``'s result, sent to every process on the host and put on this process's device of its kind."""
         if self.workers.rank == owner:
-            result = compute()
             self.workers.broadcast((to_host(result), _device_type(result)), owner)
             return result
         host, kind = self.workers.broadcast(None, owner)
