@@ -108,28 +108,22 @@ class LayerSteps:
         for name, plan in self.plans.items():
             if plan.layer.kind != KIND_TIED_HEAD:
                 self.candidates[name] = candidates(plan.layer, self.settings, self.fit_settings)
-        for name, plan in self.plans.items():
-            if plan.layer.kind == KIND_EMBEDDING and not self._tied_head_of(name):
-                self.measured[name] = self.spread.run(lambda: measure_cols(
-                    self._weight(name), self.candidates[name], None, self._row_weights(name), self.fit_settings))
+        names = [name for name, plan in self.plans.items() if plan.layer.kind == KIND_EMBEDDING and not self._tied_head_of(name)]
         if self.calibration is None:
-            for name in self.linears:
-                if name not in self.measured and self.plans[name].layer.kind != KIND_TIED_HEAD:
-                    self.measured[name] = self._measure_without_data(name)
+            names += [name for name in self.linears if self.plans[name].layer.kind != KIND_TIED_HEAD]
+        self._measure_without_data(names)
 
     def measure_unreached(self, block: int) -> None:
         """After block ``block`` ran in the measuring pass, while its weights are at hand: its layers that no
         calibration input reached (a decoder's cross-attention run without an encoder), by their weight error."""
-        for name in self.candidates:
-            if name not in self.measured and self.stack is not None and self.stack.index_of(name) == block:
-                self.measured[name] = self._measure_without_data(name)
+        if self.stack is not None:
+            self._measure_without_data([name for name in self.candidates
+                                        if name not in self.measured and self.stack.index_of(name) == block])
 
     def allocate(self) -> Allocation:
         """One format per layer for the budget, from every measured candidate (the weight error of layers no
         calibration input reached); saved for a resumed run."""
-        for name in self.candidates:
-            if name not in self.measured:
-                self.measured[name] = self._measure_without_data(name)
+        self._measure_without_data([name for name in self.candidates if name not in self.measured])
         allocation = self._allocate()
         if self.store is not None:
             self.store.save_allocation(allocation.chosen, allocation.options, {
@@ -383,13 +377,15 @@ class LayerSteps:
             return weights[head], weights[embedding]
         return 1.0, 1.0
 
-    def _measure_without_data(self, name: str) -> list[float]:
-        plan = self.plans[name]
-        if plan.layer.kind == KIND_EMBEDDING:
-            return self.spread.run(lambda: measure_cols(self._weight(name), self.candidates[name], None,
-                                                        self._row_weights(name), self.fit_settings))
-        return self.spread.run(lambda: measure_rows_group([self._weight(name)], [self.candidates[name]], None,
-                                                          self.fit_settings)[0])
+    def _measure_without_data(self, names: list[str]) -> None:
+        """The candidates' errors of ``names`` by their weights alone, into ``measured``: independent jobs, spread."""
+        self.spread.run_all([(lambda name=name: self._weight_errors(name),
+                              lambda errors, name=name: self.measured.__setitem__(name, errors)) for name in names])
+
+    def _weight_errors(self, name: str) -> list[float]:
+        if self.plans[name].layer.kind == KIND_EMBEDDING:
+            return measure_cols(self._weight(name), self.candidates[name], None, self._row_weights(name), self.fit_settings)
+        return measure_rows_group([self._weight(name)], [self.candidates[name]], None, self.fit_settings)[0]
 
     def _weight(self, name: str) -> Tensor:
         """The layer's weight in RPQ terms, float32 on the fitting device: (out, in), or (rows, dim); W R where rotated."""
@@ -426,9 +422,8 @@ class LayerSteps:
         size = windows_per_batch(self.calibration.seq_len)
         batches = lambda windows: [b for b in windows.split(size) if b.shape[0]]  # noqa: E731
         # spread over processes: each runs its share of the fit batches (whole batches: each computed as alone) and
-        # every held-out one (their outputs are the fine-tuning's, which runs in the leader)
+        # every held-out one (fine-tuning judges each process's model on all of them)
         return Batches(self.workers.share(batches(self.calibration.fit)), batches(self.calibration.held_out))
-
 
 
 def windows_per_batch(seq_len: int) -> int:
