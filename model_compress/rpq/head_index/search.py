@@ -51,16 +51,21 @@ def fixed_shortlists(x: Tensor, index: PQHeadIndex, exact_batch: Callable[[Tenso
                      bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """For every row of ``x`` (B, width): the ``rows`` rows of highest bound (B, rows), their exact logits (B, rows)
     and whether the best of them is certified (B,) bool, all on the device, with no host sync."""
-    vocab = index.vocab
-    rows = min(rows, vocab)
-    top = index.upper_bounds(x, bias).topk(min(rows + 1, vocab), dim=1)
+    slack = rounding_slack(x.float().norm(dim=1), index)
+    return _first_round(x, index.upper_bounds(x, bias), slack, exact_batch, min(rows, index.vocab))
+
+
+def _first_round(x: Tensor, upper: Tensor, slack: Tensor, exact_batch: Callable[[Tensor, Tensor], Tensor],
+                 rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Every position's ``rows`` rows of highest bound ``upper`` (B, V), their exact logits, and whether the best of
+    them is above every bound outside by ``slack`` (B,): the certificate, left on the device."""
+    vocab = upper.shape[1]
+    top = upper.topk(min(rows + 1, vocab), dim=1)
     ids = top.indices[:, :rows]
     logits = exact_batch(x, ids)
-    if rows == vocab:  # every row computed exactly: nothing outside to beat the best
+    if rows >= vocab:  # every row computed exactly: nothing outside to beat the best
         return ids, logits, torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    slack = rounding_slack(x.float().norm(dim=1), index)
-    certified = logits.float().max(dim=1).values > top.values[:, rows] + slack
-    return ids, logits, certified
+    return ids, logits, logits.float().max(dim=1).values > top.values[:, rows] + slack
 
 
 def certified_shortlists(x: Tensor, index: PQHeadIndex, exact_logits: Callable[[Tensor, Tensor], Tensor],
@@ -80,11 +85,8 @@ def certified_shortlists(x: Tensor, index: PQHeadIndex, exact_logits: Callable[[
     first = min(first_rows, limit)
     lists: list[Shortlist | None] = [None] * x.shape[0]
     if exact_batch is not None and first < vocab:  # every position's first shortlist at once
-        top = upper.topk(first + 1, dim=1)
-        ids = top.indices[:, :first]
-        logits = exact_batch(x, ids)
-        certified = (logits.float().max(dim=1).values > top.values[:, first] + slack).tolist()
-        for b, done in enumerate(certified):
+        ids, logits, certified = _first_round(x, upper, slack, exact_batch, first)
+        for b, done in enumerate(certified.tolist()):
             if done:
                 lists[b] = Shortlist(ids[b], logits[b], False)
     for b in range(x.shape[0]):
