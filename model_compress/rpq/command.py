@@ -166,30 +166,16 @@ def rpq(
     finetuning = FinetuneSettings(steps=steps, lr=finetune_lr, seed=seed)
     torch_dtype = parse_dtype(dtype)
     quiet_transformers()
+    options = dict(calibration=calibration, finetuning=finetuning, dtype=torch_dtype, force=force, allow_pickle=allow_pickle,
+                   stream=stream, resume=resume, head_index=head_index, workers=workers)
     if not workers.leader:  # the leader speaks for all and writes the output; the others work quietly
-        compress_rpq(model, output, settings, calibration=calibration, finetuning=finetuning, dtype=torch_dtype, force=force,
-                     allow_pickle=allow_pickle, stream=stream, head_index=head_index, workers=workers)
+        compress_rpq(model, output, settings, **options)
         return
     with progress_bars() as progress:
         status = LoadingStatus(progress)
         observer = RichConversionProgress(progress)
-        run = compress_rpq(
-            model,
-            output,
-            settings,
-            calibration=calibration,
-            finetuning=finetuning,
-            dtype=torch_dtype,
-            force=force,
-            allow_pickle=allow_pickle,
-            stream=stream,
-            resume=resume,
-            observer=observer,
-            on_loading=status.started, on_loaded=status.finished,
-            on_finetune_step=observer.finetune_step,
-            head_index=head_index,
-            workers=workers,
-        )
+        run = compress_rpq(model, output, settings, observer=observer, on_loading=status.started, on_loaded=status.finished,
+                           on_finetune_step=observer.finetune_step, **options)
     from .summary import table_rows, totals_lines
 
     print_table_and_lines("RPQ conversion", *table_rows(run.summary), totals_lines(run.summary))

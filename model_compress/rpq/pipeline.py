@@ -98,7 +98,7 @@ def compress_rpq(
     that GPU where it has room (the rest in host memory): ``.to()`` the returned model before running it elsewhere.
     ``workers``: the processes the conversion is spread over (``core.workers``; every one of them calls this): they
     share the calibration, the fitting and the fine-tuning's windows; the leader alone indexes the head and writes the
-    output, and the others return their model (the same) with ``output`` None.
+    output, and the others return their model (the leader's, to float rounding) with ``output`` None.
     """
     workers = workers or Workers()
     if workers.spread and resume:
@@ -144,9 +144,8 @@ def compress_rpq(
         if teacher is not None:
             report = finetune(network, windows.fit, windows.held_out, teacher, finetuning, settings.device, on_finetune_step,
                               workers)
-        if not workers.leader:
-            return _converted_only(network, settings, conversion, source)
-        certified = calibrated_index(network, windows.fit, settings.device) if head_index and windows is not None else None
+        indexed = head_index and windows is not None and workers.leader  # the leader indexes the head and writes
+        certified = calibrated_index(network, windows.fit, settings.device) if indexed else None
         summary = summarize(
             conversion.outcomes,
             model_params=params,
@@ -161,22 +160,12 @@ def compress_rpq(
         )
         config = _config_section(conversion, settings, finetuning if report else None, source, network)
         attach_quantizer(network, config)
-        if out is not None:
+        if out is not None and workers.leader:
             write_folder_atomically(out, force, lambda tmp: _write(tmp, network, tokenizer, config, summary, conversion, certified))
             if store is not None:
                 store.remove()
     apply_fusions(network)  # as the loader does: the model returned runs as the saved one loads
-    return RPQRun(network, config, summary, source, out, conversion, report, certified)
-
-
-def _converted_only(network: nn.Module, settings: RPQSettings, conversion: Conversion, source: ModelSource) -> RPQRun:
-    """What a process other than the leader returns: its model (the leader's, to float rounding), without the figures
-    the leader reports."""
-    summary = summarize(conversion.outcomes, model_params=model_params(network), original_bytes=0,
-                        compressed_bytes=model_bytes(network), seconds=0.0, budget_bits=None if settings.fixed else settings.budget,
-                        calibration=conversion.calibration, finetune=None, input_file_bytes=disk_bytes(source),
-                        input_form=stored_form(source))
-    return RPQRun(network, _config_section(conversion, settings, None, source, network), summary, source, None, conversion, None)
+    return RPQRun(network, config, summary, source, out if workers.leader else None, conversion, report, certified)
 
 
 @contextlib.contextmanager
