@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
-# a conversion's longest stretch without a collective (a fine-tuning run on the leader, the output's write) may take
-# hours on a large model; torch.distributed's default of 10 minutes would end it
+# the others wait in a collective while one process works alone (the Fisher pass, a large embedding's fit), which may
+# take hours on a large model; torch.distributed's default of 10 minutes would end the run
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=12)
 
 
@@ -72,10 +72,6 @@ class Workers:
         holder = [value if self.rank == source else None]
         dist.broadcast_object_list(holder, src=source)
         return holder[0]
-
-    def barrier(self) -> None:
-        if self.spread:
-            dist.barrier()
 
 
 def from_launcher(environ: Mapping[str, str] = os.environ, device: str = "cpu") -> Workers:

@@ -2,7 +2,7 @@
 and handed to all, so that every process holds the same model after each block, as one process alone would.
 
 Each process runs its share of the calibration batches through a block; ``summed`` adds the second moments up
-across processes, so every process sees the statistics of all the batches. ``spread`` then gives each work item
+across processes, so every process sees the statistics of all the batches. ``Spread`` then gives each work item
 (a group of layers sharing an input, an embedding table) to one process, which computes it; its result is sent to
 all (on the host: a tensor pickled on one GPU would come back on that GPU's number elsewhere). Items that do not
 depend on each other (the groups of one block) are computed first, each process its own, and handed over after.
