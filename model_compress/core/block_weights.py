@@ -12,14 +12,11 @@ blocks the GPU could not keep: a 13B-class model converted at 4.5 bits is 7.3 GB
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
-
 import torch
 from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
+from .host_heap import return_freed_memory
 from .shards import SafetensorsCheckpoint
 
 META = torch.device("meta")
@@ -126,24 +123,6 @@ def kept_home(device: torch.device, free_and_total: tuple[int, int] | None = Non
         return torch.device("cpu")
     free, total = free_and_total if free_and_total is not None else torch.cuda.mem_get_info(device)
     return device if free >= KEEP_FREE * total else torch.device("cpu")
-
-
-def return_freed_memory() -> None:
-    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``). Without it a block's weights,
-    freed after each block, leave about half their size behind in fragmented heap pages, and a streamed
-    conversion's memory grows with the number of blocks; elsewhere (no glibc) nothing happens."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    except OSError:
-        return None
 
 
 def _stored_name(name: str, prefix: str, checkpoint: SafetensorsCheckpoint) -> str | None:

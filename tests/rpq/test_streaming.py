@@ -90,9 +90,8 @@ def test_streamed_memory_does_not_grow_with_the_number_of_blocks(tmp_path):
     of 12 blocks of 40 MB: the 320 MB of extra blocks add no more than a quarter of their size; loaded whole, the
     12-block conversion holds most of its checkpoint more than streamed (the control that shows the test can fail).
     At block ends, not the peak: the fitting's transients inside a block (several hundred MB here, whatever the
-    depth) vary by 100 MB and more between runs. A cap on the address space (RLIMIT_AS) would not measure this
-    either: torch reserves far more address space than it uses. ``benchmarks/rpq/streamed_memory.py`` measures the
-    peaks."""
+    depth) vary by 100 MB and more between runs. The next test caps the peak of private memory (RLIMIT_DATA);
+    ``benchmarks/rpq/streamed_memory.py`` measures the resident peaks."""
     text = tmp_path / "text.txt"
     text.write_text(ENGLISH * 4)
     growth, stored = {}, {}
@@ -111,6 +110,52 @@ def test_streamed_memory_does_not_grow_with_the_number_of_blocks(tmp_path):
     assert stored[12] - stored[4] > 300e6
     assert growth[12, "1"] - growth[4, "1"] < 0.25 * (stored[12] - stored[4]), (growth, stored)
     assert growth[12, "0"] - growth[12, "1"] > 0.6 * stored[12], (growth, stored)
+
+
+CAPPED_BYTES = 1200 << 20  # the private memory a streamed conversion may hold: below the 1.6 GB checkpoint below
+
+
+@pytest.mark.slow
+def test_a_streamed_conversion_runs_with_its_private_memory_capped_below_its_checkpoints_size(tmp_path):
+    """``compress rpq`` of a 1.6 GB checkpoint (30 blocks of 55 MB, float32) in a process whose private memory (heap and
+    anonymous mappings: RLIMIT_DATA) is capped at 1.2 GB: streamed, it completes and its output loads; loaded whole
+    (``--no-stream``), the same command under the same cap stops with one line (the control that shows the cap
+    binds; without ``host_heap.map_large_allocations`` the streamed run stops too, at its eighth block). RLIMIT_DATA
+    (heap, anonymous and private file mappings: the shard being read counts) rather than RLIMIT_AS: the address
+    space also counts torch's 580 MB of shared libraries."""
+    import resource
+
+    config = tiny_config("llama")
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 1024, 3072, 30
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 16, 16, 64
+    torch.manual_seed(0)
+    source = tmp_path / "source"
+    transformers.LlamaForCausalLM(config).save_pretrained(source, max_shard_size="100MB")
+    tiny_tokenizer("llama").save_pretrained(source)
+    stored = sum(path.stat().st_size for path in source.glob("*.safetensors"))
+    assert stored > CAPPED_BYTES * 1.3
+    text = tmp_path / "text.txt"
+    text.write_text(ENGLISH * 4)
+
+    def capped(*stream: str) -> subprocess.CompletedProcess:
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_DATA, (CAPPED_BYTES, CAPPED_BYTES))
+
+        out = tmp_path / f"out{''.join(stream)}"
+        return subprocess.run([sys.executable, "-m", "model_compress.cli.app", "rpq", str(source), "-o", str(out), "--calib", str(text),
+                               "--calib-tokens", "256", "--calib-seq-len", "64", "--codebooks", "64", "--codebook-size", "16",
+                               "--rounds", "1", *stream], preexec_fn=limit, capture_output=True, text=True)
+
+    whole = capped("--no-stream")
+    assert whole.returncode != 0 and "Traceback" not in whole.stderr + whole.stdout
+    streamed = capped()
+    assert streamed.returncode == 0, streamed.stdout[-2000:] + streamed.stderr[-2000:]
+    from model_compress import load
+
+    model = load(tmp_path / "out")
+    assert type(model.model.layers[29].mlp.down_proj).__name__.startswith("RPQ")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
 
 
 def test_a_converted_block_stays_on_its_gpu_only_while_a_quarter_of_it_stays_free():
