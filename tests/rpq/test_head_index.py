@@ -199,6 +199,10 @@ def test_a_head_answering_from_fixed_shortlists_gives_full_width_logits_and_coun
         assert logits.shape == (2, 5, config.vocab_size) and (torch.isfinite(logits).sum(-1) == 1).all()
         positions, uncertified = head.fixed_counts()
         assert positions == 10 and uncertified > 0
+    head._fixed_counts.clear()
+    with torch.inference_mode():  # counts first made inside inference mode are still read and reset outside it
+        model(prompt)
+    assert head.fixed_counts() == (10, uncertified) and head.fixed_counts() == (0, 0)
 
 
 def test_an_index_built_chunk_by_chunk_equals_one_built_whole(monkeypatch):

@@ -142,6 +142,23 @@ def test_a_budget_rotates_every_layer_and_the_checkpoint_rebuilds_r_bit_for_bit(
         torch.testing.assert_close(loaded(ids).logits, run.model(ids).logits, rtol=0, atol=0)
 
 
+def test_a_rotated_checkpoint_loaded_and_run_under_inference_mode_gives_the_same_logits(rotated_checkpoint):
+    """Moved to its device inside torch.inference_mode (``.to("cuda")`` there copies every tensor: ``_apply(clone)``
+    does the same on a CPU), its buffers are inference tensors, which keep no version counter: the unpacked signs
+    are still kept, and the model runs inside and outside inference mode."""
+    out, _ = rotated_checkpoint
+    ids = torch.randint(0, 300, (2, 9))
+    loaded = model_compress.load(out, dtype=torch.float32)
+    with torch.no_grad():
+        want = loaded(ids).logits
+    with torch.inference_mode():
+        loaded._apply(torch.clone)
+        assert all(buffer.is_inference() for buffer in loaded.buffers())
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=0, atol=0)
+
+
 def test_a_checkpoint_loaded_with_decoded_weights_gives_the_same_logits(rotated_checkpoint):
     """load(decode_weights=True): every layer multiplies a float16 copy of its decoded weight, kept beside the codes."""
     out, _ = rotated_checkpoint

@@ -62,8 +62,9 @@ class CertifiedForward:
         ids, exact, certified = fixed_shortlists(rows, self.placed(rows.device), self.exact_batch,
                                                  self.fixed_rows or FIXED_ROWS, bias)
         counts = self._fixed_counts.get(rows.device)
-        if counts is None:
-            counts = self._fixed_counts[rows.device] = torch.zeros(2, dtype=torch.long, device=rows.device)
+        if counts is None:  # a normal tensor even under inference_mode: fixed_counts() resets it outside it
+            with torch.inference_mode(False):
+                counts = self._fixed_counts[rows.device] = torch.zeros(2, dtype=torch.long, device=rows.device)
         counts[0] += rows.shape[0]
         counts[1] += (~certified).sum()
         logits = torch.full((rows.shape[0], self.index.vocab), float("-inf"), device=rows.device, dtype=rows.dtype)

@@ -142,7 +142,9 @@ class _Codes:
         packed = self.rotation_signs
         if torch.compiler.is_compiling():  # traced: plain ops on the buffer, which the compiler folds
             return rotation.unpack_signs(packed).to(dtype)
-        buffer_key = (packed.data_ptr(), packed.device, packed._version)
+        # an inference tensor (the model moved or loaded under torch.inference_mode) keeps no version counter; it
+        # cannot be changed in place outside inference mode, and a .to() or a load gives it a new address anyway
+        buffer_key = (packed.data_ptr(), packed.device, None if packed.is_inference() else packed._version)
         state = self.__dict__.get("_signs")
         if state is None or state[0] != buffer_key:  # first use, or the buffer moved or changed: old copies are stale
             state = (buffer_key, {})
