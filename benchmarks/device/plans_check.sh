@@ -6,7 +6,7 @@
 #   mkdir -p .device/plans && cp .device/evalA/*.whl .device/plans/ && cp OUT/tokenizer.json OUT/tokenizer_config.json .device/plans/
 # (OUT: any `compress rpq` output of the default model). TESTS=0 skips the tests, HEAD_INDEX=0 the head index's
 # speed (benchmarks/rpq/head_index_speed.py), PRODUCT=0 the product run,
-# HOST_OVERHEAD=0 host_overhead.py, HEAD_500K=0 the synthetic 500k-row head (head_index_500k.py), EVAL=0 the product's eval, HEAD_GRAPHED=0 the graphed decode with a head index (head_index_graphed.py), HOST_PROFILE=0 the cProfile of eager generate (host_profile.py), PLANS_OFF=0 its second eval with every call routed afresh (MODEL_COMPRESS_LAUNCH_PLANS=0); RPQ_ARGS and
+# HOST_OVERHEAD=0 host_overhead.py, HEAD_500K=0 the synthetic 500k-row head (head_index_500k.py), EVAL=0 the product's eval, HEAD_GRAPHED=0 the graphed decode with a head index (head_index_graphed.py), HOST_PROFILE=0 the cProfile of eager generate (host_profile.py), ONLY_TESTS a list of tests run instead of the usual ones, HEAD_500K_ARGS passes on to head_index_500k.py, PLANS_OFF=0 its second eval with every call routed afresh (MODEL_COMPRESS_LAUNCH_PLANS=0); RPQ_ARGS and
 # EVAL_ARGS pass on.
 set -uo pipefail
 OUT=${OUT:-/tmp/plans-check}
@@ -14,7 +14,10 @@ mkdir -p "$OUT" /tmp/site
 export PYTHONPATH="$PWD:$PWD/benchmarks:$PWD/benchmarks/rpq:/tmp/site" PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .device/plans/*.whl
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
-if [ "${TESTS:-1}" = 1 ]; then
+if [ -n "${ONLY_TESTS:-}" ]; then  # these tests instead of the list below
+  timeout "${TEST_SECONDS:-240}" python3 -m pytest -q --tb=short -rfE -p no:cacheprovider $ONLY_TESTS > "$OUT/gpu_tests.log" 2>&1
+  tail -8 "$OUT/gpu_tests.log"
+elif [ "${TESTS:-1}" = 1 ]; then
   timeout "${TEST_SECONDS:-240}" python3 -m pytest -q --tb=short -rfE -p no:cacheprovider -n 4 tests/rpq/test_launch_plans.py \
     tests/rpq/test_packed_groups.py tests/rpq/test_state_placement.py \
     "tests/rpq/test_packed_kernels.py::test_a_direct_launch_skips_the_jit_after_its_first_call_and_computes_the_same" \
@@ -28,7 +31,7 @@ fi
 [ "${HOST_OVERHEAD:-1}" = 1 ] && python3 benchmarks/rpq/host_overhead.py --json "$OUT/host_overhead.json" 2>&1 | tee "$OUT/host_overhead.log"
 [ "${HEAD_INDEX:-1}" = 1 ] && timeout 120 python3 benchmarks/rpq/head_index_speed.py --json "$OUT/head_index_speed.json" 2>&1 | tee "$OUT/head_index_speed.log"
 if [ "${PRODUCT:-1}" != 1 ]; then
-  [ "${HEAD_500K:-1}" = 1 ] && timeout 200 python3 benchmarks/rpq/head_index_500k.py --json "$OUT/head_index_500k.json" 2>&1 | tee "$OUT/head_index_500k.log"
+  [ "${HEAD_500K:-1}" = 1 ] && timeout 200 python3 benchmarks/rpq/head_index_500k.py --json "$OUT/head_index_500k.json" ${HEAD_500K_ARGS:-} 2>&1 | tee "$OUT/head_index_500k.log"
   exit 0
 fi
 python3 - <<'PY'
@@ -64,4 +67,4 @@ if [ "${PLANS_OFF:-1}" = 1 ]; then
   cp /tmp/rand-out/eval_plans_off.json "$OUT/rand_eval_plans_off.json" 2>/dev/null
 fi
 # the synthetic 500k-row head (last: the product's figures come first)
-[ "${HEAD_500K:-1}" = 1 ] && timeout 200 python3 benchmarks/rpq/head_index_500k.py --json "$OUT/head_index_500k.json" 2>&1 | tee "$OUT/head_index_500k.log"
+[ "${HEAD_500K:-1}" = 1 ] && timeout 200 python3 benchmarks/rpq/head_index_500k.py --json "$OUT/head_index_500k.json" ${HEAD_500K_ARGS:-} 2>&1 | tee "$OUT/head_index_500k.log"
