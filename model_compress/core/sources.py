@@ -234,18 +234,16 @@ def load_config(source: ModelSource) -> transformers.PretrainedConfig:
             raise UserError(f"cannot load '{source.label}': {first_line(error)}") from None
 
 
-def empty_model(config: transformers.PretrainedConfig, dtype: torch.dtype | None = None, buffers: bool = True) -> nn.Module:
+def empty_model(config: transformers.PretrainedConfig, dtype: torch.dtype | None = None) -> nn.Module:
     """The model's modules on the meta device (accelerate's init_empty_weights): its layer names, types,
     shapes and dtype (``dtype``, else the checkpoint's, else float32 as a GGUF loads), in no memory, for
-    the checks that must come before the weights load. ``buffers`` False: the buffers on the meta device too, and
-    nothing allocated at all (with them real, accelerate allocates each parameter before moving it to meta, which
-    leaves the host heap fragmented: 930 MB for a 1.6 GB model); checks that read only names and shapes want that."""
+    the checks that must come before the weights load."""
     from accelerate import init_empty_weights
 
     saved = getattr(config, "dtype", None)
     dtype = dtype or DTYPES.get(str(saved).removeprefix("torch.")) or torch.float32
     cls = model_class(config)
-    with init_empty_weights(include_buffers=not buffers):
+    with init_empty_weights():
         build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
         model = build(config, dtype=dtype)
     return model.eval()

@@ -114,7 +114,7 @@ def compress_rpq(
         raise UserError("--head-index fits the index on the hidden states of calibration text: drop --calib none")
     text = calibration_text(calibration.text) if calibration.enabled else None
     source = resolve_source(model)
-    planned_layers(empty_model(load_config(source), dtype, buffers=False), settings)  # from the config alone, before the weights load
+    planned_layers(empty_model(load_config(source), dtype), settings)  # from the config alone: before the weights load
     if on_loading is not None:
         on_loading(source)
     opened = open_model(source, dtype, allow_pickle, stream)
