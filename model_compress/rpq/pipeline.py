@@ -17,6 +17,7 @@ from ..core.checkpoint import CARD_FILE, MAX_SHARD_SIZE, REPORT_FILE, check_outp
 from ..core.text import Text, calibration_text
 from ..core.errors import UserError
 from ..core.sources import ModelSource, context_length, disk_bytes, empty_model, load_config, resolve_source, stored_form
+from ..core.host_heap import map_large_allocations
 from ..core.streamed_load import open_model
 from ..core.workers import Workers
 from .fit.defaults import CALIBRATION_TOKENS, CALIBRATION_WINDOW, FINETUNE_STEPS, for_device
@@ -114,6 +115,8 @@ def compress_rpq(
         raise UserError("--head-index fits the index on the hidden states of calibration text: drop --calib none")
     text = calibration_text(calibration.text) if calibration.enabled else None
     source = resolve_source(model)
+    if stream and not source.gguf_file:  # a run that may stream: large allocations mapped before the first empty build
+        map_large_allocations()  # (core/host_heap.py says why)
     planned_layers(empty_model(load_config(source), dtype), settings)  # from the config alone: before the weights load
     if on_loading is not None:
         on_loading(source)
