@@ -23,19 +23,20 @@ def return_freed_memory() -> None:
     """Hand the heap's free pages back to the system (``malloc_trim``). Without it a block's weights, freed after
     each block, leave about half their size behind in fragmented heap pages."""
     libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
+    if libc is not None:
         libc.malloc_trim(0)
 
 
 def map_large_allocations(threshold: int = MAPPED_FROM) -> None:
     """From now on, allocations of ``threshold`` bytes or more are mapped on their own (and the threshold stays)."""
     libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
+    if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, threshold)
 
 
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """glibc, where this process has it (with both calls used here); None elsewhere."""
     name = ctypes.util.find_library("c")
     if not name:
         return None

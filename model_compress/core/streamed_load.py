@@ -17,7 +17,6 @@ from torch import nn
 
 from .block_weights import BlockWeights, StreamedWeights
 from .errors import UserError
-from .host_heap import map_large_allocations
 from .shards import SafetensorsCheckpoint, open_checkpoint, refuse_pickle
 from .sources import DTYPES, ModelSource, empty_model, hub_access, load_config, load_model, load_tokenizer
 
@@ -44,7 +43,6 @@ def open_model(source: ModelSource, dtype: torch.dtype | None, allow_pickle: boo
         refuse_pickle(folder, allow_pickle)
     checkpoint = open_checkpoint(folder) if folder is not None and stream else None  # every shard checked, before any work
     if checkpoint is not None:
-        map_large_allocations()  # the empty model's build and every block's reads would otherwise fragment the heap
         config = load_config(source)
         model = empty_model(config, dtype or _stored_dtype(config, checkpoint))
         weights = StreamedWeights.match(model, checkpoint)

@@ -115,8 +115,8 @@ def compress_rpq(
         raise UserError("--head-index fits the index on the hidden states of calibration text: drop --calib none")
     text = calibration_text(calibration.text) if calibration.enabled else None
     source = resolve_source(model)
-    if stream and not source.gguf_file:  # a run that may stream: large allocations mapped before the first empty build
-        map_large_allocations()  # (core/host_heap.py says why)
+    if stream and not source.gguf_file:  # a run that may stream: large allocations mapped from the first empty build
+        map_large_allocations()  # on, this check's included (core/host_heap.py says why)
     planned_layers(empty_model(load_config(source), dtype), settings)  # from the config alone: before the weights load
     if on_loading is not None:
         on_loading(source)
