@@ -1,8 +1,9 @@
 """One packed RPQ Linear (the formats the bit budget picks) against the dense cuBLAS layer and torch's int4
 weight-only matmul, on the GPU, per token count; ``--sweep`` searches the tiles of ``config/packed_routes.py``,
-``--nibble-sweep`` those of the byte-permute kernels for 4-bit codes (``NIBBLE_ROUTES``).
+``--nibble-sweep`` those of the byte-permute kernels for 4-bit codes (``NIBBLE_ROUTES``), ``--prompt-sweep`` only
+the prompt kernel's tiles against decode + cuBLAS at 128, 512 and 2,048 tokens.
 
-    python benchmarks/rpq/packed_kernels.py [--sweep] [--nibble-sweep] [--json FILE]
+    python benchmarks/rpq/packed_kernels.py [--sweep] [--nibble-sweep] [--prompt-sweep] [--json FILE]
 
 Shapes: SmolLM2-135M's (576->576, 576->192, 576->1536, 1536->576) and Llama-2-7B's (4096->4096, 4096->11008,
 11008->4096). Formats: one table of 16 int8 values per output row (4-bit codes, what the default budget picks most),
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from rpq_kernels import copy_bandwidth, graph_us, launch_floor_us
 
 from model_compress.rpq.kernels import packed, packed_forward, rotation
+from model_compress.rpq.kernels.config import options
 from model_compress.rpq.kernels.config.packed_routes import NIBBLE_ROUTES, PACKED_ROUTES, PackedTile, packed_tile
 from model_compress.rpq.kernels.layout import code_bits, pack_codes
 
@@ -59,9 +61,16 @@ class PackedLayers:
     def input(self, tokens: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
         return torch.randn(tokens, self.shape[0], device="cuda", dtype=dtype)
 
-    def routed_us(self, tokens: int) -> float:
+    def routed_us(self, tokens: int, **changes) -> float:
+        """The routed call; ``changes`` to the RPQ options (for example ``fused_prompts=False``) while it is captured."""
         x = self.input(tokens)
-        return graph_us([lambda c=c: packed_forward.linear(x, *c, None, self.bits, self.shape[0]) for c in self.copies])
+        with options.using(**changes):
+            return graph_us([lambda c=c: packed_forward.linear(x, *c, None, self.bits, self.shape[0]) for c in self.copies])
+
+    def prompt_us(self, tokens: int, tile: PackedTile) -> float:
+        """fp16 prompt tokens through the tensor-core prompt kernel on ``tile``."""
+        x = self.input(tokens)
+        return graph_us([lambda c=c: packed.nibble_prompt_linear(x, *c, None, self.bits, self.shape[0], tile) for c in self.copies])
 
     def nibble_us(self, tokens: int, tile: PackedTile) -> float:
         """fp16 tokens through the byte-permute kernels (4- or 5-bit codes, 16- or 32-entry int8 tables) on ``tile``."""
@@ -145,9 +154,36 @@ NIBBLE_CANDIDATES = {
 }
 
 
-# Prompts on the byte-permute tensor-core kernel instead of decode + cuBLAS: each M tile decodes W' again.
-PROMPT_TILES = [PackedTile(64, 64, 128, num_warps=4, max_split=1), PackedTile(128, 64, 128, num_warps=8, max_split=1),
-                PackedTile(128, 128, 64, num_warps=8, max_split=1), PackedTile(256, 64, 64, num_warps=8, max_split=1)]
+# Prompts on tensor cores with W' looked up as the left operand (``packed/nibble_prompts.py``) against decode + cuBLAS.
+PROMPT_TILES = [PackedTile(m, n, k, num_warps=w, num_stages=st, max_split=1, programs_per_sm=1)
+                for m, n, k, w, st in ((128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (256, 128, 64, 8, 3),
+                                       (128, 128, 128, 8, 2), (128, 256, 64, 8, 3), (256, 64, 64, 8, 3), (64, 64, 128, 4, 3))]
+PROMPT_TOKENS = (128, 512, 2048)
+
+
+def prompt_sweep(layers: dict) -> dict:
+    """Per format and token count: dense, the decode + cuBLAS route and every prompt tile, on every shape; the tile
+    with the lowest mean time ratio to dense over the shapes."""
+    shapes = SMALL_SHAPES + LARGE_SHAPES
+    found = {}
+    for name in BYTE_PERMUTE_FORMATS:
+        for tokens in PROMPT_TOKENS:
+            dense = [dense_us(shape, tokens) for shape in shapes]
+            decoded = [layers[(shape, name)].routed_us(tokens, fused_prompts=False) / d for shape, d in zip(shapes, dense)]
+            scores = []
+            for tile in PROMPT_TILES:
+                ratios = [layers[(shape, name)].prompt_us(tokens, tile) / d for shape, d in zip(shapes, dense)]
+                scores.append((statistics.mean(ratios), tile, ratios))
+                print(f"  prompts {name} t={tokens} {tile.describe()}: mean ratio to dense {scores[-1][0]:.3f} "
+                      f"({' '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+            best = min(scores, key=lambda s: s[0])
+            print(f"prompts {name} t={tokens}: decode + cuBLAS {statistics.mean(decoded):.3f} of dense "
+                  f"({' '.join(f'{r:.2f}' for r in decoded)}); best tile {best[1].describe()} {best[0]:.3f} "
+                  f"({' '.join(f'{r:.2f}' for r in best[2])})", flush=True)
+            found[f"{name} t={tokens}"] = {"dense_us": dict(zip(map(str, shapes), dense)), "decode_cublas_ratios": decoded,
+                                           "best_tile": best[1].__dict__, "best_ratios": best[2],
+                                           "all": [(tile.__dict__, ratios) for _, tile, ratios in scores]}
+    return found
 
 
 def nibble_sweep(layers: dict, dense: dict) -> dict:
@@ -175,6 +211,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="search the tiles per token bucket first")
     parser.add_argument("--nibble-sweep", action="store_true", help="search the one-token byte-permute kernel's tiles first")
+    parser.add_argument("--prompt-sweep", action="store_true",
+                        help="only the prompt route: decode + cuBLAS against the tensor-core prompt kernel's tiles")
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS, help="token counts to time (default: all)")
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args()
@@ -184,6 +222,13 @@ def main() -> None:
               "launch_floor_us": launch_floor_us(), "routes": [(t, tile.__dict__) for t, tile in PACKED_ROUTES], "rows": []}
     print(f"{device.name}: copy bandwidth {bandwidth / 1e9:.0f} GB/s, launch floor {report['launch_floor_us']:.2f} us", flush=True)
     shapes = SMALL_SHAPES + LARGE_SHAPES
+    if args.prompt_sweep:
+        layers = {(shape, name): PackedLayers(*shape, *FORMATS[name]) for shape in shapes for name in BYTE_PERMUTE_FORMATS}
+        report["prompt_sweep"] = prompt_sweep(layers)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(report, handle, indent=1)
+        return
     tokens_timed = sorted(set(args.tokens) | ({1, 16, 64} if args.sweep or args.nibble_sweep else set()))
     dense = {(shape, tokens): dense_us(shape, tokens) for shape in shapes for tokens in tokens_timed}
     layers = {(shape, name): PackedLayers(*shape, *FORMATS[name]) for shape in shapes for name in FORMATS}
@@ -208,15 +253,15 @@ def main() -> None:
                 if tokens <= 64 and name in BYTE_PERMUTE_FORMATS:  # the byte-permute route against the general kernels
                     row["route"] = "byte-permute " + packed_tile(tokens, NIBBLE_ROUTES).describe()
                     row["general_us"] = layer.tile_us(tokens, packed_tile(tokens))
-                elif name == "D1 K16 int8":  # prompts: byte-permute decode + cuBLAS (routed) against tensor-core tiles
-                    row["route"] = "byte-permute decode + cuBLAS"
-                    row["tensor_core_tiles_us"] = {tile.describe(): layer.nibble_us(tokens, tile) for tile in PROMPT_TILES}
+                elif name in BYTE_PERMUTE_FORMATS:  # prompts: the routed call against decode + cuBLAS
+                    row["route"] = "prompts"
+                    row["decode_cublas_us"] = layer.routed_us(tokens, fused_prompts=False)
                 report["rows"].append(row)
                 extra = f" int4 {int4:8.1f} us ({int4 / us:4.2f}x)" if isinstance(int4, float) else (f" int4 {int4}" if int4 else "")
                 print(f"{shape[0]:>5}->{shape[1]:<5} t={tokens:<4} {name:13} dense {row['dense_us']:8.1f} us  rpq {us:8.1f} us "
                       f"({row['speedup_vs_dense']:4.2f}x dense, {row['bandwidth_fraction']:4.0%} of copy bw)  rotation {rotate:5.1f} us{extra}"
                       + (f"  general kernel {row['general_us']:6.1f} us" if "general_us" in row else "")
-                      + "".join(f"  {tile} {us:6.1f} us" for tile, us in row.get("tensor_core_tiles_us", {}).items()),
+                      + (f"  decode + cuBLAS {row['decode_cublas_us']:6.1f} us" if "decode_cublas_us" in row else ""),
                       flush=True)
     if args.json:
         with open(args.json, "w") as handle:

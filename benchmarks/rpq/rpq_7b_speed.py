@@ -10,7 +10,8 @@ device call yet). Every Linear of the decoder and the untied head becomes one ``
 output row with int8 values (16: 4-bit codes, what the default budget picks most), rotated in blocks of 64 with
 the fusions a loaded checkpoint gets (the pre-norm writes x R, the SiLU gate too); the embedding stays dense
 (a lookup). The int4 baseline (``_weight_int4pack_mm``, groups of 128) runs in bfloat16, which it needs.
-Graphed decode: ``model_compress.eval.graph_decode``, 32 steps, median of 3 blocks.
+Graphed decode: ``model_compress.eval.graph_decode``, 32 steps, median of 3 blocks. RPQ prefill is also timed with the
+``fused_prompts`` option off (W' decoded for cuBLAS), the prompt route the tensor-core prompt kernel replaced.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 from model_compress.eval.graph_decode import graphed_decode
 from model_compress.rpq.fusions import apply_fusions
 from model_compress.rpq.kernels import packed_forward
+from model_compress.rpq.kernels.config import options
 from model_compress.rpq.kernels.layout import code_bits, pack_codes
 from model_compress.rpq.kernels.rotation import random_signs
 from model_compress.rpq.layers.modules import RPQLinear
@@ -111,6 +113,9 @@ def measure(model: nn.Module, name: str, vocab: int, device: str, smoke: bool) -
             logits = model(torch.randint(0, vocab, (1, 8))).logits
         return {"variant": name, "finite": bool(torch.isfinite(logits).all())}
     figures = {"variant": name, "prefill_512_ms": prefill_ms(model, 512, vocab, device)}
+    if any(isinstance(module, RPQLinear) for module in model.modules()):  # the prompt route of record before, beside
+        with options.using(fused_prompts=False):
+            figures["prefill_512_ms_decode_cublas"] = prefill_ms(model, 512, vocab, device)
     for batch in (1, 16):
         prompt = torch.randint(0, vocab, (batch, 32), device=device)
         graphed = graphed_decode(model, prompt, steps=32, repeats=3)
@@ -158,6 +163,8 @@ def main() -> None:
                 row[key.replace("_tok_s", "_ratio")] = row[key] / base[key]
         if row.get("prefill_512_ms") and base.get("prefill_512_ms"):
             row["prefill_ratio"] = row["prefill_512_ms"] / base["prefill_512_ms"]
+        if row.get("prefill_512_ms_decode_cublas") and base.get("prefill_512_ms"):
+            row["prefill_ratio_decode_cublas"] = row["prefill_512_ms_decode_cublas"] / base["prefill_512_ms"]
     print(json.dumps(results, indent=1))
     if args.json:
         with open(args.json, "w") as handle:

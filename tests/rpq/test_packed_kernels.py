@@ -12,7 +12,8 @@ import torch
 
 from model_compress.rpq.kernels import packed_forward, rotation
 from model_compress.rpq.kernels.config.norm_spec import LAYER_NORM, RMS_NORM
-from model_compress.rpq.kernels.config.packed_routes import PACKED_ROUTES, PackedTile
+from model_compress.rpq.kernels.config import options
+from model_compress.rpq.kernels.config.packed_routes import NIBBLE_PROMPT_TILE, PACKED_ROUTES, PackedTile
 from model_compress.rpq.kernels.layout import EMBEDDING, code_bits, decode, pack_codes, unpack_codes
 from model_compress.rpq.layers.modules import RPQEmbedding, RPQLinear, RPQTiedHead
 
@@ -87,7 +88,7 @@ def test_nibble_kernels_match_reference_on_every_tile(in_features, out_features,
     would overflow fp16."""
     bits = code_bits(size)
     codes, codebooks, row_scales, bias = packed_layer(in_features, out_features, 1, size, "int8", seed=in_features)
-    for tokens in (1, 3, 16, 40, 100):  # 100: W' decoded by the byte-permute kernel, then cuBLAS
+    for tokens in (1, 3, 16, 40, 100):  # 100: the prompt route
         for scale in (1.0, 400.0):  # |x| up to ~1600: eight products summed in fp16 stay finite; the outputs too
             x = torch.randn(tokens, in_features, device=CUDA, dtype=torch.float16) * scale
             scales = (row_scales / scale).half()
@@ -101,6 +102,38 @@ def test_nibble_kernels_match_reference_on_every_tile(in_features, out_features,
                     assert rel_error(out, ref) < BOUNDS[torch.float16], (tile.describe(), tokens, scale)
     no_bias = packed.nibble_linear(x, codes, codebooks, scales, None, bits, in_features, NIBBLE_TILES[-1], 132)
     assert rel_error(no_bias + bias.half(), ref) < BOUNDS[torch.float16]
+
+
+PROMPT_TILES = [NIBBLE_PROMPT_TILE, PackedTile(64, 64, 64, num_warps=4), PackedTile(128, 64, 128, num_warps=8, num_stages=2),
+                PackedTile(256, 128, 64, num_warps=8)]
+
+
+@pytest.mark.parametrize("size", [16, 32])
+@pytest.mark.parametrize("in_features,out_features", [(576, 576), (4096, 100), (1536, 1000), (32, 7), (96, 130)])
+def test_the_prompt_kernel_matches_the_reference_on_every_tile_and_against_the_decode_route(in_features, out_features, size):
+    """Prompts on tensor cores with W' looked up as the left operand: routed and on each tile, token counts that fill
+    and do not fill a tile, a strided view of a wider buffer as x, with and without a bias, activations large enough
+    that a wrong scaling would overflow fp16; and the same output as decode + cuBLAS within fp16 rounding."""
+    bits = code_bits(size)
+    codes, codebooks, row_scales, bias = packed_layer(in_features, out_features, 1, size, "int8", seed=out_features)
+    for tokens in (65, 128, 300):
+        for scale in (1.0, 400.0):
+            wide = torch.randn(tokens, in_features + 32, device=CUDA, dtype=torch.float16) * scale
+            for x in (wide[:, :in_features].contiguous(), wide[:, 32:]):
+                scales = (row_scales / scale).half()
+                ref = packed_forward.linear_reference(x.float(), codes, codebooks, scales, bias.float(), bits, in_features)
+                for fused in (True, False):
+                    with options.using(fused_prompts=fused):
+                        out = packed_forward.linear(x, codes, codebooks, scales, bias.half(), bits, in_features)
+                    assert torch.isfinite(out).all() and rel_error(out, ref) < BOUNDS[torch.float16], (fused, tokens, scale)
+                for tile in PROMPT_TILES:
+                    for with_bias in (True, False):
+                        plan = packed.nibble_prompt_plan(x, codes, codebooks, scales, bias.half() if with_bias else None, bits,
+                                                         in_features, tile)
+                        for _ in range(2):  # the second call is a kept plan's direct launch
+                            out = plan(x)
+                            expected = ref if with_bias else ref - bias.float()
+                            assert rel_error(out, expected) < BOUNDS[torch.float16], (tile.describe(), tokens, scale, with_bias)
 
 
 @pytest.mark.parametrize("size", [16, 32])

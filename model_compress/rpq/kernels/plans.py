@@ -38,8 +38,9 @@ def usable() -> bool:
 
 def input_signature(x: Tensor) -> tuple:
     """What a plan depends on in its input: shape, strides, dtype, device, pointer alignment (Triton specialises on
-    16-byte alignment), and whether the Triton kernels are switched on."""
-    return x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16, options.current().triton
+    16-byte alignment), and the options that change a route (Triton on, prompts fused)."""
+    current = options.current()
+    return x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16, current.triton, current.fused_prompts
 
 
 class LaunchPlans:

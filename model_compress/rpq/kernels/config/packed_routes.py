@@ -59,6 +59,10 @@ NIBBLE_ROUTES: tuple[tuple[int, PackedTile], ...] = (
     (16, PackedTile(16, 64, 128, num_warps=4, num_stages=2, max_split=16, programs_per_sm=4)),
     (64, PackedTile(64, 64, 128, num_warps=4, num_stages=2, max_split=16, programs_per_sm=4)),
 )
+# Prompts (more tokens than NIBBLE_ROUTES' last bound) through the same formats: on tensor cores with W' looked up in
+# registers as the product's left operand (``packed/nibble_prompts.py``) on this tile, where the ``fused_prompts`` option
+# is on; else W' decoded into a temporary for cuBLAS. block_m counts tokens, block_n rows, block_k codes.
+NIBBLE_PROMPT_TILE = PackedTile(128, 128, 64, num_warps=8, num_stages=3, max_split=1, programs_per_sm=1)
 # A tied head over a packed table decodes its rows in registers for up to HEAD_FUSED_TOKENS tokens (``packed/head.py``),
 # else decodes its table in chunks of at most HEAD_CHUNK_BYTES and calls cuBLAS (a chunk is alive only during its
 # product). On an H100 (benchmarks/rpq/head_route.py) decode + cuBLAS was the faster at every token count, 1 to 64,
