@@ -2,21 +2,26 @@
 # One GPU call for the prompt route: the prompt kernel's CUDA tests (and any in MORE_TESTS), the prompt tiles against
 # decode + cuBLAS on one layer (packed_kernels.py --prompt-sweep), then the 7B-class model (rpq_7b_speed.py:
 # prefill with the prompt kernel and with decode + cuBLAS, graphed decode). Carry .device/plans (the wheels the image
-# lacks; plans_check.sh's header says how it is made). SWEEP=0 / SEVEN_B=0 skip a step; SWEEP_ARGS, SEVEN_B_ARGS pass on.
+# lacks; plans_check.sh's header says how it is made). TESTS=0 / SWEEP=0 / SEVEN_B=0 skip a step, ASM=1
+# adds benchmarks/experiments/prompt_kernel_asm.py; SWEEP_ARGS, SEVEN_B_ARGS pass on.
 set -uo pipefail
 OUT=${OUT:-/tmp/prompt-check}
 mkdir -p "$OUT" /tmp/site
 export PYTHONPATH="$PWD:$PWD/benchmarks:$PWD/benchmarks/rpq:/tmp/site" PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .device/plans/*.whl
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
-timeout "${TEST_SECONDS:-150}" python3 -m pytest -q --tb=short -rfE -p no:cacheprovider -n 4 \
+[ "${TESTS:-1}" = 1 ] && timeout "${TEST_SECONDS:-150}" python3 -m pytest -q --tb=short -rfE -p no:cacheprovider -n 4 \
   "tests/rpq/test_packed_kernels.py::test_the_prompt_kernel_matches_the_reference_on_every_tile_and_against_the_decode_route" \
   "tests/rpq/test_packed_kernels.py::test_nibble_kernels_match_reference_on_every_tile" \
   "tests/rpq/test_packed_kernels.py::test_rpq_modules_on_packed_kernels_match_their_dense_weights" \
-  ${MORE_TESTS:-} > "$OUT/gpu_tests.log" 2>&1
-tail -6 "$OUT/gpu_tests.log"
-[ "${SWEEP:-1}" = 1 ] && timeout "${SWEEP_SECONDS:-200}" python3 benchmarks/rpq/packed_kernels.py --prompt-sweep --json "$OUT/prompt_sweep.json" ${SWEEP_ARGS:-} \
-  > "$OUT/prompt_sweep.log" 2>&1; grep -v "^  prompts" "$OUT/prompt_sweep.log" | tail -12
-[ "${SEVEN_B:-1}" = 1 ] && timeout "${SEVEN_B_SECONDS:-240}" python3 benchmarks/rpq/rpq_7b_speed.py --json "$OUT/rpq_7b_speed.json" ${SEVEN_B_ARGS:-} \
-  > "$OUT/rpq_7b_speed.log" 2>&1; grep "^{" "$OUT/rpq_7b_speed.log" | cut -c1-400
+  ${MORE_TESTS:-} > "$OUT/gpu_tests.log" 2>&1 && tail -6 "$OUT/gpu_tests.log"
+[ "${ASM:-0}" = 1 ] && timeout 120 python3 benchmarks/experiments/prompt_kernel_asm.py --json "$OUT/prompt_kernel_asm.json" 2>&1 | tail -16
+if [ "${SWEEP:-1}" = 1 ]; then
+  timeout "${SWEEP_SECONDS:-200}" python3 benchmarks/rpq/packed_kernels.py --prompt-sweep --json "$OUT/prompt_sweep.json" ${SWEEP_ARGS:-} \
+    > "$OUT/prompt_sweep.log" 2>&1; grep -v "^  prompts" "$OUT/prompt_sweep.log" | tail -12
+fi
+if [ "${SEVEN_B:-1}" = 1 ]; then
+  timeout "${SEVEN_B_SECONDS:-240}" python3 benchmarks/rpq/rpq_7b_speed.py --json "$OUT/rpq_7b_speed.json" ${SEVEN_B_ARGS:-} \
+    > "$OUT/rpq_7b_speed.log" 2>&1; grep "^{" "$OUT/rpq_7b_speed.log" | cut -c1-700
+fi
 exit 0

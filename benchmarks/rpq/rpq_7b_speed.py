@@ -11,7 +11,8 @@ output row with int8 values (16: 4-bit codes, what the default budget picks most
 the fusions a loaded checkpoint gets (the pre-norm writes x R, the SiLU gate too); the embedding stays dense
 (a lookup). The int4 baseline (``_weight_int4pack_mm``, groups of 128) runs in bfloat16, which it needs.
 Graphed decode: ``model_compress.eval.graph_decode``, 32 steps, median of 3 blocks. RPQ prefill is also timed with the
-``fused_prompts`` option off (W' decoded for cuBLAS), the prompt route the tensor-core prompt kernel replaced.
+``fused_prompts`` option off (W' decoded for cuBLAS), the prompt route the tensor-core prompt kernel replaced. Prefill is timed eager (wall time of
+``model(prompt)``, which a slow host stretches) and, at 512 and 2,048 tokens, replayed from a CUDA graph (device time).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ LLAMA_2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads
                   vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
 SMOKE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4, vocab_size=512,
              max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)
+PREFILL_GRAPHED = (512, 2048)  # prompt lengths whose prefill is also timed as device time (a CUDA graph)
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -107,15 +109,45 @@ def prefill_ms(model: nn.Module, tokens: int, vocab: int, device: str) -> float:
     return statistics.median(times[1:])
 
 
+def graphed_prefill_ms(model: nn.Module, tokens: int, vocab: int, device: str) -> float:
+    """Device time of one prefill (no cache) replayed from a CUDA graph: what the GPU spends, whatever the host's speed."""
+    prompt = torch.randint(0, vocab, (1, tokens), device=device)
+    with torch.inference_mode():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(prompt, use_cache=False)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(prompt, use_cache=False)
+        times = []
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    del graph
+    torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
 def measure(model: nn.Module, name: str, vocab: int, device: str, smoke: bool) -> dict:
     if smoke:  # the CPU: one forward, to check that the variant builds and runs
         with torch.inference_mode():
             logits = model(torch.randint(0, vocab, (1, 8))).logits
         return {"variant": name, "finite": bool(torch.isfinite(logits).all())}
     figures = {"variant": name, "prefill_512_ms": prefill_ms(model, 512, vocab, device)}
+    for tokens in PREFILL_GRAPHED:
+        figures[f"prefill_{tokens}_graphed_ms"] = graphed_prefill_ms(model, tokens, vocab, device)
     if any(isinstance(module, RPQLinear) for module in model.modules()):  # the prompt route of record before, beside
         with options.using(fused_prompts=False):
             figures["prefill_512_ms_decode_cublas"] = prefill_ms(model, 512, vocab, device)
+            for tokens in PREFILL_GRAPHED:
+                figures[f"prefill_{tokens}_graphed_ms_decode_cublas"] = graphed_prefill_ms(model, tokens, vocab, device)
     for batch in (1, 16):
         prompt = torch.randint(0, vocab, (batch, 32), device=device)
         graphed = graphed_decode(model, prompt, steps=32, repeats=3)
@@ -161,10 +193,10 @@ def main() -> None:
         for key in ("graph_decode_b1_tok_s", "graph_decode_b16_tok_s"):
             if row.get(key) and base.get(key):
                 row[key.replace("_tok_s", "_ratio")] = row[key] / base[key]
-        if row.get("prefill_512_ms") and base.get("prefill_512_ms"):
-            row["prefill_ratio"] = row["prefill_512_ms"] / base["prefill_512_ms"]
-        if row.get("prefill_512_ms_decode_cublas") and base.get("prefill_512_ms"):
-            row["prefill_ratio_decode_cublas"] = row["prefill_512_ms_decode_cublas"] / base["prefill_512_ms"]
+        for key in [k for k in row if k.startswith("prefill_") and k.endswith(("_ms", "_ms_decode_cublas"))]:
+            base_key = key.replace("_decode_cublas", "")
+            if row.get(key) and base.get(base_key):
+                row[key.replace("_ms", "_ratio")] = row[key] / base[base_key]
     print(json.dumps(results, indent=1))
     if args.json:
         with open(args.json, "w") as handle:
