@@ -6,7 +6,7 @@
 #   mkdir -p .device/plans && cp .device/evalA/*.whl .device/plans/ && cp OUT/tokenizer.json OUT/tokenizer_config.json .device/plans/
 # (OUT: any `compress rpq` output of the default model). TESTS=0 skips the tests, HEAD_INDEX=0 the head index's
 # speed (benchmarks/rpq/head_index_speed.py), PRODUCT=0 the product run,
-# HOST_OVERHEAD=0 host_overhead.py, HEAD_500K=0 the synthetic 500k-row head (head_index_500k.py), EVAL=0 the product's eval, HEAD_GRAPHED=0 the graphed decode with a head index (head_index_graphed.py), HOST_PROFILE=0 the cProfile of eager generate (host_profile.py), ONLY_TESTS a list of tests run instead of the usual ones, HEAD_500K_ARGS passes on to head_index_500k.py, PLANS_OFF=0 its second eval with every call routed afresh (MODEL_COMPRESS_LAUNCH_PLANS=0); RPQ_ARGS and
+# HOST_OVERHEAD=0 host_overhead.py, HEAD_500K=0 the synthetic 500k-row head (head_index_500k.py), EVAL=0 the product's eval, HEAD_GRAPHED=0 the graphed decode with a head index (head_index_graphed.py), HOST_PROFILE=0 the cProfile of eager generate (host_profile.py), PREFILL_PROFILE=0 the prefill's kernels and launches (prefill_profile.py), ONLY_TESTS a list of tests run instead of the usual ones, HEAD_500K_ARGS passes on to head_index_500k.py, PLANS_OFF=0 its second eval with every call routed afresh (MODEL_COMPRESS_LAUNCH_PLANS=0); RPQ_ARGS and
 # EVAL_ARGS pass on.
 set -uo pipefail
 OUT=${OUT:-/tmp/plans-check}
@@ -55,6 +55,11 @@ cp /tmp/rand-out/eval_report.json "$OUT/rand_eval.json" 2>/dev/null; cp /tmp/ran
 if [ "${HOST_PROFILE:-1}" = 1 ]; then
   timeout 120 python3 benchmarks/rpq/host_profile.py /tmp/rand-out --source /tmp/rand-smol --tokens 48 --top 40 --out "$OUT" \
     > "$OUT/host_profile.log" 2>&1; grep "^==" "$OUT/host_profile.log"
+fi
+# where an eager prefill's time goes, original vs compressed, prompt kernel on and off (benchmarks/rpq/prefill_profile.py)
+if [ "${PREFILL_PROFILE:-1}" = 1 ]; then
+  timeout 200 python3 benchmarks/rpq/prefill_profile.py /tmp/rand-out --source /tmp/rand-smol --json "$OUT/prefill_profile.json" \
+    > "$OUT/prefill_profile.log" 2>&1; grep "^==" "$OUT/prefill_profile.log"
 fi
 # whole-model graphed decode with the head answering from an index built here, against the model's own head
 if [ "${HEAD_GRAPHED:-1}" = 1 ]; then

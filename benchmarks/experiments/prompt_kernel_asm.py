@@ -20,12 +20,12 @@ import triton.language as tl
 from rpq_kernels import graph_us
 
 from model_compress.rpq.kernels import packed
-from model_compress.rpq.kernels.config.packed_routes import NIBBLE_PROMPT_TILE, PackedTile
+from model_compress.rpq.kernels.config.packed_routes import PackedTile
 from model_compress.rpq.kernels.layout import pack_codes
 from model_compress.rpq.kernels.packed.nibble_prompts import _nibble_prompt_kernel
 
 SHAPES = [(4096, 11008), (11008, 4096)]
-TILES = [NIBBLE_PROMPT_TILE, PackedTile(128, 64, 64, num_warps=4, num_stages=3), PackedTile(128, 128, 64, num_warps=4, num_stages=3),
+TILES = [PackedTile(128, 128, 64, num_warps=8, num_stages=3), PackedTile(128, 64, 64, num_warps=4, num_stages=3), PackedTile(128, 128, 64, num_warps=4, num_stages=3),
          PackedTile(128, 256, 64, num_warps=8, num_stages=3)]
 
 

@@ -92,3 +92,17 @@ def test_every_format_a_budget_offers_has_a_packed_kernel(shape, layout):
     candidates = budget_candidates(shape, layout, ("int8", "float16"), 1.0, 9.0)
     assert candidates
     assert all(serves(code_bits(f.codebook_size)) and f.codebook_dtype in ("int8", "float16") for f in candidates)
+
+
+def test_prompts_take_the_one_launch_kernel_up_to_its_bounds_and_decode_for_cublas_beyond():
+    """The prompt route's rule (config/packed_routes.py): the one-launch prompt kernel up to NIBBLE_PROMPT_MAX_TOKENS
+    tokens whatever the layer, beyond that only while the layer's product is small; each tile covers its bucket."""
+    from model_compress.rpq.kernels.config.packed_routes import (NIBBLE_PROMPT_MAX_MACS, NIBBLE_PROMPT_MAX_TOKENS,
+                                                                 NIBBLE_PROMPT_ROUTES, nibble_prompt_tile)
+
+    assert nibble_prompt_tile(65, 4096, 11008) == NIBBLE_PROMPT_ROUTES[0][1]
+    assert nibble_prompt_tile(NIBBLE_PROMPT_MAX_TOKENS, 11008, 4096) == NIBBLE_PROMPT_ROUTES[1][1]
+    assert nibble_prompt_tile(NIBBLE_PROMPT_MAX_TOKENS + 1, 4096, 11008) is None  # a 7B-class layer: decode + cuBLAS
+    assert nibble_prompt_tile(2048, 576, 1536) is not None  # SmolLM2's MLP at 2,048 tokens: 1.8e9 multiply-adds
+    assert 2048 * 576 * 1536 <= NIBBLE_PROMPT_MAX_MACS < 4096 * 4096 * 2048
+    assert nibble_prompt_tile(8192, 576, 1536) is None

@@ -13,7 +13,7 @@ import torch
 from model_compress.rpq.kernels import packed_forward, rotation
 from model_compress.rpq.kernels.config.norm_spec import LAYER_NORM, RMS_NORM
 from model_compress.rpq.kernels.config import options
-from model_compress.rpq.kernels.config.packed_routes import NIBBLE_PROMPT_TILE, PACKED_ROUTES, PackedTile
+from model_compress.rpq.kernels.config.packed_routes import NIBBLE_PROMPT_ROUTES, PACKED_ROUTES, PackedTile
 from model_compress.rpq.kernels.layout import EMBEDDING, code_bits, decode, pack_codes, unpack_codes
 from model_compress.rpq.layers.modules import RPQEmbedding, RPQLinear, RPQTiedHead
 
@@ -104,13 +104,14 @@ def test_nibble_kernels_match_reference_on_every_tile(in_features, out_features,
     assert rel_error(no_bias + bias.half(), ref) < BOUNDS[torch.float16]
 
 
-PROMPT_TILES = [NIBBLE_PROMPT_TILE, PackedTile(64, 64, 64, num_warps=4), PackedTile(128, 64, 128, num_warps=8, num_stages=2),
+PROMPT_TILES = [tile for _, tile in NIBBLE_PROMPT_ROUTES] + [PackedTile(64, 64, 64, num_warps=4), PackedTile(128, 64, 128, num_warps=8, num_stages=2),
                 PackedTile(256, 128, 64, num_warps=8)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("size", [16, 32])
 @pytest.mark.parametrize("in_features,out_features", [(576, 576), (4096, 100), (1536, 1000), (32, 7), (96, 130)])
-def test_the_prompt_kernel_matches_the_reference_on_every_tile_and_against_the_decode_route(in_features, out_features, size):
+def test_the_prompt_kernel_matches_the_reference_on_every_tile_and_against_the_decode_route(in_features, out_features, size, dtype):
     """Prompts on tensor cores with W' looked up as the left operand: routed and on each tile, token counts that fill
     and do not fill a tile, a strided view of a wider buffer as x, with and without a bias, activations large enough
     that a wrong scaling would overflow fp16; and the same output as decode + cuBLAS within fp16 rounding."""
@@ -118,22 +119,23 @@ def test_the_prompt_kernel_matches_the_reference_on_every_tile_and_against_the_d
     codes, codebooks, row_scales, bias = packed_layer(in_features, out_features, 1, size, "int8", seed=out_features)
     for tokens in (65, 128, 300):
         for scale in (1.0, 400.0):
-            wide = torch.randn(tokens, in_features + 32, device=CUDA, dtype=torch.float16) * scale
+            wide = torch.randn(tokens, in_features + 32, device=CUDA, dtype=dtype) * scale
             for x in (wide[:, :in_features].contiguous(), wide[:, 32:]):
-                scales = (row_scales / scale).half()
+                scales = (row_scales / scale).to(dtype)
                 ref = packed_forward.linear_reference(x.float(), codes, codebooks, scales, bias.float(), bits, in_features)
+                assert packed.nibble_prompt_serves(x, codes, codebooks, scales, bits, in_features)
                 for fused in (True, False):
                     with options.using(fused_prompts=fused):
-                        out = packed_forward.linear(x, codes, codebooks, scales, bias.half(), bits, in_features)
-                    assert torch.isfinite(out).all() and rel_error(out, ref) < BOUNDS[torch.float16], (fused, tokens, scale)
+                        out = packed_forward.linear(x, codes, codebooks, scales, bias.to(dtype), bits, in_features)
+                    assert out.dtype == dtype and torch.isfinite(out).all() and rel_error(out, ref) < BOUNDS[dtype], (fused, tokens, scale)
                 for tile in PROMPT_TILES:
                     for with_bias in (True, False):
-                        plan = packed.nibble_prompt_plan(x, codes, codebooks, scales, bias.half() if with_bias else None, bits,
+                        plan = packed.nibble_prompt_plan(x, codes, codebooks, scales, bias.to(dtype) if with_bias else None, bits,
                                                          in_features, tile)
                         for _ in range(2):  # the second call is a kept plan's direct launch
                             out = plan(x)
                             expected = ref if with_bias else ref - bias.float()
-                            assert rel_error(out, expected) < BOUNDS[torch.float16], (tile.describe(), tokens, scale, with_bias)
+                            assert rel_error(out, expected) < BOUNDS[dtype], (tile.describe(), tokens, scale, with_bias)
 
 
 @pytest.mark.parametrize("size", [16, 32])

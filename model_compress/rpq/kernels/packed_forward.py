@@ -18,8 +18,8 @@ from torch import Tensor
 from . import forward as torch_forms
 from . import rotation
 from .config import options
-from .config.packed_routes import (HEAD_CHUNK_BYTES, HEAD_FUSED_TOKENS, NIBBLE_GROUPS, NIBBLE_PROMPT_TILE, NIBBLE_ROUTED_BITS,
-                                   NIBBLE_ROUTES, packed_tile)
+from .config.packed_routes import (HEAD_CHUNK_BYTES, HEAD_FUSED_TOKENS, NIBBLE_GROUPS, NIBBLE_ROUTED_BITS, NIBBLE_ROUTES,
+                                   nibble_prompt_tile, packed_tile)
 from .layout import LINEAR, codebook_values, decode as decode_dense, unpack_codes
 
 
@@ -121,8 +121,9 @@ def linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | No
                                           packed_tile(tokens, NIBBLE_ROUTES), sms)
     if tile is not None:
         return kernels.packed_linear_plan(x, codes, codebooks, scales, bias, bits, in_features, tile, sms)
-    if nibbles and options.current().fused_prompts and kernels.nibble_serves(x, codes, codebooks, scales, bits, in_features):
-        return kernels.nibble_prompt_plan(x, codes, codebooks, scales, bias, bits, in_features, NIBBLE_PROMPT_TILE)
+    prompt_tile = nibble_prompt_tile(tokens, in_features, codebooks.shape[0]) if options.current().fused_prompts else None
+    if nibbles and prompt_tile is not None and kernels.nibble_prompt_serves(x, codes, codebooks, scales, bits, in_features):
+        return kernels.nibble_prompt_plan(x, codes, codebooks, scales, bias, bits, in_features, prompt_tile)
     if nibbles and kernels.nibble_decode_serves(codes, codebooks, scales, bits, in_features):
         weight = kernels.nibble_decode_plan(codes, codebooks, scales, bits, in_features, x.dtype)
     else:

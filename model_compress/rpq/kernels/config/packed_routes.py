@@ -59,10 +59,33 @@ NIBBLE_ROUTES: tuple[tuple[int, PackedTile], ...] = (
     (16, PackedTile(16, 64, 128, num_warps=4, num_stages=2, max_split=16, programs_per_sm=4)),
     (64, PackedTile(64, 64, 128, num_warps=4, num_stages=2, max_split=16, programs_per_sm=4)),
 )
-# Prompts (more tokens than NIBBLE_ROUTES' last bound) through the same formats: on tensor cores with W' looked up in
-# registers as the product's left operand (``packed/nibble_prompts.py``) on this tile, where the ``fused_prompts`` option
-# is on; else W' decoded into a temporary for cuBLAS. block_m counts tokens, block_n rows, block_k codes.
-NIBBLE_PROMPT_TILE = PackedTile(128, 128, 64, num_warps=8, num_stages=3, max_split=1, programs_per_sm=1)
+# Prompts (more tokens than NIBBLE_ROUTES' last bound) through the same formats, fp16 or bf16: on tensor cores with W'
+# looked up in registers as the product's left operand (``packed/nibble_prompts.py``, one launch), or W' decoded into a
+# temporary for cuBLAS (two launches and a temporary of the layer's size). Measured on an H100 (benchmarks/RESULTS.md):
+# the prompt kernel takes more device time than decode + cuBLAS (2.1-2.6x the dense layer's time against 1.3-1.8x,
+# averaged over SmolLM2's and Llama-2-7B's shapes at 128-2,048 tokens; faster only on the 7B shapes at 128 tokens),
+# but a launch less per layer, and an eager prefill of a small model waits on launches, not on kernels (SmolLM2's
+# shapes, 512 tokens: 19.1 ms with the prompt kernel, 25.9 ms with decode + cuBLAS, of which 3-5 ms on the GPU).
+# Hence the prompt kernel up to NIBBLE_PROMPT_MAX_TOKENS tokens, and beyond while the layer's product stays under
+# NIBBLE_PROMPT_MAX_MACS multiply-adds (a small layer, whose extra device time is below a launch's host time); decode
+# + cuBLAS for the rest. The ``fused_prompts`` option off sends every prompt to decode + cuBLAS.
+NIBBLE_PROMPT_MAX_TOKENS = 512
+NIBBLE_PROMPT_MAX_MACS = 1 << 31
+# (largest token count, tile) for the prompt kernel: block_m counts tokens, block_n rows, block_k codes; the lowest mean
+# time ratio to dense over the seven shapes in ``packed_kernels.py --prompt-sweep`` (16- and 32-entry tables).
+NIBBLE_PROMPT_ROUTES: tuple[tuple[int, PackedTile], ...] = (
+    (128, PackedTile(64, 64, 128, num_warps=4, num_stages=3, max_split=1, programs_per_sm=1)),
+    (1 << 62, PackedTile(128, 64, 64, num_warps=4, num_stages=3, max_split=1, programs_per_sm=1)),
+)
+
+
+def nibble_prompt_tile(tokens: int, in_features: int, out_features: int) -> PackedTile | None:
+    """The prompt kernel's tile for ``tokens`` tokens through an in -> out layer, or None: decode W' for cuBLAS."""
+    if tokens > NIBBLE_PROMPT_MAX_TOKENS and tokens * in_features * out_features > NIBBLE_PROMPT_MAX_MACS:
+        return None
+    return packed_tile(tokens, NIBBLE_PROMPT_ROUTES)
+
+
 # A tied head over a packed table decodes its rows in registers for up to HEAD_FUSED_TOKENS tokens (``packed/head.py``),
 # else decodes its table in chunks of at most HEAD_CHUNK_BYTES and calls cuBLAS (a chunk is alive only during its
 # product). On an H100 (benchmarks/rpq/head_route.py) decode + cuBLAS was the faster at every token count, 1 to 64,

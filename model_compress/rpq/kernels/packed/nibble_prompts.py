@@ -1,4 +1,4 @@
-"""Prompts (many fp16 tokens) through 4- or 5-bit codes and one int8 table per output row, on tensor cores, without
+"""Prompts (many fp16 or bf16 tokens) through 4- or 5-bit codes and one int8 table per output row, on tensor cores, without
 writing W' anywhere: out^T = W' x^T with W' looked up in registers.
 
 Why a kernel of its own: the route of record for prompts decodes W' whole into an fp16 temporary and calls cuBLAS.
@@ -25,7 +25,7 @@ from torch import Tensor
 from ..config.packed_routes import PackedTile
 from ..launch.direct_launch import DirectLaunch
 from ..triton.common import _cdiv, _rows
-from .nibble_tables import _code_rows, _row_tables, _values
+from .nibble_tables import _code_rows, _row_tables, _values, nibble_decode_serves
 
 
 @triton.jit
@@ -63,7 +63,8 @@ def _nibble_prompt_kernel(
         mask_w = offs_w < words_per_row
         words = tl.load(nibbles + offs_w[None, :], mask=mask_n[:, None] & mask_w[None, :], other=0)
         top = tl.load(tops + offs_w[None, :], mask=mask_n[:, None] & mask_w[None, :], other=0).to(tl.int32) if BITS == 5 else words
-        w = _values(words, top, t0, t1, t2, t3, t4, t5, t6, t7, BITS)  # (BLOCK_N, 8 BLOCK_W) fp16, v / 128
+        # (BLOCK_N, 8 BLOCK_W) values v / 128, exact in fp16 and in bf16 (8 significant bits at most)
+        w = _values(words, top, t0, t1, t2, t3, t4, t5, t6, t7, BITS).to(x_ptr.dtype.element_ty)
         offs_k = step * 8 + tl.arange(0, BLOCK_W * 8)
         x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < words_per_row * 8)[None, :], other=0.0)
         acc = tl.dot(w, tl.trans(x), acc)
@@ -74,9 +75,14 @@ def _nibble_prompt_kernel(
     tl.store(targets, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
 
+def nibble_prompt_serves(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, in_features: int) -> bool:
+    """Whether ``nibble_prompt_plan`` computes this call: fp16 or bf16 tokens through ``nibble_decode_serves``'s formats."""
+    return x.dtype in (torch.float16, torch.bfloat16) and nibble_decode_serves(codes, codebooks, scales, bits, in_features)
+
+
 def nibble_prompt_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None, bits: int,
                        in_features: int, tile: PackedTile) -> Callable[[Tensor], Tensor]:
-    """x W'^T + b (``nibble_serves``'s formats) for inputs shaped, strided and aligned like ``x``, on ``tile``
+    """x W'^T + b (``nibble_prompt_serves``) for inputs shaped, strided and aligned like ``x``, on ``tile``
     (``block_m`` tokens, ``block_n`` rows, ``block_k`` codes a step; no split of the inputs)."""
     out_features = codebooks.shape[0]
     rows = _rows(x, in_features)
