@@ -85,3 +85,21 @@ def test_constexprs_before_runtime_arguments_or_missing_ones_keep_the_jit(fake_d
     launch("a", 1)
     launch("b", 1)
     assert len(kernel.jit_calls) == 2 and kernel.direct_calls == [] and not launch.direct
+
+
+def test_a_launcher_that_needs_no_scratch_is_called_at_its_c_entry_point_with_its_launch_flags(fake_driver):
+    """Triton's Python launcher only allocates scratch buffers and passes two flags on: where the kernel needs no
+    scratch, later calls go to its C entry point directly, with the flags the wrapper would have passed."""
+    kernel = FakeKernel()
+    calls = []
+    wrapper = SimpleNamespace(launch=lambda *args: calls.append(args), global_scratch_size=0, profile_scratch_size=0,
+                              launch_cooperative_grid=False, launch_pdl=True)
+    kernel.compiled = SimpleNamespace(run=wrapper, function=1234, packed_metadata=(4, 1, 0))
+    launch = DirectLaunch(kernel, (3,), BLOCK=64)
+    launch("a", 5)
+    launch("b", 5)
+    assert calls == [(3, 1, 1, 99, 1234, False, True, None, None, (4, 1, 0), None, None, None, "b", 5, 64, 7)]
+    needs_scratch = SimpleNamespace(launch=lambda *args: calls.append(("bare",)), global_scratch_size=128, profile_scratch_size=0,
+                                    launch_cooperative_grid=False, launch_pdl=False)
+    assert direct_launch._bare_launcher(needs_scratch) is None
+    assert direct_launch._bare_launcher(lambda *args: None) is None

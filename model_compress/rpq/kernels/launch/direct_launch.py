@@ -90,8 +90,30 @@ def compiled_launcher(kernel: Any, compiled: Any, grid: tuple[int, ...], positio
     if function is None:
         return None
     grid_x, grid_y, grid_z = (*grid, 1, 1)[:3]
+    device = current_device()  # the plan's tensors live on the device its first call ran on
+    bare = _bare_launcher(run)
+    if bare is not None:
+        c_launch, cooperative, pdl = bare
+
+        def launch_bare(*args: Any) -> None:
+            c_launch(grid_x, grid_y, grid_z, current_stream(device), function, cooperative, pdl, None, None, metadata, None,
+                     None, None, *args, *tail)
+
+        return launch_bare
 
     def launch(*args: Any) -> None:
-        run(grid_x, grid_y, grid_z, current_stream(current_device()), function, metadata, None, None, None, *args, *tail)
+        run(grid_x, grid_y, grid_z, current_stream(device), function, metadata, None, None, None, *args, *tail)
 
     return launch
+
+
+def _bare_launcher(run: Any) -> tuple[Callable[..., None], Any, Any] | None:
+    """The compiled launcher's C entry point with its two launch flags, where the Python wrapper around it would only
+    pass them on: a kernel that needs no global or profiling scratch buffer (the wrapper allocates those per call).
+    None where the launcher is shaped otherwise (another Triton version), and the wrapper is called instead."""
+    try:
+        if run.global_scratch_size or run.profile_scratch_size:
+            return None
+        return run.launch, run.launch_cooperative_grid, run.launch_pdl
+    except AttributeError:
+        return None
