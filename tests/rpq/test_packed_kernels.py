@@ -80,28 +80,29 @@ NIBBLE_TILES = [PackedTile(1, 8, 512), PackedTile(1, 16, 256, max_split=8, progr
                 PackedTile(16, 64, 128, max_split=8, programs_per_sm=64), PackedTile(64, 64, 128, num_warps=8)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("size", [16, 32])
 @pytest.mark.parametrize("in_features,out_features", [(576, 576), (4096, 100), (1536, 1000), (32, 7)])
-def test_nibble_kernels_match_reference_on_every_tile(in_features, out_features, size):
-    """The byte-permute kernels (4- and 5-bit codes, 16- and 32-entry int8 row tables, fp16): routed and on each tile,
-    one token, several and a prompt, split-K included, uneven rows, activations large enough that a wrong scaling
-    would overflow fp16."""
+def test_nibble_kernels_match_reference_on_every_tile(in_features, out_features, size, dtype):
+    """The byte-permute kernels (4- and 5-bit codes, 16- and 32-entry int8 row tables, fp16 and bf16 tokens): routed and
+    on each tile, one token, several and a prompt, split-K included, uneven rows, activations large enough that a
+    wrong scaling would overflow fp16."""
     bits = code_bits(size)
     codes, codebooks, row_scales, bias = packed_layer(in_features, out_features, 1, size, "int8", seed=in_features)
     for tokens in (1, 3, 16, 40, 100):  # 100: the prompt route
         for scale in (1.0, 400.0):  # |x| up to ~1600: eight products summed in fp16 stay finite; the outputs too
-            x = torch.randn(tokens, in_features, device=CUDA, dtype=torch.float16) * scale
-            scales = (row_scales / scale).half()
+            x = torch.randn(tokens, in_features, device=CUDA, dtype=dtype) * scale
+            scales = (row_scales / scale).to(dtype)
             ref = packed_forward.linear_reference(x.float(), codes, codebooks, scales, bias.float(), bits, in_features)
             assert packed.nibble_serves(x, codes, codebooks, scales, bits, in_features)
-            out = packed_forward.linear(x, codes, codebooks, scales, bias.half(), bits, in_features)  # routed, or not yet
-            assert torch.isfinite(out).all() and rel_error(out, ref) < BOUNDS[torch.float16], ("routed", tokens, scale)
+            out = packed_forward.linear(x, codes, codebooks, scales, bias.to(dtype), bits, in_features)  # routed
+            assert out.dtype == dtype and torch.isfinite(out).all() and rel_error(out, ref) < BOUNDS[dtype], ("routed", tokens, scale)
             for tile in [t for t in NIBBLE_TILES if (t.block_m == 1) == (tokens == 1)]:
                 for _ in range(2):  # the split-K counters come back to 0
-                    out = packed.nibble_linear(x, codes, codebooks, scales, bias.half(), bits, in_features, tile, 132)
-                    assert rel_error(out, ref) < BOUNDS[torch.float16], (tile.describe(), tokens, scale)
+                    out = packed.nibble_linear(x, codes, codebooks, scales, bias.to(dtype), bits, in_features, tile, 132)
+                    assert rel_error(out, ref) < BOUNDS[dtype], (tile.describe(), tokens, scale)
     no_bias = packed.nibble_linear(x, codes, codebooks, scales, None, bits, in_features, NIBBLE_TILES[-1], 132)
-    assert rel_error(no_bias + bias.half(), ref) < BOUNDS[torch.float16]
+    assert rel_error(no_bias + bias.to(dtype), ref) < BOUNDS[dtype]
 
 
 PROMPT_TILES = [tile for _, tile in NIBBLE_PROMPT_ROUTES] + [PackedTile(64, 64, 64, num_warps=4), PackedTile(128, 64, 128, num_warps=8, num_stages=2),
@@ -151,13 +152,14 @@ def test_nibble_decoded_weight_is_the_reference_weight(dtype, size):
 
 @pytest.mark.parametrize("size", [16, 32])
 @pytest.mark.parametrize("outs,with_bias", [((576, 192, 192), False), ((1536, 1536), True), ((100, 37, 64), True)])
-def test_nibble_group_gemv_gives_each_member_its_reference_output(outs, with_bias, size):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_nibble_group_gemv_gives_each_member_its_reference_output(outs, with_bias, size, dtype):
     """Two or three layers on one token in one launch (q/k/v, gate/up): each output its layer's, split-K included."""
     bits, in_features = code_bits(size), 576
     layers = [packed_layer(in_features, out, 1, size, "int8", seed=i) for i, out in enumerate(outs)]
-    x = torch.randn(1, in_features, device=CUDA, dtype=torch.float16)
-    members = [(codes, codebooks, scales.half()) for codes, codebooks, scales, _ in layers]
-    bias = torch.cat([b.half() for *_, b in layers]) if with_bias else None
+    x = torch.randn(1, in_features, device=CUDA, dtype=dtype)
+    members = [(codes, codebooks, scales.to(dtype)) for codes, codebooks, scales, _ in layers]
+    bias = torch.cat([b.to(dtype) for *_, b in layers]) if with_bias else None
     refs = [packed_forward.linear_reference(x.float(), c, b, s, layer[3].float() if with_bias else None, bits, in_features)
             for (c, b, s), layer in zip(members, layers)]
     for tile in [t for t in NIBBLE_TILES if t.block_m == 1]:
@@ -165,7 +167,7 @@ def test_nibble_group_gemv_gives_each_member_its_reference_output(outs, with_bia
             outputs = packed.nibble_group_gemv(x, members, bias, bits, in_features, tile, 132)
             assert [o.shape[-1] for o in outputs] == list(outs)
             for out, ref in zip(outputs, refs):
-                assert rel_error(out, ref) < BOUNDS[torch.float16], tile.describe()
+                assert out.dtype == dtype and rel_error(out, ref) < BOUNDS[dtype], tile.describe()
 
 
 def test_a_model_with_grouped_siblings_on_cuda_gives_the_logits_it_gives_without(monkeypatch):
@@ -186,11 +188,11 @@ def test_a_model_with_grouped_siblings_on_cuda_gives_the_logits_it_gives_without
 
 
 def test_nibble_kernels_decline_what_they_cannot_read():
-    """A misaligned token, bf16, widths off whole 16-byte code vectors, 3- and 6-bit codes: the general kernels serve them."""
+    """A misaligned token, float32, widths off whole 16-byte code vectors, 3- and 6-bit codes: the general kernels serve them."""
     codes, codebooks, scales, bias = packed_layer(576, 64, 1, 16, "int8")
     x = torch.randn(1, 577, device=CUDA, dtype=torch.float16)
     assert not packed.nibble_serves(x[:, 1:], codes, codebooks, scales, 4, 576)
-    assert not packed.nibble_serves(x[:, :576].bfloat16(), codes, codebooks, scales, 4, 576)
+    assert not packed.nibble_serves(x[:, :576].float(), codes, codebooks, scales, 4, 576)
     odd = packed_layer(200, 64, 1, 16, "int8")
     assert not packed.nibble_serves(torch.randn(1, 200, device=CUDA, dtype=torch.float16), odd[0], odd[1], odd[2], 4, 200)
     for size in (8, 64):

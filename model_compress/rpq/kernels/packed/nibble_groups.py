@@ -51,6 +51,7 @@ def _nibble_group_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,
     SPLIT: tl.constexpr,
+    X_FP16: tl.constexpr,
 ):
     tile = tl.program_id(0)
     if tile < tiles_a:
@@ -63,7 +64,7 @@ def _nibble_group_gemv_kernel(
     offs_local = local * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_local < count
     sums = _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_local, mask_n, words_per_row, chunk_words, BITS,
-                     BLOCK_N, BLOCK_W)
+                     BLOCK_N, BLOCK_W, X_FP16)
     total = rows_a + rows_b + rows_c
     one = tl.arange(0, 1)
     _store_tile(sums[None, :], partial_ptr, counter_ptr, bias_ptr, out_ptr, one, first + offs_local, one < 1, mask_n, 1, total,
@@ -85,8 +86,8 @@ def nibble_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], b
     split, chunk = input_split(in_features, sum(tiles), tile, multiprocessors)
     counter = tile_counters(sum(tiles), device) if split > 1 else None
     launch = DirectLaunch(_nibble_group_gemv_kernel, (sum(tiles), 1, split), BITS=bits, HAS_BIAS=bias is not None,
-                          BLOCK_N=tile.block_n, BLOCK_W=tile.block_k // 8, SPLIT=split > 1, num_warps=tile.num_warps,
-                          num_stages=tile.num_stages)
+                          BLOCK_N=tile.block_n, BLOCK_W=tile.block_k // 8, SPLIT=split > 1, X_FP16=x.dtype == torch.float16,
+                          num_warps=tile.num_warps, num_stages=tile.num_stages)
     buffers = [t for member in padded for t in member]
     sizes = (*counts,)
 
@@ -102,6 +103,6 @@ def nibble_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], b
 
 def nibble_group_gemv(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], bias: Tensor | None, bits: int,
                       in_features: int, tile: PackedTile, multiprocessors: int) -> list[Tensor]:
-    """Each member's (codes, codebooks, scales) times one fp16 token x, all in one launch (``nibble_serves`` for each);
+    """Each member's (codes, codebooks, scales) times one fp16 or bf16 token x, all in one launch (``nibble_serves`` for each);
     ``bias``: the members' biases end to end, or None. Returns views of one output buffer, in the members' order."""
     return list(nibble_group_plan(x, members, bias, bits, in_features, tile, multiprocessors)(x))

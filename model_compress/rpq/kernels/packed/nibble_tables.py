@@ -1,5 +1,5 @@
 """Layers of 4- or 5-bit codes and one 16- or 32-entry int8 table per output row, with the table looked up in
-registers by byte permutes instead of loads: one fp16 token (a GEMV) and 2 to 64 on tensor cores (both behind
+registers by byte permutes instead of loads: one fp16 or bf16 token (a GEMV) and 2 to 64 on tensor cores (both behind
 ``nibble_linear``), and W' decoded into a temporary for cuBLAS on prompts (``nibble_decode_weight``, any float dtype).
 
 Why a kernel of its own: the general GEMV (``linear.py``) gathers each code's value with a load and converts it
@@ -166,15 +166,20 @@ def _values(words, top, t0, t1, t2, t3, t4, t5, t6, t7, BITS: tl.constexpr):
 
 @triton.jit
 def _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_n, mask_n, words_per_row, chunk_words, BITS: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-    """One token: rows ``offs_n`` of W' x over this program's slice of the inputs (grid axis 2), float32."""
+              BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, X_FP16: tl.constexpr):
+    """One token: rows ``offs_n`` of W' x over this program's slice of the inputs (grid axis 2), float32. fp16 tokens
+    multiply in fp16 pairs inside the lookup (``_times_x``); bf16 ones take the looked-up values to float32 and
+    multiply there (bf16 has no pair arithmetic that keeps the eight-product sum exact enough)."""
     words_per_row = tl.multiple_of(words_per_row, 4)  # nibble_serves: in_features % 32 == 0
     chunk_words = tl.multiple_of(chunk_words, BLOCK_W)  # input_split hands out whole BLOCK_K slices
     rows = tl.where(mask_n, offs_n, 0)
     t0, t1, t2, t3, t4, t5, t6, t7 = _row_tables(codebooks_ptr, rows, BITS)
     nibbles, tops = _code_rows(codes_ptr, rows, words_per_row, BITS)
     x_pairs = tl.multiple_of(x_ptr.to(tl.pointer_type(tl.int64)), 16)
-    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    if X_FP16:
+        acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_W * 8), dtype=tl.float32)
     w_begin = tl.program_id(2) * chunk_words
     w_end = tl.multiple_of(tl.minimum(w_begin + chunk_words, words_per_row), 4)  # masks whole 16-byte vectors
     for step in range(0, chunk_words, BLOCK_W):
@@ -183,9 +188,14 @@ def _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_n, mask_n, words
         mask = mask_n[:, None] & mask_w[None, :]
         words = tl.load(nibbles + offs_w[None, :], mask=mask, other=0)
         top = tl.load(tops + offs_w[None, :], mask=mask, other=0).to(tl.int32) if BITS == 5 else words
-        x_low = tl.load(x_pairs + 2 * offs_w, mask=mask_w, other=0)[None, :]
-        x_high = tl.load(x_pairs + 2 * offs_w + 1, mask=mask_w, other=0)[None, :]
-        acc += _times_x(words, top, t0, t1, t2, t3, t4, t5, t6, t7, x_low, x_high, BITS)
+        if X_FP16:
+            x_low = tl.load(x_pairs + 2 * offs_w, mask=mask_w, other=0)[None, :]
+            x_high = tl.load(x_pairs + 2 * offs_w + 1, mask=mask_w, other=0)[None, :]
+            acc += _times_x(words, top, t0, t1, t2, t3, t4, t5, t6, t7, x_low, x_high, BITS)
+        else:
+            offs_k = (w_begin + step) * 8 + tl.arange(0, BLOCK_W * 8)
+            x = tl.load(x_ptr + offs_k, mask=offs_k < w_end * 8, other=0.0).to(tl.float32)
+            acc += _values(words, top, t0, t1, t2, t3, t4, t5, t6, t7, BITS).to(tl.float32) * x[None, :]
     return tl.sum(acc, axis=1) * (tl.load(scales_ptr + rows, mask=mask_n, other=0.0).to(tl.float32) * 128.0)
 
 
@@ -208,11 +218,12 @@ def _nibble_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,
     SPLIT: tl.constexpr,
+    X_FP16: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # the grid is (tiles, 1, split), as _store_tile expects
     mask_n = offs_n < out_features
     sums = _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_n, mask_n, words_per_row, chunk_words, BITS, BLOCK_N,
-                     BLOCK_W)
+                     BLOCK_W, X_FP16)
     one = tl.arange(0, 1)
     _store_tile(sums[None, :], partial_ptr, counter_ptr, bias_ptr, out_ptr, one, offs_n, one < 1, mask_n, 1, out_features,
                 out_features, split_k, HAS_BIAS, SPLIT, 1, BLOCK_N)
@@ -256,7 +267,7 @@ def _nibble_linear_kernel(
         mask = mask_n[:, None] & (offs_w < w_end)[None, :]
         words = tl.load(nibbles + offs_w[None, :], mask=mask, other=0)
         top = tl.load(tops + offs_w[None, :], mask=mask, other=0).to(tl.int32) if BITS == 5 else words
-        w = _values(words, top, t0, t1, t2, t3, t4, t5, t6, t7, BITS)
+        w = _values(words, top, t0, t1, t2, t3, t4, t5, t6, t7, BITS).to(x_ptr.dtype.element_ty)  # v / 128: exact in bf16 too
         offs_k = (w_begin + step) * 8 + tl.arange(0, BLOCK_W * 8)
         x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & (offs_k < w_end * 8)[None, :],
                     other=0.0)
@@ -288,11 +299,11 @@ def _nibble_decode_kernel(codes_ptr, codebooks_ptr, scales_ptr, out_ptr, out_fea
 
 
 def nibble_serves(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, in_features: int) -> bool:
-    """Whether ``nibble_linear`` computes this call: fp16 tokens, 4- or 5-bit codes (the latter as planes), one 16- or
-    32-entry int8 table per output row with its scale, whole 16-byte vectors of code words (in_features a multiple of
-    32) and aligned buffers (one token reads x as 8-byte pairs, so its x is aligned too)."""
+    """Whether ``nibble_linear`` computes this call: fp16 or bf16 tokens, 4- or 5-bit codes (the latter as planes), one
+    16- or 32-entry int8 table per output row with its scale, whole 16-byte vectors of code words (in_features a
+    multiple of 32) and aligned buffers (one token reads x as 8-byte pairs, so its x is aligned too)."""
     return (
-        x.dtype == torch.float16 and nibble_decode_serves(codes, codebooks, scales, bits, in_features)
+        x.dtype in (torch.float16, torch.bfloat16) and nibble_decode_serves(codes, codebooks, scales, bits, in_features)
         and (x.numel() != in_features or (x.data_ptr() % 16 == 0 and x.stride(-1) == 1))
     )
 
@@ -353,7 +364,7 @@ def nibble_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tens
     constants = dict(BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=tile.block_n, BLOCK_W=block_w, SPLIT=split > 1,
                      num_warps=tile.num_warps, num_stages=tile.num_stages)
     if tokens == 1 and tile.block_m == 1:
-        gemv = DirectLaunch(_nibble_gemv_kernel, (tiles_n, 1, split), **constants)
+        gemv = DirectLaunch(_nibble_gemv_kernel, (tiles_n, 1, split), X_FP16=dtype == torch.float16, **constants)
 
         def run(x: Tensor) -> Tensor:
             out = torch.empty(out_shape, device=device, dtype=dtype)
