@@ -95,7 +95,7 @@ def test_nibble_kernels_match_reference_on_every_tile(in_features, out_features,
             scales = (row_scales / scale).to(dtype)
             ref = packed_forward.linear_reference(x.float(), codes, codebooks, scales, bias.float(), bits, in_features)
             assert packed.nibble_serves(x, codes, codebooks, scales, bits, in_features)
-            out = packed_forward.linear(x, codes, codebooks, scales, bias.to(dtype), bits, in_features)  # routed
+            out = packed_forward.linear(x, codes, codebooks, scales, bias.to(dtype), bits, in_features)  # as routed
             assert out.dtype == dtype and torch.isfinite(out).all() and rel_error(out, ref) < BOUNDS[dtype], ("routed", tokens, scale)
             for tile in [t for t in NIBBLE_TILES if (t.block_m == 1) == (tokens == 1)]:
                 for _ in range(2):  # the split-K counters come back to 0

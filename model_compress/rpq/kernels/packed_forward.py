@@ -18,8 +18,8 @@ from torch import Tensor
 from . import forward as torch_forms
 from . import rotation
 from .config import options
-from .config.packed_routes import (HEAD_CHUNK_BYTES, HEAD_FUSED_TOKENS, NIBBLE_GROUPS, NIBBLE_ROUTED_BITS, NIBBLE_ROUTES,
-                                   nibble_prompt_tile, packed_tile)
+from .config.packed_routes import (HEAD_CHUNK_BYTES, HEAD_FUSED_TOKENS, NIBBLE_GROUPS, NIBBLE_ROUTED_BITS,
+                                   NIBBLE_ROUTED_DTYPES, NIBBLE_ROUTES, nibble_prompt_tile, packed_tile)
 from .layout import LINEAR, codebook_values, decode as decode_dense, unpack_codes
 
 
@@ -116,7 +116,7 @@ def linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | No
     tile = packed_tile(tokens)
     nibbles = bits in NIBBLE_ROUTED_BITS
     sms = multiprocessors(x.device)
-    if tile is not None and nibbles and kernels.nibble_serves(x, codes, codebooks, scales, bits, in_features):
+    if tile is not None and nibbles and _routed_dtype(x) and kernels.nibble_serves(x, codes, codebooks, scales, bits, in_features):
         return kernels.nibble_linear_plan(x, codes, codebooks, scales, bias, bits, in_features,
                                           packed_tile(tokens, NIBBLE_ROUTES), sms)
     if tile is not None:
@@ -131,6 +131,11 @@ def linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | No
     return lambda x: F.linear(x, weight(), bias)
 
 
+def _routed_dtype(x: Tensor) -> bool:
+    """Whether tokens of ``x``'s dtype go to the byte-permute kernels for 1-64 tokens (``NIBBLE_ROUTED_DTYPES``)."""
+    return str(x.dtype).removeprefix("torch.") in NIBBLE_ROUTED_DTYPES
+
+
 def linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int,
            in_features: int) -> Tensor:
     """x W'^T + b for x in the layer's (rotated) basis, from packed codes."""
@@ -142,7 +147,7 @@ def linear_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | No
     """Each member's (codes, codebooks, scales) times tokens like ``x`` in one launch, plus ``bias`` (the members'
     biases end to end); None where that launch does not apply (not one fp16 token on CUDA, a member the byte-permute
     kernels do not read), and the members then compute alone."""
-    if not NIBBLE_GROUPS or bits not in NIBBLE_ROUTED_BITS or x.numel() != in_features:
+    if not NIBBLE_GROUPS or bits not in NIBBLE_ROUTED_BITS or x.numel() != in_features or not _routed_dtype(x):
         return None
     kernels = packed_kernels(x, bias, *[t for member in members for t in member])
     if kernels is None or not all(kernels.nibble_serves(x, c, b, s, bits, in_features) for c, b, s in members):
