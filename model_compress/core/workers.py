@@ -1,7 +1,7 @@
 """The processes a conversion is spread over (one per GPU, started by ``torchrun``), and the few collectives it needs.
 
 A single process is ``Workers()``: rank 0 of 1, every collective a no-op, so code written against this runs the same
-alone. Several are started by ``torchrun --nproc-per-node N -m model_compress.cli.app ...``; the CLI reads torchrun's
+alone. Several are started by ``torchrun --nproc-per-node N -m model_compress.cli ...`` (or by ``compress rpq --gpus N``); the CLI reads torchrun's
 environment there, at the edge (``from_launcher``), and hands the result down as an argument. Communication is
 torch.distributed's (NCCL between GPUs, gloo on CPUs): nothing is sent by hand.
 

@@ -75,6 +75,7 @@ class RichConversionProgress:
 
 @reports_user_errors
 def rpq(
+    ctx: typer.Context,
     model: Annotated[
         Optional[str],
         typer.Argument(help="Hub id, local model folder or .gguf file. Omit it for the embedded default (SmolLM2-135M)."),
@@ -134,14 +135,24 @@ def rpq(
         bool,
         typer.Option("--head-index", help="Also give the LM head a certified product-quantized index (saved as head_index.safetensors beside the weights): each decoding step scores every vocabulary row approximately from 8-bit codes, computes exact logits for a shortlist, and certifies that no other row can beat its best, so the greedy token is always the dense head's (logits outside the shortlist are -inf). For large vocabularies; fitted on the calibration text's hidden states."),
     ] = False,
+    gpus: Annotated[
+        int,
+        typer.Option("--gpus", help="Spread the conversion over this many processes, one per GPU (torchrun underneath): each calibrates on its share of the windows, the statistics are summed, the layers' fitting and the fine-tuning's windows are shared out; the same checkpoint as one process gives. With --device cpu the processes share the CPU (gloo)."),
+    ] = 1,
     debug: Debug = False,
 ) -> None:
     """Reverse product quantization: every Linear / Embedding / Conv1D weight becomes codebooks + packed codes, fitted on calibration text."""
     import torch
 
+    from ..core.spread_launch import check_spread, run_spread
     from ..core.errors import UserError
     from ..core.sources import parse_device, parse_dtype
     from ..core.workers import from_launcher
+
+    check_spread(gpus, device)
+    if gpus > 1:
+        run_spread(ctx, gpus)
+        return
     from .convert import RPQSettings
     from .fit.finetune import FinetuneSettings
     from .pipeline import CalibrationOptions, compress_rpq, default_finetune_steps
