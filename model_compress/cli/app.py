@@ -144,6 +144,15 @@ def evaluate(
             "on a CPU, at 2 bytes per weight more memory (reported in the table).",
         ),
     ] = False,
+    gpus: Annotated[
+        int,
+        typer.Option(
+            "--gpus",
+            help="Spread each model over this many GPUs (from --device's on) with accelerate's device map, for models "
+            "larger than one GPU: whole blocks per GPU, timed between synchronisations of every GPU, peak memory summed; "
+            "decoding from a CUDA graph or compiled is left out.",
+        ),
+    ] = 1,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Where to write the JSON report (default: FOLDER/eval_report.json).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Where to write the PNG plot (default: beside the JSON, .png).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing report files.")] = False,
@@ -176,7 +185,7 @@ def evaluate(
               if latency else None)
     settings = EvalSettings(
         device=parse_device(device), dtype=parse_dtype(dtype), seq_len=seq_len, max_tokens=max_tokens,
-        batch_size=batch_size, metric=metric, seed=seed, latency=timing, decode_weights=decode_weights,
+        batch_size=batch_size, metric=metric, seed=seed, latency=timing, decode_weights=decode_weights, gpus=gpus,
     )
     corpus = resolve_text(text, dataset, dataset_config, split)
     quiet_transformers()

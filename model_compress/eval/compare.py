@@ -28,6 +28,7 @@ from ..core.sources import context_length, disk_bytes, load_model, load_tokenize
 from ..core.sizes import model_bytes, model_params
 from . import perplexity, similarity
 from .latency import LatencyResult, LatencySettings, PeakMemory, measure, release_device_memory
+from .placement import Placement, model_devices
 
 METRICS = ("auto", "perplexity", "mlm", "embedding")
 DEFAULT_SEQ_LEN = 2048
@@ -44,6 +45,7 @@ class EvalSettings:
     seed: int = 0
     latency: LatencySettings | None = field(default_factory=LatencySettings)
     decode_weights: bool = False  # the compressed layers keep their weights decoded in 16 bits (load's option)
+    gpus: int = 1  # more: each model spread over this many GPUs from ``device`` on (placement.py)
 
 
 class EvalObserver(Protocol):
@@ -128,6 +130,7 @@ def evaluate(
     timing = settings.latency
     if timing is not None and (timing.repeats < 1 or timing.prompt_len < 1 or timing.new_tokens < 2 or min(timing.decode_batches, default=0) < 1):
         raise UserError("--repeats and --prompt-len must be at least 1, --new-tokens at least 2, --decode-batch sizes positive")
+    placement = _placement(settings)
     section = validate_checkpoint(checkpoint)
     tokenizer = load_tokenizer(str(checkpoint))
     if tokenizer is None:
@@ -148,7 +151,7 @@ def evaluate(
     original, original_error = None, None
     if use_baseline:
         try:
-            original = _measure_original(section, baseline, inputs, settings, dtype, observer)
+            original = _measure_original(section, baseline, inputs, settings, dtype, observer, placement)
         except UserError as error:
             original_error = str(error)
             warnings.append(f"the original could not be measured ({error}); pass --no-baseline to skip it")
@@ -160,7 +163,7 @@ def evaluate(
     if decoded_bytes:
         warnings.append(f"--decode-weights: the compressed layers keep their weights decoded ({decoded_bytes / 1e6:,.1f} MB, "
                         "counted in its weights in memory) beside the codes")
-    _measure_into(compressed, compressed_model.to(settings.device), inputs, settings, observer)
+    _measure_into(compressed, placement.place(compressed_model), inputs, settings, observer)
     if metric == "embedding" and original is not None:
         compressed.quality.update(similarity.compare(inputs.reference, inputs.outputs))
     warnings += inputs.notes
@@ -271,7 +274,23 @@ class _Inputs:
         return {**described, "windows": self.windows.shape[0], "seq_len": self.seq_len, "tokens_used": self.windows.numel()}
 
 
-def _measure_original(section: dict, override: str | None, inputs: _Inputs, settings: EvalSettings, dtype, observer) -> Measurement:
+def _placement(settings: EvalSettings) -> Placement:
+    """Where both models go; one clear line for a ``--gpus`` this machine cannot give."""
+    if settings.gpus < 1:
+        raise UserError(f"--gpus {settings.gpus}: give 1 or more")
+    if settings.gpus > 1:
+        if settings.device.type != "cuda":
+            raise UserError(f"--gpus {settings.gpus} spreads a model over GPUs: pass --device cuda")
+        first = settings.device.index or 0
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if first + settings.gpus > available:
+            raise UserError(f"--gpus {settings.gpus} from cuda:{first}: this machine has {available} CUDA GPU"
+                            f"{'s' if available != 1 else ''}")
+    return Placement(settings.device, settings.gpus)
+
+
+def _measure_original(section: dict, override: str | None, inputs: _Inputs, settings: EvalSettings, dtype, observer,
+                      placement: Placement) -> Measurement:
     source = original_source(section, override)
     observer.stage(f"loading the original ({source.label})", None)
     (model, tokenizer), seconds = _timed(lambda: load_model(source, dtype))
@@ -288,12 +307,14 @@ def _measure_original(section: dict, override: str | None, inputs: _Inputs, sett
     measurement = Measurement(
         "original", source.label, type(model).__name__, model_params(model), model_bytes(model), disk_bytes(source), seconds,
     )
-    model = model.to(settings.device)
+    model = placement.place(model)
+    devices = model_devices(model)
     _measure_into(measurement, model, inputs, settings, observer)
     if inputs.metric == "embedding":
         inputs.reference, inputs.outputs = inputs.outputs, None
     del model
-    release_device_memory(settings.device)
+    for device in devices:
+        release_device_memory(device)
     return measurement
 
 
@@ -302,7 +323,7 @@ def _measure_into(target: Measurement, model: nn.Module, inputs: _Inputs, settin
     role = target.role
     observer.stage(f"{role}: {_metric_label(inputs.metric)}", inputs.count)
     methods.full_logits(model, True)  # a head with an index: perplexity needs every logit
-    with PeakMemory(settings.device) as peak:
+    with PeakMemory(settings.device, model_devices(model)) as peak:
         if inputs.metric == "perplexity":
             result = perplexity.causal_nll(model, inputs.windows, settings.batch_size, observer.advance)
         elif inputs.metric == "mlm":

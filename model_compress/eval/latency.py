@@ -30,6 +30,7 @@ from ..core.sources import context_length
 from ..core.methods import ff_timing_spans, fixed_shortlists, release_workspaces
 from .compiled_decode import compiled_decode
 from .graph_decode import graphed_decode
+from .placement import model_devices
 
 DECODE_PROMPT = 32
 
@@ -105,31 +106,43 @@ def release_device_memory(device: torch.device) -> None:
 
 
 class PeakMemory:
-    """Peak allocated device memory over a block (None on a CPU)."""
+    """Peak allocated device memory over a block (None on a CPU); over several GPUs (a spread model), the sum of each
+    one's peak."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, devices: list[torch.device] | None = None) -> None:
         self.device = device
+        self.devices = [d for d in (devices or [device]) if d.type == "cuda"]
         self.peak: int | None = None
 
     def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+        for device in self.devices:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
+        if self.devices:
+            for device in self.devices:
+                torch.cuda.synchronize(device)
+            self.peak = sum(torch.cuda.max_memory_allocated(device) for device in self.devices)
 
 
-def median_ms(call: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median milliseconds of ``call`` after ``warmup`` untimed runs (CUDA events on a GPU)."""
+def median_ms(call: Callable[[], object], device: torch.device, warmup: int, repeats: int,
+              devices: list[torch.device] | None = None) -> float:
+    """Median milliseconds of ``call`` after ``warmup`` untimed runs (CUDA events on a GPU; a wall clock between
+    synchronisations of every GPU of ``devices`` where a model is spread over several, whose events time one)."""
     for _ in range(warmup):
         call()
     times = []
+    spread = devices is not None and len(devices) > 1
     for _ in range(repeats):
-        if device.type == "cuda":
+        if spread:
+            _synchronize(devices)
+            began = time.perf_counter()
+            call()
+            _synchronize(devices)
+            times.append((time.perf_counter() - began) * 1e3)
+        elif device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             call()
@@ -143,6 +156,11 @@ def median_ms(call: Callable[[], object], device: torch.device, warmup: int, rep
     return statistics.median(times)
 
 
+def _synchronize(devices: list[torch.device]) -> None:
+    for device in devices:
+        torch.cuda.synchronize(device)
+
+
 def measure(
     model: nn.Module,
     ids: torch.Tensor,
@@ -151,18 +169,19 @@ def measure(
     on_step: Callable[[str], None] | None = None,
 ) -> LatencyResult:
     """Prefill at batch 1, then (for generating models) decode at each batch size, on real text ``ids`` (1-D)."""
-    device = next(model.parameters()).device
+    devices = model_devices(model)
+    device, spread = devices[0], len(devices) > 1
     on_step = on_step or (lambda name: None)
     context = context_length(model.config)
     prefill_len = min(settings.prompt_len, ids.numel(), context or settings.prompt_len)
     prefill_input = ids[None, :prefill_len].to(device)
     kwargs = {"use_cache": False} if generates else {}
-    timer = "cuda-events" if device.type == "cuda" else "wall-clock"
+    timer = f"wall-clock, {len(devices)} GPUs synchronised" if spread else "cuda-events" if device.type == "cuda" else "wall-clock"
 
-    with torch.inference_mode(), PeakMemory(device) as peak:
-        prefill_ms = median_ms(lambda: model(input_ids=prefill_input, **kwargs), device, settings.warmup, settings.repeats)
+    with torch.inference_mode(), PeakMemory(device, devices) as peak:
+        prefill_ms = median_ms(lambda: model(input_ids=prefill_input, **kwargs), device, settings.warmup, settings.repeats, devices)
     result = LatencyResult(timer, prefill_len, prefill_ms, peak_memory={"prefill": peak.peak})
-    spans = ff_timing_spans(model)
+    spans = ff_timing_spans(model) if not spread else []  # the hooks' CUDA events would time one GPU's stream
     if spans:
         with torch.inference_mode():
             result.ff_ms, result.ff_share = block_time(lambda: model(input_ids=prefill_input, **kwargs), spans, device, settings)
@@ -179,11 +198,17 @@ def measure(
     rows = ids[: (ids.numel() // prompt_len) * prompt_len].view(-1, prompt_len)
     for batch in settings.decode_batches:
         prompt = rows[torch.arange(batch) % rows.shape[0]].to(device)  # distinct text per row while it lasts
-        with torch.inference_mode(), PeakMemory(device) as peak:
-            full = median_ms(lambda: _generate(model, prompt, new_tokens), device, settings.warmup, settings.repeats)
-            first = median_ms(lambda: _generate(model, prompt, 1), device, settings.warmup, settings.repeats)
+        with torch.inference_mode(), PeakMemory(device, devices) as peak:
+            full = median_ms(lambda: _generate(model, prompt, new_tokens), device, settings.warmup, settings.repeats, devices)
+            first = median_ms(lambda: _generate(model, prompt, 1), device, settings.warmup, settings.repeats, devices)
         result.decode_tokens_per_s[batch] = batch * (new_tokens - 1) / max(full - first, 1e-6) * 1e3
         result.peak_memory[f"decode_batch_{batch}"] = peak.peak
+        if spread:  # a CUDA graph captures one device's work, and the compiled decode replays one
+            result.graph_decode_errors[batch] = f"the model is spread over {len(devices)} GPUs"
+            if settings.compiled:
+                result.compiled_decode_errors[batch] = f"the model is spread over {len(devices)} GPUs"
+            on_step(f"decode batch {batch}")
+            continue
         fixed_shortlists(model, True)  # an indexed head: fixed shortlists, which graphs capture and compiling traces
         try:
             _graphed_and_compiled(model, prompt, new_tokens, batch, settings, device, result)
