@@ -10,10 +10,7 @@
 # EVAL_ARGS pass on.
 set -uo pipefail
 OUT=${OUT:-/tmp/plans-check}
-mkdir -p "$OUT" /tmp/site
-export PYTHONPATH="$PWD:$PWD/benchmarks:$PWD/benchmarks/rpq:/tmp/site" PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .device/plans/*.whl
-python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
+source benchmarks/device/plans_setup.sh
 if [ -n "${ONLY_TESTS:-}" ]; then  # these tests instead of the list below
   timeout "${TEST_SECONDS:-240}" python3 -m pytest -q --tb=short -rfE -p no:cacheprovider $ONLY_TESTS > "$OUT/gpu_tests.log" 2>&1
   tail -8 "$OUT/gpu_tests.log"

@@ -6,10 +6,7 @@
 # adds benchmarks/experiments/prompt_kernel_asm.py; SWEEP_ARGS, SEVEN_B_ARGS pass on.
 set -uo pipefail
 OUT=${OUT:-/tmp/prompt-check}
-mkdir -p "$OUT" /tmp/site
-export PYTHONPATH="$PWD:$PWD/benchmarks:$PWD/benchmarks/rpq:/tmp/site" PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .device/plans/*.whl
-python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
+source benchmarks/device/plans_setup.sh
 [ "${TESTS:-1}" = 1 ] && timeout "${TEST_SECONDS:-150}" python3 -m pytest -q --tb=short -rfE -p no:cacheprovider -n 4 \
   "tests/rpq/test_packed_kernels.py::test_the_prompt_kernel_matches_the_reference_on_every_tile_and_against_the_decode_route" \
   "tests/rpq/test_packed_kernels.py::test_nibble_kernels_match_reference_on_every_tile" \

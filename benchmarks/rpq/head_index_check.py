@@ -1,10 +1,10 @@
 """The certified PQ head index on a real model's head and real hidden states (CPU; torch reference of the search).
 
-    python benchmarks/rpq/head_index_check.py [--model default|GGUF|FOLDER] [--piece 2] [--positions 512] [--json FILE]
+    python benchmarks/rpq/head_index_check.py [--model default|GGUF|FOLDER] [--piece 2] [--centroids 256] [--positions 512] [--json FILE]
 
 Loads the model (the embedded SmolLM2-135M by default), takes the hidden states its head reads on the first windows
 of the packaged Wikipedia sample (evaluation positions) and on the packaged calibration mix (the index's data-aware
-clustering and the metric bound), builds the index (K = 256 per subspace, ``--piece`` values per code), and reports, over ``--positions``
+clustering and the metric bound), builds the index (``--centroids`` per subspace, 256 by default; ``--piece`` values per code), and reports, over ``--positions``
 evaluation positions: how often the approximate top-1 and top-k hold the dense argmax, the certified shortlist's size
 (mean, largest), how often the whole head had to be computed (fallbacks), and that the certified token equals the dense
 argmax at every position. Times are the torch reference's on this machine's CPU, beside the dense head's product.
@@ -40,6 +40,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--piece", type=int, default=2, help="values per code (8-bit codes: 8 / piece bits per weight)")
+    parser.add_argument("--centroids", type=int, default=256,
+                        help="centroids per subspace (16: 4-bit codes, whose per-query tables fit a GPU's shared memory)")
     parser.add_argument("--positions", type=int, default=512)
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--first-rows", type=int, default=64)
@@ -58,7 +60,7 @@ def main() -> None:
     calib = final_hidden(model, tokens(calibration_text()))
     evaluation = final_hidden(model, tokens(default_text()))[: args.positions]
     start = time.perf_counter()
-    index = build_index(weight, weight.shape[1] // args.piece, 256, hidden_states=calib)
+    index = build_index(weight, weight.shape[1] // args.piece, args.centroids, hidden_states=calib)
     build_s = time.perf_counter() - start
     dense = evaluation @ weight.T + (0 if bias is None else bias)
     truth = dense.argmax(dim=1)
@@ -78,7 +80,8 @@ def main() -> None:
     dense_s = time.perf_counter() - start
     sizes = [len(shortlist.rows) for shortlist in lists]
     result = {
-        "model": args.model, "vocab": index.vocab,
+        "model": args.model, "vocab": index.vocab, "centroids": args.centroids,
+        "code_bits_per_weight": (args.centroids - 1).bit_length() / args.piece,
         "width": index.width, "subspaces": index.subspaces, "positions": len(lists),
         "certified_equals_dense": sum(shortlist.best == int(t) for shortlist, t in zip(lists, truth)),
         "fallbacks": sum(shortlist.fallback for shortlist in lists), "shortlist_mean": sum(sizes) / len(sizes),

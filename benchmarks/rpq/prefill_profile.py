@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -24,21 +23,13 @@ from pathlib import Path
 import torch
 from host_profile import load
 
+from model_compress.eval.latency import median_ms
 from model_compress.rpq.kernels.config import options
 
 
 def wall_ms(call, warmup: int = 3, repeats: int = 5) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median ms of ``call`` by CUDA events, as ``compress eval`` times it."""
+    return median_ms(call, torch.device("cuda"), warmup, repeats)
 
 
 def syncs(call) -> int:

@@ -10,6 +10,7 @@ narrow layer enough programs without another launch.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -129,6 +130,29 @@ def _packed_gemv_kernel(
     one = tl.arange(0, 1)
     _store_tile(sums[None, :], partial_ptr, counter_ptr, bias_ptr, out_ptr, one, offs_n, one < 1, mask_n, 1, out_features,
                 out_features, split_k, HAS_BIAS, SPLIT, 1, BLOCK_N)
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    """What a plan keeps of the input it was made for: token count, the output's shape, device and dtype, and whether
+    the kernel reads x itself at ``stride`` (``x`` a view of its rows) or a contiguous copy of the rows."""
+
+    tokens: int
+    out_shape: tuple[int, ...]
+    device: torch.device
+    dtype: torch.dtype
+    as_rows: bool
+    stride: int
+
+    def output(self) -> Tensor:
+        return torch.empty(self.out_shape, device=self.device, dtype=self.dtype)
+
+
+def plan_input(x: Tensor, in_features: int, out_features: int) -> PlanInput:
+    """``PlanInput`` of ``x`` for an in -> out layer."""
+    rows = _rows(x, in_features)
+    return PlanInput(rows.shape[0], (*x.shape[:-1], out_features), x.device, x.dtype, rows.data_ptr() == x.data_ptr(),
+                     rows.stride(0))
 
 
 def input_split(in_features: int, tiles: int, tile: PackedTile, multiprocessors: int) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from torch import Tensor
 from ..config.packed_routes import PackedTile
 from ..launch.direct_launch import DirectLaunch
 from ..triton.common import _cdiv, _rows
+from .linear import plan_input
 from .nibble_tables import _code_rows, _row_tables, _values, nibble_decode_serves
 
 
@@ -85,24 +86,19 @@ def nibble_prompt_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tens
     """x W'^T + b (``nibble_prompt_serves``) for inputs shaped, strided and aligned like ``x``, on ``tile``
     (``block_m`` tokens, ``block_n`` rows, ``block_k`` codes a step; no split of the inputs)."""
     out_features = codebooks.shape[0]
-    rows = _rows(x, in_features)
-    tokens = rows.shape[0]
-    out_shape = (*x.shape[:-1], out_features)
-    device, dtype = x.device, x.dtype
-    if not tokens:
-        return lambda x: torch.empty(out_shape, device=device, dtype=dtype)
-    as_rows = rows.data_ptr() == x.data_ptr()  # a view: the kernel reads x itself at the rows' stride
-    stride_x = rows.stride(0)
-    grid = (_cdiv(tokens, tile.block_m), _cdiv(out_features, tile.block_n))
+    given = plan_input(x, in_features, out_features)
+    if not given.tokens:
+        return lambda x: given.output()
+    grid = (_cdiv(given.tokens, tile.block_m), _cdiv(out_features, tile.block_n))
     launch = DirectLaunch(_nibble_prompt_kernel, grid, BITS=bits, HAS_BIAS=bias is not None, BLOCK_M=tile.block_m,
                           BLOCK_N=tile.block_n, BLOCK_W=tile.block_k // 8, num_warps=tile.num_warps,
                           num_stages=tile.num_stages)
     words_per_row = in_features // 8
 
     def run(x: Tensor) -> Tensor:
-        out = torch.empty(out_shape, device=device, dtype=dtype)
-        launch(x if as_rows else _rows(x, in_features), codes, codebooks, scales, out if bias is None else bias, out,
-               tokens, out_features, words_per_row, stride_x, out_features)
+        out = given.output()
+        launch(x if given.as_rows else _rows(x, in_features), codes, codebooks, scales, out if bias is None else bias, out,
+               given.tokens, out_features, words_per_row, given.stride, out_features)
         return out
 
     return run

@@ -32,7 +32,7 @@ from torch import Tensor
 from ..config.packed_routes import PackedTile
 from ..triton.common import _cdiv, _rows, _store_tile, _tile_rows, split_scratch, tile_counters
 from ..launch.direct_launch import DirectLaunch
-from .linear import input_split
+from .linear import input_split, plan_input
 
 
 def _lookup_four(tables: list[str], high: str | None) -> str:
@@ -349,25 +349,21 @@ def nibble_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tens
     """x W'^T + b (``nibble_serves``) as a call for inputs shaped, strided, typed and aligned like ``x``: one token on
     the GEMV, more on tensor cores; ``tile.block_k`` counts codes. Shapes, split and grid are worked out here, once."""
     out_features = codebooks.shape[0]
-    rows = _rows(x, in_features)
-    tokens = rows.shape[0]
-    out_shape = (*x.shape[:-1], out_features)
-    device, dtype = x.device, x.dtype
-    if not tokens:
-        return lambda x: torch.empty(out_shape, device=device, dtype=dtype)
-    as_rows = rows.data_ptr() == x.data_ptr()  # a view: the kernel reads x itself at the rows' stride
-    stride_x = rows.stride(0)
+    given = plan_input(x, in_features, out_features)
+    if not given.tokens:
+        return lambda x: given.output()
+    tokens, as_rows, stride_x = given.tokens, given.as_rows, given.stride
     words_per_row, block_w = in_features // 8, tile.block_k // 8
     tiles_n, tiles_m = _cdiv(out_features, tile.block_n), _cdiv(tokens, tile.block_m)
     split, chunk = input_split(in_features, tiles_n * tiles_m, tile, multiprocessors)
-    counter = tile_counters(tiles_n * tiles_m, device) if split > 1 else None
+    counter = tile_counters(tiles_n * tiles_m, given.device) if split > 1 else None
     constants = dict(BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=tile.block_n, BLOCK_W=block_w, SPLIT=split > 1,
                      num_warps=tile.num_warps, num_stages=tile.num_stages)
     if tokens == 1 and tile.block_m == 1:
-        gemv = DirectLaunch(_nibble_gemv_kernel, (tiles_n, 1, split), X_FP16=dtype == torch.float16, **constants)
+        gemv = DirectLaunch(_nibble_gemv_kernel, (tiles_n, 1, split), X_FP16=given.dtype == torch.float16, **constants)
 
         def run(x: Tensor) -> Tensor:
-            out = torch.empty(out_shape, device=device, dtype=dtype)
+            out = given.output()
             partial, counters = split_scratch(out, split, counter)
             gemv(x if as_rows else _rows(x, in_features), codes, codebooks, scales, out if bias is None else bias, out, partial,
                  counters, out_features, words_per_row, split, chunk // 8)
@@ -377,7 +373,7 @@ def nibble_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tens
     linear = DirectLaunch(_nibble_linear_kernel, (tiles_n, tiles_m, split), BLOCK_M=tile.block_m, **constants)
 
     def run_tokens(x: Tensor) -> Tensor:
-        out = torch.empty(out_shape, device=device, dtype=dtype)
+        out = given.output()
         partial, counters = split_scratch(out, split, counter)
         linear(x if as_rows else _rows(x, in_features), codes, codebooks, scales, out if bias is None else bias, out, partial,
                counters, tokens, out_features, words_per_row, stride_x, out_features, split, chunk // 8)
