@@ -2,8 +2,9 @@
 kernels of ``kernels/packed`` on CUDA, the torch forms of ``kernels/forward.py`` everywhere else.
 
 Each function takes plain tensors (the modules hand over their buffers), so the routing is testable without a
-model. On CUDA the weight is never decoded whole for a few tokens; prompts decode one layer's W' into a
-temporary, multiply it with cuBLAS and drop it.
+model. On CUDA the weight is never decoded whole for a few tokens; prompts of 4/5-bit row tables take one launch
+that looks W' up in registers for the tensor cores (up to ``NIBBLE_PROMPT_MAX_TOKENS``, and small layers beyond),
+other prompts decode one layer's W' into a temporary, multiply it with cuBLAS and drop it.
 """
 
 from __future__ import annotations
