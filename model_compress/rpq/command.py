@@ -150,7 +150,12 @@ def rpq(
     from ..core.workers import from_launcher
 
     check_spread(gpus, device)
-    if gpus > 1:
+    if gpus > 1:  # what every process would refuse alike is refused once, here
+        from ..core.checkpoint import check_output_folder
+
+        if resume:
+            raise UserError("--resume: a conversion spread over several processes cannot be resumed yet; run it again")
+        check_output_folder(output, force)
         run_spread(ctx, gpus)
         return
     from .convert import RPQSettings

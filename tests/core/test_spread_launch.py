@@ -65,3 +65,14 @@ def test_compress_rpq_with_more_gpus_than_the_machine_has_stops_with_one_line():
     assert result.exit_code == 1
     assert "--gpus 64: this machine has" in result.output and "Traceback" not in result.output
     assert not Path("never-written").exists()
+
+
+def test_compress_rpq_gpus_refuses_once_what_every_process_would_refuse(tmp_path):
+    from model_compress.cli.app import app
+
+    out = tmp_path / "out"
+    out.mkdir()
+    result = CliRunner().invoke(app, ["rpq", "-o", str(out), "--gpus", "2", "--device", "cpu"])
+    assert result.exit_code == 1 and "already exists" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["rpq", "-o", str(tmp_path / "new"), "--gpus", "2", "--device", "cpu", "--resume"])
+    assert result.exit_code == 1 and "cannot be resumed yet" in result.output
