@@ -1,16 +1,20 @@
 """Prompts (many fp16 or bf16 tokens) through 4- or 5-bit codes and one int8 table per output row, on tensor cores, without
-writing W' anywhere: out^T = W' x^T with W' looked up in registers.
+writing W' anywhere: out^T = W' x^T with W' looked up in registers, in one launch.
 
-Why a kernel of its own: the route of record for prompts decodes W' whole into an fp16 temporary and calls cuBLAS.
-At Llama-2-7B's shapes that writes and reads back 4 bytes per weight, and the layer measured 0.59-0.65x the dense
-layer's speed at 512 tokens (benchmarks/RESULTS.md). The few-token kernel (``nibble_tables``) multiplies x by the
-looked-up tile as its right operand, which on a Hopper GPU has to go through shared memory before the tensor cores
-read it; it measured 1.3-3.7x slower still on prompts. Here the looked-up tile is the *left* operand of the product
-(rows of W' against columns of x^T), the operand a Hopper warpgroup MMA reads straight from registers, and x^T, the
-one read from shared memory, is a plain load. Each program owns BLOCK_N rows of W' and BLOCK_M tokens; neighbouring
-programs share the W' tile (the token tiles run fastest), so the codes come from DRAM about once and each tile is
-looked up once per token tile. The lookup itself is ``nibble_tables``' (byte permutes, exact v / 128 in fp16), the
-row's scale times 128 applied to the float32 sums.
+Why a kernel of its own: the other prompt route decodes W' whole into a 16-bit temporary and calls cuBLAS: two
+launches and a temporary of the layer's size, and at Llama-2-7B's shapes 4 bytes per weight written and read back
+(0.59-0.65x the dense layer's speed at 512 tokens). The few-token kernel (``nibble_tables``) multiplies x by the
+looked-up tile as its right operand, which on a Hopper GPU goes through shared memory first; on prompts it measured
+1.3-3.7x slower than decode + cuBLAS. Here the looked-up tile is the *left* operand (rows of W' against columns of
+x^T), the operand a warpgroup MMA reads from registers (Triton compiles it to ``wgmma``), and x^T is a plain load.
+Each program owns BLOCK_N rows of W' and BLOCK_M tokens; the token tiles run fastest, so neighbouring programs share
+the W' tile and the codes come from DRAM about once. The lookup is ``nibble_tables``' (byte permutes, exact v / 128),
+the row's scale times 128 applied to the float32 sums.
+
+What it measured (benchmarks/RESULTS.md, H100): 2.0-2.6x the dense layer's device time, against 1.3-1.8x for decode
++ cuBLAS, because a Triton GEMM at these tiles is itself 1.4-2.1x cuBLAS's time; but a launch fewer per layer, which
+is what an eager prefill of a small model waits on (SmolLM2's shapes: 19 ms against 26 ms at 512 tokens). Where each
+route is taken: ``config/packed_routes.py`` (``nibble_prompt_tile``).
 """
 
 from __future__ import annotations
