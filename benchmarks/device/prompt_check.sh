@@ -14,7 +14,7 @@ source benchmarks/device/plans_setup.sh
   ${MORE_TESTS:-} > "$OUT/gpu_tests.log" 2>&1 && tail -6 "$OUT/gpu_tests.log"
 [ "${ASM:-0}" = 1 ] && timeout 120 python3 benchmarks/experiments/prompt_kernel_asm.py --json "$OUT/prompt_kernel_asm.json" 2>&1 | tail -16
 if [ "${BF16:-0}" = 1 ]; then  # bf16 tokens on the byte-permute kernels: their tests, then their time against the general kernels
-  timeout 150 python3 -m pytest -q --tb=short -rfE -p no:cacheprovider -n 4 tests/rpq/test_packed_kernels.py -k "bfloat16 and (nibble or group)" \
+  timeout 150 python3 -m pytest -q --tb=short -rfE -p no:cacheprovider -n 4 tests/rpq/test_packed_kernels.py -k "bf16 and (nibble or group)" \
     > "$OUT/gpu_tests_bf16.log" 2>&1; tail -4 "$OUT/gpu_tests_bf16.log"
   timeout 90 python3 benchmarks/rpq/nibble_bf16.py --json "$OUT/nibble_bf16.json" 2>&1 | tee "$OUT/nibble_bf16.log"
 fi

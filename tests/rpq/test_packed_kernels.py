@@ -80,7 +80,7 @@ NIBBLE_TILES = [PackedTile(1, 8, 512), PackedTile(1, 16, 256, max_split=8, progr
                 PackedTile(16, 64, 128, max_split=8, programs_per_sm=64), PackedTile(64, 64, 128, num_warps=8)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("size", [16, 32])
 @pytest.mark.parametrize("in_features,out_features", [(576, 576), (4096, 100), (1536, 1000), (32, 7)])
 def test_nibble_kernels_match_reference_on_every_tile(in_features, out_features, size, dtype):
@@ -109,7 +109,7 @@ PROMPT_TILES = [tile for _, tile in NIBBLE_PROMPT_ROUTES] + [PackedTile(64, 64, 
                 PackedTile(256, 128, 64, num_warps=8)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("size", [16, 32])
 @pytest.mark.parametrize("in_features,out_features", [(576, 576), (4096, 100), (1536, 1000), (32, 7), (96, 130)])
 def test_the_prompt_kernel_matches_the_reference_on_every_tile_and_against_the_decode_route(in_features, out_features, size, dtype):
@@ -152,7 +152,7 @@ def test_nibble_decoded_weight_is_the_reference_weight(dtype, size):
 
 @pytest.mark.parametrize("size", [16, 32])
 @pytest.mark.parametrize("outs,with_bias", [((576, 192, 192), False), ((1536, 1536), True), ((100, 37, 64), True)])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_nibble_group_gemv_gives_each_member_its_reference_output(outs, with_bias, size, dtype):
     """Two or three layers on one token in one launch (q/k/v, gate/up): each output its layer's, split-K included."""
     bits, in_features = code_bits(size), 576
