@@ -177,12 +177,15 @@ def evaluate(
 
 
 def _decode_failures(*measurements: Measurement | None) -> list[str]:
-    """One line per decode measurement that could not run (a CUDA graph capture, a compile), with its reason."""
+    """One line per graphed prefill or decode measurement that could not run (a CUDA graph capture, a compile), with
+    its reason."""
     lines = []
     for measurement in measurements:
         latency = None if measurement is None else measurement.latency
         if latency is None:
             continue
+        if latency.prefill_graphed_error:
+            lines.append(f"the {measurement.role} model's prefill from a CUDA graph did not run: {latency.prefill_graphed_error}")
         for kind, errors in (("from a CUDA graph", latency.graph_decode_errors), ("compiled", latency.compiled_decode_errors)):
             lines += [f"the {measurement.role} model's decode {kind} at batch {batch} did not run: {error}"
                       for batch, error in errors.items()]

@@ -12,7 +12,7 @@ Decode: ``generate`` (greedy, KV cache on, exactly ``new_tokens`` tokens: no ear
 short prompt; the time of a 1-token generate (prefill + first token) is subtracted, so tokens/s
 counts only the ``new_tokens - 1`` cached decode steps, for every sequence of the batch. On CUDA
 also with one decode step captured in a CUDA graph and replayed (``graph_decode``): the device's
-time per token without the host's, which is what a serving stack gets.
+time per token without the host's, which is what a serving stack gets; and the prefill likewise (``graph_prefill``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from ..core.sources import context_length
 from ..core.methods import ff_timing_spans, fixed_shortlists, release_workspaces
 from .compiled_decode import compiled_decode
 from .graph_decode import graphed_decode
+from .graph_prefill import graphed_forward_ms
 from .placement import model_devices
 
 DECODE_PROMPT = 32
@@ -58,6 +59,8 @@ class LatencyResult:
     ff_blocks: int = 0
     ff_ms: float | None = None  # time inside the FF blocks during a prefill (hooked run)
     ff_share: float | None = None  # ... over that run's whole forward time
+    prefill_graphed_ms: float | None = None  # the same prefill replayed from a CUDA graph: its device time
+    prefill_graphed_error: str | None = None
     graph_decode_tokens_per_s: dict[int, float | None] = field(default_factory=dict)
     graph_decode_errors: dict[int, str] = field(default_factory=dict)
     compiled_decode_tokens_per_s: dict[int, float | None] = field(default_factory=dict)
@@ -75,6 +78,8 @@ class LatencyResult:
             "ff_blocks": self.ff_blocks,
             "ff_prefill_ms": self.ff_ms,
             "ff_prefill_share": self.ff_share,
+            "prefill_graphed_ms": self.prefill_graphed_ms,
+            "prefill_graphed_error": self.prefill_graphed_error,
             "decode_new_tokens": self.new_tokens,
             "decode_tokens_per_s": {str(batch): value for batch, value in self.decode_tokens_per_s.items()},
             "graph_decode_tokens_per_s": {str(batch): value for batch, value in self.graph_decode_tokens_per_s.items()},
@@ -181,6 +186,9 @@ def measure(
     with torch.inference_mode(), PeakMemory(device, devices) as peak:
         prefill_ms = median_ms(lambda: model(input_ids=prefill_input, **kwargs), device, settings.warmup, settings.repeats, devices)
     result = LatencyResult(timer, prefill_len, prefill_ms, peak_memory={"prefill": peak.peak})
+    if device.type == "cuda" and not spread:  # a graph captures one device's work
+        result.prefill_graphed_ms, result.prefill_graphed_error = graphed_forward_ms(
+            lambda: model(input_ids=prefill_input, **kwargs), device, settings.repeats)
     spans = ff_timing_spans(model) if not spread else []  # the hooks' CUDA events would time one GPU's stream
     if spans:
         with torch.inference_mode():

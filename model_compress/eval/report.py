@@ -62,6 +62,7 @@ _ROW_SPECS = [
     ("LM head, one position, every row", "ms", "lower", ("quality", "head_ms_dense")),
     ("LM head, one position, from the index", "ms", "lower", ("quality", "head_ms_index")),
     ("prefill / forward, batch 1", "ms", "lower", ("latency", "prefill_ms")),
+    ("prefill, batch 1, CUDA graph", "ms", "lower", ("latency", "prefill_graphed_ms")),
     ("FF blocks within prefill (hooked)", "ms", "lower", ("latency", "ff_ms")),
     ("FF blocks' share of prefill", "%", "lower", ("latency", "ff_share")),
     ("decode, batch 1", "tok/s", "higher", ("latency", "decode", 1)),
@@ -101,6 +102,8 @@ def _figure(measurement: Measurement | None, key: tuple) -> float | None:
             return None
         if key[1] == "prefill_ms":
             return latency.prefill_ms
+        if key[1] == "prefill_graphed_ms":
+            return latency.prefill_graphed_ms
         if key[1] == "ff_ms":
             return latency.ff_ms
         if key[1] == "ff_share":

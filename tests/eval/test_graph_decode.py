@@ -64,3 +64,18 @@ def test_a_decode_measurement_that_could_not_run_is_one_warning_line_naming_the_
     lines = _decode_failures(None, compressed)
     assert lines == ["the compressed model's decode from a CUDA graph at batch 16 did not run: capture failed",
                      "the compressed model's decode compiled at batch 1 did not run: BackendCompilerFailed: no compiler"]
+
+
+def test_a_graphed_prefill_is_a_table_row_and_one_that_could_not_run_a_warning_line():
+    from model_compress.eval.compare import Measurement, _decode_failures
+    from model_compress.eval.latency import LatencyResult
+    from model_compress.eval.report import _figure
+
+    latency = LatencyResult("cuda-events", 512, 20.0, prefill_graphed_ms=4.5)
+    compressed = Measurement("compressed", "out", "LlamaForCausalLM", 1, 1, 1, 0.0, latency=latency)
+    assert _figure(compressed, ("latency", "prefill_graphed_ms")) == 4.5
+    assert latency.to_json()["prefill_graphed_ms"] == 4.5
+    failed = LatencyResult("cuda-events", 512, 20.0, prefill_graphed_error="operation not permitted when stream is capturing")
+    original = Measurement("original", "src", "LlamaForCausalLM", 1, 1, 1, 0.0, latency=failed)
+    assert _decode_failures(original, None) == [
+        "the original model's prefill from a CUDA graph did not run: operation not permitted when stream is capturing"]
