@@ -26,6 +26,7 @@ import transformers
 from torch import nn
 
 from model_compress.eval.graph_decode import graphed_decode
+from model_compress.eval.graph_prefill import graphed_forward_ms
 from model_compress.rpq.fusions import apply_fusions
 from model_compress.rpq.kernels import packed_forward
 from model_compress.rpq.kernels.config import options
@@ -110,29 +111,14 @@ def prefill_ms(model: nn.Module, tokens: int, vocab: int, device: str) -> float:
 
 
 def graphed_prefill_ms(model: nn.Module, tokens: int, vocab: int, device: str) -> float:
-    """Device time of one prefill (no cache) replayed from a CUDA graph: what the GPU spends, whatever the host's speed."""
+    """Device time of one prefill (no cache) replayed from a CUDA graph, as ``compress eval`` times it: what the GPU
+    spends, whatever the host's speed."""
     prompt = torch.randint(0, vocab, (1, tokens), device=device)
-    with torch.inference_mode():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                model(prompt, use_cache=False)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            model(prompt, use_cache=False)
-        times = []
-        for _ in range(5):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    del graph
+    milliseconds, error = graphed_forward_ms(lambda: model(prompt, use_cache=False), torch.device(device), 5)
     torch.cuda.empty_cache()
-    return statistics.median(times)
+    if error is not None:
+        raise RuntimeError(f"prefill of {tokens} tokens could not be captured: {error}")
+    return milliseconds
 
 
 def measure(model: nn.Module, name: str, vocab: int, device: str, smoke: bool) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +121,21 @@ def median_ms_per_step(run_step, rewind, steps: int, repeats: int, device: torch
     return statistics.median(times[1:])
 
 
+def captured_graph(call: Callable[[], object], device: torch.device, warmup: int) -> torch.cuda.CUDAGraph:
+    """``call`` captured in a CUDA graph, after ``warmup`` runs on a side stream (what capture needs: the allocator's
+    and the libraries' first-call work done outside it). Raises RuntimeError where the call syncs with the host."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            call()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph
+
+
 def graphed_decode(model: nn.Module, prompt: torch.Tensor, steps: int, repeats: int) -> GraphedDecode:
     """Capture one decode step of ``model`` (on CUDA) and time ``repeats`` blocks of ``steps`` replays."""
     device = prompt.device
@@ -130,15 +146,7 @@ def graphed_decode(model: nn.Module, prompt: torch.Tensor, steps: int, repeats: 
         with torch.inference_mode():
             step = DecodeStep(model, prompt, steps)
             step.prefill()
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(CAPTURE_WARMUP):
-                    step()
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
+            graph = captured_graph(step, device, CAPTURE_WARMUP)
             result.ms_per_step = median_ms_per_step(graph.replay, step.rewind, steps, repeats, device)
         result.peak_memory = torch.cuda.max_memory_allocated(device)
         del graph, step
