@@ -59,12 +59,19 @@ def check_spread(processes: int, device: str, environ: Mapping[str, str] = os.en
         raise UserError(f"--gpus {processes} --device {device}: each process takes its own GPU; pass --device cuda")
     if device == "cpu":
         return
+    require_gpus(processes, hint="; --device cpu runs the processes on the CPU")
+
+
+def require_gpus(count: int, first: int = 0, hint: str = "") -> None:
+    """One clear line where this machine has no ``count`` CUDA GPUs from index ``first`` on (``hint`` added where it
+    has none at all)."""
     import torch
 
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if available < processes:
-        raise UserError(f"--gpus {processes}: this machine has {available} CUDA GPU{'s' if available != 1 else ''}"
-                        + ("" if available else "; --device cpu runs the processes on the CPU"))
+    if first + count > available:
+        start = f" from cuda:{first}" if first else ""
+        raise UserError(f"--gpus {count}{start}: this machine has {available} CUDA GPU{'s' if available != 1 else ''}"
+                        + ("" if available else hint))
 
 
 def run_spread(ctx: Any, processes: int) -> None:

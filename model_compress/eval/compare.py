@@ -26,6 +26,7 @@ from ..core.text import Text
 from ..core.errors import UserError
 from ..core.sources import context_length, disk_bytes, load_model, load_tokenizer, original_source
 from ..core.sizes import model_bytes, model_params
+from ..core.spread_launch import require_gpus
 from . import perplexity, similarity
 from .latency import LatencyResult, LatencySettings, PeakMemory, measure, release_device_memory
 from .placement import Placement, model_devices
@@ -284,11 +285,7 @@ def _placement(settings: EvalSettings) -> Placement:
     if settings.gpus > 1:
         if settings.device.type != "cuda":
             raise UserError(f"--gpus {settings.gpus} spreads a model over GPUs: pass --device cuda")
-        first = settings.device.index or 0
-        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if first + settings.gpus > available:
-            raise UserError(f"--gpus {settings.gpus} from cuda:{first}: this machine has {available} CUDA GPU"
-                            f"{'s' if available != 1 else ''}")
+        require_gpus(settings.gpus, settings.device.index or 0)
     return Placement(settings.device, settings.gpus)
 
 

@@ -152,9 +152,9 @@ def rpq(
     check_spread(gpus, device)
     if gpus > 1:  # what every process would refuse alike is refused once, here
         from ..core.checkpoint import check_output_folder
+        from .pipeline import refuse_spread_resume
 
-        if resume:
-            raise UserError("--resume: a conversion spread over several processes cannot be resumed yet; run it again")
+        refuse_spread_resume(True, resume)
         check_output_folder(output, force)
         run_spread(ctx, gpus)
         return

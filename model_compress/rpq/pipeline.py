@@ -102,8 +102,7 @@ def compress_rpq(
     output, and the others return their model (the leader's, to float rounding) with ``output`` None.
     """
     workers = workers or Workers()
-    if workers.spread and resume:
-        raise UserError("--resume: a conversion spread over several processes cannot be resumed yet; run it again")
+    refuse_spread_resume(workers.spread, resume)
     calibration = calibration or CalibrationOptions()
     out = Path(output) if output is not None else None
     if out is not None:
@@ -169,6 +168,12 @@ def compress_rpq(
                 store.remove()
     apply_fusions(network)  # as the loader does: the model returned runs as the saved one loads
     return RPQRun(network, config, summary, source, out if workers.leader else None, conversion, report, certified)
+
+
+def refuse_spread_resume(spread: bool, resume: bool) -> None:
+    """A spread run keeps no resume folder, so it cannot be resumed."""
+    if spread and resume:
+        raise UserError("--resume: a conversion spread over several processes cannot be resumed yet; run it again")
 
 
 @contextlib.contextmanager

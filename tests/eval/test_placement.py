@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model_compress.core.errors import UserError
-from model_compress.eval.placement import Placement, device_map_for, model_devices
+from model_compress.eval.placement import Placement, _device_of, device_map_for, model_devices
 
 from ..conftest import assert_one_line_error, run_cli, tiny_model
 
@@ -54,7 +54,7 @@ def deep_llama(packed: bool = False) -> torch.nn.Module:
 
 def test_a_tied_model_is_spread_over_two_gpus_in_whole_blocks_with_its_head_beside_its_embedding():
     device_map = _check_spread(deep_llama())
-    assert _device(device_map, "lm_head") == _device(device_map, "model.embed_tokens")
+    assert _device_of("lm_head", device_map) == _device_of("model.embed_tokens", device_map)
 
 
 def test_a_model_of_packed_layers_is_spread_in_whole_blocks():
@@ -65,14 +65,6 @@ def test_a_model_larger_than_the_gpus_together_is_refused_with_one_line():
     model = deep_llama()
     with pytest.raises(UserError, match="does not fit on 2 GPUs"):
         device_map_for(model, {0: _bytes(model) // 4, 1: _bytes(model) // 4})
-
-
-def _device(device_map: dict, name: str):
-    parts = name.split(".")
-    for end in range(len(parts), -1, -1):
-        if ".".join(parts[:end]) in device_map:
-            return device_map[".".join(parts[:end])]
-    return None
 
 
 def test_a_spread_model_reports_each_gpu_and_a_placed_one_its_device():
