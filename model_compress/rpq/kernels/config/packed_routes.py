@@ -40,11 +40,11 @@ PACKED_ROUTES: tuple[tuple[int, PackedTile], ...] = (
 # ``packed_kernels.py --nibble-sweep`` (benchmarks/RESULTS.md), the lowest mean time ratio to dense over the same shapes.
 # Code widths routed to them: 4-bit codes, and 5-bit codes (32-entry tables, the top bits as a plane).
 NIBBLE_ROUTED_BITS = (4, 5)
-# Token dtypes routed to the byte-permute kernels for 1 to 64 tokens. The kernels also compute bf16 tokens (the looked-up
-# values are exact in bf16; one token multiplies in float32, ``nibble_tables._row_sums``) and the CUDA tests check
-# them, but no GPU run has timed them against the general kernels yet (``benchmarks/rpq/nibble_bf16.py``), so bf16
-# tokens take the general kernels for now. Prompts in bf16 take the prompt kernel (``nibble_prompt_tile``), measured.
-NIBBLE_ROUTED_DTYPES = ("float16",)
+# Token dtypes routed to the byte-permute kernels for 1 to 64 tokens. bf16 tokens run the same kernels (the looked-up
+# values are exact in bf16; one token multiplies in float32, ``nibble_tables._row_sums``): on an H100
+# (``benchmarks/rpq/nibble_bf16.py``, RESULTS.md) they took 2.6-26.7 us against 4.3-74.0 us for the general kernels,
+# within 0-35% of the fp16 tokens' time on the same layers.
+NIBBLE_ROUTED_DTYPES = ("float16", "bfloat16")
 # Sibling layers that read one token (q/k/v, gate/up) in one byte-permute launch (``packed/nibble_groups.py``,
 # ``fusions/packed_groups.py``).
 NIBBLE_GROUPS = True
