@@ -5,40 +5,44 @@
 # with --resume where an earlier segment on this machine stopped, and stopped with SIGINT after SEGMENT seconds (the
 # device's calls are 10 minutes; a conversion is chained over several). Reports the segment's wall time, blocks done,
 # the process's peak host memory (VmHWM) and the GPU's peak memory in use (nvidia-smi, every 0.5 s).
-# Carry .device/plans (the wheels the image lacks and the tokenizer files). SEGMENT (default 300) and RPQ_ARGS pass on.
+# Carry .device/plans (the wheels the image lacks and the tokenizer files). SEGMENT (default 300) and RPQ_ARGS pass on;
+# BLOCKS (default 32) builds the same shapes with fewer blocks, for a whole conversion (fine-tuning included) in one call.
 set -uo pipefail
 OUT=${OUT:-/tmp/big-segment}
 mkdir -p "$OUT" /tmp/site
 export PYTHONPATH="$PWD:$PWD/benchmarks/rpq:/tmp/site" PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .device/plans/*.whl
-MODEL=/tmp/llama7b
+NAME=llama7b${BLOCKS:+-b$BLOCKS}
+MODEL=/tmp/$NAME
+export BLOCKS=${BLOCKS:-32} MODEL
 if [ ! -f "$MODEL/model.safetensors.index.json" ]; then
   start=$(date +%s)
   python3 - <<'PY'
 import shutil, pathlib, torch, transformers
-config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+import os
+config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=int(os.environ["BLOCKS"]), num_attention_heads=32,
                                   num_key_value_heads=32, vocab_size=49152, max_position_embeddings=4096, rms_norm_eps=1e-5,
                                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 torch.manual_seed(0)
 with torch.device("cuda"):
     model = transformers.LlamaForCausalLM(config).half()
-model.save_pretrained("/tmp/llama7b", max_shard_size="5GB")
+model.save_pretrained(os.environ["MODEL"], max_shard_size="5GB")
 for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
     if pathlib.Path(f".device/plans/{name}").exists():
-        shutil.copy(f".device/plans/{name}", "/tmp/llama7b/")
+        shutil.copy(f".device/plans/{name}", os.environ["MODEL"])
 print("parameters", sum(p.numel() for p in model.parameters()))
 PY
   echo "7B-class checkpoint written in $(( $(date +%s) - start )) s: $(du -sh $MODEL | cut -f1)" | tee -a "$OUT/segment.txt"
 fi
 resume=()
-[ -d /tmp/.llama7b-out.resume ] && resume=(--resume)
+[ -d "/tmp/.$NAME-out.resume" ] && resume=(--resume)
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$OUT/gpu_memory_mib.log" &
 sampler=$!
-python3 - "$MODEL" "${SEGMENT:-300}" "${resume[@]}" ${RPQ_ARGS:-} <<'PY' 2>&1 | tee -a "$OUT/segment.txt"
+python3 - "$MODEL" "${SEGMENT:-300}" "/tmp/$NAME-out" "${resume[@]}" ${RPQ_ARGS:-} <<'PY' 2>&1 | tee -a "$OUT/segment.txt"
 import json, signal, subprocess, sys, threading, time
 from timed_cli import CHILD
-model, segment, extra = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
-command = [sys.executable, "-c", CHILD, "rpq", model, "-o", "/tmp/llama7b-out", "--bits", "4.5", "--device", "cuda", *extra]
+model, segment, out, extra = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4:]
+command = [sys.executable, "-c", CHILD, "rpq", model, "-o", out, "--bits", "4.5", "--device", "cuda", *extra]
 print("+", " ".join(command[3:]))
 start = time.perf_counter()
 child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -60,4 +64,4 @@ PY
 kill $sampler 2>/dev/null
 echo "GPU memory in use, peak: $(sort -n "$OUT/gpu_memory_mib.log" | tail -1) MiB" | tee -a "$OUT/segment.txt"
 cp /tmp/segment_log.txt "$OUT/" 2>/dev/null
-ls /tmp/.llama7b-out.resume 2>/dev/null | head -5
+ls "/tmp/.$NAME-out.resume" 2>/dev/null | head -5

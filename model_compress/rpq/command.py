@@ -108,6 +108,7 @@ def rpq(
     calib_seq_len: Annotated[Optional[int], typer.Option(help="Calibration window in tokens (default: min(2048, the model's context)).")] = None,
     finetune_steps: Annotated[Optional[int], typer.Option(help=f"End-to-end fine-tuning steps on KL to the original, codes fixed (default: {FINETUNE_STEPS['cuda']} on CUDA, {FINETUNE_STEPS['cpu']} on a CPU).")] = None,
     finetune_lr: Annotated[float, typer.Option(help="Adam learning rate of the fine-tuning.")] = 1e-4,
+    finetune_checkpointing: Annotated[str, typer.Option(help="Recompute each block in the backward pass instead of keeping its activations while fine-tuning: auto (where one step's estimated activations do not fit half the free memory), on or off. Same result; on costs about a third more fine-tuning time.")] = "auto",
     rounds: Annotated[
         Optional[int], typer.Option(help=f"Most rounds of code sweep + codebook refit per layer (default: {DEFAULT_ROUNDS['cuda']} on CUDA, {DEFAULT_ROUNDS['cpu']} on a CPU).")
     ] = None,
@@ -149,6 +150,7 @@ def rpq(
     from ..core.sources import parse_device, parse_dtype
     from ..core.workers import from_launcher
 
+    unfragmented_cuda_memory()
     check_spread(gpus, device)
     if gpus > 1:  # what every process would refuse alike is refused once, here
         from ..core.checkpoint import check_output_folder
@@ -179,7 +181,7 @@ def rpq(
         tokens=calib_tokens, seq_len=calib_seq_len,
     )
     steps = finetune_steps if finetune_steps is not None else (default_finetune_steps(target) if not no_calibration else 0)
-    finetuning = FinetuneSettings(steps=steps, lr=finetune_lr, seed=seed)
+    finetuning = FinetuneSettings(steps=steps, lr=finetune_lr, seed=seed, checkpointing=finetune_checkpointing)
     torch_dtype = parse_dtype(dtype)
     quiet_transformers()
     options = dict(calibration=calibration, finetuning=finetuning, dtype=torch_dtype, force=force, allow_pickle=allow_pickle,
@@ -207,6 +209,16 @@ def rpq(
         highlight=False,
         soft_wrap=True,
     )
+
+
+def unfragmented_cuda_memory() -> None:
+    """A conversion allocates blocks, states and fitting work of ever-changing sizes: with torch's default fixed
+    segments, the GPU memory it reserved was twice what it used at once (a 7B-class model on an H100: 28.8 GB
+    reserved, 15.4 GB allocated). Segments that grow in place (PyTorch's ``expandable_segments``) keep the two close.
+    Set before CUDA starts, and only where the user has not set torch's allocator options already."""
+    import os
+
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def size_warnings(summary) -> list[str]:

@@ -335,6 +335,7 @@ def totals_lines(summary: ConversionSummary) -> list[str]:
         lines.append(
             f"fine-tuning: {f['steps']} steps, held-out KL to the original {f['held_out_kl_before']:.4f} -> "
             f"{f['held_out_kl_after']:.4f}" + (" (kept the fit before fine-tuning: it was better)" if f.get("reverted") else "")
+            + _checkpointing_note(f.get("activation_checkpointing"))
         )
     reasons: dict[str, list[str]] = {}
     for name, reason in summary.dense_layers.items():
@@ -343,3 +344,11 @@ def totals_lines(summary: ConversionSummary) -> list[str]:
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         lines.append(f"dense ({reason}): {shown}")
     return lines
+
+
+def _checkpointing_note(choice: dict | None) -> str:
+    """Where the blocks were checkpointed while fine-tuning: why (the estimate against the free memory)."""
+    if not choice or not choice.get("checkpointed"):
+        return ""
+    return (f"; blocks recomputed in the backward pass (activation checkpointing): one step's activations were estimated "
+            f"at {choice['estimate_bytes'] / 2**30:.1f} GiB with {choice['free_bytes'] / 2**30:.1f} GiB free")

@@ -95,6 +95,7 @@ def test_bad_settings_fail_before_the_model_loads(tmp_path, monkeypatch):
     assert_one_line_error(run_cli("rpq", *out, "--codebook-bits", "12"), "--codebook-bits must be 8 or 16")
     assert_one_line_error(run_cli("rpq", *out, "--calib-tokens", "0"), "--calib-tokens", "positive")
     assert_one_line_error(run_cli("rpq", *out, "--finetune-steps", "-1"), "--finetune-steps")
+    assert_one_line_error(run_cli("rpq", *out, "--finetune-checkpointing", "always"), "--finetune-checkpointing", "auto, on, off")
     assert_one_line_error(run_cli("rpq", *out, "--calib", str(tmp_path / "missing.txt")), "--calib", "does not exist")
     (tmp_path / "empty.txt").write_text("  \n")
     assert_one_line_error(run_cli("rpq", *out, "--calib", str(tmp_path / "empty.txt")), "--calib", "is empty")

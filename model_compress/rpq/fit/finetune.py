@@ -34,8 +34,9 @@ from ...core.placement import return_tensors, tensor_devices
 from ...core.workers import Workers
 from ..kernels.plans import invalidate_all
 
+from .activation_checkpoint import CheckpointChoice, checkpointed_blocks, choose
 from .codebooks import CodebookSet
-from .stack import call_model
+from .stack import call_model, find_stack
 
 TOP_K = 128  # teacher log-probabilities kept per token
 WARMUP_FRACTION = 0.05
@@ -45,12 +46,13 @@ BACKOFF = 0.5  # the learning rate's factor each time a held-out check finds the
 
 @dataclass
 class FinetuneSettings:
-    """Steps (0: none), Adam's learning rate, calibration windows per step."""
+    """Steps (0: none), Adam's learning rate, calibration windows per step, blocks checkpointed (auto, on, off)."""
 
     steps: int = 0
     lr: float = 1e-4
     windows_per_step: int = 1
     seed: int = 0
+    checkpointing: str = "auto"
 
 
 class Teacher:
@@ -141,6 +143,7 @@ class FinetuneReport:
     seconds: float
     curve: list[dict] = field(default_factory=list)
     backoffs: int = 0
+    checkpointing: CheckpointChoice | None = None
 
     @property
     def reverted(self) -> bool:
@@ -151,6 +154,7 @@ class FinetuneReport:
             "steps": self.steps, "lr": self.lr, "held_out_kl_before": self.held_out_kl_before,
             "held_out_kl_after": self.held_out_kl_after, "best_step": self.best_step, "reverted": self.reverted,
             "backoffs": self.backoffs, "seconds": self.seconds, "curve": self.curve,
+            "activation_checkpointing": self.checkpointing.to_json() if self.checkpointing else None,
         }
 
 
@@ -186,6 +190,9 @@ def finetune(
     dtypes = _dtypes(model)
     _place(model, device, torch.float32)
     trainable = _trainable(model)
+    stack = find_stack(model, [name for name, module in model.named_modules() if _is_rpq(module)])
+    checkpointing = choose(model, stack, fit_windows.shape[1] * settings.windows_per_step, torch.device(device),
+                           settings.checkpointing)
     judge = held_windows if held_windows.shape[0] else fit_windows[:1]
     judge_teacher = teacher.held_out if held_windows.shape[0] else teacher.fit[:1]
     was_training = model.training
@@ -194,46 +201,47 @@ def finetune(
     best = (before, 0, [p.detach().clone() for p in trainable])
     curve: list[dict] = [{"step": 0, "held_out": before}]
     backoffs = 0
-    if settings.steps > 0 and trainable:
-        shape = _warmup_cosine(settings.steps)
-        optimizer = torch.optim.Adam(trainable, lr=settings.lr)
-        generator = torch.Generator().manual_seed(settings.seed)
-        order: list[int] = []
-        running, counted = 0.0, 0
-        checkpoints = {max(1, round(settings.steps * (i + 1) / EVALUATIONS)) for i in range(EVALUATIONS)}
-        for step in range(1, settings.steps + 1):
-            if len(order) < settings.windows_per_step:
-                order += torch.randperm(fit_windows.shape[0], generator=generator).tolist()
-            chosen, order = order[: settings.windows_per_step], order[settings.windows_per_step :]
-            mine = workers.share(chosen)  # all of them alone
-            optimizer.zero_grad(set_to_none=True)
-            loss = torch.zeros((), device=device)
-            if mine:
-                with torch.enable_grad(), _mixed_precision(device):
-                    output = call_model(model, fit_windows[mine].to(device))
-                    # this share's part of the mean over every chosen window (windows are equally long)
-                    loss = distillation_loss(output, [teacher.fit[i] for i in mine]) * (len(mine) / len(chosen))
-                    loss.backward()
-            if workers.spread:
-                loss = _summed_step(trainable, loss.detach().float(), workers)
-            for group in optimizer.param_groups:
-                group["lr"] = settings.lr * BACKOFF**backoffs * shape(step - 1)
-            optimizer.step()
-            running, counted = running + float(loss.detach()), counted + 1
-            if step in checkpoints:
-                score = workers.broadcast(held_out_loss(model, judge, judge_teacher, device), 0)
-                curve.append({"step": step, "train": running / counted, "held_out": score, "lr_factor": BACKOFF**backoffs})
-                running, counted = 0.0, 0
-                if score < best[0]:
-                    best = (score, step, [p.detach().clone() for p in trainable])
-                elif step < settings.steps:  # overshot: back to the best state, a fresh Adam, half the rate
-                    with torch.no_grad():
-                        for parameter, kept in zip(trainable, best[2]):
-                            parameter.copy_(kept)
-                    optimizer = torch.optim.Adam(trainable, lr=settings.lr)
-                    backoffs += 1
-            if on_step is not None:
-                on_step(step, settings.steps)
+    with checkpointed_blocks(stack, checkpointing.checkpointed):
+        if settings.steps > 0 and trainable:
+            shape = _warmup_cosine(settings.steps)
+            optimizer = torch.optim.Adam(trainable, lr=settings.lr)
+            generator = torch.Generator().manual_seed(settings.seed)
+            order: list[int] = []
+            running, counted = 0.0, 0
+            checkpoints = {max(1, round(settings.steps * (i + 1) / EVALUATIONS)) for i in range(EVALUATIONS)}
+            for step in range(1, settings.steps + 1):
+                if len(order) < settings.windows_per_step:
+                    order += torch.randperm(fit_windows.shape[0], generator=generator).tolist()
+                chosen, order = order[: settings.windows_per_step], order[settings.windows_per_step :]
+                mine = workers.share(chosen)  # all of them alone
+                optimizer.zero_grad(set_to_none=True)
+                loss = torch.zeros((), device=device)
+                if mine:
+                    with torch.enable_grad(), _mixed_precision(device):
+                        output = call_model(model, fit_windows[mine].to(device))
+                        # this share's part of the mean over every chosen window (windows are equally long)
+                        loss = distillation_loss(output, [teacher.fit[i] for i in mine]) * (len(mine) / len(chosen))
+                        loss.backward()
+                if workers.spread:
+                    loss = _summed_step(trainable, loss.detach().float(), workers)
+                for group in optimizer.param_groups:
+                    group["lr"] = settings.lr * BACKOFF**backoffs * shape(step - 1)
+                optimizer.step()
+                running, counted = running + float(loss.detach()), counted + 1
+                if step in checkpoints:
+                    score = workers.broadcast(held_out_loss(model, judge, judge_teacher, device), 0)
+                    curve.append({"step": step, "train": running / counted, "held_out": score, "lr_factor": BACKOFF**backoffs})
+                    running, counted = 0.0, 0
+                    if score < best[0]:
+                        best = (score, step, [p.detach().clone() for p in trainable])
+                    elif step < settings.steps:  # overshot: back to the best state, a fresh Adam, half the rate
+                        with torch.no_grad():
+                            for parameter, kept in zip(trainable, best[2]):
+                                parameter.copy_(kept)
+                        optimizer = torch.optim.Adam(trainable, lr=settings.lr)
+                        backoffs += 1
+                if on_step is not None:
+                    on_step(step, settings.steps)
     with torch.no_grad():
         for parameter, kept in zip(trainable, best[2]):
             parameter.copy_(kept)
@@ -247,7 +255,8 @@ def finetune(
     after = held_out_loss(_place(model, device), judge, judge_teacher, device) if settings.steps else before
     return_tensors(model, homes)
     invalidate_all()  # launch plans kept by the layers hold these tensors
-    return FinetuneReport(settings.steps, settings.lr, before, after, best[1], time.perf_counter() - start, curve, backoffs)
+    return FinetuneReport(settings.steps, settings.lr, before, after, best[1], time.perf_counter() - start, curve, backoffs,
+                          checkpointing)
 
 
 def _summed_step(trainable: list[nn.Parameter], loss: Tensor, workers: Workers) -> Tensor:
@@ -288,7 +297,7 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     chosen: dict[int, nn.Parameter] = {}
     for module in model.modules():
         own = dict(module.named_parameters(recurse=False))
-        if hasattr(module, "indices") and hasattr(module, "code_bits"):  # an RPQ module
+        if _is_rpq(module):
             picked = [own.get("codebooks"), own.get("bias")]
         elif "norm" in type(module).__name__.lower():
             picked = [own.get("weight"), own.get("bias")]
@@ -300,6 +309,10 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     for parameter in model.parameters():
         parameter.requires_grad_(id(parameter) in chosen)
     return list(chosen.values())
+
+
+def _is_rpq(module: nn.Module) -> bool:
+    return hasattr(module, "indices") and hasattr(module, "code_bits")
 
 
 def _place(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
