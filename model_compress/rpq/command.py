@@ -150,7 +150,6 @@ def rpq(
     from ..core.sources import parse_device, parse_dtype
     from ..core.workers import from_launcher
 
-    unfragmented_cuda_memory()
     check_spread(gpus, device)
     if gpus > 1:  # what every process would refuse alike is refused once, here
         from ..core.checkpoint import check_output_folder
@@ -209,16 +208,6 @@ def rpq(
         highlight=False,
         soft_wrap=True,
     )
-
-
-def unfragmented_cuda_memory() -> None:
-    """A conversion allocates blocks, states and fitting work of ever-changing sizes: with torch's default fixed
-    segments, the GPU memory it reserved was twice what it used at once (a 7B-class model on an H100: 28.8 GB
-    reserved, 15.4 GB allocated). Segments that grow in place (PyTorch's ``expandable_segments``) keep the two close.
-    Set before CUDA starts, and only where the user has not set torch's allocator options already."""
-    import os
-
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def size_warnings(summary) -> list[str]:
