@@ -108,7 +108,7 @@ def rpq(
     calib_seq_len: Annotated[Optional[int], typer.Option(help="Calibration window in tokens (default: min(2048, the model's context)).")] = None,
     finetune_steps: Annotated[Optional[int], typer.Option(help=f"End-to-end fine-tuning steps on KL to the original, codes fixed (default: {FINETUNE_STEPS['cuda']} on CUDA, {FINETUNE_STEPS['cpu']} on a CPU).")] = None,
     finetune_lr: Annotated[float, typer.Option(help="Adam learning rate of the fine-tuning.")] = 1e-4,
-    finetune_checkpointing: Annotated[str, typer.Option(help="Recompute each block in the backward pass instead of keeping its activations while fine-tuning: auto (where one step's estimated activations do not fit half the free memory), on or off. Same result; on costs about a third more fine-tuning time.")] = "auto",
+    finetune_checkpointing: Annotated[str, typer.Option(help="Recompute each block in the backward pass instead of keeping its activations while fine-tuning: auto (where one step's estimated activations do not fit half the free memory), on or off. The same steps; on costs one more forward pass of each block per step.")] = "auto",
     rounds: Annotated[
         Optional[int], typer.Option(help=f"Most rounds of code sweep + codebook refit per layer (default: {DEFAULT_ROUNDS['cuda']} on CUDA, {DEFAULT_ROUNDS['cpu']} on a CPU).")
     ] = None,

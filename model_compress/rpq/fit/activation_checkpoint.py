@@ -4,8 +4,9 @@ A training step keeps every block's activations for the backward pass, and under
 weight as a 16-bit copy too. For a 7B-class model and one 2,048-token window that is tens of GB: on an H100 the first
 fine-tuning step of such a model ran out of its 80 GB at the last block. With each block checkpointed
 (``torch.utils.checkpoint``, non-reentrant) only the blocks' inputs are kept, and the backward pass recomputes one
-block at a time: about a third more compute, the same gradients. So it is switched on only where the estimate below
-does not fit ``FREE_FRACTION`` of the memory free when training starts, and the fine-tuning report says which.
+block at a time: one more forward pass of each block per step, the same gradients. So ``auto`` switches it on only
+where the estimate below does not fit ``FREE_FRACTION`` of the memory free when training starts (``--finetune-checkpointing``
+on / off decide instead), and the fine-tuning report says which.
 
 transformers' own ``gradient_checkpointing_enable`` acts only in training mode, and fine-tuning runs the model in
 evaluation mode (no dropout: the student matches the teacher's deterministic outputs), so the blocks are wrapped
