@@ -43,9 +43,13 @@ def test_linear_dispatch_uses_histogram_for_few_tokens(monkeypatch):
     calls = []
     monkeypatch.setattr(kernels, "linear_histogram", lambda *a: calls.append("hist") or torch.zeros(1))
     monkeypatch.setattr(kernels, "linear_reference", lambda *a: calls.append("ref") or torch.zeros(1))
-    layer(torch.randn(1, 64))  # 1 token <= 2 * D = 16
-    layer(torch.randn(100, 64))
+    with torch.no_grad():
+        layer(torch.randn(1, 64))  # 1 token <= 2 * D = 16
+        layer(torch.randn(100, 64))
     assert calls == ["hist", "ref"]
+    layer(torch.randn(1, 64))  # autograd recording: the histogram still for a few tokens
+    layer(torch.randn(100, 64))  # the product that keeps only packed codes for many (kernels/trainable_product.py)
+    assert calls == ["hist", "ref", "hist"]
 
 
 @pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)])

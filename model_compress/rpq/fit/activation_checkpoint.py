@@ -1,8 +1,8 @@
 """Activation checkpointing of a model's blocks while fine-tuning, where one window's activations would not fit.
 
-A training step keeps every block's activations for the backward pass, and under bfloat16 autocast each layer's
-weight as a 16-bit copy too. For a 7B-class model and one 2,048-token window that is tens of GB: on an H100 the first
-fine-tuning step of such a model ran out of its 80 GB at the last block. With each block checkpointed
+A training step keeps every block's activations for the backward pass. For a 7B-class model and one 2,048-token
+window that is about 20 GB, and it was more than the H100's 80 GB before the compressed layers' product stopped
+keeping int64 codes and a 16-bit copy of each weight (``kernels/trainable_product.py``). With each block checkpointed
 (``torch.utils.checkpoint``, non-reentrant) only the blocks' inputs are kept, and the backward pass recomputes one
 block at a time: one more forward pass of each block per step, the same gradients. So ``auto`` switches it on only
 where the estimate below does not fit ``FREE_FRACTION`` of the memory free when training starts (``--finetune-checkpointing``
@@ -14,10 +14,10 @@ here, for every family that has a stack of blocks.
 
 The estimate (bytes, one window of ``tokens``): per block ``tokens * hidden * 34`` (the activations a transformer
 block keeps, after Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models", 2022) doubled
-for float32 residuals, plus ``5 * heads * tokens**2`` doubled where attention is computed eagerly (its score matrices;
-fused attention keeps none), plus what each layer keeps of its weight (a 16-bit copy, and an RPQ layer's codes as
-int64 for its gather: 10 bytes a weight, which alone is 65 GB for a 7B-class model); and the head's logits three times
-in float32 (logits, log-probabilities, their gradient).
+for float32 residuals (a Llama block with fp32 weights under bfloat16 autocast kept 56 bytes per token and hidden
+unit on a CPU), plus ``5 * heads * tokens**2`` doubled where attention is computed eagerly (its score matrices; fused
+attention keeps none), plus a 16-bit copy of each dense layer's weight (2 bytes a weight; compressed layers keep
+only their packed codes); and the head's logits three times in float32 (logits, log-probabilities, their gradient).
 """
 
 from __future__ import annotations
@@ -122,12 +122,12 @@ def _first_int(config, names: tuple[str, ...]) -> int | None:
 
 
 def _weight_bytes(module: nn.Module) -> int:
-    """What a linear-like layer keeps for the backward pass per step: its 16-bit copy under autocast (2 bytes a
-    weight), and for an RPQ layer also the int64 codes its decoding gathers with (8 more); 0 for anything else."""
+    """What a layer keeps of its weight for the backward pass per step: a dense linear layer its 16-bit copy under
+    autocast (2 bytes a weight); a compressed one nothing beyond its packed codes, which it holds anyway."""
     rows, columns = getattr(module, "out_features", None), getattr(module, "in_features", None)
-    if not (isinstance(rows, int) and isinstance(columns, int)):
+    if not (isinstance(rows, int) and isinstance(columns, int)) or hasattr(module, "code_bits"):
         return 0
-    return rows * columns * (10 if hasattr(module, "code_bits") else 2)
+    return 2 * rows * columns
 
 
 def _widest_input(block: nn.Module) -> int:

@@ -156,10 +156,14 @@ def linear_forward(
 
 def linear_torch(x: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None) -> Tensor:
     """The torch forms only (any codes, any device): the histogram for a few tokens, decode + GEMM otherwise."""
-    tokens = x.numel() // codes.shape[1]
-    if tokens <= HISTOGRAM_TOKENS_PER_PIECE * codebooks.shape[2]:
+    if histogram_serves(x.numel() // codes.shape[1], codebooks):
         return linear_histogram(x, codebooks, codes, bias)
     return linear_reference(x, codebooks, codes, bias)
+
+
+def histogram_serves(tokens: int, codebooks: Tensor) -> bool:
+    """Whether ``linear_torch`` computes this many tokens by histogram (a few tokens) rather than decoding W."""
+    return tokens <= HISTOGRAM_TOKENS_PER_PIECE * codebooks.shape[2]
 
 
 def gated_linear_forward(

@@ -22,6 +22,7 @@ from .config import options
 from .config.packed_routes import (HEAD_CHUNK_BYTES, HEAD_FUSED_TOKENS, NIBBLE_GROUPS, NIBBLE_ROUTED_BITS,
                                    NIBBLE_ROUTED_DTYPES, NIBBLE_ROUTES, nibble_prompt_tile, packed_tile)
 from .layout import LINEAR, codebook_values, decode as decode_dense, unpack_codes
+from .trainable_product import records, trainable_linear, trainable_tied_head
 
 
 @functools.cache
@@ -41,7 +42,7 @@ def packed_kernels(tensor: Tensor, *trained: Tensor | None):
     """
     if tensor.device.type != "cuda" or not options.current().triton:
         return None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (tensor, *trained)):
+    if records(tensor, *trained):
         return None
     return _imported_packed_kernels()
 
@@ -109,6 +110,9 @@ def linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | No
     kernels = packed_kernels(x, codebooks, scales, bias)
     if kernels is None:
         def torch_form(x: Tensor) -> Tensor:
+            many = not torch_forms.histogram_serves(x.numel() // in_features, codebooks)
+            if many and records(x, codebooks, scales, bias):  # fine-tuning: keep the packed codes, not int64 ones and W'
+                return trainable_linear(x, codebook_values(codebooks, scales), codes, bits, in_features, bias)
             values = codebook_values(codebooks, scales, x.dtype)
             return torch_forms.linear_torch(x, values, unpack_codes(codes, bits, in_features), bias)
 
@@ -206,6 +210,8 @@ def tied_head_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor |
     kernels = packed_kernels(x, codebooks, scales, bias)
     if kernels is None:
         def torch_form(x: Tensor) -> Tensor:
+            if records(x, codebooks, scales, bias):  # fine-tuning, as for a Linear
+                return trainable_tied_head(x, codebook_values(codebooks, scales), codes, bits, vocab, bias)
             return torch_forms.tied_head_torch(x, codebook_values(codebooks, scales, x.dtype), unpack_codes(codes, bits, vocab),
                                                bias)
 
