@@ -153,10 +153,10 @@ def rpq(
     check_spread(gpus, device)
     if gpus > 1:  # what every process would refuse alike is refused once, here
         from ..core.checkpoint import check_output_folder
-        from .pipeline import refuse_spread_resume
+        from .resume import check_resumable
 
-        refuse_spread_resume(True, resume)
         check_output_folder(output, force)
+        check_resumable(output, resume)
         run_spread(ctx, gpus)
         return
     from .convert import RPQSettings

@@ -103,7 +103,6 @@ def compress_rpq(
     output, and the others return their model (the leader's, to float rounding) with ``output`` None.
     """
     workers = workers or Workers()
-    refuse_spread_resume(workers.spread, resume)
     calibration = calibration or CalibrationOptions()
     out = Path(output) if output is not None else None
     if out is not None:
@@ -131,8 +130,9 @@ def compress_rpq(
     windows = _calibration(network, tokenizer, text, calibration, settings.device, finetuning.steps > 0) if text is not None else None
     teacher = Teacher() if windows is not None and finetuning.steps > 0 else None
     store = None
-    if out is not None and not workers.spread:  # a spread run cannot be resumed: nothing kept for it
-        store = ResumeStore.open(out, _fingerprint(source, settings, windows, finetuning, dtype), resume, force)
+    if out is not None:
+        store = ResumeStore.open(out, _fingerprint(source, settings, windows, finetuning, dtype, workers), resume, force,
+                                 workers)
     record = teacher.record if teacher else None
     if teacher is not None and store is not None:
         saved = store.saved_teacher()  # a resumed run: the stopped run's, recorded already
@@ -171,12 +171,6 @@ def compress_rpq(
     return RPQRun(network, config, summary, source, out if workers.leader else None, conversion, report, certified)
 
 
-def refuse_spread_resume(spread: bool, resume: bool) -> None:
-    """A spread run keeps no resume folder, so it cannot be resumed."""
-    if spread and resume:
-        raise UserError("--resume: a conversion spread over several processes cannot be resumed yet; run it again")
-
-
 @contextlib.contextmanager
 def _kept_on_interrupt(store: ResumeStore | None) -> Iterator[None]:
     """Ctrl-C: where the work so far is kept and how to go on; with nothing saved yet, the folder goes too."""
@@ -193,10 +187,12 @@ def _kept_on_interrupt(store: ResumeStore | None) -> Iterator[None]:
 
 
 def _fingerprint(source: ModelSource, settings: RPQSettings, windows: CalibrationSet | None, finetuning: FinetuneSettings,
-                 dtype: torch.dtype | None) -> dict:
-    """What a resumed run must share with the stopped one for the two to make the same checkpoint."""
+                 dtype: torch.dtype | None, workers: Workers) -> dict:
+    """What a resumed run must share with the stopped one for the two to make the same checkpoint (a spread run: also
+    its number of processes, which shares out the calibration batches and the teacher's windows)."""
     location = Path(source.path) / source.gguf_file if source.gguf_file else Path(source.path)
-    return {
+    spread = {"processes": workers.world} if workers.spread else {}
+    return {**spread,
         "source": source.label,
         "source files": source_files(location) if location.exists() else None,
         "settings": {key: str(value) if isinstance(value, torch.device) else value for key, value in vars(settings).items()},

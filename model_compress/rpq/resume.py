@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..core.errors import UserError
+from ..core.workers import Workers
 from .fit.allocate import Option
 from .fit.finetune import Teacher
 from .fit.formats import CodeFormat
@@ -40,6 +41,13 @@ TEACHER_FILE = "teacher.safetensors"
 
 def resume_folder(out: Path) -> Path:
     return out.parent / f".{out.name}.resume"
+
+
+def check_resumable(out: Path, resume: bool) -> None:
+    """``--resume`` needs a stopped conversion into ``out``: one line where there is none."""
+    folder = resume_folder(out)
+    if resume and not folder.exists():
+        raise UserError(f"--resume: nothing to resume for '{out}' (no stopped conversion at '{folder}')")
 
 
 def digest(tensor: Tensor) -> str:
@@ -56,14 +64,39 @@ def source_files(path: Path) -> dict[str, list[int]]:
 
 
 class ResumeStore:
-    """The resume folder of one output folder: opened fresh, or reopened for ``--resume`` after checking it matches."""
+    """The resume folder of one output folder: opened fresh, or reopened for ``--resume`` after checking it matches.
 
-    def __init__(self, folder: Path, state: dict[str, Any]) -> None:
+    In a run spread over several processes (``core.workers``) the leader opens and checks it and hands its state to
+    the others, which read what a stopped run saved and write nothing but their own share of the teacher's outputs
+    (each process records the windows it ran); every process thus decides alike, and its collectives stay in step.
+    """
+
+    def __init__(self, folder: Path, state: dict[str, Any], workers: Workers | None = None) -> None:
         self.folder, self.state = folder, state
-        self.teacher: Teacher | None = None  # the run's teacher, saved by ``teacher_recorded``
+        self.workers = workers or Workers()
+        self.teacher: Teacher | None = None  # the run's teacher (this process's share), saved by ``teacher_recorded``
 
     @classmethod
-    def open(cls, out: Path, fingerprint: dict[str, Any], resume: bool, force: bool) -> ResumeStore:
+    def open(cls, out: Path, fingerprint: dict[str, Any], resume: bool, force: bool,
+             workers: Workers | None = None) -> ResumeStore:
+        workers = workers or Workers()
+        if not workers.spread:
+            return cls(resume_folder(out), cls._opened_state(out, fingerprint, resume, force), workers)
+        opened: tuple[dict[str, Any] | None, str | None] = (None, None)
+        if workers.leader:
+            try:
+                opened = (cls._opened_state(out, fingerprint, resume, force), None)
+            except UserError as error:
+                opened = (None, str(error))
+        state, refusal = workers.broadcast(opened, 0)
+        if refusal is not None:
+            raise UserError(refusal)
+        return cls(resume_folder(out), state, workers)
+
+    @classmethod
+    def _opened_state(cls, out: Path, fingerprint: dict[str, Any], resume: bool, force: bool) -> dict[str, Any]:
+        """The state of the resume folder of ``out``: a stopped run's, checked against ``fingerprint``, or a new
+        folder's (made here)."""
         folder = resume_folder(out)
         if folder.exists() and resume:
             try:
@@ -73,18 +106,17 @@ class ResumeStore:
             difference = first_difference(state.get("fingerprint", {}), fingerprint)
             if difference is not None:
                 raise UserError(f"--resume: {difference} differs from the stopped run's; rerun with its settings, or pass --force to start over")
-            return cls(folder, state)
-        if resume:
-            raise UserError(f"--resume: nothing to resume for '{out}' (no stopped conversion at '{folder}')")
+            return state
+        check_resumable(out, resume)
         if folder.exists():
             if not force:
                 raise UserError(f"a stopped conversion into '{out}' is saved at '{folder}': pass --resume to go on with it, "
                                 "or --force to start over")
             shutil.rmtree(folder)
-        store = cls(folder, {"fingerprint": fingerprint, "allocation": None, "layers": {}, "files": 0})
+        store = cls(folder, {"fingerprint": fingerprint, "allocation": None, "layers": {}, "files": 0, "sensitivity": False})
         store._guarded(lambda: folder.mkdir(parents=True))
         store._write_state()
-        return store
+        return store.state
 
     # -- what was done ------------------------------------------------------------------------------------
 
@@ -95,7 +127,7 @@ class ResumeStore:
 
     def sensitivity(self) -> dict[str, Sensitivity] | None:
         path = self.folder / SENSITIVITY_FILE
-        if not path.is_file():
+        if not self.state.get("sensitivity", path.is_file()):  # a spread run: as the state says (the leader writes it)
             return None
         tensors = load_file(str(path))
         names = {key.rsplit(".", 1)[0] for key in tensors}
@@ -111,8 +143,18 @@ class ResumeStore:
         return {**saved, "chosen": chosen, "options": options}
 
     def saved_teacher(self) -> Teacher | None:
-        path = self.folder / TEACHER_FILE
-        return Teacher.from_tensors(load_file(str(path))) if path.is_file() else None
+        """This process's share of the teacher a stopped run saved; None unless every process's share was saved (so
+        that all of them decide alike whether to record it again)."""
+        paths = [self._teacher_path(rank) for rank in range(self.workers.world)]
+        if not all(path.is_file() for path in paths):
+            return None
+        return Teacher.from_tensors(load_file(str(paths[self.workers.rank])))
+
+    def _teacher_path(self, rank: int | None = None) -> Path:
+        """A process's teacher file: one for a lone process, one per process (its share) in a spread run."""
+        if not self.workers.spread:
+            return self.folder / TEACHER_FILE
+        return self.folder / f"teacher-{self.workers.rank if rank is None else rank}-of-{self.workers.world}.safetensors"
 
     def layer_tensors(self, name: str) -> dict[str, Tensor]:
         stored = load_file(str(self.folder / self.finished[name]["file"]))
@@ -125,13 +167,17 @@ class ResumeStore:
         tensors = {}
         for name, entry in sensitivity.items():
             tensors[f"{name}.fisher"], tensors[f"{name}.energy"] = entry.fisher.contiguous(), entry.energy.contiguous()
-        self._guarded(lambda: save_file(tensors, str(self.folder / SENSITIVITY_FILE)))
+        if self.workers.leader:
+            self._guarded(lambda: save_file(tensors, str(self.folder / SENSITIVITY_FILE)))
+        self.state["sensitivity"] = True
+        self._write_state()
 
     def teacher_recorded(self) -> None:
         """Called once the pass that records the teacher has run: save it (when the run has one)."""
-        if self.teacher is not None and not (self.folder / TEACHER_FILE).is_file():
+        path = self._teacher_path()
+        if self.teacher is not None and not path.is_file():
             tensors = self.teacher.tensors()
-            self._guarded(lambda: save_file(tensors, str(self.folder / TEACHER_FILE)))
+            self._guarded(lambda: save_file(tensors, str(path)))
 
     def save_allocation(self, chosen: dict[str, Option], options: dict[str, list[Option]], extra: dict[str, Any]) -> None:
         self.state["allocation"] = {
@@ -147,9 +193,10 @@ class ResumeStore:
         if not modules:
             return
         name = f"layers-{self.state['files']:05d}.safetensors"
-        tensors = {f"{layer}.{key}": value.detach().cpu().contiguous()
-                   for layer, module in modules.items() for key, value in module.state_dict().items()}
-        self._guarded(lambda: save_file(tensors, str(self.folder / name)))
+        if self.workers.leader:  # every process holds every finished layer: the leader saves them
+            tensors = {f"{layer}.{key}": value.detach().cpu().contiguous()
+                       for layer, module in modules.items() for key, value in module.state_dict().items()}
+            self._guarded(lambda: save_file(tensors, str(self.folder / name)))
         self.state["files"] += 1
         for layer in modules:
             self.finished[layer] = {**figures[layer], "file": name}
@@ -158,13 +205,17 @@ class ResumeStore:
     @property
     def holds_work(self) -> bool:
         """Anything saved beyond the fingerprint: the Fisher weights, the allocation, the teacher or a layer."""
-        return bool(self.finished) or self.state["allocation"] is not None or any(
-            (self.folder / name).is_file() for name in (SENSITIVITY_FILE, TEACHER_FILE))
+        return bool(self.finished) or self.state["allocation"] is not None or (self.folder / SENSITIVITY_FILE).is_file() \
+            or any(self.folder.glob("teacher*.safetensors"))
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.workers.leader:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def _write_state(self) -> None:
+        if not self.workers.leader:  # the others keep theirs in memory, the same as the leader's
+            return
+
         def write() -> None:
             partial = self.folder / f"{STATE_FILE}.partial"
             partial.write_text(json.dumps(self.state, indent=1))

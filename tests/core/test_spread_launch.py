@@ -75,4 +75,4 @@ def test_compress_rpq_gpus_refuses_once_what_every_process_would_refuse(tmp_path
     result = CliRunner().invoke(app, ["rpq", "-o", str(out), "--gpus", "2", "--device", "cpu"])
     assert result.exit_code == 1 and "already exists" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["rpq", "-o", str(tmp_path / "new"), "--gpus", "2", "--device", "cpu", "--resume"])
-    assert result.exit_code == 1 and "cannot be resumed yet" in result.output
+    assert result.exit_code == 1 and "nothing to resume" in result.output and "Traceback" not in result.output
