@@ -6,7 +6,8 @@
 # device's calls are 10 minutes; a conversion is chained over several). Reports the segment's wall time, blocks done,
 # the process's peak host memory (VmHWM) and the GPU's peak memory in use (nvidia-smi, every 0.5 s).
 # Carry .device/plans (the wheels the image lacks and the tokenizer files). SEGMENT (default 300) and RPQ_ARGS pass on;
-# BLOCKS (default 32) builds the same shapes with fewer blocks, for a whole conversion (fine-tuning included) in one call.
+# BLOCKS (default 32) builds the same shapes with fewer blocks, for a whole conversion (fine-tuning included) in one call;
+# EVAL=1 evaluates the result once the conversion is complete (the end of this file).
 set -uo pipefail
 OUT=${OUT:-/tmp/big-segment}
 mkdir -p "$OUT" /tmp/site
@@ -65,3 +66,9 @@ kill $sampler 2>/dev/null
 echo "GPU memory in use, peak: $(sort -n "$OUT/gpu_memory_mib.log" | tail -1) MiB" | tee -a "$OUT/segment.txt"
 cp /tmp/segment_log.txt "$OUT/" 2>/dev/null
 ls "/tmp/.$NAME-out.resume" 2>/dev/null | head -5
+# EVAL=1: once the conversion is complete, `compress eval` of the result against the original on the GPU (speed and
+# memory; random weights make its perplexity meaningless), EVAL_ARGS passed on
+if [ "${EVAL:-0}" = 1 ] && [ -f "/tmp/$NAME-out/config.json" ]; then
+  timeout "${EVAL_SECONDS:-400}" python3 -m model_compress.cli.app eval "/tmp/$NAME-out" --device cuda --force \
+    --json "$OUT/eval_report.json" ${EVAL_ARGS:---max-tokens 8192} 2>&1 | tee "$OUT/eval.log" | tail -30
+fi
