@@ -198,50 +198,13 @@ def finetune(
     was_training = model.training
     model.eval()  # no dropout: the student should match the teacher's deterministic outputs
     before = workers.broadcast(held_out_loss(model, judge, judge_teacher, device), 0)
-    best = (before, 0, [p.detach().clone() for p in trainable])
-    curve: list[dict] = [{"step": 0, "held_out": before}]
-    backoffs = 0
-    with checkpointed_blocks(stack, checkpointing.checkpointed):
-        if settings.steps > 0 and trainable:
-            shape = _warmup_cosine(settings.steps)
-            optimizer = torch.optim.Adam(trainable, lr=settings.lr)
-            generator = torch.Generator().manual_seed(settings.seed)
-            order: list[int] = []
-            running, counted = 0.0, 0
-            checkpoints = {max(1, round(settings.steps * (i + 1) / EVALUATIONS)) for i in range(EVALUATIONS)}
-            for step in range(1, settings.steps + 1):
-                if len(order) < settings.windows_per_step:
-                    order += torch.randperm(fit_windows.shape[0], generator=generator).tolist()
-                chosen, order = order[: settings.windows_per_step], order[settings.windows_per_step :]
-                mine = workers.share(chosen)  # all of them alone
-                optimizer.zero_grad(set_to_none=True)
-                loss = torch.zeros((), device=device)
-                if mine:
-                    with torch.enable_grad(), _mixed_precision(device):
-                        output = call_model(model, fit_windows[mine].to(device))
-                        # this share's part of the mean over every chosen window (windows are equally long)
-                        loss = distillation_loss(output, [teacher.fit[i] for i in mine]) * (len(mine) / len(chosen))
-                        loss.backward()
-                if workers.spread:
-                    loss = _summed_step(trainable, loss.detach().float(), workers)
-                for group in optimizer.param_groups:
-                    group["lr"] = settings.lr * BACKOFF**backoffs * shape(step - 1)
-                optimizer.step()
-                running, counted = running + float(loss.detach()), counted + 1
-                if step in checkpoints:
-                    score = workers.broadcast(held_out_loss(model, judge, judge_teacher, device), 0)
-                    curve.append({"step": step, "train": running / counted, "held_out": score, "lr_factor": BACKOFF**backoffs})
-                    running, counted = 0.0, 0
-                    if score < best[0]:
-                        best = (score, step, [p.detach().clone() for p in trainable])
-                    elif step < settings.steps:  # overshot: back to the best state, a fresh Adam, half the rate
-                        with torch.no_grad():
-                            for parameter, kept in zip(trainable, best[2]):
-                                parameter.copy_(kept)
-                        optimizer = torch.optim.Adam(trainable, lr=settings.lr)
-                        backoffs += 1
-                if on_step is not None:
-                    on_step(step, settings.steps)
+    run = _Training(model, trainable, settings, device, workers, lambda: held_out_loss(model, judge, judge_teacher, device))
+    run.best = (before, 0, [p.detach().clone() for p in trainable])
+    run.curve.append({"step": 0, "held_out": before})
+    if settings.steps > 0 and trainable:
+        with checkpointed_blocks(stack, checkpointing.checkpointed):
+            run.train(fit_windows, teacher, on_step)
+    best, curve, backoffs = run.best, run.curve, run.backoffs
     with torch.no_grad():
         for parameter, kept in zip(trainable, best[2]):
             parameter.copy_(kept)
@@ -257,6 +220,74 @@ def finetune(
     invalidate_all()  # launch plans kept by the layers hold these tensors
     return FinetuneReport(settings.steps, settings.lr, before, after, best[1], time.perf_counter() - start, curve, backoffs,
                           checkpointing)
+
+
+class _Training:
+    """The steps of one fine-tuning: Adam on the trainable tensors, held-out checks that keep the best state and back
+    off the learning rate where a check finds the loss above the best (module docstring)."""
+
+    def __init__(self, model: nn.Module, trainable: list[nn.Parameter], settings: FinetuneSettings, device: torch.device,
+                 workers: Workers, held_out: Callable[[], float]) -> None:
+        self.model, self.trainable, self.settings, self.device, self.workers = model, trainable, settings, device, workers
+        self.held_out = held_out  # the leader's held-out loss of the current state
+        self.best: tuple[float, int, list[Tensor]] = (math.inf, 0, [])
+        self.curve: list[dict] = []
+        self.backoffs = 0
+
+    def train(self, fit_windows: Tensor, teacher: Teacher, on_step: Callable[[int, int], None] | None) -> None:
+        settings = self.settings
+        shape = _warmup_cosine(settings.steps)
+        optimizer = torch.optim.Adam(self.trainable, lr=settings.lr)
+        generator = torch.Generator().manual_seed(settings.seed)
+        order: list[int] = []
+        running, counted = 0.0, 0
+        checks = {max(1, round(settings.steps * (i + 1) / EVALUATIONS)) for i in range(EVALUATIONS)}
+        for step in range(1, settings.steps + 1):
+            if len(order) < settings.windows_per_step:
+                order += torch.randperm(fit_windows.shape[0], generator=generator).tolist()
+            chosen, order = order[: settings.windows_per_step], order[settings.windows_per_step :]
+            optimizer.zero_grad(set_to_none=True)
+            loss = self._step_loss(fit_windows, teacher, chosen)
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * BACKOFF**self.backoffs * shape(step - 1)
+            optimizer.step()
+            running, counted = running + float(loss.detach()), counted + 1
+            if step in checks:
+                if self._check(step, running / counted):  # overshot: a fresh Adam for the restored state
+                    optimizer = torch.optim.Adam(self.trainable, lr=settings.lr)
+                running, counted = 0.0, 0
+            if on_step is not None:
+                on_step(step, settings.steps)
+
+    def _step_loss(self, fit_windows: Tensor, teacher: Teacher, chosen: list[int]) -> Tensor:
+        """This process's share of the step's windows, forward and backward; the step's loss (summed over processes)."""
+        mine = self.workers.share(chosen)  # all of them alone
+        loss = torch.zeros((), device=self.device)
+        if mine:
+            with torch.enable_grad(), _mixed_precision(self.device):
+                output = call_model(self.model, fit_windows[mine].to(self.device))
+                # this share's part of the mean over every chosen window (windows are equally long)
+                loss = distillation_loss(output, [teacher.fit[i] for i in mine]) * (len(mine) / len(chosen))
+                loss.backward()
+        if self.workers.spread:
+            loss = _summed_step(self.trainable, loss.detach().float(), self.workers)
+        return loss
+
+    def _check(self, step: int, train_loss: float) -> bool:
+        """A held-out check: a better state is kept; a worse one, before the last step, puts the best back and halves
+        the rate (True: the caller starts Adam afresh)."""
+        score = self.workers.broadcast(self.held_out(), 0)
+        self.curve.append({"step": step, "train": train_loss, "held_out": score, "lr_factor": BACKOFF**self.backoffs})
+        if score < self.best[0]:
+            self.best = (score, step, [p.detach().clone() for p in self.trainable])
+            return False
+        if step >= self.settings.steps:
+            return False
+        with torch.no_grad():
+            for parameter, kept in zip(self.trainable, self.best[2]):
+                parameter.copy_(kept)
+        self.backoffs += 1
+        return True
 
 
 def _summed_step(trainable: list[nn.Parameter], loss: Tensor, workers: Workers) -> Tensor:
