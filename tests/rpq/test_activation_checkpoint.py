@@ -93,15 +93,19 @@ def test_eager_attention_counts_its_score_matrices():
     assert eager - fused == model.config.num_hidden_layers * 2 * 5 * model.config.num_attention_heads * 1024 * 1024
 
 
-def test_finetuning_with_checkpointed_blocks_matches_finetuning_without(tiny_folder, monkeypatch):
-    """Forced on (no memory counts as free), fine-tuning takes the same steps: the same held-out figures."""
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_finetuning_with_checkpointed_blocks_matches_finetuning_without(tiny_folder, monkeypatch, arch):
+    """Forced on (no memory counts as free), fine-tuning takes the same steps: the same held-out figures (a decoder
+    with a head, GPT-2's blocks with their own keyword arguments, an encoder trained on its hidden states)."""
     from model_compress.rpq.convert import RPQSettings
     from model_compress.rpq.fit.finetune import FinetuneSettings
     from model_compress.rpq.pipeline import CalibrationOptions, compress_rpq
 
+    folder = str(tiny_folder(arch))
+
     def run():
         return compress_rpq(
-            str(tiny_folder("llama")), None, RPQSettings(num_codebooks=64, codebook_size=4, codebook_bits=8),
+            folder, None, RPQSettings(num_codebooks=64, codebook_size=4, codebook_bits=8),
             calibration=CalibrationOptions(tokens=8 * 128, seq_len=128), finetuning=FinetuneSettings(steps=8, lr=1e-3),
         ).finetune
 
