@@ -233,3 +233,20 @@ def interpreted_worst(script: str) -> float:
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert child.returncode == 0, child.stderr[-3000:]
     return float(child.stdout.split()[-1])
+
+
+def stop_after(layers: int):
+    """A conversion observer that presses Ctrl-C once ``layers`` layers are fitted (in a spread run every process sees
+    every layer finish, in the same order, so all stop at the same point)."""
+    from model_compress.rpq.convert import ConversionObserver
+
+    class StopAfter(ConversionObserver):
+        def __init__(self) -> None:
+            self.seen = 0
+
+        def layer_finished(self, result) -> None:
+            self.seen += 1
+            if self.seen == layers:
+                raise KeyboardInterrupt
+
+    return StopAfter()

@@ -10,24 +10,12 @@ import torch
 
 from model_compress.core.errors import UserError
 from model_compress.rpq import resume as resume_module
-from model_compress.rpq.convert import ConversionObserver, RPQSettings
+from model_compress.rpq.convert import RPQSettings
 from model_compress.rpq.fit.finetune import FinetuneSettings
 from model_compress.rpq.pipeline import CalibrationOptions, compress_rpq
 from model_compress.rpq.resume import resume_folder
 
-from ..conftest import ENGLISH, assert_one_line_error, run_cli, tiny_model, tiny_tokenizer
-
-
-class StopAfter(ConversionObserver):
-    """Ctrl-C after ``layers`` layers are fitted."""
-
-    def __init__(self, layers: int) -> None:
-        self.layers, self.seen = layers, 0
-
-    def layer_finished(self, result) -> None:
-        self.seen += 1
-        if self.seen == self.layers:
-            raise KeyboardInterrupt
+from ..conftest import ENGLISH, assert_one_line_error, run_cli, stop_after, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture
@@ -43,8 +31,8 @@ def source(tmp_path):
     return make
 
 
-@pytest.mark.parametrize("arch,stream,stop_after", [("llama", True, 9), ("gpt2", False, 6), ("bert", True, 12)])
-def test_a_resumed_conversion_equals_one_that_never_stopped(source, tmp_path, monkeypatch, arch, stream, stop_after):
+@pytest.mark.parametrize("arch,stream,layers", [("llama", True, 9), ("gpt2", False, 6), ("bert", True, 12)])
+def test_a_resumed_conversion_equals_one_that_never_stopped(source, tmp_path, monkeypatch, arch, stream, layers):
     """Stopped in the fitting pass after the teacher's outputs were saved: the resumed run reads them back instead of
     running the original again, fits the rest and fine-tunes to the same tensors."""
     from model_compress.rpq import convert, layer_steps
@@ -53,7 +41,7 @@ def test_a_resumed_conversion_equals_one_that_never_stopped(source, tmp_path, mo
     whole = compress_rpq(str(folder), tmp_path / "whole", RPQSettings(bits=4.5), stream=stream, **options).model.state_dict()
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt, match="--resume"):
-        compress_rpq(str(folder), out, RPQSettings(bits=4.5), stream=stream, observer=StopAfter(stop_after), **options)
+        compress_rpq(str(folder), out, RPQSettings(bits=4.5), stream=stream, observer=stop_after(layers), **options)
     assert resume_folder(out).is_dir() and not out.exists()
     assert (resume_folder(out) / "teacher.safetensors").is_file()
     real_pass = convert.run_pass
@@ -75,7 +63,7 @@ def test_a_resume_with_other_settings_names_the_first_difference(source, tmp_pat
     folder, options = source("llama")
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        compress_rpq(str(folder), out, RPQSettings(bits=4.5), observer=StopAfter(9), **options)
+        compress_rpq(str(folder), out, RPQSettings(bits=4.5), observer=stop_after(9), **options)
     with pytest.raises(UserError, match=r"--resume: settings\.bits \(4\.5 then, 4\.0 now\) differs"):
         compress_rpq(str(folder), out, RPQSettings(bits=4.0), resume=True, **options)
 
@@ -86,7 +74,7 @@ def test_a_stopped_run_is_neither_resumed_nor_overwritten_unasked(source, tmp_pa
     with pytest.raises(UserError, match="nothing to resume"):
         compress_rpq(str(folder), out, RPQSettings(bits=4.5), resume=True, **options)
     with pytest.raises(KeyboardInterrupt):
-        compress_rpq(str(folder), out, RPQSettings(bits=4.5), observer=StopAfter(9), **options)
+        compress_rpq(str(folder), out, RPQSettings(bits=4.5), observer=stop_after(9), **options)
     with pytest.raises(UserError, match="pass --resume to go on with it, or --force to start over"):
         compress_rpq(str(folder), out, RPQSettings(bits=4.5), **options)
     compress_rpq(str(folder), out, RPQSettings(bits=4.5), force=True, **options)  # --force: starts over

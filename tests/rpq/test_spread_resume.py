@@ -15,24 +15,12 @@ import torch.multiprocessing as mp
 from model_compress.core.errors import UserError
 from model_compress.core.workers import Workers
 from model_compress.rpq import layer_steps
-from model_compress.rpq.convert import ConversionObserver, RPQSettings
+from model_compress.rpq.convert import RPQSettings
 from model_compress.rpq.fit.finetune import FinetuneSettings
 from model_compress.rpq.pipeline import CalibrationOptions, compress_rpq
 from model_compress.rpq.resume import resume_folder
 
-from ..conftest import ENGLISH, tiny_model, tiny_tokenizer
-
-
-class StopAfter(ConversionObserver):
-    """Ctrl-C after ``layers`` layers are fitted (every process sees every layer finish, in the same order)."""
-
-    def __init__(self, layers: int) -> None:
-        self.layers, self.seen = layers, 0
-
-    def layer_finished(self, result) -> None:
-        self.seen += 1
-        if self.seen == self.layers:
-            raise KeyboardInterrupt
+from ..conftest import ENGLISH, stop_after, tiny_model, tiny_tokenizer
 
 
 def _free_port() -> int:
@@ -53,7 +41,7 @@ def _convert(rank: int, world: int, port: int, folder: str, out: str, text: str,
         outcome = "finished"
         try:
             run = compress_rpq(folder, Path(out), RPQSettings(bits=4.5), resume=mode == "resume",
-                               observer=StopAfter(9) if mode == "stop" else None, **options)
+                               observer=stop_after(9) if mode == "stop" else None, **options)
             torch.save(run.model.state_dict(), Path(out).parent / f"{Path(out).name}-rank{rank}.pt")
         except KeyboardInterrupt as stop:
             outcome = f"stopped: {stop}"
