@@ -32,7 +32,7 @@ class RichConversionProgress:
         self.started_layers = 0
         self.done = 0
         self.log = PlainLog(progress.console)
-        self.measure_pace, self.fit_pace = Pace(), Pace()
+        self.measure_pace, self.fit_pace, self.finetune_pace = Pace(), Pace(), Pace()
         self.states_said = False
 
     def _task(self, key: str, description: str, total: int) -> int:
@@ -70,7 +70,9 @@ class RichConversionProgress:
 
     def finetune_step(self, step: int, total: int) -> None:
         self.progress.update(self._task("finetune", "fine-tuning codebooks", total), completed=step)
-        self.log.line(f"fine-tuning: step {step} of {total}", always=step in (1, total))
+        self.finetune_pace.tick()  # from the first step's end: its time includes the first held-out check
+        pace = self.finetune_pace.text(total - step, "step")
+        self.log.line(f"fine-tuning: step {step} of {total}{pace}", always=step in (1, total))
 
 
 @reports_user_errors

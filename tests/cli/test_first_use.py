@@ -27,7 +27,7 @@ def umask():
 
 def test_progress_is_plain_lines_with_the_elapsed_time_when_output_is_not_a_terminal(tiny_folder, tmp_path):
     """CliRunner's streams are not terminals, as a log file or CI is not: each stage is a line on stderr."""
-    result = run_cli("rpq", str(tiny_folder("llama")), "-o", str(tmp_path / "o"), "--bits", "4", *QUICK)
+    result = run_cli("rpq", str(tiny_folder("llama")), "-o", str(tmp_path / "o"), "--bits", "4", "--finetune-steps", "3", *QUICK)
     assert result.exit_code == 0, result.output
     lines = result.stderr.splitlines()
     assert lines and all(PROGRESS_LINE.match(line) for line in lines), result.stderr
@@ -35,6 +35,8 @@ def test_progress_is_plain_lines_with_the_elapsed_time_when_output_is_not_a_term
     assert "loading " in text and "loaded " in text
     assert "measuring candidate formats: block 1 of 2" in text and "block 2 of 2" in text
     assert re.search(r"fitting model\.layers\.0\.\S+: layer 1 of \d+", text) and re.search(r"fitted \d+ layers", text)
+    # the last step says its pace and what is left, as long runs need off a terminal
+    assert "fine-tuning: step 1 of 3" in text and re.search(r"fine-tuning: step 3 of 3, [\d.]+ s per step, about 0 s left", text)
 
 
 def test_eval_and_fff_distill_print_their_stages_too(tiny_folder, tmp_path):
