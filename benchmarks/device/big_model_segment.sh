@@ -19,8 +19,7 @@ export BLOCKS=${BLOCKS:-32} MODEL
 if [ ! -f "$MODEL/model.safetensors.index.json" ]; then
   start=$(date +%s)
   python3 - <<'PY'
-import shutil, pathlib, torch, transformers
-import os
+import os, pathlib, shutil, torch, transformers
 config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=int(os.environ["BLOCKS"]), num_attention_heads=32,
                                   num_key_value_heads=32, vocab_size=49152, max_position_embeddings=4096, rms_norm_eps=1e-5,
                                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)

@@ -183,16 +183,18 @@ def measure(
     kwargs = {"use_cache": False} if generates else {}
     timer = f"wall-clock, {len(devices)} GPUs synchronised" if spread else "cuda-events" if device.type == "cuda" else "wall-clock"
 
+    def prefill():
+        return model(input_ids=prefill_input, **kwargs)
+
     with torch.inference_mode(), PeakMemory(device, devices) as peak:
-        prefill_ms = median_ms(lambda: model(input_ids=prefill_input, **kwargs), device, settings.warmup, settings.repeats, devices)
+        prefill_ms = median_ms(prefill, device, settings.warmup, settings.repeats, devices)
     result = LatencyResult(timer, prefill_len, prefill_ms, peak_memory={"prefill": peak.peak})
     if device.type == "cuda" and not spread:  # a graph captures one device's work
-        result.prefill_graphed_ms, result.prefill_graphed_error = graphed_forward_ms(
-            lambda: model(input_ids=prefill_input, **kwargs), device, settings.repeats)
+        result.prefill_graphed_ms, result.prefill_graphed_error = graphed_forward_ms(prefill, device, settings.repeats)
     spans = ff_timing_spans(model) if not spread else []  # the hooks' CUDA events would time one GPU's stream
     if spans:
         with torch.inference_mode():
-            result.ff_ms, result.ff_share = block_time(lambda: model(input_ids=prefill_input, **kwargs), spans, device, settings)
+            result.ff_ms, result.ff_share = block_time(prefill, spans, device, settings)
         result.ff_blocks = len(spans)
     on_step("prefill")
     if not generates:

@@ -100,12 +100,8 @@ def _figure(measurement: Measurement | None, key: tuple) -> float | None:
         latency = measurement.latency
         if latency is None:
             return None
-        if key[1] == "prefill_ms":
-            return latency.prefill_ms
-        if key[1] == "prefill_graphed_ms":
-            return latency.prefill_graphed_ms
-        if key[1] == "ff_ms":
-            return latency.ff_ms
+        if key[1] in ("prefill_ms", "prefill_graphed_ms", "ff_ms"):  # plain figures of the result
+            return getattr(latency, key[1])
         if key[1] == "ff_share":
             return None if latency.ff_share is None else 100 * latency.ff_share
         if key[1] == "decode":

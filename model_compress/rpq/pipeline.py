@@ -24,7 +24,7 @@ from .fit.defaults import CALIBRATION_TOKENS, CALIBRATION_WINDOW, FINETUNE_STEPS
 from .convert import Conversion, ConversionObserver, LayerResult, RPQSettings, convert_model, planned_layers, validate_settings
 from .fit.calibration import CalibrationSet, calibration_set
 from .resume import ResumeStore, digest, source_files
-from .fit.activation_checkpoint import MODES as CHECKPOINT_MODES
+from .fit.activation_checkpoint import check_mode as check_checkpointing
 from .fit.finetune import FinetuneReport, FinetuneSettings, Teacher, finetune
 from .quantizer import FORMAT_VERSION, RPQConfig, attach_quantizer
 from .layers.modules import KIND_TIED_HEAD
@@ -216,8 +216,7 @@ def _validate_options(calibration: CalibrationOptions, finetuning: FinetuneSetti
         raise UserError("--finetune-steps needs calibration text: drop --calib none")
     if not finetuning.lr > 0:
         raise UserError(f"--finetune-lr must be positive, got {finetuning.lr}")
-    if finetuning.checkpointing not in CHECKPOINT_MODES:
-        raise UserError(f"--finetune-checkpointing must be one of {', '.join(CHECKPOINT_MODES)}, got {finetuning.checkpointing!r}")
+    check_checkpointing(finetuning.checkpointing)
 
 
 def _calibration(

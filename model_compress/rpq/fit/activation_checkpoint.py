@@ -36,6 +36,7 @@ from ...core.errors import UserError
 from .stack import BlockStack
 
 FREE_FRACTION = 0.5  # of the memory free when training starts: the rest is left to the allocator's caching and the optimizer
+MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -72,15 +73,17 @@ def free_bytes(device: torch.device) -> int:
     return int(get_max_memory()["cpu"])
 
 
-MODES = ("auto", "on", "off")
+def check_mode(mode: str) -> None:
+    """One line for a mode that is not ``MODES``' (the command checks it before any work; ``choose`` again)."""
+    if mode not in MODES:
+        raise UserError(f"--finetune-checkpointing must be one of {', '.join(MODES)}, got {mode!r}")
 
 
 def choose(model: nn.Module, stack: BlockStack | None, tokens: int, device: torch.device, mode: str = "auto",
            free: int | None = None) -> CheckpointChoice:
     """``auto``: checkpoint where the estimate exceeds ``FREE_FRACTION`` of the free memory (``free``: tests give it);
     ``on`` / ``off``: as the user asked (still with the figures, for the report)."""
-    if mode not in MODES:
-        raise UserError(f"--finetune-checkpointing must be one of {', '.join(MODES)}, got {mode!r}")
+    check_mode(mode)
     if stack is None:
         return CheckpointChoice(False, 0, 0)
     estimate = step_activation_bytes(model, stack, tokens)

@@ -198,9 +198,8 @@ def finetune(
     was_training = model.training
     model.eval()  # no dropout: the student should match the teacher's deterministic outputs
     before = workers.broadcast(held_out_loss(model, judge, judge_teacher, device), 0)
-    run = _Training(model, trainable, settings, device, workers, lambda: held_out_loss(model, judge, judge_teacher, device))
-    run.best = (before, 0, [p.detach().clone() for p in trainable])
-    run.curve.append({"step": 0, "held_out": before})
+    run = _Training(model, trainable, settings, device, workers, lambda: held_out_loss(model, judge, judge_teacher, device),
+                    before)
     if settings.steps > 0 and trainable:
         with checkpointed_blocks(stack, checkpointing.checkpointed):
             run.train(fit_windows, teacher, on_step)
@@ -227,11 +226,12 @@ class _Training:
     off the learning rate where a check finds the loss above the best (module docstring)."""
 
     def __init__(self, model: nn.Module, trainable: list[nn.Parameter], settings: FinetuneSettings, device: torch.device,
-                 workers: Workers, held_out: Callable[[], float]) -> None:
+                 workers: Workers, held_out: Callable[[], float], before: float) -> None:
+        """``before``: the held-out loss of the fit before training, the first state kept."""
         self.model, self.trainable, self.settings, self.device, self.workers = model, trainable, settings, device, workers
         self.held_out = held_out  # the leader's held-out loss of the current state
-        self.best: tuple[float, int, list[Tensor]] = (math.inf, 0, [])
-        self.curve: list[dict] = []
+        self.best: tuple[float, int, list[Tensor]] = (before, 0, [p.detach().clone() for p in trainable])
+        self.curve: list[dict] = [{"step": 0, "held_out": before}]
         self.backoffs = 0
 
     def train(self, fit_windows: Tensor, teacher: Teacher, on_step: Callable[[int, int], None] | None) -> None:
