@@ -16,6 +16,7 @@ import torch
 from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
+from . import gpu_memory
 from .host_heap import return_freed_memory
 from .shards import SafetensorsCheckpoint
 
@@ -121,7 +122,10 @@ def kept_home(device: torch.device, free_and_total: tuple[int, int] | None = Non
     there (it is there already, so its bytes count as used), else host memory. ``free_and_total``: tests give them."""
     if device.type != "cuda":
         return torch.device("cpu")
-    free, total = free_and_total if free_and_total is not None else torch.cuda.mem_get_info(device)
+    if free_and_total is None:
+        figures = gpu_memory.read(device)  # within --max-gpu-memory
+        free_and_total = figures.usable, figures.limit
+    free, total = free_and_total
     return device if free >= KEEP_FREE * total else torch.device("cpu")
 
 

@@ -138,6 +138,10 @@ def rpq(
         bool,
         typer.Option("--head-index", help="Also give the LM head a certified product-quantized index (saved as head_index.safetensors beside the weights): each decoding step scores every vocabulary row approximately from 8-bit codes, computes exact logits for a shortlist, and certifies that no other row can beat its best, so the greedy token is always the dense head's (logits outside the shortlist are -inf). For large vocabularies; fitted on the calibration text's hidden states."),
     ] = False,
+    max_gpu_memory: Annotated[
+        Optional[str],
+        typer.Option("--max-gpu-memory", help="Most GPU memory this run may take, such as 24GB or 20GiB (torch's allocator holds it to that): where calibration states live, whether fine-tuning recomputes blocks and where converted blocks are kept are chosen to fit it, as on a GPU of that size. Default: the whole GPU."),
+    ] = None,
     gpus: Annotated[
         int,
         typer.Option("--gpus", help="Spread the conversion over this many processes, one per GPU (torchrun underneath): each calibrates on its share of the windows, the statistics are summed, the layers' fitting and the fine-tuning's windows are shared out; the same checkpoint as one process gives. With --device cpu the processes share the CPU (gloo)."),
@@ -152,7 +156,11 @@ def rpq(
     from ..core.sources import parse_device, parse_dtype
     from ..core.workers import from_launcher
 
+    from ..core import gpu_memory
+
     check_spread(gpus, device)
+    if max_gpu_memory is not None:
+        gpu_memory.parse_size(max_gpu_memory)  # refused once, before any process starts
     if gpus > 1:  # what every process would refuse alike is refused once, here
         from ..core.checkpoint import check_output_folder
         from .resume import check_resumable
@@ -171,6 +179,7 @@ def rpq(
         if target.index is not None:
             raise UserError(f"--device {device}: with several processes each takes its own GPU: pass --device cuda")
         target = torch.device("cuda", torch.cuda.current_device())
+    gpu_cap = gpu_memory.cap(target, max_gpu_memory)
     settings = RPQSettings(
         bits=bits, num_codebooks=codebooks, codebook_size=codebook_size, codebook_bits=codebook_bits,
         rotation=rotation.lower() if rotation is not None else None, rotation_block=rotation_block,
@@ -206,7 +215,8 @@ def rpq(
                       f"({shape['code_bits_per_weight']:g} bits per weight), {shape['bytes'] / 1e6:.1f} MB", highlight=False)
     what = f"--bits {settings.budget:g}" if not settings.fixed else f"M={run.config.num_codebooks}, K={run.config.codebook_size}"
     console.print(
-        f"source {run.source.label}, {what}, fitted on {settings.device}, {run.summary.seconds:.1f} s; saved to {run.output}",
+        f"source {run.source.label}, {what}, fitted on {settings.device}{gpu_memory.peak_note(target, gpu_cap)}, "
+        f"{run.summary.seconds:.1f} s; saved to {run.output}",
         highlight=False,
         soft_wrap=True,
     )

@@ -96,6 +96,8 @@ def test_bad_settings_fail_before_the_model_loads(tmp_path, monkeypatch):
     assert_one_line_error(run_cli("rpq", *out, "--calib-tokens", "0"), "--calib-tokens", "positive")
     assert_one_line_error(run_cli("rpq", *out, "--finetune-steps", "-1"), "--finetune-steps")
     assert_one_line_error(run_cli("rpq", *out, "--finetune-checkpointing", "always"), "--finetune-checkpointing", "auto, on, off")
+    assert_one_line_error(run_cli("rpq", *out, "--max-gpu-memory", "24"), "--max-gpu-memory '24'", "24GB or 20GiB")
+    assert_one_line_error(run_cli("rpq", *out, "--max-gpu-memory", "24GB", "--device", "cpu"), "--max-gpu-memory", "on cpu")
     assert_one_line_error(run_cli("rpq", *out, "--calib", str(tmp_path / "missing.txt")), "--calib", "does not exist")
     (tmp_path / "empty.txt").write_text("  \n")
     assert_one_line_error(run_cli("rpq", *out, "--calib", str(tmp_path / "empty.txt")), "--calib", "is empty")

@@ -32,6 +32,7 @@ from accelerate.utils import get_max_memory
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ...core import gpu_memory
 from ...core.errors import UserError
 from .stack import BlockStack
 
@@ -65,11 +66,10 @@ def step_activation_bytes(model: nn.Module, stack: BlockStack, tokens: int) -> i
 
 
 def free_bytes(device: torch.device) -> int:
-    """Memory free for training on ``device``: the GPU's free memory plus what torch's allocator holds unused, or the
-    host's available memory."""
+    """Memory free for training on ``device``: the GPU's free memory plus what torch's allocator holds unused, within
+    ``--max-gpu-memory``; or the host's available memory."""
     if device.type == "cuda":
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return torch.cuda.mem_get_info(device)[0] + cached
+        return gpu_memory.read(device).usable
     return int(get_max_memory()["cpu"])
 
 

@@ -3,10 +3,10 @@
 On the fitting GPU a pass needs them at once for a block: the inputs, the outputs the block makes from them and the
 block's own work (its activations, the layers' second moments, the fitting). For a 7B-class model and the default
 262,144 calibration tokens the states are 2 GB in float16 (4 GB in float32), for a 70B-class one twice that, and
-they double while a block runs. Where ``STATE_HEADROOM`` times their size does not fit the GPU's free memory when the
-first window is captured, they are kept in pinned host memory instead and each window is moved to the GPU for its
-block call and back: slower (two copies per window per block), but the GPU then holds one window at a time. The
-choice and its figures are handed to the observer, and the conversion report keeps them.
+they double while a block runs. Where ``STATE_HEADROOM`` times their size does not fit the GPU's free memory (within
+``--max-gpu-memory``) when the first window is captured, they are kept in pinned host memory instead and each window
+is moved to the GPU for its block call and back: slower (two copies per window per block), but the GPU then holds one
+window at a time. The choice and its figures are handed to the observer, and the conversion report keeps them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ...core import gpu_memory
 
 STATE_HEADROOM = 3.0  # inputs + outputs + the block's own work, measured against the free memory
 
@@ -56,7 +58,7 @@ class StatePlacer:
             estimate = first_window_bytes * self.windows
             free = self._free_override
             if free is None and self.device.type == "cuda":
-                free = torch.cuda.mem_get_info(self.device)[0]
+                free = gpu_memory.read(self.device).usable
             spill = free is not None and STATE_HEADROOM * estimate > free
             self.decision = StatePlacement(torch.device("cpu") if spill else self.device, estimate, free)
         return self.decision.home
