@@ -128,6 +128,7 @@ def run_pass(
         replay_tail(model, stack, batches.fit, run, device, _tagged(on_output, False))
     if batches.held_out:
         replay_tail(model, stack, batches.held_out, held_run, device, _tagged(on_output, True))
+    del calls, held, run, held_run  # the calibration states: released before the head's fitting needs the room
     if after.names():
         on_statistics(AFTER, None, after)
 
