@@ -67,6 +67,17 @@ def test_packed_codes_round_trip_at_every_bit_width(bits, columns):
     assert torch.equal(unpack_codes(packed, bits, columns, picked), codes[:, picked.reshape(-1)])
 
 
+@pytest.mark.parametrize("bits", [3, 4, 5, 7])
+def test_packing_a_slice_of_rows_at_a_time_gives_the_same_bytes(bits, monkeypatch):
+    from model_compress.rpq.kernels import layout
+
+    codes = torch.randint(0, 2**bits, (23, 300), generator=torch.Generator().manual_seed(bits))
+    whole = pack_codes(codes, bits)
+    monkeypatch.setattr(layout, "PACK_CHUNK_BYTES", 3 * 4 * 8 * layout.packed_width(300, bits))  # 3 rows a slice
+    assert torch.equal(pack_codes(codes, bits), whole)
+    assert torch.equal(unpack_codes(whole, bits, 300), codes)
+
+
 def test_eight_bit_codes_are_the_rpq_pytorch_bytes():
     codes = torch.randint(0, 256, (4, 33))
     assert torch.equal(pack_codes(codes, 8), codes.to(torch.uint8))

@@ -61,7 +61,7 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     """(M, n) integer codes below 2**bits -> (M, packed_width(n, bits)) uint8: the little-endian stream, or the
     two planes where ``stored_as_planes``."""
     if stored_as_planes(bits, codes.shape[1]):
-        codes = codes.long()
+        codes = codes.to(torch.int32)
         return torch.cat([pack_stream(codes & 15, 4), pack_stream(codes >> 4, 1)], dim=1)
     return pack_stream(codes, bits)
 
@@ -81,18 +81,28 @@ def planes_from_stream(packed: Tensor, bits: int, columns: int) -> Tensor:
     return pack_codes(unpack_stream(packed, bits, columns), bits)
 
 
+PACK_CHUNK_BYTES = 256 * 2**20  # bound on the bit-expanded temporaries of one slice of rows that pack_stream packs
+
+
 def pack_stream(codes: Tensor, bits: int) -> Tensor:
-    """(M, n) integer codes below 2**bits -> (M, packed_width(n, bits)) uint8, little-endian bit order."""
-    codes = codes.long()
+    """(M, n) integer codes below 2**bits -> (M, packed_width(n, bits)) uint8, little-endian bit order.
+
+    Packed a slice of rows at a time: every code is first spread to one byte per bit, which for a 7B-class model's
+    head (49,152 x 4,096 codes) would otherwise take several GB at once."""
     if bits == 8:
         return codes.to(torch.uint8)
     num_books, columns = codes.shape
-    shifts = torch.arange(bits, device=codes.device)
-    stream = ((codes[:, :, None] >> shifts) & 1).to(torch.uint8).reshape(num_books, columns * bits)
     width = packed_width(columns, bits)
-    stream = torch.nn.functional.pad(stream, (0, width * 8 - columns * bits))
-    weights = (1 << torch.arange(8, device=codes.device)).to(torch.uint8)
-    return (stream.view(num_books, width, 8) * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
+    shifts = torch.arange(bits, device=codes.device, dtype=torch.int32)
+    weights = (1 << torch.arange(8, device=codes.device, dtype=torch.int32))
+    packed = torch.empty(num_books, width, dtype=torch.uint8, device=codes.device)
+    rows = max(1, PACK_CHUNK_BYTES // (4 * width * 8))  # int32 bit bytes: the largest temporary per row
+    for start in range(0, num_books, rows):
+        part = codes[start : start + rows].to(torch.int32)
+        stream = ((part[:, :, None] >> shifts) & 1).reshape(part.shape[0], columns * bits)
+        stream = torch.nn.functional.pad(stream, (0, width * 8 - columns * bits))
+        packed[start : start + rows] = (stream.view(part.shape[0], width, 8) * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
+    return packed
 
 
 def unpack_stream(packed: Tensor, bits: int, columns: int, select: Tensor | None = None) -> Tensor:
