@@ -235,9 +235,9 @@ def interpreted_worst(script: str) -> float:
     return float(child.stdout.split()[-1])
 
 
-def stop_after(layers: int):
-    """A conversion observer that presses Ctrl-C once ``layers`` layers are fitted (in a spread run every process sees
-    every layer finish, in the same order, so all stop at the same point)."""
+def stop_after(layers: int, raising: type[BaseException] = KeyboardInterrupt):
+    """A conversion observer that presses Ctrl-C (or raises ``raising``) once ``layers`` layers are fitted (in a spread
+    run every process sees every layer finish, in the same order, so all stop at the same point)."""
     from model_compress.rpq.convert import ConversionObserver
 
     class StopAfter(ConversionObserver):
@@ -247,6 +247,6 @@ def stop_after(layers: int):
         def layer_finished(self, result) -> None:
             self.seen += 1
             if self.seen == layers:
-                raise KeyboardInterrupt
+                raise raising("CUDA out of memory. Tried to allocate 6.00 GiB. GPU 0 has a total capacity of 79.18 GiB")
 
     return StopAfter()

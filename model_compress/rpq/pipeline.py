@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from ..core.version import __version__
 from ..core.checkpoint import CARD_FILE, MAX_SHARD_SIZE, REPORT_FILE, check_output_folder, weights_bytes, write_folder_atomically
 from ..core.text import Text, calibration_text
 from ..core.errors import UserError
-from ..core.sources import ModelSource, context_length, disk_bytes, empty_model, load_config, resolve_source, stored_form
+from ..core.sources import ModelSource, context_length, disk_bytes, empty_model, first_line, load_config, resolve_source, stored_form
 from ..core.host_heap import map_large_allocations
 from ..core.streamed_load import open_model
 from ..core.workers import Workers
@@ -173,7 +174,8 @@ def compress_rpq(
 
 @contextlib.contextmanager
 def _kept_on_interrupt(store: ResumeStore | None) -> Iterator[None]:
-    """Ctrl-C: where the work so far is kept and how to go on; with nothing saved yet, the folder goes too."""
+    """Ctrl-C: where the work so far is kept and how to go on; with nothing saved yet, the folder goes too. The GPU
+    running out of memory: one line that says so, what lowers the need, and, where work was saved, how to go on."""
     try:
         yield
     except KeyboardInterrupt:
@@ -184,6 +186,17 @@ def _kept_on_interrupt(store: ResumeStore | None) -> Iterator[None]:
             raise
         raise KeyboardInterrupt(f"the work so far ({len(store.finished)} layers fitted) is kept in '{store.folder}': run the "
                                 "same command with --resume to go on") from None
+    except torch.cuda.OutOfMemoryError as error:
+        asked = re.search(r"Tried to allocate ([\d.]+ \w+)", str(error))
+        what = f"the GPU ran out of memory ({f'{asked.group(1)} more were asked for' if asked else first_line(error)})"
+        advice = ("each of --finetune-checkpointing on (while fine-tuning), a larger --max-gpu-memory and fewer other "
+                  "processes on the GPU leaves this run more room")
+        if store is not None and store.holds_work:
+            raise UserError(f"{what}; the work so far ({len(store.finished)} layers fitted) is kept in '{store.folder}': "
+                            f"{advice}; then run the same command with --resume to go on") from None
+        if store is not None:
+            store.remove()
+        raise UserError(f"{what}: {advice}, as do fewer --calib-tokens") from None
 
 
 def _fingerprint(source: ModelSource, settings: RPQSettings, windows: CalibrationSet | None, finetuning: FinetuneSettings,

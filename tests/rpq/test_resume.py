@@ -59,6 +59,15 @@ def test_a_resumed_conversion_equals_one_that_never_stopped(source, tmp_path, mo
     assert not resume_folder(out).exists()  # removed once the output folder is complete
 
 
+def test_the_gpu_running_out_of_memory_is_one_line_that_keeps_the_work(source, tmp_path):
+    folder, options = source("llama")
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"the GPU ran out of memory \(6\.00 GiB more were asked for\); the work so far "
+                                        r"\(7 layers fitted\) is kept in .*--finetune-checkpointing on.*--resume to go on"):
+        compress_rpq(str(folder), out, RPQSettings(bits=4.5), observer=stop_after(9, torch.cuda.OutOfMemoryError), **options)
+    assert resume_folder(out).is_dir() and not out.exists()
+
+
 def test_a_resume_with_other_settings_names_the_first_difference(source, tmp_path):
     folder, options = source("llama")
     out = tmp_path / "out"
