@@ -247,6 +247,8 @@ def stop_after(layers: int, raising: type[BaseException] = KeyboardInterrupt):
         def layer_finished(self, result) -> None:
             self.seen += 1
             if self.seen == layers:
+                if raising is KeyboardInterrupt:
+                    raise KeyboardInterrupt
                 raise raising("CUDA out of memory. Tried to allocate 6.00 GiB. GPU 0 has a total capacity of 79.18 GiB")
 
     return StopAfter()
