@@ -60,19 +60,17 @@ def parse_size(text: str) -> int:
     return size
 
 
-def cap(device: torch.device, text: str | None) -> int | None:
-    """Limit this process to ``text`` of the CUDA ``device`` (None: no cap); the bytes allowed, or None."""
-    if text is None:
-        return None
-    size = parse_size(text)
+def cap(device: torch.device, size: int | None) -> None:
+    """Limit this process to ``size`` bytes (``parse_size``'s) of the CUDA ``device``; None: no cap."""
+    if size is None:
+        return
     if device.type != "cuda":
         raise UserError(f"--max-gpu-memory caps a CUDA device's memory; this run is on {device.type} (pass --device cuda)")
     device = _indexed(device)
     total = torch.cuda.get_device_properties(device).total_memory
     if size > total:
-        raise UserError(f"--max-gpu-memory {text}: {device} has {total / 2**30:.1f} GiB in all")
+        raise UserError(f"--max-gpu-memory {size / 1e9:.1f} GB: {device} has {total / 1e9:.1f} GB in all")
     torch.cuda.set_per_process_memory_fraction(size / total, device)
-    return size
 
 
 def _indexed(device: torch.device) -> torch.device:

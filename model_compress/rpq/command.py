@@ -151,16 +151,14 @@ def rpq(
     """Reverse product quantization: every Linear / Embedding / Conv1D weight becomes codebooks + packed codes, fitted on calibration text."""
     import torch
 
+    from ..core import gpu_memory
     from ..core.spread_launch import check_spread, run_spread
     from ..core.errors import UserError
     from ..core.sources import parse_device, parse_dtype
     from ..core.workers import from_launcher
 
-    from ..core import gpu_memory
-
     check_spread(gpus, device)
-    if max_gpu_memory is not None:
-        gpu_memory.parse_size(max_gpu_memory)  # refused once, before any process starts
+    allowed = gpu_memory.parse_size(max_gpu_memory) if max_gpu_memory is not None else None  # refused before any process starts
     if gpus > 1:  # what every process would refuse alike is refused once, here
         from ..core.checkpoint import check_output_folder
         from .resume import check_resumable
@@ -179,7 +177,7 @@ def rpq(
         if target.index is not None:
             raise UserError(f"--device {device}: with several processes each takes its own GPU: pass --device cuda")
         target = torch.device("cuda", torch.cuda.current_device())
-    gpu_cap = gpu_memory.cap(target, max_gpu_memory)
+    gpu_memory.cap(target, allowed)
     settings = RPQSettings(
         bits=bits, num_codebooks=codebooks, codebook_size=codebook_size, codebook_bits=codebook_bits,
         rotation=rotation.lower() if rotation is not None else None, rotation_block=rotation_block,
@@ -215,7 +213,7 @@ def rpq(
                       f"({shape['code_bits_per_weight']:g} bits per weight), {shape['bytes'] / 1e6:.1f} MB", highlight=False)
     what = f"--bits {settings.budget:g}" if not settings.fixed else f"M={run.config.num_codebooks}, K={run.config.codebook_size}"
     console.print(
-        f"source {run.source.label}, {what}, fitted on {settings.device}{gpu_memory.peak_note(target, gpu_cap)}, "
+        f"source {run.source.label}, {what}, fitted on {settings.device}{gpu_memory.peak_note(target, allowed)}, "
         f"{run.summary.seconds:.1f} s; saved to {run.output}",
         highlight=False,
         soft_wrap=True,
