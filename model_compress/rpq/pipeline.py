@@ -139,7 +139,7 @@ def compress_rpq(
         saved = store.saved_teacher()  # a resumed run: the stopped run's, recorded already
         teacher, record = (saved, None) if saved is not None else (teacher, record)
         store.teacher = teacher
-    with _kept_on_interrupt(store):
+    with _work_kept_on_stop(store):
         conversion = convert_model(network, settings, windows, observer=observer, on_output=record,
                                    weights=opened.weights, store=store, workers=workers)
         if workers.spread and teacher is not None:  # each process saw its share of the fit windows: joined for all
@@ -173,30 +173,38 @@ def compress_rpq(
 
 
 @contextlib.contextmanager
-def _kept_on_interrupt(store: ResumeStore | None) -> Iterator[None]:
-    """Ctrl-C: where the work so far is kept and how to go on; with nothing saved yet, the folder goes too. The GPU
-    running out of memory: one line that says so, what lowers the need, and, where work was saved, how to go on."""
+def _work_kept_on_stop(store: ResumeStore | None) -> Iterator[None]:
+    """Ctrl-C: where the work so far is kept and how to go on. The GPU running out of memory: one line that says so,
+    what lowers the need, and, where work was saved, how to go on. With nothing saved yet, the folder goes too."""
     try:
         yield
     except KeyboardInterrupt:
-        if store is None:
+        if not _holds_work(store):
             raise
-        if not store.holds_work:
-            store.remove()
-            raise
-        raise KeyboardInterrupt(f"the work so far ({len(store.finished)} layers fitted) is kept in '{store.folder}': run the "
-                                "same command with --resume to go on") from None
+        raise KeyboardInterrupt(f"{_kept(store)}: run the same command with --resume to go on") from None
     except torch.cuda.OutOfMemoryError as error:
         asked = re.search(r"Tried to allocate ([\d.]+ \w+)", str(error))
         what = f"the GPU ran out of memory ({f'{asked.group(1)} more were asked for' if asked else first_line(error)})"
         advice = ("each of --finetune-checkpointing on (while fine-tuning), a larger --max-gpu-memory and fewer other "
                   "processes on the GPU leaves this run more room")
-        if store is not None and store.holds_work:
-            raise UserError(f"{what}; the work so far ({len(store.finished)} layers fitted) is kept in '{store.folder}': "
-                            f"{advice}; then run the same command with --resume to go on") from None
-        if store is not None:
-            store.remove()
-        raise UserError(f"{what}: {advice}, as do fewer --calib-tokens") from None
+        if not _holds_work(store):
+            raise UserError(f"{what}: {advice}, as do fewer --calib-tokens") from None
+        raise UserError(f"{what}; {_kept(store)}: {advice}; then run the same command with --resume to go on") from None
+
+
+def _holds_work(store: ResumeStore | None) -> bool:
+    """Whether a stopped run left work to resume; a store without any is removed."""
+    if store is None:
+        return False
+    if store.holds_work:
+        return True
+    store.remove()
+    return False
+
+
+def _kept(store: ResumeStore) -> str:
+    """Where a stopped run's work is, as both stop lines say it."""
+    return f"the work so far ({len(store.finished)} layers fitted) is kept in '{store.folder}'"
 
 
 def _fingerprint(source: ModelSource, settings: RPQSettings, windows: CalibrationSet | None, finetuning: FinetuneSettings,
