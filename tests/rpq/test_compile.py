@@ -3,6 +3,10 @@ runs the Triton kernels on CUDA and the torch forms here), the same logits as ea
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+
+import pytest
 import torch
 
 from model_compress.rpq.fusions import apply_fusions
@@ -50,3 +54,54 @@ def test_compiled_decode_of_a_rotated_model_runs_without_graph_breaks():
     apply_fusions(model)
     result = compiled_decode(model, torch.randint(0, model.config.vocab_size, (2, 8)), steps=3, repeats=1)
     assert result.error is None and result.graph_breaks == 0 and result.tokens_per_s > 0
+
+
+def _custom_ops_per_block(model: torch.nn.Module, ids: torch.Tensor) -> tuple[Counter, str]:
+    """How often each of the package's custom ops appears in the traced graph, per decoder block; the graph's text."""
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(ids)
+    assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
+    traced = "\n".join(str(graph.graph) for graph in explanation.graphs)
+    blocks = len(model.model.layers)
+    return Counter({op: count / blocks for op, count in Counter(re.findall(r"model_compress\.(\w+)", traced)).items()}), traced
+
+
+def test_a_compiled_decode_step_keeps_the_eager_fusions():
+    """At one token a traced block launches what eager decoding launches: q/k/v and gate/up one op each, the norms' x R
+    made once for their readers, the SiLU gate writing down_proj's x R; the signs go to the ops as stored, so nothing
+    is unpacked on every step. Several tokens: each layer alone, as in eager."""
+    model = rotated_llama()
+    apply_fusions(model)
+    one = torch.randint(0, model.config.vocab_size, (1, 1))
+    ops, traced = _custom_ops_per_block(model, one)
+    assert ops == {"packed_linear_group": 2, "packed_linear": 2, "packed_rotate": 3, "packed_gated_silu_rotate": 1}
+    assert "rshift" not in traced  # rotation.unpack_signs shifts the stored bits
+    prompt = torch.randint(0, model.config.vocab_size, (1, 6))
+    ops, _ = _custom_ops_per_block(model, prompt)
+    assert ops["packed_linear"] == 7 and "packed_linear_group" not in ops
+    with torch.no_grad():
+        for ids in (one, prompt):
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+            torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_a_compiled_model_on_cuda_gives_the_eager_logits_and_keeps_its_cuda_graphs(mode):
+    """Inductor around the custom ops, fp16 on the GPU: the eager logits, and in reduce-overhead mode no skipped graph."""
+    from torch._dynamo.utils import counters
+
+    model = rotated_llama().to("cuda", torch.float16)
+    apply_fusions(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 1), device="cuda")
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        expected = model(ids).logits.float()
+        compiled = torch.compile(model, mode=mode)
+        for _ in range(3):  # compiles, records, replays
+            out = compiled(ids).logits.float()
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-2

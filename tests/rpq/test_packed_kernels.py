@@ -170,6 +170,20 @@ def test_nibble_group_gemv_gives_each_member_its_reference_output(outs, with_bia
                 assert out.dtype == dtype and rel_error(out, ref) < BOUNDS[dtype], tile.describe()
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_the_joined_group_op_gives_each_member_its_output_side_by_side(tokens):
+    """What a compiled graph calls for siblings: one launch at one token, each member alone for more."""
+    from model_compress.rpq.kernels import packed_ops
+
+    layers = [packed_layer(576, out, 1, 16, "int8", seed=i) for i, out in enumerate((576, 192, 192))]
+    x = torch.randn(tokens, 576, device=CUDA, dtype=torch.float16)
+    members = [(codes, codebooks, scales.half()) for codes, codebooks, scales, _ in layers]
+    joined = packed_ops.linear_group(x, *[list(parts) for parts in zip(*members)], 4, 576)
+    refs = [packed_forward.linear_reference(x.float(), c, b, s, None, 4, 576) for c, b, s in members]
+    assert joined.shape == (tokens, 960)
+    assert rel_error(joined, torch.cat(refs, -1)) < BOUNDS[torch.float16]
+
+
 def test_a_model_with_grouped_siblings_on_cuda_gives_the_logits_it_gives_without(monkeypatch):
     model = rotated_llama().to(CUDA, torch.float16)
     ids = torch.randint(0, model.config.vocab_size, (1, 1), device=CUDA)
@@ -215,11 +229,13 @@ def test_decoded_weight_is_the_reference_weight(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block", [16, 64, 128])
 def test_rotation_kernel_matches_the_torch_rotation(dtype, block):
+    """With the signs as int8 +-1 and as the bits a layer stores (what a compiled model hands over)."""
     signs = rotation.random_signs(256, 3).to(CUDA)
-    for tokens in (1, 7, 40):
-        x = torch.randn(tokens, 256, device=CUDA, dtype=dtype)
-        assert rel_error(packed.rotate(x, signs, block), rotation.rotate(x.double(), signs, block)) < BOUNDS[dtype]
-        assert rel_error(packed.unrotate(x, signs, block), rotation.unrotate(x.double(), signs, block)) < BOUNDS[dtype]
+    for given in (signs, rotation.pack_signs(signs)):
+        for tokens in (1, 7, 40):
+            x = torch.randn(tokens, 256, device=CUDA, dtype=dtype)
+            assert rel_error(packed.rotate(x, given, block), rotation.rotate(x.double(), signs, block)) < BOUNDS[dtype]
+            assert rel_error(packed.unrotate(x, given, block), rotation.unrotate(x.double(), signs, block)) < BOUNDS[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -304,10 +320,12 @@ def test_norm_and_gate_prologues_write_the_rotated_input(dtype, width, block):
         rms = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double()
         layer = torch.nn.functional.layer_norm(x.double(), (width,), weight.double(), bias.double(), 1e-5)
         glu = torch.nn.functional.silu(x.double()) * up.double()
+        bits = rotation.pack_signs(signs)  # the stored form, read as it is
         cases = [
             (packed.norm_rotate(x, weight, None, 1e-5, RMS_NORM, signs, block), rms),
-            (packed.norm_rotate(x, weight, bias, 1e-5, LAYER_NORM, signs, block), layer),
+            (packed.norm_rotate(x, weight, bias, 1e-5, LAYER_NORM, bits, block), layer),
             (packed.gated_silu_rotate(x, up, signs, block), glu),
+            (packed.gated_silu_rotate(x, up, bits, block), glu),
         ]
         for out, ref in cases:
             assert out.dtype == dtype
@@ -333,7 +351,7 @@ def test_a_direct_launch_skips_the_jit_after_its_first_call_and_computes_the_sam
 
     signs = rotation.random_signs(256, 3).to(CUDA)
     hadamard = _sign_matrix(64, CUDA, torch.float16)
-    launch = DirectLaunch(_rotate_kernel, (1, 4), BLOCK=64, BLOCK_T=16, SIGNS_FIRST=True, DOT_IEEE=False)
+    launch = DirectLaunch(_rotate_kernel, (1, 4), BLOCK=64, BLOCK_T=16, SIGNS_FIRST=True, DOT_IEEE=False, PACKED_SIGNS=False)
     for call in range(3):
         x = torch.randn(16, 256, device=CUDA, dtype=torch.float16)
         out = torch.empty_like(x)

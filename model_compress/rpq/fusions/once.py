@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 
 def write_version(x: Tensor) -> int | None:
-    """x's in-place write counter, None for inference tensors (they keep none: identity alone must do)."""
-    return None if x.is_inference() else x._version
+    """x's in-place write counter; None for inference tensors (they keep none) and while ``torch.compile`` traces (a
+    traced graph is functional): identity alone must do."""
+    if torch.compiler.is_compiling() or x.is_inference():
+        return None
+    return x._version
 
 
 class OncePerInput:

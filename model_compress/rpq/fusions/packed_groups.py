@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..kernels import packed_forward, plans
+from ..kernels import packed_forward, packed_ops, plans
 from ..kernels.plans import input_signature, plans_of
 from ..layers.modules import RPQLinear
 from .once import OncePerInput
@@ -35,12 +35,25 @@ class PackedGroup:
         return None if outputs is None else outputs[self.members.index(member)]
 
     def _outputs(self, rotated: Tensor) -> list[Tensor] | tuple[Tensor, ...] | None:
+        if torch.compiler.is_compiling():
+            return self._traced_outputs(rotated)
         if plans.usable():  # the launch kept per input signature (and bias state: a trained bias is joined again)
             key = (*input_signature(rotated), *self._bias_key())
             plan = plans_of(self).get(key, lambda: self._group_plan(rotated))
         else:
             plan = self._group_plan(rotated)
         return None if plan is None else plan(rotated)
+
+    def _traced_outputs(self, rotated: Tensor) -> list[Tensor] | None:
+        """Under ``torch.compile``: at one token, one custom op for every member (its biases added in the graph, where
+        the compiler fuses each add into the member's reader); several tokens (a prompt), None."""
+        first = self.members[0]
+        if rotated.numel() != first.in_features:
+            return None
+        joined = packed_ops.linear_group(rotated, [m.indices for m in self.members], [m.codebooks for m in self.members],
+                                         [m.codebook_scales for m in self.members], first.code_bits, first.in_features)
+        outputs = joined.split([m.out_features for m in self.members], dim=-1)
+        return [out if m.bias is None else out + m.bias for out, m in zip(outputs, self.members)]
 
     def _group_plan(self, rotated: Tensor) -> Callable[[Tensor], tuple[Tensor, ...]] | None:
         first = self.members[0]

@@ -14,13 +14,12 @@ read. Nothing is saved with the model. The ``fused_norm`` and ``fused_glu`` opti
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from ..kernels import packed_forward, plans
+from ..kernels import packed_forward, packed_ops, plans
 from ..kernels.config import options
 from ..kernels.plans import input_signature, plans_of
 from ..layers.modules import RPQLinear
@@ -31,19 +30,28 @@ from .shared_rotation import same_rotation
 
 
 class RotatedOutput:
-    """Which tensor a fused norm wrote last as norm(x) R: its readers take that very tensor (same object, not written
-    since) as it comes and rotate any other. A weak reference: the activation is not kept alive."""
+    """Which tensor a fused norm wrote last as norm(x) R: each of its ``readers`` called with that very tensor (same
+    object, not written since) takes it as it comes, and the last one lets it go; any other tensor they rotate. Identity
+    and a count, which ``torch.compile`` traces (a weak reference it would not): the activation is held only until
+    its readers have run."""
 
-    def __init__(self) -> None:
-        self._ref: weakref.ref | None = None
+    def __init__(self, readers: int) -> None:
+        self.readers = readers
+        self._tensor: Tensor | None = None
         self._version: int | None = None
+        self._left = 0
 
     def mark(self, out: Tensor) -> Tensor:
-        self._ref, self._version = weakref.ref(out), write_version(out)
+        self._tensor, self._version, self._left = out, write_version(out), self.readers
         return out
 
     def holds(self, x: Tensor) -> bool:
-        return self._ref is not None and self._ref() is x and self._version == write_version(x)
+        if self._tensor is None or x is not self._tensor or write_version(x) != self._version:
+            return False
+        self._left -= 1
+        if self._left == 0:
+            self._tensor = None
+        return True
 
 
 def rotate_in_norms(model: nn.Module) -> int:
@@ -54,7 +62,7 @@ def rotate_in_norms(model: nn.Module) -> int:
     for norm, consumers, spec in known_pre_norms(model):
         if spec is None or norm._forward_hooks or norm._forward_pre_hooks or not _rotated_alike(consumers, spec.weight.numel()):
             continue
-        written = RotatedOutput()
+        written = RotatedOutput(len(consumers))
         norm.forward = functools.partial(_rotated_norm_forward, norm.forward, spec, getattr(norm, "bias", None), consumers, written)
         for consumer in consumers:
             consumer.__dict__["_rotated_by"] = written
@@ -73,10 +81,11 @@ def _rotated_alike(layers: list, width: int) -> bool:
 
 def _rotated_norm_forward(own_forward: Callable[[Tensor], Tensor], spec, bias: Tensor | None, readers: list[RPQLinear],
                           written: RotatedOutput, x: Tensor) -> Tensor:
-    # traced: the plain norm, each reader rotates (the compiler merges those); decoded weights take the plain input
-    if torch.compiler.is_compiling() or any(reader.decoded is not None for reader in readers):
+    if any(reader.decoded is not None for reader in readers):  # decoded weights take the plain input
         return own_forward(x)
     first = readers[0]
+    if torch.compiler.is_compiling():  # the norm as the model writes it (fused with what the compiler puts beside it), one x R
+        return written.mark(packed_ops.rotate(own_forward(x), first.rotation_signs, first.rotation_block))
     if plans.usable():
         run = plans_of(written).get(input_signature(x), lambda: packed_forward.norm_rotate_plan(
             x, own_forward, spec.weight, bias, spec.eps, spec.kind, first.signs(spec.weight.dtype), first.rotation_block))
@@ -108,8 +117,10 @@ def rotated_gated_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
     gate, up = mlp.gate_proj(x), mlp.up_proj(x)
     down = mlp.down_proj
     # a hook must see down's own input; a decoded down_proj takes the plain product
-    if down._forward_hooks or down._forward_pre_hooks or torch.compiler.is_compiling() or down.decoded is not None:
+    if down._forward_hooks or down._forward_pre_hooks or down.decoded is not None:
         return down(mlp.act_fn(gate) * up)
+    if torch.compiler.is_compiling():  # one custom op, reading the stored sign bits
+        return down.forward_rotated(packed_ops.gated_silu_rotate(gate, up, down.rotation_signs, down.rotation_block))
     if plans.usable():
         run = plans_of(down).get(("silu", *input_signature(gate), *input_signature(up)), lambda: packed_forward.gated_silu_rotate_plan(
             gate, up, mlp.act_fn, down.signs(gate.dtype), down.rotation_block))

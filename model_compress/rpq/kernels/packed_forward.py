@@ -52,18 +52,23 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def sign_values(signs: Tensor) -> Tensor:
+    """int8 +-1 signs from either form a rotation's signs travel in: int8 +-1 already, or the stored bits (uint8)."""
+    return rotation.unpack_signs(signs) if signs.dtype == torch.uint8 else signs
+
+
 def rotate_plan(x: Tensor, signs: Tensor, block: int, signs_first: bool = True) -> Callable[[Tensor], Tensor]:
     """x R (``signs_first``) or y R^T for inputs like ``x``: one Triton launch on CUDA, the torch form elsewhere.
-    ``signs``: (width,) int8 +-1."""
+    ``signs``: (width,) int8 +-1, or the (width / 8,) uint8 bits the layer stores (the kernels read them as they are)."""
     kernels = packed_kernels(x)
     if kernels is None:
-        form = rotation.rotate if signs_first else rotation.unrotate
-        return lambda x: form(x, signs, block)
+        form, values = (rotation.rotate if signs_first else rotation.unrotate), sign_values(signs)
+        return lambda x: form(x, values, block)
     return kernels.rotate_plan(x, signs, block, signs_first)
 
 
 def rotate(x: Tensor, signs: Tensor, block: int) -> Tensor:
-    """x R: one Triton launch on CUDA, the torch form elsewhere. ``signs``: (width,) int8 +-1."""
+    """x R: one Triton launch on CUDA, the torch form elsewhere. ``signs``: int8 +-1 or the stored bits."""
     return rotate_plan(x, signs, block)(x)
 
 
@@ -78,7 +83,8 @@ def norm_rotate_plan(x: Tensor, norm_forward, weight: Tensor, bias: Tensor | Non
     torch rotation."""
     kernels = packed_kernels(x, weight, bias)
     if kernels is None:
-        return lambda x: rotation.rotate(norm_forward(x), signs, block)
+        values = sign_values(signs)
+        return lambda x: rotation.rotate(norm_forward(x), values, block)
     run = kernels.norm_rotate_plan(x, weight, bias, eps, kind, signs, block)
     return lambda x: run(x, None)
 
@@ -94,7 +100,8 @@ def gated_silu_rotate_plan(gate: Tensor, up: Tensor, act_fn, signs: Tensor, bloc
     the expression, then the rotation."""
     kernels = packed_kernels(gate, up)
     if kernels is None:
-        return lambda gate, up: rotation.rotate(act_fn(gate) * up, signs, block)
+        values = sign_values(signs)
+        return lambda gate, up: rotation.rotate(act_fn(gate) * up, values, block)
     return kernels.gated_silu_rotate_plan(gate, up, signs, block)
 
 
@@ -147,11 +154,11 @@ def linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, b
     return linear_plan(x, codes, codebooks, scales, bias, bits, in_features)(x)
 
 
-def linear_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | None]], bias: Tensor | None, bits: int,
-                      in_features: int) -> Callable[[Tensor], tuple[Tensor, ...]] | None:
+def joined_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | None]], bias: Tensor | None, bits: int,
+                      in_features: int) -> Callable[[Tensor], Tensor] | None:
     """Each member's (codes, codebooks, scales) times tokens like ``x`` in one launch, plus ``bias`` (the members'
-    biases end to end); None where that launch does not apply (not one fp16 token on CUDA, a member the byte-permute
-    kernels do not read), and the members then compute alone."""
+    biases end to end), the outputs side by side in one tensor; None where that launch does not apply (not one fp16
+    or bf16 token on CUDA, a member the byte-permute kernels do not read), and the members then compute alone."""
     if not NIBBLE_GROUPS or bits not in NIBBLE_ROUTED_BITS or x.numel() != in_features or not _routed_dtype(x):
         return None
     kernels = packed_kernels(x, bias, *[t for member in members for t in member])
@@ -161,11 +168,30 @@ def linear_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | No
                                      multiprocessors(x.device))
 
 
+def linear_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | None]], bias: Tensor | None, bits: int,
+                      in_features: int) -> Callable[[Tensor], tuple[Tensor, ...]] | None:
+    """``joined_group_plan`` handing back each member's output (views of the one tensor), or None."""
+    joined = joined_group_plan(x, members, bias, bits, in_features)
+    if joined is None:
+        return None
+    widths = [codebooks.shape[0] * codebooks.shape[2] for _, codebooks, _ in members]
+    return lambda x: joined(x).split(widths, dim=-1)
+
+
 def linear_group(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | None]], bias: Tensor | None, bits: int,
                  in_features: int) -> list[Tensor] | None:
     """``linear_group_plan`` for this one call: the members' outputs, or None where the one launch does not apply."""
     plan = linear_group_plan(x, members, bias, bits, in_features)
     return None if plan is None else list(plan(x))
+
+
+def linear_group_joined(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | None]], bits: int, in_features: int) -> Tensor:
+    """The members' outputs (no bias) side by side in one tensor: one launch where ``joined_group_plan`` applies, else
+    each member alone. What a compiled graph calls for siblings (``packed_ops.linear_group``)."""
+    joined = joined_group_plan(x, members, None, bits, in_features)
+    if joined is not None:
+        return joined(x)
+    return torch.cat([linear(x, codes, codebooks, scales, None, bits, in_features) for codes, codebooks, scales in members], -1)
 
 
 def linear_reference(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int,

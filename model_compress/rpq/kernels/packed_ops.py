@@ -10,9 +10,10 @@ picks the module), so they pay nothing for this.
 No ``from __future__ import annotations`` here: ``torch.library`` reads the schema from the annotations.
 """
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import packed_forward
@@ -30,9 +31,33 @@ def _linear_shape(x, codes, codebooks, scales, bias, bits, in_features):
     return x.new_empty((*x.shape[:-1], codebooks.shape[0] * codebooks.shape[2]))
 
 
+@torch.library.custom_op("model_compress::packed_linear_group", mutates_args=())
+def linear_group(x: Tensor, codes: List[Tensor], codebooks: List[Tensor], scales: List[Optional[Tensor]], bits: int,
+                 in_features: int) -> Tensor:
+    """``packed_forward.linear_group_joined``: sibling layers on one input, their outputs side by side (no bias: a
+    traced graph adds each member's, where the compiler fuses the add into what reads it)."""
+    return packed_forward.linear_group_joined(x, list(zip(codes, codebooks, scales)), bits, in_features)
+
+
+@linear_group.register_fake
+def _linear_group_shape(x, codes, codebooks, scales, bits, in_features):
+    return x.new_empty((*x.shape[:-1], sum(books.shape[0] * books.shape[2] for books in codebooks)))
+
+
+@torch.library.custom_op("model_compress::packed_gated_silu_rotate", mutates_args=())
+def gated_silu_rotate(gate: Tensor, up: Tensor, signs: Tensor, block: int) -> Tensor:
+    """``packed_forward.gated_silu_rotate`` with SiLU: (silu(gate) * up) R, one launch on CUDA."""
+    return packed_forward.gated_silu_rotate(gate, up, F.silu, signs, block).contiguous()
+
+
+@gated_silu_rotate.register_fake
+def _gated_silu_rotate_shape(gate, up, signs, block):
+    return torch.empty_like(gate)
+
+
 @torch.library.custom_op("model_compress::packed_rotate", mutates_args=())
 def rotate(x: Tensor, signs: Tensor, block: int) -> Tensor:
-    """``packed_forward.rotate``: x R."""
+    """``packed_forward.rotate``: x R (signs int8 +-1 or the stored bits)."""
     return packed_forward.rotate(x, signs, block).contiguous()
 
 

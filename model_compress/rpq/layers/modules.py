@@ -121,8 +121,6 @@ class _Codes:
         """
         if self.rotation_block is None:
             return x
-        if torch.compiler.is_compiling():  # no identity tricks in a traced graph: the compiler merges equal rotations
-            return self.rotate_alone(x)
         written = self.__dict__.get("_rotated_by")
         if written is not None and written.holds(x):
             return x
@@ -131,6 +129,8 @@ class _Codes:
 
     def rotate_alone(self, x: Tensor) -> Tensor:
         """x R with this layer's own signs (one Triton launch on CUDA)."""
+        if torch.compiler.is_compiling():  # the stored bits as they are: the traced graph unpacks nothing per step
+            return packed_ops.rotate(x, self.rotation_signs, self.rotation_block)
         if plans.usable():
             return plans_of(self).get(("rotate", *input_signature(x)),
                                       lambda: packed_forward.rotate_plan(x, self.signs(x.dtype), self.rotation_block))(x)
@@ -273,7 +273,7 @@ class RPQLinear(_Codes, nn.Module):
         if not self.native:
             rotated = self.rotate_input(x)
             group = self.__dict__.get("_packed_group")  # fusions.packed_groups: q/k/v in one launch at one token
-            out = None if group is None or torch.compiler.is_compiling() else group.output(self, rotated)
+            out = None if group is None else group.output(self, rotated)
             return self.forward_rotated(rotated) if out is None else out
         group = self.__dict__.get("_shared_input")  # shared_input.SharedInputGroup: q/k/v in one launch
         if group is not None and not any(member.decoded is not None for member in group.members):

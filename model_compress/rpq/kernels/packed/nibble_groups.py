@@ -73,7 +73,8 @@ def _nibble_group_gemv_kernel(
 
 def nibble_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], bias: Tensor | None, bits: int,
                       in_features: int, tile: PackedTile, multiprocessors: int) -> Callable[[Tensor], tuple[Tensor, ...]]:
-    """``nibble_group_gemv`` as a call for tokens shaped like ``x``: the grid, split and buffers worked out once."""
+    """``nibble_group_gemv`` as a call for tokens shaped like ``x``: the grid, split and buffers worked out once. The
+    call returns the members' outputs side by side in one tensor (the last dimension their widths in order)."""
     if not 2 <= len(members) <= 3:
         raise ValueError(f"a group has 2 or 3 members, got {len(members)}")
     counts = [codebooks.shape[0] for _, codebooks, _ in members]
@@ -89,14 +90,13 @@ def nibble_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], b
                           BLOCK_N=tile.block_n, BLOCK_W=tile.block_k // 8, SPLIT=split > 1, X_FP16=x.dtype == torch.float16,
                           num_warps=tile.num_warps, num_stages=tile.num_stages)
     buffers = [t for member in padded for t in member]
-    sizes = (*counts,)
 
-    def run(x: Tensor) -> tuple[Tensor, ...]:
+    def run(x: Tensor) -> Tensor:
         out = torch.empty(out_shape, device=device, dtype=dtype)
         partial, counters = split_scratch(out, split, counter)
         launch(x, *buffers, out if bias is None else bias, out, partial, counters, *rows, tiles[0], tiles[0] + tiles[1],
                in_features // 8, split, chunk // 8)
-        return out.split(sizes, dim=-1)
+        return out
 
     return run
 
@@ -105,4 +105,5 @@ def nibble_group_gemv(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], b
                       in_features: int, tile: PackedTile, multiprocessors: int) -> list[Tensor]:
     """Each member's (codes, codebooks, scales) times one fp16 or bf16 token x, all in one launch (``nibble_serves`` for each);
     ``bias``: the members' biases end to end, or None. Returns views of one output buffer, in the members' order."""
-    return list(nibble_group_plan(x, members, bias, bits, in_features, tile, multiprocessors)(x))
+    out = nibble_group_plan(x, members, bias, bits, in_features, tile, multiprocessors)(x)
+    return list(out.split([codebooks.shape[0] for _, codebooks, _ in members], dim=-1))

@@ -4,6 +4,7 @@ A rotated layer multiplies x R, so whatever writes x can write x R instead: one 
 norm's statistics (or silu(gate) * up), multiplies by the signs, and applies the block Hadamard on tensor cores to
 the row seen as (blocks x b). Eager HF RMSNorm is seven launches and the rotation one more; this is one.
 The row is rounded to the output dtype before the Hadamard product, as the unfused path rounds the norm's output.
+The signs are int8 +-1 or the stored bits, as for ``rotate``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor
 from ..config.norm_spec import LAYER_NORM, RMS_NORM
 from ..triton.common import _next_power_of_2, _rows
 from ..launch.direct_launch import DirectLaunch
-from .rotate import _sign_matrix
+from .rotate import _sign_matrix, load_signs, signs_are_packed
 
 GATED_SILU = 3  # the prologue kind beside the norm kinds of config/norm_spec.py
 
@@ -27,6 +28,7 @@ GATED_SILU = 3  # the prologue kind beside the norm kinds of config/norm_spec.py
 def _prologue_rotate_kernel(
     a_ptr, b_ptr, weight_ptr, bias_ptr, signs_ptr, hadamard_ptr, out_ptr, width, stride_a, stride_b, stride_out, eps, scale,
     KIND: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_W: tl.constexpr, DOT_IEEE: tl.constexpr,
+    PACKED_SIGNS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_W)
@@ -44,7 +46,7 @@ def _prologue_rotate_kernel(
             value = centred * tl.rsqrt(tl.sum(centred * centred, axis=0) / width + eps) * weight
             if HAS_BIAS:
                 value += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    signs = tl.load(signs_ptr + offs, mask=mask, other=0).to(tl.float32)
+    signs = load_signs(signs_ptr, offs, mask, PACKED_SIGNS)
     value = (value * signs).to(out_ptr.dtype.element_ty)
     inner = tl.arange(0, BLOCK)
     hadamard = tl.load(hadamard_ptr + inner[:, None] * BLOCK + inner[None, :])
@@ -74,7 +76,8 @@ def prologue_plan(a: Tensor, b: Tensor | None, weight: Tensor | None, bias: Tens
     block_w = max(_next_power_of_2(width), 16 * block)  # tensor cores take 16 or more blocks
     hadamard = _sign_matrix(block, device, out_dtype)
     launch = DirectLaunch(_prologue_rotate_kernel, (count,), KIND=kind, HAS_BIAS=bias is not None, BLOCK=block,
-                          BLOCK_W=block_w, DOT_IEEE=out_dtype == torch.float32, num_warps=4 if block_w <= 4096 else 8)
+                          BLOCK_W=block_w, DOT_IEEE=out_dtype == torch.float32, PACKED_SIGNS=signs_are_packed(signs, width),
+                          num_warps=4 if block_w <= 4096 else 8)
     scale = block**-0.5
 
     def run(a: Tensor, b: Tensor | None) -> Tensor:

@@ -1,5 +1,8 @@
 """The input rotation x R (or a decoded row's y R^T) in one launch: signs and block Hadamard on tensor cores.
 
+The signs come as int8 +-1 (one byte a feature) or as the layer stores them, one bit a feature (``load_signs``):
+a compiled model hands the stored bits over as they are, so its graph unpacks nothing on every step.
+
 x R = (x * signs) @ B and y R^T = (y @ B) * signs, B = blockdiag(H_b) / sqrt(b) (``kernels/rotation.py``). A
 program takes 16 or more rows of one block of b columns, multiplies by the +-1 Hadamard matrix (exact in every
 dtype) and scales by 1/sqrt(b) in float32, rounding once. Rows past the input are masked (tensor cores need 16).
@@ -22,15 +25,35 @@ ROWS_PER_PROGRAM = 16
 
 
 @triton.jit
+def load_signs(signs_ptr, offs, mask, PACKED: tl.constexpr):
+    """Signs of features ``offs`` as float32 +-1: from int8 +-1, or (``PACKED``) from bit ``offs % 8`` of byte
+    ``offs // 8``, set where negative (``kernels/rotation.pack_signs``)."""
+    if PACKED:
+        bits = (tl.load(signs_ptr + offs // 8, mask=mask, other=0).to(tl.int32) >> (offs % 8)) & 1
+        return (1 - 2 * bits).to(tl.float32)
+    return tl.load(signs_ptr + offs, mask=mask, other=0).to(tl.float32)
+
+
+def signs_are_packed(signs: Tensor, width: int) -> bool:
+    """Whether ``signs`` are the stored bits (uint8, width / 8) rather than int8 +-1 (width); anything else is refused."""
+    if signs.dtype == torch.uint8 and signs.numel() * 8 == width:
+        return True
+    if signs.dtype == torch.int8 and signs.numel() == width:
+        return False
+    raise ValueError(f"signs for {width} features are int8 ({width},) or uint8 bits ({width // 8},), got {signs.dtype} {tuple(signs.shape)}")
+
+
+@triton.jit
 def _rotate_kernel(
     x_ptr, signs_ptr, hadamard_ptr, out_ptr, rows, stride_x, stride_out, scale,
     BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, SIGNS_FIRST: tl.constexpr, DOT_IEEE: tl.constexpr,
+    PACKED_SIGNS: tl.constexpr,
 ):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = (offs_t < rows)[:, None]
     x = tl.load(x_ptr + offs_t[:, None] * stride_x + offs_c[None, :], mask=mask, other=0.0)
-    signs = tl.load(signs_ptr + offs_c).to(x.dtype)
+    signs = load_signs(signs_ptr, offs_c, offs_c >= 0, PACKED_SIGNS).to(x.dtype)
     inner = tl.arange(0, BLOCK)
     hadamard = tl.load(hadamard_ptr + inner[:, None] * BLOCK + inner[None, :])
     if SIGNS_FIRST:
@@ -57,8 +80,9 @@ def _sign_matrix(block: int, device: torch.device, dtype: torch.dtype) -> Tensor
 
 def rotate_plan(x: Tensor, signs: Tensor, block: int, signs_first: bool = True) -> Callable[[Tensor], Tensor]:
     """x R (``signs_first``) or y R^T as a call for inputs shaped, strided and typed like ``x``: grid and constants
-    worked out once."""
+    worked out once. ``signs``: int8 +-1 or the stored bits (``signs_are_packed``)."""
     width = x.shape[-1]
+    packed = signs_are_packed(signs, width)
     rows = _rows(x, width)
     cast = rows.dtype not in (torch.float16, torch.bfloat16, torch.float32)
     dtype = torch.float32 if cast else rows.dtype
@@ -70,7 +94,8 @@ def rotate_plan(x: Tensor, signs: Tensor, block: int, signs_first: bool = True) 
     shape, device = x.shape, x.device
     hadamard, scale = _sign_matrix(block, device, dtype), block**-0.5
     launch = DirectLaunch(_rotate_kernel, (_cdiv(count, ROWS_PER_PROGRAM), width // block), BLOCK=block,
-                          BLOCK_T=ROWS_PER_PROGRAM, SIGNS_FIRST=signs_first, DOT_IEEE=dtype == torch.float32)
+                          BLOCK_T=ROWS_PER_PROGRAM, SIGNS_FIRST=signs_first, DOT_IEEE=dtype == torch.float32,
+                          PACKED_SIGNS=packed)
 
     def run(x: Tensor) -> Tensor:
         if as_rows:
@@ -86,7 +111,7 @@ def rotate_plan(x: Tensor, signs: Tensor, block: int, signs_first: bool = True) 
 
 
 def rotate(x: Tensor, signs: Tensor, block: int) -> Tensor:
-    """x R along the last dimension; ``signs`` (width,) int8 +-1."""
+    """x R along the last dimension; ``signs`` (width,) int8 +-1 or (width / 8,) uint8 bits."""
     return rotate_plan(x, signs, block, signs_first=True)(x)
 
 
