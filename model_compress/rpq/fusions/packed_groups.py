@@ -4,7 +4,7 @@ Siblings with equal rotations already share x R (``shared_rotation``, or the pre
 take the same code width, the first member called with that tensor computes every member's output in one
 byte-permute launch (``packed_forward.linear_group``) and the others take theirs (``OncePerInput``). Where the
 launch does not apply (several tokens, a CPU, a format it does not read), each member computes alone, as before.
-Nothing is saved with the model.
+A compiled graph does the same with one custom op (``packed_ops.linear_group``). Nothing is saved with the model.
 """
 
 from __future__ import annotations
