@@ -20,7 +20,8 @@
 #                                       (head_route.py; HEAD_ROUTE=0: not)
 #   STAGE=cost    (no carry)            what the input rotation costs on the torch path (rotation_cost.py)
 #   STAGE=profile (no carry)            where a decode step's time goes, original vs the folder an earlier `default` call
-#                                       left (rpq_decode.py --folder): the linear layers' share of it
+#                                       left (rpq_decode.py --folder): the linear layers' share of it; PROFILE_ARGS=--compiled:
+#                                       the step under torch.compile
 # benchmarks/README.md says how the carried folders are made. Results land in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-quality}
@@ -117,7 +118,7 @@ case "$stage" in
     install_wheels /tmp/smol
     name="default${RUN_NAME:+-$RUN_NAME}"
     [ -d "/tmp/$name-out" ] || { echo "error: /tmp/$name-out is missing: run STAGE=default first on this machine" >&2; exit 2; }
-    python3 benchmarks/rpq/rpq_decode.py "$GGUF" --folder "/tmp/$name-out" --out "$OUT" 2>&1 | tee "$OUT/profile_$name.log" | tail -40
+    python3 benchmarks/rpq/rpq_decode.py "$GGUF" --folder "/tmp/$name-out" --out "$OUT" ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile_$name${PROFILE_ARGS:+_compiled}.log" | tail -40
     ;;
   host)  # host time per eager layer call, and the packed head's two routes at a few tokens
     install_wheels /tmp/smol

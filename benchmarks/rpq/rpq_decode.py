@@ -88,8 +88,9 @@ def summarize(report: dict) -> dict:
     return result
 
 
-def profile(source: str, folder: Path, out: Path, steps: int = 3) -> None:
-    """Top kernels of eager decode steps, original vs compressed (the graph replays the same kernels)."""
+def profile(source: str, folder: Path, out: Path, steps: int = 3, compiled: bool = False) -> None:
+    """Top kernels of eager decode steps, original vs compressed (the graph replays the same kernels); ``compiled``:
+    of the step under ``torch.compile`` in its default mode, whose kernels are those ``reduce-overhead`` replays."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -109,6 +110,9 @@ def profile(source: str, folder: Path, out: Path, steps: int = 3) -> None:
         with torch.inference_mode():
             step = DecodeStep(model, prompt, 16)
             step.prefill()
+            if compiled:
+                torch._dynamo.reset()
+                step.model = torch.compile(model, dynamic=False)
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
@@ -121,7 +125,8 @@ def profile(source: str, folder: Path, out: Path, steps: int = 3) -> None:
         launches = sum(e.count for e in events)
         linear = [e for e in events if LINEAR_KERNELS.search(e.key)]
         linear_time = sum(e.self_device_time_total for e in linear)
-        lines.append(f"== {role}: {total / steps / 1e3:.3f} ms of kernels per decode step, {launches / steps:.0f} kernels per step")
+        lines.append(f"== {role}{' compiled' if compiled else ''}: {total / steps / 1e3:.3f} ms of kernels per decode step, "
+                     f"{launches / steps:.0f} kernels per step")
         lines.append(
             f"  linear layers' kernels: {linear_time / total:.1%} of the kernel time, {sum(e.count for e in linear) / steps:.0f} "
             f"launches per step; with them at zero time a step would be {total / max(total - linear_time, 1e-9):.2f}x faster"
@@ -135,7 +140,7 @@ def profile(source: str, folder: Path, out: Path, steps: int = 3) -> None:
         torch.cuda.empty_cache()
     text = "\n".join(lines)
     print(text)
-    (out / f"profile_{folder.name}.txt").write_text(text + "\n")
+    (out / f"profile_{folder.name}{'_compiled' if compiled else ''}.txt").write_text(text + "\n")
 
 
 def main() -> None:
@@ -148,6 +153,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--compiled", action="store_true", help="profile the decode step under torch.compile")
     parser.add_argument("--folder", type=Path, default=None,
                         help="profile this converted folder against MODEL and stop (no conversion, no eval)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="opt-1.3b: copy tokenizer files from this folder (vocab <= 50272)")
@@ -157,7 +163,7 @@ def main() -> None:
     name = args.name or Path(args.model).stem
     source = source_for(args.model, args.workdir, args.tokenizer)
     if args.folder is not None:  # where a decode step's time goes, for a checkpoint made elsewhere (the default's)
-        profile(source, args.folder, args.out)
+        profile(source, args.folder, args.out, compiled=args.compiled)
         return
     folder = args.workdir / f"{name}-rpq{args.codebooks}"
     convert = run_timed_cli(
@@ -176,7 +182,7 @@ def main() -> None:
     print(json.dumps(summary, indent=1))
     (args.out / f"summary_{name}.json").write_text(json.dumps(summary, indent=1))
     if args.profile:
-        profile(source, folder, args.out)
+        profile(source, folder, args.out, compiled=args.compiled)
     sys.exit(0)
 
 

@@ -65,6 +65,7 @@ class LatencyResult:
     graph_decode_errors: dict[int, str] = field(default_factory=dict)
     compiled_decode_tokens_per_s: dict[int, float | None] = field(default_factory=dict)
     compiled_decode_graph_breaks: dict[int, int | None] = field(default_factory=dict)
+    compiled_decode_cudagraph_skips: dict[int, int | None] = field(default_factory=dict)  # CUDA: graphs not replayed
     compiled_decode_errors: dict[int, str] = field(default_factory=dict)
     # a head answering from an index: of the positions graphed or compiled decode answered from fixed shortlists, the
     # share not certified (their token may differ from the dense argmax)
@@ -86,6 +87,7 @@ class LatencyResult:
             "graph_decode_errors": {str(batch): value for batch, value in self.graph_decode_errors.items()},
             "compiled_decode_tokens_per_s": {str(batch): value for batch, value in self.compiled_decode_tokens_per_s.items()},
             "compiled_decode_graph_breaks": {str(batch): value for batch, value in self.compiled_decode_graph_breaks.items()},
+            "compiled_decode_cudagraph_skips": {str(batch): value for batch, value in self.compiled_decode_cudagraph_skips.items()},
             "compiled_decode_errors": {str(batch): value for batch, value in self.compiled_decode_errors.items()},
             "fixed_head_uncertified": {str(batch): value for batch, value in self.fixed_head_uncertified.items()},
             "peak_memory_bytes": self.peak_memory,
@@ -243,6 +245,7 @@ def _graphed_and_compiled(model: nn.Module, prompt: torch.Tensor, new_tokens: in
         compiled = compiled_decode(model, prompt, new_tokens, settings.repeats)
         result.compiled_decode_tokens_per_s[batch] = compiled.tokens_per_s
         result.compiled_decode_graph_breaks[batch] = compiled.graph_breaks
+        result.compiled_decode_cudagraph_skips[batch] = compiled.cudagraph_skips
         result.peak_memory[f"compiled_decode_batch_{batch}"] = compiled.peak_memory
         if compiled.error:
             result.compiled_decode_errors[batch] = compiled.error

@@ -72,6 +72,7 @@ _ROW_SPECS = [
     ("decode, batch 1, compiled", "tok/s", "higher", ("latency", "compiled_decode", 1)),
     ("decode, batch 16, compiled", "tok/s", "higher", ("latency", "compiled_decode", 16)),
     ("graph breaks, compiled decode batch 1", "", "lower", ("latency", "compiled_breaks", 1)),
+    ("CUDA graphs skipped, compiled decode b1", "", "lower", ("latency", "compiled_skips", 1)),
     ("head index, graphed decode b1: not certified", "%", "lower", ("latency", "fixed_uncertified", 1)),
     ("head index, graphed decode b16: not certified", "%", "lower", ("latency", "fixed_uncertified", 16)),
     ("peak memory, quality pass", "MB", "lower", ("quality", "peak_memory_bytes")),
@@ -112,6 +113,8 @@ def _figure(measurement: Measurement | None, key: tuple) -> float | None:
             return latency.compiled_decode_tokens_per_s.get(key[2])
         if key[1] == "compiled_breaks":
             return latency.compiled_decode_graph_breaks.get(key[2])
+        if key[1] == "compiled_skips":
+            return latency.compiled_decode_cudagraph_skips.get(key[2])
         if key[1] == "fixed_uncertified":
             value = latency.fixed_head_uncertified.get(key[2])
             return None if value is None else 100 * value

@@ -54,6 +54,7 @@ def test_compiled_decode_of_a_rotated_model_runs_without_graph_breaks():
     apply_fusions(model)
     result = compiled_decode(model, torch.randint(0, model.config.vocab_size, (2, 8)), steps=3, repeats=1)
     assert result.error is None and result.graph_breaks == 0 and result.tokens_per_s > 0
+    assert result.cudagraph_skips is None  # no CUDA graphs off CUDA: nothing to count
 
 
 def _custom_ops_per_block(model: torch.nn.Module, ids: torch.Tensor) -> tuple[Counter, str]:
@@ -105,3 +106,14 @@ def test_a_compiled_model_on_cuda_gives_the_eager_logits_and_keeps_its_cuda_grap
             out = compiled(ids).logits.float()
     assert counters["inductor"]["cudagraph_skips"] == 0
     assert ((out - expected).norm() / expected.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+def test_compiled_decode_on_cuda_replays_cuda_graphs():
+    """What ``compress eval --compile`` times on a GPU: reduce-overhead, no graph skipped, no break."""
+    from model_compress.eval.compiled_decode import compiled_decode
+
+    model = rotated_llama().to("cuda", torch.float16)
+    apply_fusions(model)
+    result = compiled_decode(model, torch.randint(0, model.config.vocab_size, (1, 8), device="cuda"), steps=4, repeats=1)
+    assert result.error is None and result.graph_breaks == 0 and result.cudagraph_skips == 0
