@@ -26,7 +26,7 @@ ROWS_PER_PROGRAM = 16
 
 @triton.jit
 def load_signs(signs_ptr, offs, mask, PACKED: tl.constexpr):
-    """Signs of features ``offs`` as float32 +-1: from int8 +-1, or (``PACKED``) from bit ``offs % 8`` of byte
+    """Signs of features ``offs`` as float32 +-1: from +-1 values, or (``PACKED``) from bit ``offs % 8`` of byte
     ``offs // 8``, set where negative (``kernels/rotation.pack_signs``)."""
     if PACKED:
         bits = (tl.load(signs_ptr + offs // 8, mask=mask, other=0).to(tl.int32) >> (offs % 8)) & 1
@@ -35,12 +35,14 @@ def load_signs(signs_ptr, offs, mask, PACKED: tl.constexpr):
 
 
 def signs_are_packed(signs: Tensor, width: int) -> bool:
-    """Whether ``signs`` are the stored bits (uint8, width / 8) rather than int8 +-1 (width); anything else is refused."""
+    """Whether ``signs`` are the stored bits (uint8, width / 8) rather than +-1 values (width, int8 or a float dtype);
+    anything else is refused."""
     if signs.dtype == torch.uint8 and signs.numel() * 8 == width:
         return True
-    if signs.dtype == torch.int8 and signs.numel() == width:
+    if signs.dtype != torch.uint8 and signs.numel() == width:
         return False
-    raise ValueError(f"signs for {width} features are int8 ({width},) or uint8 bits ({width // 8},), got {signs.dtype} {tuple(signs.shape)}")
+    raise ValueError(f"signs for {width} features are +-1 values ({width},) or uint8 bits ({width // 8},), got {signs.dtype} "
+                     f"{tuple(signs.shape)}")
 
 
 @triton.jit
