@@ -187,18 +187,21 @@ def filled(module: nn.Module, seed: int = 0) -> nn.Module:
 
 
 
-def rotated_llama() -> torch.nn.Module:
-    """A tiny Llama whose every decoder Linear is a rotated packed RPQ layer (one set of signs per input width)."""
+def rotated_llama(attention_bias: bool = False) -> torch.nn.Module:
+    """A tiny Llama whose every decoder Linear is a rotated packed RPQ layer (one set of signs per input width);
+    ``attention_bias``: q/k/v/o with biases, as Qwen2's q/k/v have."""
     from model_compress.rpq.kernels.rotation import random_signs
     from model_compress.rpq.layers.modules import RPQLinear
 
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    config = tiny_config("llama")
+    config.attention_bias = attention_bias
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     signs = {}
     for layer in model.model.layers:
         for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
             for name in names:
                 dense = getattr(parent, name)
-                rpq = filled(RPQLinear(dense.in_features, dense.out_features, dense.out_features, 16, bias=False,
+                rpq = filled(RPQLinear(dense.in_features, dense.out_features, dense.out_features, 16, bias=dense.bias is not None,
                                        codebook_dtype="int8", rotation_block=16, dtype=torch.float32), seed=len(signs))
                 rpq.set_signs(signs.setdefault(dense.in_features, random_signs(dense.in_features, dense.in_features)))
                 setattr(parent, name, rpq)

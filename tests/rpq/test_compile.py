@@ -88,6 +88,19 @@ def test_a_compiled_decode_step_keeps_the_eager_fusions():
             torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_a_compiled_group_adds_each_members_bias():
+    """q/k/v with biases (Qwen2's form): the group op computes the products, the graph adds each member's bias."""
+    model = rotated_llama(attention_bias=True)
+    apply_fusions(model)
+    one = torch.randint(0, model.config.vocab_size, (1, 1))
+    ops, _ = _custom_ops_per_block(model, one)
+    assert ops["packed_linear_group"] == 2
+    with torch.no_grad():
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(one).logits, model(one).logits, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_a_compiled_model_on_cuda_gives_the_eager_logits_and_keeps_its_cuda_graphs(mode):
