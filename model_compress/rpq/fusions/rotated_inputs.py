@@ -9,7 +9,8 @@ direct call stays correct); the MLP forms (silu(gate) * up) R in one launch and 
 down_proj. On the CPU the same happens with the torch forms (the norm's own forward, then the rotation), so every
 device computes the same function. Under ``torch.compile`` the norm stays the model's own (the compiler fuses it with
 the residual add beside it) and one custom op writes its x R for all readers; the gate is one custom op. The
-model's final norm is left alone: its output is the hidden state users read. Nothing is saved with the model. The ``fused_norm`` and ``fused_glu`` options switch these off too.
+model's final norm is left alone: its output is the hidden state users read. Nothing is saved with the model. The
+``fused_norm`` and ``fused_glu`` options switch these off too.
 """
 
 from __future__ import annotations

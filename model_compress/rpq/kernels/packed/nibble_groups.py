@@ -72,7 +72,7 @@ def _nibble_group_gemv_kernel(
 
 
 def nibble_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], bias: Tensor | None, bits: int,
-                      in_features: int, tile: PackedTile, multiprocessors: int) -> Callable[[Tensor], tuple[Tensor, ...]]:
+                      in_features: int, tile: PackedTile, multiprocessors: int) -> Callable[[Tensor], Tensor]:
     """``nibble_group_gemv`` as a call for tokens shaped like ``x``: the grid, split and buffers worked out once. The
     call returns the members' outputs side by side in one tensor (the last dimension their widths in order)."""
     if not 2 <= len(members) <= 3:

@@ -1,6 +1,6 @@
 """The input rotation x R (or a decoded row's y R^T) in one launch: signs and block Hadamard on tensor cores.
 
-The signs come as int8 +-1 (one byte a feature) or as the layer stores them, one bit a feature (``load_signs``):
+The signs come as +-1 values (int8 or the token's dtype) or as the layer stores them, one bit a feature (``load_signs``):
 a compiled model hands the stored bits over as they are, so its graph unpacks nothing on every step.
 
 x R = (x * signs) @ B and y R^T = (y @ B) * signs, B = blockdiag(H_b) / sqrt(b) (``kernels/rotation.py``). A
