@@ -1,5 +1,6 @@
-"""A packed head (the tied embedding's format) at a few tokens: rows decoded in registers in one kernel against decoding
-its table in chunks for cuBLAS, beside the dense head, on CUDA; which route ``HEAD_FUSED_TOKENS`` should pick.
+"""A packed head (the tied embedding's format) at a few tokens: rows decoded in registers in one kernel, per-entry scores
+and a gather-sum over the codes read in place (``packed/head_scores.py``), and decoding its table in chunks for
+cuBLAS, beside the dense head, on CUDA; which routes ``HEAD_FUSED_TOKENS`` and ``HEAD_SCORE_TOKENS`` should pick.
 
     python benchmarks/rpq/head_route.py [--json FILE]
 
@@ -77,13 +78,16 @@ def main() -> None:
                     row = {"model": model, "format": name, "tokens": tokens,
                            "dense_us": graph_us([lambda w=w: x @ w.T for w in dense]),
                            "fused_us": routed_us(tables, x, vocab, tokens),
+                           "scores_us": graph_us([lambda t=t: packed.scored_head(x, t[0], t[1], t[2], code_bits(size), vocab, None)
+                                                  for t in tables]),
                            "decode_cublas_us": routed_us(tables, x, vocab, 0)}
                     if tokens in (1, 16):
                         row["sweep_us"] = tile_sweep(tables, x, vocab)
                         print("    " + "  ".join(f"{key} {value:.1f}" for key, value in row["sweep_us"].items()), flush=True)
                     rows.append(row)
                     print(f"{model:13s} {name:13s} t={tokens:<3d} dense {row['dense_us']:7.1f} us  fused kernel "
-                          f"{row['fused_us']:7.1f} us  decode + cuBLAS {row['decode_cublas_us']:7.1f} us", flush=True)
+                          f"{row['fused_us']:7.1f} us  scores {row['scores_us']:7.1f} us  decode + cuBLAS "
+                          f"{row['decode_cublas_us']:7.1f} us", flush=True)
                 del tables
             del dense
     if args.json:

@@ -288,6 +288,26 @@ def test_packed_head_matches_decoded_table(piece, size, storage, dtype):
         assert rel_error(out, ref) < BOUNDS[dtype], tokens
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("piece,size,storage", [(1, 16, "int8"), (2, 128, "int8"), (4, 256, "float16"), (2, 32, "int8")])
+def test_the_score_route_of_a_tied_head_matches_the_decoded_table(piece, size, storage, dtype, monkeypatch):
+    """The score table and gather-sum (``packed/head_scores.py``), called and through the tied head's route."""
+    bits = code_bits(size)
+    codes, codebooks, scales, _ = packed_layer(1001, 200, piece, size, storage, seed=piece * size)
+    bias = torch.randn(1001, device=CUDA, dtype=dtype)
+    scales = None if scales is None else scales.to(dtype)
+    table = decode(packed_forward.codebook_values(codebooks, scales, torch.float32), unpack_codes(codes, bits, 1001),
+                   EMBEDDING).double()
+    monkeypatch.setattr(packed_forward, "HEAD_SCORE_TOKENS", 4)
+    for tokens in (1, 3):
+        x = torch.randn(2, tokens, 200, device=CUDA, dtype=dtype)
+        ref = x.double() @ table.T + bias.double()
+        for out in (packed.scored_head(x, codes, codebooks, scales, bits, 1001, bias),
+                    packed_forward.tied_head(x[:1], codes, codebooks, scales, bias, bits, 1001)):
+            assert out.dtype == dtype and out.shape[-1] == 1001
+            assert rel_error(out, ref[: out.shape[0]]) < BOUNDS[dtype], tokens
+
+
 def test_packed_linear_replays_in_a_cuda_graph():
     layer = filled(RPQLinear(576, 1536, 1536, 16, codebook_dtype="int8", rotation_block=64)).to(CUDA, torch.float16)
     layer.set_signs(rotation.random_signs(576, 4))

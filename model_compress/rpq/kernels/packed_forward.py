@@ -19,7 +19,7 @@ from torch import Tensor
 from . import forward as torch_forms
 from . import rotation
 from .config import options
-from .config.packed_routes import (HEAD_CHUNK_BYTES, HEAD_FUSED_TOKENS, NIBBLE_GROUPS, NIBBLE_ROUTED_BITS,
+from .config.packed_routes import (HEAD_CHUNK_BYTES, HEAD_FUSED_TOKENS, HEAD_SCORE_TOKENS, NIBBLE_GROUPS, NIBBLE_ROUTED_BITS,
                                    NIBBLE_ROUTED_DTYPES, NIBBLE_ROUTES, nibble_prompt_tile, packed_tile)
 from .layout import LINEAR, codebook_values, decode as decode_dense, unpack_codes
 from .trainable_product import records, trainable_linear, trainable_tied_head
@@ -231,8 +231,8 @@ def embedding_rows(ids: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor
 def tied_head_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int,
                    vocab: int) -> Callable[[Tensor], Tensor]:
     """Logits of rotated hidden states shaped like ``x`` against a packed table of ``vocab`` rows: on CUDA the table
-    decoded in chunks of at most ``HEAD_CHUNK_BYTES`` for cuBLAS (one chunk alive at a time), or the fused kernel up
-    to ``HEAD_FUSED_TOKENS`` tokens."""
+    decoded in chunks of at most ``HEAD_CHUNK_BYTES`` for cuBLAS (one chunk alive at a time), the score route up to
+    ``HEAD_SCORE_TOKENS`` tokens, or the fused kernel up to ``HEAD_FUSED_TOKENS`` tokens."""
     kernels = packed_kernels(x, codebooks, scales, bias)
     if kernels is None:
         def torch_form(x: Tensor) -> Tensor:
@@ -244,6 +244,8 @@ def tied_head_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor |
         return torch_form
     dim = x.shape[-1]
     tokens = x.numel() // dim
+    if tokens <= HEAD_SCORE_TOKENS:
+        return lambda x: kernels.scored_head(x, codes, codebooks, scales, bits, vocab, bias)
     if tokens <= HEAD_FUSED_TOKENS:
         return lambda x: kernels.packed_head(x, codes, codebooks, scales, bits, vocab, bias)
     device, dtype, shape = x.device, x.dtype, (*x.shape[:-1], vocab)

@@ -98,6 +98,11 @@ def nibble_prompt_tile(tokens: int, in_features: int, out_features: int) -> Pack
 # routed; a 16 MB chunk is what the faster route adds to the memory held while decoding.
 HEAD_FUSED_TOKENS = 0
 HEAD_CHUNK_BYTES = 16 * 1024 * 1024
+# Up to HEAD_SCORE_TOKENS tokens the head may instead score each codebook entry once and gather-sum over the codes read
+# in place (``packed/head_scores.py``: 12 MB read for SmolLM2's head where decode + cuBLAS writes and reads 57 MB).
+# Checked against the decoded table on Triton's CPU interpreter; not timed on a GPU yet, so not routed until
+# benchmarks/rpq/head_route.py measures it faster than decode + cuBLAS.
+HEAD_SCORE_TOKENS = 0
 
 
 # What the packed kernels read: codes of 1 to 16 bits (1, 2, 4 and 8 as whole byte tiles, the rest code by code), any

@@ -12,7 +12,8 @@ cost of a launch, not of the routing.
 fp16 tokens, looked up by byte permutes; ``nibble_groups``: siblings on one token in one launch; ``nibble_prompts``: the same formats for prompts, on tensor cores with the
 looked-up tile as the left operand. ``decode``: W' into
 a temporary for cuBLAS (prompts), rows of an embedding table, chunks of a tied head's table. ``head``: a tied head's
-logits from per-code scores, the table never decoded. ``rotate``: x R in one launch; ``prologue``: x R written by
+logits from the codebooks in registers, the table never decoded; ``head_scores``: the same from per-entry scores and a
+gather-sum over the codes. ``rotate``: x R in one launch; ``prologue``: x R written by
 the pre-norm or the SiLU gate that makes x.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from .decode import decode_linear_plan, decode_linear_weight, decode_plan, decode_table_rows
 from .head import RowBounds, packed_head
+from .head_scores import scored_head
 from .linear import packed_linear, packed_linear_plan
 from .nibble_groups import nibble_group_gemv, nibble_group_plan
 from .nibble_prompts import nibble_prompt_linear, nibble_prompt_plan, nibble_prompt_serves
@@ -30,5 +32,5 @@ from .rotate import rotate, rotate_plan, unrotate
 
 __all__ = ["decode_linear_plan", "decode_linear_weight", "decode_plan", "decode_table_rows", "gated_silu_rotate", "gated_silu_rotate_plan",
            "nibble_decode_plan", "nibble_decode_serves", "nibble_decode_weight", "nibble_group_gemv", "nibble_group_plan",
-           "nibble_linear", "nibble_linear_plan", "nibble_prompt_linear", "nibble_prompt_plan", "nibble_prompt_serves", "nibble_serves", "norm_rotate", "norm_rotate_plan", "packed_head", "RowBounds",
+           "nibble_linear", "nibble_linear_plan", "nibble_prompt_linear", "nibble_prompt_plan", "nibble_prompt_serves", "nibble_serves", "norm_rotate", "norm_rotate_plan", "packed_head", "RowBounds", "scored_head",
            "packed_linear", "packed_linear_plan", "rotate", "rotate_plan", "unrotate"]
