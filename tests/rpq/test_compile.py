@@ -31,19 +31,26 @@ def test_a_rotated_model_with_its_fusions_traces_as_one_graph_and_computes_the_s
         torch.testing.assert_close(compiled(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_converted_checkpoint_with_its_tied_table_traces_as_one_graph(tiny_folder, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_a_converted_checkpoint_with_its_tied_table_traces_as_one_graph(arch, tiny_folder, tmp_path):
+    """Each architecture's fusions (pre-norms, OPT's LayerNorms and fc1, GPT-2's Conv1D) trace without breaks, at one
+    token and at a prompt, and the compiled model gives the eager logits."""
     import model_compress
     from model_compress.rpq.convert import RPQSettings
     from model_compress.rpq.pipeline import CalibrationOptions, compress_rpq
 
-    compress_rpq(str(tiny_folder("llama")), tmp_path / "out", RPQSettings(bits=4.0, rotation_block=32),
+    compress_rpq(str(tiny_folder(arch)), tmp_path / "out", RPQSettings(bits=4.0, rotation_block=32),
                  calibration=CalibrationOptions(tokens=1024))
     model = model_compress.load(tmp_path / "out", dtype=torch.float32)
-    ids = torch.randint(0, 300, (2, 9))
-    torch._dynamo.reset()
-    with torch.no_grad():
-        explanation = torch._dynamo.explain(model)(ids)
-    assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
+    for shape in ((1, 1), (2, 9)):
+        ids = torch.randint(0, 300, shape)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            explanation = torch._dynamo.explain(model)(ids)
+            assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="aot_eager")
+            torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_decode_of_a_rotated_model_runs_without_graph_breaks():
