@@ -2,7 +2,7 @@
 
 Siblings with equal rotations already share x R (``shared_rotation``, or the pre-norm writes it); when they also
 take the same code width, the first member called with that tensor computes every member's output in one
-byte-permute launch (``packed_forward.linear_group``) and the others take theirs (``OncePerInput``). Where the
+byte-permute launch (``packed_forward.linear_group_plan``) and the others take theirs (``OncePerInput``). Where the
 launch does not apply (several tokens, a CPU, a format it does not read), each member computes alone, as before.
 A compiled graph does the same with one custom op (``packed_ops.linear_group``). Nothing is saved with the model.
 """

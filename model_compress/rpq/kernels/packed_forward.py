@@ -178,13 +178,6 @@ def linear_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | No
     return lambda x: joined(x).split(widths, dim=-1)
 
 
-def linear_group(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | None]], bias: Tensor | None, bits: int,
-                 in_features: int) -> list[Tensor] | None:
-    """``linear_group_plan`` for this one call: the members' outputs, or None where the one launch does not apply."""
-    plan = linear_group_plan(x, members, bias, bits, in_features)
-    return None if plan is None else list(plan(x))
-
-
 def linear_group_joined(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | None]], bits: int, in_features: int) -> Tensor:
     """The members' outputs (no bias) side by side in one tensor: one launch where ``joined_group_plan`` applies, else
     each member alone. What a compiled graph calls for siblings (``packed_ops.linear_group``)."""
