@@ -401,9 +401,12 @@ def test_kept_plans_decode_the_same_logits_call_after_call_and_in_a_cuda_graph(d
         step = ids[:, :1].to(CUDA)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            captured = model(step).logits
+            captured = model(step, output_hidden_states=True)
         for token in (3, 17):
             step.fill_(token)
             graph.replay()
             torch.cuda.synchronize()
-            assert torch.equal(captured, model(step).logits), token
+            eager = model(step, output_hidden_states=True)
+            # the last hidden state first: the packed layers' work, before the dense head's cuBLAS call
+            assert torch.equal(captured.hidden_states[-1], eager.hidden_states[-1]), ("hidden state", token)
+            assert torch.equal(captured.logits, eager.logits), ("logits", token)
