@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..config.code_planes import stored_as_planes
-from ..triton.common import _cdiv, _next_power_of_2
+from ..triton.common import _cdiv, _next_power_of_2, _rows
 from .codes import bytes_spanned, unpack
 
 SCORE_BLOCK_H = 16  # codebooks per program of the score table
@@ -91,10 +91,7 @@ def scored_head(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | No
     """Logits (..., vocab) of rotated hidden states ``x`` against a packed table (``vocab`` rows), in x's dtype: the
     score table, then one gather-sum over the codes. ``codebooks`` (M, K, D) int8 with ``scales`` (M,), or a float
     dtype without; ``block_v`` rows by ``block_h`` codebooks per step (powers of two)."""
-    dim = x.shape[-1]
-    rows = x.reshape(-1, dim)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _rows(x, x.shape[-1])
     tokens = rows.shape[0]
     num_books, codebook_size, _ = codebooks.shape
     scores = score_table(rows, codebooks, scales)
