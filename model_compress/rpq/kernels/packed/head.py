@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..config.code_planes import stored_as_planes
-from ..triton.common import _cdiv, _next_power_of_2
+from ..triton.common import _cdiv, _next_power_of_2, _rows
 from .codes import bytes_spanned, unpack
 
 HEAD_BLOCK_V = 128
@@ -98,10 +98,7 @@ def packed_head(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | No
     bounds added in the epilogue (float32 tensors, one value per token of ``x`` and per row).
     """
     num_codebooks, codebook_size, piece = codebooks.shape
-    dim = x.shape[-1]
-    rows = x.reshape(-1, dim)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _rows(x, x.shape[-1])
     tokens = rows.shape[0]
     out = torch.empty(tokens, vocab, device=x.device, dtype=out_dtype or x.dtype)
     kind = 0 if bounds is None else 1 if bounds.metric_scale is None else 2
