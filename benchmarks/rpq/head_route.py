@@ -7,7 +7,8 @@ cuBLAS, beside the dense head, on CUDA; which routes ``HEAD_FUSED_TOKENS`` and `
 Shapes: SmolLM2-135M's tied head (49,152 x 576) and Qwen2.5-0.5B's (151,936 x 896), in the format the default
 budget gave SmolLM2's embedding (two-value vectors, 128-entry int8 tables: 7-bit codes) and in 256-entry ones
 (8-bit codes, whole bytes). Device time of one call in a CUDA graph over four copies (so that the codes do not sit
-in the L2 from the call before, as in a decode step), median of 3 (``rpq_kernels.graph_us``). At 1 and 16 tokens
+in the L2 from the call before, as in a decode step), median of 3 (``rpq_kernels.graph_us``); the score route also with
+its two launches as programmatic dependents (Hopper on), as a decode step launches it. At 1 and 16 tokens
 also the fused kernel at other tiles, and decode + cuBLAS with other chunk sizes.
 """
 
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     rows = []
+    programmatic = packed.programmatic_launch_supported(torch.device("cuda"))  # the score route's two launches overlapped
     with torch.inference_mode():
         for model, (vocab, dim) in SHAPES.items():
             dense = [torch.randn(vocab, dim, device="cuda", dtype=torch.float16) for _ in range(COPIES)]
@@ -80,13 +82,15 @@ def main() -> None:
                            "fused_us": routed_us(tables, x, vocab, tokens),
                            "scores_us": graph_us([lambda t=t: packed.scored_head(x, t[0], t[1], t[2], code_bits(size), vocab, None)
                                                   for t in tables]),
+                           "scores_programmatic_us": graph_us([lambda t=t: packed.scored_head(
+                               x, t[0], t[1], t[2], code_bits(size), vocab, None, pdl=programmatic) for t in tables]),
                            "decode_cublas_us": routed_us(tables, x, vocab, 0)}
                     if tokens in (1, 16):
                         row["sweep_us"] = tile_sweep(tables, x, vocab)
                         print("    " + "  ".join(f"{key} {value:.1f}" for key, value in row["sweep_us"].items()), flush=True)
                     rows.append(row)
                     print(f"{model:13s} {name:13s} t={tokens:<3d} dense {row['dense_us']:7.1f} us  fused kernel "
-                          f"{row['fused_us']:7.1f} us  scores {row['scores_us']:7.1f} us  decode + cuBLAS "
+                          f"{row['fused_us']:7.1f} us  scores {row['scores_us']:7.1f} / {row['scores_programmatic_us']:7.1f} us  decode + cuBLAS "
                           f"{row['decode_cublas_us']:7.1f} us", flush=True)
                 del tables
             del dense

@@ -1,7 +1,8 @@
 """Whole-model speed of a 7B-class architecture on the GPU: the dense fp16 original, torch's int4 weight-only matmul,
 and RPQ layers in the budget's formats, each decoding from a CUDA graph at batch 1 and 16, and a 512-token prefill.
 
-    python benchmarks/rpq/rpq_7b_speed.py [--layers 32] [--codebook-size 16] [--json FILE]
+    python benchmarks/rpq/rpq_7b_speed.py [--layers 32] [--codebook-size 16] [--plain-launch] [--json FILE]
+    python benchmarks/rpq/rpq_7b_speed.py --architecture smollm2-135m --plain-launch   # SmolLM2-135M's shapes, 30 blocks
     python benchmarks/rpq/rpq_7b_speed.py --smoke        # a tiny config on the CPU: builds and runs each variant once
 
 Llama-2-7B's shapes (hidden 4096, MLP 11008, 32 heads, vocabulary 32000) with random weights built on the device:
@@ -28,7 +29,6 @@ from torch import nn
 from model_compress.eval.graph_decode import graphed_decode
 from model_compress.eval.graph_prefill import graphed_forward_ms
 from model_compress.rpq.fusions import apply_fusions
-from model_compress.rpq.kernels import packed_forward
 from model_compress.rpq.kernels.config import options
 from model_compress.rpq.kernels.layout import code_bits, pack_codes
 from model_compress.rpq.kernels.rotation import random_signs
@@ -36,15 +36,22 @@ from model_compress.rpq.layers.modules import RPQLinear
 
 LLAMA_2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                   vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                    max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False, num_hidden_layers=30)
+ARCHITECTURES = {"llama-2-7b": LLAMA_2_7B, "smollm2-135m": SMOLLM2_135M}
 SMOKE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4, vocab_size=512,
              max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)
 PREFILL_GRAPHED = (512, 2048)  # prompt lengths whose prefill is also timed as device time (a CUDA graph)
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def build(layers: int, smoke: bool, device: str) -> nn.Module:
-    """Random fp16 (fp32 on the CPU) weights, drawn on the device."""
-    config = transformers.LlamaConfig(num_hidden_layers=layers, **(SMOKE if smoke else LLAMA_2_7B))
+def build(layers: int | None, smoke: bool, device: str, architecture: str = "llama-2-7b") -> nn.Module:
+    """Random fp16 (fp32 on the CPU) weights, drawn on the device; ``layers`` None keeps the architecture's count."""
+    shapes = dict(SMOKE if smoke else ARCHITECTURES[architecture])
+    shapes.setdefault("num_hidden_layers", 32)
+    if layers is not None:
+        shapes["num_hidden_layers"] = layers
+    config = transformers.LlamaConfig(**shapes)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     model = model.to_empty(device=device).to(torch.float32 if smoke else torch.float16).eval()
@@ -147,15 +154,17 @@ def measure(model: nn.Module, name: str, vocab: int, device: str, smoke: bool) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="llama-2-7b",
+                        help="whose shapes (SmolLM2-135M's head is untied here: a packed Linear like the others)")
+    parser.add_argument("--layers", type=int, help="decoder blocks (default: the architecture's)")
     parser.add_argument("--codebook-size", type=int, default=16)
     parser.add_argument("--smoke", action="store_true", help="a tiny config on the CPU, no timing")
-    parser.add_argument("--sibling-launch", action="store_true",
-                        help="also time the RPQ model with q/k/v and gate/up of one token in one launch (not yet the default)")
+    parser.add_argument("--plain-launch", action="store_true",
+                        help="also time the RPQ model with the programmatic_launch option off (kernels launched one after another)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
-    model = build(2 if args.smoke else args.layers, args.smoke, device)
+    model = build(2 if args.smoke else args.layers, args.smoke, device, args.architecture)
     vocab = model.config.vocab_size
     results = [measure(model, "dense fp16", vocab, device, args.smoke)]
     if not args.smoke:
@@ -171,9 +180,9 @@ def main() -> None:
     if not args.smoke:
         torch.cuda.empty_cache()
     results.append(measure(model, f"RPQ, one {args.codebook_size}-entry int8 table per row, rotated", vocab, device, args.smoke))
-    if args.sibling_launch:  # the routing switch a later release turns on, flipped here for this row only
-        packed_forward.NIBBLE_GROUPS = True
-        results.append(measure(model, "same, sibling layers of one token in one launch", vocab, device, args.smoke))
+    if args.plain_launch:
+        with options.using(programmatic_launch=False):
+            results.append(measure(model, "same, programmatic launch off", vocab, device, args.smoke))
     base = results[0]
     for row in results[1:]:
         for key in ("graph_decode_b1_tok_s", "graph_decode_b16_tok_s"):

@@ -410,3 +410,42 @@ def test_kept_plans_decode_the_same_logits_call_after_call_and_in_a_cuda_graph(d
             # the last hidden state first: the packed layers' work, before the dense head's cuBLAS call
             assert torch.equal(captured.hidden_states[-1], eager.hidden_states[-1]), ("hidden state", token)
             assert torch.equal(captured.logits, eager.logits), ("logits", token)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_programmatic_launch_changes_no_logit_eager_or_in_a_cuda_graph(dtype):
+    """Kernels launched as programmatic dependents read a layer's weights before the kernel ahead of them ends and wait
+    for it before reading its output: the logits equal those of plain launches bit for bit, eager at every route and
+    replayed from CUDA graphs on new ids (an input read too early would show as the previous step's value)."""
+    from model_compress.rpq.fusions import apply_fusions
+
+    if not packed.programmatic_launch_supported(CUDA):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    model = rotated_llama()
+    apply_fusions(model)
+    model.to(CUDA, dtype)
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), device=CUDA)
+    with torch.no_grad():
+        for tokens in (1, 5, 40):
+            with options.using(programmatic_launch=False):
+                plain = model(ids[:, :tokens]).logits
+            with options.using(programmatic_launch=True):
+                early = model(ids[:, :tokens]).logits
+            assert torch.equal(early, plain), tokens
+        step = ids[:, :1].clone()
+        captured = {}
+        for early in (False, True):
+            with options.using(programmatic_launch=early):
+                model(step)  # the plans of this option, made outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    logits = model(step).logits
+            captured[early] = graph, logits
+        for token in (3, 17, 101):
+            step.fill_(token)
+            for graph, _ in captured.values():
+                graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(captured[True][1], captured[False][1]), token
+            with options.using(programmatic_launch=True):
+                assert torch.equal(model(step).logits, captured[True][1]), token

@@ -47,6 +47,13 @@ def packed_kernels(tensor: Tensor, *trained: Tensor | None):
     return _imported_packed_kernels()
 
 
+def programmatic(kernels, device: torch.device) -> bool:
+    """Whether decode kernels launch as programmatic dependents (``triton.common._wait_for_inputs``): the
+    ``programmatic_launch`` option on and a GPU that has it. Their launch then overlaps the end of the kernel before,
+    and a layer's weights load meanwhile: at one token most of a small layer's time."""
+    return options.current().programmatic_launch and kernels.programmatic_launch_supported(device)
+
+
 @functools.cache
 def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -64,7 +71,7 @@ def rotate_plan(x: Tensor, signs: Tensor, block: int, signs_first: bool = True) 
     if kernels is None:
         form, values = (rotation.rotate if signs_first else rotation.unrotate), sign_values(signs)
         return lambda x: form(x, values, block)
-    return kernels.rotate_plan(x, signs, block, signs_first)
+    return kernels.rotate_plan(x, signs, block, signs_first, programmatic(kernels, x.device))
 
 
 def rotate(x: Tensor, signs: Tensor, block: int) -> Tensor:
@@ -85,7 +92,7 @@ def norm_rotate_plan(x: Tensor, norm_forward, weight: Tensor, bias: Tensor | Non
     if kernels is None:
         values = sign_values(signs)
         return lambda x: rotation.rotate(norm_forward(x), values, block)
-    run = kernels.norm_rotate_plan(x, weight, bias, eps, kind, signs, block)
+    run = kernels.norm_rotate_plan(x, weight, bias, eps, kind, signs, block, programmatic(kernels, x.device))
     return lambda x: run(x, None)
 
 
@@ -102,7 +109,7 @@ def gated_silu_rotate_plan(gate: Tensor, up: Tensor, act_fn, signs: Tensor, bloc
     if kernels is None:
         values = sign_values(signs)
         return lambda gate, up: rotation.rotate(act_fn(gate) * up, values, block)
-    return kernels.gated_silu_rotate_plan(gate, up, signs, block)
+    return kernels.gated_silu_rotate_plan(gate, up, signs, block, programmatic(kernels, gate.device))
 
 
 def gated_silu_rotate(gate: Tensor, up: Tensor, act_fn, signs: Tensor, block: int) -> Tensor:
@@ -130,7 +137,7 @@ def linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | No
     sms = multiprocessors(x.device)
     if tile is not None and nibbles and _routed_dtype(x) and kernels.nibble_serves(x, codes, codebooks, scales, bits, in_features):
         return kernels.nibble_linear_plan(x, codes, codebooks, scales, bias, bits, in_features,
-                                          packed_tile(tokens, NIBBLE_ROUTES), sms)
+                                          packed_tile(tokens, NIBBLE_ROUTES), sms, programmatic(kernels, x.device))
     if tile is not None:
         return kernels.packed_linear_plan(x, codes, codebooks, scales, bias, bits, in_features, tile, sms)
     prompt_tile = nibble_prompt_tile(tokens, in_features, codebooks.shape[0]) if options.current().fused_prompts else None
@@ -165,7 +172,7 @@ def joined_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | No
     if kernels is None or not all(kernels.nibble_serves(x, c, b, s, bits, in_features) for c, b, s in members):
         return None
     return kernels.nibble_group_plan(x, members, bias, bits, in_features, packed_tile(1, NIBBLE_ROUTES),
-                                     multiprocessors(x.device))
+                                     multiprocessors(x.device), programmatic(kernels, x.device))
 
 
 def linear_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | None]], bias: Tensor | None, bits: int,
@@ -237,14 +244,16 @@ def tied_head_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor |
         return torch_form
     dim = x.shape[-1]
     tokens = x.numel() // dim
+    pdl = programmatic(kernels, x.device)
     if tokens <= HEAD_SCORE_TOKENS:
-        return lambda x: kernels.scored_head(x, codes, codebooks, scales, bits, vocab, bias)
+        return lambda x: kernels.scored_head(x, codes, codebooks, scales, bits, vocab, bias, pdl=pdl)
     if tokens <= HEAD_FUSED_TOKENS:
         return lambda x: kernels.packed_head(x, codes, codebooks, scales, bits, vocab, bias)
     device, dtype, shape = x.device, x.dtype, (*x.shape[:-1], vocab)
     chunk = max(64, HEAD_CHUNK_BYTES // (dim * x.element_size()) // 64 * 64)  # whole byte tiles of codes per chunk
     chunks = [(first, min(chunk, vocab - first),
-               kernels.decode_plan(codes, codebooks, scales, bits, vocab, dim, 1, min(chunk, vocab - first), first_column=first))
+               kernels.decode_plan(codes, codebooks, scales, bits, vocab, dim, 1, min(chunk, vocab - first), first_column=first,
+                                   pdl=pdl))
               for first in range(0, vocab, chunk)]
 
     def logits(x: Tensor) -> Tensor:

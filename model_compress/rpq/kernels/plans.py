@@ -38,9 +38,10 @@ def usable() -> bool:
 
 def input_signature(x: Tensor) -> tuple:
     """What a plan depends on in its input: shape, strides, dtype, device, pointer alignment (Triton specialises on
-    16-byte alignment), and the options that change a route (Triton on, prompts fused)."""
+    16-byte alignment), and the options that change a route (Triton on, prompts fused, programmatic launch)."""
     current = options.current()
-    return x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16, current.triton, current.fused_prompts
+    return (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16, current.triton, current.fused_prompts,
+            current.programmatic_launch)
 
 
 class LaunchPlans:

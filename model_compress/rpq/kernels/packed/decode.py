@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..config.code_planes import stored_as_planes
-from ..triton.common import _cdiv
+from ..triton.common import _cdiv, _wait_for_inputs
 from ..launch.direct_launch import DirectLaunch
 from .codes import VECTOR_BITS, bytes_spanned, unpack, unpack_tile
 
@@ -44,7 +44,10 @@ def _packed_decode_kernel(
     HAS_SCALES: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if HAS_IDS:  # the ids are an activation; without them only weights are read before the store
+        _wait_for_inputs(PDL)
     offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_j = offs_j < count
@@ -64,16 +67,19 @@ def _packed_decode_kernel(
                      mask=mask, other=0).to(tl.float32)
     if HAS_SCALES:
         values = values * tl.load(scales_ptr + heads, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    if not HAS_IDS:
+        _wait_for_inputs(PDL)
     targets = out_ptr + offs_j.to(tl.int64)[None, :] * stride_column + offs_n.to(tl.int64)[:, None] * stride_split
     tl.store(targets, values.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def decode_plan(
     codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, columns: int, stride_column: int, stride_split: int,
-    count: int, has_ids: bool = False, first_column: int = 0,
+    count: int, has_ids: bool = False, first_column: int = 0, pdl: bool = False,
 ) -> Callable[[Tensor, Tensor | None], None]:
     """A call ``(out, ids)`` that decodes ``count`` of the ``columns`` columns (``ids``, else ``first_column`` onwards)
-    into ``out`` at the given strides, one kernel; the grid and constants worked out once."""
+    into ``out`` at the given strides, one kernel; the grid and constants worked out once. ``pdl``: launched as a
+    programmatic dependent (``triton.common._wait_for_inputs``), the codes decoded while the kernel before ends."""
     num_codebooks, codebook_size, piece = codebooks.shape
     split = num_codebooks * piece
     if not count:
@@ -83,7 +89,7 @@ def decode_plan(
         _packed_decode_kernel, (_cdiv(count, block_j), _cdiv(split, block_n)), CODEBOOK_SIZE=codebook_size, PIECE=piece,
         BITS=bits, BYTES=bytes_spanned(bits), HAS_IDS=has_ids,
         VECTOR=not has_ids and bits in VECTOR_BITS and first_column * bits % 8 == 0, PLANES=stored_as_planes(bits, columns),
-        HAS_SCALES=scales is not None, BLOCK_J=block_j, BLOCK_N=block_n,
+        HAS_SCALES=scales is not None, BLOCK_J=block_j, BLOCK_N=block_n, PDL=pdl, launch_pdl=pdl,
     )
     scales_or_books = scales if scales is not None else codebooks
     width = codes.shape[1]

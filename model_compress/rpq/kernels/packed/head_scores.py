@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..config.code_planes import stored_as_planes
-from ..triton.common import _cdiv, _next_power_of_2, _rows
+from ..triton.common import _cdiv, _next_power_of_2, _rows, _wait_for_inputs
 from .codes import bytes_spanned, unpack
 
 SCORE_BLOCK_H = 16  # codebooks per program of the score table
@@ -32,8 +32,9 @@ SUM_BLOCK_H = 16  # codebooks per step of the gather-sum: a 16 x 256 tile of cod
 def _score_table_kernel(
     x_ptr, codebooks_ptr, scales_ptr, scores_ptr, stride_x, num_books,
     CODEBOOK_SIZE: tl.constexpr, PIECE: tl.constexpr, HAS_SCALES: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    _wait_for_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     entries = tl.arange(0, BLOCK_K)
@@ -54,26 +55,33 @@ def _score_table_kernel(
 def _score_sum_kernel(
     scores_ptr, codes_ptr, bias_ptr, out_ptr, vocab, code_width, stride_out, num_books,
     CODEBOOK_SIZE: tl.constexpr, BITS: tl.constexpr, BYTES: tl.constexpr, PLANES: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr,
 ):
     offs_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     token = tl.program_id(1).to(tl.int64)
     mask_v = offs_v < vocab
     token_scores = scores_ptr + token * num_books * CODEBOOK_SIZE
     acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    heads = tl.arange(0, BLOCK_H)  # the first step's codes before the scores exist (PDL), each next step's one ahead
+    mask = (heads < num_books)[:, None] & mask_v[None, :]
+    codes = unpack(codes_ptr + heads.to(tl.int64)[:, None] * code_width, offs_v[None, :], code_width, mask, BITS, BYTES, PLANES)
+    _wait_for_inputs(PDL)
     for first in range(0, num_books, BLOCK_H):
         heads = first + tl.arange(0, BLOCK_H)
         mask = (heads < num_books)[:, None] & mask_v[None, :]
-        codes = unpack(codes_ptr + heads.to(tl.int64)[:, None] * code_width, offs_v[None, :], code_width, mask, BITS, BYTES,
-                       PLANES)
         acc += tl.sum(tl.load(token_scores + heads[:, None] * CODEBOOK_SIZE + codes, mask=mask, other=0.0), axis=0)
+        following = heads + BLOCK_H
+        ahead = (following < num_books)[:, None] & mask_v[None, :]
+        codes = unpack(codes_ptr + following.to(tl.int64)[:, None] * code_width, offs_v[None, :], code_width, ahead, BITS,
+                       BYTES, PLANES)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
     tl.store(out_ptr + token * stride_out + offs_v, acc.to(out_ptr.dtype.element_ty), mask=mask_v)
 
 
-def score_table(x: Tensor, codebooks: Tensor, scales: Tensor | None) -> Tensor:
-    """S (tokens, M, K) float32 for the rows of ``x`` (tokens, M * D): each piece of x against each codebook entry."""
+def score_table(x: Tensor, codebooks: Tensor, scales: Tensor | None, pdl: bool = False) -> Tensor:
+    """S (tokens, M, K) float32 for the rows of ``x`` (tokens, M * D): each piece of x against each codebook entry.
+    ``pdl``: launched as a programmatic dependent (``triton.common._wait_for_inputs``)."""
     num_books, codebook_size, piece = codebooks.shape
     tokens = x.shape[0]
     scores = torch.empty(tokens, num_books, codebook_size, device=x.device, dtype=torch.float32)
@@ -81,25 +89,26 @@ def score_table(x: Tensor, codebooks: Tensor, scales: Tensor | None) -> Tensor:
         _score_table_kernel[(tokens, _cdiv(num_books, SCORE_BLOCK_H))](
             x, codebooks, scales if scales is not None else codebooks, scores, x.stride(0), num_books,
             CODEBOOK_SIZE=codebook_size, PIECE=piece, HAS_SCALES=scales is not None, BLOCK_H=SCORE_BLOCK_H,
-            BLOCK_K=_next_power_of_2(codebook_size),
+            BLOCK_K=_next_power_of_2(codebook_size), PDL=pdl, launch_pdl=pdl,
         )
     return scores
 
 
 def scored_head(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bits: int, vocab: int,
-                bias: Tensor | None, block_v: int = SUM_BLOCK_V, block_h: int = SUM_BLOCK_H) -> Tensor:
+                bias: Tensor | None, block_v: int = SUM_BLOCK_V, block_h: int = SUM_BLOCK_H, pdl: bool = False) -> Tensor:
     """Logits (..., vocab) of rotated hidden states ``x`` against a packed table (``vocab`` rows), in x's dtype: the
     score table, then one gather-sum over the codes. ``codebooks`` (M, K, D) int8 with ``scales`` (M,), or a float
-    dtype without; ``block_v`` rows by ``block_h`` codebooks per step (powers of two)."""
+    dtype without; ``block_v`` rows by ``block_h`` codebooks per step (powers of two). ``pdl``: both launched as
+    programmatic dependents, the gather-sum's first codes read while the score table is made."""
     rows = _rows(x, x.shape[-1])
     tokens = rows.shape[0]
     num_books, codebook_size, _ = codebooks.shape
-    scores = score_table(rows, codebooks, scales)
+    scores = score_table(rows, codebooks, scales, pdl)
     out = torch.empty(tokens, vocab, device=x.device, dtype=x.dtype)
     if tokens:
         _score_sum_kernel[(_cdiv(vocab, block_v), tokens)](
             scores, codes, bias if bias is not None else out, out, vocab, codes.shape[1], out.stride(0), num_books,
             CODEBOOK_SIZE=codebook_size, BITS=bits, BYTES=bytes_spanned(bits), PLANES=stored_as_planes(bits, vocab),
-            HAS_BIAS=bias is not None, BLOCK_H=block_h, BLOCK_V=block_v,
+            HAS_BIAS=bias is not None, BLOCK_H=block_h, BLOCK_V=block_v, PDL=pdl, launch_pdl=pdl,
         )
     return out.reshape(*x.shape[:-1], vocab)

@@ -52,6 +52,7 @@ def _nibble_group_gemv_kernel(
     BLOCK_W: tl.constexpr,
     SPLIT: tl.constexpr,
     X_FP16: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     if tile < tiles_a:
@@ -64,7 +65,7 @@ def _nibble_group_gemv_kernel(
     offs_local = local * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_local < count
     sums = _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_local, mask_n, words_per_row, chunk_words, BITS,
-                     BLOCK_N, BLOCK_W, X_FP16)
+                     BLOCK_N, BLOCK_W, X_FP16, PDL)
     total = rows_a + rows_b + rows_c
     one = tl.arange(0, 1)
     _store_tile(sums[None, :], partial_ptr, counter_ptr, bias_ptr, out_ptr, one, first + offs_local, one < 1, mask_n, 1, total,
@@ -72,9 +73,10 @@ def _nibble_group_gemv_kernel(
 
 
 def nibble_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], bias: Tensor | None, bits: int,
-                      in_features: int, tile: PackedTile, multiprocessors: int) -> Callable[[Tensor], Tensor]:
+                      in_features: int, tile: PackedTile, multiprocessors: int, pdl: bool = False) -> Callable[[Tensor], Tensor]:
     """``nibble_group_gemv`` as a call for tokens shaped like ``x``: the grid, split and buffers worked out once. The
-    call returns the members' outputs side by side in one tensor (the last dimension their widths in order)."""
+    call returns the members' outputs side by side in one tensor (the last dimension their widths in order). ``pdl``:
+    launched as a programmatic dependent, as ``nibble_linear_plan``."""
     if not 2 <= len(members) <= 3:
         raise ValueError(f"a group has 2 or 3 members, got {len(members)}")
     counts = [codebooks.shape[0] for _, codebooks, _ in members]
@@ -88,7 +90,7 @@ def nibble_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], b
     counter = tile_counters(sum(tiles), device) if split > 1 else None
     launch = DirectLaunch(_nibble_group_gemv_kernel, (sum(tiles), 1, split), BITS=bits, HAS_BIAS=bias is not None,
                           BLOCK_N=tile.block_n, BLOCK_W=tile.block_k // 8, SPLIT=split > 1, X_FP16=x.dtype == torch.float16,
-                          num_warps=tile.num_warps, num_stages=tile.num_stages)
+                          PDL=pdl, num_warps=tile.num_warps, num_stages=tile.num_stages, launch_pdl=pdl)
     buffers = [t for member in padded for t in member]
 
     def run(x: Tensor) -> Tensor:
@@ -102,8 +104,8 @@ def nibble_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], b
 
 
 def nibble_group_gemv(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], bias: Tensor | None, bits: int,
-                      in_features: int, tile: PackedTile, multiprocessors: int) -> list[Tensor]:
+                      in_features: int, tile: PackedTile, multiprocessors: int, pdl: bool = False) -> list[Tensor]:
     """Each member's (codes, codebooks, scales) times one fp16 or bf16 token x, all in one launch (``nibble_serves`` for each);
     ``bias``: the members' biases end to end, or None. Returns views of one output buffer, in the members' order."""
-    out = nibble_group_plan(x, members, bias, bits, in_features, tile, multiprocessors)(x)
+    out = nibble_group_plan(x, members, bias, bits, in_features, tile, multiprocessors, pdl)(x)
     return list(out.split([codebooks.shape[0] for _, codebooks, _ in members], dim=-1))

@@ -30,7 +30,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..config.packed_routes import PackedTile
-from ..triton.common import _cdiv, _rows, _store_tile, _tile_rows, split_scratch, tile_counters
+from ..triton.common import (_cdiv, _rows, _store_tile, _tile_rows, _wait_for_inputs, split_scratch,
+                             tile_counters)
 from ..launch.direct_launch import DirectLaunch
 from .linear import input_split, plan_input
 
@@ -166,10 +167,13 @@ def _values(words, top, t0, t1, t2, t3, t4, t5, t6, t7, BITS: tl.constexpr):
 
 @triton.jit
 def _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_n, mask_n, words_per_row, chunk_words, BITS: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, X_FP16: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, X_FP16: tl.constexpr, PDL: tl.constexpr):
     """One token: rows ``offs_n`` of W' x over this program's slice of the inputs (grid axis 2), float32. fp16 tokens
     multiply in fp16 pairs inside the lookup (``_times_x``); bf16 ones take the looked-up values to float32 and
-    multiply there (bf16 has no pair arithmetic that keeps the eight-product sum exact enough)."""
+    multiply there (bf16 has no pair arithmetic that keeps the eight-product sum exact enough).
+
+    The tables and each step's code words are loaded one step ahead of the token: under programmatic dependent launch
+    (``PDL``) the first step's weights arrive while the kernel before, which writes x, still runs."""
     words_per_row = tl.multiple_of(words_per_row, 4)  # nibble_serves: in_features % 32 == 0
     chunk_words = tl.multiple_of(chunk_words, BLOCK_W)  # input_split hands out whole BLOCK_K slices
     rows = tl.where(mask_n, offs_n, 0)
@@ -182,12 +186,13 @@ def _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_n, mask_n, words
         acc = tl.zeros((BLOCK_N, BLOCK_W * 8), dtype=tl.float32)
     w_begin = tl.program_id(2) * chunk_words
     w_end = tl.multiple_of(tl.minimum(w_begin + chunk_words, words_per_row), 4)  # masks whole 16-byte vectors
+    first_w = w_begin + tl.arange(0, BLOCK_W)
+    words, top = _code_words(nibbles, tops, first_w, mask_n[:, None] & (first_w < w_end)[None, :], BITS)
+    scale = tl.load(scales_ptr + rows, mask=mask_n, other=0.0).to(tl.float32) * 128.0
+    _wait_for_inputs(PDL)
     for step in range(0, chunk_words, BLOCK_W):
         offs_w = w_begin + step + tl.arange(0, BLOCK_W)
         mask_w = offs_w < w_end
-        mask = mask_n[:, None] & mask_w[None, :]
-        words = tl.load(nibbles + offs_w[None, :], mask=mask, other=0)
-        top = tl.load(tops + offs_w[None, :], mask=mask, other=0).to(tl.int32) if BITS == 5 else words
         if X_FP16:
             x_low = tl.load(x_pairs + 2 * offs_w, mask=mask_w, other=0)[None, :]
             x_high = tl.load(x_pairs + 2 * offs_w + 1, mask=mask_w, other=0)[None, :]
@@ -196,7 +201,17 @@ def _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_n, mask_n, words
             offs_k = (w_begin + step) * 8 + tl.arange(0, BLOCK_W * 8)
             x = tl.load(x_ptr + offs_k, mask=offs_k < w_end * 8, other=0.0).to(tl.float32)
             acc += _values(words, top, t0, t1, t2, t3, t4, t5, t6, t7, BITS).to(tl.float32) * x[None, :]
-    return tl.sum(acc, axis=1) * (tl.load(scales_ptr + rows, mask=mask_n, other=0.0).to(tl.float32) * 128.0)
+        next_w = offs_w + BLOCK_W  # the next step's words (none past the slice: masked)
+        words, top = _code_words(nibbles, tops, next_w, mask_n[:, None] & (next_w < w_end)[None, :], BITS)
+    return tl.sum(acc, axis=1) * scale
+
+
+@triton.jit
+def _code_words(nibbles, tops, offs_w, mask, BITS: tl.constexpr):
+    """Code words ``offs_w`` of each row (low nibbles) and, for 5 bits, their top-bit bytes (else the words again)."""
+    words = tl.load(nibbles + offs_w[None, :], mask=mask, other=0)
+    top = tl.load(tops + offs_w[None, :], mask=mask, other=0).to(tl.int32) if BITS == 5 else words
+    return words, top
 
 
 @triton.jit
@@ -219,11 +234,12 @@ def _nibble_gemv_kernel(
     BLOCK_W: tl.constexpr,
     SPLIT: tl.constexpr,
     X_FP16: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # the grid is (tiles, 1, split), as _store_tile expects
     mask_n = offs_n < out_features
     sums = _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_n, mask_n, words_per_row, chunk_words, BITS, BLOCK_N,
-                     BLOCK_W, X_FP16)
+                     BLOCK_W, X_FP16, PDL)
     one = tl.arange(0, 1)
     _store_tile(sums[None, :], partial_ptr, counter_ptr, bias_ptr, out_ptr, one, offs_n, one < 1, mask_n, 1, out_features,
                 out_features, split_k, HAS_BIAS, SPLIT, 1, BLOCK_N)
@@ -252,8 +268,10 @@ def _nibble_linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,
     SPLIT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """2 to 64 tokens: each (BLOCK_N, 8 BLOCK_W) tile of W' / 128 looked up in registers, then ``tl.dot`` with x."""
+    """2 to 64 tokens: each (BLOCK_N, 8 BLOCK_W) tile of W' / 128 looked up in registers, then ``tl.dot`` with x. As in
+    ``_row_sums``, code words are loaded a step ahead, the first before waiting for x (``PDL``)."""
     pid_k = tl.program_id(2)
     offs_m, offs_n, mask_m, mask_n = _tile_rows(tokens, out_features, BLOCK_M, BLOCK_N)
     rows = tl.where(mask_n, offs_n, 0)
@@ -262,15 +280,17 @@ def _nibble_linear_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     w_begin = pid_k * chunk_words
     w_end = tl.minimum(w_begin + chunk_words, words_per_row)
+    first_w = w_begin + tl.arange(0, BLOCK_W)
+    words, top = _code_words(nibbles, tops, first_w, mask_n[:, None] & (first_w < w_end)[None, :], BITS)
+    _wait_for_inputs(PDL)
     for step in range(0, chunk_words, BLOCK_W):
         offs_w = w_begin + step + tl.arange(0, BLOCK_W)
-        mask = mask_n[:, None] & (offs_w < w_end)[None, :]
-        words = tl.load(nibbles + offs_w[None, :], mask=mask, other=0)
-        top = tl.load(tops + offs_w[None, :], mask=mask, other=0).to(tl.int32) if BITS == 5 else words
         w = _values(words, top, t0, t1, t2, t3, t4, t5, t6, t7, BITS).to(x_ptr.dtype.element_ty)  # v / 128: exact in bf16 too
         offs_k = (w_begin + step) * 8 + tl.arange(0, BLOCK_W * 8)
         x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & (offs_k < w_end * 8)[None, :],
                     other=0.0)
+        next_w = offs_w + BLOCK_W
+        words, top = _code_words(nibbles, tops, next_w, mask_n[:, None] & (next_w < w_end)[None, :], BITS)
         acc = tl.dot(x, tl.trans(w), acc)
     acc = acc * (tl.load(scales_ptr + rows, mask=mask_n, other=0.0).to(tl.float32) * 128.0)[None, :]
     _store_tile(acc, partial_ptr, counter_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, tokens, out_features,
@@ -345,9 +365,10 @@ def nibble_decode_weight(codes: Tensor, codebooks: Tensor, scales: Tensor, bits:
 
 
 def nibble_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None, bits: int,
-                       in_features: int, tile: PackedTile, multiprocessors: int) -> Callable[[Tensor], Tensor]:
+                       in_features: int, tile: PackedTile, multiprocessors: int, pdl: bool = False) -> Callable[[Tensor], Tensor]:
     """x W'^T + b (``nibble_serves``) as a call for inputs shaped, strided, typed and aligned like ``x``: one token on
-    the GEMV, more on tensor cores; ``tile.block_k`` counts codes. Shapes, split and grid are worked out here, once."""
+    the GEMV, more on tensor cores; ``tile.block_k`` counts codes. Shapes, split and grid are worked out here, once.
+    ``pdl``: launched as a programmatic dependent (``programmatic_launch_supported``), its weights read early."""
     out_features = codebooks.shape[0]
     given = plan_input(x, in_features, out_features)
     if not given.tokens:
@@ -357,8 +378,8 @@ def nibble_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tens
     tiles_n, tiles_m = _cdiv(out_features, tile.block_n), _cdiv(tokens, tile.block_m)
     split, chunk = input_split(in_features, tiles_n * tiles_m, tile, multiprocessors)
     counter = tile_counters(tiles_n * tiles_m, given.device) if split > 1 else None
-    constants = dict(BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=tile.block_n, BLOCK_W=block_w, SPLIT=split > 1,
-                     num_warps=tile.num_warps, num_stages=tile.num_stages)
+    constants = dict(BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=tile.block_n, BLOCK_W=block_w, SPLIT=split > 1, PDL=pdl,
+                     num_warps=tile.num_warps, num_stages=tile.num_stages, launch_pdl=pdl)
     if tokens == 1 and tile.block_m == 1:
         gemv = DirectLaunch(_nibble_gemv_kernel, (tiles_n, 1, split), X_FP16=given.dtype == torch.float16, **constants)
 
@@ -383,6 +404,6 @@ def nibble_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tens
 
 
 def nibble_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None, bits: int,
-                  in_features: int, tile: PackedTile, multiprocessors: int) -> Tensor:
+                  in_features: int, tile: PackedTile, multiprocessors: int, pdl: bool = False) -> Tensor:
     """x W'^T + b (``nibble_serves``): one token on the GEMV, more on tensor cores; ``tile.block_k`` counts codes."""
-    return nibble_linear_plan(x, codes, codebooks, scales, bias, bits, in_features, tile, multiprocessors)(x)
+    return nibble_linear_plan(x, codes, codebooks, scales, bias, bits, in_features, tile, multiprocessors, pdl)(x)

@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..config.norm_spec import LAYER_NORM, RMS_NORM
-from ..triton.common import _next_power_of_2, _rows
+from ..triton.common import _next_power_of_2, _rows, _wait_for_inputs
 from ..launch.direct_launch import DirectLaunch
 from .rotate import _sign_matrix, load_signs, signs_are_packed
 
@@ -28,17 +28,24 @@ GATED_SILU = 3  # the prologue kind beside the norm kinds of config/norm_spec.py
 def _prologue_rotate_kernel(
     a_ptr, b_ptr, weight_ptr, bias_ptr, signs_ptr, hadamard_ptr, out_ptr, width, stride_a, stride_b, stride_out, eps, scale,
     KIND: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_W: tl.constexpr, DOT_IEEE: tl.constexpr,
-    PACKED_SIGNS: tl.constexpr,
+    PACKED_SIGNS: tl.constexpr, PDL: tl.constexpr,
 ):
+    # Everything is read after the wait: the signs, the Hadamard matrix and a norm's weight may have been made by the
+    # kernel just before (signs unpacked on first use, a weight cast, Gemma's 1 + w); under PDL the launch overlaps.
+    _wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_W)
     mask = offs < width
+    signs = load_signs(signs_ptr, offs, mask, PACKED_SIGNS)
+    inner = tl.arange(0, BLOCK)
+    hadamard = tl.load(hadamard_ptr + inner[:, None] * BLOCK + inner[None, :])
+    if KIND != 3:
+        weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + row * stride_a + offs, mask=mask, other=0.0).to(tl.float32)
     if KIND == 3:  # silu(gate) * up
         up = tl.load(b_ptr + row * stride_b + offs, mask=mask, other=0.0).to(tl.float32)
         value = a / (1.0 + tl.exp(-a)) * up
     else:
-        weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if KIND == 2:  # RMSNorm
             value = a * tl.rsqrt(tl.sum(a * a, axis=0) / width + eps) * weight
         else:  # LayerNorm
@@ -46,10 +53,7 @@ def _prologue_rotate_kernel(
             value = centred * tl.rsqrt(tl.sum(centred * centred, axis=0) / width + eps) * weight
             if HAS_BIAS:
                 value += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    signs = load_signs(signs_ptr, offs, mask, PACKED_SIGNS)
     value = (value * signs).to(out_ptr.dtype.element_ty)
-    inner = tl.arange(0, BLOCK)
-    hadamard = tl.load(hadamard_ptr + inner[:, None] * BLOCK + inner[None, :])
     blocks = tl.reshape(value, (BLOCK_W // BLOCK, BLOCK))
     if DOT_IEEE:
         rotated = tl.dot(blocks, hadamard, input_precision="ieee")
@@ -60,9 +64,10 @@ def _prologue_rotate_kernel(
 
 
 def prologue_plan(a: Tensor, b: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, kind: int,
-                  signs: Tensor, block: int, out_dtype: torch.dtype) -> Callable[[Tensor, Tensor | None], Tensor]:
+                  signs: Tensor, block: int, out_dtype: torch.dtype, pdl: bool = False) -> Callable[[Tensor, Tensor | None], Tensor]:
     """A call ``(a, b)`` for inputs shaped, strided and aligned like ``a`` and ``b`` (the SiLU prologue's up; None for a
-    norm): grid, constants and the Hadamard matrix worked out once."""
+    norm): grid, constants and the Hadamard matrix worked out once. ``pdl``: launched as a programmatic dependent
+    (``triton.common.programmatic_launch_supported``): it starts while the kernel before ends."""
     width = a.shape[-1]
     rows_a = _rows(a, width)
     rows_b = _rows(b, width) if b is not None else rows_a
@@ -77,7 +82,7 @@ def prologue_plan(a: Tensor, b: Tensor | None, weight: Tensor | None, bias: Tens
     hadamard = _sign_matrix(block, device, out_dtype)
     launch = DirectLaunch(_prologue_rotate_kernel, (count,), KIND=kind, HAS_BIAS=bias is not None, BLOCK=block,
                           BLOCK_W=block_w, DOT_IEEE=out_dtype == torch.float32, PACKED_SIGNS=signs_are_packed(signs, width),
-                          num_warps=4 if block_w <= 4096 else 8)
+                          PDL=pdl, num_warps=4 if block_w <= 4096 else 8, launch_pdl=pdl)
     scale = block**-0.5
 
     def run(a: Tensor, b: Tensor | None) -> Tensor:
@@ -91,17 +96,18 @@ def prologue_plan(a: Tensor, b: Tensor | None, weight: Tensor | None, bias: Tens
     return run
 
 
-def norm_rotate_plan(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, kind: int, signs: Tensor,
-                     block: int) -> Callable[[Tensor, Tensor | None], Tensor]:
+def norm_rotate_plan(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, kind: int, signs: Tensor, block: int,
+                     pdl: bool = False) -> Callable[[Tensor, Tensor | None], Tensor]:
     """``norm_rotate`` as a call ``(x, None)`` for inputs like ``x``."""
     if kind not in (RMS_NORM, LAYER_NORM):
         raise ValueError(f"unknown norm kind {kind}")
-    return prologue_plan(x, None, weight, bias, eps, kind, signs, block, weight.dtype)
+    return prologue_plan(x, None, weight, bias, eps, kind, signs, block, weight.dtype, pdl)
 
 
-def gated_silu_rotate_plan(gate: Tensor, up: Tensor, signs: Tensor, block: int) -> Callable[[Tensor, Tensor | None], Tensor]:
+def gated_silu_rotate_plan(gate: Tensor, up: Tensor, signs: Tensor, block: int,
+                           pdl: bool = False) -> Callable[[Tensor, Tensor | None], Tensor]:
     """``gated_silu_rotate`` as a call ``(gate, up)`` for inputs like ``gate`` and ``up``."""
-    return prologue_plan(gate, up, None, None, 0.0, GATED_SILU, signs, block, gate.dtype)
+    return prologue_plan(gate, up, None, None, 0.0, GATED_SILU, signs, block, gate.dtype, pdl)
 
 
 def norm_rotate(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, kind: int, signs: Tensor, block: int) -> Tensor:

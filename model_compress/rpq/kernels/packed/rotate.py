@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..triton.common import _cdiv, _rows
+from ..triton.common import _cdiv, _rows, _wait_for_inputs
 from ..launch.direct_launch import DirectLaunch
 
 ROWS_PER_PROGRAM = 16
@@ -49,8 +49,9 @@ def signs_are_packed(signs: Tensor, width: int) -> bool:
 def _rotate_kernel(
     x_ptr, signs_ptr, hadamard_ptr, out_ptr, rows, stride_x, stride_out, scale,
     BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, SIGNS_FIRST: tl.constexpr, DOT_IEEE: tl.constexpr,
-    PACKED_SIGNS: tl.constexpr,
+    PACKED_SIGNS: tl.constexpr, PDL: tl.constexpr,
 ):
+    _wait_for_inputs(PDL)  # before every read: the signs and the Hadamard matrix may come from the kernel just before
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = (offs_t < rows)[:, None]
@@ -80,9 +81,10 @@ def _sign_matrix(block: int, device: torch.device, dtype: torch.dtype) -> Tensor
     return matrix.to(device=device, dtype=dtype).contiguous()
 
 
-def rotate_plan(x: Tensor, signs: Tensor, block: int, signs_first: bool = True) -> Callable[[Tensor], Tensor]:
+def rotate_plan(x: Tensor, signs: Tensor, block: int, signs_first: bool = True, pdl: bool = False) -> Callable[[Tensor], Tensor]:
     """x R (``signs_first``) or y R^T as a call for inputs shaped, strided and typed like ``x``: grid and constants
-    worked out once. ``signs``: int8 +-1 or the stored bits (``signs_are_packed``)."""
+    worked out once. ``signs``: int8 +-1 or the stored bits (``signs_are_packed``). ``pdl``: launched as a
+    programmatic dependent (``triton.common.programmatic_launch_supported``): it starts while the kernel before ends."""
     width = x.shape[-1]
     packed = signs_are_packed(signs, width)
     rows = _rows(x, width)
@@ -97,7 +99,7 @@ def rotate_plan(x: Tensor, signs: Tensor, block: int, signs_first: bool = True) 
     hadamard, scale = _sign_matrix(block, device, dtype), block**-0.5
     launch = DirectLaunch(_rotate_kernel, (_cdiv(count, ROWS_PER_PROGRAM), width // block), BLOCK=block,
                           BLOCK_T=ROWS_PER_PROGRAM, SIGNS_FIRST=signs_first, DOT_IEEE=dtype == torch.float32,
-                          PACKED_SIGNS=packed)
+                          PACKED_SIGNS=packed, PDL=pdl, launch_pdl=pdl)
 
     def run(x: Tensor) -> Tensor:
         if as_rows:

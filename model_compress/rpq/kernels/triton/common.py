@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -55,6 +56,25 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # the CPU interpre
 def _hopper_or_later(device: torch.device) -> bool:
     """Programmatic dependent launch (``griddepcontrol``) needs compute capability 9.0."""
     return not INTERPRETED and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def programmatic_launch_supported(device: torch.device) -> bool:
+    """Whether kernels on ``device`` may be launched as programmatic dependents (Hopper on, compiled, not interpreted)."""
+    return _hopper_or_later(device)
+
+
+@triton.jit
+def _wait_for_inputs(PDL: tl.constexpr):
+    """Programmatic dependent launch: wait until the kernel before has finished and its writes are visible, then let
+    the next kernel start (its programs read their weights while this one computes, and wait here in turn).
+
+    A kernel launched with ``launch_pdl`` calls this in every program before it reads an activation or writes
+    anything (the allocator may hand it memory the kernel before still reads). Only a layer's own weights (codes,
+    tables, scales, which no inference kernel writes) may be read before it. Releasing only after the wait keeps
+    that safe: when a kernel starts, every kernel before the one just ahead of it has finished."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 _COUNTERS: dict[torch.device, list[Tensor]] = {}  # per device: every counter buffer made, the largest last
