@@ -10,15 +10,17 @@ import pytest
 import torch
 
 from model_compress.rpq.fusions import apply_fusions
+from model_compress.rpq.kernels.config.packed_routes import NIBBLE_GROUP_TOKENS
 from model_compress.rpq.layers.modules import RPQLinear
 
 from ..conftest import rotated_llama
 
 
 def test_a_rotated_model_with_its_fusions_traces_as_one_graph_and_computes_the_same():
+    """A prompt longer than the sibling launch serves: one op per layer, one graph, the eager logits."""
     model = rotated_llama()
     apply_fusions(model)
-    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    ids = torch.randint(0, model.config.vocab_size, (2, NIBBLE_GROUP_TOKENS // 2 + 1))
     torch._dynamo.reset()
     with torch.no_grad():
         explanation = torch._dynamo.explain(model)(ids)
@@ -78,18 +80,22 @@ def _custom_ops_per_block(model: torch.nn.Module, ids: torch.Tensor) -> tuple[Co
 def test_a_compiled_decode_step_keeps_the_eager_fusions():
     """At one token a traced block launches what eager decoding launches: q/k/v and gate/up one op each, the norms' x R
     made once for their readers, the SiLU gate writing down_proj's x R; the signs go to the ops as stored, so nothing
-    is unpacked on every step. Several tokens: each layer alone, as in eager."""
+    is unpacked on every step. A few tokens (a batch decoding, a short prompt) the same, the group ops serving up to
+    ``NIBBLE_GROUP_TOKENS`` tokens; a longer prompt: each layer alone, as in eager."""
     model = rotated_llama()
     apply_fusions(model)
     one = torch.randint(0, model.config.vocab_size, (1, 1))
     ops, traced = _custom_ops_per_block(model, one)
     assert ops == {"packed_linear_group": 2, "packed_linear": 2, "packed_rotate": 3, "packed_gated_silu_rotate": 1}
     assert "rshift" not in traced  # rotation.unpack_signs shifts the stored bits
-    prompt = torch.randint(0, model.config.vocab_size, (1, 6))
+    few = torch.randint(0, model.config.vocab_size, (2, 3))
+    ops, _ = _custom_ops_per_block(model, few)
+    assert ops["packed_linear_group"] == 2 and ops["packed_linear"] == 2
+    prompt = torch.randint(0, model.config.vocab_size, (1, NIBBLE_GROUP_TOKENS + 1))
     ops, _ = _custom_ops_per_block(model, prompt)
     assert ops["packed_linear"] == 7 and "packed_linear_group" not in ops
     with torch.no_grad():
-        for ids in (one, prompt):
+        for ids in (one, few, prompt):
             torch._dynamo.reset()
             compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
             torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)

@@ -154,25 +154,28 @@ def test_nibble_decoded_weight_is_the_reference_weight(dtype, size):
 @pytest.mark.parametrize("outs,with_bias", [((576, 192, 192), False), ((1536, 1536), True), ((100, 37, 64), True)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_nibble_group_gemv_gives_each_member_its_reference_output(outs, with_bias, size, dtype):
-    """Two or three layers on one token in one launch (q/k/v, gate/up): each output its layer's, split-K included."""
+    """Two or three layers on the same tokens in one launch (q/k/v, gate/up): each output its layer's, split-K
+    included, at one token (the GEMV) and at 3, 16 and 64 tokens (tensor cores), token rows strided too."""
     bits, in_features = code_bits(size), 576
     layers = [packed_layer(in_features, out, 1, size, "int8", seed=i) for i, out in enumerate(outs)]
-    x = torch.randn(1, in_features, device=CUDA, dtype=dtype)
     members = [(codes, codebooks, scales.to(dtype)) for codes, codebooks, scales, _ in layers]
     bias = torch.cat([b.to(dtype) for *_, b in layers]) if with_bias else None
-    refs = [packed_forward.linear_reference(x.float(), c, b, s, layer[3].float() if with_bias else None, bits, in_features)
-            for (c, b, s), layer in zip(members, layers)]
-    for tile in [t for t in NIBBLE_TILES if t.block_m == 1]:
-        for _ in range(2):  # the split-K counters come back to 0
-            outputs = packed.nibble_group_gemv(x, members, bias, bits, in_features, tile, 132)
-            assert [o.shape[-1] for o in outputs] == list(outs)
-            for out, ref in zip(outputs, refs):
-                assert out.dtype == dtype and rel_error(out, ref) < BOUNDS[dtype], tile.describe()
+    for tokens in (1, 3, 16, 64):
+        wide = torch.randn(tokens, in_features + 64, device=CUDA, dtype=dtype)
+        for x in (wide[:, :in_features].contiguous(), wide[:, :in_features]) if tokens > 1 else (wide[:, :in_features].contiguous(),):
+            refs = [packed_forward.linear_reference(x.float(), c, b, s, layer[3].float() if with_bias else None, bits, in_features)
+                    for (c, b, s), layer in zip(members, layers)]
+            for tile in [t for t in NIBBLE_TILES if (t.block_m == 1) == (tokens == 1)]:
+                for _ in range(2):  # the split-K counters come back to 0
+                    outputs = packed.nibble_group_gemv(x, members, bias, bits, in_features, tile, 132)
+                    assert [o.shape for o in outputs] == [(tokens, out) for out in outs]
+                    for out, ref in zip(outputs, refs):
+                        assert out.dtype == dtype and rel_error(out, ref) < BOUNDS[dtype], (tokens, tile.describe())
 
 
-@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("tokens", [1, 3, 80])
 def test_the_joined_group_op_gives_each_member_its_output_side_by_side(tokens):
-    """What a compiled graph calls for siblings: one launch at one token, each member alone for more."""
+    """What a compiled graph calls for siblings: one launch up to 64 tokens, each member alone for a longer prompt."""
     from model_compress.rpq.kernels import packed_ops
 
     layers = [packed_layer(576, out, 1, 16, "int8", seed=i) for i, out in enumerate((576, 192, 192))]

@@ -1,9 +1,10 @@
-"""Sibling packed RPQ Linears that read the same rotated token (q/k/v, gate/up) computed in one launch.
+"""Sibling packed RPQ Linears that read the same rotated tokens (q/k/v, gate/up) computed in one launch.
 
 Siblings with equal rotations already share x R (``shared_rotation``, or the pre-norm writes it); when they also
 take the same code width, the first member called with that tensor computes every member's output in one
-byte-permute launch (``packed_forward.linear_group_plan``) and the others take theirs (``OncePerInput``). Where the
-launch does not apply (several tokens, a CPU, a format it does not read), each member computes alone, as before.
+byte-permute launch (``packed_forward.linear_group_plan``; 1 to ``NIBBLE_GROUP_TOKENS`` tokens) and the others take
+theirs (``OncePerInput``). Where the launch does not apply (a prompt, a CPU, a format it does not read), each member
+computes alone, as before.
 A compiled graph does the same with one custom op (``packed_ops.linear_group``). Nothing is saved with the model.
 """
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels import packed_forward, packed_ops, plans
+from ..kernels.config.packed_routes import NIBBLE_GROUP_TOKENS
 from ..kernels.plans import input_signature, plans_of
 from ..layers.modules import RPQLinear
 from .once import OncePerInput
@@ -45,10 +47,10 @@ class PackedGroup:
         return None if plan is None else plan(rotated)
 
     def _traced_outputs(self, rotated: Tensor) -> list[Tensor] | None:
-        """Under ``torch.compile``: at one token, one custom op for every member (its biases added in the graph, where
-        the compiler fuses each add into the member's reader); several tokens (a prompt), None."""
+        """Under ``torch.compile``: for up to ``NIBBLE_GROUP_TOKENS`` tokens, one custom op for every member (its biases
+        added in the graph, where the compiler fuses each add into the member's reader); a prompt, None."""
         first = self.members[0]
-        if rotated.numel() != first.in_features:
+        if rotated.numel() > NIBBLE_GROUP_TOKENS * first.in_features:
             return None
         joined = packed_ops.linear_group(rotated, [m.indices for m in self.members], [m.codebooks for m in self.members],
                                          [m.codebook_scales for m in self.members], first.code_bits, first.in_features)

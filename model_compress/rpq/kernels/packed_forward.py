@@ -19,7 +19,8 @@ from torch import Tensor
 from . import forward as torch_forms
 from . import rotation
 from .config import options
-from .config.packed_routes import (HEAD_CHUNK_BYTES, HEAD_FUSED_TOKENS, HEAD_SCORE_TOKENS, NIBBLE_GROUPS, NIBBLE_ROUTED_BITS,
+from .config.packed_routes import (HEAD_CHUNK_BYTES, HEAD_FUSED_TOKENS, HEAD_SCORE_TOKENS, NIBBLE_GROUP_TOKENS, NIBBLE_GROUPS,
+                                   NIBBLE_ROUTED_BITS,
                                    NIBBLE_ROUTED_DTYPES, NIBBLE_ROUTES, nibble_prompt_tile, packed_tile)
 from .layout import LINEAR, codebook_values, decode as decode_dense, unpack_codes
 from .trainable_product import records, trainable_linear, trainable_tied_head
@@ -164,14 +165,16 @@ def linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, b
 def joined_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | None]], bias: Tensor | None, bits: int,
                       in_features: int) -> Callable[[Tensor], Tensor] | None:
     """Each member's (codes, codebooks, scales) times tokens like ``x`` in one launch, plus ``bias`` (the members'
-    biases end to end), the outputs side by side in one tensor; None where that launch does not apply (not one fp16
-    or bf16 token on CUDA, a member the byte-permute kernels do not read), and the members then compute alone."""
-    if not NIBBLE_GROUPS or bits not in NIBBLE_ROUTED_BITS or x.numel() != in_features or not _routed_dtype(x):
+    biases end to end), the outputs side by side in one tensor; None where that launch does not apply (not 1 to
+    ``NIBBLE_GROUP_TOKENS`` fp16 or bf16 tokens on CUDA, a member the byte-permute kernels do not read), and the members
+    then compute alone."""
+    tokens = x.numel() // in_features
+    if not NIBBLE_GROUPS or bits not in NIBBLE_ROUTED_BITS or not 1 <= tokens <= NIBBLE_GROUP_TOKENS or not _routed_dtype(x):
         return None
     kernels = packed_kernels(x, bias, *[t for member in members for t in member])
     if kernels is None or not all(kernels.nibble_serves(x, c, b, s, bits, in_features) for c, b, s in members):
         return None
-    return kernels.nibble_group_plan(x, members, bias, bits, in_features, packed_tile(1, NIBBLE_ROUTES),
+    return kernels.nibble_group_plan(x, members, bias, bits, in_features, packed_tile(tokens, NIBBLE_ROUTES),
                                      multiprocessors(x.device), programmatic(kernels, x.device))
 
 
@@ -187,7 +190,8 @@ def linear_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | No
 
 def linear_group_joined(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | None]], bits: int, in_features: int) -> Tensor:
     """The members' outputs (no bias) side by side in one tensor: one launch where ``joined_group_plan`` applies, else
-    each member alone. What a compiled graph calls for siblings (``packed_ops.linear_group``)."""
+    each member alone. What a compiled graph calls for siblings (``packed_ops.linear_group``) on up to
+    ``NIBBLE_GROUP_TOKENS`` tokens."""
     joined = joined_group_plan(x, members, None, bits, in_features)
     if joined is not None:
         return joined(x)

@@ -45,8 +45,8 @@ NIBBLE_ROUTED_BITS = (4, 5)
 # (``benchmarks/rpq/nibble_bf16.py``, RESULTS.md) they took 2.6-26.7 us against 4.3-74.0 us for the general kernels,
 # within 0-35% of the fp16 tokens' time on the same layers.
 NIBBLE_ROUTED_DTYPES = ("float16", "bfloat16")
-# Sibling layers that read one token (q/k/v, gate/up) in one byte-permute launch (``packed/nibble_groups.py``,
-# ``fusions/packed_groups.py``).
+# Sibling layers that read the same tokens (q/k/v, gate/up) in one byte-permute launch (``packed/nibble_groups.py``,
+# ``fusions/packed_groups.py``), from one token up to NIBBLE_GROUP_TOKENS (NIBBLE_ROUTES' last bound, set below).
 NIBBLE_GROUPS = True
 
 
@@ -64,6 +64,7 @@ NIBBLE_ROUTES: tuple[tuple[int, PackedTile], ...] = (
     (16, PackedTile(16, 64, 128, num_warps=4, num_stages=2, max_split=16, programs_per_sm=4)),
     (64, PackedTile(64, 64, 128, num_warps=4, num_stages=2, max_split=16, programs_per_sm=4)),
 )
+NIBBLE_GROUP_TOKENS = NIBBLE_ROUTES[-1][0]
 # Prompts (more tokens than NIBBLE_ROUTES' last bound) through the same formats, fp16 or bf16: on tensor cores with W'
 # looked up in registers as the product's left operand (``packed/nibble_prompts.py``, one launch), or W' decoded into a
 # temporary for cuBLAS (two launches and a temporary of the layer's size). Measured on an H100 (benchmarks/RESULTS.md):

@@ -270,18 +270,28 @@ def _nibble_linear_kernel(
     SPLIT: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """2 to 64 tokens: each (BLOCK_N, 8 BLOCK_W) tile of W' / 128 looked up in registers, then ``tl.dot`` with x. As in
-    ``_row_sums``, code words are loaded a step ahead, the first before waiting for x (``PDL``)."""
-    pid_k = tl.program_id(2)
+    """2 to 64 tokens: each (BLOCK_N, 8 BLOCK_W) tile of W' / 128 looked up in registers, then ``tl.dot`` with x."""
     offs_m, offs_n, mask_m, mask_n = _tile_rows(tokens, out_features, BLOCK_M, BLOCK_N)
+    acc = _tile_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_m, mask_m, offs_n, mask_n, words_per_row, stride_x,
+                     chunk_words, BITS, BLOCK_M, BLOCK_N, BLOCK_W, PDL)
+    _store_tile(acc, partial_ptr, counter_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, tokens, out_features,
+                stride_out, split_k, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _tile_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_m, mask_m, offs_n, mask_n, words_per_row, stride_x, chunk_words,
+               BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr):
+    """Tokens ``offs_m`` times rows ``offs_n`` of W' over this program's slice of the inputs (grid axis 2), float32, on
+    tensor cores. As in ``_row_sums``, code words are loaded a step ahead, the first before waiting for x (``PDL``)."""
     rows = tl.where(mask_n, offs_n, 0)
     t0, t1, t2, t3, t4, t5, t6, t7 = _row_tables(codebooks_ptr, rows, BITS)
     nibbles, tops = _code_rows(codes_ptr, rows, words_per_row, BITS)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    w_begin = pid_k * chunk_words
+    w_begin = tl.program_id(2) * chunk_words
     w_end = tl.minimum(w_begin + chunk_words, words_per_row)
     first_w = w_begin + tl.arange(0, BLOCK_W)
     words, top = _code_words(nibbles, tops, first_w, mask_n[:, None] & (first_w < w_end)[None, :], BITS)
+    scale = tl.load(scales_ptr + rows, mask=mask_n, other=0.0).to(tl.float32) * 128.0
     _wait_for_inputs(PDL)
     for step in range(0, chunk_words, BLOCK_W):
         offs_w = w_begin + step + tl.arange(0, BLOCK_W)
@@ -292,9 +302,7 @@ def _nibble_linear_kernel(
         next_w = offs_w + BLOCK_W
         words, top = _code_words(nibbles, tops, next_w, mask_n[:, None] & (next_w < w_end)[None, :], BITS)
         acc = tl.dot(x, tl.trans(w), acc)
-    acc = acc * (tl.load(scales_ptr + rows, mask=mask_n, other=0.0).to(tl.float32) * 128.0)[None, :]
-    _store_tile(acc, partial_ptr, counter_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, tokens, out_features,
-                stride_out, split_k, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N)
+    return acc * scale[None, :]
 
 
 @triton.jit
