@@ -452,3 +452,41 @@ def test_programmatic_launch_changes_no_logit_eager_or_in_a_cuda_graph(dtype):
             assert torch.equal(captured[True][1], captured[False][1]), token
             with options.using(programmatic_launch=True):
                 assert torch.equal(model(step).logits, captured[True][1]), token
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("size", [16, 32])
+@pytest.mark.parametrize("in_features,block", [(576, 64), (1536, 64), (2048, 16), (4096, 32)])
+def test_one_token_kernels_that_rotate_as_they_load_give_the_rotate_then_multiply_values(in_features, block, size, dtype):
+    """x R made in the GEMV's load (and in the sibling launch's) equals the rotation kernel's x R fed to the same
+    kernel bit for bit, signs as stored bits or +-1 values, split-K included; and the reference within bounds."""
+    bits = code_bits(size)
+    layers = [packed_layer(in_features, out, 1, size, "int8", seed=i) for i, out in enumerate((576, 192))]
+    members = [(codes, codebooks, scales.to(dtype)) for codes, codebooks, scales, _ in layers]
+    signs = rotation.random_signs(in_features, block).to(CUDA)
+    x = torch.randn(1, in_features, device=CUDA, dtype=dtype)
+    rotated = packed.rotate(x, signs, block)
+    for tile in [t for t in NIBBLE_TILES if packed.rotates_in_load(1, block, t)]:
+        for given in (signs, rotation.pack_signs(signs)):
+            codes, codebooks, scales = members[0]
+            bias = layers[0][3].to(dtype)
+            out = packed.nibble_linear(x, codes, codebooks, scales, bias, bits, in_features, tile, 132, rotation=(given, block))
+            assert torch.equal(out, packed.nibble_linear(rotated, codes, codebooks, scales, bias, bits, in_features, tile, 132))
+            ref = packed_forward.linear_reference(rotated.float(), codes, codebooks, scales, bias.float(), bits, in_features)
+            assert rel_error(out, ref) < BOUNDS[dtype], tile.describe()
+            joined = packed.nibble_group_gemv(x, members, None, bits, in_features, tile, 132, rotation=(given, block))
+            alone = packed.nibble_group_gemv(rotated, members, None, bits, in_features, tile, 132)
+            assert all(torch.equal(a, b) for a, b in zip(joined, alone)), tile.describe()
+
+
+def test_a_rotated_layer_at_one_token_rotates_in_its_kernel_and_computes_what_two_launches_compute():
+    layer = filled(RPQLinear(576, 576, 576, 16, codebook_dtype="int8", rotation_block=64)).to(CUDA, torch.float16)
+    layer.set_signs(rotation.random_signs(576, 9))
+    x = torch.randn(1, 1, 576, device=CUDA, dtype=torch.float16)
+    with torch.no_grad():
+        plan = packed_forward.rotating_linear_plan(x, layer.indices, layer.codebooks, layer.codebook_scales, layer.bias,
+                                                   layer.code_bits, 576, layer.rotation_signs, 64)
+        assert plan is not None
+        for _ in range(2):  # the per-call path, then the kept plan
+            assert torch.equal(layer(x), layer.forward_rotated(layer.rotate_alone(x)))
+    assert rel_error(layer(x).detach(), x.double() @ layer.dequantize().double().T + layer.bias.double()) < BOUNDS[torch.float16]

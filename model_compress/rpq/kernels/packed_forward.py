@@ -151,6 +151,34 @@ def linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | No
     return lambda x: F.linear(x, weight(), bias)
 
 
+def rotating_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int,
+                         in_features: int, signs: Tensor, block: int) -> Callable[[Tensor], Tensor] | None:
+    """(x R) W'^T + b for one token like ``x``, given before the layer's rotation, in one launch that rotates x as it
+    loads it (``packed/nibble_tables.py``): the rotation's own launch saved. None where that launch does not apply
+    (not one fp16 or bf16 token on CUDA, a format or rotation block it does not read): the caller rotates first.
+    ``signs``: the stored bits or +-1 values."""
+    tokens = x.numel() // in_features
+    tile = packed_tile(tokens, NIBBLE_ROUTES)
+    if tokens != 1 or bits not in NIBBLE_ROUTED_BITS or not _routed_dtype(x):
+        return None
+    kernels = packed_kernels(x, codebooks, scales, bias)
+    if (kernels is None or not kernels.rotates_in_load(tokens, block, tile)
+            or not kernels.nibble_serves(x, codes, codebooks, scales, bits, in_features)):
+        return None
+    return kernels.nibble_linear_plan(x, codes, codebooks, scales, bias, bits, in_features, tile, multiprocessors(x.device),
+                                      programmatic(kernels, x.device), rotation=(signs, block))
+
+
+def rotating_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int,
+                    in_features: int, signs: Tensor, block: int) -> Tensor:
+    """(x R) W'^T + b for x before the layer's rotation: one launch where ``rotating_linear_plan`` applies, else the
+    rotation and then the layer."""
+    plan = rotating_linear_plan(x, codes, codebooks, scales, bias, bits, in_features, signs, block)
+    if plan is not None:
+        return plan(x)
+    return linear(rotate(x, signs, block), codes, codebooks, scales, bias, bits, in_features)
+
+
 def _routed_dtype(x: Tensor) -> bool:
     """Whether tokens of ``x``'s dtype go to the byte-permute kernels for 1-64 tokens (``NIBBLE_ROUTED_DTYPES``)."""
     return str(x.dtype).removeprefix("torch.") in NIBBLE_ROUTED_DTYPES

@@ -31,6 +31,18 @@ def _linear_shape(x, codes, codebooks, scales, bias, bits, in_features):
     return x.new_empty((*x.shape[:-1], codebooks.shape[0] * codebooks.shape[2]))
 
 
+@torch.library.custom_op("model_compress::packed_rotating_linear", mutates_args=())
+def rotating_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Optional[Tensor], bias: Optional[Tensor], bits: int,
+                    in_features: int, signs: Tensor, block: int) -> Tensor:
+    """``packed_forward.rotating_linear``: a rotated layer on its input before the rotation, one launch at one token."""
+    return packed_forward.rotating_linear(x, codes, codebooks, scales, bias, bits, in_features, signs, block).contiguous()
+
+
+@rotating_linear.register_fake
+def _rotating_linear_shape(x, codes, codebooks, scales, bias, bits, in_features, signs, block):
+    return x.new_empty((*x.shape[:-1], codebooks.shape[0] * codebooks.shape[2]))
+
+
 @torch.library.custom_op("model_compress::packed_linear_group", mutates_args=())
 def linear_group(x: Tensor, codes: List[Tensor], codebooks: List[Tensor], scales: List[Optional[Tensor]], bits: int,
                  in_features: int) -> Tensor:

@@ -119,13 +119,35 @@ class _Codes:
 
         Behind a norm that writes x R itself (``fusions.rotated_inputs``), the tensor it wrote passes as it is.
         """
+        given = self._given_rotated(x)
+        return self.rotate_alone(x) if given is None else given
+
+    def _given_rotated(self, x: Tensor) -> Tensor | None:
+        """x R where it is at hand without this layer's own rotation: x itself without a rotation or where a fused norm
+        wrote it, or the rotation siblings share; None where this layer rotates x alone."""
         if self.rotation_block is None:
             return x
         written = self.__dict__.get("_rotated_by")
         if written is not None and written.holds(x):
             return x
         shared = self.__dict__.get("_shared_rotation")  # fusions.shared_rotation: q/k/v rotate their input once
-        return shared(x) if shared is not None else self.rotate_alone(x)
+        return shared(x) if shared is not None else None
+
+    def _rotating_forward(self, x: Tensor) -> Tensor | None:
+        """The layer on its input before the rotation, in one launch that rotates x as it loads it (one token on
+        CUDA: ``packed_forward.rotating_linear_plan``); None where that does not apply."""
+        if torch.compiler.is_compiling():
+            if x.numel() != self.in_features:
+                return None
+            return packed_ops.rotating_linear(x, self.indices, self.codebooks, self.codebook_scales, self.bias, self.code_bits,
+                                              self.in_features, self.rotation_signs, self.rotation_block)
+        arguments = (x, self.indices, self.codebooks, self.codebook_scales, self.bias, self.code_bits, self.in_features,
+                     self.rotation_signs, self.rotation_block)
+        if plans.usable():
+            plan = plans_of(self).get(("rotating", *input_signature(x)), lambda: packed_forward.rotating_linear_plan(*arguments))
+        else:
+            plan = packed_forward.rotating_linear_plan(*arguments)
+        return None if plan is None else plan(x)
 
     def rotate_alone(self, x: Tensor) -> Tensor:
         """x R with this layer's own signs (one Triton launch on CUDA)."""
@@ -271,7 +293,12 @@ class RPQLinear(_Codes, nn.Module):
             norm = self.__dict__.get("_normed_input")  # fused_norm: x is the input of the norm before us
             return _decoded_product(x if norm is None else norm.norm.normalized(x), self.decoded, self.bias)
         if not self.native:
-            rotated = self.rotate_input(x)
+            rotated = self._given_rotated(x)
+            if rotated is None:  # this layer rotates x itself: where it can, as its kernel loads x
+                out = self._rotating_forward(x)
+                if out is not None:
+                    return out
+                rotated = self.rotate_alone(x)
             group = self.__dict__.get("_packed_group")  # fusions.packed_groups: q/k/v in one launch at one token
             out = None if group is None else group.output(self, rotated)
             return self.forward_rotated(rotated) if out is None else out

@@ -26,7 +26,7 @@ from .linear import packed_linear, packed_linear_plan
 from .nibble_groups import nibble_group_gemv, nibble_group_plan
 from .nibble_prompts import nibble_prompt_linear, nibble_prompt_plan, nibble_prompt_serves
 from .nibble_tables import (nibble_decode_plan, nibble_decode_serves, nibble_decode_weight, nibble_linear, nibble_linear_plan,
-                            nibble_serves)
+                            nibble_serves, rotates_in_load)
 from .prologue import gated_silu_rotate, gated_silu_rotate_plan, norm_rotate, norm_rotate_plan
 from .rotate import rotate, rotate_plan, unrotate
 from ..triton.common import programmatic_launch_supported
@@ -34,4 +34,4 @@ from ..triton.common import programmatic_launch_supported
 __all__ = ["decode_linear_plan", "decode_linear_weight", "decode_plan", "decode_table_rows", "gated_silu_rotate", "gated_silu_rotate_plan",
            "nibble_decode_plan", "nibble_decode_serves", "nibble_decode_weight", "nibble_group_gemv", "nibble_group_plan",
            "nibble_linear", "nibble_linear_plan", "nibble_prompt_linear", "nibble_prompt_plan", "nibble_prompt_serves", "nibble_serves", "norm_rotate", "norm_rotate_plan", "packed_head", "RowBounds", "scored_head",
-           "packed_linear", "packed_linear_plan", "programmatic_launch_supported", "rotate", "rotate_plan", "unrotate"]
+           "packed_linear", "packed_linear_plan", "programmatic_launch_supported", "rotate", "rotate_plan", "rotates_in_load", "unrotate"]

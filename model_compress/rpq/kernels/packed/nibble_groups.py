@@ -20,7 +20,7 @@ from ..config.packed_routes import PackedTile
 from ..triton.common import _cdiv, _rows, _store_tile, split_scratch, tile_counters
 from ..launch.direct_launch import DirectLaunch
 from .linear import input_split
-from .nibble_tables import _row_sums, _tile_sums
+from .nibble_tables import _in_load_rotation, _row_sums, _tile_sums, rotates_in_load
 
 
 @triton.jit
@@ -54,6 +54,9 @@ def _nibble_group_gemv_kernel(
     out_ptr,
     partial_ptr,
     counter_ptr,
+    signs_ptr,
+    hadamard_ptr,
+    rotation_scale,
     rows_a,
     rows_b,
     rows_c,
@@ -69,14 +72,16 @@ def _nibble_group_gemv_kernel(
     SPLIT: tl.constexpr,
     X_FP16: tl.constexpr,
     PDL: tl.constexpr,
+    ROTATE: tl.constexpr,
+    PACKED_SIGNS: tl.constexpr,
 ):
     codes_ptr, codebooks_ptr, scales_ptr, local, count, first = _member(
         tl.program_id(0), codes_a, codebooks_a, scales_a, codes_b, codebooks_b, scales_b, codes_c, codebooks_c, scales_c, rows_a,
         rows_b, rows_c, tiles_a, tiles_ab)
     offs_local = local * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_local < count
-    sums = _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_local, mask_n, words_per_row, chunk_words, BITS,
-                     BLOCK_N, BLOCK_W, X_FP16, PDL)
+    sums = _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, signs_ptr, hadamard_ptr, rotation_scale, offs_local, mask_n,
+                     words_per_row, chunk_words, BITS, BLOCK_N, BLOCK_W, X_FP16, PDL, ROTATE, PACKED_SIGNS)
     total = rows_a + rows_b + rows_c
     one = tl.arange(0, 1)
     _store_tile(sums[None, :], partial_ptr, counter_ptr, bias_ptr, out_ptr, one, first + offs_local, one < 1, mask_n, 1, total,
@@ -133,11 +138,12 @@ def _nibble_group_linear_kernel(
 
 
 def nibble_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], bias: Tensor | None, bits: int,
-                      in_features: int, tile: PackedTile, multiprocessors: int, pdl: bool = False) -> Callable[[Tensor], Tensor]:
+                      in_features: int, tile: PackedTile, multiprocessors: int, pdl: bool = False,
+                      rotation: tuple[Tensor, int] | None = None) -> Callable[[Tensor], Tensor]:
     """The members times tokens shaped like ``x`` in one launch, as a call: the grid, split and buffers worked out once.
     One token on the GEMV (``tile.block_m`` 1), more on tensor cores. The call returns the members' outputs side by
-    side in one tensor (the last dimension their widths in order). ``pdl``: launched as a programmatic dependent, as
-    ``nibble_linear_plan``."""
+    side in one tensor (the last dimension their widths in order). ``pdl`` and ``rotation`` (one token: x before the
+    members' common rotation): as ``nibble_linear_plan``."""
     if not 2 <= len(members) <= 3:
         raise ValueError(f"a group has 2 or 3 members, got {len(members)}")
     counts = [codebooks.shape[0] for _, codebooks, _ in members]
@@ -155,14 +161,18 @@ def nibble_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], b
                      PDL=pdl, num_warps=tile.num_warps, num_stages=tile.num_stages, launch_pdl=pdl)
     buffers = [t for member in padded for t in member]
     member_rows = (*rows, tiles[0], tiles[0] + tiles[1])
+    if rotation is not None and not rotates_in_load(tokens, rotation[1], tile):
+        raise ValueError(f"a {tile.describe()} launch of {tokens} tokens cannot rotate in blocks of {rotation[1]} as it loads x")
     if tokens == 1 and tile.block_m == 1:
-        launch = DirectLaunch(_nibble_group_gemv_kernel, (sum(tiles), 1, split), X_FP16=x.dtype == torch.float16, **constants)
+        signs, hadamard, rotation_scale, in_load = _in_load_rotation(rotation, in_features, device, dtype, x)
+        launch = DirectLaunch(_nibble_group_gemv_kernel, (sum(tiles), 1, split), X_FP16=x.dtype == torch.float16, **in_load,
+                              **constants)
 
         def run(x: Tensor) -> Tensor:
             out = torch.empty(out_shape, device=device, dtype=dtype)
             partial, counters = split_scratch(out, split, counter)
-            launch(x, *buffers, out if bias is None else bias, out, partial, counters, *member_rows, in_features // 8, split,
-                   chunk // 8)
+            launch(x, *buffers, out if bias is None else bias, out, partial, counters, signs, hadamard, rotation_scale,
+                   *member_rows, in_features // 8, split, chunk // 8)
             return out
 
         return run
@@ -181,8 +191,9 @@ def nibble_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], b
 
 
 def nibble_group_gemv(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], bias: Tensor | None, bits: int,
-                      in_features: int, tile: PackedTile, multiprocessors: int, pdl: bool = False) -> list[Tensor]:
+                      in_features: int, tile: PackedTile, multiprocessors: int, pdl: bool = False,
+                      rotation: tuple[Tensor, int] | None = None) -> list[Tensor]:
     """Each member's (codes, codebooks, scales) times fp16 or bf16 tokens x, all in one launch (``nibble_serves`` for each);
     ``bias``: the members' biases end to end, or None. Returns views of one output buffer, in the members' order."""
-    out = nibble_group_plan(x, members, bias, bits, in_features, tile, multiprocessors, pdl)(x)
+    out = nibble_group_plan(x, members, bias, bits, in_features, tile, multiprocessors, pdl, rotation)(x)
     return list(out.split([codebooks.shape[0] for _, codebooks, _ in members], dim=-1))

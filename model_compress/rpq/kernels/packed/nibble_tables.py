@@ -34,6 +34,7 @@ from ..triton.common import (_cdiv, _rows, _store_tile, _tile_rows, _wait_for_in
                              tile_counters)
 from ..launch.direct_launch import DirectLaunch
 from .linear import input_split, plan_input
+from .rotate import _sign_matrix, rotated_slice, signs_are_packed
 
 
 def _lookup_four(tables: list[str], high: str | None) -> str:
@@ -166,14 +167,17 @@ def _values(words, top, t0, t1, t2, t3, t4, t5, t6, t7, BITS: tl.constexpr):
 
 
 @triton.jit
-def _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_n, mask_n, words_per_row, chunk_words, BITS: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, X_FP16: tl.constexpr, PDL: tl.constexpr):
+def _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, signs_ptr, hadamard_ptr, rotation_scale, offs_n, mask_n,
+              words_per_row, chunk_words, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+              X_FP16: tl.constexpr, PDL: tl.constexpr, ROTATE: tl.constexpr, PACKED_SIGNS: tl.constexpr):
     """One token: rows ``offs_n`` of W' x over this program's slice of the inputs (grid axis 2), float32. fp16 tokens
     multiply in fp16 pairs inside the lookup (``_times_x``); bf16 ones take the looked-up values to float32 and
     multiply there (bf16 has no pair arithmetic that keeps the eight-product sum exact enough).
 
     The tables and each step's code words are loaded one step ahead of the token: under programmatic dependent launch
-    (``PDL``) the first step's weights arrive while the kernel before, which writes x, still runs."""
+    (``PDL``) the first step's weights arrive while the kernel before, which writes x, still runs. ``ROTATE`` (a
+    Hadamard block of ``ROTATE`` inputs, dividing 8 BLOCK_W by 16 or more): x is the layer's input before its rotation
+    and each step's slice is rotated as it is loaded (``rotated_slice``), so no launch writes x R first."""
     words_per_row = tl.multiple_of(words_per_row, 4)  # nibble_serves: in_features % 32 == 0
     chunk_words = tl.multiple_of(chunk_words, BLOCK_W)  # input_split hands out whole BLOCK_K slices
     rows = tl.where(mask_n, offs_n, 0)
@@ -193,17 +197,34 @@ def _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_n, mask_n, words
     for step in range(0, chunk_words, BLOCK_W):
         offs_w = w_begin + step + tl.arange(0, BLOCK_W)
         mask_w = offs_w < w_end
-        if X_FP16:
+        offs_k = (w_begin + step) * 8 + tl.arange(0, BLOCK_W * 8)
+        if ROTATE:
+            x = rotated_slice(x_ptr, signs_ptr, hadamard_ptr, offs_k, offs_k < w_end * 8, rotation_scale, ROTATE, BLOCK_W * 8,
+                              PACKED_SIGNS)
+            if X_FP16:
+                x_low, x_high = _as_pairs(x, BLOCK_W)
+                acc += _times_x(words, top, t0, t1, t2, t3, t4, t5, t6, t7, x_low[None, :], x_high[None, :], BITS)
+            else:
+                acc += _values(words, top, t0, t1, t2, t3, t4, t5, t6, t7, BITS).to(tl.float32) * x.to(tl.float32)[None, :]
+        elif X_FP16:
             x_low = tl.load(x_pairs + 2 * offs_w, mask=mask_w, other=0)[None, :]
             x_high = tl.load(x_pairs + 2 * offs_w + 1, mask=mask_w, other=0)[None, :]
             acc += _times_x(words, top, t0, t1, t2, t3, t4, t5, t6, t7, x_low, x_high, BITS)
         else:
-            offs_k = (w_begin + step) * 8 + tl.arange(0, BLOCK_W * 8)
             x = tl.load(x_ptr + offs_k, mask=offs_k < w_end * 8, other=0.0).to(tl.float32)
             acc += _values(words, top, t0, t1, t2, t3, t4, t5, t6, t7, BITS).to(tl.float32) * x[None, :]
         next_w = offs_w + BLOCK_W  # the next step's words (none past the slice: masked)
         words, top = _code_words(nibbles, tops, next_w, mask_n[:, None] & (next_w < w_end)[None, :], BITS)
     return tl.sum(acc, axis=1) * scale
+
+
+@triton.jit
+def _as_pairs(x, BLOCK_W: tl.constexpr):
+    """fp16 x[8 j .. 8 j + 3] and x[8 j + 4 .. 8 j + 7] as 64-bit words (the layout ``_times_x`` loads), j < BLOCK_W."""
+    halves = x.to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
+    quads = tl.reshape(halves, (BLOCK_W * 2, 4))
+    packed = tl.sum(quads << (tl.arange(0, 4).to(tl.int64) * 16)[None, :], axis=1)  # disjoint bit fields: the sum is an or
+    return tl.split(tl.reshape(packed, (BLOCK_W, 2)))
 
 
 @triton.jit
@@ -224,6 +245,9 @@ def _nibble_gemv_kernel(
     out_ptr,
     partial_ptr,
     counter_ptr,
+    signs_ptr,
+    hadamard_ptr,
+    rotation_scale,
     out_features,
     words_per_row,
     split_k,
@@ -235,11 +259,13 @@ def _nibble_gemv_kernel(
     SPLIT: tl.constexpr,
     X_FP16: tl.constexpr,
     PDL: tl.constexpr,
+    ROTATE: tl.constexpr,
+    PACKED_SIGNS: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # the grid is (tiles, 1, split), as _store_tile expects
     mask_n = offs_n < out_features
-    sums = _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_n, mask_n, words_per_row, chunk_words, BITS, BLOCK_N,
-                     BLOCK_W, X_FP16, PDL)
+    sums = _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, signs_ptr, hadamard_ptr, rotation_scale, offs_n, mask_n,
+                     words_per_row, chunk_words, BITS, BLOCK_N, BLOCK_W, X_FP16, PDL, ROTATE, PACKED_SIGNS)
     one = tl.arange(0, 1)
     _store_tile(sums[None, :], partial_ptr, counter_ptr, bias_ptr, out_ptr, one, offs_n, one < 1, mask_n, 1, out_features,
                 out_features, split_k, HAS_BIAS, SPLIT, 1, BLOCK_N)
@@ -372,11 +398,20 @@ def nibble_decode_weight(codes: Tensor, codebooks: Tensor, scales: Tensor, bits:
     return nibble_decode_plan(codes, codebooks, scales, bits, in_features, dtype)()
 
 
+def rotates_in_load(tokens: int, block: int, tile: PackedTile) -> bool:
+    """Whether the one-token kernels can rotate x as they load it: one token, and each step's slice of ``tile.block_k``
+    inputs whole Hadamard blocks of ``block``, 16 or more of them (tensor cores multiply 16 rows or more)."""
+    return tokens == 1 and tile.block_m == 1 and block >= 16 and tile.block_k % block == 0 and tile.block_k // block >= 16
+
+
 def nibble_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None, bits: int,
-                       in_features: int, tile: PackedTile, multiprocessors: int, pdl: bool = False) -> Callable[[Tensor], Tensor]:
+                       in_features: int, tile: PackedTile, multiprocessors: int, pdl: bool = False,
+                       rotation: tuple[Tensor, int] | None = None) -> Callable[[Tensor], Tensor]:
     """x W'^T + b (``nibble_serves``) as a call for inputs shaped, strided, typed and aligned like ``x``: one token on
     the GEMV, more on tensor cores; ``tile.block_k`` counts codes. Shapes, split and grid are worked out here, once.
-    ``pdl``: launched as a programmatic dependent (``programmatic_launch_supported``), its weights read early."""
+    ``pdl``: launched as a programmatic dependent (``programmatic_launch_supported``), its weights read early.
+    ``rotation``: (signs, block) where x is the input before the layer's rotation, which the kernel then applies as it
+    loads x (``rotates_in_load`` must hold; the signs as ``rotate`` takes them)."""
     out_features = codebooks.shape[0]
     given = plan_input(x, in_features, out_features)
     if not given.tokens:
@@ -388,14 +423,17 @@ def nibble_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tens
     counter = tile_counters(tiles_n * tiles_m, given.device) if split > 1 else None
     constants = dict(BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=tile.block_n, BLOCK_W=block_w, SPLIT=split > 1, PDL=pdl,
                      num_warps=tile.num_warps, num_stages=tile.num_stages, launch_pdl=pdl)
+    if rotation is not None and not rotates_in_load(tokens, rotation[1], tile):
+        raise ValueError(f"a {tile.describe()} launch of {tokens} tokens cannot rotate in blocks of {rotation[1]} as it loads x")
     if tokens == 1 and tile.block_m == 1:
-        gemv = DirectLaunch(_nibble_gemv_kernel, (tiles_n, 1, split), X_FP16=given.dtype == torch.float16, **constants)
+        signs, hadamard, rotation_scale, in_load = _in_load_rotation(rotation, in_features, given.device, given.dtype, codes)
+        gemv = DirectLaunch(_nibble_gemv_kernel, (tiles_n, 1, split), X_FP16=given.dtype == torch.float16, **in_load, **constants)
 
         def run(x: Tensor) -> Tensor:
             out = given.output()
             partial, counters = split_scratch(out, split, counter)
             gemv(x if as_rows else _rows(x, in_features), codes, codebooks, scales, out if bias is None else bias, out, partial,
-                 counters, out_features, words_per_row, split, chunk // 8)
+                 counters, signs, hadamard, rotation_scale, out_features, words_per_row, split, chunk // 8)
             return out
 
         return run
@@ -411,7 +449,20 @@ def nibble_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tens
     return run_tokens
 
 
+def _in_load_rotation(rotation: tuple[Tensor, int] | None, width: int, device: torch.device, dtype: torch.dtype,
+                      stand_in: Tensor) -> tuple[Tensor, Tensor, float, dict]:
+    """The signs, Hadamard matrix and scale a one-token launch passes, and its ROTATE / PACKED_SIGNS constants; with no
+    rotation, ``stand_in`` for the unread pointers."""
+    if rotation is None:
+        return stand_in, stand_in, 1.0, dict(ROTATE=0, PACKED_SIGNS=False)
+    signs, block = rotation
+    return (signs, _sign_matrix(block, device, dtype), block**-0.5,
+            dict(ROTATE=block, PACKED_SIGNS=signs_are_packed(signs, width)))
+
+
 def nibble_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None, bits: int,
-                  in_features: int, tile: PackedTile, multiprocessors: int, pdl: bool = False) -> Tensor:
-    """x W'^T + b (``nibble_serves``): one token on the GEMV, more on tensor cores; ``tile.block_k`` counts codes."""
-    return nibble_linear_plan(x, codes, codebooks, scales, bias, bits, in_features, tile, multiprocessors, pdl)(x)
+                  in_features: int, tile: PackedTile, multiprocessors: int, pdl: bool = False,
+                  rotation: tuple[Tensor, int] | None = None) -> Tensor:
+    """x W'^T + b (``nibble_serves``): one token on the GEMV, more on tensor cores; ``tile.block_k`` counts codes.
+    ``rotation``: as ``nibble_linear_plan``."""
+    return nibble_linear_plan(x, codes, codebooks, scales, bias, bits, in_features, tile, multiprocessors, pdl, rotation)(x)

@@ -34,6 +34,19 @@ def load_signs(signs_ptr, offs, mask, PACKED: tl.constexpr):
     return tl.load(signs_ptr + offs, mask=mask, other=0).to(tl.float32)
 
 
+@triton.jit
+def rotated_slice(x_ptr, signs_ptr, hadamard_ptr, offs, mask, scale, BLOCK: tl.constexpr, WIDTH: tl.constexpr,
+                  PACKED_SIGNS: tl.constexpr):
+    """x R over ``offs`` (WIDTH inputs, whole blocks of BLOCK, 16 or more of them), in x's dtype, for a kernel that
+    rotates its input as it loads it: the same arithmetic as ``_rotate_kernel``, so the same values it would write."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    signs = load_signs(signs_ptr, offs, mask, PACKED_SIGNS).to(x.dtype)
+    inner = tl.arange(0, BLOCK)
+    hadamard = tl.load(hadamard_ptr + inner[:, None] * BLOCK + inner[None, :])
+    rotated = tl.dot(tl.reshape(x * signs, (WIDTH // BLOCK, BLOCK)), hadamard) * scale
+    return tl.reshape(rotated, (WIDTH,)).to(x.dtype)
+
+
 def signs_are_packed(signs: Tensor, width: int) -> bool:
     """Whether ``signs`` are the stored bits (uint8, width / 8) rather than +-1 values (width, int8 or a float dtype);
     anything else is refused."""
