@@ -28,7 +28,7 @@ def test_the_first_member_called_computes_all_and_each_gets_its_own(monkeypatch)
     group = PackedGroup([attention.q_proj, attention.k_proj, attention.v_proj])
     calls = []
 
-    def plan(x, members, bias, bits, in_features):
+    def plan(x, members, bias, bits, in_features, rotation=None):
         calls.append(len(members))
         return lambda x: [torch.full((1, codebooks.shape[0]), float(i)) for i, (_, codebooks, _) in enumerate(members)]
 
@@ -47,4 +47,18 @@ def test_a_grouped_model_computes_what_each_layer_computes_alone_where_the_launc
         alone = model(ids).logits
         counts = apply_fusions(model)
         assert counts["packed_group"] == 2 * len(model.model.layers)
+        torch.testing.assert_close(model(ids).logits, alone)
+
+
+def test_siblings_behind_an_unfused_norm_compute_what_they_compute_alone():
+    """With the norm left unfused, siblings get x before the rotation: they try the launch that rotates as it loads x
+    (none on the CPU), then rotate it once and share it; the logits stay those of each layer alone."""
+    from model_compress.rpq.kernels.config import options
+
+    model = rotated_llama()
+    ids = torch.randint(0, model.config.vocab_size, (1, 1))
+    with torch.no_grad():
+        alone = model(ids).logits
+        with options.using(fused_norm=False):
+            apply_fusions(model)
         torch.testing.assert_close(model(ids).logits, alone)

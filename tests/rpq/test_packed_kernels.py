@@ -490,3 +490,29 @@ def test_a_rotated_layer_at_one_token_rotates_in_its_kernel_and_computes_what_tw
         for _ in range(2):  # the per-call path, then the kept plan
             assert torch.equal(layer(x), layer.forward_rotated(layer.rotate_alone(x)))
     assert rel_error(layer(x).detach(), x.double() @ layer.dequantize().double().T + layer.bias.double()) < BOUNDS[torch.float16]
+
+
+def test_siblings_behind_an_unfused_norm_rotate_in_their_launch_on_cuda(monkeypatch):
+    """Without the fused norm q/k/v and gate/up get x before the rotation: at one token their one launch rotates it as
+    it loads it, and the logits are those of the fused model (its prologue writes the same x R, up to the norm's
+    own rounding)."""
+    from model_compress.rpq.fusions import apply_fusions
+
+    fused, unfused = rotated_llama(), rotated_llama()
+    unfused.load_state_dict(fused.state_dict())
+    apply_fusions(fused)
+    with options.using(fused_norm=False):
+        apply_fusions(unfused)
+    fused.to(CUDA, torch.float16)
+    unfused.to(CUDA, torch.float16)
+    rotations = []
+    original = packed.nibble_group_plan
+    monkeypatch.setattr(packed, "nibble_group_plan", lambda *a, **k: rotations.append(a[-1] if len(a) > 8 else k.get("rotation"))
+                        or original(*a, **k))
+    ids = torch.randint(0, fused.config.vocab_size, (1, 1), device=CUDA)
+    with torch.no_grad():
+        expected = fused(ids).logits.float()
+        rotations.clear()
+        got = unfused(ids).logits.float()
+    assert len(rotations) == 2 * len(unfused.model.layers) and all(r is not None for r in rotations)
+    assert rel_error(got, expected) < 1e-2

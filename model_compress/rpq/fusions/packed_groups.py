@@ -30,37 +30,57 @@ class PackedGroup:
     def __init__(self, members: list[RPQLinear]) -> None:
         self.members = members
         self.once = OncePerInput(self._outputs, len(members))
+        self.once_rotating = OncePerInput(self._rotating_outputs, len(members))
         self._bias: tuple[tuple, Tensor | None] | None = None
 
     def output(self, member: RPQLinear, rotated: Tensor) -> Tensor | None:
         outputs = self.once(rotated)
         return None if outputs is None else outputs[self.members.index(member)]
 
+    def output_rotating(self, member: RPQLinear, x: Tensor) -> Tensor | None:
+        """The member's output from x before the members' common rotation, in one launch that rotates x as it loads it
+        (one token on CUDA); None where that does not apply (the members then rotate x once and call ``output``)."""
+        outputs = self.once_rotating(x)
+        return None if outputs is None else outputs[self.members.index(member)]
+
     def _outputs(self, rotated: Tensor) -> list[Tensor] | tuple[Tensor, ...] | None:
         if torch.compiler.is_compiling():
             return self._traced_outputs(rotated)
-        if plans.usable():  # the launch kept per input signature (and bias state: a trained bias is joined again)
-            key = (*input_signature(rotated), *self._bias_key())
-            plan = plans_of(self).get(key, lambda: self._group_plan(rotated))
-        else:
-            plan = self._group_plan(rotated)
-        return None if plan is None else plan(rotated)
+        return self._planned(rotated, None)
 
-    def _traced_outputs(self, rotated: Tensor) -> list[Tensor] | None:
-        """Under ``torch.compile``: for up to ``NIBBLE_GROUP_TOKENS`` tokens, one custom op for every member (its biases
-        added in the graph, where the compiler fuses each add into the member's reader); a prompt, None."""
+    def _rotating_outputs(self, x: Tensor) -> list[Tensor] | tuple[Tensor, ...] | None:
         first = self.members[0]
-        if rotated.numel() > NIBBLE_GROUP_TOKENS * first.in_features:
+        if torch.compiler.is_compiling():
+            return self._traced_outputs(x, rotating=True) if x.numel() == first.in_features else None
+        return self._planned(x, (first.rotation_signs, first.rotation_block))
+
+    def _planned(self, x: Tensor, rotation: tuple[Tensor, int] | None) -> tuple[Tensor, ...] | None:
+        """The launch kept per input signature, rotation and bias state (a trained bias is joined again)."""
+        if plans.usable():
+            key = (rotation is not None, *input_signature(x), *self._bias_key())
+            plan = plans_of(self).get(key, lambda: self._group_plan(x, rotation))
+        else:
+            plan = self._group_plan(x, rotation)
+        return None if plan is None else plan(x)
+
+    def _traced_outputs(self, x: Tensor, rotating: bool = False) -> list[Tensor] | None:
+        """Under ``torch.compile``: for up to ``NIBBLE_GROUP_TOKENS`` tokens, one custom op for every member (its biases
+        added in the graph, where the compiler fuses each add into the member's reader); a prompt, None. ``rotating``:
+        x comes before the members' rotation, which the op applies."""
+        first = self.members[0]
+        if x.numel() > NIBBLE_GROUP_TOKENS * first.in_features:
             return None
-        joined = packed_ops.linear_group(rotated, [m.indices for m in self.members], [m.codebooks for m in self.members],
-                                         [m.codebook_scales for m in self.members], first.code_bits, first.in_features)
+        signs, block = (first.rotation_signs, first.rotation_block) if rotating else (None, 0)
+        joined = packed_ops.linear_group(x, [m.indices for m in self.members], [m.codebooks for m in self.members],
+                                         [m.codebook_scales for m in self.members], first.code_bits, first.in_features, signs,
+                                         block)
         outputs = joined.split([m.out_features for m in self.members], dim=-1)
         return [out if m.bias is None else out + m.bias for out, m in zip(outputs, self.members)]
 
-    def _group_plan(self, rotated: Tensor) -> Callable[[Tensor], tuple[Tensor, ...]] | None:
+    def _group_plan(self, x: Tensor, rotation: tuple[Tensor, int] | None) -> Callable[[Tensor], tuple[Tensor, ...]] | None:
         first = self.members[0]
         members = [(m.indices, m.codebooks, m.codebook_scales) for m in self.members]
-        return packed_forward.linear_group_plan(rotated, members, self._joined_bias(), first.code_bits, first.in_features)
+        return packed_forward.linear_group_plan(x, members, self._joined_bias(), first.code_bits, first.in_features, rotation)
 
     def _bias_key(self) -> tuple:
         """Where the members' biases are and how often they were written: () without biases."""

@@ -8,7 +8,8 @@ and its consumers take that tensor as it comes (any other tensor they are called
 direct call stays correct); the MLP forms (silu(gate) * up) R in one launch and hands it to
 down_proj. On the CPU the same happens with the torch forms (the norm's own forward, then the rotation), so every
 device computes the same function. Under ``torch.compile`` the norm stays the model's own (the compiler fuses it with
-the residual add beside it) and one custom op writes its x R for all readers; the gate is one custom op. The
+the residual add beside it) and one custom op writes its x R for all readers, except at one token where the readers'
+launches rotate it as they load it (``RPQLinear.rotates_in_load``); the gate is one custom op. The
 model's final norm is left alone: its output is the hidden state users read. Nothing is saved with the model. The
 ``fused_norm`` and ``fused_glu`` options switch these off too.
 """
@@ -86,7 +87,9 @@ def _rotated_norm_forward(own_forward: Callable[[Tensor], Tensor], spec, bias: T
     if any(reader.decoded is not None for reader in readers):  # decoded weights take the plain input
         return own_forward(x)
     first = readers[0]
-    if torch.compiler.is_compiling():  # the norm as the model writes it (fused with what the compiler puts beside it), one x R
+    if torch.compiler.is_compiling():  # the norm as the model writes it (fused with what the compiler puts beside it)
+        if x.numel() == spec.weight.numel() and all(reader.rotates_in_load() for reader in readers):
+            return own_forward(x)  # one token: the readers' launches rotate it as they load it
         return written.mark(packed_ops.rotate(own_forward(x), first.rotation_signs, first.rotation_block))
     if plans.usable():
         run = plans_of(written).get(input_signature(x), lambda: packed_forward.norm_rotate_plan(

@@ -191,38 +191,47 @@ def linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, b
 
 
 def joined_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | None]], bias: Tensor | None, bits: int,
-                      in_features: int) -> Callable[[Tensor], Tensor] | None:
+                      in_features: int, rotation: tuple[Tensor, int] | None = None) -> Callable[[Tensor], Tensor] | None:
     """Each member's (codes, codebooks, scales) times tokens like ``x`` in one launch, plus ``bias`` (the members'
     biases end to end), the outputs side by side in one tensor; None where that launch does not apply (not 1 to
     ``NIBBLE_GROUP_TOKENS`` fp16 or bf16 tokens on CUDA, a member the byte-permute kernels do not read), and the members
-    then compute alone."""
+    then compute alone. ``rotation`` (signs, block): x comes before the members' common rotation, which the launch
+    applies as it loads x (one token; None where it cannot)."""
     tokens = x.numel() // in_features
     if not NIBBLE_GROUPS or bits not in NIBBLE_ROUTED_BITS or not 1 <= tokens <= NIBBLE_GROUP_TOKENS or not _routed_dtype(x):
         return None
     kernels = packed_kernels(x, bias, *[t for member in members for t in member])
     if kernels is None or not all(kernels.nibble_serves(x, c, b, s, bits, in_features) for c, b, s in members):
         return None
-    return kernels.nibble_group_plan(x, members, bias, bits, in_features, packed_tile(tokens, NIBBLE_ROUTES),
-                                     multiprocessors(x.device), programmatic(kernels, x.device))
+    tile = packed_tile(tokens, NIBBLE_ROUTES)
+    if rotation is not None and not kernels.rotates_in_load(tokens, rotation[1], tile):
+        return None
+    return kernels.nibble_group_plan(x, members, bias, bits, in_features, tile, multiprocessors(x.device),
+                                     programmatic(kernels, x.device), rotation)
 
 
 def linear_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | None]], bias: Tensor | None, bits: int,
-                      in_features: int) -> Callable[[Tensor], tuple[Tensor, ...]] | None:
+                      in_features: int, rotation: tuple[Tensor, int] | None = None) -> Callable[[Tensor], tuple[Tensor, ...]] | None:
     """``joined_group_plan`` handing back each member's output (views of the one tensor), or None."""
-    joined = joined_group_plan(x, members, bias, bits, in_features)
+    joined = joined_group_plan(x, members, bias, bits, in_features, rotation)
     if joined is None:
         return None
     widths = [codebooks.shape[0] * codebooks.shape[2] for _, codebooks, _ in members]
     return lambda x: joined(x).split(widths, dim=-1)
 
 
-def linear_group_joined(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | None]], bits: int, in_features: int) -> Tensor:
+def linear_group_joined(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | None]], bits: int, in_features: int,
+                        signs: Tensor | None = None, block: int = 0) -> Tensor:
     """The members' outputs (no bias) side by side in one tensor: one launch where ``joined_group_plan`` applies, else
     each member alone. What a compiled graph calls for siblings (``packed_ops.linear_group``) on up to
-    ``NIBBLE_GROUP_TOKENS`` tokens."""
-    joined = joined_group_plan(x, members, None, bits, in_features)
+    ``NIBBLE_GROUP_TOKENS`` tokens. ``signs`` and ``block``: x comes before the members' common rotation (rotated in the
+    launch's load at one token, else first)."""
+    rotation = None if signs is None else (signs, block)
+    joined = joined_group_plan(x, members, None, bits, in_features, rotation)
     if joined is not None:
         return joined(x)
+    if rotation is not None:
+        return linear_group_joined(rotate(x, signs, block), members, bits, in_features)
     return torch.cat([linear(x, codes, codebooks, scales, None, bits, in_features) for codes, codebooks, scales in members], -1)
 
 

@@ -45,14 +45,15 @@ def _rotating_linear_shape(x, codes, codebooks, scales, bias, bits, in_features,
 
 @torch.library.custom_op("model_compress::packed_linear_group", mutates_args=())
 def linear_group(x: Tensor, codes: List[Tensor], codebooks: List[Tensor], scales: List[Optional[Tensor]], bits: int,
-                 in_features: int) -> Tensor:
+                 in_features: int, signs: Optional[Tensor] = None, block: int = 0) -> Tensor:
     """``packed_forward.linear_group_joined``: sibling layers on one input, their outputs side by side (no bias: a
-    traced graph adds each member's, where the compiler fuses the add into what reads it)."""
-    return packed_forward.linear_group_joined(x, list(zip(codes, codebooks, scales)), bits, in_features)
+    traced graph adds each member's, where the compiler fuses the add into what reads it). ``signs`` and ``block``: x
+    before the members' common rotation, which one token's launch applies as it loads x."""
+    return packed_forward.linear_group_joined(x, list(zip(codes, codebooks, scales)), bits, in_features, signs, block)
 
 
 @linear_group.register_fake
-def _linear_group_shape(x, codes, codebooks, scales, bits, in_features):
+def _linear_group_shape(x, codes, codebooks, scales, bits, in_features, signs=None, block=0):
     return x.new_empty((*x.shape[:-1], sum(books.shape[0] * books.shape[2] for books in codebooks)))
 
 

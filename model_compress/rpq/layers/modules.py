@@ -27,6 +27,7 @@ from .direct_reads import own_forward_sources
 from ..kernels import forward as kernels
 from ..kernels import packed_forward, packed_ops, plans
 from ..kernels import rotation
+from ..kernels.config.packed_routes import one_token_rotates_in_load
 from ..kernels.plans import input_signature, plans_of
 from ..kernels.layout import (
     CODEBOOK_DTYPES, EMBEDDING, INT8, LINEAR, code_bins, code_bits, codebook_values, decode, dtype_name, packed_width, unpack_codes,
@@ -120,34 +121,24 @@ class _Codes:
         Behind a norm that writes x R itself (``fusions.rotated_inputs``), the tensor it wrote passes as it is.
         """
         given = self._given_rotated(x)
-        return self.rotate_alone(x) if given is None else given
+        return self._rotate_here(x) if given is None else given
 
     def _given_rotated(self, x: Tensor) -> Tensor | None:
-        """x R where it is at hand without this layer's own rotation: x itself without a rotation or where a fused norm
-        wrote it, or the rotation siblings share; None where this layer rotates x alone."""
+        """x R where it needs no rotation here: x itself without a rotation or where a fused norm wrote it; else None."""
         if self.rotation_block is None:
             return x
         written = self.__dict__.get("_rotated_by")
-        if written is not None and written.holds(x):
-            return x
-        shared = self.__dict__.get("_shared_rotation")  # fusions.shared_rotation: q/k/v rotate their input once
-        return shared(x) if shared is not None else None
+        return x if written is not None and written.holds(x) else None
 
-    def _rotating_forward(self, x: Tensor) -> Tensor | None:
-        """The layer on its input before the rotation, in one launch that rotates x as it loads it (one token on
-        CUDA: ``packed_forward.rotating_linear_plan``); None where that does not apply."""
-        if torch.compiler.is_compiling():
-            if x.numel() != self.in_features:
-                return None
-            return packed_ops.rotating_linear(x, self.indices, self.codebooks, self.codebook_scales, self.bias, self.code_bits,
-                                              self.in_features, self.rotation_signs, self.rotation_block)
-        arguments = (x, self.indices, self.codebooks, self.codebook_scales, self.bias, self.code_bits, self.in_features,
-                     self.rotation_signs, self.rotation_block)
-        if plans.usable():
-            plan = plans_of(self).get(("rotating", *input_signature(x)), lambda: packed_forward.rotating_linear_plan(*arguments))
-        else:
-            plan = packed_forward.rotating_linear_plan(*arguments)
-        return None if plan is None else plan(x)
+    def _rotate_here(self, x: Tensor) -> Tensor:
+        """x R made for this layer: once for siblings that share the rotation (``fusions.shared_rotation``), else alone."""
+        shared = self.__dict__.get("_shared_rotation")
+        return shared(x) if shared is not None else self.rotate_alone(x)
+
+    def rotates_in_load(self) -> bool:
+        """Whether on CUDA this layer's one-token launch rotates its input as it loads it (its format and block)."""
+        return one_token_rotates_in_load(self.codebooks.shape[2], self.codebook_size, self.codebook_dtype,
+                                         self.in_features, self.rotation_block)
 
     def rotate_alone(self, x: Tensor) -> Tensor:
         """x R with this layer's own signs (one Triton launch on CUDA)."""
@@ -294,11 +285,11 @@ class RPQLinear(_Codes, nn.Module):
             return _decoded_product(x if norm is None else norm.norm.normalized(x), self.decoded, self.bias)
         if not self.native:
             rotated = self._given_rotated(x)
-            if rotated is None:  # this layer rotates x itself: where it can, as its kernel loads x
+            if rotated is None:  # x R is made here: where it can, by the kernel as it loads x
                 out = self._rotating_forward(x)
                 if out is not None:
                     return out
-                rotated = self.rotate_alone(x)
+                rotated = self._rotate_here(x)
             group = self.__dict__.get("_packed_group")  # fusions.packed_groups: q/k/v in one launch at one token
             out = None if group is None else group.output(self, rotated)
             return self.forward_rotated(rotated) if out is None else out
@@ -309,6 +300,25 @@ class RPQLinear(_Codes, nn.Module):
                 return out
         norm = self.__dict__.get("_normed_input")  # fused_norm.NormedInput: x is the input of the norm before us
         return kernels.linear_forward(x, self.codebooks, self.indices, self.bias, self.code_bins, norm, self._route_store())
+
+    def _rotating_forward(self, x: Tensor) -> Tensor | None:
+        """The layer on its input before the rotation, in one launch that rotates x as it loads it (one token on
+        CUDA: ``packed_forward.rotating_linear_plan``, or the siblings' launch); None where that does not apply."""
+        group = self.__dict__.get("_packed_group")
+        if group is not None:
+            return group.output_rotating(self, x)
+        if torch.compiler.is_compiling():
+            if x.numel() != self.in_features:
+                return None
+            return packed_ops.rotating_linear(x, self.indices, self.codebooks, self.codebook_scales, self.bias, self.code_bits,
+                                              self.in_features, self.rotation_signs, self.rotation_block)
+        arguments = (x, self.indices, self.codebooks, self.codebook_scales, self.bias, self.code_bits, self.in_features,
+                     self.rotation_signs, self.rotation_block)
+        if plans.usable():
+            plan = plans_of(self).get(("rotating", *input_signature(x)), lambda: packed_forward.rotating_linear_plan(*arguments))
+        else:
+            plan = packed_forward.rotating_linear_plan(*arguments)
+        return None if plan is None else plan(x)
 
     def forward_rotated(self, x: Tensor) -> Tensor:
         """The layer on an input already in its rotated basis (x R), for the packed forms: what a fused prologue feeds.

@@ -65,6 +65,19 @@ NIBBLE_ROUTES: tuple[tuple[int, PackedTile], ...] = (
     (64, PackedTile(64, 64, 128, num_warps=4, num_stages=2, max_split=16, programs_per_sm=4)),
 )
 NIBBLE_GROUP_TOKENS = NIBBLE_ROUTES[-1][0]
+
+
+def rotates_in_load(tokens: int, block: int, tile: PackedTile) -> bool:
+    """Whether the one-token kernels can rotate x as they load it: one token, and each step's slice of ``tile.block_k``
+    inputs whole Hadamard blocks of ``block``, 16 or more of them (tensor cores multiply 16 rows or more)."""
+    return tokens == 1 and tile.block_m == 1 and block >= 16 and tile.block_k % block == 0 and tile.block_k // block >= 16
+
+
+def one_token_rotates_in_load(piece: int, codebook_size: int, codebook_dtype: str, columns: int, block: int | None) -> bool:
+    """Whether a rotated Linear stored this way rotates its input inside its one-token launch on CUDA (the byte-permute
+    GEMV and its sibling launch): what a traced graph relies on to leave the rotation out of the norm before it."""
+    return (block is not None and byte_permute_format(piece, codebook_size, codebook_dtype, columns)
+            and rotates_in_load(1, block, NIBBLE_ROUTES[0][1]))
 # Prompts (more tokens than NIBBLE_ROUTES' last bound) through the same formats, fp16 or bf16: on tensor cores with W'
 # looked up in registers as the product's left operand (``packed/nibble_prompts.py``, one launch), or W' decoded into a
 # temporary for cuBLAS (two launches and a temporary of the layer's size). Measured on an H100 (benchmarks/RESULTS.md):

@@ -26,10 +26,11 @@ from .linear import packed_linear, packed_linear_plan
 from .nibble_groups import nibble_group_gemv, nibble_group_plan
 from .nibble_prompts import nibble_prompt_linear, nibble_prompt_plan, nibble_prompt_serves
 from .nibble_tables import (nibble_decode_plan, nibble_decode_serves, nibble_decode_weight, nibble_linear, nibble_linear_plan,
-                            nibble_serves, rotates_in_load)
+                            nibble_serves)
 from .prologue import gated_silu_rotate, gated_silu_rotate_plan, norm_rotate, norm_rotate_plan
 from .rotate import rotate, rotate_plan, unrotate
 from ..triton.common import programmatic_launch_supported
+from ..config.packed_routes import rotates_in_load
 
 __all__ = ["decode_linear_plan", "decode_linear_weight", "decode_plan", "decode_table_rows", "gated_silu_rotate", "gated_silu_rotate_plan",
            "nibble_decode_plan", "nibble_decode_serves", "nibble_decode_weight", "nibble_group_gemv", "nibble_group_plan",

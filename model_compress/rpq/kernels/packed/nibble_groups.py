@@ -16,11 +16,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..config.packed_routes import PackedTile
+from ..config.packed_routes import PackedTile, rotates_in_load
 from ..triton.common import _cdiv, _rows, _store_tile, split_scratch, tile_counters
 from ..launch.direct_launch import DirectLaunch
 from .linear import input_split
-from .nibble_tables import _in_load_rotation, _row_sums, _tile_sums, rotates_in_load
+from .nibble_tables import _in_load_rotation, _row_sums, _tile_sums
 
 
 @triton.jit

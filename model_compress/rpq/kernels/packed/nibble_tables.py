@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..config.packed_routes import PackedTile
+from ..config.packed_routes import PackedTile, rotates_in_load
 from ..triton.common import (_cdiv, _rows, _store_tile, _tile_rows, _wait_for_inputs, split_scratch,
                              tile_counters)
 from ..launch.direct_launch import DirectLaunch
@@ -396,12 +396,6 @@ def nibble_decode_weight(codes: Tensor, codebooks: Tensor, scales: Tensor, bits:
                          dtype: torch.dtype) -> Tensor:
     """W' (out, in) in ``dtype``, a new temporary (``nibble_decode_serves``)."""
     return nibble_decode_plan(codes, codebooks, scales, bits, in_features, dtype)()
-
-
-def rotates_in_load(tokens: int, block: int, tile: PackedTile) -> bool:
-    """Whether the one-token kernels can rotate x as they load it: one token, and each step's slice of ``tile.block_k``
-    inputs whole Hadamard blocks of ``block``, 16 or more of them (tensor cores multiply 16 rows or more)."""
-    return tokens == 1 and tile.block_m == 1 and block >= 16 and tile.block_k % block == 0 and tile.block_k // block >= 16
 
 
 def nibble_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None, bits: int,
