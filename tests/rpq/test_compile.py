@@ -79,14 +79,15 @@ def _custom_ops_per_block(model: torch.nn.Module, ids: torch.Tensor) -> tuple[Co
 
 def test_a_compiled_decode_step_keeps_the_eager_fusions():
     """At one token a traced block launches fewer kernels than eager decoding: q/k/v and gate/up one op each, which
-    rotate x as they load it (so do o_proj's), so no rotation op is left; the SiLU gate writes down_proj's x R; the
-    signs go to the ops as stored, so nothing is unpacked on every step. A few tokens (a batch decoding, a short prompt) the same, the group ops serving up to
+    rotate x as they load it (so do o_proj's), so no rotation op is left; down_proj's op forms its input from the SiLU
+    gate and rotates it as it loads it; the signs go to the ops as stored, so nothing is unpacked on every step: four
+    launches of the package per block. A few tokens (a batch decoding, a short prompt) the same, the group ops serving up to
     ``NIBBLE_GROUP_TOKENS`` tokens; a longer prompt: each layer alone, as in eager."""
     model = rotated_llama()
     apply_fusions(model)
     one = torch.randint(0, model.config.vocab_size, (1, 1))
     ops, traced = _custom_ops_per_block(model, one)
-    assert ops == {"packed_linear_group": 2, "packed_linear": 1, "packed_rotating_linear": 1, "packed_gated_silu_rotate": 1}
+    assert ops == {"packed_linear_group": 2, "packed_rotating_linear": 1, "packed_gated_rotating_linear": 1}
     assert "rshift" not in traced  # rotation.unpack_signs shifts the stored bits
     few = torch.randint(0, model.config.vocab_size, (2, 3))
     ops, _ = _custom_ops_per_block(model, few)

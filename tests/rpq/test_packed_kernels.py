@@ -516,3 +516,25 @@ def test_siblings_behind_an_unfused_norm_rotate_in_their_launch_on_cuda(monkeypa
         got = unfused(ids).logits.float()
     assert len(rotations) == 2 * len(unfused.model.layers) and all(r is not None for r in rotations)
     assert rel_error(got, expected) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("width,block", [(1536, 64), (4096, 32)])
+def test_down_proj_that_forms_its_gated_input_in_its_load_gives_the_prologue_then_multiply_values(width, block, dtype):
+    """(silu(gate) * up) R made in down_proj's own one-token launch equals the SiLU prologue's output fed to the same
+    kernel, bit for bit; gate and up as the sibling launch hands them over (views of one joined tensor)."""
+    codes, codebooks, scales, bias = packed_layer(width, 576, 1, 16, "int8", seed=width)
+    scales, bias = scales.to(dtype), bias.to(dtype)
+    signs = rotation.pack_signs(rotation.random_signs(width, block).to(CUDA))
+    joined = torch.randn(1, 1, 2 * width, device=CUDA, dtype=dtype)
+    gate, up = joined.split([width, width], dim=-1)
+    fused = packed_forward.gated_rotating_linear_plan(gate, up, codes, codebooks, scales, bias, 4, width, signs, block)
+    assert fused is not None
+    product = packed.gated_silu_rotate(gate, up, signs, block)
+    two_launches = packed_forward.linear(product, codes, codebooks, scales, bias, 4, width)
+    for _ in range(2):
+        assert torch.equal(fused(gate, up), two_launches)
+    glu = torch.nn.functional.silu(gate.double()) * up.double()
+    ref = packed_forward.linear_reference(rotation.rotate(glu, rotation.unpack_signs(signs), block).float(), codes, codebooks,
+                                          scales, bias.float(), 4, width)
+    assert rel_error(two_launches, ref) < BOUNDS[dtype]

@@ -9,7 +9,8 @@ direct call stays correct); the MLP forms (silu(gate) * up) R in one launch and 
 down_proj. On the CPU the same happens with the torch forms (the norm's own forward, then the rotation), so every
 device computes the same function. Under ``torch.compile`` the norm stays the model's own (the compiler fuses it with
 the residual add beside it) and one custom op writes its x R for all readers, except at one token where the readers'
-launches rotate it as they load it (``RPQLinear.rotates_in_load``); the gate is one custom op. The
+launches rotate it as they load it (``RPQLinear.rotates_in_load``); the gate is one custom op. At one token on CUDA the
+gate goes further: down_proj's own launch forms (silu(gate) * up) R as it loads its input, eager and compiled. The
 model's final norm is left alone: its output is the hidden state users read. Nothing is saved with the model. The
 ``fused_norm`` and ``fused_glu`` options switch these off too.
 """
@@ -118,16 +119,29 @@ def rotate_in_gated_mlps(model: nn.Module) -> int:
 
 
 def rotated_gated_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
-    """down_proj(act_fn(gate_proj(x)) * up_proj(x)) with the product and down_proj's rotation made in one step."""
+    """down_proj(act_fn(gate_proj(x)) * up_proj(x)) with the product and down_proj's rotation made in one step: at one
+    token inside down_proj's own launch, as it loads its input (``packed_forward.gated_rotating_linear_plan``), else
+    in one launch before it."""
     gate, up = mlp.gate_proj(x), mlp.up_proj(x)
     down = mlp.down_proj
     # a hook must see down's own input; a decoded down_proj takes the plain product
     if down._forward_hooks or down._forward_pre_hooks or down.decoded is not None:
         return down(mlp.act_fn(gate) * up)
+    in_load = (down.indices, down.codebooks, down.codebook_scales, down.bias, down.code_bits, down.in_features,
+               down.rotation_signs, down.rotation_block)
     if torch.compiler.is_compiling():  # one custom op, reading the stored sign bits
+        if gate.numel() == down.in_features and down.rotates_in_load():
+            return packed_ops.gated_rotating_linear(gate, up, *in_load)
         return down.forward_rotated(packed_ops.gated_silu_rotate(gate, up, down.rotation_signs, down.rotation_block))
     if plans.usable():
-        run = plans_of(down).get(("silu", *input_signature(gate), *input_signature(up)), lambda: packed_forward.gated_silu_rotate_plan(
+        signature = (*input_signature(gate), *input_signature(up))
+        fused = plans_of(down).get(("silu in load", *signature), lambda: packed_forward.gated_rotating_linear_plan(gate, up, *in_load))
+        if fused is not None:
+            return fused(gate, up)
+        run = plans_of(down).get(("silu", *signature), lambda: packed_forward.gated_silu_rotate_plan(
             gate, up, mlp.act_fn, down.signs(gate.dtype), down.rotation_block))
         return down.forward_rotated(run(gate, up))
+    fused = packed_forward.gated_rotating_linear_plan(gate, up, *in_load)
+    if fused is not None:
+        return fused(gate, up)
     return down.forward_rotated(packed_forward.gated_silu_rotate(gate, up, mlp.act_fn, down.signs(gate.dtype), down.rotation_block))

@@ -179,6 +179,33 @@ def rotating_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor 
     return linear(rotate(x, signs, block), codes, codebooks, scales, bias, bits, in_features)
 
 
+def gated_rotating_linear_plan(gate: Tensor, up: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None,
+                               bias: Tensor | None, bits: int, in_features: int, signs: Tensor,
+                               block: int) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """((silu(gate) * up) R) W'^T + b for one token like ``gate`` and ``up`` (a SiLU-gated MLP's down projection) in one
+    launch that forms the product and rotates it as it loads it: the SiLU prologue's launch saved. None where that
+    launch does not apply (as ``rotating_linear_plan``, and ``up`` not one row of unit stride)."""
+    if up.shape != gate.shape or up.stride(-1) != 1 or up.data_ptr() % 16:
+        return None
+    plan = rotating_linear_plan(gate, codes, codebooks, scales, bias, bits, in_features, signs, block)
+    if plan is None:
+        return None
+    kernels = _imported_packed_kernels()
+    return kernels.nibble_linear_plan(gate, codes, codebooks, scales, bias, bits, in_features, packed_tile(1, NIBBLE_ROUTES),
+                                      multiprocessors(gate.device), programmatic(kernels, gate.device), rotation=(signs, block),
+                                      gated=True)
+
+
+def gated_rotating_linear(gate: Tensor, up: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None,
+                          bias: Tensor | None, bits: int, in_features: int, signs: Tensor, block: int) -> Tensor:
+    """((silu(gate) * up) R) W'^T + b: one launch where ``gated_rotating_linear_plan`` applies, else the SiLU prologue's
+    launch and then the layer."""
+    plan = gated_rotating_linear_plan(gate, up, codes, codebooks, scales, bias, bits, in_features, signs, block)
+    if plan is not None:
+        return plan(gate, up)
+    return linear(gated_silu_rotate(gate, up, F.silu, signs, block), codes, codebooks, scales, bias, bits, in_features)
+
+
 def _routed_dtype(x: Tensor) -> bool:
     """Whether tokens of ``x``'s dtype go to the byte-permute kernels for 1-64 tokens (``NIBBLE_ROUTED_DTYPES``)."""
     return str(x.dtype).removeprefix("torch.") in NIBBLE_ROUTED_DTYPES

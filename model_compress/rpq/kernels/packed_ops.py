@@ -43,6 +43,19 @@ def _rotating_linear_shape(x, codes, codebooks, scales, bias, bits, in_features,
     return x.new_empty((*x.shape[:-1], codebooks.shape[0] * codebooks.shape[2]))
 
 
+@torch.library.custom_op("model_compress::packed_gated_rotating_linear", mutates_args=())
+def gated_rotating_linear(gate: Tensor, up: Tensor, codes: Tensor, codebooks: Tensor, scales: Optional[Tensor],
+                          bias: Optional[Tensor], bits: int, in_features: int, signs: Tensor, block: int) -> Tensor:
+    """``packed_forward.gated_rotating_linear``: down_proj on (silu(gate) * up) R, one launch at one token."""
+    return packed_forward.gated_rotating_linear(gate, up, codes, codebooks, scales, bias, bits, in_features, signs,
+                                                block).contiguous()
+
+
+@gated_rotating_linear.register_fake
+def _gated_rotating_linear_shape(gate, up, codes, codebooks, scales, bias, bits, in_features, signs, block):
+    return gate.new_empty((*gate.shape[:-1], codebooks.shape[0] * codebooks.shape[2]))
+
+
 @torch.library.custom_op("model_compress::packed_linear_group", mutates_args=())
 def linear_group(x: Tensor, codes: List[Tensor], codebooks: List[Tensor], scales: List[Optional[Tensor]], bits: int,
                  in_features: int, signs: Optional[Tensor] = None, block: int = 0) -> Tensor:

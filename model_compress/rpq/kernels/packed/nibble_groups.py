@@ -80,8 +80,8 @@ def _nibble_group_gemv_kernel(
         rows_b, rows_c, tiles_a, tiles_ab)
     offs_local = local * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_local < count
-    sums = _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, signs_ptr, hadamard_ptr, rotation_scale, offs_local, mask_n,
-                     words_per_row, chunk_words, BITS, BLOCK_N, BLOCK_W, X_FP16, PDL, ROTATE, PACKED_SIGNS)
+    sums = _row_sums(x_ptr, x_ptr, codes_ptr, codebooks_ptr, scales_ptr, signs_ptr, hadamard_ptr, rotation_scale, offs_local,
+                     mask_n, words_per_row, chunk_words, BITS, BLOCK_N, BLOCK_W, X_FP16, PDL, ROTATE, PACKED_SIGNS, False)
     total = rows_a + rows_b + rows_c
     one = tl.arange(0, 1)
     _store_tile(sums[None, :], partial_ptr, counter_ptr, bias_ptr, out_ptr, one, first + offs_local, one < 1, mask_n, 1, total,

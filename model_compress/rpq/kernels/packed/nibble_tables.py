@@ -34,7 +34,7 @@ from ..triton.common import (_cdiv, _rows, _store_tile, _tile_rows, _wait_for_in
                              tile_counters)
 from ..launch.direct_launch import DirectLaunch
 from .linear import input_split, plan_input
-from .rotate import _sign_matrix, rotated_slice, signs_are_packed
+from .rotate import _sign_matrix, gated_rotated_slice, rotated_slice, signs_are_packed
 
 
 def _lookup_four(tables: list[str], high: str | None) -> str:
@@ -167,9 +167,9 @@ def _values(words, top, t0, t1, t2, t3, t4, t5, t6, t7, BITS: tl.constexpr):
 
 
 @triton.jit
-def _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, signs_ptr, hadamard_ptr, rotation_scale, offs_n, mask_n,
+def _row_sums(x_ptr, up_ptr, codes_ptr, codebooks_ptr, scales_ptr, signs_ptr, hadamard_ptr, rotation_scale, offs_n, mask_n,
               words_per_row, chunk_words, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-              X_FP16: tl.constexpr, PDL: tl.constexpr, ROTATE: tl.constexpr, PACKED_SIGNS: tl.constexpr):
+              X_FP16: tl.constexpr, PDL: tl.constexpr, ROTATE: tl.constexpr, PACKED_SIGNS: tl.constexpr, GATED: tl.constexpr):
     """One token: rows ``offs_n`` of W' x over this program's slice of the inputs (grid axis 2), float32. fp16 tokens
     multiply in fp16 pairs inside the lookup (``_times_x``); bf16 ones take the looked-up values to float32 and
     multiply there (bf16 has no pair arithmetic that keeps the eight-product sum exact enough).
@@ -177,7 +177,8 @@ def _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, signs_ptr, hadamard_p
     The tables and each step's code words are loaded one step ahead of the token: under programmatic dependent launch
     (``PDL``) the first step's weights arrive while the kernel before, which writes x, still runs. ``ROTATE`` (a
     Hadamard block of ``ROTATE`` inputs, dividing 8 BLOCK_W by 16 or more): x is the layer's input before its rotation
-    and each step's slice is rotated as it is loaded (``rotated_slice``), so no launch writes x R first."""
+    and each step's slice is rotated as it is loaded (``rotated_slice``), so no launch writes x R first; with ``GATED``
+    x is a SiLU gate and ``up_ptr`` its up projection, and the slice is (silu(gate) * up) R (``gated_rotated_slice``)."""
     words_per_row = tl.multiple_of(words_per_row, 4)  # nibble_serves: in_features % 32 == 0
     chunk_words = tl.multiple_of(chunk_words, BLOCK_W)  # input_split hands out whole BLOCK_K slices
     rows = tl.where(mask_n, offs_n, 0)
@@ -199,8 +200,12 @@ def _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, signs_ptr, hadamard_p
         mask_w = offs_w < w_end
         offs_k = (w_begin + step) * 8 + tl.arange(0, BLOCK_W * 8)
         if ROTATE:
-            x = rotated_slice(x_ptr, signs_ptr, hadamard_ptr, offs_k, offs_k < w_end * 8, rotation_scale, ROTATE, BLOCK_W * 8,
-                              PACKED_SIGNS)
+            if GATED:
+                x = gated_rotated_slice(x_ptr, up_ptr, signs_ptr, hadamard_ptr, offs_k, offs_k < w_end * 8, rotation_scale, ROTATE,
+                                        BLOCK_W * 8, PACKED_SIGNS)
+            else:
+                x = rotated_slice(x_ptr, signs_ptr, hadamard_ptr, offs_k, offs_k < w_end * 8, rotation_scale, ROTATE, BLOCK_W * 8,
+                                  PACKED_SIGNS)
             if X_FP16:
                 x_low, x_high = _as_pairs(x, BLOCK_W)
                 acc += _times_x(words, top, t0, t1, t2, t3, t4, t5, t6, t7, x_low[None, :], x_high[None, :], BITS)
@@ -238,6 +243,7 @@ def _code_words(nibbles, tops, offs_w, mask, BITS: tl.constexpr):
 @triton.jit
 def _nibble_gemv_kernel(
     x_ptr,
+    up_ptr,
     codes_ptr,
     codebooks_ptr,
     scales_ptr,
@@ -261,11 +267,12 @@ def _nibble_gemv_kernel(
     PDL: tl.constexpr,
     ROTATE: tl.constexpr,
     PACKED_SIGNS: tl.constexpr,
+    GATED: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # the grid is (tiles, 1, split), as _store_tile expects
     mask_n = offs_n < out_features
-    sums = _row_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, signs_ptr, hadamard_ptr, rotation_scale, offs_n, mask_n,
-                     words_per_row, chunk_words, BITS, BLOCK_N, BLOCK_W, X_FP16, PDL, ROTATE, PACKED_SIGNS)
+    sums = _row_sums(x_ptr, up_ptr, codes_ptr, codebooks_ptr, scales_ptr, signs_ptr, hadamard_ptr, rotation_scale, offs_n,
+                     mask_n, words_per_row, chunk_words, BITS, BLOCK_N, BLOCK_W, X_FP16, PDL, ROTATE, PACKED_SIGNS, GATED)
     one = tl.arange(0, 1)
     _store_tile(sums[None, :], partial_ptr, counter_ptr, bias_ptr, out_ptr, one, offs_n, one < 1, mask_n, 1, out_features,
                 out_features, split_k, HAS_BIAS, SPLIT, 1, BLOCK_N)
@@ -400,12 +407,13 @@ def nibble_decode_weight(codes: Tensor, codebooks: Tensor, scales: Tensor, bits:
 
 def nibble_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None, bits: int,
                        in_features: int, tile: PackedTile, multiprocessors: int, pdl: bool = False,
-                       rotation: tuple[Tensor, int] | None = None) -> Callable[[Tensor], Tensor]:
+                       rotation: tuple[Tensor, int] | None = None, gated: bool = False) -> Callable[..., Tensor]:
     """x W'^T + b (``nibble_serves``) as a call for inputs shaped, strided, typed and aligned like ``x``: one token on
     the GEMV, more on tensor cores; ``tile.block_k`` counts codes. Shapes, split and grid are worked out here, once.
     ``pdl``: launched as a programmatic dependent (``programmatic_launch_supported``), its weights read early.
     ``rotation``: (signs, block) where x is the input before the layer's rotation, which the kernel then applies as it
-    loads x (``rotates_in_load`` must hold; the signs as ``rotate`` takes them)."""
+    loads x (``rotates_in_load`` must hold; the signs as ``rotate`` takes them). ``gated`` (with a rotation): the call
+    takes ``(gate, up)`` of a SiLU-gated MLP, shaped like ``x``, and multiplies (silu(gate) * up) R."""
     out_features = codebooks.shape[0]
     given = plan_input(x, in_features, out_features)
     if not given.tokens:
@@ -419,18 +427,24 @@ def nibble_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tens
                      num_warps=tile.num_warps, num_stages=tile.num_stages, launch_pdl=pdl)
     if rotation is not None and not rotates_in_load(tokens, rotation[1], tile):
         raise ValueError(f"a {tile.describe()} launch of {tokens} tokens cannot rotate in blocks of {rotation[1]} as it loads x")
+    if gated and rotation is None:
+        raise ValueError("the SiLU gate is formed in the load of a rotated layer only")
     if tokens == 1 and tile.block_m == 1:
         signs, hadamard, rotation_scale, in_load = _in_load_rotation(rotation, in_features, given.device, given.dtype, codes)
-        gemv = DirectLaunch(_nibble_gemv_kernel, (tiles_n, 1, split), X_FP16=given.dtype == torch.float16, **in_load, **constants)
+        gemv = DirectLaunch(_nibble_gemv_kernel, (tiles_n, 1, split), X_FP16=given.dtype == torch.float16, GATED=gated, **in_load,
+                            **constants)
 
-        def run(x: Tensor) -> Tensor:
+        def run(x: Tensor, up: Tensor | None = None) -> Tensor:
             out = given.output()
             partial, counters = split_scratch(out, split, counter)
-            gemv(x if as_rows else _rows(x, in_features), codes, codebooks, scales, out if bias is None else bias, out, partial,
-                 counters, signs, hadamard, rotation_scale, out_features, words_per_row, split, chunk // 8)
+            gemv(x if as_rows else _rows(x, in_features), x if up is None else up, codes, codebooks, scales,
+                 out if bias is None else bias, out, partial, counters, signs, hadamard, rotation_scale, out_features,
+                 words_per_row, split, chunk // 8)
             return out
 
         return run
+    if gated:
+        raise ValueError("the SiLU gate is formed in the load of a one-token launch only")
     linear = DirectLaunch(_nibble_linear_kernel, (tiles_n, tiles_m, split), BLOCK_M=tile.block_m, **constants)
 
     def run_tokens(x: Tensor) -> Tensor:

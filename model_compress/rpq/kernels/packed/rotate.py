@@ -47,6 +47,21 @@ def rotated_slice(x_ptr, signs_ptr, hadamard_ptr, offs, mask, scale, BLOCK: tl.c
     return tl.reshape(rotated, (WIDTH,)).to(x.dtype)
 
 
+@triton.jit
+def gated_rotated_slice(gate_ptr, up_ptr, signs_ptr, hadamard_ptr, offs, mask, scale, BLOCK: tl.constexpr, WIDTH: tl.constexpr,
+                        PACKED_SIGNS: tl.constexpr):
+    """(silu(gate) * up) R over ``offs``, as ``rotated_slice`` does for x: the same arithmetic as the SiLU prologue
+    (``prologue.py``), so the same values it would write."""
+    gate = tl.load(gate_ptr + offs, mask=mask, other=0.0)
+    up = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    a = gate.to(tl.float32)
+    value = (a / (1.0 + tl.exp(-a)) * up * load_signs(signs_ptr, offs, mask, PACKED_SIGNS)).to(gate.dtype)
+    inner = tl.arange(0, BLOCK)
+    hadamard = tl.load(hadamard_ptr + inner[:, None] * BLOCK + inner[None, :])
+    rotated = tl.dot(tl.reshape(value, (WIDTH // BLOCK, BLOCK)), hadamard) * scale
+    return tl.reshape(rotated, (WIDTH,)).to(gate.dtype)
+
+
 def signs_are_packed(signs: Tensor, width: int) -> bool:
     """Whether ``signs`` are the stored bits (uint8, width / 8) rather than +-1 values (width, int8 or a float dtype);
     anything else is refused."""
