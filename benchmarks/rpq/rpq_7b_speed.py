@@ -159,6 +159,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, help="decoder blocks (default: the architecture's)")
     parser.add_argument("--codebook-size", type=int, default=16)
     parser.add_argument("--smoke", action="store_true", help="a tiny config on the CPU, no timing")
+    parser.add_argument("--no-int4", action="store_true", help="leave out torch's int4 baseline (a shorter run)")
     parser.add_argument("--plain-launch", action="store_true",
                         help="also time the RPQ model with the programmatic_launch option off (kernels launched one after another)")
     parser.add_argument("--json", help="write the figures here")
@@ -167,7 +168,7 @@ def main() -> None:
     model = build(2 if args.smoke else args.layers, args.smoke, device, args.architecture)
     vocab = model.config.vocab_size
     results = [measure(model, "dense fp16", vocab, device, args.smoke)]
-    if not args.smoke:
+    if not args.smoke and not args.no_int4:
         model = model.to(torch.bfloat16)
         replace_linears(model, lambda linear, group: Int4Linear(linear))
         torch.cuda.empty_cache()
