@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..config.packed_routes import PackedTile, rotates_in_load
-from ..triton.common import (_cdiv, _rows, _store_tile, _tile_rows, _wait_for_inputs, split_scratch,
+from ..triton.common import (INTERPRETED, _cdiv, _rows, _store_tile, _tile_rows, _wait_for_inputs, split_scratch,
                              tile_counters)
 from ..launch.direct_launch import DirectLaunch
 from .linear import input_split, plan_input
@@ -107,6 +107,9 @@ _TIMES_X_5 = tl.constexpr(_times_x_ptx(5))
 _VALUES_4 = tl.constexpr(_values_ptx(4))
 _VALUES_5 = tl.constexpr(_values_ptx(5))
 _UNSIGNED = tl.constexpr(-2139062144)  # 0x80808080 as an int32: int8 value v becomes byte v + 128
+# Triton's CPU interpreter runs no inline PTX: there the lookups below take a plain-arithmetic stand-in (the same
+# values; sums rounded in another order), so the kernels around them run in CPU tests (tests/rpq/test_nibble_interpreted.py).
+_EMULATED = tl.constexpr(INTERPRETED)
 
 
 @triton.jit
@@ -140,8 +143,45 @@ def _code_rows(codes_ptr, rows, words_per_row, BITS: tl.constexpr):
 
 
 @triton.jit
+def _emulated_value(words, top, t0, t1, t2, t3, t4, t5, t6, t7, E: tl.constexpr, BITS: tl.constexpr):
+    """The interpreter's stand-in for the byte-permute lookup: v / 128 (fp16) of code E of each word, by shifts and
+    selects on the same registers (entry c is byte c % 4 of table word c // 4, stored as v + 128)."""
+    code = (words >> (4 * E)) & 15
+    if BITS == 5:
+        code += ((top >> E) & 1) * 16
+    word = code // 4
+    table = tl.where(word == 0, t0, tl.where(word == 1, t1, tl.where(word == 2, t2, tl.where(word == 3, t3, tl.where(
+        word == 4, t4, tl.where(word == 5, t5, tl.where(word == 6, t6, t7)))))))
+    stored = (table >> ((code % 4) * 8)) & 0xFF
+    return ((stored - 128).to(tl.float32) / 128.0).to(tl.float16)
+
+
+@triton.jit
+def _emulated_x(x_low, x_high, E: tl.constexpr):
+    """x[8 j + E] (fp16) from the two 64-bit words the one-token kernels load."""
+    word = x_low if E < 4 else x_high
+    return ((word >> (16 * (E % 4))) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _emulated_times_x(words, top, t0, t1, t2, t3, t4, t5, t6, t7, x_low, x_high, BITS: tl.constexpr):
+    """The interpreter's stand-in for ``_times_x``: two fp16 lanes (even and odd codes) summed in the PTX's order."""
+    even = (_emulated_value(words, top, t0, t1, t2, t3, t4, t5, t6, t7, 0, BITS) * _emulated_x(x_low, x_high, 0))
+    odd = (_emulated_value(words, top, t0, t1, t2, t3, t4, t5, t6, t7, 1, BITS) * _emulated_x(x_low, x_high, 1))
+    even += _emulated_value(words, top, t0, t1, t2, t3, t4, t5, t6, t7, 2, BITS) * _emulated_x(x_low, x_high, 2)
+    odd += _emulated_value(words, top, t0, t1, t2, t3, t4, t5, t6, t7, 3, BITS) * _emulated_x(x_low, x_high, 3)
+    even += _emulated_value(words, top, t0, t1, t2, t3, t4, t5, t6, t7, 4, BITS) * _emulated_x(x_low, x_high, 4)
+    odd += _emulated_value(words, top, t0, t1, t2, t3, t4, t5, t6, t7, 5, BITS) * _emulated_x(x_low, x_high, 5)
+    even += _emulated_value(words, top, t0, t1, t2, t3, t4, t5, t6, t7, 6, BITS) * _emulated_x(x_low, x_high, 6)
+    odd += _emulated_value(words, top, t0, t1, t2, t3, t4, t5, t6, t7, 7, BITS) * _emulated_x(x_low, x_high, 7)
+    return (even + odd).to(tl.float32)
+
+
+@triton.jit
 def _times_x(words, top, t0, t1, t2, t3, t4, t5, t6, t7, x_low, x_high, BITS: tl.constexpr):
     """Float32 sums of the eight products v / 128 * x of each code word."""
+    if _EMULATED:
+        return _emulated_times_x(words, top, t0, t1, t2, t3, t4, t5, t6, t7, x_low, x_high, BITS)
     if BITS == 4:
         return tl.inline_asm_elementwise(_TIMES_X_4, "=r,r,r,r,r,r,l,l", [words, t0, t1, t2, t3, x_low, x_high],
                                          dtype=tl.float32, is_pure=True, pack=1)
@@ -154,7 +194,16 @@ def _times_x(words, top, t0, t1, t2, t3, t4, t5, t6, t7, x_low, x_high, BITS: tl
 def _values(words, top, t0, t1, t2, t3, t4, t5, t6, t7, BITS: tl.constexpr):
     """The values v / 128 (fp16) of codes 8j .. 8j + 7 of each code word, as one (rows, 8 words) tile: column 8 j + e
     holds code 8 j + e (each join adds the minor axis, so the last join picks the lowest bit of e)."""
-    if BITS == 4:
+    if _EMULATED:
+        v0 = _emulated_value(words, top, t0, t1, t2, t3, t4, t5, t6, t7, 0, BITS)
+        v1 = _emulated_value(words, top, t0, t1, t2, t3, t4, t5, t6, t7, 1, BITS)
+        v2 = _emulated_value(words, top, t0, t1, t2, t3, t4, t5, t6, t7, 2, BITS)
+        v3 = _emulated_value(words, top, t0, t1, t2, t3, t4, t5, t6, t7, 3, BITS)
+        v4 = _emulated_value(words, top, t0, t1, t2, t3, t4, t5, t6, t7, 4, BITS)
+        v5 = _emulated_value(words, top, t0, t1, t2, t3, t4, t5, t6, t7, 5, BITS)
+        v6 = _emulated_value(words, top, t0, t1, t2, t3, t4, t5, t6, t7, 6, BITS)
+        v7 = _emulated_value(words, top, t0, t1, t2, t3, t4, t5, t6, t7, 7, BITS)
+    elif BITS == 4:
         v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
             _VALUES_4, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [words, t0, t1, t2, t3], dtype=(tl.float16,) * 8, is_pure=True,
             pack=1)
