@@ -6,7 +6,7 @@
 #   mkdir -p .device/plans && cp .device/evalA/*.whl .device/plans/ && cp OUT/tokenizer.json OUT/tokenizer_config.json .device/plans/
 # (OUT: any `compress rpq` output of the default model). TESTS=0 skips the tests, HEAD_INDEX=0 the head index's
 # speed (benchmarks/rpq/head_index_speed.py), PRODUCT=0 the product run,
-# HOST_OVERHEAD=0 host_overhead.py, HEAD_500K=0 the synthetic 500k-row head (head_index_500k.py), EVAL=0 the product's eval, HEAD_GRAPHED=0 the graphed decode with a head index (head_index_graphed.py), HOST_PROFILE=0 the cProfile of eager generate (host_profile.py), PREFILL_PROFILE=0 the prefill's kernels and launches (prefill_profile.py), ONLY_TESTS a list of tests run instead of the usual ones, HEAD_500K_ARGS passes on to head_index_500k.py, PLANS_OFF=0 its second eval with every call routed afresh (MODEL_COMPRESS_LAUNCH_PLANS=0), PDL_OFF=1 a third with plain launches (MODEL_COMPRESS_PROGRAMMATIC_LAUNCH=0); RPQ_ARGS and
+# HOST_OVERHEAD=0 host_overhead.py, HEAD_500K=0 the synthetic 500k-row head (head_index_500k.py), EVAL=0 the product's eval, HEAD_GRAPHED=0 the graphed decode with a head index (head_index_graphed.py), HOST_PROFILE=0 the cProfile of eager generate (host_profile.py), PREFILL_PROFILE=0 the prefill's kernels and launches (prefill_profile.py), ONLY_TESTS a list of tests run instead of the usual ones, HEAD_500K_ARGS passes on to head_index_500k.py, PLANS_OFF=0 its second eval with every call routed afresh (MODEL_COMPRESS_LAUNCH_PLANS=0), PDL_ON=1 a third with programmatic dependent launch (MODEL_COMPRESS_PROGRAMMATIC_LAUNCH=1); RPQ_ARGS and
 # EVAL_ARGS pass on.
 set -uo pipefail
 OUT=${OUT:-/tmp/plans-check}
@@ -68,12 +68,12 @@ if [ "${PLANS_OFF:-1}" = 1 ]; then
     --json /tmp/rand-out/eval_plans_off.json --max-tokens 2048 ${EVAL_ARGS:-} 2>&1 | tee "$OUT/rand_eval_plans_off.log" | tail -14
   cp /tmp/rand-out/eval_plans_off.json "$OUT/rand_eval_plans_off.json" 2>/dev/null
 fi
-# the same compressed folder with plain launches (MODEL_COMPRESS_PROGRAMMATIC_LAUNCH=0): what programmatic dependent
-# launch saves (PDL_OFF=1; off by default)
-if [ "${PDL_OFF:-0}" = 1 ]; then
-  MODEL_COMPRESS_PROGRAMMATIC_LAUNCH=0 python3 -m model_compress.cli.app eval /tmp/rand-out --device cuda --no-baseline --force \
-    --json /tmp/rand-out/eval_pdl_off.json --max-tokens 2048 ${EVAL_ARGS:-} 2>&1 | tee "$OUT/rand_eval_pdl_off.log" | tail -14
-  cp /tmp/rand-out/eval_pdl_off.json "$OUT/rand_eval_pdl_off.json" 2>/dev/null
+# the same compressed folder with programmatic dependent launch (MODEL_COMPRESS_PROGRAMMATIC_LAUNCH=1, off by default):
+# what it saves (PDL_ON=1)
+if [ "${PDL_ON:-0}" = 1 ]; then
+  MODEL_COMPRESS_PROGRAMMATIC_LAUNCH=1 python3 -m model_compress.cli.app eval /tmp/rand-out --device cuda --no-baseline --force \
+    --json /tmp/rand-out/eval_pdl_on.json --max-tokens 2048 ${EVAL_ARGS:-} 2>&1 | tee "$OUT/rand_eval_pdl_on.log" | tail -14
+  cp /tmp/rand-out/eval_pdl_on.json "$OUT/rand_eval_pdl_on.json" 2>/dev/null
 fi
 # the synthetic 500k-row head (last: the product's figures come first)
 [ "${HEAD_500K:-1}" = 1 ] && timeout 200 python3 benchmarks/rpq/head_index_500k.py --json "$OUT/head_index_500k.json" ${HEAD_500K_ARGS:-} 2>&1 | tee "$OUT/head_index_500k.log"

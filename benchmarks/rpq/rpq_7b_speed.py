@@ -1,8 +1,8 @@
 """Whole-model speed of a 7B-class architecture on the GPU: the dense fp16 original, torch's int4 weight-only matmul,
 and RPQ layers in the budget's formats, each decoding from a CUDA graph at batch 1 and 16, and a 512-token prefill.
 
-    python benchmarks/rpq/rpq_7b_speed.py [--layers 32] [--codebook-size 16] [--plain-launch] [--json FILE]
-    python benchmarks/rpq/rpq_7b_speed.py --architecture smollm2-135m --plain-launch   # SmolLM2-135M's shapes, 30 blocks
+    python benchmarks/rpq/rpq_7b_speed.py [--layers 32] [--codebook-size 16] [--programmatic-launch] [--json FILE]
+    python benchmarks/rpq/rpq_7b_speed.py --architecture smollm2-135m --programmatic-launch   # SmolLM2-135M's shapes, 30 blocks
     python benchmarks/rpq/rpq_7b_speed.py --smoke        # a tiny config on the CPU: builds and runs each variant once
 
 Llama-2-7B's shapes (hidden 4096, MLP 11008, 32 heads, vocabulary 32000) with random weights built on the device:
@@ -160,8 +160,8 @@ def main() -> None:
     parser.add_argument("--codebook-size", type=int, default=16)
     parser.add_argument("--smoke", action="store_true", help="a tiny config on the CPU, no timing")
     parser.add_argument("--no-int4", action="store_true", help="leave out torch's int4 baseline (a shorter run)")
-    parser.add_argument("--plain-launch", action="store_true",
-                        help="also time the RPQ model with the programmatic_launch option off (kernels launched one after another)")
+    parser.add_argument("--programmatic-launch", action="store_true",
+                        help="also time the RPQ model with the programmatic_launch option on (decode kernels started while the one before ends)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
@@ -181,9 +181,9 @@ def main() -> None:
     if not args.smoke:
         torch.cuda.empty_cache()
     results.append(measure(model, f"RPQ, one {args.codebook_size}-entry int8 table per row, rotated", vocab, device, args.smoke))
-    if args.plain_launch:
-        with options.using(programmatic_launch=False):
-            results.append(measure(model, "same, programmatic launch off", vocab, device, args.smoke))
+    if args.programmatic_launch:
+        with options.using(programmatic_launch=True):
+            results.append(measure(model, "same, programmatic launch on", vocab, device, args.smoke))
     base = results[0]
     for row in results[1:]:
         for key in ("graph_decode_b1_tok_s", "graph_decode_b16_tok_s"):

@@ -133,3 +133,17 @@ def test_the_launch_plans_option_switched_off_keeps_no_plan():
     with torch.no_grad(), options.using(launch_plans=False):
         layer(torch.randn(2, 64))
     assert len(plans.plans_of(layer)) == 0
+
+
+def test_programmatic_launch_is_opt_in_and_keyed_in_the_plans():
+    """Off unless MODEL_COMPRESS_PROGRAMMATIC_LAUNCH=1 (not yet measured on a GPU); a plan made with it is not reused
+    without it."""
+    from model_compress.rpq.kernels.config import options
+    from model_compress.rpq.kernels.config.options import PROGRAMMATIC_LAUNCH_ENV, RPQOptions
+
+    assert not RPQOptions.from_environment({}).programmatic_launch
+    assert RPQOptions.from_environment({PROGRAMMATIC_LAUNCH_ENV: "1"}).programmatic_launch
+    x = torch.randn(1, 64)
+    with options.using(programmatic_launch=True):
+        on = plans.input_signature(x)
+    assert on != plans.input_signature(x)

@@ -3,7 +3,7 @@
 One frozen object, read from the environment once (the edge: ``MODEL_COMPRESS_TRITON``,
 ``MODEL_COMPRESS_RPQ_BINS``, ``MODEL_COMPRESS_RPQ_ROUTES``, ``MODEL_COMPRESS_FUSED_NORM``,
 ``MODEL_COMPRESS_FUSED_ACT``, ``MODEL_COMPRESS_LAUNCH_PLANS``, ``MODEL_COMPRESS_FUSED_PROMPTS``,
-``MODEL_COMPRESS_PROGRAMMATIC_LAUNCH``; ``0`` switches one off), and overridable in code for a block with
+``MODEL_COMPRESS_PROGRAMMATIC_LAUNCH``; ``0`` switches one off, ``1`` one on), and overridable in code for a block with
 ``using(...)``. Nothing deeper reads the environment, and nothing needs a cache cleared to see a change.
 """
 
@@ -35,16 +35,18 @@ class RPQOptions:
     fused_glu: bool = True  # SiLU(gate) * up formed inside down_proj's one-token kernel, at load
     launch_plans: bool = True  # eager inference keeps each layer's route and launches past Triton's JIT (kernels/plans.py)
     fused_prompts: bool = True  # prompts on 4/5-bit row tables multiply on tensor cores without writing W' (packed/nibble_prompts.py)
-    programmatic_launch: bool = True  # on Hopper on, decode kernels start while the kernel before ends (triton/common.py)
+    # On Hopper on, decode kernels start while the kernel before ends (triton/common.py). Off until a GPU run has
+    # measured it and checked it under CUDA graph capture (tests/rpq/test_packed_kernels.py, benchmarks/device/plans_check.sh).
+    programmatic_launch: bool = False
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> RPQOptions:
-        def on(name: str) -> bool:
-            return environ.get(name, "1") != "0"
+        def on(name: str, default: str = "1") -> bool:
+            return environ.get(name, default) != "0"
 
         routes = environ.get(ROUTES_ENV)
         return cls(on(TRITON_ENV), on(BINS_ENV), Path(routes) if routes else None, on(FUSED_NORM_ENV), on(FUSED_GLU_ENV),
-                   on(LAUNCH_PLANS_ENV), on(FUSED_PROMPTS_ENV), on(PROGRAMMATIC_LAUNCH_ENV))
+                   on(LAUNCH_PLANS_ENV), on(FUSED_PROMPTS_ENV), on(PROGRAMMATIC_LAUNCH_ENV, "0"))
 
 
 _ENVIRONMENT: list[RPQOptions] = []  # the environment's options, read on first use
