@@ -2,7 +2,8 @@
 references: x R and y R^T, the norm and SiLU prologues (gate and up as strided views of one buffer, as a sibling group
 hands them over), the general GEMV and tensor-core routes with split-K, the decode routes (a Linear's W', embedding
 rows by id, a head's chunk). Each plan is called twice: the second call is the one a kept plan makes. The byte-permute
-kernels are inline PTX, which the interpreter cannot run: ``test_packed_kernels.py`` checks them on a GPU.
+kernels' lookups are inline PTX, which the interpreter cannot run: ``test_nibble_interpreted.py`` runs the code around
+them with a stand-in, and ``test_packed_kernels.py`` checks them on a GPU.
 
 Needs Triton (the CPU wheel of torch comes without it, so CI skips this file); runs in a child process because
 ``TRITON_INTERPRET`` must be set before Triton is imported.
