@@ -1,8 +1,8 @@
 """The byte-permute kernels' Triton code around their PTX lookups, on Triton's CPU interpreter: the one-token GEMV and
 the 2-64-token tensor-core tiles, the sibling launch (three members, a joined bias), split-K (each plan called twice:
 the counters come back to 0), the input rotated as the kernel loads it (signs as bits and as +-1 values), and down_proj
-forming (silu(gate) * up) R in its load (gate and up views of one buffer, as the sibling launch hands them over); 4- and
-5-bit codes. The interpreter runs no inline PTX, so the lookups take the plain-arithmetic stand-in of
+forming (silu(gate) * up) R in its load (gate and up views of one buffer, as the sibling launch hands them over), at
+one token and a few; 4- and 5-bit codes. The interpreter runs no inline PTX, so the lookups take the plain-arithmetic stand-in of
 ``nibble_tables._emulated_value``; ``test_packed_kernels.py`` checks the real ones on a GPU. bf16 only where no
 ``tl.dot`` runs (the interpreter's bf16 dot returns garbage: Triton 3.6).
 
@@ -65,20 +65,22 @@ for dtype in (torch.float16, torch.bfloat16):
                 check(group(x), refs, dtype)
         if dtype == torch.bfloat16:
             continue
-        x = torch.randn(1, width).to(dtype)
-        rotated = rotation.rotate(x.double(), signs, block).float()
-        ref = packed_forward.linear_reference(rotated, codes, codebooks, scales, bias.float(), bits, width)
-        refs = torch.cat([packed_forward.linear_reference(rotated, c, b, s, None, bits, width) for c, b, s in trio], -1)
-        for given in (signs, rotation.pack_signs(signs)):
-            check(packed.nibble_linear_plan(x, codes, codebooks, scales, bias, bits, width, one, 4, rotation=(given, block))(x), ref,
-                  dtype)
-            check(packed.nibble_group_plan(x, trio, None, bits, width, one, 4, rotation=(given, block))(x), refs, dtype)
-        gate, up = torch.randn(1, 2 * width).to(dtype).split([width, width], dim=-1)
-        glu = rotation.rotate(F.silu(gate.double()) * up.double(), signs, block).float()
-        ref = packed_forward.linear_reference(glu, codes, codebooks, scales, bias.float(), bits, width)
-        gated = packed.nibble_linear_plan(gate, codes, codebooks, scales, bias, bits, width, one, 4,
-                                          rotation=(rotation.pack_signs(signs), block), gated=True)
-        check(gated(gate, up), ref, dtype)
+        for tokens in (1, 3, 16):
+            tile = one if tokens == 1 else few
+            x = torch.randn(tokens, width).to(dtype)
+            rotated = rotation.rotate(x.double(), signs, block).float()
+            ref = packed_forward.linear_reference(rotated, codes, codebooks, scales, bias.float(), bits, width)
+            refs = torch.cat([packed_forward.linear_reference(rotated, c, b, s, None, bits, width) for c, b, s in trio], -1)
+            for given in (signs, rotation.pack_signs(signs)):
+                plan = packed.nibble_linear_plan(x, codes, codebooks, scales, bias, bits, width, tile, 4, rotation=(given, block))
+                check(plan(x), ref, dtype)
+                check(packed.nibble_group_plan(x, trio, None, bits, width, tile, 4, rotation=(given, block))(x), refs, dtype)
+            gate, up = torch.randn(tokens, 2 * width).to(dtype).split([width, width], dim=-1)
+            glu = rotation.rotate(F.silu(gate.double()) * up.double(), signs, block).float()
+            ref = packed_forward.linear_reference(glu, codes, codebooks, scales, bias.float(), bits, width)
+            gated = packed.nibble_linear_plan(gate, codes, codebooks, scales, bias, bits, width, tile, 4,
+                                              rotation=(rotation.pack_signs(signs), block), gated=True)
+            check(gated(gate, up), ref, dtype)
 print("worst", worst)
 '''
 

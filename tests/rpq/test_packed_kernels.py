@@ -457,26 +457,27 @@ def test_programmatic_launch_changes_no_logit_eager_or_in_a_cuda_graph(dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("size", [16, 32])
 @pytest.mark.parametrize("in_features,block", [(576, 64), (1536, 64), (2048, 16), (4096, 32)])
-def test_one_token_kernels_that_rotate_as_they_load_give_the_rotate_then_multiply_values(in_features, block, size, dtype):
-    """x R made in the GEMV's load (and in the sibling launch's) equals the rotation kernel's x R fed to the same
-    kernel bit for bit, signs as stored bits or +-1 values, split-K included; and the reference within bounds."""
+def test_kernels_that_rotate_as_they_load_give_the_rotate_then_multiply_values(in_features, block, size, dtype):
+    """x R made in the kernels' load (one token, a few, the sibling launch) equals the rotation kernel's x R fed to the
+    same kernel bit for bit, signs as stored bits or +-1 values, split-K included; and the reference within bounds."""
     bits = code_bits(size)
     layers = [packed_layer(in_features, out, 1, size, "int8", seed=i) for i, out in enumerate((576, 192))]
     members = [(codes, codebooks, scales.to(dtype)) for codes, codebooks, scales, _ in layers]
     signs = rotation.random_signs(in_features, block).to(CUDA)
-    x = torch.randn(1, in_features, device=CUDA, dtype=dtype)
-    rotated = packed.rotate(x, signs, block)
-    for tile in [t for t in NIBBLE_TILES if packed.rotates_in_load(1, block, t)]:
-        for given in (signs, rotation.pack_signs(signs)):
-            codes, codebooks, scales = members[0]
-            bias = layers[0][3].to(dtype)
-            out = packed.nibble_linear(x, codes, codebooks, scales, bias, bits, in_features, tile, 132, rotation=(given, block))
-            assert torch.equal(out, packed.nibble_linear(rotated, codes, codebooks, scales, bias, bits, in_features, tile, 132))
-            ref = packed_forward.linear_reference(rotated.float(), codes, codebooks, scales, bias.float(), bits, in_features)
-            assert rel_error(out, ref) < BOUNDS[dtype], tile.describe()
-            joined = packed.nibble_group_gemv(x, members, None, bits, in_features, tile, 132, rotation=(given, block))
-            alone = packed.nibble_group_gemv(rotated, members, None, bits, in_features, tile, 132)
-            assert all(torch.equal(a, b) for a, b in zip(joined, alone)), tile.describe()
+    codes, codebooks, scales = members[0]
+    bias = layers[0][3].to(dtype)
+    for tokens in (1, 3, 16, 64):
+        x = torch.randn(tokens, in_features, device=CUDA, dtype=dtype)
+        rotated = packed.rotate(x, signs, block)
+        for tile in [t for t in NIBBLE_TILES if (t.block_m == 1) == (tokens == 1) and packed.rotates_in_load(block, t)]:
+            for given in (signs, rotation.pack_signs(signs)):
+                out = packed.nibble_linear(x, codes, codebooks, scales, bias, bits, in_features, tile, 132, rotation=(given, block))
+                assert torch.equal(out, packed.nibble_linear(rotated, codes, codebooks, scales, bias, bits, in_features, tile, 132))
+                ref = packed_forward.linear_reference(rotated.float(), codes, codebooks, scales, bias.float(), bits, in_features)
+                assert rel_error(out, ref) < BOUNDS[dtype], (tokens, tile.describe())
+                joined = packed.nibble_group_gemv(x, members, None, bits, in_features, tile, 132, rotation=(given, block))
+                alone = packed.nibble_group_gemv(rotated, members, None, bits, in_features, tile, 132)
+                assert all(torch.equal(a, b) for a, b in zip(joined, alone)), (tokens, tile.describe())
 
 
 def test_a_rotated_layer_at_one_token_rotates_in_its_kernel_and_computes_what_two_launches_compute():
@@ -521,20 +522,21 @@ def test_siblings_behind_an_unfused_norm_rotate_in_their_launch_on_cuda(monkeypa
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("width,block", [(1536, 64), (4096, 32)])
 def test_down_proj_that_forms_its_gated_input_in_its_load_gives_the_prologue_then_multiply_values(width, block, dtype):
-    """(silu(gate) * up) R made in down_proj's own one-token launch equals the SiLU prologue's output fed to the same
-    kernel, bit for bit; gate and up as the sibling launch hands them over (views of one joined tensor)."""
+    """(silu(gate) * up) R made in down_proj's own launch (one token, a few) equals the SiLU prologue's output fed to
+    the same kernel, bit for bit; gate and up as the sibling launch hands them over (views of one joined tensor)."""
     codes, codebooks, scales, bias = packed_layer(width, 576, 1, 16, "int8", seed=width)
     scales, bias = scales.to(dtype), bias.to(dtype)
     signs = rotation.pack_signs(rotation.random_signs(width, block).to(CUDA))
-    joined = torch.randn(1, 1, 2 * width, device=CUDA, dtype=dtype)
-    gate, up = joined.split([width, width], dim=-1)
-    fused = packed_forward.gated_rotating_linear_plan(gate, up, codes, codebooks, scales, bias, 4, width, signs, block)
-    assert fused is not None
-    product = packed.gated_silu_rotate(gate, up, signs, block)
-    two_launches = packed_forward.linear(product, codes, codebooks, scales, bias, 4, width)
-    for _ in range(2):
-        assert torch.equal(fused(gate, up), two_launches)
-    glu = torch.nn.functional.silu(gate.double()) * up.double()
-    ref = packed_forward.linear_reference(rotation.rotate(glu, rotation.unpack_signs(signs), block).float(), codes, codebooks,
-                                          scales, bias.float(), 4, width)
-    assert rel_error(two_launches, ref) < BOUNDS[dtype]
+    for tokens in (1, 5, 16):
+        joined = torch.randn(1, tokens, 2 * width, device=CUDA, dtype=dtype)
+        gate, up = joined.split([width, width], dim=-1)
+        fused = packed_forward.gated_rotating_linear_plan(gate, up, codes, codebooks, scales, bias, 4, width, signs, block)
+        assert fused is not None
+        product = packed.gated_silu_rotate(gate, up, signs, block)
+        two_launches = packed_forward.linear(product, codes, codebooks, scales, bias, 4, width)
+        for _ in range(2):
+            assert torch.equal(fused(gate, up), two_launches), tokens
+        glu = torch.nn.functional.silu(gate.double()) * up.double()
+        ref = packed_forward.linear_reference(rotation.rotate(glu, rotation.unpack_signs(signs), block).float(), codes, codebooks,
+                                              scales, bias.float(), 4, width)
+        assert rel_error(two_launches, ref) < BOUNDS[dtype], tokens

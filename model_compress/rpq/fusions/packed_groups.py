@@ -39,7 +39,8 @@ class PackedGroup:
 
     def output_rotating(self, member: RPQLinear, x: Tensor) -> Tensor | None:
         """The member's output from x before the members' common rotation, in one launch that rotates x as it loads it
-        (one token on CUDA); None where that does not apply (the members then rotate x once and call ``output``)."""
+        (1 to ``NIBBLE_GROUP_TOKENS`` tokens on CUDA); None where that does not apply (the members then rotate x once
+        and call ``output``)."""
         outputs = self.once_rotating(x)
         return None if outputs is None else outputs[self.members.index(member)]
 
@@ -51,7 +52,7 @@ class PackedGroup:
     def _rotating_outputs(self, x: Tensor) -> list[Tensor] | tuple[Tensor, ...] | None:
         first = self.members[0]
         if torch.compiler.is_compiling():
-            return self._traced_outputs(x, rotating=True) if x.numel() == first.in_features else None
+            return self._traced_outputs(x, rotating=True)
         return self._planned(x, (first.rotation_signs, first.rotation_block))
 
     def _planned(self, x: Tensor, rotation: tuple[Tensor, int] | None) -> tuple[Tensor, ...] | None:

@@ -8,9 +8,10 @@ and its consumers take that tensor as it comes (any other tensor they are called
 direct call stays correct); the MLP forms (silu(gate) * up) R in one launch and hands it to
 down_proj. On the CPU the same happens with the torch forms (the norm's own forward, then the rotation), so every
 device computes the same function. Under ``torch.compile`` the norm stays the model's own (the compiler fuses it with
-the residual add beside it) and one custom op writes its x R for all readers, except at one token where the readers'
-launches rotate it as they load it (``RPQLinear.rotates_in_load``); the gate is one custom op. At one token on CUDA the
-gate goes further: down_proj's own launch forms (silu(gate) * up) R as it loads its input, eager and compiled. The
+the residual add beside it) and one custom op writes its x R for all readers, except for up to ``NIBBLE_GROUP_TOKENS``
+tokens, where the readers' launches rotate it as they load it (``RPQLinear.rotates_in_load``); the gate is one custom
+op. For as many tokens on CUDA the gate goes further: down_proj's own launch forms (silu(gate) * up) R as it loads its
+input, eager and compiled. The
 model's final norm is left alone: its output is the hidden state users read. Nothing is saved with the model. The
 ``fused_norm`` and ``fused_glu`` options switch these off too.
 """
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from ..kernels import packed_forward, packed_ops, plans
 from ..kernels.config import options
+from ..kernels.config.packed_routes import NIBBLE_GROUP_TOKENS
 from ..kernels.plans import input_signature, plans_of
 from ..layers.modules import RPQLinear
 from .glu import GATED_MLP_CLASSES, SILU_CLASSES
@@ -89,8 +91,8 @@ def _rotated_norm_forward(own_forward: Callable[[Tensor], Tensor], spec, bias: T
         return own_forward(x)
     first = readers[0]
     if torch.compiler.is_compiling():  # the norm as the model writes it (fused with what the compiler puts beside it)
-        if x.numel() == spec.weight.numel() and all(reader.rotates_in_load() for reader in readers):
-            return own_forward(x)  # one token: the readers' launches rotate it as they load it
+        if x.numel() <= NIBBLE_GROUP_TOKENS * spec.weight.numel() and all(reader.rotates_in_load() for reader in readers):
+            return own_forward(x)  # a few tokens: the readers' launches rotate it as they load it
         return written.mark(packed_ops.rotate(own_forward(x), first.rotation_signs, first.rotation_block))
     if plans.usable():
         run = plans_of(written).get(input_signature(x), lambda: packed_forward.norm_rotate_plan(
@@ -119,9 +121,9 @@ def rotate_in_gated_mlps(model: nn.Module) -> int:
 
 
 def rotated_gated_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
-    """down_proj(act_fn(gate_proj(x)) * up_proj(x)) with the product and down_proj's rotation made in one step: at one
-    token inside down_proj's own launch, as it loads its input (``packed_forward.gated_rotating_linear_plan``), else
-    in one launch before it."""
+    """down_proj(act_fn(gate_proj(x)) * up_proj(x)) with the product and down_proj's rotation made in one step: for a
+    few tokens inside down_proj's own launch, as it loads its input (``packed_forward.gated_rotating_linear_plan``),
+    else in one launch before it."""
     gate, up = mlp.gate_proj(x), mlp.up_proj(x)
     down = mlp.down_proj
     # a hook must see down's own input; a decoded down_proj takes the plain product
@@ -130,7 +132,7 @@ def rotated_gated_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
     in_load = (down.indices, down.codebooks, down.codebook_scales, down.bias, down.code_bits, down.in_features,
                down.rotation_signs, down.rotation_block)
     if torch.compiler.is_compiling():  # one custom op, reading the stored sign bits
-        if gate.numel() == down.in_features and down.rotates_in_load():
+        if gate.numel() <= NIBBLE_GROUP_TOKENS * down.in_features and down.rotates_in_load():
             return packed_ops.gated_rotating_linear(gate, up, *in_load)
         return down.forward_rotated(packed_ops.gated_silu_rotate(gate, up, down.rotation_signs, down.rotation_block))
     if plans.usable():

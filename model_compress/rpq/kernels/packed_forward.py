@@ -153,16 +153,16 @@ def linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | No
 
 def rotating_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int,
                          in_features: int, signs: Tensor, block: int) -> Callable[[Tensor], Tensor] | None:
-    """(x R) W'^T + b for one token like ``x``, given before the layer's rotation, in one launch that rotates x as it
-    loads it (``packed/nibble_tables.py``): the rotation's own launch saved. None where that launch does not apply
-    (not one fp16 or bf16 token on CUDA, a format or rotation block it does not read): the caller rotates first.
-    ``signs``: the stored bits or +-1 values."""
+    """(x R) W'^T + b for tokens like ``x``, given before the layer's rotation, in one launch that rotates x as it loads
+    it (``packed/nibble_tables.py``): the rotation's own launch saved. None where that launch does not apply (not 1 to
+    ``NIBBLE_GROUP_TOKENS`` fp16 or bf16 tokens on CUDA, a format or rotation block it does not read): the caller
+    rotates first. ``signs``: the stored bits or +-1 values."""
     tokens = x.numel() // in_features
-    tile = packed_tile(tokens, NIBBLE_ROUTES)
-    if tokens != 1 or bits not in NIBBLE_ROUTED_BITS or not _routed_dtype(x):
+    if not 1 <= tokens <= NIBBLE_GROUP_TOKENS or bits not in NIBBLE_ROUTED_BITS or not _routed_dtype(x):
         return None
+    tile = packed_tile(tokens, NIBBLE_ROUTES)
     kernels = packed_kernels(x, codebooks, scales, bias)
-    if (kernels is None or not kernels.rotates_in_load(tokens, block, tile)
+    if (kernels is None or not kernels.rotates_in_load(block, tile)
             or not kernels.nibble_serves(x, codes, codebooks, scales, bits, in_features)):
         return None
     return kernels.nibble_linear_plan(x, codes, codebooks, scales, bias, bits, in_features, tile, multiprocessors(x.device),
@@ -182,16 +182,19 @@ def rotating_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor 
 def gated_rotating_linear_plan(gate: Tensor, up: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None,
                                bias: Tensor | None, bits: int, in_features: int, signs: Tensor,
                                block: int) -> Callable[[Tensor, Tensor], Tensor] | None:
-    """((silu(gate) * up) R) W'^T + b for one token like ``gate`` and ``up`` (a SiLU-gated MLP's down projection) in one
+    """((silu(gate) * up) R) W'^T + b for tokens like ``gate`` and ``up`` (a SiLU-gated MLP's down projection) in one
     launch that forms the product and rotates it as it loads it: the SiLU prologue's launch saved. None where that
-    launch does not apply (as ``rotating_linear_plan``, and ``up`` not one row of unit stride)."""
-    if up.shape != gate.shape or up.stride(-1) != 1 or up.data_ptr() % 16:
-        return None
+    launch does not apply (as ``rotating_linear_plan``, or ``up`` not shaped, strided and aligned as ``gate``)."""
+    rows_gate, rows_up = gate.reshape(-1, in_features), up.reshape(-1, in_features)
+    if (up.shape != gate.shape or rows_gate.data_ptr() != gate.data_ptr() or rows_up.data_ptr() != up.data_ptr()
+            or rows_gate.stride() != rows_up.stride() or up.data_ptr() % 16 != gate.data_ptr() % 16):
+        return None  # the kernel reads both as rows at one stride
     plan = rotating_linear_plan(gate, codes, codebooks, scales, bias, bits, in_features, signs, block)
     if plan is None:
         return None
     kernels = _imported_packed_kernels()
-    return kernels.nibble_linear_plan(gate, codes, codebooks, scales, bias, bits, in_features, packed_tile(1, NIBBLE_ROUTES),
+    tokens = gate.numel() // in_features
+    return kernels.nibble_linear_plan(gate, codes, codebooks, scales, bias, bits, in_features, packed_tile(tokens, NIBBLE_ROUTES),
                                       multiprocessors(gate.device), programmatic(kernels, gate.device), rotation=(signs, block),
                                       gated=True)
 
@@ -223,7 +226,7 @@ def joined_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | No
     biases end to end), the outputs side by side in one tensor; None where that launch does not apply (not 1 to
     ``NIBBLE_GROUP_TOKENS`` fp16 or bf16 tokens on CUDA, a member the byte-permute kernels do not read), and the members
     then compute alone. ``rotation`` (signs, block): x comes before the members' common rotation, which the launch
-    applies as it loads x (one token; None where it cannot)."""
+    applies as it loads x (None where it cannot)."""
     tokens = x.numel() // in_features
     if not NIBBLE_GROUPS or bits not in NIBBLE_ROUTED_BITS or not 1 <= tokens <= NIBBLE_GROUP_TOKENS or not _routed_dtype(x):
         return None
@@ -231,7 +234,7 @@ def joined_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | No
     if kernels is None or not all(kernels.nibble_serves(x, c, b, s, bits, in_features) for c, b, s in members):
         return None
     tile = packed_tile(tokens, NIBBLE_ROUTES)
-    if rotation is not None and not kernels.rotates_in_load(tokens, rotation[1], tile):
+    if rotation is not None and not kernels.rotates_in_load(rotation[1], tile):
         return None
     return kernels.nibble_group_plan(x, members, bias, bits, in_features, tile, multiprocessors(x.device),
                                      programmatic(kernels, x.device), rotation)
@@ -252,7 +255,7 @@ def linear_group_joined(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | 
     """The members' outputs (no bias) side by side in one tensor: one launch where ``joined_group_plan`` applies, else
     each member alone. What a compiled graph calls for siblings (``packed_ops.linear_group``) on up to
     ``NIBBLE_GROUP_TOKENS`` tokens. ``signs`` and ``block``: x comes before the members' common rotation (rotated in the
-    launch's load at one token, else first)."""
+    launch's load where it can, else first)."""
     rotation = None if signs is None else (signs, block)
     joined = joined_group_plan(x, members, None, bits, in_features, rotation)
     if joined is not None:

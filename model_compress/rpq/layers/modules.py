@@ -27,7 +27,7 @@ from .direct_reads import own_forward_sources
 from ..kernels import forward as kernels
 from ..kernels import packed_forward, packed_ops, plans
 from ..kernels import rotation
-from ..kernels.config.packed_routes import one_token_rotates_in_load
+from ..kernels.config.packed_routes import NIBBLE_GROUP_TOKENS, layer_rotates_in_load
 from ..kernels.plans import input_signature, plans_of
 from ..kernels.layout import (
     CODEBOOK_DTYPES, EMBEDDING, INT8, LINEAR, code_bins, code_bits, codebook_values, decode, dtype_name, packed_width, unpack_codes,
@@ -136,9 +136,10 @@ class _Codes:
         return shared(x) if shared is not None else self.rotate_alone(x)
 
     def rotates_in_load(self) -> bool:
-        """Whether on CUDA this layer's one-token launch rotates its input as it loads it (its format and block)."""
-        return one_token_rotates_in_load(self.codebooks.shape[2], self.codebook_size, self.codebook_dtype,
-                                         self.in_features, self.rotation_block)
+        """Whether on CUDA this layer's launch for 1 to ``NIBBLE_GROUP_TOKENS`` tokens rotates its input as it loads it
+        (its format and block)."""
+        return layer_rotates_in_load(self.codebooks.shape[2], self.codebook_size, self.codebook_dtype, self.in_features,
+                                     self.rotation_block)
 
     def rotate_alone(self, x: Tensor) -> Tensor:
         """x R with this layer's own signs (one Triton launch on CUDA)."""
@@ -302,13 +303,14 @@ class RPQLinear(_Codes, nn.Module):
         return kernels.linear_forward(x, self.codebooks, self.indices, self.bias, self.code_bins, norm, self._route_store())
 
     def _rotating_forward(self, x: Tensor) -> Tensor | None:
-        """The layer on its input before the rotation, in one launch that rotates x as it loads it (one token on
-        CUDA: ``packed_forward.rotating_linear_plan``, or the siblings' launch); None where that does not apply."""
+        """The layer on its input before the rotation, in one launch that rotates x as it loads it (1 to
+        ``NIBBLE_GROUP_TOKENS`` tokens on CUDA: ``packed_forward.rotating_linear_plan``, or the siblings' launch); None
+        where that does not apply."""
         group = self.__dict__.get("_packed_group")
         if group is not None:
             return group.output_rotating(self, x)
         if torch.compiler.is_compiling():
-            if x.numel() != self.in_features:
+            if x.numel() > NIBBLE_GROUP_TOKENS * self.in_features:
                 return None
             return packed_ops.rotating_linear(x, self.indices, self.codebooks, self.codebook_scales, self.bias, self.code_bits,
                                               self.in_features, self.rotation_signs, self.rotation_block)

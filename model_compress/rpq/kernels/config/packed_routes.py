@@ -67,35 +67,19 @@ NIBBLE_ROUTES: tuple[tuple[int, PackedTile], ...] = (
 NIBBLE_GROUP_TOKENS = NIBBLE_ROUTES[-1][0]
 
 
-def rotates_in_load(tokens: int, block: int, tile: PackedTile) -> bool:
-    """Whether the one-token kernels can rotate x as they load it: one token, and each step's slice of ``tile.block_k``
-    inputs whole Hadamard blocks of ``block``, 16 or more of them (tensor cores multiply 16 rows or more)."""
-    return tokens == 1 and tile.block_m == 1 and block >= 16 and tile.block_k % block == 0 and tile.block_k // block >= 16
+def rotates_in_load(block: int, tile: PackedTile) -> bool:
+    """Whether a byte-permute launch of ``tile`` can rotate x as it loads it (1 to 64 tokens): each step's slice of
+    ``tile.block_k`` inputs is whole Hadamard blocks of ``block``, and a step's rows of them number 16 or more (tensor
+    cores multiply 16 rows or more)."""
+    return block >= 16 and tile.block_k % block == 0 and tile.block_m * tile.block_k // block >= 16
 
 
-def one_token_rotates_in_load(piece: int, codebook_size: int, codebook_dtype: str, columns: int, block: int | None) -> bool:
-    """Whether a rotated Linear stored this way rotates its input inside its one-token launch on CUDA (the byte-permute
-    GEMV and its sibling launch): what a traced graph relies on to leave the rotation out of the norm before it."""
+def layer_rotates_in_load(piece: int, codebook_size: int, codebook_dtype: str, columns: int, block: int | None) -> bool:
+    """Whether a rotated Linear stored this way rotates its input inside its launch on CUDA for 1 to NIBBLE_GROUP_TOKENS
+    tokens (the byte-permute kernels and their sibling launch): what a traced graph relies on to leave the rotation out
+    of the norm before it."""
     return (block is not None and byte_permute_format(piece, codebook_size, codebook_dtype, columns)
-            and rotates_in_load(1, block, NIBBLE_ROUTES[0][1]))
-# Prompts (more tokens than NIBBLE_ROUTES' last bound) through the same formats, fp16 or bf16: on tensor cores with W'
-# looked up in registers as the product's left operand (``packed/nibble_prompts.py``, one launch), or W' decoded into a
-# temporary for cuBLAS (two launches and a temporary of the layer's size). Measured on an H100 (benchmarks/RESULTS.md):
-# the prompt kernel takes more device time than decode + cuBLAS (2.1-2.6x the dense layer's time against 1.3-1.8x,
-# averaged over SmolLM2's and Llama-2-7B's shapes at 128-2,048 tokens; faster only on the 7B shapes at 128 tokens),
-# but a launch less per layer, and an eager prefill of a small model waits on launches, not on kernels (SmolLM2's
-# shapes, 512 tokens: 19.1 ms with the prompt kernel, 25.9 ms with decode + cuBLAS, of which 3-5 ms on the GPU).
-# Hence the prompt kernel up to NIBBLE_PROMPT_MAX_TOKENS tokens, and beyond while the layer's product stays under
-# NIBBLE_PROMPT_MAX_MACS multiply-adds (a small layer, whose extra device time is below a launch's host time); decode
-# + cuBLAS for the rest. The ``fused_prompts`` option off sends every prompt to decode + cuBLAS.
-NIBBLE_PROMPT_MAX_TOKENS = 512
-NIBBLE_PROMPT_MAX_MACS = 1 << 31
-# (largest token count, tile) for the prompt kernel: block_m counts tokens, block_n rows, block_k codes; the lowest mean
-# time ratio to dense over the seven shapes in ``packed_kernels.py --prompt-sweep`` (16- and 32-entry tables).
-NIBBLE_PROMPT_ROUTES: tuple[tuple[int, PackedTile], ...] = (
-    (128, PackedTile(64, 64, 128, num_warps=4, num_stages=3, max_split=1, programs_per_sm=1)),
-    (1 << 62, PackedTile(128, 64, 64, num_warps=4, num_stages=3, max_split=1, programs_per_sm=1)),
-)
+            and all(rotates_in_load(block, tile) for _, tile in NIBBLE_ROUTES))
 
 
 def nibble_prompt_tile(tokens: int, in_features: int, out_features: int) -> PackedTile | None:

@@ -104,6 +104,9 @@ def _nibble_group_linear_kernel(
     out_ptr,
     partial_ptr,
     counter_ptr,
+    signs_ptr,
+    hadamard_ptr,
+    rotation_scale,
     rows_a,
     rows_b,
     rows_c,
@@ -121,6 +124,8 @@ def _nibble_group_linear_kernel(
     BLOCK_W: tl.constexpr,
     SPLIT: tl.constexpr,
     PDL: tl.constexpr,
+    ROTATE: tl.constexpr,
+    PACKED_SIGNS: tl.constexpr,
 ):
     """2 to 64 tokens through the members (grid axis 1: token tiles), on tensor cores as ``_nibble_linear_kernel``."""
     codes_ptr, codebooks_ptr, scales_ptr, local, count, first = _member(
@@ -130,8 +135,9 @@ def _nibble_group_linear_kernel(
     mask_m = offs_m < tokens
     offs_local = local * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_local < count
-    acc = _tile_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_m, mask_m, offs_local, mask_n, words_per_row, stride_x,
-                     chunk_words, BITS, BLOCK_M, BLOCK_N, BLOCK_W, PDL)
+    acc = _tile_sums(x_ptr, x_ptr, codes_ptr, codebooks_ptr, scales_ptr, signs_ptr, hadamard_ptr, rotation_scale, offs_m, mask_m,
+                     offs_local, mask_n, words_per_row, stride_x, chunk_words, BITS, BLOCK_M, BLOCK_N, BLOCK_W, PDL, ROTATE,
+                     PACKED_SIGNS, False)
     total = rows_a + rows_b + rows_c
     _store_tile(acc, partial_ptr, counter_ptr, bias_ptr, out_ptr, offs_m, first + offs_local, mask_m, mask_n, tokens, total,
                 total, split_k, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N)
@@ -142,8 +148,8 @@ def nibble_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], b
                       rotation: tuple[Tensor, int] | None = None) -> Callable[[Tensor], Tensor]:
     """The members times tokens shaped like ``x`` in one launch, as a call: the grid, split and buffers worked out once.
     One token on the GEMV (``tile.block_m`` 1), more on tensor cores. The call returns the members' outputs side by
-    side in one tensor (the last dimension their widths in order). ``pdl`` and ``rotation`` (one token: x before the
-    members' common rotation): as ``nibble_linear_plan``."""
+    side in one tensor (the last dimension their widths in order). ``pdl`` and ``rotation`` (x before the members'
+    common rotation): as ``nibble_linear_plan``."""
     if not 2 <= len(members) <= 3:
         raise ValueError(f"a group has 2 or 3 members, got {len(members)}")
     counts = [codebooks.shape[0] for _, codebooks, _ in members]
@@ -161,10 +167,10 @@ def nibble_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], b
                      PDL=pdl, num_warps=tile.num_warps, num_stages=tile.num_stages, launch_pdl=pdl)
     buffers = [t for member in padded for t in member]
     member_rows = (*rows, tiles[0], tiles[0] + tiles[1])
-    if rotation is not None and not rotates_in_load(tokens, rotation[1], tile):
-        raise ValueError(f"a {tile.describe()} launch of {tokens} tokens cannot rotate in blocks of {rotation[1]} as it loads x")
+    if rotation is not None and not rotates_in_load(rotation[1], tile):
+        raise ValueError(f"a {tile.describe()} launch cannot rotate in blocks of {rotation[1]} as it loads x")
+    signs, hadamard, rotation_scale, in_load = _in_load_rotation(rotation, in_features, device, dtype, x)
     if tokens == 1 and tile.block_m == 1:
-        signs, hadamard, rotation_scale, in_load = _in_load_rotation(rotation, in_features, device, dtype, x)
         launch = DirectLaunch(_nibble_group_gemv_kernel, (sum(tiles), 1, split), X_FP16=x.dtype == torch.float16, **in_load,
                               **constants)
 
@@ -178,13 +184,14 @@ def nibble_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor]], b
         return run
     given = _rows(x, in_features)
     as_rows, stride_x = given.data_ptr() == x.data_ptr(), given.stride(0)
-    launch = DirectLaunch(_nibble_group_linear_kernel, (sum(tiles), tiles_m, split), BLOCK_M=tile.block_m, **constants)
+    launch = DirectLaunch(_nibble_group_linear_kernel, (sum(tiles), tiles_m, split), BLOCK_M=tile.block_m, **in_load,
+                          **constants)
 
     def run_tokens(x: Tensor) -> Tensor:
         out = torch.empty(out_shape, device=device, dtype=dtype)
         partial, counters = split_scratch(out, split, counter)
-        launch(x if as_rows else _rows(x, in_features), *buffers, out if bias is None else bias, out, partial, counters,
-               *member_rows, tokens, in_features // 8, stride_x, split, chunk // 8)
+        launch(x if as_rows else _rows(x, in_features), *buffers, out if bias is None else bias, out, partial, counters, signs,
+               hadamard, rotation_scale, *member_rows, tokens, in_features // 8, stride_x, split, chunk // 8)
         return out
 
     return run_tokens

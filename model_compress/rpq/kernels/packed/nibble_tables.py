@@ -34,7 +34,7 @@ from ..triton.common import (INTERPRETED, _cdiv, _rows, _store_tile, _tile_rows,
                              tile_counters)
 from ..launch.direct_launch import DirectLaunch
 from .linear import input_split, plan_input
-from .rotate import _sign_matrix, gated_rotated_slice, rotated_slice, signs_are_packed
+from .rotate import _sign_matrix, rotated_rows, signs_are_packed
 
 
 def _lookup_four(tables: list[str], high: str | None) -> str:
@@ -226,8 +226,8 @@ def _row_sums(x_ptr, up_ptr, codes_ptr, codebooks_ptr, scales_ptr, signs_ptr, ha
     The tables and each step's code words are loaded one step ahead of the token: under programmatic dependent launch
     (``PDL``) the first step's weights arrive while the kernel before, which writes x, still runs. ``ROTATE`` (a
     Hadamard block of ``ROTATE`` inputs, dividing 8 BLOCK_W by 16 or more): x is the layer's input before its rotation
-    and each step's slice is rotated as it is loaded (``rotated_slice``), so no launch writes x R first; with ``GATED``
-    x is a SiLU gate and ``up_ptr`` its up projection, and the slice is (silu(gate) * up) R (``gated_rotated_slice``)."""
+    and each step's slice is rotated as it is loaded (``rotated_rows``), so no launch writes x R first; with ``GATED``
+    x is a SiLU gate and ``up_ptr`` its up projection, and the slice is (silu(gate) * up) R."""
     words_per_row = tl.multiple_of(words_per_row, 4)  # nibble_serves: in_features % 32 == 0
     chunk_words = tl.multiple_of(chunk_words, BLOCK_W)  # input_split hands out whole BLOCK_K slices
     rows = tl.where(mask_n, offs_n, 0)
@@ -249,12 +249,9 @@ def _row_sums(x_ptr, up_ptr, codes_ptr, codebooks_ptr, scales_ptr, signs_ptr, ha
         mask_w = offs_w < w_end
         offs_k = (w_begin + step) * 8 + tl.arange(0, BLOCK_W * 8)
         if ROTATE:
-            if GATED:
-                x = gated_rotated_slice(x_ptr, up_ptr, signs_ptr, hadamard_ptr, offs_k, offs_k < w_end * 8, rotation_scale, ROTATE,
-                                        BLOCK_W * 8, PACKED_SIGNS)
-            else:
-                x = rotated_slice(x_ptr, signs_ptr, hadamard_ptr, offs_k, offs_k < w_end * 8, rotation_scale, ROTATE, BLOCK_W * 8,
-                                  PACKED_SIGNS)
+            one = tl.arange(0, 1)
+            x = tl.reshape(rotated_rows(x_ptr, up_ptr, signs_ptr, hadamard_ptr, one, one < 1, 0, offs_k, offs_k < w_end * 8,
+                                        rotation_scale, ROTATE, 1, BLOCK_W * 8, PACKED_SIGNS, GATED), (BLOCK_W * 8,))
             if X_FP16:
                 x_low, x_high = _as_pairs(x, BLOCK_W)
                 acc += _times_x(words, top, t0, t1, t2, t3, t4, t5, t6, t7, x_low[None, :], x_high[None, :], BITS)
@@ -330,6 +327,7 @@ def _nibble_gemv_kernel(
 @triton.jit
 def _nibble_linear_kernel(
     x_ptr,
+    up_ptr,
     codes_ptr,
     codebooks_ptr,
     scales_ptr,
@@ -337,6 +335,9 @@ def _nibble_linear_kernel(
     out_ptr,
     partial_ptr,
     counter_ptr,
+    signs_ptr,
+    hadamard_ptr,
+    rotation_scale,
     tokens,
     out_features,
     words_per_row,
@@ -351,20 +352,27 @@ def _nibble_linear_kernel(
     BLOCK_W: tl.constexpr,
     SPLIT: tl.constexpr,
     PDL: tl.constexpr,
+    ROTATE: tl.constexpr,
+    PACKED_SIGNS: tl.constexpr,
+    GATED: tl.constexpr,
 ):
     """2 to 64 tokens: each (BLOCK_N, 8 BLOCK_W) tile of W' / 128 looked up in registers, then ``tl.dot`` with x."""
     offs_m, offs_n, mask_m, mask_n = _tile_rows(tokens, out_features, BLOCK_M, BLOCK_N)
-    acc = _tile_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_m, mask_m, offs_n, mask_n, words_per_row, stride_x,
-                     chunk_words, BITS, BLOCK_M, BLOCK_N, BLOCK_W, PDL)
+    acc = _tile_sums(x_ptr, up_ptr, codes_ptr, codebooks_ptr, scales_ptr, signs_ptr, hadamard_ptr, rotation_scale, offs_m, mask_m,
+                     offs_n, mask_n, words_per_row, stride_x, chunk_words, BITS, BLOCK_M, BLOCK_N, BLOCK_W, PDL, ROTATE,
+                     PACKED_SIGNS, GATED)
     _store_tile(acc, partial_ptr, counter_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, tokens, out_features,
                 stride_out, split_k, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
-def _tile_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_m, mask_m, offs_n, mask_n, words_per_row, stride_x, chunk_words,
-               BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr):
+def _tile_sums(x_ptr, up_ptr, codes_ptr, codebooks_ptr, scales_ptr, signs_ptr, hadamard_ptr, rotation_scale, offs_m, mask_m,
+               offs_n, mask_n, words_per_row, stride_x, chunk_words, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr, ROTATE: tl.constexpr,
+               PACKED_SIGNS: tl.constexpr, GATED: tl.constexpr):
     """Tokens ``offs_m`` times rows ``offs_n`` of W' over this program's slice of the inputs (grid axis 2), float32, on
-    tensor cores. As in ``_row_sums``, code words are loaded a step ahead, the first before waiting for x (``PDL``)."""
+    tensor cores. As in ``_row_sums``, code words are loaded a step ahead, the first before waiting for x (``PDL``), and
+    ``ROTATE`` / ``GATED`` rotate each step's x tile (or form (silu(gate) * up) R) as it is loaded."""
     rows = tl.where(mask_n, offs_n, 0)
     t0, t1, t2, t3, t4, t5, t6, t7 = _row_tables(codebooks_ptr, rows, BITS)
     nibbles, tops = _code_rows(codes_ptr, rows, words_per_row, BITS)
@@ -379,8 +387,12 @@ def _tile_sums(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, offs_m, mask_m, offs
         offs_w = w_begin + step + tl.arange(0, BLOCK_W)
         w = _values(words, top, t0, t1, t2, t3, t4, t5, t6, t7, BITS).to(x_ptr.dtype.element_ty)  # v / 128: exact in bf16 too
         offs_k = (w_begin + step) * 8 + tl.arange(0, BLOCK_W * 8)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & (offs_k < w_end * 8)[None, :],
-                    other=0.0)
+        if ROTATE:
+            x = rotated_rows(x_ptr, up_ptr, signs_ptr, hadamard_ptr, offs_m, mask_m, stride_x, offs_k, offs_k < w_end * 8,
+                             rotation_scale, ROTATE, BLOCK_M, BLOCK_W * 8, PACKED_SIGNS, GATED)
+        else:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :],
+                        mask=mask_m[:, None] & (offs_k < w_end * 8)[None, :], other=0.0)
         next_w = offs_w + BLOCK_W
         words, top = _code_words(nibbles, tops, next_w, mask_n[:, None] & (next_w < w_end)[None, :], BITS)
         acc = tl.dot(x, tl.trans(w), acc)
@@ -462,7 +474,8 @@ def nibble_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tens
     ``pdl``: launched as a programmatic dependent (``programmatic_launch_supported``), its weights read early.
     ``rotation``: (signs, block) where x is the input before the layer's rotation, which the kernel then applies as it
     loads x (``rotates_in_load`` must hold; the signs as ``rotate`` takes them). ``gated`` (with a rotation): the call
-    takes ``(gate, up)`` of a SiLU-gated MLP, shaped like ``x``, and multiplies (silu(gate) * up) R."""
+    takes ``(gate, up)`` of a SiLU-gated MLP, shaped, strided and aligned like ``x`` (up at gate's row stride), and
+    multiplies (silu(gate) * up) R."""
     out_features = codebooks.shape[0]
     given = plan_input(x, in_features, out_features)
     if not given.tokens:
@@ -474,12 +487,12 @@ def nibble_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tens
     counter = tile_counters(tiles_n * tiles_m, given.device) if split > 1 else None
     constants = dict(BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=tile.block_n, BLOCK_W=block_w, SPLIT=split > 1, PDL=pdl,
                      num_warps=tile.num_warps, num_stages=tile.num_stages, launch_pdl=pdl)
-    if rotation is not None and not rotates_in_load(tokens, rotation[1], tile):
-        raise ValueError(f"a {tile.describe()} launch of {tokens} tokens cannot rotate in blocks of {rotation[1]} as it loads x")
+    if rotation is not None and not rotates_in_load(rotation[1], tile):
+        raise ValueError(f"a {tile.describe()} launch cannot rotate in blocks of {rotation[1]} as it loads x")
     if gated and rotation is None:
         raise ValueError("the SiLU gate is formed in the load of a rotated layer only")
+    signs, hadamard, rotation_scale, in_load = _in_load_rotation(rotation, in_features, given.device, given.dtype, codes)
     if tokens == 1 and tile.block_m == 1:
-        signs, hadamard, rotation_scale, in_load = _in_load_rotation(rotation, in_features, given.device, given.dtype, codes)
         gemv = DirectLaunch(_nibble_gemv_kernel, (tiles_n, 1, split), X_FP16=given.dtype == torch.float16, GATED=gated, **in_load,
                             **constants)
 
@@ -492,15 +505,15 @@ def nibble_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tens
             return out
 
         return run
-    if gated:
-        raise ValueError("the SiLU gate is formed in the load of a one-token launch only")
-    linear = DirectLaunch(_nibble_linear_kernel, (tiles_n, tiles_m, split), BLOCK_M=tile.block_m, **constants)
+    linear = DirectLaunch(_nibble_linear_kernel, (tiles_n, tiles_m, split), BLOCK_M=tile.block_m, GATED=gated, **in_load,
+                          **constants)
 
-    def run_tokens(x: Tensor) -> Tensor:
+    def run_tokens(x: Tensor, up: Tensor | None = None) -> Tensor:
         out = given.output()
         partial, counters = split_scratch(out, split, counter)
-        linear(x if as_rows else _rows(x, in_features), codes, codebooks, scales, out if bias is None else bias, out, partial,
-               counters, tokens, out_features, words_per_row, stride_x, out_features, split, chunk // 8)
+        rows = x if as_rows else _rows(x, in_features)
+        linear(rows, rows if up is None else up, codes, codebooks, scales, out if bias is None else bias, out, partial, counters,
+               signs, hadamard, rotation_scale, tokens, out_features, words_per_row, stride_x, out_features, split, chunk // 8)
         return out
 
     return run_tokens

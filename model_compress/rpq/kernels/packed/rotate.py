@@ -35,31 +35,27 @@ def load_signs(signs_ptr, offs, mask, PACKED: tl.constexpr):
 
 
 @triton.jit
-def rotated_slice(x_ptr, signs_ptr, hadamard_ptr, offs, mask, scale, BLOCK: tl.constexpr, WIDTH: tl.constexpr,
-                  PACKED_SIGNS: tl.constexpr):
-    """x R over ``offs`` (WIDTH inputs, whole blocks of BLOCK, 16 or more of them), in x's dtype, for a kernel that
-    rotates its input as it loads it: the same arithmetic as ``_rotate_kernel``, so the same values it would write."""
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    signs = load_signs(signs_ptr, offs, mask, PACKED_SIGNS).to(x.dtype)
+def rotated_rows(x_ptr, up_ptr, signs_ptr, hadamard_ptr, offs_m, mask_m, stride_x, offs_k, mask_k, scale, BLOCK: tl.constexpr,
+                 ROWS: tl.constexpr, WIDTH: tl.constexpr, PACKED_SIGNS: tl.constexpr, GATED: tl.constexpr):
+    """x R over inputs ``offs_k`` (WIDTH of them, whole blocks of BLOCK) of token rows ``offs_m`` (ROWS, at a stride of
+    ``stride_x``), in x's dtype, for a kernel that rotates its input as it loads it; ROWS * WIDTH / BLOCK must be 16 or
+    more (tensor cores). The same arithmetic as ``_rotate_kernel``, so the same values it would write. ``GATED``: x is
+    a SiLU gate and ``up_ptr`` its up projection (the same stride), and the rows are (silu(gate) * up) R, as the SiLU
+    prologue (``prologue.py``) computes them."""
+    offsets = offs_m[:, None] * stride_x + offs_k[None, :]
+    mask = mask_m[:, None] & mask_k[None, :]
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+    signs = load_signs(signs_ptr, offs_k, mask_k, PACKED_SIGNS)
+    if GATED:
+        a = x.to(tl.float32)
+        up = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        value = (a / (1.0 + tl.exp(-a)) * up * signs[None, :]).to(x.dtype)
+    else:
+        value = x * signs.to(x.dtype)[None, :]
     inner = tl.arange(0, BLOCK)
     hadamard = tl.load(hadamard_ptr + inner[:, None] * BLOCK + inner[None, :])
-    rotated = tl.dot(tl.reshape(x * signs, (WIDTH // BLOCK, BLOCK)), hadamard) * scale
-    return tl.reshape(rotated, (WIDTH,)).to(x.dtype)
-
-
-@triton.jit
-def gated_rotated_slice(gate_ptr, up_ptr, signs_ptr, hadamard_ptr, offs, mask, scale, BLOCK: tl.constexpr, WIDTH: tl.constexpr,
-                        PACKED_SIGNS: tl.constexpr):
-    """(silu(gate) * up) R over ``offs``, as ``rotated_slice`` does for x: the same arithmetic as the SiLU prologue
-    (``prologue.py``), so the same values it would write."""
-    gate = tl.load(gate_ptr + offs, mask=mask, other=0.0)
-    up = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    a = gate.to(tl.float32)
-    value = (a / (1.0 + tl.exp(-a)) * up * load_signs(signs_ptr, offs, mask, PACKED_SIGNS)).to(gate.dtype)
-    inner = tl.arange(0, BLOCK)
-    hadamard = tl.load(hadamard_ptr + inner[:, None] * BLOCK + inner[None, :])
-    rotated = tl.dot(tl.reshape(value, (WIDTH // BLOCK, BLOCK)), hadamard) * scale
-    return tl.reshape(rotated, (WIDTH,)).to(gate.dtype)
+    rotated = tl.dot(tl.reshape(value, (ROWS * WIDTH // BLOCK, BLOCK)), hadamard) * scale
+    return tl.reshape(rotated, (ROWS, WIDTH)).to(x.dtype)
 
 
 def signs_are_packed(signs: Tensor, width: int) -> bool:
