@@ -117,3 +117,15 @@ def test_prompts_take_the_one_launch_kernel_up_to_its_bounds_and_decode_for_cubl
     assert nibble_prompt_tile(2048, 576, 1536) is not None  # SmolLM2's MLP at 2,048 tokens: 1.8e9 multiply-adds
     assert 2048 * 576 * 1536 <= NIBBLE_PROMPT_MAX_MACS < 4096 * 4096 * 2048
     assert nibble_prompt_tile(8192, 576, 1536) is None
+
+
+def test_the_kernels_rotate_in_their_load_for_the_default_block_and_not_for_blocks_too_wide_for_a_step():
+    """A step's slice must hold 16 or more Hadamard blocks (tensor cores): 64 (the default) and 16 fit every byte-permute
+    route, 128 not the one-token one (1,024 inputs a step: 8 blocks); other formats never rotate in their load."""
+    from model_compress.rpq.kernels.config.packed_routes import NIBBLE_ROUTES, layer_rotates_in_load, rotates_in_load
+
+    assert all(rotates_in_load(64, tile) and rotates_in_load(16, tile) for _, tile in NIBBLE_ROUTES)
+    assert not rotates_in_load(128, NIBBLE_ROUTES[0][1])
+    assert layer_rotates_in_load(1, 16, "int8", 576, 64) and layer_rotates_in_load(1, 32, "int8", 1536, 64)
+    assert not layer_rotates_in_load(1, 16, "int8", 576, 128) and not layer_rotates_in_load(1, 16, "int8", 576, None)
+    assert not layer_rotates_in_load(2, 256, "int8", 576, 64) and not layer_rotates_in_load(1, 8, "int8", 576, 64)

@@ -45,7 +45,7 @@ NIBBLE_ROUTED_BITS = (4, 5)
 # (``benchmarks/rpq/nibble_bf16.py``, RESULTS.md) they took 2.6-26.7 us against 4.3-74.0 us for the general kernels,
 # within 0-35% of the fp16 tokens' time on the same layers.
 NIBBLE_ROUTED_DTYPES = ("float16", "bfloat16")
-# Sibling layers that read the same tokens (q/k/v, gate/up) in one byte-permute launch (``packed/nibble_groups.py``,
+# Sibling layers that read the same tokens (q/k/v, gate/up) in one byte-permute launch (``packed/nibble_products.py``,
 # ``fusions/packed_groups.py``), from one token up to NIBBLE_GROUP_TOKENS (NIBBLE_ROUTES' last bound, set below).
 NIBBLE_GROUPS = True
 
@@ -65,6 +65,24 @@ NIBBLE_ROUTES: tuple[tuple[int, PackedTile], ...] = (
     (64, PackedTile(64, 64, 128, num_warps=4, num_stages=2, max_split=16, programs_per_sm=4)),
 )
 NIBBLE_GROUP_TOKENS = NIBBLE_ROUTES[-1][0]
+# Prompts (more tokens than NIBBLE_ROUTES' last bound) through the same formats, fp16 or bf16: on tensor cores with W'
+# looked up in registers as the product's left operand (``packed/nibble_prompts.py``, one launch), or W' decoded into a
+# temporary for cuBLAS (two launches and a temporary of the layer's size). Measured on an H100 (benchmarks/RESULTS.md):
+# the prompt kernel takes more device time than decode + cuBLAS (2.1-2.6x the dense layer's time against 1.3-1.8x,
+# averaged over SmolLM2's and Llama-2-7B's shapes at 128-2,048 tokens; faster only on the 7B shapes at 128 tokens),
+# but a launch less per layer, and an eager prefill of a small model waits on launches, not on kernels (SmolLM2's
+# shapes, 512 tokens: 19.1 ms with the prompt kernel, 25.9 ms with decode + cuBLAS, of which 3-5 ms on the GPU).
+# Hence the prompt kernel up to NIBBLE_PROMPT_MAX_TOKENS tokens, and beyond while the layer's product stays under
+# NIBBLE_PROMPT_MAX_MACS multiply-adds (a small layer, whose extra device time is below a launch's host time); decode
+# + cuBLAS for the rest. The ``fused_prompts`` option off sends every prompt to decode + cuBLAS.
+NIBBLE_PROMPT_MAX_TOKENS = 512
+NIBBLE_PROMPT_MAX_MACS = 1 << 31
+# (largest token count, tile) for the prompt kernel: block_m counts tokens, block_n rows, block_k codes; the lowest mean
+# time ratio to dense over the seven shapes in ``packed_kernels.py --prompt-sweep`` (16- and 32-entry tables).
+NIBBLE_PROMPT_ROUTES: tuple[tuple[int, PackedTile], ...] = (
+    (128, PackedTile(64, 64, 128, num_warps=4, num_stages=3, max_split=1, programs_per_sm=1)),
+    (1 << 62, PackedTile(128, 64, 64, num_warps=4, num_stages=3, max_split=1, programs_per_sm=1)),
+)
 
 
 def rotates_in_load(block: int, tile: PackedTile) -> bool:

@@ -8,9 +8,10 @@ grid, split and constants worked out once and the kernel launched past Triton's 
 cost of a launch, not of the routing.
 
 ``linear``: y = x W'^T + b with W' decoded tile by tile in registers (one token up to a few dozen).
-``nibble_tables``: the same, and W' for prompts, for 4- and 5-bit codes with 16- and 32-entry int8 row tables on
-fp16 tokens, looked up by byte permutes; ``nibble_groups``: siblings on one token in one launch; ``nibble_prompts``: the same formats for prompts, on tensor cores with the
-looked-up tile as the left operand. ``decode``: W' into
+``nibble_tables``: 4- and 5-bit codes with 16- and 32-entry int8 row tables looked up by byte permutes, and W' for
+prompts; ``nibble_products``: the product on 1 to 64 fp16 or bf16 tokens for one layer or its siblings in one launch,
+x rotated (and a SiLU gate formed) as it is loaded; ``nibble_prompts``: the same formats for prompts, on tensor cores
+with the looked-up tile as the left operand. ``decode``: W' into
 a temporary for cuBLAS (prompts), rows of an embedding table, chunks of a tied head's table. ``head``: a tied head's
 logits from the codebooks in registers, the table never decoded; ``head_scores``: the same from per-entry scores and a
 gather-sum over the codes. ``rotate``: x R in one launch; ``prologue``: x R written by
@@ -23,10 +24,9 @@ from .decode import decode_linear_plan, decode_linear_weight, decode_plan, decod
 from .head import RowBounds, packed_head
 from .head_scores import scored_head
 from .linear import packed_linear, packed_linear_plan
-from .nibble_groups import nibble_group_gemv, nibble_group_plan
+from .nibble_products import nibble_group_gemv, nibble_group_plan, nibble_linear, nibble_linear_plan
 from .nibble_prompts import nibble_prompt_linear, nibble_prompt_plan, nibble_prompt_serves
-from .nibble_tables import (nibble_decode_plan, nibble_decode_serves, nibble_decode_weight, nibble_linear, nibble_linear_plan,
-                            nibble_serves)
+from .nibble_tables import nibble_decode_plan, nibble_decode_serves, nibble_decode_weight, nibble_serves
 from .prologue import gated_silu_rotate, gated_silu_rotate_plan, norm_rotate, norm_rotate_plan
 from .rotate import rotate, rotate_plan, unrotate
 from ..triton.common import programmatic_launch_supported

@@ -29,12 +29,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..config.packed_routes import PackedTile, rotates_in_load
-from ..triton.common import (INTERPRETED, _cdiv, _rows, _store_tile, _tile_rows, _wait_for_inputs, split_scratch,
-                             tile_counters)
+from ..triton.common import INTERPRETED, _cdiv, _wait_for_inputs
 from ..launch.direct_launch import DirectLaunch
-from .linear import input_split, plan_input
-from .rotate import _sign_matrix, rotated_rows, signs_are_packed
+from .rotate import rotated_rows
 
 
 def _lookup_four(tables: list[str], high: str | None) -> str:
@@ -287,85 +284,6 @@ def _code_words(nibbles, tops, offs_w, mask, BITS: tl.constexpr):
 
 
 @triton.jit
-def _nibble_gemv_kernel(
-    x_ptr,
-    up_ptr,
-    codes_ptr,
-    codebooks_ptr,
-    scales_ptr,
-    bias_ptr,
-    out_ptr,
-    partial_ptr,
-    counter_ptr,
-    signs_ptr,
-    hadamard_ptr,
-    rotation_scale,
-    out_features,
-    words_per_row,
-    split_k,
-    chunk_words,
-    BITS: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    SPLIT: tl.constexpr,
-    X_FP16: tl.constexpr,
-    PDL: tl.constexpr,
-    ROTATE: tl.constexpr,
-    PACKED_SIGNS: tl.constexpr,
-    GATED: tl.constexpr,
-):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # the grid is (tiles, 1, split), as _store_tile expects
-    mask_n = offs_n < out_features
-    sums = _row_sums(x_ptr, up_ptr, codes_ptr, codebooks_ptr, scales_ptr, signs_ptr, hadamard_ptr, rotation_scale, offs_n,
-                     mask_n, words_per_row, chunk_words, BITS, BLOCK_N, BLOCK_W, X_FP16, PDL, ROTATE, PACKED_SIGNS, GATED)
-    one = tl.arange(0, 1)
-    _store_tile(sums[None, :], partial_ptr, counter_ptr, bias_ptr, out_ptr, one, offs_n, one < 1, mask_n, 1, out_features,
-                out_features, split_k, HAS_BIAS, SPLIT, 1, BLOCK_N)
-
-
-@triton.jit
-def _nibble_linear_kernel(
-    x_ptr,
-    up_ptr,
-    codes_ptr,
-    codebooks_ptr,
-    scales_ptr,
-    bias_ptr,
-    out_ptr,
-    partial_ptr,
-    counter_ptr,
-    signs_ptr,
-    hadamard_ptr,
-    rotation_scale,
-    tokens,
-    out_features,
-    words_per_row,
-    stride_x,
-    stride_out,
-    split_k,
-    chunk_words,
-    BITS: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    SPLIT: tl.constexpr,
-    PDL: tl.constexpr,
-    ROTATE: tl.constexpr,
-    PACKED_SIGNS: tl.constexpr,
-    GATED: tl.constexpr,
-):
-    """2 to 64 tokens: each (BLOCK_N, 8 BLOCK_W) tile of W' / 128 looked up in registers, then ``tl.dot`` with x."""
-    offs_m, offs_n, mask_m, mask_n = _tile_rows(tokens, out_features, BLOCK_M, BLOCK_N)
-    acc = _tile_sums(x_ptr, up_ptr, codes_ptr, codebooks_ptr, scales_ptr, signs_ptr, hadamard_ptr, rotation_scale, offs_m, mask_m,
-                     offs_n, mask_n, words_per_row, stride_x, chunk_words, BITS, BLOCK_M, BLOCK_N, BLOCK_W, PDL, ROTATE,
-                     PACKED_SIGNS, GATED)
-    _store_tile(acc, partial_ptr, counter_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, tokens, out_features,
-                stride_out, split_k, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
 def _tile_sums(x_ptr, up_ptr, codes_ptr, codebooks_ptr, scales_ptr, signs_ptr, hadamard_ptr, rotation_scale, offs_m, mask_m,
                offs_n, mask_n, words_per_row, stride_x, chunk_words, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr, ROTATE: tl.constexpr,
@@ -464,75 +382,3 @@ def nibble_decode_weight(codes: Tensor, codebooks: Tensor, scales: Tensor, bits:
                          dtype: torch.dtype) -> Tensor:
     """W' (out, in) in ``dtype``, a new temporary (``nibble_decode_serves``)."""
     return nibble_decode_plan(codes, codebooks, scales, bits, in_features, dtype)()
-
-
-def nibble_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None, bits: int,
-                       in_features: int, tile: PackedTile, multiprocessors: int, pdl: bool = False,
-                       rotation: tuple[Tensor, int] | None = None, gated: bool = False) -> Callable[..., Tensor]:
-    """x W'^T + b (``nibble_serves``) as a call for inputs shaped, strided, typed and aligned like ``x``: one token on
-    the GEMV, more on tensor cores; ``tile.block_k`` counts codes. Shapes, split and grid are worked out here, once.
-    ``pdl``: launched as a programmatic dependent (``programmatic_launch_supported``), its weights read early.
-    ``rotation``: (signs, block) where x is the input before the layer's rotation, which the kernel then applies as it
-    loads x (``rotates_in_load`` must hold; the signs as ``rotate`` takes them). ``gated`` (with a rotation): the call
-    takes ``(gate, up)`` of a SiLU-gated MLP, shaped, strided and aligned like ``x`` (up at gate's row stride), and
-    multiplies (silu(gate) * up) R."""
-    out_features = codebooks.shape[0]
-    given = plan_input(x, in_features, out_features)
-    if not given.tokens:
-        return lambda x: given.output()
-    tokens, as_rows, stride_x = given.tokens, given.as_rows, given.stride
-    words_per_row, block_w = in_features // 8, tile.block_k // 8
-    tiles_n, tiles_m = _cdiv(out_features, tile.block_n), _cdiv(tokens, tile.block_m)
-    split, chunk = input_split(in_features, tiles_n * tiles_m, tile, multiprocessors)
-    counter = tile_counters(tiles_n * tiles_m, given.device) if split > 1 else None
-    constants = dict(BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=tile.block_n, BLOCK_W=block_w, SPLIT=split > 1, PDL=pdl,
-                     num_warps=tile.num_warps, num_stages=tile.num_stages, launch_pdl=pdl)
-    if rotation is not None and not rotates_in_load(rotation[1], tile):
-        raise ValueError(f"a {tile.describe()} launch cannot rotate in blocks of {rotation[1]} as it loads x")
-    if gated and rotation is None:
-        raise ValueError("the SiLU gate is formed in the load of a rotated layer only")
-    signs, hadamard, rotation_scale, in_load = _in_load_rotation(rotation, in_features, given.device, given.dtype, codes)
-    if tokens == 1 and tile.block_m == 1:
-        gemv = DirectLaunch(_nibble_gemv_kernel, (tiles_n, 1, split), X_FP16=given.dtype == torch.float16, GATED=gated, **in_load,
-                            **constants)
-
-        def run(x: Tensor, up: Tensor | None = None) -> Tensor:
-            out = given.output()
-            partial, counters = split_scratch(out, split, counter)
-            gemv(x if as_rows else _rows(x, in_features), x if up is None else up, codes, codebooks, scales,
-                 out if bias is None else bias, out, partial, counters, signs, hadamard, rotation_scale, out_features,
-                 words_per_row, split, chunk // 8)
-            return out
-
-        return run
-    linear = DirectLaunch(_nibble_linear_kernel, (tiles_n, tiles_m, split), BLOCK_M=tile.block_m, GATED=gated, **in_load,
-                          **constants)
-
-    def run_tokens(x: Tensor, up: Tensor | None = None) -> Tensor:
-        out = given.output()
-        partial, counters = split_scratch(out, split, counter)
-        rows = x if as_rows else _rows(x, in_features)
-        linear(rows, rows if up is None else up, codes, codebooks, scales, out if bias is None else bias, out, partial, counters,
-               signs, hadamard, rotation_scale, tokens, out_features, words_per_row, stride_x, out_features, split, chunk // 8)
-        return out
-
-    return run_tokens
-
-
-def _in_load_rotation(rotation: tuple[Tensor, int] | None, width: int, device: torch.device, dtype: torch.dtype,
-                      stand_in: Tensor) -> tuple[Tensor, Tensor, float, dict]:
-    """The signs, Hadamard matrix and scale a one-token launch passes, and its ROTATE / PACKED_SIGNS constants; with no
-    rotation, ``stand_in`` for the unread pointers."""
-    if rotation is None:
-        return stand_in, stand_in, 1.0, dict(ROTATE=0, PACKED_SIGNS=False)
-    signs, block = rotation
-    return (signs, _sign_matrix(block, device, dtype), block**-0.5,
-            dict(ROTATE=block, PACKED_SIGNS=signs_are_packed(signs, width)))
-
-
-def nibble_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None, bits: int,
-                  in_features: int, tile: PackedTile, multiprocessors: int, pdl: bool = False,
-                  rotation: tuple[Tensor, int] | None = None) -> Tensor:
-    """x W'^T + b (``nibble_serves``): one token on the GEMV, more on tensor cores; ``tile.block_k`` counts codes.
-    ``rotation``: as ``nibble_linear_plan``."""
-    return nibble_linear_plan(x, codes, codebooks, scales, bias, bits, in_features, tile, multiprocessors, pdl, rotation)(x)
