@@ -20,8 +20,7 @@ from . import forward as torch_forms
 from . import rotation
 from .config import options
 from .config.packed_routes import (HEAD_CHUNK_BYTES, HEAD_FUSED_TOKENS, HEAD_SCORE_TOKENS, NIBBLE_GROUP_TOKENS, NIBBLE_GROUPS,
-                                   NIBBLE_ROUTED_BITS,
-                                   NIBBLE_ROUTED_DTYPES, NIBBLE_ROUTES, nibble_prompt_tile, packed_tile)
+                                   NIBBLE_ROUTED_BITS, NIBBLE_ROUTED_DTYPES, NIBBLE_ROUTES, nibble_prompt_tile, packed_tile)
 from .layout import LINEAR, codebook_values, decode as decode_dense, unpack_codes
 from .trainable_product import records, trainable_linear, trainable_tied_head
 
@@ -151,12 +150,10 @@ def linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | No
     return lambda x: F.linear(x, weight(), bias)
 
 
-def rotating_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int,
-                         in_features: int, signs: Tensor, block: int) -> Callable[[Tensor], Tensor] | None:
-    """(x R) W'^T + b for tokens like ``x``, given before the layer's rotation, in one launch that rotates x as it loads
-    it (``packed/nibble_tables.py``): the rotation's own launch saved. None where that launch does not apply (not 1 to
-    ``NIBBLE_GROUP_TOKENS`` fp16 or bf16 tokens on CUDA, a format or rotation block it does not read): the caller
-    rotates first. ``signs``: the stored bits or +-1 values."""
+def _rotating_route(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int,
+                    in_features: int, block: int):
+    """(kernels, tile) of the launch that rotates tokens like ``x`` in blocks of ``block`` as it loads them, or None where
+    it does not apply (not 1 to ``NIBBLE_GROUP_TOKENS`` fp16 or bf16 tokens on CUDA, a format or block it does not read)."""
     tokens = x.numel() // in_features
     if not 1 <= tokens <= NIBBLE_GROUP_TOKENS or bits not in NIBBLE_ROUTED_BITS or not _routed_dtype(x):
         return None
@@ -165,6 +162,18 @@ def rotating_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Te
     if (kernels is None or not kernels.rotates_in_load(block, tile)
             or not kernels.nibble_serves(x, codes, codebooks, scales, bits, in_features)):
         return None
+    return kernels, tile
+
+
+def rotating_linear_plan(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None, bias: Tensor | None, bits: int,
+                         in_features: int, signs: Tensor, block: int) -> Callable[[Tensor], Tensor] | None:
+    """(x R) W'^T + b for tokens like ``x``, given before the layer's rotation, in one launch that rotates x as it loads
+    it (``packed/nibble_products.py``): the rotation's own launch saved. None where that launch does not apply
+    (``_rotating_route``): the caller rotates first. ``signs``: the stored bits or +-1 values."""
+    route = _rotating_route(x, codes, codebooks, scales, bias, bits, in_features, block)
+    if route is None:
+        return None
+    kernels, tile = route
     return kernels.nibble_linear_plan(x, codes, codebooks, scales, bias, bits, in_features, tile, multiprocessors(x.device),
                                       programmatic(kernels, x.device), rotation=(signs, block))
 
@@ -184,19 +193,17 @@ def gated_rotating_linear_plan(gate: Tensor, up: Tensor, codes: Tensor, codebook
                                block: int) -> Callable[[Tensor, Tensor], Tensor] | None:
     """((silu(gate) * up) R) W'^T + b for tokens like ``gate`` and ``up`` (a SiLU-gated MLP's down projection) in one
     launch that forms the product and rotates it as it loads it: the SiLU prologue's launch saved. None where that
-    launch does not apply (as ``rotating_linear_plan``, or ``up`` not shaped, strided and aligned as ``gate``)."""
+    launch does not apply (``_rotating_route``, or ``up`` not shaped, strided and aligned as ``gate``)."""
     rows_gate, rows_up = gate.reshape(-1, in_features), up.reshape(-1, in_features)
     if (up.shape != gate.shape or rows_gate.data_ptr() != gate.data_ptr() or rows_up.data_ptr() != up.data_ptr()
             or rows_gate.stride() != rows_up.stride() or up.data_ptr() % 16 != gate.data_ptr() % 16):
         return None  # the kernel reads both as rows at one stride
-    plan = rotating_linear_plan(gate, codes, codebooks, scales, bias, bits, in_features, signs, block)
-    if plan is None:
+    route = _rotating_route(gate, codes, codebooks, scales, bias, bits, in_features, block)
+    if route is None:
         return None
-    kernels = _imported_packed_kernels()
-    tokens = gate.numel() // in_features
-    return kernels.nibble_linear_plan(gate, codes, codebooks, scales, bias, bits, in_features, packed_tile(tokens, NIBBLE_ROUTES),
-                                      multiprocessors(gate.device), programmatic(kernels, gate.device), rotation=(signs, block),
-                                      gated=True)
+    kernels, tile = route
+    return kernels.nibble_linear_plan(gate, codes, codebooks, scales, bias, bits, in_features, tile, multiprocessors(gate.device),
+                                      programmatic(kernels, gate.device), rotation=(signs, block), gated=True)
 
 
 def gated_rotating_linear(gate: Tensor, up: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None,
