@@ -1,6 +1,7 @@
 """Layers of 4- or 5-bit codes and one 16- or 32-entry int8 table per output row, with the table looked up in
-registers by byte permutes instead of loads: one fp16 or bf16 token (a GEMV) and 2 to 64 on tensor cores (both behind
-``nibble_linear``), and W' decoded into a temporary for cuBLAS on prompts (``nibble_decode_weight``, any float dtype).
+registers by byte permutes instead of loads: the bodies of one fp16 or bf16 token (a GEMV, ``_row_sums``) and of 2 to
+64 on tensor cores (``_tile_sums``), which ``nibble_products.py`` launches for a layer or its siblings, and W' decoded
+into a temporary for cuBLAS on prompts (``nibble_decode_weight``, any float dtype).
 
 Why a kernel of its own: the general GEMV (``linear.py``) gathers each code's value with a load and converts it
 to float32, so a large layer reaches about a fifth of the copy bandwidth. Here a row's table sits in four 32-bit
