@@ -144,3 +144,21 @@ def test_compiled_decode_on_cuda_replays_cuda_graphs():
     apply_fusions(model)
     result = compiled_decode(model, torch.randint(0, model.config.vocab_size, (1, 8), device="cuda"), steps=4, repeats=1)
     assert result.error is None and result.graph_breaks == 0 and result.cudagraph_skips == 0
+
+
+def test_with_the_rotation_in_load_off_a_traced_block_rotates_in_ops_of_its_own(monkeypatch):
+    """``rotate_in_load`` off (MODEL_COMPRESS_ROTATE_IN_LOAD=0, read from the environment: a traced graph does not see a
+    ``using`` block): the norms write x R with one op for their readers and the gate its own op again, so the two forms
+    can be timed against each other; the logits stay the eager ones."""
+    from model_compress.rpq.kernels.config import options
+
+    model = rotated_llama()
+    apply_fusions(model)
+    one = torch.randint(0, model.config.vocab_size, (1, 1))
+    monkeypatch.setattr(options, "_ENVIRONMENT", [options.RPQOptions(rotate_in_load=False)])
+    ops, _ = _custom_ops_per_block(model, one)
+    assert ops == {"packed_linear_group": 2, "packed_linear": 2, "packed_rotate": 3, "packed_gated_silu_rotate": 1}
+    with torch.no_grad():
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(one).logits, model(one).logits, rtol=1e-5, atol=1e-5)

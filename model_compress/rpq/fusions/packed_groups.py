@@ -52,7 +52,7 @@ class PackedGroup:
     def _rotating_outputs(self, x: Tensor) -> list[Tensor] | tuple[Tensor, ...] | None:
         first = self.members[0]
         if torch.compiler.is_compiling():
-            return self._traced_outputs(x, rotating=True)
+            return self._traced_outputs(x, rotating=True) if all(m.rotates_in_load() for m in self.members) else None
         return self._planned(x, (first.rotation_signs, first.rotation_block))
 
     def _planned(self, x: Tensor, rotation: tuple[Tensor, int] | None) -> tuple[Tensor, ...] | None:

@@ -155,7 +155,8 @@ def _rotating_route(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor 
     """(kernels, tile) of the launch that rotates tokens like ``x`` in blocks of ``block`` as it loads them, or None where
     it does not apply (not 1 to ``NIBBLE_GROUP_TOKENS`` fp16 or bf16 tokens on CUDA, a format or block it does not read)."""
     tokens = x.numel() // in_features
-    if not 1 <= tokens <= NIBBLE_GROUP_TOKENS or bits not in NIBBLE_ROUTED_BITS or not _routed_dtype(x):
+    if (not options.current().rotate_in_load or not 1 <= tokens <= NIBBLE_GROUP_TOKENS or bits not in NIBBLE_ROUTED_BITS
+            or not _routed_dtype(x)):
         return None
     tile = packed_tile(tokens, NIBBLE_ROUTES)
     kernels = packed_kernels(x, codebooks, scales, bias)
@@ -241,7 +242,7 @@ def joined_group_plan(x: Tensor, members: list[tuple[Tensor, Tensor, Tensor | No
     if kernels is None or not all(kernels.nibble_serves(x, c, b, s, bits, in_features) for c, b, s in members):
         return None
     tile = packed_tile(tokens, NIBBLE_ROUTES)
-    if rotation is not None and not kernels.rotates_in_load(rotation[1], tile):
+    if rotation is not None and (not options.current().rotate_in_load or not kernels.rotates_in_load(rotation[1], tile)):
         return None
     return kernels.nibble_group_plan(x, members, bias, bits, in_features, tile, multiprocessors(x.device),
                                      programmatic(kernels, x.device), rotation)

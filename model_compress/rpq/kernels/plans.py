@@ -38,10 +38,10 @@ def usable() -> bool:
 
 def input_signature(x: Tensor) -> tuple:
     """What a plan depends on in its input: shape, strides, dtype, device, pointer alignment (Triton specialises on
-    16-byte alignment), and the options that change a route (Triton on, prompts fused, programmatic launch)."""
+    16-byte alignment), and the options that change a route (Triton on, prompts fused, programmatic launch, rotation in load)."""
     current = options.current()
     return (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16, current.triton, current.fused_prompts,
-            current.programmatic_launch)
+            current.programmatic_launch, current.rotate_in_load)
 
 
 class LaunchPlans:

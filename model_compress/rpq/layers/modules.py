@@ -27,6 +27,7 @@ from .direct_reads import own_forward_sources
 from ..kernels import forward as kernels
 from ..kernels import packed_forward, packed_ops, plans
 from ..kernels import rotation
+from ..kernels.config import options
 from ..kernels.config.packed_routes import NIBBLE_GROUP_TOKENS, layer_rotates_in_load
 from ..kernels.plans import input_signature, plans_of
 from ..kernels.layout import (
@@ -137,8 +138,8 @@ class _Codes:
 
     def rotates_in_load(self) -> bool:
         """Whether on CUDA this layer's launch for 1 to ``NIBBLE_GROUP_TOKENS`` tokens rotates its input as it loads it
-        (its format and block)."""
-        return layer_rotates_in_load(self.codebooks.shape[2], self.codebook_size, self.codebook_dtype, self.in_features,
+        (its format and block, and the ``rotate_in_load`` option)."""
+        return options.current().rotate_in_load and layer_rotates_in_load(self.codebooks.shape[2], self.codebook_size, self.codebook_dtype, self.in_features,
                                      self.rotation_block)
 
     def rotate_alone(self, x: Tensor) -> Tensor:
@@ -310,7 +311,7 @@ class RPQLinear(_Codes, nn.Module):
         if group is not None:
             return group.output_rotating(self, x)
         if torch.compiler.is_compiling():
-            if x.numel() > NIBBLE_GROUP_TOKENS * self.in_features:
+            if x.numel() > NIBBLE_GROUP_TOKENS * self.in_features or not self.rotates_in_load():
                 return None
             return packed_ops.rotating_linear(x, self.indices, self.codebooks, self.codebook_scales, self.bias, self.code_bits,
                                               self.in_features, self.rotation_signs, self.rotation_block)
