@@ -11,7 +11,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..config.norm_spec import NormSpec
 from ..config.routes import BINNED, TileConfig
-from .common import INTERPRETED, _cdiv, _hopper_or_later, _next_power_of_2, _prefetch_codebook_slice, _prefetch_l2, _rows
+from .common import INTERPRETED, _cdiv, programmatic_launch_supported, _next_power_of_2, _prefetch_codebook_slice, _prefetch_l2, _rows
 
 
 @triton.jit
@@ -287,7 +287,7 @@ def linear_binned_group(
     if tokens:
         block_n = min(config.block_n, _next_power_of_2(piece))
         grid = (len(members) * num_codebooks * _cdiv(piece, block_n), _cdiv(tokens, config.block_m))
-        pdl = config.pdl and _hopper_or_later(x.device)
+        pdl = config.pdl and programmatic_launch_supported(x.device)
         row_block = min(config.block_k, _next_power_of_2(max(row_counts)))
         others = []
         for index in (1, 2):  # members 1 and 2 (member 0's tensors again where there are fewer)

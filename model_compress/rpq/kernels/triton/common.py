@@ -53,14 +53,10 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # the CPU interpre
 
 
 @functools.cache
-def _hopper_or_later(device: torch.device) -> bool:
-    """Programmatic dependent launch (``griddepcontrol``) needs compute capability 9.0."""
-    return not INTERPRETED and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def programmatic_launch_supported(device: torch.device) -> bool:
-    """Whether kernels on ``device`` may be launched as programmatic dependents (Hopper on, compiled, not interpreted)."""
-    return _hopper_or_later(device)
+    """Whether kernels on ``device`` may be launched as programmatic dependents (``griddepcontrol``): compute capability
+    9.0 on, compiled, not interpreted."""
+    return not INTERPRETED and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @triton.jit

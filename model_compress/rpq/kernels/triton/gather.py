@@ -10,7 +10,7 @@ from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..config.routes import TileConfig, heads_per_tile
-from .common import INTERPRETED, _accumulate, _cdiv, _hopper_or_later, _next_power_of_2, _prefetch_codebook_slice, _prefetch_l2, _rows, _store_tile, split_buffers
+from .common import INTERPRETED, _accumulate, _cdiv, programmatic_launch_supported, _next_power_of_2, _prefetch_codebook_slice, _prefetch_l2, _rows, _store_tile, split_buffers
 
 
 @triton.jit
@@ -159,7 +159,7 @@ def linear_fused(x: Tensor, codebooks: Tensor, indices: Tensor, bias: Tensor | N
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )
-        pdl = config.pdl and _hopper_or_later(x.device)
+        pdl = config.pdl and programmatic_launch_supported(x.device)
         _rpq_linear_kernel[(tiles_n, tiles_m, split)](
             *common,
             HEADS=heads_per_tile(piece, config.block_n),
