@@ -31,20 +31,7 @@ if [ "${PRODUCT:-1}" != 1 ]; then
   [ "${HEAD_500K:-1}" = 1 ] && timeout 200 python3 benchmarks/rpq/head_index_500k.py --json "$OUT/head_index_500k.json" ${HEAD_500K_ARGS:-} 2>&1 | tee "$OUT/head_index_500k.log"
   exit 0
 fi
-python3 - <<'PY'
-import shutil, torch, transformers
-config = transformers.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                                  num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
-                                  rms_norm_eps=1e-5, rope_theta=100000.0, bos_token_id=1, eos_token_id=2)
-torch.manual_seed(0)
-model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-model.save_pretrained("/tmp/rand-smol")
-import pathlib
-for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-    if pathlib.Path(f".device/plans/{name}").exists():
-        shutil.copy(f".device/plans/{name}", "/tmp/rand-smol/")
-print("random SmolLM2-shaped model written")
-PY
+python3 benchmarks/device/random_smollm2.py /tmp/rand-smol
 python3 benchmarks/rpq/timed_cli.py rpq /tmp/rand-smol -o /tmp/rand-out --device cuda --force --finetune-steps 0 ${RPQ_ARGS:-} 2>&1 | tee "$OUT/rand_rpq.log" | tail -12
 [ "${EVAL:-1}" = 1 ] && python3 -m model_compress.cli.app eval /tmp/rand-out --device cuda --force --max-tokens 8192 ${EVAL_ARGS:-} 2>&1 | tee "$OUT/rand_eval.log" | tail -25
 cp /tmp/rand-out/eval_report.json "$OUT/rand_eval.json" 2>/dev/null; cp /tmp/rand-out/compression_report.json "$OUT/rand_report.json" 2>/dev/null
