@@ -3,7 +3,8 @@
 # through the product (`compress rpq --device cuda`), under each setting in VARIANTS (benchmarks/rpq/compiled_step_profile.py,
 # one process per setting: the options come from the environment), then CUDA tests in the time left (ONLY_TESTS, for
 # TEST_SECONDS). Carry .device/plans (plans_check.sh says how it is made).
-#   VARIANTS: ';'-separated "label|ENV=VALUE ENV=VALUE|batches"; the first also times the original.
+#   VARIANTS: ';'-separated "label|ENV=VALUE ENV=VALUE|batches|more arguments" (--mode graphed, --host-profile PREFIX);
+#   the first also times the original.
 set -uo pipefail
 OUT=${OUT:-/tmp/step-check}
 source benchmarks/device/plans_setup.sh
@@ -13,9 +14,9 @@ python3 benchmarks/rpq/timed_cli.py rpq /tmp/rand-smol -o /tmp/rand-out --device
 first=1; index=0
 IFS=';' read -ra settings <<< "$VARIANTS"
 for setting in "${settings[@]}"; do
-  IFS='|' read -r label environment batches <<< "$setting"
+  IFS='|' read -r label environment batches more <<< "$setting"
   env $environment timeout "${PROFILE_SECONDS:-200}" python3 benchmarks/rpq/compiled_step_profile.py /tmp/rand-out --source /tmp/rand-smol \
-    --batch $batches --label "$label" --original $first --json "$OUT/step_profile_$index.json" 2>&1 | tee "$OUT/step_profile_$index.log" | grep -v "Warning"
+    --batch $batches --label "$label" --original $first --json "$OUT/step_profile_$index.json" ${more:-} 2>&1 | tee "$OUT/step_profile_$index.log" | grep -v "Warning"
   first=0; index=$((index + 1))
 done
 if [ -n "${ONLY_TESTS:-}" ]; then
