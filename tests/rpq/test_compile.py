@@ -162,3 +162,25 @@ def test_with_the_rotation_in_load_off_a_traced_block_rotates_in_ops_of_its_own(
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(compiled(one).logits, model(one).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, NIBBLE_GROUP_TOKENS + 6])
+def test_a_compiled_forward_writes_nothing_back_onto_the_model(tokens):
+    """What the fusions share between layers (one rotation for the siblings, their one launch, which norm wrote x R)
+    is carried by the traced tensors, not by objects of the model: a compiled model replays every attribute its trace
+    changed on such objects after each call, on the host, which made a compiled decode step host-bound."""
+    import warnings
+
+    model = rotated_llama()
+    apply_fusions(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens))
+    torch._dynamo.reset()
+    with (warnings.catch_warnings(record=True) as caught, torch.no_grad(),
+          torch._dynamo.config.patch(side_effect_replay_policy="warn")):
+        warnings.simplefilter("always")
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                   rtol=1e-5, atol=1e-5)
+    replayed = [source for w in caught if "side effects" in str(w.message)
+                for source in re.findall(r"\"(L\[[^\"]*)\"", str(w.message))]
+    assert replayed == []

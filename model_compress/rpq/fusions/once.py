@@ -3,6 +3,11 @@
 Attention calls ``q_proj(x)``, ``k_proj(x)``, ``v_proj(x)`` in turn on the very same tensor; whatever all three
 do to ``x`` first (a deferred norm, an input rotation) needs computing once. The result is kept only until every
 consumer has taken it: an activation kept past its layers would add to the memory peak.
+
+Under ``torch.compile`` the result is kept on the traced tensor itself (``traced_memo``), not in this object: a
+compiled model writes every attribute its trace changed on objects from outside the graph back after each call, in
+Python, on the host (dozens of writes per decoder block, a host-bound decode step); attributes of a tensor the graph
+makes are traced values, with nothing to write back.
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ class OncePerInput:
         return self._output is not None
 
     def __call__(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            memo = traced_memo(x)
+            if id(self) not in memo:
+                memo[id(self)] = self.compute(x)
+            return memo[id(self)]
         version = write_version(x)
         if x is self._input and version == self._version and self._left > 0:
             self._left -= 1
@@ -48,3 +58,17 @@ class OncePerInput:
         if self._left == 0:
             self._input = self._output = None
         return out
+
+
+TRACED_MEMO = "_model_compress_traced"
+
+
+def traced_memo(x: Tensor) -> dict:
+    """A dict carried by ``x`` while ``torch.compile`` traces, for what the consumers of ``x`` share: results computed
+    once, which fused norm wrote it. (A tensor made inside the graph carries it as a traced value; on a graph input it
+    would be written back onto the caller's tensor after each call, so only fusions between layers use it.)"""
+    memo = getattr(x, TRACED_MEMO, None)
+    if memo is None:
+        memo = {}
+        setattr(x, TRACED_MEMO, memo)
+    return memo

@@ -31,15 +31,15 @@ from ..kernels.plans import input_signature, plans_of
 from ..layers.modules import RPQLinear
 from .glu import GATED_MLP_CLASSES, SILU_CLASSES
 from .norm import known_pre_norms
-from .once import write_version
+from .once import traced_memo, write_version
 from .shared_rotation import same_rotation
 
 
 class RotatedOutput:
     """Which tensor a fused norm wrote last as norm(x) R: each of its ``readers`` called with that very tensor (same
     object, not written since) takes it as it comes, and the last one lets it go; any other tensor they rotate. Identity
-    and a count, which ``torch.compile`` traces (a weak reference it would not): the activation is held only until
-    its readers have run."""
+    and a count: the activation is held only until its readers have run. While ``torch.compile`` traces, the mark is
+    carried by the tensor instead (``once.traced_memo``): a count kept here would be written back after every call."""
 
     def __init__(self, readers: int) -> None:
         self.readers = readers
@@ -48,10 +48,15 @@ class RotatedOutput:
         self._left = 0
 
     def mark(self, out: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            traced_memo(out)[id(self)] = True
+            return out
         self._tensor, self._version, self._left = out, write_version(out), self.readers
         return out
 
     def holds(self, x: Tensor) -> bool:
+        if torch.compiler.is_compiling():
+            return id(self) in traced_memo(x)
         if self._tensor is None or x is not self._tensor or write_version(x) != self._version:
             return False
         self._left -= 1
