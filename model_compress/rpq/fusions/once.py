@@ -4,10 +4,9 @@ Attention calls ``q_proj(x)``, ``k_proj(x)``, ``v_proj(x)`` in turn on the very 
 do to ``x`` first (a deferred norm, an input rotation) needs computing once. The result is kept only until every
 consumer has taken it: an activation kept past its layers would add to the memory peak.
 
-Under ``torch.compile`` the result is kept on the traced tensor itself (``traced_memo``), not in this object: a
-compiled model writes every attribute its trace changed on objects from outside the graph back after each call, in
-Python, on the host (dozens of writes per decoder block, a host-bound decode step); attributes of a tensor the graph
-makes are traced values, with nothing to write back.
+Under ``torch.compile`` the result is kept on the traced tensor itself (``layers/traced_sharing.py``), not in this
+object: a compiled model writes every attribute its trace changed on objects from outside the graph back after each
+call, on the host.
 """
 
 from __future__ import annotations
@@ -16,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from ..layers.traced_sharing import traced_memo
 
 
 def write_version(x: Tensor) -> int | None:
@@ -59,16 +60,3 @@ class OncePerInput:
             self._input = self._output = None
         return out
 
-
-TRACED_MEMO = "_model_compress_traced"
-
-
-def traced_memo(x: Tensor) -> dict:
-    """A dict carried by ``x`` while ``torch.compile`` traces, for what the consumers of ``x`` share: results computed
-    once, which fused norm wrote it. (A tensor made inside the graph carries it as a traced value; on a graph input it
-    would be written back onto the caller's tensor after each call, so only fusions between layers use it.)"""
-    memo = getattr(x, TRACED_MEMO, None)
-    if memo is None:
-        memo = {}
-        setattr(x, TRACED_MEMO, memo)
-    return memo

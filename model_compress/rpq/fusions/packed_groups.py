@@ -5,7 +5,8 @@ take the same code width, the first member called with that tensor computes ever
 byte-permute launch (``packed_forward.linear_group_plan``; 1 to ``NIBBLE_GROUP_TOKENS`` tokens) and the others take
 theirs (``OncePerInput``). Where the launch does not apply (a prompt, a CPU, a format it does not read), each member
 computes alone, as before.
-A compiled graph does the same with one custom op (``packed_ops.linear_group``). Nothing is saved with the model.
+A compiled graph does the same with one custom op (``packed_ops.linear_group``), which the first member traces and the
+others read from the traced tensor (``layers/traced_sharing.py``). Nothing is saved with the model.
 """
 
 from __future__ import annotations
@@ -45,14 +46,10 @@ class PackedGroup:
         return None if outputs is None else outputs[self.members.index(member)]
 
     def _outputs(self, rotated: Tensor) -> list[Tensor] | tuple[Tensor, ...] | None:
-        if torch.compiler.is_compiling():
-            return self._traced_outputs(rotated)
         return self._planned(rotated, None)
 
     def _rotating_outputs(self, x: Tensor) -> list[Tensor] | tuple[Tensor, ...] | None:
         first = self.members[0]
-        if torch.compiler.is_compiling():
-            return self._traced_outputs(x, rotating=True) if all(m.rotates_in_load() for m in self.members) else None
         return self._planned(x, (first.rotation_signs, first.rotation_block))
 
     def _planned(self, x: Tensor, rotation: tuple[Tensor, int] | None) -> tuple[Tensor, ...] | None:
@@ -64,12 +61,15 @@ class PackedGroup:
             plan = self._group_plan(x, rotation)
         return None if plan is None else plan(x)
 
-    def _traced_outputs(self, x: Tensor, rotating: bool = False) -> list[Tensor] | None:
-        """Under ``torch.compile``: for up to ``NIBBLE_GROUP_TOKENS`` tokens, one custom op for every member (its biases
-        added in the graph, where the compiler fuses each add into the member's reader); a prompt, None. ``rotating``:
-        x comes before the members' rotation, which the op applies."""
+    def traced_outputs(self, x: Tensor, rotating: bool = False) -> list[Tensor] | None:
+        """Under ``torch.compile`` (the members share it through the traced tensor, ``RPQLinear._traced_sibling_output``):
+        for up to ``NIBBLE_GROUP_TOKENS`` tokens, one custom op for every member (its biases added in the graph, where
+        the compiler fuses each add into the member's reader); a prompt, None. ``rotating``: x comes before the
+        members' rotation, which the op applies as it loads x (None where a member's format cannot)."""
         first = self.members[0]
         if x.numel() > NIBBLE_GROUP_TOKENS * first.in_features:
+            return None
+        if rotating and not all(m.rotates_in_load() for m in self.members):
             return None
         signs, block = (first.rotation_signs, first.rotation_block) if rotating else (None, 0)
         joined = packed_ops.linear_group(x, [m.indices for m in self.members], [m.codebooks for m in self.members],
@@ -106,8 +106,10 @@ def group_packed_siblings(model: nn.Module) -> int:
     groups = 0
     for members in sibling_sets(model, lambda layer: layer.rotated and not layer.native, _same_launch):
         group = PackedGroup(members)
-        for layer in members:
+        for index, layer in enumerate(members):
             layer.__dict__["_packed_group"] = group
+            layer.__dict__["_group_key"] = f"group {groups}"  # what a traced graph keys the members' one op by
+            layer.__dict__["_group_index"] = index
         groups += 1
     return groups
 

@@ -8,9 +8,9 @@ and its consumers take that tensor as it comes (any other tensor they are called
 direct call stays correct); the MLP forms (silu(gate) * up) R in one launch and hands it to
 down_proj. On the CPU the same happens with the torch forms (the norm's own forward, then the rotation), so every
 device computes the same function. Under ``torch.compile`` the norm stays the model's own (the compiler fuses it with
-the residual add beside it) and one custom op writes its x R for all readers, except for up to ``NIBBLE_GROUP_TOKENS``
-tokens, where the readers' launches rotate it as they load it (``RPQLinear.rotates_in_load``); the gate is one custom
-op. For as many tokens on CUDA the gate goes further: down_proj's own launch forms (silu(gate) * up) R as it loads its
+the residual add beside it) and its readers rotate its output: one custom op writes x R for all of them (the first
+reader's, shared through the traced tensor), except for up to ``NIBBLE_GROUP_TOKENS`` tokens, where their launches
+rotate it as they load it (``RPQLinear.rotates_in_load``); the gate is one custom op. For as many tokens on CUDA the gate goes further: down_proj's own launch forms (silu(gate) * up) R as it loads its
 input, eager and compiled. The
 model's final norm is left alone: its output is the hidden state users read. Nothing is saved with the model. The
 ``fused_norm`` and ``fused_glu`` options switch these off too.
@@ -31,15 +31,15 @@ from ..kernels.plans import input_signature, plans_of
 from ..layers.modules import RPQLinear
 from .glu import GATED_MLP_CLASSES, SILU_CLASSES
 from .norm import known_pre_norms
-from .once import traced_memo, write_version
+from .once import write_version
 from .shared_rotation import same_rotation
 
 
 class RotatedOutput:
     """Which tensor a fused norm wrote last as norm(x) R: each of its ``readers`` called with that very tensor (same
     object, not written since) takes it as it comes, and the last one lets it go; any other tensor they rotate. Identity
-    and a count: the activation is held only until its readers have run. While ``torch.compile`` traces, the mark is
-    carried by the tensor instead (``once.traced_memo``): a count kept here would be written back after every call."""
+    and a count: the activation is held only until its readers have run. A traced norm writes no x R (its readers
+    share theirs through the traced tensor, ``layers/traced_sharing.py``), so this is eager only."""
 
     def __init__(self, readers: int) -> None:
         self.readers = readers
@@ -48,15 +48,10 @@ class RotatedOutput:
         self._left = 0
 
     def mark(self, out: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():
-            traced_memo(out)[id(self)] = True
-            return out
         self._tensor, self._version, self._left = out, write_version(out), self.readers
         return out
 
     def holds(self, x: Tensor) -> bool:
-        if torch.compiler.is_compiling():
-            return id(self) in traced_memo(x)
         if self._tensor is None or x is not self._tensor or write_version(x) != self._version:
             return False
         self._left -= 1
@@ -92,13 +87,14 @@ def _rotated_alike(layers: list, width: int) -> bool:
 
 def _rotated_norm_forward(own_forward: Callable[[Tensor], Tensor], spec, bias: Tensor | None, readers: list[RPQLinear],
                           written: RotatedOutput, x: Tensor) -> Tensor:
+    if torch.compiler.is_compiling():
+        # the norm as the model writes it (fused with what the compiler puts beside it); its readers rotate its output,
+        # as they load it (1 to NIBBLE_GROUP_TOKENS tokens) or in one op they share through the traced tensor
+        # (layers/traced_sharing.py): nothing here reaches the readers, which a compiled call would check on the host
+        return own_forward(x)
     if any(reader.decoded is not None for reader in readers):  # decoded weights take the plain input
         return own_forward(x)
     first = readers[0]
-    if torch.compiler.is_compiling():  # the norm as the model writes it (fused with what the compiler puts beside it)
-        if x.numel() <= NIBBLE_GROUP_TOKENS * spec.weight.numel() and all(reader.rotates_in_load() for reader in readers):
-            return own_forward(x)  # a few tokens: the readers' launches rotate it as they load it
-        return written.mark(packed_ops.rotate(own_forward(x), first.rotation_signs, first.rotation_block))
     if plans.usable():
         run = plans_of(written).get(input_signature(x), lambda: packed_forward.norm_rotate_plan(
             x, own_forward, spec.weight, bias, spec.eps, spec.kind, first.signs(spec.weight.dtype), first.rotation_block))

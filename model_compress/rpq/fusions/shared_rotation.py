@@ -23,6 +23,7 @@ def share_rotations(model: nn.Module) -> int:
         once = OncePerInput(members[0].rotate_alone, len(members))
         for layer in members:
             layer.__dict__["_shared_rotation"] = once
+            layer.__dict__["_rotation_key"] = f"rotation {shared}"  # what a traced graph keys the shared x R by
         shared += 1
     return shared
 

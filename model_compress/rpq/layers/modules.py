@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .direct_reads import own_forward_sources
+from .traced_sharing import traced_once
 from ..kernels import forward as kernels
 from ..kernels import packed_forward, packed_ops, plans
 from ..kernels import rotation
@@ -128,11 +129,15 @@ class _Codes:
         """x R where it needs no rotation here: x itself without a rotation or where a fused norm wrote it; else None."""
         if self.rotation_block is None:
             return x
+        if torch.compiler.is_compiling():  # a traced norm writes no x R: its readers make it (``_rotate_here``)
+            return None
         written = self.__dict__.get("_rotated_by")
         return x if written is not None and written.holds(x) else None
 
     def _rotate_here(self, x: Tensor) -> Tensor:
         """x R made for this layer: once for siblings that share the rotation (``fusions.shared_rotation``), else alone."""
+        if torch.compiler.is_compiling():  # siblings share one x R through the traced tensor, each with its own signs
+            return traced_once(x, self.__dict__.get("_rotation_key"), lambda: self.rotate_alone(x))
         shared = self.__dict__.get("_shared_rotation")
         return shared(x) if shared is not None else self.rotate_alone(x)
 
@@ -292,8 +297,11 @@ class RPQLinear(_Codes, nn.Module):
                 if out is not None:
                     return out
                 rotated = self._rotate_here(x)
-            group = self.__dict__.get("_packed_group")  # fusions.packed_groups: q/k/v in one launch at one token
-            out = None if group is None else group.output(self, rotated)
+            if torch.compiler.is_compiling():
+                out = self._traced_sibling_output(rotated, rotating=False)
+            else:
+                group = self.__dict__.get("_packed_group")  # fusions.packed_groups: q/k/v in one launch at one token
+                out = None if group is None else group.output(self, rotated)
             return self.forward_rotated(rotated) if out is None else out
         group = self.__dict__.get("_shared_input")  # shared_input.SharedInputGroup: q/k/v in one launch
         if group is not None and not any(member.decoded is not None for member in group.members):
@@ -307,6 +315,8 @@ class RPQLinear(_Codes, nn.Module):
         """The layer on its input before the rotation, in one launch that rotates x as it loads it (1 to
         ``NIBBLE_GROUP_TOKENS`` tokens on CUDA: ``packed_forward.rotating_linear_plan``, or the siblings' launch); None
         where that does not apply."""
+        if torch.compiler.is_compiling() and self.__dict__.get("_group_key") is not None:  # a key, not the group object
+            return self._traced_sibling_output(x, rotating=True)
         group = self.__dict__.get("_packed_group")
         if group is not None:
             return group.output_rotating(self, x)
@@ -322,6 +332,17 @@ class RPQLinear(_Codes, nn.Module):
         else:
             plan = packed_forward.rotating_linear_plan(*arguments)
         return None if plan is None else plan(x)
+
+    def _traced_sibling_output(self, x: Tensor, rotating: bool) -> Tensor | None:
+        """Under ``torch.compile``: this layer's output of its siblings' one op (``fusions.packed_groups``), which the
+        first of them to be called traces and the others read from the traced tensor (only the first reaches the
+        group); None where the op does not apply, or for a layer in no group. ``rotating``: x comes before the rotation."""
+        key = self.__dict__.get("_group_key")
+        if key is None:
+            return None
+        outputs = traced_once(x, f"{key} {'x' if rotating else 'x R'}",
+                              lambda: self.__dict__["_packed_group"].traced_outputs(x, rotating))
+        return None if outputs is None else outputs[self.__dict__["_group_index"]]
 
     def forward_rotated(self, x: Tensor) -> Tensor:
         """The layer on an input already in its rotated basis (x R), for the packed forms: what a fused prologue feeds.
