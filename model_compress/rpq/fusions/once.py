@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..layers.traced_sharing import traced_memo
+from ..layers.traced_sharing import traced_once
 
 
 def write_version(x: Tensor) -> int | None:
@@ -45,10 +45,7 @@ class OncePerInput:
 
     def __call__(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
-            memo = traced_memo(x)
-            if id(self) not in memo:
-                memo[id(self)] = self.compute(x)
-            return memo[id(self)]
+            return traced_once(x, f"once {id(self)}", lambda: self.compute(x))
         version = write_version(x)
         if x is self._input and version == self._version and self._left > 0:
             self._left -= 1
@@ -59,4 +56,3 @@ class OncePerInput:
         if self._left == 0:
             self._input = self._output = None
         return out
-

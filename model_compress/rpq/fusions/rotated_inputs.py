@@ -10,8 +10,8 @@ down_proj. On the CPU the same happens with the torch forms (the norm's own forw
 device computes the same function. Under ``torch.compile`` the norm stays the model's own (the compiler fuses it with
 the residual add beside it) and its readers rotate its output: one custom op writes x R for all of them (the first
 reader's, shared through the traced tensor), except for up to ``NIBBLE_GROUP_TOKENS`` tokens, where their launches
-rotate it as they load it (``RPQLinear.rotates_in_load``); the gate is one custom op. For as many tokens on CUDA the gate goes further: down_proj's own launch forms (silu(gate) * up) R as it loads its
-input, eager and compiled. The
+rotate it as they load it (``RPQLinear.rotates_in_load``); the gate is one custom op. For as many tokens on CUDA the
+gate goes further: down_proj's own launch forms (silu(gate) * up) R as it loads its input, eager and compiled. The
 model's final norm is left alone: its output is the hidden state users read. Nothing is saved with the model. The
 ``fused_norm`` and ``fused_glu`` options switch these off too.
 """
