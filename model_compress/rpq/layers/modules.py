@@ -144,8 +144,8 @@ class _Codes:
     def rotates_in_load(self) -> bool:
         """Whether on CUDA this layer's launch for 1 to ``NIBBLE_GROUP_TOKENS`` tokens rotates its input as it loads it
         (its format and block, and the ``rotate_in_load`` option)."""
-        return options.current().rotate_in_load and layer_rotates_in_load(self.codebooks.shape[2], self.codebook_size, self.codebook_dtype, self.in_features,
-                                     self.rotation_block)
+        return options.current().rotate_in_load and layer_rotates_in_load(
+            self.codebooks.shape[2], self.codebook_size, self.codebook_dtype, self.in_features, self.rotation_block)
 
     def rotate_alone(self, x: Tensor) -> Tensor:
         """x R with this layer's own signs (one Triton launch on CUDA)."""
